@@ -1,0 +1,254 @@
+// kd_fused.cu — v1 fused distillation loss + gradient (DESIGN.md §5).
+//
+// One CTA per row (grid-stride over rows), one launch for the whole batch.
+//   pass 1: every thread sweeps its share of the row once, keeping the online
+//           (max, Σ2^x) of the teacher, of the student and, when α > 0, of the
+//           student at τ = 1, plus the divergence's accumulators (KdPass1 in
+//           kd_math.cuh); a block reduction merges them (kd_pass1_merge).
+//   pass 2: JSD only: a second sweep sums the divergence and ⟨q, g⟩.
+//   last:   re-read the row and write ∂L/∂s (skipped when no gradient).
+// Bytes per element (in = input size, out = gradient size), when re-reads
+// miss L2: forward/reverse KL 4·in + out (10 B in bf16, 20 B in f32);
+// JSD 6·in + out. Loss only: 2·in (JSD 4·in).
+// Loads are 16-byte vectors when the student and teacher rows share their
+// alignment (scalar head and tail), scalar otherwise. Indexing is 64-bit.
+//
+// Also here: kd_count_valid (rows whose label is not ignore_index, for the
+// batchmean/mean weights without a host round trip) and kd_reduce_loss (a
+// deterministic one-block sum of the per-row losses).
+#include "kd_math.cuh"
+
+// 256 threads, at least 4 blocks per SM: caps registers at 64 (without the
+// minimum, ptxas 13.0 spilled kd_fused_rkl_f32_f32 on sm_80 at 32 registers).
+#define KD_MAX_THREADS 256
+
+// -------------------------------------------------------- block helpers --
+
+__device__ __forceinline__ KdStat kd_shfl_stat(KdStat s, int off) {
+  return KdStat{__shfl_xor_sync(0xffffffffu, s.m, off), __shfl_xor_sync(0xffffffffu, s.z, off)};
+}
+
+template <int DIV>
+__device__ __forceinline__ KdPass1 kd_shfl_pass1(const KdPass1& p, int off) {
+  KdPass1 o;
+  o.main = kd_shfl_stat(p.main, off);
+  o.other = kd_shfl_stat(p.other, off);
+  o.s1 = kd_shfl_stat(p.s1, off);
+  o.acc1 = __shfl_xor_sync(0xffffffffu, p.acc1, off);
+  o.acc2 = __shfl_xor_sync(0xffffffffu, p.acc2, off);
+  o.hole = kd_shfl_stat(p.hole, off);
+  o.s_top = __shfl_xor_sync(0xffffffffu, p.s_top, off);
+  o.c_top = __shfl_xor_sync(0xffffffffu, p.c_top, off);
+  o.c = __shfl_xor_sync(0xffffffffu, p.c, off);
+  o.gap = __shfl_xor_sync(0xffffffffu, p.gap, off);
+  return o;
+}
+
+// Merges every thread's pass-1 state; every thread gets the row's total.
+template <int DIV>
+__device__ KdPass1 kd_block_merge(KdPass1 st, KdPass1* smem, const KdParams& P) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nwarps = (blockDim.x + 31) >> 5;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const KdPass1 other = kd_shfl_pass1<DIV>(st, off);
+    kd_pass1_merge<DIV>(st, other, P);
+  }
+  if (lane == 0) smem[warp] = st;
+  __syncthreads();
+  if (warp == 0) {
+    st = lane < nwarps ? smem[lane] : kd_pass1_init();
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      const KdPass1 other = kd_shfl_pass1<DIV>(st, off);
+      kd_pass1_merge<DIV>(st, other, P);
+    }
+    if (lane == 0) smem[0] = st;
+  }
+  __syncthreads();
+  const KdPass1 total = smem[0];
+  __syncthreads();  // smem is reused by the next reduction
+  return total;
+}
+
+__device__ float2 kd_block_sum2(float2 v, float2* smem) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nwarps = (blockDim.x + 31) >> 5;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    v.x += __shfl_xor_sync(0xffffffffu, v.x, off);
+    v.y += __shfl_xor_sync(0xffffffffu, v.y, off);
+  }
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < nwarps ? smem[lane] : make_float2(0.0f, 0.0f);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      v.x += __shfl_xor_sync(0xffffffffu, v.x, off);
+      v.y += __shfl_xor_sync(0xffffffffu, v.y, off);
+    }
+    if (lane == 0) smem[0] = v;
+  }
+  __syncthreads();
+  const float2 total = smem[0];
+  __syncthreads();
+  return total;
+}
+
+// --------------------------------------------------------- row sweeps --
+
+// Calls f(j, s_j, t_j) for this thread's share of the row's V elements, with
+// 16-byte loads where the two rows share their alignment.
+template <typename T, typename F>
+__device__ __forceinline__ void kd_sweep(const T* srow, const T* trow, int V, F&& f) {
+  constexpr int VEC = 16 / sizeof(T);
+  const int tid = threadIdx.x, nt = blockDim.x;
+  const uintptr_t sa = reinterpret_cast<uintptr_t>(srow) & 15u;
+  const uintptr_t ta = reinterpret_cast<uintptr_t>(trow) & 15u;
+  if (sa != ta) {
+    for (int j = tid; j < V; j += nt) f(j, kd_to_f32(srow[j]), kd_to_f32(trow[j]));
+    return;
+  }
+  int head = (int)(((16u - sa) & 15u) / sizeof(T));
+  if (head > V) head = V;
+  for (int j = tid; j < head; j += nt) f(j, kd_to_f32(srow[j]), kd_to_f32(trow[j]));
+  const int nvec = (V - head) / VEC;
+  const uint4* sv = reinterpret_cast<const uint4*>(srow + head);
+  const uint4* tv = reinterpret_cast<const uint4*>(trow + head);
+  for (int c = tid; c < nvec; c += nt) {
+    const uint4 a = sv[c], b = tv[c];
+    const T* ae = reinterpret_cast<const T*>(&a);
+    const T* be = reinterpret_cast<const T*>(&b);
+    const int j0 = head + c * VEC;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) f(j0 + e, kd_to_f32(ae[e]), kd_to_f32(be[e]));
+  }
+  for (int j = head + nvec * VEC + tid; j < V; j += nt) f(j, kd_to_f32(srow[j]), kd_to_f32(trow[j]));
+}
+
+// ------------------------------------------------------------- kernels --
+
+template <typename Tin, typename Tout, int DIV>
+__device__ void kd_fused_body(const Tin* s, long long s_stride, const Tin* t, long long t_stride,
+                              const long long* labels, Tout* grad, long long g_stride,
+                              float* row_loss, const int* valid_count, long long n_rows,
+                              KdParams P) {
+  __shared__ KdPass1 red[KD_MAX_THREADS / 32];
+  __shared__ float2 red2[KD_MAX_THREADS / 32];
+  const int V = P.vocab;
+  const long long valid = valid_count ? (long long)*valid_count : n_rows;
+  const float w = kd_row_weight(P, valid);
+  const bool with_ce = P.alpha > 0.0f;
+
+  for (long long row = blockIdx.x; row < n_rows; row += gridDim.x) {
+    const Tin* srow = s + row * s_stride;
+    const Tin* trow = t + row * t_stride;
+    Tout* grow = grad ? grad + row * g_stride : nullptr;
+    const long long y = labels ? labels[row] : -1;
+    if (labels && y == P.ignore_index) {
+      if (grow)
+        for (int j = threadIdx.x; j < V; j += blockDim.x) grow[j] = kd_from_f32<Tout>(0.0f);
+      if (threadIdx.x == 0) row_loss[row] = 0.0f;
+      continue;
+    }
+    // A label out of range (only possible when the caller skipped validation)
+    // makes the row NaN instead of reading outside it.
+    const bool bad_label = labels && (y < 0 || y >= V);
+
+    KdPass1 st = kd_pass1_init();
+    kd_sweep(srow, trow, V, [&](int, float sv, float tv) {
+      kd_pass1_push<DIV>(st, sv, tv, P, with_ce);
+    });
+    st = kd_block_merge<DIV>(st, red, P);
+    KdRow r = kd_row_finish<DIV>(st, P);
+
+    if (DIV == KD_DIV_JSD) {
+      KdKahan dsum = kd_kahan_init(), qgsum = kd_kahan_init();
+      kd_sweep(srow, trow, V, [&](int, float sv, float tv) {
+        const KdJsdTerm term = kd_jsd_term(sv, tv, r, P);
+        kd_kahan_add(dsum, term.d);
+        kd_kahan_add(qgsum, term.qg);
+      });
+      const float2 acc = kd_block_sum2(make_float2(dsum.sum, qgsum.sum), red2);
+      kd_jsd_finish(r, acc.x, acc.y);
+    }
+
+    if (threadIdx.x == 0) {
+      const float s_y = (with_ce && !bad_label) ? kd_to_f32(srow[y]) : 0.0f;
+      row_loss[row] = bad_label ? __int_as_float(0x7fc00000) : kd_row_loss(r, s_y, P);
+    }
+    if (grow) {
+      // The student row is read before it is written element by element, by
+      // the same thread, so the gradient may overwrite the student (in place).
+      const float wr = bad_label ? __int_as_float(0x7fc00000) : w;
+      kd_sweep(srow, trow, V, [&](int j, float sv, float tv) {
+        grow[j] = kd_from_f32<Tout>(kd_grad_elem<DIV>(sv, tv, j == y, r, P, wr));
+      });
+    }
+    __syncthreads();
+  }
+}
+
+#define KD_FUSED(NAME, TIN, TOUT, DIV)                                                          \
+  extern "C" __global__ void __launch_bounds__(KD_MAX_THREADS, 4)                              \
+      NAME(const TIN* s, long long s_stride, const TIN* t, long long t_stride,                 \
+           const long long* labels, TOUT* grad, long long g_stride, float* row_loss,           \
+           const int* valid_count, long long n_rows, KdParams P) {                             \
+    kd_fused_body<TIN, TOUT, DIV>(s, s_stride, t, t_stride, labels, grad, g_stride, row_loss, \
+                                  valid_count, n_rows, P);                                     \
+  }
+
+#define KD_FUSED_DIV(DIVNAME, DIV)                                   \
+  KD_FUSED(kd_fused_##DIVNAME##_f32_f32, float, float, DIV)          \
+  KD_FUSED(kd_fused_##DIVNAME##_bf16_bf16, kd_bf16, kd_bf16, DIV)    \
+  KD_FUSED(kd_fused_##DIVNAME##_bf16_f32, kd_bf16, float, DIV)       \
+  KD_FUSED(kd_fused_##DIVNAME##_f16_f16, kd_f16, kd_f16, DIV)        \
+  KD_FUSED(kd_fused_##DIVNAME##_f16_f32, kd_f16, float, DIV)
+
+KD_FUSED_DIV(fkl, KD_DIV_FKL)
+KD_FUSED_DIV(rkl, KD_DIV_RKL)
+KD_FUSED_DIV(jsd, KD_DIV_JSD)
+
+// Number of rows whose label is not ignore_index; one block.
+extern "C" __global__ void __launch_bounds__(1024)
+    kd_count_valid(const long long* labels, long long n_rows, long long ignore_index, int* out) {
+  __shared__ int warp_counts[32];
+  int c = 0;
+  for (long long i = threadIdx.x; i < n_rows; i += blockDim.x) c += labels[i] != ignore_index;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) c += __shfl_xor_sync(0xffffffffu, c, off);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) warp_counts[warp] = c;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int total = 0;
+    for (int i = 0; i < (int)((blockDim.x + 31) >> 5); ++i) total += warp_counts[i];
+    *out = total;
+  }
+}
+
+// The reduced loss from the per-row losses, in a fixed order (deterministic);
+// one block, f64 accumulation.
+extern "C" __global__ void __launch_bounds__(1024)
+    kd_reduce_loss(const float* row_loss, long long n_rows, const int* valid_count, KdParams P,
+                   float* out) {
+  __shared__ double warp_sums[32];
+  double acc = 0.0;
+  for (long long i = threadIdx.x; i < n_rows; i += blockDim.x) acc += (double)row_loss[i];
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) warp_sums[warp] = acc;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double total = 0.0;
+    for (int i = 0; i < (int)((blockDim.x + 31) >> 5); ++i) total += warp_sums[i];
+    const long long valid = valid_count ? (long long)*valid_count : n_rows;
+    if (P.reduction == KD_RED_BATCHMEAN)
+      total = valid > 0 ? total / (double)valid : 0.0;
+    else if (P.reduction == KD_RED_MEAN)
+      total = valid > 0 ? total / ((double)valid * (double)P.vocab) : 0.0;
+    *out = (float)total;
+  }
+}

@@ -1,0 +1,537 @@
+// kd_math.cuh — the per-element and per-row arithmetic of every kdfuse kernel.
+//
+// Everything here is `__host__ __device__`: the CUDA kernels include it, and
+// kernels/kd_host.cpp compiles it for the CPU (through the `cc` crate), where
+// the fast CPU backend runs it and `cargo test` checks it against the f64
+// oracle. The kernels add only the parallel decomposition (threads, block
+// reductions) around these functions.
+//
+// Domain: logits are scaled into base 2 (x2 = x · log2(e) / τ) so that every
+// exponential is an exp2 and every log a log2; results are turned back into
+// nats (× ln 2) only when a row is finished. All math is fp32.
+//
+// Online statistics: a stream of base-2 logits x_i is summarised by (m, z) with
+// m = max x_i and z = Σ 2^(x_i − m) over every element but the maximum itself,
+// so lse2 = m + log2(1 + z) = m + L. Keeping the maximum's 1 out of z makes
+// log2 of the largest probability, −L, exact to fp32 precision even when it
+// is close to 1 (a confident model), where 1 + z would have rounded it away.
+// Accumulators ride along with a stat (Σ 2^(x_i − m) · d_i, rescaled whenever
+// m moves), so Σ p_i d_i = acc / (1 + z) comes out of the same single pass.
+#pragma once
+
+#ifdef __CUDACC__
+#include <cuda_fp16.h>
+#define KD_HD __host__ __device__ __forceinline__
+#else
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#define KD_HD inline
+#endif
+
+#include <stdint.h>
+
+#define KD_LOG2E 1.4426950408889634f
+#define KD_LN2 0.6931471805599453f
+#define KD_NEG_INF (-__builtin_huge_valf())
+
+// Divergence ids (template arguments of the kernels; the host maps the JSD
+// endpoints β = 0 / β = 1 onto forward / reverse KL before launching).
+#define KD_DIV_FKL 0
+#define KD_DIV_RKL 1
+#define KD_DIV_JSD 2
+
+// Reductions.
+#define KD_RED_BATCHMEAN 0
+#define KD_RED_SUM 1
+#define KD_RED_MEAN 2
+#define KD_RED_NONE 3
+
+// Parameters shared by the host and the kernels; mirrored by
+// `src/params.rs::KernelParams` (#[repr(C)], same field order).
+struct KdParams {
+  float scale2;       // log2(e) / τ
+  float inv_tau;      // 1 / τ
+  float alpha;        // weight of the hard-label CE
+  float soft_coef;    // (1 − α) · c, c = τ² or 1
+  float beta;         // JSD β (0 < β < 1 when DIV = JSD)
+  float log2_beta;    // log2 β
+  float log2_1mbeta;  // log2 (1 − β)
+  float grad_scale;   // upstream scale of the gradient
+  long long ignore_index;
+  int reduction;      // KD_RED_*
+  int vocab;          // V
+};
+
+// ---------------------------------------------------------------- dtypes --
+
+// Storage types for the 16-bit formats: plain bits, so the header needs no
+// CUDA headers on the host.
+struct kd_bf16 { uint16_t bits; };
+struct kd_f16 { uint16_t bits; };
+
+KD_HD float kd_bits_to_f32(uint32_t u) {
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+#endif
+}
+
+KD_HD uint32_t kd_f32_to_bits(float f) {
+#ifdef __CUDA_ARCH__
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+#endif
+}
+
+KD_HD bool kd_isinf(float x) { return x == -KD_NEG_INF || x == KD_NEG_INF; }
+
+KD_HD float kd_bf16_to_f32(uint16_t h) { return kd_bits_to_f32((uint32_t)h << 16); }
+
+// Round to nearest, ties to even; NaN stays a (quiet) NaN.
+KD_HD uint16_t kd_f32_to_bf16(float f) {
+  uint32_t u = kd_f32_to_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x0040u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+
+KD_HD float kd_f16_to_f32(uint16_t h) {
+#ifdef __CUDA_ARCH__
+  return __half2float(__ushort_as_half(h));
+#else
+  const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  const uint32_t mant = h & 0x3ffu;
+  if (exp == 0) {
+    const float mag = (float)mant * 5.9604644775390625e-8f;  // mant · 2^-24, exact
+    return sign ? -mag : mag;
+  }
+  if (exp == 31) return kd_bits_to_f32(sign | 0x7f800000u | (mant << 13));
+  return kd_bits_to_f32(sign | ((exp + 112u) << 23) | (mant << 13));
+#endif
+}
+
+// Round to nearest, ties to even, overflow to ±inf (as __float2half_rn).
+KD_HD uint16_t kd_f32_to_f16(float f) {
+#ifdef __CUDA_ARCH__
+  return __half_as_ushort(__float2half_rn(f));
+#else
+  uint32_t u = kd_f32_to_bits(f);
+  const uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+  u &= 0x7fffffffu;
+  if (u > 0x7f800000u) return sign | 0x7e00u;
+  if (u >= 0x477ff000u) return sign | 0x7c00u;  // ≥ 65520 rounds to inf
+  if (u < 0x38800000u) {                         // below 2^-14: subnormal or 0
+    const float scaled = kd_bits_to_f32(u) * 16777216.0f;  // · 2^24, exact
+    return sign | (uint16_t)std::nearbyint(scaled);
+  }
+  const uint32_t mant = u & 0x7fffffu;
+  uint32_t h = (((u >> 23) - 112u) << 10) | (mant >> 13);
+  const uint32_t rest = mant & 0x1fffu;
+  if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) h += 1u;
+  return sign | (uint16_t)h;
+#endif
+}
+
+KD_HD float kd_to_f32(float x) { return x; }
+KD_HD float kd_to_f32(kd_bf16 x) { return kd_bf16_to_f32(x.bits); }
+KD_HD float kd_to_f32(kd_f16 x) { return kd_f16_to_f32(x.bits); }
+
+template <typename T> KD_HD T kd_from_f32(float x);
+template <> KD_HD float kd_from_f32<float>(float x) { return x; }
+template <> KD_HD kd_bf16 kd_from_f32<kd_bf16>(float x) { return kd_bf16{kd_f32_to_bf16(x)}; }
+template <> KD_HD kd_f16 kd_from_f32<kd_f16>(float x) { return kd_f16{kd_f32_to_f16(x)}; }
+
+// ------------------------------------------------------ online statistics --
+
+struct KdStat {
+  float m;  // running max (base 2)
+  float z;  // Σ 2^(x − m) over the elements other than the (first) maximum
+};
+
+KD_HD KdStat kd_stat_init() { return KdStat{KD_NEG_INF, 0.0f}; }
+
+// −inf is a masked entry and contributes nothing; NaN poisons z.
+KD_HD void kd_stat_push(KdStat& st, float x) {
+  if (x == KD_NEG_INF) return;
+  if (x > st.m) {
+    st.z = (st.z + 1.0f) * exp2f(st.m - x);  // the old maximum joins the sum
+    st.m = x;
+  } else {
+    st.z += exp2f(x - st.m);
+  }
+}
+
+KD_HD KdStat kd_stat_merge(KdStat a, KdStat b) {
+  if (b.m == KD_NEG_INF) return a;
+  if (a.m == KD_NEG_INF) return b;
+  if (a.m >= b.m) return KdStat{a.m, a.z + (b.z + 1.0f) * exp2f(b.m - a.m)};
+  return KdStat{b.m, b.z + (a.z + 1.0f) * exp2f(a.m - b.m)};
+}
+
+// L = log2(1 + z) = lse2 − m.
+KD_HD float kd_stat_l(KdStat st) { return log1pf(st.z) * KD_LOG2E; }
+
+// acc · scale, where an infinite acc (a p > 0 entry facing q = 0) stays
+// infinite even if the scale underflowed.
+KD_HD float kd_rescale(float acc, float scale) { return kd_isinf(acc) ? acc : acc * scale; }
+
+// e · (2^r − 1) with e = 2^u, u ≤ 0: expm1 where r is small (no
+// cancellation), a difference of exponentials elsewhere (no overflow of 2^r).
+KD_HD float kd_wem1(float e, float u, float r) {
+  return fabsf(r) < 1.0f ? e * expm1f(r * KD_LN2) : exp2f(u + r) - e;
+}
+
+// ------------------------------------------------------------ pass 1 --
+//
+// The divergence's "main" distribution P (the teacher for FKL and JSD, the
+// student for RKL; base-2 logits x) carries two accumulators against the
+// other side Q (logits y). Each element's log-ratio is taken from the raw
+// logits and measured from a reference c, the student-minus-teacher
+// difference s − t at P's running maximum (its heaviest element):
+// r' = σ·((s − t) − c)·scale2 = y − x − ρ (σ = +1 for FKL/JSD, −1 for RKL;
+// ρ = σ·c·scale2). Then, with Z = 1 + z,
+//   acc1 = −Σ 2^(x−m) r'        → Σ P (x − y) = acc1/Z − ρ
+//   acc2 =  Σ 2^(x−m) (2^r' − 1) → lse2(y) − lse2(x) − ρ = log2(1 + acc2/Z)
+// so D(P‖Q) = acc1/Z + log2(1 + acc2/Z) in base 2, ρ cancelling analytically.
+// Every term is measured from the heaviest element, so a divergence far below
+// log2 V, a constant offset between teacher and student logits, or a peaked
+// P cost no digits; two separately summed lse values would lose them. When
+// the maximum moves, the accumulators are re-expressed from the new
+// reference (kd_rebase), which is exact up to one rounding.
+// Q's mass where x = −inf is summed apart (`hole`, a stat of those y) and
+// added at the end; `gap` flags only a rebase that would have overflowed, and
+// the lse difference then comes from the two (m, z) stats.
+
+struct KdPass1 {
+  KdStat main;   // main side
+  KdStat other;  // other side
+  KdStat s1;     // student at τ = 1 (hard CE), only when α > 0
+  float acc1;
+  float acc2;
+  KdStat hole;   // the other side's logits where the main side is −inf
+  float s_top;   // the student's largest logit (raw), for JSD's g reference
+  float c_top;   // s − t (raw) there
+  float c;       // reference: s − t (raw) at main's maximum
+  float gap;     // 1 when acc2 is unusable (see above)
+};
+
+KD_HD KdPass1 kd_pass1_init() {
+  return KdPass1{kd_stat_init(), kd_stat_init(), kd_stat_init(), 0.0f, 0.0f,
+                 kd_stat_init(), KD_NEG_INF, 0.0f, 0.0f, 0.0f};
+}
+
+// Re-expresses acc1/acc2 of `st` from reference c_new: r' becomes r' − Δ.
+KD_HD void kd_rebase(KdPass1& st, float c_new, float sigma, float scale2) {
+  if (st.main.m != KD_NEG_INF) {
+    const float delta = sigma * (c_new - st.c) * scale2;
+    const float zt = 1.0f + st.main.z;
+    st.acc1 += zt * delta;
+    if (fabsf(delta) < 64.0f) {
+      st.acc2 = st.acc2 * exp2f(-delta) + zt * expm1f(-delta * KD_LN2);
+    } else {
+      st.gap = 1.0f;
+    }
+  }
+  st.c = c_new;
+}
+
+KD_HD void kd_main_push(KdPass1& st, float x, float y, float sd, float sigma, float scale2) {
+  if (x == KD_NEG_INF) {
+    kd_stat_push(st.hole, y);
+    return;
+  }
+  if (x > st.main.m) {
+    if (sd - sd == 0.0f) kd_rebase(st, sd, sigma, scale2);  // finite s − t
+    const float r = sigma * (sd - st.c) * scale2;
+    const float scale = exp2f(st.main.m - x);
+    st.main.z = (st.main.z + 1.0f) * scale;
+    st.acc1 = kd_rescale(st.acc1, scale) - r;
+    st.acc2 = kd_rescale(st.acc2, scale) + kd_wem1(1.0f, 0.0f, r);
+    st.main.m = x;
+  } else {
+    const float r = sigma * (sd - st.c) * scale2;
+    const float u = x - st.main.m;
+    const float e = exp2f(u);
+    st.main.z += e;
+    st.acc1 -= e * r;
+    st.acc2 += kd_wem1(e, u, r);
+  }
+}
+
+template <int DIV>
+KD_HD void kd_pass1_push(KdPass1& st, float s, float t, const KdParams& P, bool with_ce) {
+  const float a = t * P.scale2;
+  const float b = s * P.scale2;
+  if (DIV == KD_DIV_JSD && s > st.s_top) {
+    st.s_top = s;
+    st.c_top = s - t;
+  }
+  if (DIV == KD_DIV_RKL) {
+    kd_main_push(st, b, a, s - t, -1.0f, P.scale2);
+    kd_stat_push(st.other, a);
+  } else {
+    kd_main_push(st, a, b, s - t, 1.0f, P.scale2);
+    kd_stat_push(st.other, b);
+  }
+  if (with_ce) kd_stat_push(st.s1, s * KD_LOG2E);
+}
+
+template <int DIV>
+KD_HD void kd_pass1_merge(KdPass1& a, const KdPass1& b, const KdParams& P) {
+  const float sigma = DIV == KD_DIV_RKL ? -1.0f : 1.0f;
+  if (b.main.m != KD_NEG_INF) {
+    if (a.main.m == KD_NEG_INF) {
+      a.main = b.main;
+      a.acc1 = b.acc1;
+      a.acc2 = b.acc2;
+      a.c = b.c;
+      a.gap = fmaxf(a.gap, b.gap);
+    } else {
+      KdPass1 bb = b;
+      if (a.main.m >= b.main.m) {
+        kd_rebase(bb, a.c, sigma, P.scale2);
+      } else {
+        kd_rebase(a, bb.c, sigma, P.scale2);
+      }
+      const bool a_big = a.main.m >= bb.main.m;
+      const float m = a_big ? a.main.m : bb.main.m;
+      const float sa = exp2f(a.main.m - m), sb = exp2f(bb.main.m - m);
+      a.main.z = a_big ? a.main.z + (bb.main.z + 1.0f) * sb : (a.main.z + 1.0f) * sa + bb.main.z;
+      a.acc1 = kd_rescale(a.acc1, sa) + kd_rescale(bb.acc1, sb);
+      a.acc2 = kd_rescale(a.acc2, sa) + kd_rescale(bb.acc2, sb);
+      a.main.m = m;
+      a.gap = fmaxf(a.gap, bb.gap);
+      // Re-center on the P-weighted mean of s − t: the heaviest element of a
+      // flat P need not be typical of it.
+      const float mean = a.c - sigma * (a.acc1 / (1.0f + a.main.z)) / P.scale2;
+      if (mean - mean == 0.0f) kd_rebase(a, mean, sigma, P.scale2);
+    }
+  } else {
+    a.gap = fmaxf(a.gap, b.gap);
+  }
+  a.other = kd_stat_merge(a.other, b.other);
+  a.s1 = kd_stat_merge(a.s1, b.s1);
+  a.hole = kd_stat_merge(a.hole, b.hole);
+  if (b.s_top > a.s_top) {
+    a.s_top = b.s_top;
+    a.c_top = b.c_top;
+  }
+}
+
+// log2(2^x + 2^y), −inf when both are.
+KD_HD float kd_log2addexp2(float x, float y) {
+  const float m = fmaxf(x, y);
+  if (m == KD_NEG_INF) return m;
+  return m + log1pf(exp2f(-fabsf(x - y))) * KD_LOG2E;
+}
+
+// log2(1 + 2^x) without overflow.
+KD_HD float kd_softplus2(float x) {
+  return fmaxf(x, 0.0f) + log1pf(exp2f(-fabsf(x))) * KD_LOG2E;
+}
+
+// With d = log2 q − log2 p: log2(p/m) = −log2(β + (1−β)·2^d) and
+// log2(q/m) = −log2(β·2^−d + 1 − β), both free of cancellation.
+// Near d = 0 as −log2(1 + (1−β)·expm1(d ln2)) and −log2(1 + β·expm1(−d ln2)):
+// exactly 0 at d = 0 (log2 β and log2(1−β) rounded to fp32 would leave a
+// bias there of the size of a small divergence).
+KD_HD void kd_jsd_logs(float d, const KdParams& P, float& lpm, float& lqm) {
+  if (fabsf(d) < 16.0f) {
+    lpm = -log1pf((1.0f - P.beta) * expm1f(d * KD_LN2)) * KD_LOG2E;
+    lqm = -log1pf(P.beta * expm1f(-d * KD_LN2)) * KD_LOG2E;
+  } else {
+    lpm = -kd_log2addexp2(P.log2_beta, P.log2_1mbeta + d);
+    lqm = -kd_log2addexp2(P.log2_beta - d, P.log2_1mbeta);
+  }
+}
+
+// The JSD gradient's g = (1−β) log2(q/m) (base 2) of an element with
+// log-ratio d. The gradient needs g_j − ⟨q, g⟩, blind to a constant, so pass 2
+// sums q·(g − g_top) with g_top the value at the student's maximum: where q
+// is concentrated, ⟨q, g⟩ − g_top is then small and keeps its digits.
+KD_HD float kd_jsd_g(float d, const KdParams& P) {
+  float lpm, lqm;
+  kd_jsd_logs(d, P, lpm, lqm);
+  return (1.0f - P.beta) * lqm;
+}
+
+// A row's statistics once pass 1 is merged.
+struct KdRow {
+  float m_s, l_s;  // student: max and L (lse2 = m + L) of b = s · scale2
+  float m_t, l_t;  // teacher, a = t · scale2
+  float m_1, l_1;  // student at τ = 1 (hard CE)
+  float c_ref;     // the reference s − t (raw) at the main side's maximum
+  float ubar;      // Σ P u / Σ P (the main side's mean log-ratio from c_ref)
+  float g_top;     // JSD: g at the student's maximum (the reference of g)
+  float dlt;       // (lse2_s − lse2_t) − c_ref · scale2
+  float kl;        // FKL / RKL value in nats (JSD: filled by pass 2)
+  float qg;        // JSD: ⟨q, g − g_top⟩ in nats (pass 2)
+};
+
+template <int DIV>
+KD_HD KdRow kd_row_finish(const KdPass1& st, const KdParams& P) {
+  const float c_ref = st.c;
+  KdRow r;
+  const KdStat& ss = DIV == KD_DIV_RKL ? st.main : st.other;
+  const KdStat& ts = DIV == KD_DIV_RKL ? st.other : st.main;
+  r.m_s = ss.m;
+  r.l_s = kd_stat_l(ss);
+  r.m_t = ts.m;
+  r.l_t = kd_stat_l(ts);
+  r.m_1 = st.s1.m;
+  r.l_1 = kd_stat_l(st.s1);
+  r.c_ref = c_ref;
+  // The lse difference from acc2 where the two distributions are close (the
+  // log1p form keeps every digit there); from the stats where they are far
+  // apart (1 + acc2/Z near 0 would have lost its digits) or acc2 is
+  // incomplete.
+  const float zm = 1.0f + st.main.z;
+  const float sigma = DIV == KD_DIV_RKL ? -1.0f : 1.0f;
+  // Σ 2^y over the hole, relative to 2^(lse2(x) + ρ).
+  const float hole = exp2f((st.hole.m + kd_stat_l(st.hole)) -
+                           (st.main.m + kd_stat_l(st.main)) - sigma * c_ref * P.scale2);
+  const float ratio = st.acc2 / zm + hole;
+  float dmp;  // lse2(y) − lse2(x) − ρ
+  if (st.gap == 0.0f && fabsf(ratio) <= 0.5f) {
+    dmp = log1pf(ratio) * KD_LOG2E;
+    r.dlt = DIV == KD_DIV_RKL ? -dmp : dmp;
+  } else {
+    r.dlt = ((r.m_s + r.l_s) - (r.m_t + r.l_t)) - c_ref * P.scale2;
+    dmp = DIV == KD_DIV_RKL ? -r.dlt : r.dlt;
+  }
+  r.ubar = st.acc1 / zm;
+  const float d_main_other = kd_isinf(st.acc1) ? st.acc1 : r.ubar + dmp;
+  r.kl = DIV == KD_DIV_JSD ? 0.0f : KD_LN2 * d_main_other;
+  r.qg = 0.0f;
+  r.g_top = 0.0f;
+  if (DIV == KD_DIV_JSD && st.s_top != KD_NEG_INF)
+    r.g_top = kd_jsd_g((st.c_top - c_ref) * P.scale2 - r.dlt, P);
+  return r;
+}
+
+// Per-element probabilities (base-2 log first, measured from the maximum).
+KD_HD float kd_q(float s, const KdRow& r, const KdParams& P) {
+  return exp2f((s * P.scale2 - r.m_s) - r.l_s);
+}
+KD_HD float kd_p(float t, const KdRow& r, const KdParams& P) {
+  return exp2f((t * P.scale2 - r.m_t) - r.l_t);
+}
+
+// d = log2 q − log2 p for one element: u − dlt, both measured from the
+// row's reference, so q ≈ p keeps its digits (log q and log p of magnitude
+// ~log2 V would not). ±inf where one side is −inf.
+KD_HD float kd_log2_ratio(float s, float t, const KdRow& r, const KdParams& P) {
+  return ((s - t) - r.c_ref) * P.scale2 - r.dlt;
+}
+
+// ------------------------------------------------------ pass 2 (JSD) --
+
+// One element's share of the JSD and of ⟨q, h⟩ (both in base 2; the row
+// total is multiplied by ln 2 once).
+struct KdJsdTerm {
+  float d;   // β p (log2 p − log2 m) + (1−β) q (log2 q − log2 m)
+  float qg;  // q · (g − g_top) (kd_jsd_g)
+};
+
+KD_HD KdJsdTerm kd_jsd_term(float s, float t, const KdRow& r, const KdParams& P) {
+  const float p = kd_p(t, r, P);
+  const float q = kd_q(s, r, P);
+  KdJsdTerm out{0.0f, 0.0f};
+  if (p == 0.0f && q == 0.0f) return out;
+  float lpm, lqm;
+  const float d = kd_log2_ratio(s, t, r, P);
+  kd_jsd_logs(d, P, lpm, lqm);
+  if (p > 0.0f && q > 0.0f && fabsf(d) < 16.0f) {
+    // p·(β lpm + (1−β)·2^d·lqm): q taken as p·2^d, so that the two halves,
+    // first order in d and opposite, cancel exactly as they should (q and p
+    // normalised separately differ by a rounding of their lse values).
+    out.d = p * (P.beta * lpm + (1.0f - P.beta) * exp2f(d) * lqm);
+  } else {
+    if (p > 0.0f) out.d += P.beta * p * lpm;
+    if (q > 0.0f) out.d += (1.0f - P.beta) * q * lqm;
+  }
+  if (q > 0.0f) out.qg = q * ((1.0f - P.beta) * lqm - r.g_top);
+  return out;
+}
+
+// Compensated (Kahan) sum: pass 2's sums feed g − ⟨q, g⟩, where the rounding
+// of a plain running sum over thousands of terms would show.
+struct KdKahan {
+  float sum;
+  float c;
+};
+
+KD_HD KdKahan kd_kahan_init() { return KdKahan{0.0f, 0.0f}; }
+
+KD_HD void kd_kahan_add(KdKahan& k, float x) {
+  const float y = x - k.c;
+  const float t = k.sum + y;
+  k.c = (t - k.sum) - y;
+  k.sum = t;
+}
+
+// Turns the pass-2 sums (base 2) into the row's JSD and ⟨q, h⟩ in nats.
+KD_HD void kd_jsd_finish(KdRow& r, float d_sum, float qg_sum) {
+  r.kl = KD_LN2 * d_sum;
+  r.qg = KD_LN2 * qg_sum;
+}
+
+// ------------------------------------------------------------- the row --
+
+// The row's loss ℓ = α·CE + (1−α)·c·D. `s_y` is the student logit at the
+// label (ignored when α = 0); CE = ln2·(L_1 + (m_1 − s_y·log2 e)) is exact
+// when the label is the student's maximum. A zero weight skips its term, so
+// an infinite divergence does not turn α = 1 into NaN.
+KD_HD float kd_row_loss(const KdRow& r, float s_y, const KdParams& P) {
+  float loss = 0.0f;
+  if (P.alpha > 0.0f) loss += P.alpha * KD_LN2 * (r.l_1 + (r.m_1 - s_y * KD_LOG2E));
+  if (P.soft_coef > 0.0f) loss += P.soft_coef * r.kl;
+  return loss;
+}
+
+// The reduction's weight of one valid row, times the upstream scale.
+KD_HD float kd_row_weight(const KdParams& P, long long valid_rows) {
+  if (P.reduction == KD_RED_BATCHMEAN)
+    return valid_rows > 0 ? P.grad_scale / (float)valid_rows : 0.0f;
+  if (P.reduction == KD_RED_MEAN)
+    return valid_rows > 0 ? P.grad_scale / ((float)valid_rows * (float)P.vocab) : 0.0f;
+  return P.grad_scale;
+}
+
+// ∂L/∂s_j for one element: w · [α (q¹_j − [j = y]) + (1−α) c ∂D/∂s_j].
+template <int DIV>
+KD_HD float kd_grad_elem(float s, float t, bool is_label, const KdRow& r, const KdParams& P,
+                         float w) {
+  float g = 0.0f;
+  if (P.alpha > 0.0f) {
+    const float lq1 = (s * KD_LOG2E - r.m_1) - r.l_1;  // log2 q¹
+    // q¹ − 1 = expm1(ln q¹): exact for a confident, correct prediction.
+    g += P.alpha * (is_label ? expm1f(lq1 * KD_LN2) : exp2f(lq1));
+  }
+  if (P.soft_coef > 0.0f) {
+    const float q = kd_q(s, r, P);
+    float dd;
+    if (DIV == KD_DIV_FKL) {
+      const float d = kd_log2_ratio(s, t, r, P);
+      // q − p = −q·expm1(−d ln2): exact where q ≈ p; plain difference elsewhere.
+      dd = (q > 0.0f && fabsf(d) < 1.0f) ? -q * expm1f(-d * KD_LN2) : q - kd_p(t, r, P);
+    } else if (q == 0.0f) {
+      dd = 0.0f;
+    } else if (DIV == KD_DIV_RKL) {
+      // log q − log p − KL = ln2·(u − ū), both measured from the reference.
+      dd = q * KD_LN2 * (((s - t) - r.c_ref) * P.scale2 - r.ubar);
+    } else {
+      dd = q * (KD_LN2 * (kd_jsd_g(kd_log2_ratio(s, t, r, P), P) - r.g_top) - r.qg);
+    }
+    g += P.soft_coef * P.inv_tau * dd;
+  }
+  return w * g;
+}

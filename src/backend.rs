@@ -1,0 +1,93 @@
+//! The one interface every backend implements, and backend selection.
+
+use crate::error::{KdError, Result};
+use crate::spec::LossSpec;
+use crate::tensor::{GradDtype, KdInputs};
+use std::fmt;
+use std::str::FromStr;
+
+/// What a backend returns for one batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KdOutput {
+    /// The reduced loss (for `Reduction::None`, the sum of the rows).
+    pub loss: f64,
+    /// Per-row losses ℓ (unweighted; ignored rows 0).
+    pub row_losses: Vec<f64>,
+    /// Rows that counted.
+    pub valid_rows: usize,
+    /// ∂L/∂student, `[N, V]` dense row-major, as f32 values (rounded to the
+    /// input dtype first when [`GradDtype::Input`] was asked for).
+    pub grad: Option<Vec<f32>>,
+}
+
+/// A way of computing the fused loss and gradient.
+pub trait Backend: Send + Sync {
+    /// Short name (`oracle`, `cpu`, `cuda`).
+    fn name(&self) -> &'static str;
+
+    /// Loss and, when `grad` is `Some`, the gradient with respect to the
+    /// student logits. Inputs and spec are validated first.
+    fn compute(&self, inputs: &KdInputs, spec: &LossSpec, grad: Option<GradDtype>) -> Result<KdOutput>;
+}
+
+/// Validation shared by every backend.
+pub(crate) fn validate(inputs: &KdInputs, spec: &LossSpec) -> Result<()> {
+    spec.validate(inputs.labels.is_some())?;
+    inputs.validate(spec.ignore_index)
+}
+
+/// Which backend to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackendKind {
+    /// CUDA when usable, else the fast CPU backend.
+    #[default]
+    Auto,
+    /// The fast CPU backend.
+    Cpu,
+    /// The CUDA backend.
+    Cuda,
+    /// The f64 reference.
+    Oracle,
+}
+
+impl BackendKind {
+    /// The CLI spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Auto => "auto",
+            BackendKind::Cpu => "cpu",
+            BackendKind::Cuda => "cuda",
+            BackendKind::Oracle => "oracle",
+        }
+    }
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for BackendKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        [BackendKind::Auto, BackendKind::Cpu, BackendKind::Cuda, BackendKind::Oracle]
+            .into_iter()
+            .find(|b| b.as_str() == s)
+            .ok_or_else(|| format!("unknown backend `{s}` (expected auto, cpu, cuda or oracle)"))
+    }
+}
+
+/// Creates a backend. `Auto` falls back to the CPU when CUDA is unusable.
+pub fn create(kind: BackendKind) -> Result<Box<dyn Backend>> {
+    match kind {
+        BackendKind::Oracle => Ok(Box::new(crate::oracle::Oracle)),
+        BackendKind::Cpu => Ok(Box::new(crate::cpu::CpuBackend)),
+        BackendKind::Cuda => Ok(Box::new(crate::cuda::CudaBackend::new(0)?)),
+        BackendKind::Auto => match crate::cuda::CudaBackend::new(0) {
+            Ok(b) => Ok(Box::new(b)),
+            Err(KdError::CudaUnavailable(_)) => Ok(Box::new(crate::cpu::CpuBackend)),
+            Err(e) => Err(e),
+        },
+    }
+}

@@ -1,0 +1,60 @@
+//! Command definitions and dispatch.
+
+mod check;
+mod info;
+mod loss;
+mod npy;
+
+use clap::{Parser, Subcommand};
+use kdfuse::{BackendKind, KdError};
+use std::process::ExitCode;
+
+/// Fused knowledge-distillation loss kernels: loss and gradient in one pass.
+#[derive(Debug, Parser)]
+#[command(name = "kdfuse", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Show the build (embedded architectures, toolchain) and the GPUs seen.
+    Info(info::InfoArgs),
+    /// Compute a distillation loss (and gradient) from .npy files; prints JSON.
+    Loss(loss::LossArgs),
+    /// Sweep random cases of a backend against the f64 oracle.
+    Check(check::CheckArgs),
+}
+
+/// A CLI failure: printed as one line, exit code 2.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{0}")]
+    Kd(#[from] KdError),
+    #[error("{0}")]
+    Msg(String),
+}
+
+pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
+    match cli.command {
+        Command::Info(a) => info::run(a),
+        Command::Loss(a) => loss::run(a),
+        Command::Check(a) => check::run(a),
+    }
+}
+
+/// Creates the backend; `auto` says on stderr why it fell back to the CPU.
+pub(crate) fn make_backend(kind: BackendKind) -> Result<Box<dyn kdfuse::Backend>, CliError> {
+    if kind == BackendKind::Auto {
+        return match kdfuse::cuda::CudaBackend::new(0) {
+            Ok(b) => Ok(Box::new(b)),
+            Err(KdError::CudaUnavailable(why)) => {
+                eprintln!("kdfuse: note: CUDA unavailable ({why}); using the CPU backend");
+                Ok(Box::new(kdfuse::CpuBackend))
+            }
+            Err(e) => Err(e.into()),
+        };
+    }
+    Ok(kdfuse::create(kind)?)
+}

@@ -1,0 +1,82 @@
+//! `.npy` reading and writing for the file interface.
+
+use super::CliError;
+use npyz::{DType, NpyFile, Order, TypeChar, WriterBuilder};
+use std::fs::File;
+use std::io::{BufReader, BufWriter};
+use std::path::Path;
+
+fn err(path: &Path, what: impl std::fmt::Display) -> CliError {
+    CliError::Msg(format!("{}: {what}", path.display()))
+}
+
+fn open(path: &Path, arg: &str) -> Result<NpyFile<BufReader<File>>, CliError> {
+    let f = File::open(path).map_err(|e| err(path, format!("cannot open {arg}: {e}")))?;
+    let npy = NpyFile::new(BufReader::new(f)).map_err(|e| err(path, format!("not a valid .npy file ({arg}): {e}")))?;
+    if npy.order() != Order::C {
+        return Err(err(path, format!("{arg} must be C-order (row-major), got Fortran order")));
+    }
+    Ok(npy)
+}
+
+fn type_of(npy: &NpyFile<BufReader<File>>) -> Option<(TypeChar, u64)> {
+    match npy.dtype() {
+        DType::Plain(ts) => Some((ts.type_char(), ts.size_field())),
+        _ => None,
+    }
+}
+
+/// A 2-D float array as f32 values (f16 exact, f64 rounded): (data, rows, cols).
+pub fn read_matrix(path: &Path, arg: &str) -> Result<(Vec<f32>, usize, usize), CliError> {
+    let npy = open(path, arg)?;
+    let shape = npy.shape().to_vec();
+    if shape.len() != 2 {
+        return Err(err(path, format!("{arg} must be 2-D [N, V], got shape {shape:?}")));
+    }
+    let (rows, cols) = (shape[0] as usize, shape[1] as usize);
+    let rd = |e: std::io::Error| err(path, format!("reading {arg}: {e}"));
+    let data: Vec<f32> = match type_of(&npy) {
+        Some((TypeChar::Float, 4)) => npy.into_vec::<f32>().map_err(rd)?,
+        Some((TypeChar::Float, 2)) => npy.into_vec::<half::f16>().map_err(rd)?.into_iter().map(|x| x.to_f32()).collect(),
+        Some((TypeChar::Float, 8)) => npy.into_vec::<f64>().map_err(rd)?.into_iter().map(|x| x as f32).collect(),
+        _ => {
+            return Err(err(
+                path,
+                format!("{arg} has unsupported dtype {} (expected float32, float16 or float64)", npy.dtype().descr()),
+            ))
+        }
+    };
+    Ok((data, rows, cols))
+}
+
+/// A 1-D int32 or int64 array as i64.
+pub fn read_labels(path: &Path, arg: &str) -> Result<Vec<i64>, CliError> {
+    let npy = open(path, arg)?;
+    let shape = npy.shape().to_vec();
+    if shape.len() != 1 {
+        return Err(err(path, format!("{arg} must be 1-D [N], got shape {shape:?}")));
+    }
+    let rd = |e: std::io::Error| err(path, format!("reading {arg}: {e}"));
+    match type_of(&npy) {
+        Some((TypeChar::Int, 8)) => npy.into_vec::<i64>().map_err(rd),
+        Some((TypeChar::Int, 4)) => Ok(npy.into_vec::<i32>().map_err(rd)?.into_iter().map(i64::from).collect()),
+        _ => Err(err(
+            path,
+            format!("{arg} has unsupported dtype {} (expected int64 or int32)", npy.dtype().descr()),
+        )),
+    }
+}
+
+/// Writes a 2-D f32 array.
+pub fn write_matrix(path: &Path, data: &[f32], rows: usize, cols: usize) -> Result<(), CliError> {
+    let f = File::create(path).map_err(|e| err(path, format!("cannot create: {e}")))?;
+    let werr = |e: std::io::Error| err(path, format!("writing: {e}"));
+    let mut w = npyz::WriteOptions::new()
+        .default_dtype()
+        .shape(&[rows as u64, cols as u64])
+        .writer(BufWriter::new(f))
+        .begin_nd()
+        .map_err(werr)?;
+    w.extend(data.iter().copied()).map_err(werr)?;
+    w.finish().map_err(werr)
+}

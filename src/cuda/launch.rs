@@ -1,0 +1,346 @@
+//! Launching the fused kernels on device memory, asynchronously, on any
+//! stream of the backend's context: no host synchronisation inside.
+//!
+//! Per call: `kd_count_valid` (only with labels: the valid-row count the
+//! batchmean/mean weights need, kept on the device), one `kd_fused_*` launch
+//! for the whole batch, and `kd_reduce_loss` (the reduced loss, on the device).
+
+use super::CudaBackend;
+use crate::error::{invalid, Result};
+use crate::params::KernelParams;
+use crate::spec::LossSpec;
+use crate::tensor::Dtype;
+use cudarc::driver::{
+    CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use half::{bf16, f16};
+use std::sync::Arc;
+
+/// Element types the kernels read and write.
+pub trait KdElement: DeviceRepr + Copy + Send + Sync + 'static {
+    /// The matching [`Dtype`].
+    const DTYPE: Dtype;
+}
+impl KdElement for f32 {
+    const DTYPE: Dtype = Dtype::F32;
+}
+impl KdElement for bf16 {
+    const DTYPE: Dtype = Dtype::Bf16;
+}
+impl KdElement for f16 {
+    const DTYPE: Dtype = Dtype::F16;
+}
+
+/// Shape and strides (in elements) of one batch on the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowLayout {
+    /// Rows N.
+    pub rows: usize,
+    /// Vocabulary V.
+    pub cols: usize,
+    /// Student row stride (≥ V).
+    pub student_stride: usize,
+    /// Teacher row stride (≥ V).
+    pub teacher_stride: usize,
+    /// Gradient row stride (≥ V).
+    pub grad_stride: usize,
+}
+
+impl RowLayout {
+    /// A dense batch: every stride is V.
+    pub fn dense(rows: usize, cols: usize) -> Self {
+        RowLayout {
+            rows,
+            cols,
+            student_stride: cols,
+            teacher_stride: cols,
+            grad_stride: cols,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.cols == 0 || self.cols > i32::MAX as usize {
+            return invalid("cols", format!("V must be in [1, {}], got {}", i32::MAX, self.cols));
+        }
+        for (arg, s) in [
+            ("student_stride", self.student_stride),
+            ("teacher_stride", self.teacher_stride),
+            ("grad_stride", self.grad_stride),
+        ] {
+            if s < self.cols {
+                return invalid(arg, format!("row stride {s} is below V = {}", self.cols));
+            }
+        }
+        Ok(())
+    }
+
+    /// Elements a buffer of row stride `stride` must hold.
+    fn needed(&self, stride: usize) -> usize {
+        if self.rows == 0 {
+            0
+        } else {
+            (self.rows - 1) * stride + self.cols
+        }
+    }
+}
+
+/// Device outputs of one call, reusable across calls of at most `capacity` rows.
+pub struct LossBuffers {
+    /// Per-row losses ℓ (f32, ignored rows 0).
+    pub row_losses: CudaSlice<f32>,
+    /// The reduced loss (one f32).
+    pub loss: CudaSlice<f32>,
+    /// Valid-row count (one i32), written when labels are given.
+    pub valid_rows: CudaSlice<i32>,
+}
+
+impl LossBuffers {
+    /// Allocates buffers for up to `rows` rows on `stream`.
+    pub fn new(stream: &Arc<CudaStream>, rows: usize) -> Result<Self> {
+        Ok(LossBuffers {
+            row_losses: stream.alloc_zeros::<f32>(rows.max(1))?,
+            loss: stream.alloc_zeros::<f32>(1)?,
+            valid_rows: stream.alloc_zeros::<i32>(1)?,
+        })
+    }
+}
+
+/// Raw arguments of one fused call: device pointers (0 = absent).
+/// The C ABI and the typed API both lower to this.
+#[derive(Debug, Clone, Copy)]
+pub struct RawFusedArgs {
+    /// Dtype of student and teacher.
+    pub dtype: Dtype,
+    /// Dtype of the gradient: `dtype` or `F32`.
+    pub grad_dtype: Dtype,
+    /// Student logits.
+    pub student: u64,
+    /// Teacher logits.
+    pub teacher: u64,
+    /// Labels (i64, N), or 0.
+    pub labels: u64,
+    /// Gradient output, or 0 for loss only. May equal `student` (in place)
+    /// when dtypes and strides match.
+    pub grad: u64,
+    /// Per-row losses (f32, N).
+    pub row_losses: u64,
+    /// Reduced loss (f32, 1).
+    pub loss: u64,
+    /// Valid-row count scratch (i32, 1); needed with labels.
+    pub valid_rows: u64,
+    /// Shape and strides.
+    pub layout: RowLayout,
+}
+
+fn threads_for(cols: usize, dtype: Dtype) -> u32 {
+    let vecs = cols / (16 / dtype.size());
+    match vecs {
+        v if v >= 1024 => 256,
+        v if v >= 256 => 128,
+        v if v >= 64 => 64,
+        _ => 32,
+    }
+}
+
+impl CudaBackend {
+    /// Enqueues the fused loss (and gradient, when `raw.grad` ≠ 0) on `stream`.
+    ///
+    /// # Safety
+    /// Every non-zero pointer must be valid device memory of this context,
+    /// large enough for `raw.layout` (student/teacher/grad: (N−1)·stride + V
+    /// elements; labels and row losses: N), and stay alive until the stream
+    /// has run the work. Labels out of `[0, V)` (other than `ignore_index`)
+    /// give NaN rows, never out-of-bounds reads.
+    pub unsafe fn launch_raw(&self, stream: &CudaStream, raw: &RawFusedArgs, spec: &LossSpec) -> Result<()> {
+        spec.validate(raw.labels != 0)?;
+        raw.layout.validate()?;
+        if raw.grad_dtype != raw.dtype && raw.grad_dtype != Dtype::F32 {
+            return invalid("grad_dtype", format!("must be {} or f32, got {}", raw.dtype, raw.grad_dtype));
+        }
+        if raw.student == 0 || raw.teacher == 0 || raw.row_losses == 0 || raw.loss == 0 {
+            return invalid("pointers", "student, teacher, row_losses and loss must be non-null");
+        }
+        if raw.labels != 0 && raw.valid_rows == 0 {
+            return invalid("valid_rows", "labels need the valid-row scratch buffer");
+        }
+        if raw.grad != 0
+            && raw.grad == raw.student
+            && (raw.grad_dtype != raw.dtype || raw.layout.grad_stride != raw.layout.student_stride)
+        {
+            return invalid("grad", "an in-place gradient needs the student's dtype and row stride");
+        }
+        let l = raw.layout;
+        let p = KernelParams::new(spec, l.cols);
+        let n = l.rows as i64;
+        let valid_ptr = if raw.labels != 0 { raw.valid_rows } else { 0u64 };
+
+        if raw.labels != 0 {
+            let f = self.function("kd_count_valid")?;
+            let mut b = stream.launch_builder(&f);
+            b.arg(&raw.labels).arg(&n).arg(&spec.ignore_index).arg(&raw.valid_rows);
+            b.launch(LaunchConfig {
+                grid_dim: (1, 1, 1),
+                block_dim: (1024, 1, 1),
+                shared_mem_bytes: 0,
+            })?;
+        }
+        if l.rows > 0 {
+            let name = format!(
+                "kd_fused_{}_{}_{}",
+                spec.kernel_divergence().name(),
+                raw.dtype,
+                raw.grad_dtype
+            );
+            let f = self.function(&name)?;
+            let (ss, ts, gs) = (l.student_stride as i64, l.teacher_stride as i64, l.grad_stride as i64);
+            let mut b = stream.launch_builder(&f);
+            b.arg(&raw.student)
+                .arg(&ss)
+                .arg(&raw.teacher)
+                .arg(&ts)
+                .arg(&raw.labels)
+                .arg(&raw.grad)
+                .arg(&gs)
+                .arg(&raw.row_losses)
+                .arg(&valid_ptr)
+                .arg(&n)
+                .arg(&p);
+            b.launch(LaunchConfig {
+                grid_dim: (l.rows.min(1 << 20) as u32, 1, 1),
+                block_dim: (threads_for(l.cols, raw.dtype), 1, 1),
+                shared_mem_bytes: 0,
+            })?;
+        }
+        let f = self.function("kd_reduce_loss")?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&raw.row_losses).arg(&n).arg(&valid_ptr).arg(&p).arg(&raw.loss);
+        b.launch(LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        })?;
+        Ok(())
+    }
+
+    /// Loss and gradient on device buffers, enqueued on `stream` (a stream of
+    /// this backend's context); returns without waiting. `grad` = `None`
+    /// computes the loss only. Results land in `out`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn fused<T: KdElement, G: KdElement>(
+        &self,
+        stream: &CudaStream,
+        student: &CudaView<'_, T>,
+        teacher: &CudaView<'_, T>,
+        labels: Option<&CudaView<'_, i64>>,
+        grad: Option<&mut CudaViewMut<'_, G>>,
+        layout: RowLayout,
+        out: &mut LossBuffers,
+        spec: &LossSpec,
+    ) -> Result<()> {
+        layout.validate()?;
+        check_len("student", student.len(), layout.needed(layout.student_stride))?;
+        check_len("teacher", teacher.len(), layout.needed(layout.teacher_stride))?;
+        check_out(out, layout.rows)?;
+        if let Some(lab) = labels {
+            check_len("labels", lab.len(), layout.rows)?;
+        }
+        let (sp, _g1) = student.device_ptr(stream);
+        let (tp, _g2) = teacher.device_ptr(stream);
+        let (lp, _g3) = match labels {
+            Some(l) => {
+                let (p, g) = l.device_ptr(stream);
+                (p, Some(g))
+            }
+            None => (0, None),
+        };
+        let (gp, _g4) = match grad {
+            Some(g) => {
+                check_len("grad", g.len(), layout.needed(layout.grad_stride))?;
+                let (p, guard) = g.device_ptr_mut(stream);
+                (p, Some(guard))
+            }
+            None => (0, None),
+        };
+        let (rp, _g5) = out.row_losses.device_ptr_mut(stream);
+        let (op, _g6) = out.loss.device_ptr_mut(stream);
+        let (vp, _g7) = out.valid_rows.device_ptr_mut(stream);
+        let raw = RawFusedArgs {
+            dtype: T::DTYPE,
+            grad_dtype: G::DTYPE,
+            student: sp,
+            teacher: tp,
+            labels: lp,
+            grad: gp,
+            row_losses: rp,
+            loss: op,
+            valid_rows: vp,
+            layout,
+        };
+        // SAFETY: lengths checked above; the guards keep the buffers' events
+        // ordered with this stream.
+        unsafe { self.launch_raw(stream, &raw, spec) }
+    }
+
+    /// As [`CudaBackend::fused`], with the gradient overwriting the student
+    /// logits (same dtype, `grad_stride` = `student_stride`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn fused_in_place<T: KdElement>(
+        &self,
+        stream: &CudaStream,
+        student: &mut CudaViewMut<'_, T>,
+        teacher: &CudaView<'_, T>,
+        labels: Option<&CudaView<'_, i64>>,
+        layout: RowLayout,
+        out: &mut LossBuffers,
+        spec: &LossSpec,
+    ) -> Result<()> {
+        let layout = RowLayout {
+            grad_stride: layout.student_stride,
+            ..layout
+        };
+        layout.validate()?;
+        check_len("student", student.len(), layout.needed(layout.student_stride))?;
+        check_len("teacher", teacher.len(), layout.needed(layout.teacher_stride))?;
+        check_out(out, layout.rows)?;
+        if let Some(lab) = labels {
+            check_len("labels", lab.len(), layout.rows)?;
+        }
+        let (sp, _g1) = student.device_ptr_mut(stream);
+        let (tp, _g2) = teacher.device_ptr(stream);
+        let (lp, _g3) = match labels {
+            Some(l) => {
+                let (p, g) = l.device_ptr(stream);
+                (p, Some(g))
+            }
+            None => (0, None),
+        };
+        let (rp, _g5) = out.row_losses.device_ptr_mut(stream);
+        let (op, _g6) = out.loss.device_ptr_mut(stream);
+        let (vp, _g7) = out.valid_rows.device_ptr_mut(stream);
+        let raw = RawFusedArgs {
+            dtype: T::DTYPE,
+            grad_dtype: T::DTYPE,
+            student: sp,
+            teacher: tp,
+            labels: lp,
+            grad: sp,
+            row_losses: rp,
+            loss: op,
+            valid_rows: vp,
+            layout,
+        };
+        // SAFETY: as in `fused`.
+        unsafe { self.launch_raw(stream, &raw, spec) }
+    }
+}
+
+fn check_len(arg: &'static str, have: usize, need: usize) -> Result<()> {
+    if have < need {
+        return invalid(arg, format!("device buffer holds {have} elements, the layout needs {need}"));
+    }
+    Ok(())
+}
+
+fn check_out(out: &LossBuffers, rows: usize) -> Result<()> {
+    check_len("out.row_losses", out.row_losses.len(), rows)
+}

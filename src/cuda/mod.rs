@@ -1,0 +1,120 @@
+//! The CUDA backend: loads the embedded fatbin once per context and launches
+//! the fused kernels asynchronously on a stream.
+//!
+//! No CUDA call is made before [`cudarc::driver::sys::is_culib_present`] says
+//! the driver library is there, so a machine without a driver gets an `Err`.
+
+mod host;
+mod info;
+mod launch;
+
+pub use info::{device_infos, driver_version, DeviceInfo};
+pub use launch::{KdElement, LossBuffers, RawFusedArgs, RowLayout};
+
+use crate::error::{KdError, Result};
+use crate::kernels_meta;
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::nvrtc::Ptx;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Fails with [`KdError::CudaUnavailable`] unless the driver library loads and
+/// initialises; does not look at devices.
+pub fn ensure_driver() -> Result<()> {
+    // SAFETY: only tries to open the library.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(KdError::CudaUnavailable(
+            "no CUDA driver library (libcuda.so) found".into(),
+        ));
+    }
+    cudarc::driver::result::init().map_err(|e| KdError::CudaUnavailable(format!("cuInit failed: {e}")))
+}
+
+/// Number of CUDA devices, or why none can be used.
+pub fn device_count() -> Result<usize> {
+    ensure_driver()?;
+    let n = CudaContext::device_count().map_err(|e| KdError::CudaUnavailable(e.to_string()))?;
+    Ok(n.max(0) as usize)
+}
+
+/// Fails unless this build embeds kernels.
+pub fn ensure_kernels() -> Result<()> {
+    if kernels_meta::FATBIN.is_empty() {
+        return Err(KdError::CudaUnavailable(format!(
+            "built without CUDA kernels ({}); run scripts/install-cuda-toolchain and rebuild",
+            kernels_meta::NO_KERNELS_REASON.unwrap_or("no nvcc")
+        )));
+    }
+    Ok(())
+}
+
+/// The CUDA backend for one device.
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    module: Arc<CudaModule>,
+    functions: Mutex<HashMap<String, CudaFunction>>,
+}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaBackend").field("ordinal", &self.ctx.ordinal()).finish()
+    }
+}
+
+impl CudaBackend {
+    /// Opens device `ordinal`, loads the kernels and makes a stream for the
+    /// host-array API ([`crate::Backend::compute`]).
+    pub fn new(ordinal: usize) -> Result<Self> {
+        ensure_kernels()?;
+        let n = device_count()?;
+        if n == 0 {
+            return Err(KdError::CudaUnavailable("no CUDA device found".into()));
+        }
+        if ordinal >= n {
+            return Err(KdError::InvalidArgument {
+                arg: "device",
+                msg: format!("ordinal {ordinal} but only {n} CUDA device(s)"),
+            });
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| KdError::CudaUnavailable(format!("cannot open device {ordinal}: {e}")))?;
+        let module = ctx
+            .load_module(Ptx::from_binary(kernels_meta::FATBIN.to_vec()))
+            .map_err(|e| {
+                KdError::CudaUnavailable(format!(
+                    "cannot load the kernels on device {ordinal} (embedded: {}): {e}",
+                    kernels_meta::ARCHES.join(", ")
+                ))
+            })?;
+        let stream = ctx.new_stream()?;
+        Ok(CudaBackend {
+            ctx,
+            stream,
+            module,
+            functions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The context (for allocating buffers to pass to [`CudaBackend::fused`]).
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The backend's own stream (used by [`crate::Backend::compute`]).
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    fn function(&self, name: &str) -> Result<CudaFunction> {
+        let mut map = self.functions.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = map.get(name) {
+            return Ok(f.clone());
+        }
+        let f = self
+            .module
+            .load_function(name)
+            .map_err(|e| KdError::Cuda(format!("kernel {name}: {e}")))?;
+        map.insert(name.to_string(), f.clone());
+        Ok(f)
+    }
+}

@@ -1,0 +1,118 @@
+//! FFI to kernels/kd_host.cpp: the kernels' row arithmetic compiled for the
+//! CPU (see kernels/kd_math.cuh). Public so that tests can check it.
+
+use crate::params::KernelParams;
+use std::os::raw::c_int;
+
+extern "C" {
+    fn kd_host_row_f32(
+        div: c_int,
+        s: *const f32,
+        t: *const f32,
+        y: i64,
+        has_label: c_int,
+        grad: *mut f32,
+        p: *const KernelParams,
+        w: f32,
+    ) -> f32;
+    fn kd_host_row_bf16(
+        div: c_int,
+        s: *const u16,
+        t: *const u16,
+        y: i64,
+        has_label: c_int,
+        grad: *mut f32,
+        p: *const KernelParams,
+        w: f32,
+    ) -> f32;
+    fn kd_host_row_f16(
+        div: c_int,
+        s: *const u16,
+        t: *const u16,
+        y: i64,
+        has_label: c_int,
+        grad: *mut f32,
+        p: *const KernelParams,
+        w: f32,
+    ) -> f32;
+    fn kd_host_row_weight(p: *const KernelParams, valid_rows: i64) -> f32;
+    fn kd_host_params_layout(out: *mut i64);
+    fn kd_host_f32_to_bf16(x: f32) -> u16;
+    fn kd_host_f32_to_f16(x: f32) -> u16;
+    fn kd_host_bf16_to_f32(x: u16) -> f32;
+    fn kd_host_f16_to_f32(x: u16) -> f32;
+    fn kd_host_online_lse(x: *const f32, n: i64, lanes: c_int) -> f32;
+}
+
+/// One row's element data, as the kernels read it.
+#[derive(Clone, Copy)]
+pub(crate) enum RowData<'a> {
+    F32(&'a [f32], &'a [f32]),
+    Half16 { bf16: bool, s: &'a [u16], t: &'a [u16] },
+}
+
+/// Runs one row through the kernels' math: returns ℓ and writes the gradient
+/// (× `w`) into `grad` when given. `s`, `t` and `grad` hold exactly V values.
+pub(crate) fn row(div: i32, data: RowData<'_>, label: Option<i64>, grad: Option<&mut [f32]>, p: &KernelParams, w: f32) -> f32 {
+    let (y, has) = match label {
+        Some(y) => (y, 1),
+        None => (-1, 0),
+    };
+    let gp = grad.map_or(std::ptr::null_mut(), |g| g.as_mut_ptr());
+    // SAFETY: slices of V = p.vocab elements (checked by the caller), grad too.
+    unsafe {
+        match data {
+            RowData::F32(s, t) => kd_host_row_f32(div, s.as_ptr(), t.as_ptr(), y, has, gp, p, w),
+            RowData::Half16 { bf16: true, s, t } => kd_host_row_bf16(div, s.as_ptr(), t.as_ptr(), y, has, gp, p, w),
+            RowData::Half16 { bf16: false, s, t } => kd_host_row_f16(div, s.as_ptr(), t.as_ptr(), y, has, gp, p, w),
+        }
+    }
+}
+
+pub(crate) fn row_weight(p: &KernelParams, valid_rows: usize) -> f32 {
+    // SAFETY: reads the struct only.
+    unsafe { kd_host_row_weight(p, valid_rows as i64) }
+}
+
+/// `[sizeof, offset of ignore_index, of reduction, of vocab]` of the C struct.
+pub fn params_layout() -> [i64; 4] {
+    let mut out = [0i64; 4];
+    // SAFETY: writes four values.
+    unsafe { kd_host_params_layout(out.as_mut_ptr()) };
+    out
+}
+
+/// The kernels' f32 → bf16 rounding (bits).
+pub fn f32_to_bf16_bits(x: f32) -> u16 {
+    unsafe { kd_host_f32_to_bf16(x) }
+}
+/// The kernels' f32 → f16 rounding (bits).
+pub fn f32_to_f16_bits(x: f32) -> u16 {
+    unsafe { kd_host_f32_to_f16(x) }
+}
+/// The kernels' bf16 → f32 conversion.
+pub fn bf16_bits_to_f32(x: u16) -> f32 {
+    unsafe { kd_host_bf16_to_f32(x) }
+}
+/// The kernels' f16 → f32 conversion.
+pub fn f16_bits_to_f32(x: u16) -> f32 {
+    unsafe { kd_host_f16_to_f32(x) }
+}
+/// log Σ exp(x) by the kernels' online statistics over `lanes` lanes (1–64).
+pub fn online_lse(x: &[f32], lanes: usize) -> f32 {
+    unsafe { kd_host_online_lse(x.as_ptr(), x.len() as i64, lanes as c_int) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_layout_matches_rust() {
+        let l = params_layout();
+        assert_eq!(l[0] as usize, std::mem::size_of::<KernelParams>());
+        assert_eq!(l[1] as usize, std::mem::offset_of!(KernelParams, ignore_index));
+        assert_eq!(l[2] as usize, std::mem::offset_of!(KernelParams, reduction));
+        assert_eq!(l[3] as usize, std::mem::offset_of!(KernelParams, vocab));
+    }
+}

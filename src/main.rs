@@ -1,0 +1,35 @@
+//! The `kdfuse` command line: `info`, `loss`, `check`.
+
+mod cli;
+
+use clap::Parser;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args = match cli::Cli::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) {
+                let _ = e.print();
+                return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                    ExitCode::from(2)
+                } else {
+                    ExitCode::SUCCESS
+                };
+            }
+            // One line, no usage block: the first line of clap's message.
+            let msg = e.to_string();
+            let line = msg.lines().find(|l| !l.trim().is_empty()).unwrap_or("invalid arguments");
+            eprintln!("kdfuse: {}", line.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+    };
+    match cli::run(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("kdfuse: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

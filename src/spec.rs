@@ -1,0 +1,218 @@
+//! What loss to compute: divergence, temperature, mixing, reduction
+//! (DESIGN.md §1), and the validation of every parameter.
+
+use crate::error::{invalid, Result};
+use std::fmt;
+use std::str::FromStr;
+
+/// The divergence `D(p, q)` between the softened teacher `p` and student `q`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Divergence {
+    /// KL(p‖q) = Σ p (log p − log q).
+    ForwardKl,
+    /// KL(q‖p).
+    ReverseKl,
+    /// Generalized Jensen–Shannon with weight β (`LossSpec::beta`); β = 0 is
+    /// exactly forward KL and β = 1 exactly reverse KL.
+    Jsd,
+}
+
+impl Divergence {
+    /// Every divergence, in CLI order.
+    pub const ALL: [Divergence; 3] = [Divergence::ForwardKl, Divergence::ReverseKl, Divergence::Jsd];
+
+    /// The CLI/API spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Divergence::ForwardKl => "forward-kl",
+            Divergence::ReverseKl => "reverse-kl",
+            Divergence::Jsd => "jsd",
+        }
+    }
+}
+
+impl fmt::Display for Divergence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Divergence {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Divergence::ALL
+            .into_iter()
+            .find(|d| d.as_str() == s)
+            .ok_or_else(|| format!("unknown divergence `{s}` (expected forward-kl, reverse-kl or jsd)"))
+    }
+}
+
+/// How per-row losses become one number (TRL's `batchmean` by default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Reduction {
+    /// Σ ℓ over valid rows / number of valid rows (0 when none).
+    #[default]
+    BatchMean,
+    /// Σ ℓ over valid rows.
+    Sum,
+    /// Σ ℓ / (valid rows · V), PyTorch's element mean.
+    Mean,
+    /// The per-row vector (ignored rows 0); the scalar is then the sum.
+    None,
+}
+
+impl Reduction {
+    /// Every reduction, in CLI order.
+    pub const ALL: [Reduction; 4] = [Reduction::BatchMean, Reduction::Sum, Reduction::Mean, Reduction::None];
+
+    /// The CLI/API spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reduction::BatchMean => "batchmean",
+            Reduction::Sum => "sum",
+            Reduction::Mean => "mean",
+            Reduction::None => "none",
+        }
+    }
+
+    /// The factor that turns Σ ℓ into the reduced loss (and the per-row
+    /// gradient weight, before the upstream scale).
+    pub fn row_weight(self, valid_rows: usize, vocab: usize) -> f64 {
+        match self {
+            Reduction::BatchMean if valid_rows > 0 => 1.0 / valid_rows as f64,
+            Reduction::Mean if valid_rows > 0 => 1.0 / (valid_rows as f64 * vocab as f64),
+            Reduction::BatchMean | Reduction::Mean => 0.0,
+            Reduction::Sum | Reduction::None => 1.0,
+        }
+    }
+
+    pub(crate) fn kernel_id(self) -> i32 {
+        match self {
+            Reduction::BatchMean => 0,
+            Reduction::Sum => 1,
+            Reduction::Mean => 2,
+            Reduction::None => 3,
+        }
+    }
+}
+
+impl fmt::Display for Reduction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Reduction {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Reduction::ALL
+            .into_iter()
+            .find(|d| d.as_str() == s)
+            .ok_or_else(|| format!("unknown reduction `{s}` (expected batchmean, sum, mean or none)"))
+    }
+}
+
+/// The full loss specification:
+/// `ℓ = α·CE(hard labels, τ = 1) + (1 − α)·c·D(p, q)`, `c = τ²` or 1.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LossSpec {
+    /// The divergence.
+    pub divergence: Divergence,
+    /// JSD weight β ∈ [0, 1] (ignored by the KL divergences).
+    pub beta: f64,
+    /// Temperature τ > 0, finite.
+    pub temperature: f64,
+    /// Weight α ∈ [0, 1] of the hard-label cross-entropy; α > 0 needs labels.
+    pub alpha: f64,
+    /// Multiply the soft term by τ² (Hinton's scaling); default on.
+    pub t2_scaling: bool,
+    /// Rows whose label equals this contribute nothing (default −100).
+    pub ignore_index: i64,
+    /// The reduction over rows.
+    pub reduction: Reduction,
+    /// Upstream gradient scale: the gradient is that of `grad_scale · L`.
+    pub grad_scale: f64,
+}
+
+impl Default for LossSpec {
+    fn default() -> Self {
+        LossSpec {
+            divergence: Divergence::ForwardKl,
+            beta: 0.5,
+            temperature: 1.0,
+            alpha: 0.0,
+            t2_scaling: true,
+            ignore_index: -100,
+            reduction: Reduction::BatchMean,
+            grad_scale: 1.0,
+        }
+    }
+}
+
+/// The divergence as the kernels see it: JSD endpoints resolved.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum KernelDivergence {
+    ForwardKl,
+    ReverseKl,
+    Jsd(f64),
+}
+
+impl KernelDivergence {
+    pub(crate) fn id(self) -> i32 {
+        match self {
+            KernelDivergence::ForwardKl => 0,
+            KernelDivergence::ReverseKl => 1,
+            KernelDivergence::Jsd(_) => 2,
+        }
+    }
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            KernelDivergence::ForwardKl => "fkl",
+            KernelDivergence::ReverseKl => "rkl",
+            KernelDivergence::Jsd(_) => "jsd",
+        }
+    }
+}
+
+impl LossSpec {
+    /// Checks every parameter; `has_labels` says whether labels come with it.
+    pub fn validate(&self, has_labels: bool) -> Result<()> {
+        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+            return invalid("temperature", format!("must be finite and > 0, got {}", self.temperature));
+        }
+        if !(0.0..=1.0).contains(&self.alpha) {
+            return invalid("alpha", format!("must be in [0, 1], got {}", self.alpha));
+        }
+        if !(0.0..=1.0).contains(&self.beta) {
+            return invalid("beta", format!("must be in [0, 1], got {}", self.beta));
+        }
+        if !self.grad_scale.is_finite() {
+            return invalid("grad_scale", format!("must be finite, got {}", self.grad_scale));
+        }
+        if self.alpha > 0.0 && !has_labels {
+            return invalid("alpha", format!("alpha = {} > 0 needs labels for the hard-label loss", self.alpha));
+        }
+        Ok(())
+    }
+
+    /// The soft term's coefficient `(1 − α)·c`.
+    pub fn soft_coef(&self) -> f64 {
+        let c = if self.t2_scaling {
+            self.temperature * self.temperature
+        } else {
+            1.0
+        };
+        (1.0 - self.alpha) * c
+    }
+
+    pub(crate) fn kernel_divergence(&self) -> KernelDivergence {
+        match self.divergence {
+            Divergence::ForwardKl => KernelDivergence::ForwardKl,
+            Divergence::ReverseKl => KernelDivergence::ReverseKl,
+            Divergence::Jsd if self.beta == 0.0 => KernelDivergence::ForwardKl,
+            Divergence::Jsd if self.beta == 1.0 => KernelDivergence::ReverseKl,
+            Divergence::Jsd => KernelDivergence::Jsd(self.beta),
+        }
+    }
+}

@@ -1,0 +1,316 @@
+//! Host-side inputs: dtypes, logit matrices (possibly strided) and their
+//! validation.
+
+use crate::error::{invalid, Result};
+use half::{bf16, f16};
+use std::fmt;
+use std::str::FromStr;
+
+/// Element type of the logits (and of the gradient when it follows the input).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    /// 32-bit float.
+    #[default]
+    F32,
+    /// bfloat16.
+    Bf16,
+    /// IEEE half.
+    F16,
+}
+
+impl Dtype {
+    /// Every dtype.
+    pub const ALL: [Dtype; 3] = [Dtype::F32, Dtype::Bf16, Dtype::F16];
+
+    /// The CLI/API spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::Bf16 => "bf16",
+            Dtype::F16 => "f16",
+        }
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::Bf16 | Dtype::F16 => 2,
+        }
+    }
+
+    /// Rounds an f32 value to this dtype (nearest, ties to even) and back.
+    pub fn round(self, x: f32) -> f32 {
+        match self {
+            Dtype::F32 => x,
+            Dtype::Bf16 => bf16::from_f32(x).to_f32(),
+            Dtype::F16 => f16::from_f32(x).to_f32(),
+        }
+    }
+}
+
+impl fmt::Display for Dtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Dtype {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Dtype::ALL
+            .into_iter()
+            .find(|d| d.as_str() == s)
+            .ok_or_else(|| format!("unknown dtype `{s}` (expected f32, bf16 or f16)"))
+    }
+}
+
+/// The dtype of the gradient a backend writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GradDtype {
+    /// Always f32.
+    #[default]
+    F32,
+    /// The dtype of the logits (rounded once, from fp32).
+    Input,
+}
+
+/// Borrowed element data of one of the supported dtypes.
+#[derive(Debug, Clone, Copy)]
+pub enum HostData<'a> {
+    /// f32 elements.
+    F32(&'a [f32]),
+    /// bf16 elements.
+    Bf16(&'a [bf16]),
+    /// f16 elements.
+    F16(&'a [f16]),
+}
+
+impl HostData<'_> {
+    /// The dtype.
+    pub fn dtype(&self) -> Dtype {
+        match self {
+            HostData::F32(_) => Dtype::F32,
+            HostData::Bf16(_) => Dtype::Bf16,
+            HostData::F16(_) => Dtype::F16,
+        }
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            HostData::F32(d) => d.len(),
+            HostData::Bf16(d) => d.len(),
+            HostData::F16(d) => d.len(),
+        }
+    }
+
+    /// True when there are no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Element `i` as f32.
+    pub fn get(&self, i: usize) -> f32 {
+        match self {
+            HostData::F32(d) => d[i],
+            HostData::Bf16(d) => d[i].to_f32(),
+            HostData::F16(d) => d[i].to_f32(),
+        }
+    }
+
+    /// The raw bytes.
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            HostData::F32(d) => bytemuck::cast_slice(d),
+            HostData::Bf16(d) => bytemuck::cast_slice(d),
+            HostData::F16(d) => bytemuck::cast_slice(d),
+        }
+    }
+}
+
+/// Owned element data; see [`HostData`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum OwnedData {
+    /// f32 elements.
+    F32(Vec<f32>),
+    /// bf16 elements.
+    Bf16(Vec<bf16>),
+    /// f16 elements.
+    F16(Vec<f16>),
+}
+
+impl OwnedData {
+    /// Converts f32 values to `dtype` (nearest, ties to even).
+    pub fn from_f32(values: &[f32], dtype: Dtype) -> Self {
+        match dtype {
+            Dtype::F32 => OwnedData::F32(values.to_vec()),
+            Dtype::Bf16 => OwnedData::Bf16(values.iter().map(|&x| bf16::from_f32(x)).collect()),
+            Dtype::F16 => OwnedData::F16(values.iter().map(|&x| f16::from_f32(x)).collect()),
+        }
+    }
+
+    /// A borrowed view.
+    pub fn view(&self) -> HostData<'_> {
+        match self {
+            OwnedData::F32(d) => HostData::F32(d),
+            OwnedData::Bf16(d) => HostData::Bf16(d),
+            OwnedData::F16(d) => HostData::F16(d),
+        }
+    }
+}
+
+/// A row-major matrix of logits, `rows × cols`, row `r` starting at element
+/// `r · row_stride` (`row_stride ≥ cols`).
+#[derive(Debug, Clone, Copy)]
+pub struct Logits<'a> {
+    /// The elements.
+    pub data: HostData<'a>,
+    /// Number of rows N.
+    pub rows: usize,
+    /// Number of columns V used.
+    pub cols: usize,
+    /// Elements between the starts of two rows.
+    pub row_stride: usize,
+}
+
+impl<'a> Logits<'a> {
+    /// A dense matrix (`row_stride = cols`).
+    pub fn new(data: HostData<'a>, rows: usize, cols: usize) -> Self {
+        Logits {
+            data,
+            rows,
+            cols,
+            row_stride: cols,
+        }
+    }
+
+    /// A strided matrix.
+    pub fn strided(data: HostData<'a>, rows: usize, cols: usize, row_stride: usize) -> Self {
+        Logits {
+            data,
+            rows,
+            cols,
+            row_stride,
+        }
+    }
+
+    /// The dtype.
+    pub fn dtype(&self) -> Dtype {
+        self.data.dtype()
+    }
+
+    /// Element (r, c) as f32.
+    pub fn get(&self, r: usize, c: usize) -> f32 {
+        self.data.get(r * self.row_stride + c)
+    }
+
+    /// Checks that the shape is consistent with the data; `arg` names the
+    /// argument in the error.
+    pub fn validate(&self, arg: &'static str) -> Result<()> {
+        if self.cols == 0 {
+            return invalid(arg, "needs at least one column (V ≥ 1)");
+        }
+        if self.cols > i32::MAX as usize {
+            return invalid(arg, format!("V = {} exceeds {}", self.cols, i32::MAX));
+        }
+        if self.row_stride < self.cols {
+            return invalid(arg, format!("row stride {} is below V = {}", self.row_stride, self.cols));
+        }
+        if self.rows > 0 {
+            let needed = (self.rows - 1)
+                .checked_mul(self.row_stride)
+                .and_then(|x| x.checked_add(self.cols));
+            match needed {
+                Some(n) if n <= self.data.len() => {}
+                _ => {
+                    return invalid(
+                        arg,
+                        format!(
+                            "{} rows of stride {} and {} columns need more than the {} elements given",
+                            self.rows,
+                            self.row_stride,
+                            self.cols,
+                            self.data.len()
+                        ),
+                    )
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Everything a backend reads: student and teacher logits and optional labels.
+#[derive(Debug, Clone, Copy)]
+pub struct KdInputs<'a> {
+    /// Student logits `[N, V]`.
+    pub student: Logits<'a>,
+    /// Teacher logits `[N, V]` (a padded teacher: `row_stride` > V).
+    pub teacher: Logits<'a>,
+    /// Hard labels, one per row, in `[0, V)` or `ignore_index`.
+    pub labels: Option<&'a [i64]>,
+}
+
+impl KdInputs<'_> {
+    /// Checks shapes, dtypes and labels against each other.
+    pub fn validate(&self, ignore_index: i64) -> Result<()> {
+        self.student.validate("student")?;
+        self.teacher.validate("teacher")?;
+        if self.student.dtype() != self.teacher.dtype() {
+            return invalid(
+                "teacher",
+                format!(
+                    "dtype {} differs from the student's {}",
+                    self.teacher.dtype(),
+                    self.student.dtype()
+                ),
+            );
+        }
+        if self.teacher.rows != self.student.rows {
+            return invalid(
+                "teacher",
+                format!("has {} rows, the student {}", self.teacher.rows, self.student.rows),
+            );
+        }
+        if self.teacher.cols != self.student.cols {
+            return invalid(
+                "teacher",
+                format!(
+                    "uses {} columns, the student {} (pass a wider teacher with a row stride)",
+                    self.teacher.cols, self.student.cols
+                ),
+            );
+        }
+        if let Some(labels) = self.labels {
+            if labels.len() != self.student.rows {
+                return invalid(
+                    "labels",
+                    format!("has {} entries for {} rows", labels.len(), self.student.rows),
+                );
+            }
+            let v = self.student.cols as i64;
+            if let Some((i, &y)) = labels
+                .iter()
+                .enumerate()
+                .find(|(_, &y)| y != ignore_index && !(0..v).contains(&y))
+            {
+                return invalid(
+                    "labels",
+                    format!("labels[{i}] = {y} is outside [0, {v}) and is not ignore_index ({ignore_index})"),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Rows that count: all rows without labels, else those whose label is
+    /// not `ignore_index`.
+    pub fn valid_rows(&self, ignore_index: i64) -> usize {
+        match self.labels {
+            None => self.student.rows,
+            Some(l) => l.iter().filter(|&&y| y != ignore_index).count(),
+        }
+    }
+}
