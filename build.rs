@@ -8,7 +8,8 @@
 //! a newer nvcc is rejected by the reference driver). Without nvcc the crate
 //! still builds, with a cargo warning, and the CUDA backend reports
 //! "built without CUDA kernels". A kernel that spills or uses local memory
-//! fails the build.
+//! fails the build, and so does a missing nvcc when `KDFUSE_REQUIRE_KERNELS=1`
+//! (scripts/test sets it).
 
 use std::env;
 use std::fmt::Write as _;
@@ -33,6 +34,7 @@ fn main() {
         "KDFUSE_NO_CUDA",
         "KDFUSE_CACHE_DIR",
         "XDG_CACHE_HOME",
+        "KDFUSE_REQUIRE_KERNELS",
     ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
@@ -43,6 +45,9 @@ fn main() {
     let meta = match find_nvcc() {
         Ok(nvcc) => build_fatbin(&nvcc, &out),
         Err(why) => {
+            if env::var_os("KDFUSE_REQUIRE_KERNELS").is_some_and(|v| v == "1") {
+                panic!("KDFUSE_REQUIRE_KERNELS=1 but {why}; run scripts/install-cuda-toolchain");
+            }
             println!("cargo:warning=kdfuse: building without CUDA kernels: {why}");
             println!("cargo:warning=kdfuse: run scripts/install-cuda-toolchain to install the pinned CUDA {PINNED_RELEASE} compiler");
             // Rerun once the toolchain appears in the cache.
@@ -74,7 +79,9 @@ fn cache_dir() -> PathBuf {
     if let Some(d) = env::var_os("XDG_CACHE_HOME") {
         return PathBuf::from(d).join("kdfuse");
     }
-    let home = env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/tmp".into());
+    let home = env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/tmp".into());
     home.join(".cache").join("kdfuse")
 }
 
@@ -130,7 +137,10 @@ fn find_nvcc() -> Result<PathBuf, String> {
     if seen.is_empty() {
         Err("no nvcc found".into())
     } else {
-        Err(format!("no CUDA {PINNED_RELEASE} nvcc found; skipped: {}", seen.join(", ")))
+        Err(format!(
+            "no CUDA {PINNED_RELEASE} nvcc found; skipped: {}",
+            seen.join(", ")
+        ))
     }
 }
 
@@ -157,7 +167,11 @@ fn build_fatbin(nvcc: &Path, out: &Path) -> Meta {
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
     let mut arches: Vec<&str> = BASE_ARCHES.to_vec();
-    arches.extend(NEWER_ARCHES.iter().filter(|a| listed.lines().any(|l| l.trim() == **a)));
+    arches.extend(
+        NEWER_ARCHES
+            .iter()
+            .filter(|a| listed.lines().any(|l| l.trim() == **a)),
+    );
 
     let fatbin = out.join("kdfuse.fatbin");
     let mut cmd = Command::new(nvcc);
@@ -173,7 +187,9 @@ fn build_fatbin(nvcc: &Path, out: &Path) -> Meta {
     }
     cmd.arg(format!("-gencode=arch={PTX_ARCH},code={PTX_ARCH}"));
     cmd.arg("-o").arg(&fatbin).arg(&unit_path);
-    let output = cmd.output().unwrap_or_else(|e| panic!("running {}: {e}", nvcc.display()));
+    let output = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", nvcc.display()));
     let report = String::from_utf8_lossy(&output.stderr).into_owned();
     fs::write(out.join("ptxas.txt"), &report).unwrap();
     if !output.status.success() {
@@ -254,8 +270,18 @@ impl Meta {
         }
         writeln!(s, "pub const ARCHES: &[&str] = &{:?};", self.arches).unwrap();
         writeln!(s, "pub const TOOLCHAIN: &str = {:?};", self.toolchain).unwrap();
-        writeln!(s, "pub const NO_KERNELS_REASON: Option<&str> = {:?};", self.no_kernels_reason).unwrap();
-        writeln!(s, "pub const PTXAS_REPORT: &str = include_str!({:?});", report_path).unwrap();
+        writeln!(
+            s,
+            "pub const NO_KERNELS_REASON: Option<&str> = {:?};",
+            self.no_kernels_reason
+        )
+        .unwrap();
+        writeln!(
+            s,
+            "pub const PTXAS_REPORT: &str = include_str!({:?});",
+            report_path
+        )
+        .unwrap();
         fs::write(out.join("kernels_meta.rs"), s).unwrap();
     }
 }

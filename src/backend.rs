@@ -27,7 +27,12 @@ pub trait Backend: Send + Sync {
 
     /// Loss and, when `grad` is `Some`, the gradient with respect to the
     /// student logits. Inputs and spec are validated first.
-    fn compute(&self, inputs: &KdInputs, spec: &LossSpec, grad: Option<GradDtype>) -> Result<KdOutput>;
+    fn compute(
+        &self,
+        inputs: &KdInputs,
+        spec: &LossSpec,
+        grad: Option<GradDtype>,
+    ) -> Result<KdOutput>;
 }
 
 /// Validation shared by every backend.
@@ -71,10 +76,15 @@ impl fmt::Display for BackendKind {
 impl FromStr for BackendKind {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        [BackendKind::Auto, BackendKind::Cpu, BackendKind::Cuda, BackendKind::Oracle]
-            .into_iter()
-            .find(|b| b.as_str() == s)
-            .ok_or_else(|| format!("unknown backend `{s}` (expected auto, cpu, cuda or oracle)"))
+        [
+            BackendKind::Auto,
+            BackendKind::Cpu,
+            BackendKind::Cuda,
+            BackendKind::Oracle,
+        ]
+        .into_iter()
+        .find(|b| b.as_str() == s)
+        .ok_or_else(|| format!("unknown backend `{s}` (expected auto, cpu, cuda or oracle)"))
     }
 }
 

@@ -39,7 +39,12 @@ impl Backend for CpuBackend {
         "cpu"
     }
 
-    fn compute(&self, inputs: &KdInputs, spec: &LossSpec, grad: Option<GradDtype>) -> Result<KdOutput> {
+    fn compute(
+        &self,
+        inputs: &KdInputs,
+        spec: &LossSpec,
+        grad: Option<GradDtype>,
+    ) -> Result<KdOutput> {
         validate(inputs, spec)?;
         let (n, v) = (inputs.student.rows, inputs.student.cols);
         let p = KernelParams::new(spec, v);
@@ -67,7 +72,14 @@ impl Backend for CpuBackend {
                     .par_chunks_mut(v)
                     .enumerate()
                     .map(|(r, gr)| {
-                        let l = hostmath::row(div, row_data(inputs, r), label(r), Some(&mut *gr), &p, w);
+                        let l = hostmath::row(
+                            div,
+                            row_data(inputs, r),
+                            label(r),
+                            Some(&mut *gr),
+                            &p,
+                            w,
+                        );
                         if round != Dtype::F32 {
                             gr.iter_mut().for_each(|x| *x = round.round(*x));
                         }

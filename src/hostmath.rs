@@ -48,12 +48,23 @@ extern "C" {
 #[derive(Clone, Copy)]
 pub(crate) enum RowData<'a> {
     F32(&'a [f32], &'a [f32]),
-    Half16 { bf16: bool, s: &'a [u16], t: &'a [u16] },
+    Half16 {
+        bf16: bool,
+        s: &'a [u16],
+        t: &'a [u16],
+    },
 }
 
 /// Runs one row through the kernels' math: returns ℓ and writes the gradient
 /// (× `w`) into `grad` when given. `s`, `t` and `grad` hold exactly V values.
-pub(crate) fn row(div: i32, data: RowData<'_>, label: Option<i64>, grad: Option<&mut [f32]>, p: &KernelParams, w: f32) -> f32 {
+pub(crate) fn row(
+    div: i32,
+    data: RowData<'_>,
+    label: Option<i64>,
+    grad: Option<&mut [f32]>,
+    p: &KernelParams,
+    w: f32,
+) -> f32 {
     let (y, has) = match label {
         Some(y) => (y, 1),
         None => (-1, 0),
@@ -63,8 +74,12 @@ pub(crate) fn row(div: i32, data: RowData<'_>, label: Option<i64>, grad: Option<
     unsafe {
         match data {
             RowData::F32(s, t) => kd_host_row_f32(div, s.as_ptr(), t.as_ptr(), y, has, gp, p, w),
-            RowData::Half16 { bf16: true, s, t } => kd_host_row_bf16(div, s.as_ptr(), t.as_ptr(), y, has, gp, p, w),
-            RowData::Half16 { bf16: false, s, t } => kd_host_row_f16(div, s.as_ptr(), t.as_ptr(), y, has, gp, p, w),
+            RowData::Half16 { bf16: true, s, t } => {
+                kd_host_row_bf16(div, s.as_ptr(), t.as_ptr(), y, has, gp, p, w)
+            }
+            RowData::Half16 { bf16: false, s, t } => {
+                kd_host_row_f16(div, s.as_ptr(), t.as_ptr(), y, has, gp, p, w)
+            }
         }
     }
 }
@@ -111,7 +126,10 @@ mod tests {
     fn params_layout_matches_rust() {
         let l = params_layout();
         assert_eq!(l[0] as usize, std::mem::size_of::<KernelParams>());
-        assert_eq!(l[1] as usize, std::mem::offset_of!(KernelParams, ignore_index));
+        assert_eq!(
+            l[1] as usize,
+            std::mem::offset_of!(KernelParams, ignore_index)
+        );
         assert_eq!(l[2] as usize, std::mem::offset_of!(KernelParams, reduction));
         assert_eq!(l[3] as usize, std::mem::offset_of!(KernelParams, vocab));
     }

@@ -10,7 +10,12 @@ fn main() -> ExitCode {
         Ok(a) => a,
         Err(e) => {
             use clap::error::ErrorKind;
-            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) {
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
                 let _ = e.print();
                 return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
                     ExitCode::from(2)
@@ -18,9 +23,19 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 };
             }
-            // One line, no usage block: the first line of clap's message.
+            // One line, no usage block: clap's first paragraph, joined.
             let msg = e.to_string();
-            let line = msg.lines().find(|l| !l.trim().is_empty()).unwrap_or("invalid arguments");
+            let para: Vec<&str> = msg
+                .lines()
+                .skip_while(|l| l.trim().is_empty())
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            let line = if para.is_empty() {
+                "invalid arguments".to_string()
+            } else {
+                para.join(" ")
+            };
             eprintln!("kdfuse: {}", line.trim_start_matches("error: "));
             return ExitCode::from(2);
         }

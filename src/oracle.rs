@@ -49,7 +49,12 @@ pub fn row(s: &[f64], t: &[f64], label: Option<usize>, spec: &LossSpec) -> (f64,
 /// As [`row`], plus the row's first-order magnitude: α·CE + c·Σ_j P_j |log P_j − log Q_j|
 /// (the divergence's summands in absolute value). An fp32 evaluation of ℓ
 /// cannot resolve it better than about 1e-7 of this.
-pub fn row_with_scale(s: &[f64], t: &[f64], label: Option<usize>, spec: &LossSpec) -> (f64, Vec<f64>, f64) {
+pub fn row_with_scale(
+    s: &[f64],
+    t: &[f64],
+    label: Option<usize>,
+    spec: &LossSpec,
+) -> (f64, Vec<f64>, f64) {
     let mut scale = 0.0;
     let v = s.len();
     let tau = spec.temperature;
@@ -72,7 +77,10 @@ pub fn row_with_scale(s: &[f64], t: &[f64], label: Option<usize>, spec: &LossSpe
         let p: Vec<f64> = lp.iter().map(|x| x.exp()).collect();
         let (d, dd): (f64, Vec<f64>) = match spec.kernel_divergence() {
             KernelDivergence::ForwardKl => {
-                scale += c * (0..v).map(|j| xmul(p[j], (lp[j] - lq[j]).abs())).sum::<f64>();
+                scale += c
+                    * (0..v)
+                        .map(|j| xmul(p[j], (lp[j] - lq[j]).abs()))
+                        .sum::<f64>();
                 let d = (0..v).map(|j| xmul(p[j], lp[j] - lq[j])).sum();
                 (d, (0..v).map(|j| (q[j] - p[j]) / tau).collect())
             }
@@ -87,11 +95,17 @@ pub fn row_with_scale(s: &[f64], t: &[f64], label: Option<usize>, spec: &LossSpe
                     .map(|j| logaddexp(beta.ln() + lp[j], (1.0 - beta).ln() + lq[j]))
                     .collect();
                 let d = (0..v)
-                    .map(|j| beta * xmul(p[j], lp[j] - lm[j]) + (1.0 - beta) * xmul(q[j], lq[j] - lm[j]))
+                    .map(|j| {
+                        beta * xmul(p[j], lp[j] - lm[j]) + (1.0 - beta) * xmul(q[j], lq[j] - lm[j])
+                    })
                     .sum();
-                scale += c * (0..v)
-                    .map(|j| beta * xmul(p[j], (lp[j] - lm[j]).abs()) + (1.0 - beta) * xmul(q[j], (lq[j] - lm[j]).abs()))
-                    .sum::<f64>();
+                scale += c
+                    * (0..v)
+                        .map(|j| {
+                            beta * xmul(p[j], (lp[j] - lm[j]).abs())
+                                + (1.0 - beta) * xmul(q[j], (lq[j] - lm[j]).abs())
+                        })
+                        .sum::<f64>();
                 let g: Vec<f64> = (0..v).map(|j| (1.0 - beta) * (lq[j] - lm[j])).collect();
                 let qg: f64 = (0..v).map(|j| xmul(q[j], g[j])).sum();
                 (d, (0..v).map(|j| xmul(q[j], g[j] - qg) / tau).collect())
@@ -129,7 +143,12 @@ impl Backend for Oracle {
         "oracle"
     }
 
-    fn compute(&self, inputs: &KdInputs, spec: &LossSpec, grad: Option<GradDtype>) -> Result<KdOutput> {
+    fn compute(
+        &self,
+        inputs: &KdInputs,
+        spec: &LossSpec,
+        grad: Option<GradDtype>,
+    ) -> Result<KdOutput> {
         validate(inputs, spec)?;
         let (n, v) = (inputs.student.rows, inputs.student.cols);
         let valid = inputs.valid_rows(spec.ignore_index);

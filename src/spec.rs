@@ -19,7 +19,11 @@ pub enum Divergence {
 
 impl Divergence {
     /// Every divergence, in CLI order.
-    pub const ALL: [Divergence; 3] = [Divergence::ForwardKl, Divergence::ReverseKl, Divergence::Jsd];
+    pub const ALL: [Divergence; 3] = [
+        Divergence::ForwardKl,
+        Divergence::ReverseKl,
+        Divergence::Jsd,
+    ];
 
     /// The CLI/API spelling.
     pub fn as_str(self) -> &'static str {
@@ -43,7 +47,9 @@ impl FromStr for Divergence {
         Divergence::ALL
             .into_iter()
             .find(|d| d.as_str() == s)
-            .ok_or_else(|| format!("unknown divergence `{s}` (expected forward-kl, reverse-kl or jsd)"))
+            .ok_or_else(|| {
+                format!("unknown divergence `{s}` (expected forward-kl, reverse-kl or jsd)")
+            })
     }
 }
 
@@ -63,7 +69,12 @@ pub enum Reduction {
 
 impl Reduction {
     /// Every reduction, in CLI order.
-    pub const ALL: [Reduction; 4] = [Reduction::BatchMean, Reduction::Sum, Reduction::Mean, Reduction::None];
+    pub const ALL: [Reduction; 4] = [
+        Reduction::BatchMean,
+        Reduction::Sum,
+        Reduction::Mean,
+        Reduction::None,
+    ];
 
     /// The CLI/API spelling.
     pub fn as_str(self) -> &'static str {
@@ -108,7 +119,9 @@ impl FromStr for Reduction {
         Reduction::ALL
             .into_iter()
             .find(|d| d.as_str() == s)
-            .ok_or_else(|| format!("unknown reduction `{s}` (expected batchmean, sum, mean or none)"))
+            .ok_or_else(|| {
+                format!("unknown reduction `{s}` (expected batchmean, sum, mean or none)")
+            })
     }
 }
 
@@ -179,7 +192,10 @@ impl LossSpec {
     /// Checks every parameter; `has_labels` says whether labels come with it.
     pub fn validate(&self, has_labels: bool) -> Result<()> {
         if !(self.temperature.is_finite() && self.temperature > 0.0) {
-            return invalid("temperature", format!("must be finite and > 0, got {}", self.temperature));
+            return invalid(
+                "temperature",
+                format!("must be finite and > 0, got {}", self.temperature),
+            );
         }
         if !(0.0..=1.0).contains(&self.alpha) {
             return invalid("alpha", format!("must be in [0, 1], got {}", self.alpha));
@@ -188,10 +204,19 @@ impl LossSpec {
             return invalid("beta", format!("must be in [0, 1], got {}", self.beta));
         }
         if !self.grad_scale.is_finite() {
-            return invalid("grad_scale", format!("must be finite, got {}", self.grad_scale));
+            return invalid(
+                "grad_scale",
+                format!("must be finite, got {}", self.grad_scale),
+            );
         }
         if self.alpha > 0.0 && !has_labels {
-            return invalid("alpha", format!("alpha = {} > 0 needs labels for the hard-label loss", self.alpha));
+            return invalid(
+                "alpha",
+                format!(
+                    "alpha = {} > 0 needs labels for the hard-label loss",
+                    self.alpha
+                ),
+            );
         }
         Ok(())
     }

@@ -216,7 +216,10 @@ impl<'a> Logits<'a> {
             return invalid(arg, format!("V = {} exceeds {}", self.cols, i32::MAX));
         }
         if self.row_stride < self.cols {
-            return invalid(arg, format!("row stride {} is below V = {}", self.row_stride, self.cols));
+            return invalid(
+                arg,
+                format!("row stride {} is below V = {}", self.row_stride, self.cols),
+            );
         }
         if self.rows > 0 {
             let needed = (self.rows - 1)
@@ -224,18 +227,16 @@ impl<'a> Logits<'a> {
                 .and_then(|x| x.checked_add(self.cols));
             match needed {
                 Some(n) if n <= self.data.len() => {}
-                _ => {
-                    return invalid(
-                        arg,
-                        format!(
-                            "{} rows of stride {} and {} columns need more than the {} elements given",
-                            self.rows,
-                            self.row_stride,
-                            self.cols,
-                            self.data.len()
-                        ),
-                    )
-                }
+                _ => return invalid(
+                    arg,
+                    format!(
+                        "{} rows of stride {} and {} columns need more than the {} elements given",
+                        self.rows,
+                        self.row_stride,
+                        self.cols,
+                        self.data.len()
+                    ),
+                ),
             }
         }
         Ok(())
@@ -271,7 +272,10 @@ impl KdInputs<'_> {
         if self.teacher.rows != self.student.rows {
             return invalid(
                 "teacher",
-                format!("has {} rows, the student {}", self.teacher.rows, self.student.rows),
+                format!(
+                    "has {} rows, the student {}",
+                    self.teacher.rows, self.student.rows
+                ),
             );
         }
         if self.teacher.cols != self.student.cols {
@@ -287,7 +291,11 @@ impl KdInputs<'_> {
             if labels.len() != self.student.rows {
                 return invalid(
                     "labels",
-                    format!("has {} entries for {} rows", labels.len(), self.student.rows),
+                    format!(
+                        "has {} entries for {} rows",
+                        labels.len(),
+                        self.student.rows
+                    ),
                 );
             }
             let v = self.student.cols as i64;

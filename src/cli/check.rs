@@ -36,17 +36,23 @@ pub fn run(a: CheckArgs) -> Result<ExitCode, CliError> {
     }
     let backend = make_backend(kind)?;
     let verbose = a.verbose;
-    let report = sweep(backend.as_ref(), a.cases, a.seed, a.max_vocab, |r: &CaseReport| {
-        if verbose || !r.passed {
-            println!(
-                "{} loss_err={:.2e} grad_err={:.2e}  {}",
-                if r.passed { "ok  " } else { "FAIL" },
-                r.loss_err,
-                r.grad_err,
-                r.config.describe()
-            );
-        }
-    })?;
+    let report = sweep(
+        backend.as_ref(),
+        a.cases,
+        a.seed,
+        a.max_vocab,
+        |r: &CaseReport| {
+            if verbose || !r.passed {
+                println!(
+                    "{} loss_err={:.2e} grad_err={:.2e}  {}",
+                    if r.passed { "ok  " } else { "FAIL" },
+                    r.loss_err,
+                    r.grad_err,
+                    r.config.describe()
+                );
+            }
+        },
+    )?;
     println!(
         "backend {} vs oracle: {} cases, seed {}, V ≤ {}",
         backend.name(),
@@ -72,14 +78,21 @@ pub fn run(a: CheckArgs) -> Result<ExitCode, CliError> {
             "max_vocab": a.max_vocab,
             "report": report,
         });
-        std::fs::write(path, serde_json::to_string_pretty(&body).unwrap_or_default())
-            .map_err(|e| CliError::Msg(format!("{}: cannot write: {e}", path.display())))?;
+        std::fs::write(
+            path,
+            serde_json::to_string_pretty(&body).unwrap_or_default(),
+        )
+        .map_err(|e| CliError::Msg(format!("{}: cannot write: {e}", path.display())))?;
     }
     if report.passed() {
         println!("passed");
         Ok(ExitCode::SUCCESS)
     } else {
-        println!("FAILED: {} of {} cases past tolerance", report.failures.len(), report.cases);
+        println!(
+            "FAILED: {} of {} cases past tolerance",
+            report.failures.len(),
+            report.cases
+        );
         Ok(ExitCode::from(1))
     }
 }

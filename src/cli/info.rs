@@ -45,7 +45,10 @@ pub fn run(a: InfoArgs) -> Result<ExitCode, CliError> {
             "gpus": gpus,
             "gpu_error": devices.as_ref().err().map(|e| e.to_string()),
         });
-        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
         return Ok(ExitCode::SUCCESS);
     }
     println!("kdfuse {}", env!("CARGO_PKG_VERSION"));

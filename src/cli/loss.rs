@@ -2,7 +2,9 @@
 
 use super::{make_backend, npy, CliError};
 use clap::Args;
-use kdfuse::{BackendKind, Divergence, Dtype, GradDtype, KdInputs, Logits, LossSpec, OwnedData, Reduction};
+use kdfuse::{
+    BackendKind, Divergence, Dtype, GradDtype, KdInputs, Logits, LossSpec, OwnedData, Reduction,
+};
 use serde_json::json;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -70,7 +72,9 @@ pub fn run(a: LossArgs) -> Result<ExitCode, CliError> {
     let (s, n, v) = npy::read_matrix(&a.student, "--student")?;
     let (t, tn, tv) = npy::read_matrix(&a.teacher, "--teacher")?;
     if tn != n {
-        return Err(CliError::Msg(format!("shape mismatch: --student has {n} rows, --teacher {tn}")));
+        return Err(CliError::Msg(format!(
+            "shape mismatch: --student has {n} rows, --teacher {tn}"
+        )));
     }
     if tv < v {
         return Err(CliError::Msg(format!(
@@ -78,13 +82,18 @@ pub fn run(a: LossArgs) -> Result<ExitCode, CliError> {
         )));
     }
     if v == 0 {
-        return Err(CliError::Msg("--student has no columns (V must be ≥ 1)".into()));
+        return Err(CliError::Msg(
+            "--student has no columns (V must be ≥ 1)".into(),
+        ));
     }
     let labels = match &a.labels {
         Some(p) => {
             let l = npy::read_labels(p, "--labels")?;
             if l.len() != n {
-                return Err(CliError::Msg(format!("shape mismatch: --labels has {} entries for {n} rows", l.len())));
+                return Err(CliError::Msg(format!(
+                    "shape mismatch: --labels has {} entries for {n} rows",
+                    l.len()
+                )));
             }
             Some(l)
         }
@@ -97,13 +106,18 @@ pub fn run(a: LossArgs) -> Result<ExitCode, CliError> {
         teacher: Logits::strided(td.view(), n, v, tv),
         labels: labels.as_deref(),
     };
+    inputs.validate(spec.ignore_index)?;
     let backend = make_backend(kind)?;
     let out = backend.compute(&inputs, &spec, a.grad.as_ref().map(|_| GradDtype::F32))?;
     if let (Some(path), Some(g)) = (&a.grad, &out.grad) {
         npy::write_matrix(path, g, n, v)?;
     }
     let loss = if spec.reduction == Reduction::None {
-        json!(out.row_losses.iter().map(|&x| json_num(x)).collect::<Vec<_>>())
+        json!(out
+            .row_losses
+            .iter()
+            .map(|&x| json_num(x))
+            .collect::<Vec<_>>())
     } else {
         json_num(out.loss)
     };

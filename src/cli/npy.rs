@@ -12,9 +12,13 @@ fn err(path: &Path, what: impl std::fmt::Display) -> CliError {
 
 fn open(path: &Path, arg: &str) -> Result<NpyFile<BufReader<File>>, CliError> {
     let f = File::open(path).map_err(|e| err(path, format!("cannot open {arg}: {e}")))?;
-    let npy = NpyFile::new(BufReader::new(f)).map_err(|e| err(path, format!("not a valid .npy file ({arg}): {e}")))?;
+    let npy = NpyFile::new(BufReader::new(f))
+        .map_err(|e| err(path, format!("not a valid .npy file ({arg}): {e}")))?;
     if npy.order() != Order::C {
-        return Err(err(path, format!("{arg} must be C-order (row-major), got Fortran order")));
+        return Err(err(
+            path,
+            format!("{arg} must be C-order (row-major), got Fortran order"),
+        ));
     }
     Ok(npy)
 }
@@ -31,18 +35,34 @@ pub fn read_matrix(path: &Path, arg: &str) -> Result<(Vec<f32>, usize, usize), C
     let npy = open(path, arg)?;
     let shape = npy.shape().to_vec();
     if shape.len() != 2 {
-        return Err(err(path, format!("{arg} must be 2-D [N, V], got shape {shape:?}")));
+        return Err(err(
+            path,
+            format!("{arg} must be 2-D [N, V], got shape {shape:?}"),
+        ));
     }
     let (rows, cols) = (shape[0] as usize, shape[1] as usize);
     let rd = |e: std::io::Error| err(path, format!("reading {arg}: {e}"));
     let data: Vec<f32> = match type_of(&npy) {
         Some((TypeChar::Float, 4)) => npy.into_vec::<f32>().map_err(rd)?,
-        Some((TypeChar::Float, 2)) => npy.into_vec::<half::f16>().map_err(rd)?.into_iter().map(|x| x.to_f32()).collect(),
-        Some((TypeChar::Float, 8)) => npy.into_vec::<f64>().map_err(rd)?.into_iter().map(|x| x as f32).collect(),
+        Some((TypeChar::Float, 2)) => npy
+            .into_vec::<half::f16>()
+            .map_err(rd)?
+            .into_iter()
+            .map(|x| x.to_f32())
+            .collect(),
+        Some((TypeChar::Float, 8)) => npy
+            .into_vec::<f64>()
+            .map_err(rd)?
+            .into_iter()
+            .map(|x| x as f32)
+            .collect(),
         _ => {
             return Err(err(
                 path,
-                format!("{arg} has unsupported dtype {} (expected float32, float16 or float64)", npy.dtype().descr()),
+                format!(
+                    "{arg} has unsupported dtype {} (expected float32, float16 or float64)",
+                    npy.dtype().descr()
+                ),
             ))
         }
     };
@@ -54,15 +74,26 @@ pub fn read_labels(path: &Path, arg: &str) -> Result<Vec<i64>, CliError> {
     let npy = open(path, arg)?;
     let shape = npy.shape().to_vec();
     if shape.len() != 1 {
-        return Err(err(path, format!("{arg} must be 1-D [N], got shape {shape:?}")));
+        return Err(err(
+            path,
+            format!("{arg} must be 1-D [N], got shape {shape:?}"),
+        ));
     }
     let rd = |e: std::io::Error| err(path, format!("reading {arg}: {e}"));
     match type_of(&npy) {
         Some((TypeChar::Int, 8)) => npy.into_vec::<i64>().map_err(rd),
-        Some((TypeChar::Int, 4)) => Ok(npy.into_vec::<i32>().map_err(rd)?.into_iter().map(i64::from).collect()),
+        Some((TypeChar::Int, 4)) => Ok(npy
+            .into_vec::<i32>()
+            .map_err(rd)?
+            .into_iter()
+            .map(i64::from)
+            .collect()),
         _ => Err(err(
             path,
-            format!("{arg} has unsupported dtype {} (expected int64 or int32)", npy.dtype().descr()),
+            format!(
+                "{arg} has unsupported dtype {} (expected int64 or int32)",
+                npy.dtype().descr()
+            ),
         )),
     }
 }

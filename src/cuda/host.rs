@@ -12,7 +12,10 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut, DeviceRepr};
 use half::{bf16, f16};
 use std::sync::Arc;
 
-fn upload<T: DeviceRepr + Copy + Default>(stream: &Arc<CudaStream>, data: &[T]) -> Result<CudaSlice<T>> {
+fn upload<T: DeviceRepr + Copy + Default>(
+    stream: &Arc<CudaStream>,
+    data: &[T],
+) -> Result<CudaSlice<T>> {
     if data.is_empty() {
         return Ok(stream.clone_htod(&[T::default()])?);
     }
@@ -95,7 +98,11 @@ impl CudaBackend {
         )?;
         drop(grad_view);
         let loss = stream.clone_dtoh(&out.loss)?[0] as f64;
-        let mut row_losses: Vec<f64> = stream.clone_dtoh(&out.row_losses)?.into_iter().map(f64::from).collect();
+        let mut row_losses: Vec<f64> = stream
+            .clone_dtoh(&out.row_losses)?
+            .into_iter()
+            .map(f64::from)
+            .collect();
         row_losses.truncate(n);
         let grad = match dg {
             Some(g) => {
@@ -120,15 +127,26 @@ impl Backend for CudaBackend {
         "cuda"
     }
 
-    fn compute(&self, inputs: &KdInputs, spec: &LossSpec, grad: Option<GradDtype>) -> Result<KdOutput> {
+    fn compute(
+        &self,
+        inputs: &KdInputs,
+        spec: &LossSpec,
+        grad: Option<GradDtype>,
+    ) -> Result<KdOutput> {
         validate(inputs, spec)?;
         let want = grad.is_some();
         let f32_grad = grad != Some(GradDtype::Input);
         match (inputs.student.data, inputs.teacher.data) {
             (HostData::F32(s), HostData::F32(t)) => self.run::<f32, f32>(s, t, inputs, spec, want),
-            (HostData::Bf16(s), HostData::Bf16(t)) if f32_grad => self.run::<bf16, f32>(s, t, inputs, spec, want),
-            (HostData::Bf16(s), HostData::Bf16(t)) => self.run::<bf16, bf16>(s, t, inputs, spec, want),
-            (HostData::F16(s), HostData::F16(t)) if f32_grad => self.run::<f16, f32>(s, t, inputs, spec, want),
+            (HostData::Bf16(s), HostData::Bf16(t)) if f32_grad => {
+                self.run::<bf16, f32>(s, t, inputs, spec, want)
+            }
+            (HostData::Bf16(s), HostData::Bf16(t)) => {
+                self.run::<bf16, bf16>(s, t, inputs, spec, want)
+            }
+            (HostData::F16(s), HostData::F16(t)) if f32_grad => {
+                self.run::<f16, f32>(s, t, inputs, spec, want)
+            }
             (HostData::F16(s), HostData::F16(t)) => self.run::<f16, f16>(s, t, inputs, spec, want),
             _ => unreachable!("dtypes checked by validate"),
         }

@@ -11,7 +11,8 @@ use crate::params::KernelParams;
 use crate::spec::LossSpec;
 use crate::tensor::Dtype;
 use cudarc::driver::{
-    CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr,
+    LaunchConfig, PushKernelArg,
 };
 use half::{bf16, f16};
 use std::sync::Arc;
@@ -60,7 +61,10 @@ impl RowLayout {
 
     fn validate(&self) -> Result<()> {
         if self.cols == 0 || self.cols > i32::MAX as usize {
-            return invalid("cols", format!("V must be in [1, {}], got {}", i32::MAX, self.cols));
+            return invalid(
+                "cols",
+                format!("V must be in [1, {}], got {}", i32::MAX, self.cols),
+            );
         }
         for (arg, s) in [
             ("student_stride", self.student_stride),
@@ -151,14 +155,25 @@ impl CudaBackend {
     /// elements; labels and row losses: N), and stay alive until the stream
     /// has run the work. Labels out of `[0, V)` (other than `ignore_index`)
     /// give NaN rows, never out-of-bounds reads.
-    pub unsafe fn launch_raw(&self, stream: &CudaStream, raw: &RawFusedArgs, spec: &LossSpec) -> Result<()> {
+    pub unsafe fn launch_raw(
+        &self,
+        stream: &CudaStream,
+        raw: &RawFusedArgs,
+        spec: &LossSpec,
+    ) -> Result<()> {
         spec.validate(raw.labels != 0)?;
         raw.layout.validate()?;
         if raw.grad_dtype != raw.dtype && raw.grad_dtype != Dtype::F32 {
-            return invalid("grad_dtype", format!("must be {} or f32, got {}", raw.dtype, raw.grad_dtype));
+            return invalid(
+                "grad_dtype",
+                format!("must be {} or f32, got {}", raw.dtype, raw.grad_dtype),
+            );
         }
         if raw.student == 0 || raw.teacher == 0 || raw.row_losses == 0 || raw.loss == 0 {
-            return invalid("pointers", "student, teacher, row_losses and loss must be non-null");
+            return invalid(
+                "pointers",
+                "student, teacher, row_losses and loss must be non-null",
+            );
         }
         if raw.labels != 0 && raw.valid_rows == 0 {
             return invalid("valid_rows", "labels need the valid-row scratch buffer");
@@ -167,17 +182,27 @@ impl CudaBackend {
             && raw.grad == raw.student
             && (raw.grad_dtype != raw.dtype || raw.layout.grad_stride != raw.layout.student_stride)
         {
-            return invalid("grad", "an in-place gradient needs the student's dtype and row stride");
+            return invalid(
+                "grad",
+                "an in-place gradient needs the student's dtype and row stride",
+            );
         }
         let l = raw.layout;
         let p = KernelParams::new(spec, l.cols);
         let n = l.rows as i64;
-        let valid_ptr = if raw.labels != 0 { raw.valid_rows } else { 0u64 };
+        let valid_ptr = if raw.labels != 0 {
+            raw.valid_rows
+        } else {
+            0u64
+        };
 
         if raw.labels != 0 {
             let f = self.function("kd_count_valid")?;
             let mut b = stream.launch_builder(&f);
-            b.arg(&raw.labels).arg(&n).arg(&spec.ignore_index).arg(&raw.valid_rows);
+            b.arg(&raw.labels)
+                .arg(&n)
+                .arg(&spec.ignore_index)
+                .arg(&raw.valid_rows);
             b.launch(LaunchConfig {
                 grid_dim: (1, 1, 1),
                 block_dim: (1024, 1, 1),
@@ -192,7 +217,11 @@ impl CudaBackend {
                 raw.grad_dtype
             );
             let f = self.function(&name)?;
-            let (ss, ts, gs) = (l.student_stride as i64, l.teacher_stride as i64, l.grad_stride as i64);
+            let (ss, ts, gs) = (
+                l.student_stride as i64,
+                l.teacher_stride as i64,
+                l.grad_stride as i64,
+            );
             let mut b = stream.launch_builder(&f);
             b.arg(&raw.student)
                 .arg(&ss)
@@ -213,7 +242,11 @@ impl CudaBackend {
         }
         let f = self.function("kd_reduce_loss")?;
         let mut b = stream.launch_builder(&f);
-        b.arg(&raw.row_losses).arg(&n).arg(&valid_ptr).arg(&p).arg(&raw.loss);
+        b.arg(&raw.row_losses)
+            .arg(&n)
+            .arg(&valid_ptr)
+            .arg(&p)
+            .arg(&raw.loss);
         b.launch(LaunchConfig {
             grid_dim: (1, 1, 1),
             block_dim: (1024, 1, 1),
@@ -238,8 +271,16 @@ impl CudaBackend {
         spec: &LossSpec,
     ) -> Result<()> {
         layout.validate()?;
-        check_len("student", student.len(), layout.needed(layout.student_stride))?;
-        check_len("teacher", teacher.len(), layout.needed(layout.teacher_stride))?;
+        check_len(
+            "student",
+            student.len(),
+            layout.needed(layout.student_stride),
+        )?;
+        check_len(
+            "teacher",
+            teacher.len(),
+            layout.needed(layout.teacher_stride),
+        )?;
         check_out(out, layout.rows)?;
         if let Some(lab) = labels {
             check_len("labels", lab.len(), layout.rows)?;
@@ -299,8 +340,16 @@ impl CudaBackend {
             ..layout
         };
         layout.validate()?;
-        check_len("student", student.len(), layout.needed(layout.student_stride))?;
-        check_len("teacher", teacher.len(), layout.needed(layout.teacher_stride))?;
+        check_len(
+            "student",
+            student.len(),
+            layout.needed(layout.student_stride),
+        )?;
+        check_len(
+            "teacher",
+            teacher.len(),
+            layout.needed(layout.teacher_stride),
+        )?;
         check_out(out, layout.rows)?;
         if let Some(lab) = labels {
             check_len("labels", lab.len(), layout.rows)?;
@@ -336,7 +385,10 @@ impl CudaBackend {
 
 fn check_len(arg: &'static str, have: usize, need: usize) -> Result<()> {
     if have < need {
-        return invalid(arg, format!("device buffer holds {have} elements, the layout needs {need}"));
+        return invalid(
+            arg,
+            format!("device buffer holds {have} elements, the layout needs {need}"),
+        );
     }
     Ok(())
 }

@@ -27,7 +27,8 @@ pub fn ensure_driver() -> Result<()> {
             "no CUDA driver library (libcuda.so) found".into(),
         ));
     }
-    cudarc::driver::result::init().map_err(|e| KdError::CudaUnavailable(format!("cuInit failed: {e}")))
+    cudarc::driver::result::init()
+        .map_err(|e| KdError::CudaUnavailable(format!("cuInit failed: {e}")))
 }
 
 /// Number of CUDA devices, or why none can be used.
@@ -58,7 +59,9 @@ pub struct CudaBackend {
 
 impl std::fmt::Debug for CudaBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CudaBackend").field("ordinal", &self.ctx.ordinal()).finish()
+        f.debug_struct("CudaBackend")
+            .field("ordinal", &self.ctx.ordinal())
+            .finish()
     }
 }
 
@@ -77,7 +80,8 @@ impl CudaBackend {
                 msg: format!("ordinal {ordinal} but only {n} CUDA device(s)"),
             });
         }
-        let ctx = CudaContext::new(ordinal).map_err(|e| KdError::CudaUnavailable(format!("cannot open device {ordinal}: {e}")))?;
+        let ctx = CudaContext::new(ordinal)
+            .map_err(|e| KdError::CudaUnavailable(format!("cannot open device {ordinal}: {e}")))?;
         let module = ctx
             .load_module(Ptx::from_binary(kernels_meta::FATBIN.to_vec()))
             .map_err(|e| {

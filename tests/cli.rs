@@ -1,0 +1,403 @@
+//! The `kdfuse` binary end to end, on temporary .npy files.
+
+mod common;
+
+use common::logits;
+use kdfuse::{
+    Backend, Divergence, GradDtype, HostData, KdInputs, Logits, LossSpec, Oracle, Reduction,
+};
+use npyz::WriterBuilder;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn kdfuse(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kdfuse"))
+        .args(args)
+        .output()
+        .expect("runs")
+}
+
+fn write<T: npyz::AutoSerialize + Copy>(path: &Path, data: &[T], shape: &[u64]) {
+    let f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let mut w = npyz::WriteOptions::new()
+        .default_dtype()
+        .shape(shape)
+        .writer(f)
+        .begin_nd()
+        .unwrap();
+    w.extend(data.iter().copied()).unwrap();
+    w.finish().unwrap();
+}
+
+fn read_f32(path: &Path) -> (Vec<f32>, Vec<u64>) {
+    let npy =
+        npyz::NpyFile::new(std::io::BufReader::new(std::fs::File::open(path).unwrap())).unwrap();
+    let shape = npy.shape().to_vec();
+    (npy.into_vec::<f32>().unwrap(), shape)
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("stdout is one JSON object")
+}
+
+/// Exit code 2, exactly one line on stderr containing `needle`, no backtrace.
+fn assert_clean_error(out: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {err}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "one line expected: {err}"
+    );
+    assert!(err.contains(needle), "`{needle}` not in: {err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
+}
+
+struct Files {
+    _dir: tempfile::TempDir,
+    s: PathBuf,
+    t: PathBuf,
+    l: PathBuf,
+    g: PathBuf,
+    data: (Vec<f32>, Vec<f32>, Vec<i64>),
+}
+
+fn files(n: usize, v: usize, tv: usize) -> Files {
+    let dir = tempfile::tempdir().unwrap();
+    let s = logits(1, n, v, 2.0);
+    let t = logits(2, n, tv, 2.0);
+    let labels: Vec<i64> = (0..n as i64)
+        .map(|i| if i == 1 { -100 } else { i % v as i64 })
+        .collect();
+    let f = Files {
+        s: dir.path().join("s.npy"),
+        t: dir.path().join("t.npy"),
+        l: dir.path().join("l.npy"),
+        g: dir.path().join("g.npy"),
+        data: (s, t, labels),
+        _dir: dir,
+    };
+    write(&f.s, &f.data.0, &[n as u64, v as u64]);
+    write(&f.t, &f.data.1, &[n as u64, tv as u64]);
+    write(&f.l, &f.data.2, &[n as u64]);
+    f
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+#[test]
+fn loss_and_gradient_match_the_oracle() {
+    let (n, v) = (4, 50);
+    let f = files(n, v, v);
+    let out = kdfuse(&[
+        "loss",
+        "--student",
+        p(&f.s),
+        "--teacher",
+        p(&f.t),
+        "--labels",
+        p(&f.l),
+        "--divergence",
+        "jsd",
+        "--beta",
+        "0.3",
+        "--temperature",
+        "2",
+        "--alpha",
+        "0.25",
+        "--grad",
+        p(&f.g),
+        "--backend",
+        "cpu",
+    ]);
+    let j = json(&out);
+    let spec = LossSpec {
+        divergence: Divergence::Jsd,
+        beta: 0.3,
+        temperature: 2.0,
+        alpha: 0.25,
+        ..Default::default()
+    };
+    let inputs = KdInputs {
+        student: Logits::new(HostData::F32(&f.data.0), n, v),
+        teacher: Logits::new(HostData::F32(&f.data.1), n, v),
+        labels: Some(&f.data.2),
+    };
+    let reference = Oracle
+        .compute(&inputs, &spec, Some(GradDtype::F32))
+        .unwrap();
+    let loss = j["loss"].as_f64().unwrap();
+    assert!(
+        (loss - reference.loss).abs() <= 1e-5 * reference.loss.abs(),
+        "{loss} vs {}",
+        reference.loss
+    );
+    assert_eq!(j["rows"], 4);
+    assert_eq!(j["valid_rows"], 3);
+    assert_eq!(j["backend"], "cpu");
+    assert_eq!(j["dtype"], "f32");
+    let (g, shape) = read_f32(&f.g);
+    assert_eq!(shape, vec![n as u64, v as u64]);
+    let rg = reference.grad.unwrap();
+    let err = g
+        .iter()
+        .zip(&rg)
+        .map(|(a, b)| (a - b).powi(2))
+        .sum::<f32>()
+        .sqrt()
+        / rg.iter().map(|b| b * b).sum::<f32>().sqrt();
+    assert!(err < 1e-5, "gradient relative L2 {err}");
+    assert!(g[v..2 * v].iter().all(|&x| x == 0.0), "ignored row");
+}
+
+#[test]
+fn auto_backend_falls_back_to_cpu_and_says_so() {
+    let f = files(3, 20, 20);
+    let out = kdfuse(&["loss", "--student", p(&f.s), "--teacher", p(&f.t)]);
+    let j = json(&out);
+    if kdfuse::cuda::CudaBackend::new(0).is_err() {
+        assert_eq!(j["backend"], "cpu");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("using the CPU backend"));
+        let cuda = kdfuse(&[
+            "loss",
+            "--student",
+            p(&f.s),
+            "--teacher",
+            p(&f.t),
+            "--backend",
+            "cuda",
+        ]);
+        assert_clean_error(&cuda, "CUDA");
+    } else {
+        assert_eq!(j["backend"], "cuda");
+    }
+}
+
+#[test]
+fn padded_teacher_uses_the_first_columns() {
+    let (n, v, tv) = (3, 40, 48);
+    let f = files(n, v, tv);
+    let wide = json(&kdfuse(&[
+        "loss",
+        "--student",
+        p(&f.s),
+        "--teacher",
+        p(&f.t),
+        "--backend",
+        "cpu",
+    ]));
+    let sliced: Vec<f32> = (0..n)
+        .flat_map(|r| f.data.1[r * tv..r * tv + v].to_vec())
+        .collect();
+    let t2 = f.s.with_file_name("t2.npy");
+    write(&t2, &sliced, &[n as u64, v as u64]);
+    let narrow = json(&kdfuse(&[
+        "loss",
+        "--student",
+        p(&f.s),
+        "--teacher",
+        p(&t2),
+        "--backend",
+        "cpu",
+    ]));
+    assert_eq!(wide["loss"], narrow["loss"]);
+}
+
+#[test]
+fn reduction_none_dtypes_and_input_formats() {
+    let (n, v) = (3, 30);
+    let f = files(n, v, v);
+    let j = json(&kdfuse(&[
+        "loss",
+        "--student",
+        p(&f.s),
+        "--teacher",
+        p(&f.t),
+        "--reduction",
+        "none",
+        "--backend",
+        "oracle",
+    ]));
+    assert_eq!(j["loss"].as_array().unwrap().len(), n);
+    // f16 and f64 files, int32 labels, bf16 compute.
+    let s16: Vec<half::f16> = f.data.0.iter().map(|&x| half::f16::from_f32(x)).collect();
+    let t64: Vec<f64> = f.data.1.iter().map(|&x| x as f64).collect();
+    let l32: Vec<i32> = f.data.2.iter().map(|&x| x as i32).collect();
+    let (s16p, t64p, l32p) = (
+        f.s.with_file_name("s16.npy"),
+        f.s.with_file_name("t64.npy"),
+        f.s.with_file_name("l32.npy"),
+    );
+    write(&s16p, &s16, &[n as u64, v as u64]);
+    write(&t64p, &t64, &[n as u64, v as u64]);
+    write(&l32p, &l32, &[n as u64]);
+    for dtype in ["f32", "bf16", "f16"] {
+        let j = json(&kdfuse(&[
+            "loss",
+            "--student",
+            p(&s16p),
+            "--teacher",
+            p(&t64p),
+            "--labels",
+            p(&l32p),
+            "--alpha",
+            "0.5",
+            "--dtype",
+            dtype,
+            "--backend",
+            "cpu",
+            "--reduction",
+            "sum",
+        ]));
+        assert_eq!(j["dtype"], dtype);
+        assert_eq!(j["reduction"], Reduction::Sum.as_str());
+        assert!(j["loss"].as_f64().unwrap() > 0.0);
+    }
+}
+
+#[test]
+fn errors_are_one_line_with_exit_code_2() {
+    let f = files(3, 10, 10);
+    let missing = f.s.with_file_name("nope.npy");
+    assert_clean_error(
+        &kdfuse(&["loss", "--student", p(&missing), "--teacher", p(&f.t)]),
+        "nope.npy",
+    );
+    assert_clean_error(
+        &kdfuse(&["loss", "--student", p(&f.l), "--teacher", p(&f.t)]),
+        "--student",
+    );
+    assert_clean_error(
+        &kdfuse(&["loss", "--student", p(&f.s), "--teacher", p(&f.l)]),
+        "--teacher",
+    );
+    let other = files(4, 10, 10);
+    assert_clean_error(
+        &kdfuse(&["loss", "--student", p(&f.s), "--teacher", p(&other.t)]),
+        "shape mismatch",
+    );
+    let narrow = files(3, 8, 8);
+    assert_clean_error(
+        &kdfuse(&["loss", "--student", p(&f.s), "--teacher", p(&narrow.t)]),
+        "fewer than",
+    );
+    assert_clean_error(
+        &kdfuse(&[
+            "loss",
+            "--student",
+            p(&f.s),
+            "--teacher",
+            p(&f.t),
+            "--labels",
+            p(&other.l),
+        ]),
+        "--labels",
+    );
+    assert_clean_error(
+        &kdfuse(&[
+            "loss",
+            "--student",
+            p(&f.s),
+            "--teacher",
+            p(&f.t),
+            "--temperature",
+            "-1",
+        ]),
+        "temperature",
+    );
+    assert_clean_error(
+        &kdfuse(&[
+            "loss",
+            "--student",
+            p(&f.s),
+            "--teacher",
+            p(&f.t),
+            "--alpha",
+            "0.5",
+        ]),
+        "labels",
+    );
+    assert_clean_error(
+        &kdfuse(&[
+            "loss",
+            "--student",
+            p(&f.s),
+            "--teacher",
+            p(&f.t),
+            "--divergence",
+            "kl",
+        ]),
+        "kl",
+    );
+    assert_clean_error(
+        &kdfuse(&[
+            "loss",
+            "--student",
+            p(&f.s),
+            "--teacher",
+            p(&f.t),
+            "--beta",
+            "x",
+        ]),
+        "beta",
+    );
+    assert_clean_error(&kdfuse(&["loss", "--student", p(&f.s)]), "--teacher");
+    let bad_label = f.s.with_file_name("bad.npy");
+    write(&bad_label, &[0i64, 99, 1], &[3]);
+    assert_clean_error(
+        &kdfuse(&[
+            "loss",
+            "--student",
+            p(&f.s),
+            "--teacher",
+            p(&f.t),
+            "--labels",
+            p(&bad_label),
+        ]),
+        "labels",
+    );
+    let empty = kdfuse(&[]);
+    assert_eq!(empty.status.code(), Some(2));
+}
+
+#[test]
+fn info_check_and_help() {
+    let out = kdfuse(&["info"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("kernels:") && text.contains("GPU"), "{text}");
+    let j = json(&kdfuse(&["info", "--json"]));
+    assert!(j["architectures"].is_array() && j["gpus"].is_array());
+    let check = kdfuse(&["check", "--backend", "cpu", "--cases", "25", "--seed", "3"]);
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    assert!(String::from_utf8_lossy(&check.stdout).contains("passed"));
+    for cmd in [
+        &["--help"][..],
+        &["info", "--help"],
+        &["loss", "--help"],
+        &["check", "--help"],
+    ] {
+        let out = kdfuse(cmd);
+        assert!(out.status.success(), "{cmd:?}");
+        assert!(String::from_utf8_lossy(&out.stdout).contains("Usage"));
+    }
+    let loss_help = String::from_utf8_lossy(&kdfuse(&["loss", "--help"]).stdout).into_owned();
+    assert!(
+        loss_help.contains("first V columns"),
+        "the padded-teacher rule is documented"
+    );
+}

@@ -1,0 +1,139 @@
+//! The f64 oracle against finite differences and hand-computed values.
+
+use kdfuse::oracle::{log_softmax, row};
+use kdfuse::{Divergence, LossSpec};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+fn fd_check(spec: &LossSpec, v: usize, seed: u64, mask: bool) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut s: Vec<f64> = (0..v).map(|_| rng.random_range(-3.0..3.0)).collect();
+    let mut t: Vec<f64> = (0..v).map(|_| rng.random_range(-3.0..3.0)).collect();
+    if mask {
+        s[1] = f64::NEG_INFINITY;
+        t[1] = f64::NEG_INFINITY;
+    }
+    let label = (spec.alpha > 0.0).then_some(v - 1);
+    let (_, g) = row(&s, &t, label, spec);
+    let h = 1e-6;
+    for j in 0..v {
+        if !s[j].is_finite() {
+            assert_eq!(g[j], 0.0, "masked entry has a gradient");
+            continue;
+        }
+        let mut sp = s.clone();
+        sp[j] += h;
+        let mut sm = s.clone();
+        sm[j] -= h;
+        let fd = (row(&sp, &t, label, spec).0 - row(&sm, &t, label, spec).0) / (2.0 * h);
+        assert!(
+            (fd - g[j]).abs() <= 1e-7 + 1e-6 * fd.abs(),
+            "{spec:?} V={v} j={j}: analytic {} vs finite difference {fd}",
+            g[j]
+        );
+    }
+}
+
+#[test]
+fn gradients_match_finite_differences() {
+    let mut seed = 0;
+    for divergence in Divergence::ALL {
+        for beta in [0.0, 0.3, 1.0] {
+            for alpha in [0.0, 0.4, 1.0] {
+                for temperature in [1.0, 2.5, 0.7] {
+                    for t2_scaling in [true, false] {
+                        let spec = LossSpec {
+                            divergence,
+                            beta,
+                            alpha,
+                            temperature,
+                            t2_scaling,
+                            ..Default::default()
+                        };
+                        seed += 1;
+                        fd_check(&spec, 7, seed, seed % 3 == 0);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn hand_computed_values() {
+    // p = (1/2, 1/2), q = (1/4, 3/4) from logits (0, ln 3).
+    let s = [0.0, 3f64.ln()];
+    let t = [0.0, 0.0];
+    let kl_pq = 0.5 * (0.5f64 / 0.25).ln() + 0.5 * (0.5f64 / 0.75).ln();
+    let kl_qp = 0.25 * (0.25f64 / 0.5).ln() + 0.75 * (0.75f64 / 0.5).ln();
+    let fkl = LossSpec::default();
+    let (l, g) = row(&s, &t, None, &fkl);
+    assert!((l - kl_pq).abs() < 1e-15);
+    assert!((g[0] - (0.25 - 0.5)).abs() < 1e-15 && (g[1] - (0.75 - 0.5)).abs() < 1e-15);
+    let rkl = LossSpec {
+        divergence: Divergence::ReverseKl,
+        ..Default::default()
+    };
+    assert!((row(&s, &t, None, &rkl).0 - kl_qp).abs() < 1e-15);
+    // JSD with β = 1/2: m = (3/8, 5/8).
+    let m = [0.375f64, 0.625];
+    let js = 0.5 * (0.5 * (0.5 / m[0]).ln() + 0.5 * (0.5 / m[1]).ln())
+        + 0.5 * (0.25 * (0.25 / m[0]).ln() + 0.75 * (0.75 / m[1]).ln());
+    let jsd = LossSpec {
+        divergence: Divergence::Jsd,
+        beta: 0.5,
+        ..Default::default()
+    };
+    assert!((row(&s, &t, None, &jsd).0 - js).abs() < 1e-15);
+    // Hard CE at τ = 1 with label 1: −log(3/4); τ² scaling at τ = 2 scales by 4.
+    let ce = LossSpec {
+        alpha: 1.0,
+        temperature: 2.0,
+        ..Default::default()
+    };
+    assert!((row(&s, &t, Some(1), &ce).0 + 0.75f64.ln()).abs() < 1e-15);
+    let t2 = LossSpec {
+        temperature: 2.0,
+        ..Default::default()
+    };
+    let soft = LossSpec {
+        t2_scaling: false,
+        ..t2.clone()
+    };
+    assert!((row(&s, &t, None, &t2).0 - 4.0 * row(&s, &t, None, &soft).0).abs() < 1e-15);
+}
+
+#[test]
+fn jsd_endpoints_are_the_kl_divergences() {
+    let s = [0.3, -1.2, 2.0, 0.0];
+    let t = [1.0, 0.5, -0.5, 0.2];
+    for (beta, div) in [(0.0, Divergence::ForwardKl), (1.0, Divergence::ReverseKl)] {
+        let jsd = LossSpec {
+            divergence: Divergence::Jsd,
+            beta,
+            temperature: 1.7,
+            ..Default::default()
+        };
+        let kl = LossSpec {
+            divergence: div,
+            temperature: 1.7,
+            ..Default::default()
+        };
+        assert_eq!(row(&s, &t, None, &jsd), row(&s, &t, None, &kl));
+    }
+}
+
+#[test]
+fn masking_and_infinities() {
+    // −inf logits are legal; teacher mass where the student is −inf is +inf.
+    let s = [0.0, f64::NEG_INFINITY, 1.0];
+    let t = [0.0, 2.0, 1.0];
+    assert_eq!(row(&s, &t, None, &LossSpec::default()).0, f64::INFINITY);
+    // Teacher −inf where the student has mass: forward KL stays finite.
+    let (l, g) = row(&t, &s, None, &LossSpec::default());
+    assert!(l.is_finite() && g.iter().all(|x| x.is_finite()));
+    // An all −inf row has no softmax.
+    assert!(log_softmax(&[f64::NEG_INFINITY; 3], 1.0)
+        .iter()
+        .all(|x| x.is_nan()));
+}
