@@ -58,7 +58,8 @@ fn main() {
     meta.write(&out);
 }
 
-/// kd_host.cpp: the kernels' row arithmetic, compiled for the CPU.
+/// kd_host.cpp: the kernels' row arithmetic, compiled for the CPU; and the
+/// kernels under a CPU emulation of CUDA, for the tests.
 fn build_host_math() {
     cc::Build::new()
         .cpp(true)
@@ -70,6 +71,19 @@ fn build_host_math() {
         .opt_level(3)
         .warnings(true)
         .compile("kd_host");
+    // kd_fused.cu itself on the CPU, through kernels/emu/cuda_emu.h: lets the
+    // tests run the kernels' parallel code without a GPU.
+    cc::Build::new()
+        .cpp(true)
+        .file("kernels/emu/kd_emu.cpp")
+        .include("kernels")
+        .std("c++20")
+        .flag_if_supported("-fno-strict-aliasing")
+        .flag_if_supported("-Wno-unknown-pragmas")
+        .flag_if_supported("-pthread")
+        .opt_level(2)
+        .warnings(true)
+        .compile("kd_emu");
 }
 
 fn cache_dir() -> PathBuf {

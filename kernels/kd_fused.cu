@@ -160,6 +160,9 @@ __device__ void kd_fused_body(const Tin* s, long long s_stride, const Tin* t, lo
     kd_sweep(srow, trow, V, [&](int, float sv, float tv) {
       kd_pass1_push<DIV>(st, sv, tv, P, with_ce);
     });
+    // Read before the merge's barriers: an in-place gradient sweep may
+    // overwrite srow[y] right after them.
+    const float s_y = (threadIdx.x == 0 && with_ce && !bad_label) ? kd_to_f32(srow[y]) : 0.0f;
     st = kd_block_merge<DIV>(st, red, P);
     KdRow r = kd_row_finish<DIV>(st, P);
 
@@ -175,7 +178,6 @@ __device__ void kd_fused_body(const Tin* s, long long s_stride, const Tin* t, lo
     }
 
     if (threadIdx.x == 0) {
-      const float s_y = (with_ce && !bad_label) ? kd_to_f32(srow[y]) : 0.0f;
       row_loss[row] = bad_label ? __int_as_float(0x7fc00000) : kd_row_loss(r, s_y, P);
     }
     if (grow) {

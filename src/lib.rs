@@ -31,6 +31,8 @@ pub mod backend;
 pub mod check;
 pub mod cpu;
 pub mod cuda;
+#[doc(hidden)]
+pub mod emu;
 pub mod error;
 pub mod hostmath;
 pub mod oracle;

@@ -227,16 +227,18 @@ impl<'a> Logits<'a> {
                 .and_then(|x| x.checked_add(self.cols));
             match needed {
                 Some(n) if n <= self.data.len() => {}
-                _ => return invalid(
-                    arg,
-                    format!(
+                _ => {
+                    return invalid(
+                        arg,
+                        format!(
                         "{} rows of stride {} and {} columns need more than the {} elements given",
                         self.rows,
                         self.row_stride,
                         self.cols,
                         self.data.len()
                     ),
-                ),
+                    )
+                }
             }
         }
         Ok(())

@@ -84,19 +84,20 @@ impl CudaBackend {
         } else {
             None
         };
-        let labels_view = dl.as_ref().map(|l| l.as_view());
-        let mut grad_view = dg.as_mut().map(|g| g.as_view_mut());
-        self.fused(
-            stream,
-            &ds.as_view(),
-            &dt.as_view(),
-            labels_view.as_ref(),
-            grad_view.as_mut(),
-            layout,
-            &mut out,
-            spec,
-        )?;
-        drop(grad_view);
+        {
+            let labels_view = dl.as_ref().map(|l| l.as_view());
+            let mut grad_view = dg.as_mut().map(|g| g.as_view_mut());
+            self.fused(
+                stream,
+                &ds.as_view(),
+                &dt.as_view(),
+                labels_view.as_ref(),
+                grad_view.as_mut(),
+                layout,
+                &mut out,
+                spec,
+            )?;
+        }
         let loss = stream.clone_dtoh(&out.loss)?[0] as f64;
         let mut row_losses: Vec<f64> = stream
             .clone_dtoh(&out.row_losses)?

@@ -136,7 +136,8 @@ pub struct RawFusedArgs {
     pub layout: RowLayout,
 }
 
-fn threads_for(cols: usize, dtype: Dtype) -> u32 {
+/// Threads per block for a row of `cols` elements of `dtype`.
+pub(crate) fn threads_for(cols: usize, dtype: Dtype) -> u32 {
     let vecs = cols / (16 / dtype.size());
     match vecs {
         v if v >= 1024 => 256,

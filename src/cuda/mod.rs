@@ -9,6 +9,7 @@ mod info;
 mod launch;
 
 pub use info::{device_infos, driver_version, DeviceInfo};
+pub(crate) use launch::threads_for;
 pub use launch::{KdElement, LossBuffers, RawFusedArgs, RowLayout};
 
 use crate::error::{KdError, Result};

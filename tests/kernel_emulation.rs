@@ -1,0 +1,92 @@
+//! The CUDA kernels' own code (kernels/kd_fused.cu: vector sweeps with heads
+//! and tails, warp shuffles, block merges, grid-stride rows, the count and
+//! reduce kernels) run on the CPU under kernels/emu/cuda_emu.h, against the
+//! f64 oracle. On a machine without a GPU this is what checks the parallel
+//! decomposition; tests/gpu.rs checks the same on hardware.
+
+use kdfuse::check::{random_config, run_case, sweep, CaseConfig};
+use kdfuse::emu::EmuBackend;
+use kdfuse::{Backend, Divergence, Dtype, GradDtype};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+#[test]
+fn random_cases_against_oracle() {
+    let report = sweep(&EmuBackend::default(), 120, 77, 6000, |_| {}).unwrap();
+    for f in &report.failures {
+        eprintln!(
+            "FAIL loss {:.2e} grad {:.2e} {}",
+            f.loss_err,
+            f.grad_err,
+            f.config.describe()
+        );
+    }
+    assert!(report.passed());
+    assert_eq!(report.groups.len(), 9);
+}
+
+#[test]
+fn large_vocabulary_rows_and_grid_stride() {
+    let mut rng = StdRng::seed_from_u64(5);
+    for (i, divergence) in Divergence::ALL.into_iter().enumerate() {
+        for dtype in Dtype::ALL {
+            let base = random_config(&mut rng, 10);
+            let c = CaseConfig {
+                rows: 5,
+                cols: 40_000 + 7 * i,
+                student_pad: i,
+                teacher_pad: 3 - i,
+                dtype,
+                grad_dtype: GradDtype::Input,
+                labels: true,
+                ignore_frac: 0.2,
+                spec: kdfuse::LossSpec {
+                    divergence,
+                    alpha: 0.2,
+                    temperature: 2.0,
+                    ..base.spec
+                },
+                ..base
+            };
+            // Two blocks for five rows: the grid-stride loop runs.
+            let r = run_case(
+                &EmuBackend {
+                    in_place: false,
+                    grid: 2,
+                },
+                &c,
+            )
+            .unwrap();
+            assert!(
+                r.passed,
+                "loss {:.2e} grad {:.2e}: {}",
+                r.loss_err,
+                r.grad_err,
+                c.describe()
+            );
+        }
+    }
+}
+
+#[test]
+fn in_place_gradient_equals_separate_gradient() {
+    let mut rng = StdRng::seed_from_u64(11);
+    for _ in 0..12 {
+        let c = CaseConfig {
+            grad_dtype: GradDtype::Input,
+            ..random_config(&mut rng, 3000)
+        };
+        let data = kdfuse::check::generate(&c);
+        let a = EmuBackend {
+            in_place: true,
+            grid: 0,
+        }
+        .compute(&data.inputs(), &c.spec, Some(GradDtype::Input))
+        .unwrap();
+        let b = EmuBackend::default()
+            .compute(&data.inputs(), &c.spec, Some(GradDtype::Input))
+            .unwrap();
+        assert_eq!(a.grad, b.grad, "{}", c.describe());
+        assert_eq!(a.row_losses, b.row_losses);
+    }
+}
