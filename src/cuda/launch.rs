@@ -271,21 +271,13 @@ impl CudaBackend {
         out: &mut LossBuffers,
         spec: &LossSpec,
     ) -> Result<()> {
-        layout.validate()?;
-        check_len(
-            "student",
+        check_buffers(
+            &layout,
             student.len(),
-            layout.needed(layout.student_stride),
-        )?;
-        check_len(
-            "teacher",
             teacher.len(),
-            layout.needed(layout.teacher_stride),
+            labels.map(|l| l.len()),
+            out,
         )?;
-        check_out(out, layout.rows)?;
-        if let Some(lab) = labels {
-            check_len("labels", lab.len(), layout.rows)?;
-        }
         let (sp, _g1) = student.device_ptr(stream);
         let (tp, _g2) = teacher.device_ptr(stream);
         let (lp, _g3) = match labels {
@@ -340,21 +332,13 @@ impl CudaBackend {
             grad_stride: layout.student_stride,
             ..layout
         };
-        layout.validate()?;
-        check_len(
-            "student",
+        check_buffers(
+            &layout,
             student.len(),
-            layout.needed(layout.student_stride),
-        )?;
-        check_len(
-            "teacher",
             teacher.len(),
-            layout.needed(layout.teacher_stride),
+            labels.map(|l| l.len()),
+            out,
         )?;
-        check_out(out, layout.rows)?;
-        if let Some(lab) = labels {
-            check_len("labels", lab.len(), layout.rows)?;
-        }
         let (sp, _g1) = student.device_ptr_mut(stream);
         let (tp, _g2) = teacher.device_ptr(stream);
         let (lp, _g3) = match labels {
@@ -394,6 +378,20 @@ fn check_len(arg: &'static str, have: usize, need: usize) -> Result<()> {
     Ok(())
 }
 
-fn check_out(out: &LossBuffers, rows: usize) -> Result<()> {
-    check_len("out.row_losses", out.row_losses.len(), rows)
+/// Checks the layout and that every buffer holds what it needs.
+fn check_buffers(
+    layout: &RowLayout,
+    student_len: usize,
+    teacher_len: usize,
+    labels_len: Option<usize>,
+    out: &LossBuffers,
+) -> Result<()> {
+    layout.validate()?;
+    check_len("student", student_len, layout.needed(layout.student_stride))?;
+    check_len("teacher", teacher_len, layout.needed(layout.teacher_stride))?;
+    check_len("out.row_losses", out.row_losses.len(), layout.rows)?;
+    if let Some(n) = labels_len {
+        check_len("labels", n, layout.rows)?;
+    }
+    Ok(())
 }
