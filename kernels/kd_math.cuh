@@ -194,8 +194,9 @@ KD_HD float kd_wem1(float e, float u, float r) {
 // The divergence's "main" distribution P (the teacher for FKL and JSD, the
 // student for RKL; base-2 logits x) carries two accumulators against the
 // other side Q (logits y). Each element's log-ratio is taken from the raw
-// logits and measured from a reference c, the student-minus-teacher
-// difference s − t at P's running maximum (its heaviest element):
+// logits and measured from a reference c: the student-minus-teacher
+// difference s − t at P's running maximum (its heaviest element) while a
+// thread sweeps, the P-weighted mean of s − t after each merge:
 // r' = σ·((s − t) − c)·scale2 = y − x − ρ (σ = +1 for FKL/JSD, −1 for RKL;
 // ρ = σ·c·scale2). Then, with Z = 1 + z,
 //   acc1 = −Σ 2^(x−m) r'        → Σ P (x − y) = acc1/Z − ρ
@@ -204,8 +205,8 @@ KD_HD float kd_wem1(float e, float u, float r) {
 // Every term is measured from the heaviest element, so a divergence far below
 // log2 V, a constant offset between teacher and student logits, or a peaked
 // P cost no digits; two separately summed lse values would lose them. When
-// the maximum moves, the accumulators are re-expressed from the new
-// reference (kd_rebase), which is exact up to one rounding.
+// the reference moves, the accumulators are re-expressed from the new one
+// (kd_rebase), which is exact up to one rounding.
 // Q's mass where x = −inf is summed apart (`hole`, a stat of those y) and
 // added at the end; `gap` flags only a rebase that would have overflowed, and
 // the lse difference then comes from the two (m, z) stats.
@@ -309,7 +310,7 @@ KD_HD void kd_pass1_merge(KdPass1& a, const KdPass1& b, const KdParams& P) {
       a.acc2 = kd_rescale(a.acc2, sa) + kd_rescale(bb.acc2, sb);
       a.main.m = m;
       a.gap = fmaxf(a.gap, bb.gap);
-      // Re-center on the P-weighted mean of s − t: the heaviest element of a
+      // Recentre on the P-weighted mean of s − t: the heaviest element of a
       // flat P need not be typical of it.
       const float mean = a.c - sigma * (a.acc1 / (1.0f + a.main.z)) / P.scale2;
       if (mean - mean == 0.0f) kd_rebase(a, mean, sigma, P.scale2);
