@@ -25,6 +25,10 @@ fn main() -> ExitCode {
         ("in_place_gradient", in_place_gradient),
         ("bad_labels_give_nan_rows", bad_labels_give_nan_rows),
         ("many_rows_and_empty_batches", many_rows_and_empty_batches),
+        (
+            "kernels_loaded_once_per_context",
+            kernels_loaded_once_per_context,
+        ),
     ];
     let filter: Vec<String> = std::env::args()
         .skip(1)
@@ -377,4 +381,10 @@ fn many_rows_and_empty_batches(b: &CudaBackend) {
         let r = run_case(b, &c).unwrap();
         assert!(r.passed, "{}", c.describe());
     }
+}
+
+fn kernels_loaded_once_per_context(b: &CudaBackend) {
+    let again = CudaBackend::new(0).unwrap();
+    assert!(std::sync::Arc::ptr_eq(b.module(), again.module()));
+    assert!(std::sync::Arc::ptr_eq(b.context(), again.context()));
 }

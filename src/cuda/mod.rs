@@ -17,7 +17,7 @@ use crate::kernels_meta;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 use cudarc::nvrtc::Ptx;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// Fails with [`KdError::CudaUnavailable`] unless the driver library loads and
 /// initialises; does not look at devices.
@@ -50,6 +50,33 @@ pub fn ensure_kernels() -> Result<()> {
     Ok(())
 }
 
+/// The device's primary context and the kernels loaded into it: once per
+/// context for the whole process, shared by every `CudaBackend` of the device.
+type Loaded = (Arc<CudaContext>, Arc<CudaModule>);
+
+fn context_and_module(ordinal: usize) -> Result<Loaded> {
+    static LOADED: OnceLock<Mutex<HashMap<usize, Loaded>>> = OnceLock::new();
+    let mut map = LOADED
+        .get_or_init(|| Mutex::new(HashMap::new()))
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some((ctx, module)) = map.get(&ordinal) {
+        return Ok((ctx.clone(), module.clone()));
+    }
+    let ctx = CudaContext::new(ordinal)
+        .map_err(|e| KdError::CudaUnavailable(format!("cannot open device {ordinal}: {e}")))?;
+    let module = ctx
+        .load_module(Ptx::from_binary(kernels_meta::FATBIN.to_vec()))
+        .map_err(|e| {
+            KdError::CudaUnavailable(format!(
+                "cannot load the kernels on device {ordinal} (embedded: {}): {e}",
+                kernels_meta::ARCHES.join(", ")
+            ))
+        })?;
+    map.insert(ordinal, (ctx.clone(), module.clone()));
+    Ok((ctx, module))
+}
+
 /// The CUDA backend for one device.
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
@@ -67,8 +94,9 @@ impl std::fmt::Debug for CudaBackend {
 }
 
 impl CudaBackend {
-    /// Opens device `ordinal`, loads the kernels and makes a stream for the
-    /// host-array API ([`crate::Backend::compute`]).
+    /// Opens device `ordinal` (its primary context, kernels loaded once per
+    /// process) and makes a stream for the host-array API
+    /// ([`crate::Backend::compute`]).
     pub fn new(ordinal: usize) -> Result<Self> {
         ensure_kernels()?;
         let n = device_count()?;
@@ -81,16 +109,7 @@ impl CudaBackend {
                 msg: format!("ordinal {ordinal} but only {n} CUDA device(s)"),
             });
         }
-        let ctx = CudaContext::new(ordinal)
-            .map_err(|e| KdError::CudaUnavailable(format!("cannot open device {ordinal}: {e}")))?;
-        let module = ctx
-            .load_module(Ptx::from_binary(kernels_meta::FATBIN.to_vec()))
-            .map_err(|e| {
-                KdError::CudaUnavailable(format!(
-                    "cannot load the kernels on device {ordinal} (embedded: {}): {e}",
-                    kernels_meta::ARCHES.join(", ")
-                ))
-            })?;
+        let (ctx, module) = context_and_module(ordinal)?;
         let stream = ctx.new_stream()?;
         Ok(CudaBackend {
             ctx,
@@ -103,6 +122,11 @@ impl CudaBackend {
     /// The context (for allocating buffers to pass to [`CudaBackend::fused`]).
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
+    }
+
+    /// The loaded kernels (shared by every backend of this device).
+    pub fn module(&self) -> &Arc<CudaModule> {
+        &self.module
     }
 
     /// The backend's own stream (used by [`crate::Backend::compute`]).
