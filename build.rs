@@ -71,11 +71,13 @@ fn build_host_math() {
         .opt_level(3)
         .warnings(true)
         .compile("kd_host");
-    // kd_fused.cu itself on the CPU, through kernels/emu/cuda_emu.h: lets the
-    // tests run the kernels' parallel code without a GPU.
+    // kd_fused.cu and eager.cu themselves on the CPU, through
+    // kernels/emu/cuda_emu.h: lets the tests run the kernels' parallel code
+    // without a GPU.
     cc::Build::new()
         .cpp(true)
         .file("kernels/emu/kd_emu.cpp")
+        .file("kernels/emu/eager_emu.cpp")
         .include("kernels")
         .std("c++20")
         .flag_if_supported("-fno-strict-aliasing")

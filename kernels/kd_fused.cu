@@ -24,10 +24,6 @@
 
 // -------------------------------------------------------- block helpers --
 
-__device__ __forceinline__ KdStat kd_shfl_stat(KdStat s, int off) {
-  return KdStat{__shfl_xor_sync(0xffffffffu, s.m, off), __shfl_xor_sync(0xffffffffu, s.z, off)};
-}
-
 template <int DIV>
 __device__ __forceinline__ KdPass1 kd_shfl_pass1(const KdPass1& p, int off) {
   KdPass1 o;
@@ -68,31 +64,6 @@ __device__ KdPass1 kd_block_merge(KdPass1 st, KdPass1* smem, const KdParams& P) 
   __syncthreads();
   const KdPass1 total = smem[0];
   __syncthreads();  // smem is reused by the next reduction
-  return total;
-}
-
-__device__ float2 kd_block_sum2(float2 v, float2* smem) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int nwarps = (blockDim.x + 31) >> 5;
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    v.x += __shfl_xor_sync(0xffffffffu, v.x, off);
-    v.y += __shfl_xor_sync(0xffffffffu, v.y, off);
-  }
-  if (lane == 0) smem[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < nwarps ? smem[lane] : make_float2(0.0f, 0.0f);
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-      v.x += __shfl_xor_sync(0xffffffffu, v.x, off);
-      v.y += __shfl_xor_sync(0xffffffffu, v.y, off);
-    }
-    if (lane == 0) smem[0] = v;
-  }
-  __syncthreads();
-  const float2 total = smem[0];
-  __syncthreads();
   return total;
 }
 

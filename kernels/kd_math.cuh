@@ -536,3 +536,61 @@ KD_HD float kd_grad_elem(float s, float t, bool is_label, const KdRow& r, const 
   }
   return w * g;
 }
+
+// ------------------------------------------------------- block helpers --
+// Device code only (and the CPU emulation of it, kernels/emu/cuda_emu.h):
+// warp shuffles and shared memory. Every thread of the block must call them;
+// every thread gets the block's total.
+#if defined(__CUDACC__) || defined(KD_EMU)
+
+__device__ __forceinline__ KdStat kd_shfl_stat(KdStat s, int off) {
+  return KdStat{__shfl_xor_sync(0xffffffffu, s.m, off), __shfl_xor_sync(0xffffffffu, s.z, off)};
+}
+
+// Merges every thread's online (max, Σ2^x); smem holds one KdStat per warp.
+__device__ __forceinline__ KdStat kd_block_stat(KdStat st, KdStat* smem) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nwarps = (blockDim.x + 31) >> 5;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) st = kd_stat_merge(st, kd_shfl_stat(st, off));
+  if (lane == 0) smem[warp] = st;
+  __syncthreads();
+  if (warp == 0) {
+    st = lane < nwarps ? smem[lane] : kd_stat_init();
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) st = kd_stat_merge(st, kd_shfl_stat(st, off));
+    if (lane == 0) smem[0] = st;
+  }
+  __syncthreads();
+  const KdStat total = smem[0];
+  __syncthreads();  // smem is reused by the next reduction
+  return total;
+}
+
+// Two sums at once; smem holds one float2 per warp.
+__device__ __forceinline__ float2 kd_block_sum2(float2 v, float2* smem) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nwarps = (blockDim.x + 31) >> 5;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    v.x += __shfl_xor_sync(0xffffffffu, v.x, off);
+    v.y += __shfl_xor_sync(0xffffffffu, v.y, off);
+  }
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < nwarps ? smem[lane] : make_float2(0.0f, 0.0f);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      v.x += __shfl_xor_sync(0xffffffffu, v.x, off);
+      v.y += __shfl_xor_sync(0xffffffffu, v.y, off);
+    }
+    if (lane == 0) smem[0] = v;
+  }
+  __syncthreads();
+  const float2 total = smem[0];
+  __syncthreads();
+  return total;
+}
+
+#endif  // __CUDACC__ || KD_EMU

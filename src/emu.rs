@@ -2,7 +2,9 @@
 //! (kernels/emu/cuda_emu.h: every CUDA thread a std::thread, real barriers and
 //! warp shuffles). `EmuBackend` drives the same three launches as the CUDA
 //! backend with the same block size, so the kernels' parallel code is tested
-//! against the oracle on machines without a GPU. Slow; not for real use.
+//! against the oracle on machines without a GPU. `EagerEmuBackend` does the
+//! same for the eager baseline of `kdfuse bench` (kernels/eager.cu). Slow; not
+//! for real use.
 
 use crate::backend::{validate, Backend, KdOutput};
 use crate::cuda::threads_for;
@@ -33,6 +35,31 @@ extern "C" {
         p: *const KernelParams,
         grid: u32,
         block: u32,
+    ) -> i32;
+}
+
+extern "C" {
+    fn kd_emu_eager_run(
+        div: i32,
+        in_dtype: i32,
+        out_dtype: i32,
+        s: *const c_void,
+        ss: i64,
+        t: *const c_void,
+        ts: i64,
+        labels: *const i64,
+        grad: *mut c_void,
+        gs: i64,
+        row_loss: *mut f32,
+        valid: *mut i32,
+        loss: *mut f32,
+        n: i64,
+        p: *const KernelParams,
+        ls: *mut f32,
+        lt: *mut f32,
+        e: *mut f32,
+        lm: *mut f32,
+        ls1: *mut f32,
     ) -> i32;
 }
 
@@ -156,6 +183,96 @@ impl Backend for EmuBackend {
                 x.truncate(n * v);
                 x
             }
+        });
+        row_loss.truncate(n);
+        Ok(KdOutput {
+            loss: loss as f64,
+            row_losses: row_loss.into_iter().map(f64::from).collect(),
+            valid_rows: if inputs.labels.is_some() {
+                valid.max(0) as usize
+            } else {
+                n
+            },
+            grad: grad_out,
+        })
+    }
+}
+
+/// The eager baseline (kernels/eager.cu) under the emulation (tests only):
+/// the launch sequence of `CudaBackend::eager_raw`, dense gradient.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EagerEmuBackend;
+
+impl Backend for EagerEmuBackend {
+    fn name(&self) -> &'static str {
+        "eager-emulated"
+    }
+
+    fn compute(
+        &self,
+        inputs: &KdInputs,
+        spec: &LossSpec,
+        grad: Option<GradDtype>,
+    ) -> Result<KdOutput> {
+        validate(inputs, spec)?;
+        let (n, v) = (inputs.student.rows, inputs.student.cols);
+        let dtype = inputs.student.dtype();
+        let out_dtype = match grad {
+            Some(GradDtype::Input) => dtype,
+            _ => Dtype::F32,
+        };
+        let p = KernelParams::new(spec, v);
+        let nv = (n * v).max(1);
+        let scratch = || vec![f32::NAN; nv];
+        let (mut ls, mut lt, mut e, mut lm, mut ls1) =
+            (scratch(), scratch(), scratch(), scratch(), scratch());
+        let mut g = vec![
+            0xffu8;
+            if grad.is_some() {
+                nv * out_dtype.size()
+            } else {
+                0
+            }
+        ];
+        let mut row_loss = vec![f32::NAN; n.max(1)];
+        let mut valid = -1i32;
+        let mut loss = f32::NAN;
+        // SAFETY: every buffer holds what the launch sequence touches.
+        let rc = unsafe {
+            kd_emu_eager_run(
+                spec.kernel_divergence().id(),
+                code(dtype),
+                code(out_dtype),
+                inputs.student.data.bytes().as_ptr().cast(),
+                inputs.student.row_stride as i64,
+                inputs.teacher.data.bytes().as_ptr().cast(),
+                inputs.teacher.row_stride as i64,
+                inputs.labels.map_or(std::ptr::null(), |l| l.as_ptr()),
+                if grad.is_some() {
+                    g.as_mut_ptr().cast()
+                } else {
+                    std::ptr::null_mut()
+                },
+                v as i64,
+                row_loss.as_mut_ptr(),
+                &mut valid,
+                &mut loss,
+                n as i64,
+                &p,
+                ls.as_mut_ptr(),
+                lt.as_mut_ptr(),
+                e.as_mut_ptr(),
+                lm.as_mut_ptr(),
+                ls1.as_mut_ptr(),
+            )
+        };
+        if rc != 0 {
+            return invalid("grad", "unsupported dtype pair");
+        }
+        let grad_out = grad.map(|_| {
+            let mut x = to_f32(&g, out_dtype);
+            x.truncate(n * v);
+            x
         });
         row_loss.truncate(n);
         Ok(KdOutput {

@@ -28,6 +28,7 @@
 //! ```
 
 pub mod backend;
+pub mod bench;
 pub mod check;
 pub mod cpu;
 pub mod cuda;

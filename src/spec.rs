@@ -6,7 +6,8 @@ use std::fmt;
 use std::str::FromStr;
 
 /// The divergence `D(p, q)` between the softened teacher `p` and student `q`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Divergence {
     /// KL(p‖q) = Σ p (log p − log q).
     ForwardKl,

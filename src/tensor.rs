@@ -7,7 +7,9 @@ use std::fmt;
 use std::str::FromStr;
 
 /// Element type of the logits (and of the gradient when it follows the input).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Dtype {
     /// 32-bit float.
@@ -148,6 +150,26 @@ impl OwnedData {
             Dtype::F32 => OwnedData::F32(values.to_vec()),
             Dtype::Bf16 => OwnedData::Bf16(values.iter().map(|&x| bf16::from_f32(x)).collect()),
             Dtype::F16 => OwnedData::F16(values.iter().map(|&x| f16::from_f32(x)).collect()),
+        }
+    }
+
+    /// From little-endian bytes of `dtype` elements (a trailing partial
+    /// element is dropped).
+    pub fn from_bytes(bytes: &[u8], dtype: Dtype) -> Self {
+        let u16s = || {
+            bytes
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        };
+        match dtype {
+            Dtype::F32 => OwnedData::F32(
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            ),
+            Dtype::Bf16 => OwnedData::Bf16(u16s().map(bf16::from_bits).collect()),
+            Dtype::F16 => OwnedData::F16(u16s().map(f16::from_bits).collect()),
         }
     }
 

@@ -401,3 +401,188 @@ fn info_check_and_help() {
         "the padded-teacher rule is documented"
     );
 }
+
+// ------------------------------------------------------------ kdfuse bench --
+
+#[test]
+fn bench_cpu_writes_table_json_csv_and_markdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let (j, c, m) = (
+        dir.path().join("b.json"),
+        dir.path().join("b.csv"),
+        dir.path().join("b.md"),
+    );
+    let out = kdfuse(&[
+        "bench",
+        "--backend",
+        "cpu",
+        "--rows",
+        "3,5",
+        "--cols",
+        "1000",
+        "--dtype",
+        "bf16,f32",
+        "--divergence",
+        "jsd",
+        "--alpha",
+        "0.5",
+        "--json",
+        j.to_str().unwrap(),
+        "--csv",
+        c.to_str().unwrap(),
+        "--markdown",
+        m.to_str().unwrap(),
+        "--no-progress",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("memory copy bandwidth"), "{stdout}");
+    assert!(stdout.contains("jsd f32 5x1000 α=0.5"), "{stdout}");
+
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&j).unwrap()).unwrap();
+    assert_eq!(r["backend"], "cpu");
+    assert!(r["reference_bandwidth_gbs"].as_f64().unwrap() > 0.0);
+    assert!(r["date"].as_str().unwrap().ends_with('Z'));
+    assert!(!r["commit"].as_str().unwrap().is_empty());
+    assert!(r["host"]["cpu"].is_string());
+    let results = r["results"].as_array().unwrap();
+    assert_eq!(results.len(), 4);
+    for res in results {
+        let f = &res["fused"];
+        let (rows, cols) = (
+            res["config"]["rows"].as_u64().unwrap(),
+            res["config"]["cols"].as_u64().unwrap(),
+        );
+        let in_size = if res["config"]["dtype"] == "bf16" {
+            2
+        } else {
+            4
+        };
+        // Byte model of the CPU backend: inputs once, an f32 gradient once.
+        assert_eq!(
+            f["bytes"].as_u64().unwrap(),
+            rows * cols * (2 * in_size + 4)
+        );
+        assert!(f["timing"]["runs"].as_u64().unwrap() >= 20);
+        let t = &f["timing"];
+        assert!(t["p10_ms"].as_f64() <= t["median_ms"].as_f64());
+        assert!(t["median_ms"].as_f64() <= t["p90_ms"].as_f64());
+        assert!(f["gbs"].as_f64().unwrap() > 0.0);
+        assert!(res["checks"]["passed"].as_bool().unwrap());
+    }
+    let csv = std::fs::read_to_string(&c).unwrap();
+    assert_eq!(csv.lines().count(), 5);
+    assert!(csv.starts_with("device,backend,commit,date,divergence"));
+    let md = std::fs::read_to_string(&m).unwrap();
+    assert!(md.contains("| jsd bf16 3x1000 α=0.5 |"), "{md}");
+
+    // bench-report renders the same Markdown from the JSON.
+    let rep = kdfuse(&["bench-report", j.to_str().unwrap()]);
+    assert!(rep.status.success());
+    assert_eq!(String::from_utf8_lossy(&rep.stdout).trim(), md.trim());
+}
+
+#[test]
+fn bench_and_profile_reject_bad_input_cleanly() {
+    assert_clean_error(
+        &kdfuse(&["bench", "--backend", "cpu", "--rows", "4"]),
+        "--rows and --cols",
+    );
+    assert_clean_error(
+        &kdfuse(&[
+            "bench",
+            "--backend",
+            "cpu",
+            "--rows",
+            "4",
+            "--cols",
+            "9",
+            "--runs",
+            "5",
+        ]),
+        "runs",
+    );
+    assert_clean_error(
+        &kdfuse(&["bench", "--backend", "cpu", "--preset", "huge"]),
+        "huge",
+    );
+    assert_clean_error(
+        &kdfuse(&["bench", "--preset", "quick", "--rows", "4"]),
+        "--rows",
+    );
+    assert_clean_error(
+        &kdfuse(&[
+            "bench",
+            "--backend",
+            "cpu",
+            "--rows",
+            "4",
+            "--cols",
+            "9",
+            "--temperature",
+            "0",
+        ]),
+        "temperature",
+    );
+    assert_clean_error(
+        &kdfuse(&["bench", "--backend", "cpu", "--rows", "0", "--cols", "9"]),
+        "rows",
+    );
+    assert_clean_error(
+        &kdfuse(&[
+            "profile",
+            "--backend",
+            "cpu",
+            "--rows",
+            "4,8",
+            "--cols",
+            "9",
+        ]),
+        "one configuration",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("x.json");
+    std::fs::write(&bad, "{}").unwrap();
+    assert_clean_error(
+        &kdfuse(&["bench-report", bad.to_str().unwrap()]),
+        "not a kdfuse bench report",
+    );
+}
+
+#[test]
+fn profile_cpu_prints_timing_and_the_profiler_command() {
+    let out = kdfuse(&[
+        "profile",
+        "--backend",
+        "cpu",
+        "--rows",
+        "4",
+        "--cols",
+        "2000",
+        "--iters",
+        "3",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("median"), "{stdout}");
+    assert!(stdout.contains("perf record"), "{stdout}");
+}
+
+/// Without a usable GPU, `--backend cuda` is one clean error line; with one
+/// (GPU machines) this test has nothing to check here: tests/gpu.rs runs it.
+#[test]
+fn bench_cuda_without_gpu_is_a_clean_error() {
+    if kdfuse::cuda::CudaBackend::new(0).is_ok() {
+        eprintln!("skipped: a GPU is present");
+        return;
+    }
+    assert_clean_error(
+        &kdfuse(&["bench", "--backend", "cuda", "--rows", "2", "--cols", "9"]),
+        "CUDA",
+    );
+    assert_clean_error(&kdfuse(&["profile", "--rows", "2", "--cols", "9"]), "CUDA");
+}

@@ -29,6 +29,11 @@ fn main() -> ExitCode {
             "kernels_loaded_once_per_context",
             kernels_loaded_once_per_context,
         ),
+        (
+            "eager_baseline_agrees_with_fused",
+            eager_baseline_agrees_with_fused,
+        ),
+        ("bench_runs_and_checks_itself", bench_runs_and_checks_itself),
     ];
     let filter: Vec<String> = std::env::args()
         .skip(1)
@@ -387,4 +392,76 @@ fn kernels_loaded_once_per_context(b: &CudaBackend) {
     let again = CudaBackend::new(0).unwrap();
     assert!(std::sync::Arc::ptr_eq(b.module(), again.module()));
     assert!(std::sync::Arc::ptr_eq(b.context(), again.context()));
+}
+
+/// kernels/eager.cu (the benchmark's baseline) computes the fused kernel's
+/// loss and gradient on the benchmark's own device-made inputs.
+fn eager_baseline_agrees_with_fused(b: &CudaBackend) {
+    use kdfuse::bench::cuda::{DeviceCase, Variant};
+    use kdfuse::bench::BenchConfig;
+    for (i, (rows, cols)) in [(7usize, 1001usize), (33, 32_000), (5, 131_071)]
+        .into_iter()
+        .enumerate()
+    {
+        for divergence in Divergence::ALL {
+            for dtype in Dtype::ALL {
+                let c = BenchConfig {
+                    alpha: if i == 1 { 0.3 } else { 0.0 },
+                    temperature: 1.5,
+                    ..BenchConfig::new(rows, cols, dtype, divergence)
+                };
+                let mut case = DeviceCase::new(b, &c, 1, true, 9 + i as u64).unwrap();
+                case.enqueue(Variant::Fused, 0).unwrap();
+                let (lf, gf) = (case.loss().unwrap(), case.grad_f32().unwrap().unwrap());
+                case.enqueue(Variant::Eager, 0).unwrap();
+                let (le, ge) = (case.loss().unwrap(), case.grad_f32().unwrap().unwrap());
+                assert!(lf.is_finite() && lf != 0.0, "{c}: fused loss {lf}");
+                let dl = (le - lf).abs() / lf.abs();
+                let num: f64 = gf
+                    .iter()
+                    .zip(&ge)
+                    .map(|(a, b)| ((a - b) as f64).powi(2))
+                    .sum();
+                let den: f64 = gf.iter().map(|a| (*a as f64).powi(2)).sum();
+                let dg = (num / den).sqrt();
+                let gtol = if dtype == Dtype::F32 { 2e-3 } else { 1e-2 };
+                assert!(
+                    dl <= 2e-3 && dg <= gtol,
+                    "{c}: loss diff {dl:.2e}, grad diff {dg:.2e}"
+                );
+            }
+        }
+    }
+}
+
+/// `kdfuse bench`'s runner on small configurations: every measurement and
+/// check present, the copy bandwidth measured, the checks passed.
+fn bench_runs_and_checks_itself(_b: &CudaBackend) {
+    use kdfuse::bench::{BenchConfig, BenchOptions};
+    let configs = [
+        BenchConfig::new(256, 32_000, Dtype::Bf16, Divergence::ForwardKl),
+        BenchConfig {
+            alpha: 0.5,
+            ..BenchConfig::new(64, 50_257, Dtype::F32, Divergence::Jsd)
+        },
+    ];
+    let opts = BenchOptions {
+        cpu_rows: 2,
+        progress: false,
+        ..Default::default()
+    };
+    let r = kdfuse::bench::cuda::run(&configs, &opts).unwrap();
+    assert!(
+        r.reference_bandwidth_gbs > 100.0,
+        "{}",
+        r.reference_bandwidth_gbs
+    );
+    assert!(r.checks_passed(), "{}", r.table());
+    for res in &r.results {
+        let f = res.fused.as_ref().unwrap();
+        assert!(f.timing.runs >= 20 && f.gbs > 0.0);
+        assert!(res.eager.is_some() && res.cpu.is_some());
+        assert!(res.input_sets >= 2, "small inputs are rotated");
+    }
+    println!("{}", r.table());
 }

@@ -8,10 +8,14 @@
 // it checks indexing and reductions without a GPU, not speed or races.
 #pragma once
 
+// Lets kernels/kd_math.cuh compile its device-only block helpers here.
+#define KD_EMU 1
+
 #include <barrier>
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -25,7 +29,8 @@
 struct KdEmuDim {
   unsigned x = 0, y = 0, z = 0;
 };
-static thread_local KdEmuDim threadIdx, blockIdx, blockDim, gridDim;
+// inline: one emulator state for every translation unit that includes this.
+inline thread_local KdEmuDim threadIdx, blockIdx, blockDim, gridDim;
 
 struct float2 {
   float x, y;
@@ -46,7 +51,11 @@ struct KdEmuBlock {
   std::vector<std::unique_ptr<std::barrier<>>> warps;
   std::vector<uint64_t> exchange;  // one slot per thread
 };
-static KdEmuBlock* kd_emu_block = nullptr;
+inline KdEmuBlock* kd_emu_block = nullptr;
+
+// One emulated launch sequence at a time (held by the entry points): blocks
+// share the kernels' function-static __shared__ arrays and kd_emu_block.
+inline std::mutex kd_emu_mutex;
 
 inline void __syncthreads() { kd_emu_block->block->arrive_and_wait(); }
 

@@ -2,8 +2,6 @@
 // that `cargo test` runs the kernels' own parallel code (not only their row
 // arithmetic) on machines without a GPU. Test-only entry point: kd_emu_run,
 // the same three launches as the CUDA backend (count, fused, reduce).
-#include <mutex>
-
 #include "cuda_emu.h"
 
 #include "../kd_fused.cu"
@@ -29,16 +27,23 @@ void fused(int div, const void* s, long long ss, const void* t, long long ts, co
 
 }  // namespace
 
+extern "C" void kd_emu_count_valid(const long long* labels, long long n, long long ignore_index,
+                                   int* valid) {
+  kd_emu_launch(1, 64, [&] { kd_count_valid(labels, n, ignore_index, valid); });
+}
+
+extern "C" void kd_emu_reduce_loss(const float* row_loss, long long n, const int* valid,
+                                   const KdParams* P, float* loss) {
+  kd_emu_launch(1, 64, [&] { kd_reduce_loss(row_loss, n, valid, *P, loss); });
+}
+
 // dtype codes: 0 f32, 1 bf16, 2 f16. Returns 0, or −1 for an unsupported pair.
 extern "C" int kd_emu_run(int div, int in_dtype, int out_dtype, const void* s, long long ss,
                           const void* t, long long ts, const long long* labels, long long ignore_index,
                           void* grad, long long gs, float* row_loss, int* valid, float* loss,
                           long long n, const KdParams* P, unsigned grid, unsigned block) {
-  // One emulated launch at a time: blocks share the kernels' function-static
-  // __shared__ arrays and the emulator's block state.
-  static std::mutex one_at_a_time;
-  std::lock_guard<std::mutex> lock(one_at_a_time);
-  if (labels) kd_emu_launch(1, 64, [&] { kd_count_valid(labels, n, ignore_index, valid); });
+  std::lock_guard<std::mutex> lock(kd_emu_mutex);
+  if (labels) kd_emu_count_valid(labels, n, ignore_index, valid);
   const int* vp = labels ? valid : nullptr;
   if (n > 0) {
     if (in_dtype == 0 && out_dtype == 0)
@@ -54,6 +59,6 @@ extern "C" int kd_emu_run(int div, int in_dtype, int out_dtype, const void* s, l
     else
       return -1;
   }
-  kd_emu_launch(1, 64, [&] { kd_reduce_loss(row_loss, n, vp, *P, loss); });
+  kd_emu_reduce_loss(row_loss, n, vp, P, loss);
   return 0;
 }

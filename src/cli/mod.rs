@@ -1,5 +1,6 @@
 //! Command definitions and dispatch.
 
+mod bench;
 mod check;
 mod info;
 mod loss;
@@ -25,6 +26,13 @@ enum Command {
     Loss(loss::LossArgs),
     /// Sweep random cases of a backend against the f64 oracle.
     Check(check::CheckArgs),
+    /// Benchmark: fused vs eager vs copy bandwidth (GPU), or the CPU backend
+    /// vs memory bandwidth; table, JSON, CSV, Markdown.
+    Bench(bench::BenchArgs),
+    /// Print results JSON of `kdfuse bench` as Markdown tables.
+    BenchReport(bench::ReportArgs),
+    /// Run one configuration repeatedly for a profiler (ncu, nsys, perf).
+    Profile(bench::ProfileArgs),
 }
 
 /// A CLI failure: printed as one line, exit code 2.
@@ -41,6 +49,9 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Info(a) => info::run(a),
         Command::Loss(a) => loss::run(a),
         Command::Check(a) => check::run(a),
+        Command::Bench(a) => bench::run(a),
+        Command::BenchReport(a) => bench::report(a),
+        Command::Profile(a) => bench::profile(a),
     }
 }
 

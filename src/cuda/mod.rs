@@ -4,10 +4,12 @@
 //! No CUDA call is made before [`cudarc::driver::sys::is_culib_present`] says
 //! the driver library is there, so a machine without a driver gets an `Err`.
 
+mod eager;
 mod host;
 mod info;
 mod launch;
 
+pub use eager::EagerScratch;
 pub use info::{device_infos, driver_version, DeviceInfo};
 pub(crate) use launch::threads_for;
 pub use launch::{KdElement, LossBuffers, RawFusedArgs, RowLayout};
@@ -134,7 +136,7 @@ impl CudaBackend {
         &self.stream
     }
 
-    fn function(&self, name: &str) -> Result<CudaFunction> {
+    pub(crate) fn function(&self, name: &str) -> Result<CudaFunction> {
         let mut map = self.functions.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(f) = map.get(name) {
             return Ok(f.clone());

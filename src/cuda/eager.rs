@@ -1,0 +1,258 @@
+//! The eager baseline on the device (kernels/eager.cu): the fused call's loss
+//! and gradient computed as an unfused framework does, one kernel per
+//! operation with fp32 `[N, V]` intermediates. For `kdfuse bench` only.
+
+use super::launch::RawFusedArgs;
+use super::CudaBackend;
+use crate::error::{invalid, Result};
+use crate::params::KernelParams;
+use crate::spec::{KernelDivergence, LossSpec};
+use crate::tensor::Dtype;
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut, LaunchConfig, PushKernelArg};
+use std::sync::Arc;
+
+/// The eager baseline's fp32 intermediates for one `[N, V]` batch.
+pub struct EagerScratch {
+    /// log_softmax(s/τ).
+    pub ls: CudaSlice<f32>,
+    /// log_softmax(t/τ).
+    pub lt: CudaSlice<f32>,
+    /// Elementwise terms, then the backward's ∂D/∂ls.
+    pub terms: CudaSlice<f32>,
+    /// JSD's log-mixture (1 element otherwise).
+    pub log_mix: CudaSlice<f32>,
+    /// log_softmax(s) for the hard-label term (1 element when α = 0).
+    pub ls1: CudaSlice<f32>,
+    elements: usize,
+}
+
+impl EagerScratch {
+    /// Bytes the intermediates of an `[rows, cols]` batch take.
+    pub fn bytes_needed(rows: usize, cols: usize, spec: &LossSpec) -> usize {
+        let nv = rows * cols;
+        let mut buffers = 3;
+        if matches!(spec.kernel_divergence(), KernelDivergence::Jsd(_)) {
+            buffers += 1;
+        }
+        if spec.alpha > 0.0 {
+            buffers += 1;
+        }
+        buffers * nv * 4
+    }
+
+    /// Allocates the intermediates for `[rows, cols]` and `spec` on `stream`.
+    pub fn new(
+        stream: &Arc<CudaStream>,
+        rows: usize,
+        cols: usize,
+        spec: &LossSpec,
+    ) -> Result<Self> {
+        let nv = (rows * cols).max(1);
+        let jsd = matches!(spec.kernel_divergence(), KernelDivergence::Jsd(_));
+        // SAFETY: every element is written by a kernel before it is read.
+        unsafe {
+            Ok(EagerScratch {
+                ls: stream.alloc(nv)?,
+                lt: stream.alloc(nv)?,
+                terms: stream.alloc(nv)?,
+                log_mix: stream.alloc(if jsd { nv } else { 1 })?,
+                ls1: stream.alloc(if spec.alpha > 0.0 { nv } else { 1 })?,
+                elements: rows * cols,
+            })
+        }
+    }
+}
+
+fn elementwise(count: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (count.div_ceil(256).clamp(1, 1 << 16) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn rows_cfg(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.clamp(1, 1 << 20) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+impl CudaBackend {
+    /// Enqueues the eager baseline for the same call as
+    /// [`CudaBackend::launch_raw`]: reads `raw`'s inputs, writes its gradient
+    /// (when `raw.grad` ≠ 0), per-row losses and loss, using `scratch`.
+    ///
+    /// # Safety
+    /// As [`CudaBackend::launch_raw`]; `scratch` must be allocated for at
+    /// least `raw.layout`'s rows × cols and this spec, and not in use by
+    /// another stream.
+    pub unsafe fn eager_raw(
+        &self,
+        stream: &CudaStream,
+        raw: &RawFusedArgs,
+        scratch: &mut EagerScratch,
+        spec: &LossSpec,
+    ) -> Result<()> {
+        spec.validate(raw.labels != 0)?;
+        let l = raw.layout;
+        if raw.student == 0 || raw.teacher == 0 || raw.row_losses == 0 || raw.loss == 0 {
+            return invalid(
+                "pointers",
+                "student, teacher, row_losses and loss must be non-null",
+            );
+        }
+        if raw.grad_dtype != raw.dtype && raw.grad_dtype != Dtype::F32 {
+            return invalid(
+                "grad_dtype",
+                format!("must be {} or f32, got {}", raw.dtype, raw.grad_dtype),
+            );
+        }
+        if scratch.elements < l.rows * l.cols
+            || (spec.alpha > 0.0 && scratch.ls1.len() < l.rows * l.cols)
+            || (matches!(spec.kernel_divergence(), KernelDivergence::Jsd(_))
+                && scratch.log_mix.len() < l.rows * l.cols)
+        {
+            return invalid(
+                "scratch",
+                "eager scratch buffers are smaller than the batch or lack this spec's buffers",
+            );
+        }
+        let p = KernelParams::new(spec, l.cols);
+        let n = l.rows as i64;
+        let v = l.cols as i32;
+        let count = (l.rows * l.cols) as i64;
+        let beta = p.beta;
+        let valid_ptr = if raw.labels != 0 { raw.valid_rows } else { 0 };
+        let (ls, _g1) = scratch.ls.device_ptr_mut(stream);
+        let (lt, _g2) = scratch.lt.device_ptr_mut(stream);
+        let (e, _g3) = scratch.terms.device_ptr_mut(stream);
+        let (lm, _g4) = scratch.log_mix.device_ptr_mut(stream);
+        let (ls1, _g5) = scratch.ls1.device_ptr_mut(stream);
+
+        if raw.labels != 0 {
+            let f = self.function("kd_count_valid")?;
+            let mut b = stream.launch_builder(&f);
+            b.arg(&raw.labels)
+                .arg(&n)
+                .arg(&spec.ignore_index)
+                .arg(&raw.valid_rows);
+            b.launch(LaunchConfig {
+                grid_dim: (1, 1, 1),
+                block_dim: (1024, 1, 1),
+                shared_mem_bytes: 0,
+            })?;
+        }
+        let lsm = self.function(&format!("kd_eager_log_softmax_{}", raw.dtype))?;
+        let inv_tau = p.inv_tau;
+        let with_ce = spec.alpha > 0.0;
+        for (x, stride, out, scale, wanted) in [
+            (raw.student, l.student_stride, ls, inv_tau, true),
+            (raw.teacher, l.teacher_stride, lt, inv_tau, true),
+            (raw.student, l.student_stride, ls1, 1.0f32, with_ce),
+        ] {
+            if !wanted {
+                continue;
+            }
+            let stride = stride as i64;
+            let mut b = stream.launch_builder(&lsm);
+            b.arg(&x).arg(&stride).arg(&out).arg(&n).arg(&v).arg(&scale);
+            b.launch(rows_cfg(l.rows))?;
+        }
+        let ew = elementwise(l.rows * l.cols);
+        match spec.kernel_divergence() {
+            KernelDivergence::ForwardKl | KernelDivergence::ReverseKl => {
+                let name = if spec.kernel_divergence() == KernelDivergence::ForwardKl {
+                    "kd_eager_fkl_terms"
+                } else {
+                    "kd_eager_rkl_terms"
+                };
+                let f = self.function(name)?;
+                let mut b = stream.launch_builder(&f);
+                b.arg(&ls).arg(&lt).arg(&e).arg(&count);
+                b.launch(ew)?;
+            }
+            KernelDivergence::Jsd(_) => {
+                let f = self.function("kd_eager_log_mix")?;
+                let mut b = stream.launch_builder(&f);
+                b.arg(&ls).arg(&lt).arg(&lm).arg(&count).arg(&beta);
+                b.launch(ew)?;
+                let f = self.function("kd_eager_jsd_terms")?;
+                let mut b = stream.launch_builder(&f);
+                b.arg(&ls).arg(&lt).arg(&lm).arg(&e).arg(&count).arg(&beta);
+                b.launch(ew)?;
+            }
+        }
+        let f = self.function("kd_eager_row_loss")?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&e)
+            .arg(&ls1)
+            .arg(&raw.labels)
+            .arg(&n)
+            .arg(&p)
+            .arg(&raw.row_losses);
+        b.launch(rows_cfg(l.rows))?;
+        let f = self.function("kd_reduce_loss")?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&raw.row_losses)
+            .arg(&n)
+            .arg(&valid_ptr)
+            .arg(&p)
+            .arg(&raw.loss);
+        b.launch(LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        })?;
+        if raw.grad == 0 {
+            return Ok(());
+        }
+
+        match spec.kernel_divergence() {
+            KernelDivergence::ForwardKl => {
+                let f = self.function("kd_eager_fkl_back")?;
+                let mut b = stream.launch_builder(&f);
+                b.arg(&lt).arg(&e).arg(&count);
+                b.launch(ew)?;
+            }
+            KernelDivergence::ReverseKl => {
+                let f = self.function("kd_eager_rkl_back")?;
+                let mut b = stream.launch_builder(&f);
+                b.arg(&ls).arg(&lt).arg(&e).arg(&count);
+                b.launch(ew)?;
+            }
+            KernelDivergence::Jsd(_) => {
+                let f = self.function("kd_eager_jsd_back")?;
+                let mut b = stream.launch_builder(&f);
+                b.arg(&ls).arg(&lm).arg(&e).arg(&count).arg(&beta);
+                b.launch(ew)?;
+            }
+        }
+        let gs = l.grad_stride as i64;
+        let f = self.function(&format!("kd_eager_lsm_back_{}", raw.grad_dtype))?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&e)
+            .arg(&ls)
+            .arg(&raw.labels)
+            .arg(&valid_ptr)
+            .arg(&n)
+            .arg(&p)
+            .arg(&raw.grad)
+            .arg(&gs);
+        b.launch(rows_cfg(l.rows))?;
+        if spec.alpha > 0.0 {
+            let f = self.function(&format!("kd_eager_ce_back_{}", raw.grad_dtype))?;
+            let mut b = stream.launch_builder(&f);
+            b.arg(&ls1)
+                .arg(&raw.labels)
+                .arg(&valid_ptr)
+                .arg(&n)
+                .arg(&p)
+                .arg(&raw.grad)
+                .arg(&gs);
+            b.launch(ew)?;
+        }
+        Ok(())
+    }
+}
