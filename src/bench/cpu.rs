@@ -130,6 +130,7 @@ pub(crate) fn cpu_bytes(c: &BenchConfig, rows: usize) -> u64 {
 
 /// Runs every configuration on the CPU backend.
 pub fn run(configs: &[BenchConfig], opts: &BenchOptions) -> Result<BenchReport> {
+    opts.validate()?;
     let date = host::now_rfc3339();
     let host = host::host_info(true);
     let reference = host.memory_bandwidth_gbs;

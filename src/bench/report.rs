@@ -182,7 +182,12 @@ impl BenchReport {
         );
         let mut head = format!(
             "{:<30} {:>9} {:>9} {:>26} {:>8} {:>6}",
-            "configuration", "MB", "floor ms", "kdfuse ms", "GB/s", "%ref"
+            "configuration",
+            "MB",
+            "floor ms",
+            "kdfuse ms",
+            "GB/s",
+            if gpu { "%copy" } else { "%mem" }
         );
         if gpu {
             let _ = write!(
