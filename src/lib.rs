@@ -31,6 +31,8 @@ pub mod backend;
 pub mod check;
 pub mod cpu;
 pub mod cuda;
+pub mod digits;
+pub mod distill;
 #[doc(hidden)]
 pub mod emu;
 pub mod error;
