@@ -31,6 +31,7 @@ pub mod backend;
 pub mod check;
 pub mod cpu;
 pub mod cuda;
+pub mod demo;
 pub mod digits;
 pub mod distill;
 #[doc(hidden)]

@@ -1,6 +1,7 @@
 //! Command definitions and dispatch.
 
 mod check;
+mod demo;
 mod info;
 mod loss;
 mod npy;
@@ -25,6 +26,8 @@ enum Command {
     Loss(loss::LossArgs),
     /// Sweep random cases of a backend against the f64 oracle.
     Check(check::CheckArgs),
+    /// Train a teacher and distil a small student on the handwritten digits.
+    Demo(demo::DemoArgs),
 }
 
 /// A CLI failure: printed as one line, exit code 2.
@@ -41,6 +44,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Info(a) => info::run(a),
         Command::Loss(a) => loss::run(a),
         Command::Check(a) => check::run(a),
+        Command::Demo(a) => demo::run(a),
     }
 }
 
