@@ -43,6 +43,8 @@ pub struct DemoConfig {
     pub teacher_lr: f32,
     /// Teacher weight decay (decoupled).
     pub teacher_weight_decay: f32,
+    /// Cosine learning-rate decay for the teacher (students always have it).
+    pub teacher_cosine: bool,
     /// Hidden widths of the student.
     pub student_hidden: Vec<usize>,
     /// Student epochs.
@@ -67,13 +69,14 @@ impl Default for DemoConfig {
             seeds: 3,
             train: 1300,
             teacher_hidden: vec![1200, 1200],
-            teacher_epochs: 40,
-            teacher_dropout: 0.3,
+            teacher_epochs: 8,
+            teacher_dropout: 0.5,
             teacher_lr: 1e-3,
             teacher_weight_decay: 1e-4,
+            teacher_cosine: false,
             student_hidden: vec![10],
-            student_epochs: 150,
-            student_lr: 1e-2,
+            student_epochs: 300,
+            student_lr: 3e-3,
             batch: 32,
             alpha: 0.5,
             temperature: 4.0,
@@ -102,6 +105,25 @@ impl DemoConfig {
                 return invalid(arg, format!("widths must be ≥ 1, got {h:?}"));
             }
         }
+        if self.train == 0 || self.train >= 1797 {
+            return invalid("train", format!("must be in [1, 1797), got {}", self.train));
+        }
+        LossSpec {
+            alpha: self.alpha,
+            temperature: self.temperature,
+            ..Default::default()
+        }
+        .validate(true)?;
+        if !(0.0..1.0).contains(&self.teacher_dropout) {
+            return invalid(
+                "teacher_dropout",
+                format!("must be in [0, 1), got {}", self.teacher_dropout),
+            );
+        }
+        Optimizer::adam(self.teacher_lr)
+            .with_weight_decay(self.teacher_weight_decay)
+            .validate()?;
+        Optimizer::adam(self.student_lr).validate()?;
         if let Some(k) = self.omit_class {
             if !(0..CLASSES as i64).contains(&k) {
                 return invalid(
@@ -267,7 +289,8 @@ fn argmax(row: &[f32]) -> usize {
 }
 
 /// Runs `epochs` epochs of `step` over `data` in an order drawn from
-/// `order_seed`; returns the test accuracy after each epoch.
+/// `order_seed` (with `cosine`, the learning rate decays from the step's own
+/// towards 0 along a cosine); returns the test accuracy after each epoch.
 #[allow(clippy::too_many_arguments)]
 pub fn train(
     step: &mut DistillStep,
@@ -276,6 +299,7 @@ pub fn train(
     epochs: usize,
     batch: usize,
     order_seed: u64,
+    cosine: bool,
     test: &Digits,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Vec<f64>> {
@@ -283,7 +307,13 @@ pub fn train(
     let mut idx: Vec<usize> = (0..data.len()).collect();
     let mut curve = Vec::with_capacity(epochs);
     let (mut x, mut y, mut t) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..epochs {
+    let lr0 = step.config().optimizer.lr();
+    for e in 0..epochs {
+        // Cosine decay from lr0 towards 0 over the epochs.
+        let lr = 0.5 * lr0 * (1.0 + (std::f32::consts::PI * e as f32 / epochs as f32).cos());
+        if cosine {
+            step.set_learning_rate(lr)?;
+        }
         idx.shuffle(&mut rng);
         let (mut loss_sum, mut batches) = (0.0, 0);
         for chunk in idx.chunks(batch) {
@@ -380,6 +410,7 @@ pub fn run(cfg: &DemoConfig, progress: &mut dyn FnMut(Progress)) -> Result<DemoR
         cfg.teacher_epochs,
         cfg.batch,
         cfg.seed,
+        cfg.teacher_cosine,
         &test,
         progress,
     )?;
@@ -429,6 +460,7 @@ pub fn run(cfg: &DemoConfig, progress: &mut dyn FnMut(Progress)) -> Result<DemoR
                 cfg.student_epochs,
                 cfg.batch,
                 seed,
+                true,
                 &test,
                 progress,
             )?;

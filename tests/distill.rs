@@ -29,7 +29,14 @@ fn cfg(alpha: f64, temperature: f64, divergence: Divergence) -> DistillConfig {
     }
 }
 
-fn loss_at(sizes: &[usize], params: Vec<f32>, c: &DistillConfig, x: &[f32], y: &[i64], t: &[f32]) -> f64 {
+fn loss_at(
+    sizes: &[usize],
+    params: Vec<f32>,
+    c: &DistillConfig,
+    x: &[f32],
+    y: &[i64],
+    t: &[f32],
+) -> f64 {
     let mlp = Mlp::from_params(sizes, params).unwrap();
     let mut s = DistillStep::new(&mlp, None, c.clone(), Device::Cpu).unwrap();
     s.gradients(x, Some(y), Some(t)).unwrap().0
@@ -330,9 +337,15 @@ fn bad_arguments_are_errors_naming_the_argument() {
     let c = cfg(0.5, 2.0, Divergence::ForwardKl);
     assert_eq!(arg(Mlp::new(&[4], 1).map(|_| ())), "sizes");
     assert_eq!(arg(Mlp::new(&[4, 0, 2], 1).map(|_| ())), "sizes");
-    assert_eq!(arg(Mlp::from_params(&[4, 2], vec![0.0; 3]).map(|_| ())), "params");
+    assert_eq!(
+        arg(Mlp::from_params(&[4, 2], vec![0.0; 3]).map(|_| ())),
+        "params"
+    );
     let wide = Mlp::new(&[5, 2], 1).unwrap();
-    assert_eq!(arg(DistillStep::new(&mlp, Some(&wide), c.clone(), Device::Cpu).map(|_| ())), "teacher");
+    assert_eq!(
+        arg(DistillStep::new(&mlp, Some(&wide), c.clone(), Device::Cpu).map(|_| ())),
+        "teacher"
+    );
     let bad = |f: fn(&mut DistillConfig)| {
         let mut c = c.clone();
         f(&mut c);
@@ -344,13 +357,29 @@ fn bad_arguments_are_errors_naming_the_argument() {
     assert_eq!(bad(|c| c.optimizer = Optimizer::sgd(0.1, 1.0)), "momentum");
     let mut s = DistillStep::new(&mlp, None, c.clone(), Device::Cpu).unwrap();
     let x = vec![0.5f32; 8];
-    assert_eq!(arg(s.step(&x, Some(&[0, 1]))), "teacher", "alpha < 1 without a teacher");
+    assert_eq!(
+        arg(s.step(&x, Some(&[0, 1]))),
+        "teacher",
+        "alpha < 1 without a teacher"
+    );
     assert_eq!(arg(s.step(&x[..7], Some(&[0, 1]))), "x");
     assert_eq!(arg(s.step(&[], Some(&[]))), "x");
-    assert_eq!(arg(s.step_with_teacher_logits(&x, Some(&[0]), &[0.0; 4])), "labels");
-    assert_eq!(arg(s.step_with_teacher_logits(&x, Some(&[0, 1]), &[0.0; 3])), "teacher_logits");
-    assert_eq!(arg(s.step_with_teacher_logits(&x, Some(&[0, 2]), &[0.0; 4])), "labels");
-    assert_eq!(arg(s.step_with_teacher_logits(&x, None, &[0.0; 4])), "alpha");
+    assert_eq!(
+        arg(s.step_with_teacher_logits(&x, Some(&[0]), &[0.0; 4])),
+        "labels"
+    );
+    assert_eq!(
+        arg(s.step_with_teacher_logits(&x, Some(&[0, 1]), &[0.0; 3])),
+        "teacher_logits"
+    );
+    assert_eq!(
+        arg(s.step_with_teacher_logits(&x, Some(&[0, 2]), &[0.0; 4])),
+        "labels"
+    );
+    assert_eq!(
+        arg(s.step_with_teacher_logits(&x, None, &[0.0; 4])),
+        "alpha"
+    );
     assert_eq!(arg(s.teacher_predict(&x)), "teacher");
     assert_eq!(s.steps(), 0, "failed steps change nothing");
     assert_eq!(s.student().unwrap(), mlp);

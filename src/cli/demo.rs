@@ -26,11 +26,12 @@ pub struct DemoArgs {
     /// Teacher hidden widths, comma-separated.
     #[arg(long, default_value = "1200,1200", value_parser = parse_widths)]
     teacher_hidden: Widths,
-    /// Teacher epochs.
-    #[arg(long, default_value_t = 40)]
+    /// Teacher epochs (few: a teacher trained on until it is certain of every
+    /// training image has little to teach through its soft labels).
+    #[arg(long, default_value_t = 8)]
     teacher_epochs: usize,
     /// Teacher dropout on its hidden layers.
-    #[arg(long, default_value_t = 0.3)]
+    #[arg(long, default_value_t = 0.5)]
     teacher_dropout: f32,
     /// Teacher learning rate (Adam).
     #[arg(long, default_value_t = 1e-3)]
@@ -41,11 +42,11 @@ pub struct DemoArgs {
     /// Student hidden widths, comma-separated (empty: a linear student).
     #[arg(long, default_value = "10", value_parser = parse_widths)]
     student_hidden: Widths,
-    /// Student epochs.
-    #[arg(long, default_value_t = 150)]
+    /// Student epochs (learning rate decaying along a cosine).
+    #[arg(long, default_value_t = 300)]
     student_epochs: usize,
-    /// Student learning rate (Adam).
-    #[arg(long, default_value_t = 1e-2)]
+    /// Student learning rate (Adam), at the start of the cosine decay.
+    #[arg(long, default_value_t = 3e-3)]
     student_lr: f32,
     /// Batch size.
     #[arg(long, default_value_t = 32)]
@@ -97,6 +98,7 @@ pub fn run(a: DemoArgs) -> Result<ExitCode, CliError> {
         teacher_dropout: a.teacher_dropout,
         teacher_lr: a.teacher_lr,
         teacher_weight_decay: a.teacher_weight_decay,
+        teacher_cosine: false,
         student_hidden: a.student_hidden.0,
         student_epochs: a.student_epochs,
         student_lr: a.student_lr,
@@ -273,7 +275,9 @@ fn table(r: &DemoReport) -> String {
     );
     out += &format!("{timing}\n");
     out += &match (r.device.as_str(), &r.fallback) {
-        ("cuda", _) => "ran on CUDA device 0 (cuBLAS GEMMs, kernels/mlp.cu, the fused KD kernel)\n".to_string(),
+        ("cuda", _) => {
+            "ran on CUDA device 0 (cuBLAS GEMMs, kernels/mlp.cu, the fused KD kernel)\n".to_string()
+        }
         (_, Some(why)) => format!(
             "ran on the CPU with {} threads; not run on a GPU (CUDA unavailable: {why})\n",
             rayon::current_num_threads()

@@ -3,12 +3,12 @@
 //! with rayon, the fused loss and gradient through [`crate::CpuBackend`].
 
 use super::mlp::Layout;
+use super::Mlp;
 use super::{Dropout, Engine, TeacherSource};
 use crate::backend::Backend;
 use crate::error::Result;
 use crate::spec::LossSpec;
 use crate::tensor::{GradDtype, HostData, KdInputs, Logits};
-use super::Mlp;
 use crate::CpuBackend;
 use rayon::prelude::*;
 
@@ -35,8 +35,14 @@ pub(crate) fn gemm(
     let last = |rows: usize, cols: usize, rs: usize, cs: usize| {
         (rows.max(1) - 1) * rs + (cols.max(1) - 1) * cs
     };
-    assert!(k == 0 || last(m, k, rsa, csa) < a.len(), "gemm: a too short");
-    assert!(k == 0 || last(k, n, rsb, csb) < b.len(), "gemm: b too short");
+    assert!(
+        k == 0 || last(m, k, rsa, csa) < a.len(),
+        "gemm: a too short"
+    );
+    assert!(
+        k == 0 || last(k, n, rsb, csb) < b.len(),
+        "gemm: b too short"
+    );
     assert!(m * n <= c.len(), "gemm: c too short");
     let threads = rayon::current_num_threads();
     let chunk = if m * n * k >= 1 << 18 && threads > 1 {

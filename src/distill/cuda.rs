@@ -89,7 +89,17 @@ fn gemm_forward(
     w: &CudaView<'_, f32>,
     z: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
-    sgemm(blas, (CUBLAS_OP_N, CUBLAS_OP_N), (o, rows, i), w, o, h, i, z, o)
+    sgemm(
+        blas,
+        (CUBLAS_OP_N, CUBLAS_OP_N),
+        (o, rows, i),
+        w,
+        o,
+        h,
+        i,
+        z,
+        o,
+    )
 }
 
 /// The device side of one network (student or teacher): parameters and the
@@ -141,7 +151,8 @@ impl Net {
             let d = if hidden { dropout(l) } else { None };
             let (key, threshold, scale) = d.map_or((0, 0, 1.0), |d| (d.key, d.threshold, d.scale));
             let b = self.params.slice(lay.b[l]..lay.b[l] + o);
-            let (rows_i, cols, relu, drop) = (rows as i64, o as i32, hidden as i32, d.is_some() as i32);
+            let (rows_i, cols, relu, drop) =
+                (rows as i64, o as i32, hidden as i32, d.is_some() as i32);
             let mut zv = z.slice_mut(0..rows * o);
             let mut lb = stream.launch_builder(&k.bias_act);
             lb.arg(&mut zv)
@@ -160,7 +171,11 @@ impl Net {
     }
 }
 
-fn alloc_acts(stream: &Arc<CudaStream>, layout: &Layout, cap: usize) -> Result<Vec<CudaSlice<f32>>> {
+fn alloc_acts(
+    stream: &Arc<CudaStream>,
+    layout: &Layout,
+    cap: usize,
+) -> Result<Vec<CudaSlice<f32>>> {
     layout.sizes[1..]
         .iter()
         .map(|&w| Ok(stream.alloc_zeros::<f32>(cap * w)?))
@@ -256,7 +271,13 @@ impl CudaEngine {
         Ok(())
     }
 
-    fn launch_update(&mut self, opt: &Optimizer, t: u64, range: std::ops::Range<usize>, decay: bool) -> Result<()> {
+    fn launch_update(
+        &mut self,
+        opt: &Optimizer,
+        t: u64,
+        range: std::ops::Range<usize>,
+        decay: bool,
+    ) -> Result<()> {
         let n = range.len();
         if n == 0 {
             return Ok(());

@@ -73,12 +73,13 @@ fn check_sizes(sizes: &[usize]) -> Result<()> {
     if sizes.len() < 2 {
         return invalid(
             "sizes",
-            format!(
-                "needs at least an input and an output size, got {sizes:?}"
-            ),
+            format!("needs at least an input and an output size, got {sizes:?}"),
         );
     }
-    if let Some(i) = sizes.iter().position(|&s| s == 0 || s > i32::MAX as usize / 2) {
+    if let Some(i) = sizes
+        .iter()
+        .position(|&s| s == 0 || s > i32::MAX as usize / 2)
+    {
         return invalid(
             "sizes",
             format!("sizes[{i}] = {} must be in [1, 2^30)", sizes[i]),

@@ -304,6 +304,14 @@ impl DistillStep {
         &self.cfg
     }
 
+    /// Sets the learning rate of the next steps (a schedule's hook).
+    pub fn set_learning_rate(&mut self, lr: f32) -> Result<()> {
+        let opt = self.cfg.optimizer.with_lr(lr);
+        opt.validate()?;
+        self.cfg.optimizer = opt;
+        Ok(())
+    }
+
     /// One step on the batch `x` (row-major `[rows × inputs]`) with hard
     /// labels `labels` (needed when α > 0): the teacher runs forward on `x`.
     /// Without a teacher α must be 1. Returns the batch's loss before the
@@ -360,17 +368,18 @@ impl DistillStep {
         }
         if let Some(l) = labels {
             if l.len() != rows {
-                return invalid(
-                    "labels",
-                    format!("has {} entries for {rows} rows", l.len()),
-                );
+                return invalid("labels", format!("has {} entries for {rows} rows", l.len()));
             }
         }
         match source {
             TeacherSource::Logits(t) if t.len() != rows * v => {
                 return invalid(
                     "teacher_logits",
-                    format!("holds {} values, {rows} rows × {v} need {}", t.len(), rows * v),
+                    format!(
+                        "holds {} values, {rows} rows × {v} need {}",
+                        t.len(),
+                        rows * v
+                    ),
                 )
             }
             TeacherSource::None if self.cfg.loss.alpha != 1.0 => {
@@ -387,9 +396,9 @@ impl DistillStep {
         let t = self.t + 1;
         let (rate, seed) = (self.cfg.dropout, self.cfg.seed);
         let dropout = move |layer: usize| Dropout::new(rate, seed, t, layer);
-        let loss = self
-            .engine
-            .forward_backward(x, rows, labels, source, &self.cfg.loss, &dropout)?;
+        let loss =
+            self.engine
+                .forward_backward(x, rows, labels, source, &self.cfg.loss, &dropout)?;
         if update {
             self.engine.update(&self.cfg.optimizer, t)?;
             self.t = t;

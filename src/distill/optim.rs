@@ -79,6 +79,21 @@ impl Optimizer {
         }
     }
 
+    /// The learning rate.
+    pub fn lr(&self) -> f32 {
+        match *self {
+            Optimizer::Sgd { lr, .. } | Optimizer::Adam { lr, .. } => lr,
+        }
+    }
+
+    /// The same optimizer with learning rate `lr` (for schedules).
+    pub fn with_lr(mut self, new: f32) -> Self {
+        match &mut self {
+            Optimizer::Sgd { lr, .. } | Optimizer::Adam { lr, .. } => *lr = new,
+        }
+        self
+    }
+
     /// Checks every hyper-parameter.
     pub fn validate(&self) -> Result<()> {
         let (lr, wd) = match *self {
