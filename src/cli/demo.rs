@@ -316,6 +316,8 @@ fn plot(r: &DemoReport, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
         .configure_mesh()
         .x_desc("epoch")
         .y_desc("test accuracy (%)")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| format!("{y:.0}"))
         .draw()?;
     let colors = [BLACK, RED, BLUE];
     for (m, color) in r.models.iter().zip(colors) {
