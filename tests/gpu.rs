@@ -464,9 +464,11 @@ fn distill_step_cpu_vs_cuda(_: &CudaBackend) {
         let (pc, pg) = (cpu.student().unwrap(), gpu.student().unwrap());
         let err = rel(pg.params(), pc.params());
         println!("  {divergence}: parameters after 5 steps differ by {err:.2e} (rel. L2)");
-        assert!(err < 1e-4, "parameters after 5 steps: {err:.2e}");
+        // Adam divides by √v: rounding differences in small gradients are
+        // amplified, hence the looser bound; a wrong GEMM is off by O(1).
+        assert!(err < 1e-3, "parameters after 5 steps: {err:.2e}");
         let (oc, og) = (cpu.predict(&x).unwrap(), gpu.predict(&x).unwrap());
-        assert!(rel(&og, &oc) < 1e-4);
+        assert!(rel(&og, &oc) < 1e-3);
         // A batch wider than the buffers so far: they grow.
         let big: Vec<f32> = x.iter().cycle().take(300 * inputs).copied().collect();
         assert_eq!(gpu.predict(&big).unwrap().len(), 300 * classes);
