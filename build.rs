@@ -78,6 +78,7 @@ fn build_host_math() {
         .cpp(true)
         .file("kernels/emu/kd_emu.cpp")
         .file("kernels/emu/eager_emu.cpp")
+        .file("kernels/emu/mlp_emu.cpp")
         .include("kernels")
         .std("c++20")
         .flag_if_supported("-fno-strict-aliasing")

@@ -32,6 +32,9 @@ pub mod bench;
 pub mod check;
 pub mod cpu;
 pub mod cuda;
+pub mod demo;
+pub mod digits;
+pub mod distill;
 #[doc(hidden)]
 pub mod emu;
 pub mod error;

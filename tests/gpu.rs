@@ -34,6 +34,8 @@ fn main() -> ExitCode {
             eager_baseline_agrees_with_fused,
         ),
         ("bench_runs_and_checks_itself", bench_runs_and_checks_itself),
+        ("distill_step_cpu_vs_cuda", distill_step_cpu_vs_cuda),
+        ("demo_on_cuda", demo_on_cuda),
     ];
     let filter: Vec<String> = std::env::args()
         .skip(1)
@@ -464,4 +466,116 @@ fn bench_runs_and_checks_itself(_b: &CudaBackend) {
         assert!(res.input_sets >= 2, "small inputs are rotated");
     }
     println!("{}", r.table());
+}
+
+/// `DistillStep` on CUDA (cuBLAS, kernels/mlp.cu, the fused kernel) against
+/// the CPU engine: the same steps from the same start agree within f32
+/// rounding (GEMM summation orders and FMA contraction differ).
+fn distill_step_cpu_vs_cuda(_: &CudaBackend) {
+    use kdfuse::distill::{Device, DistillConfig, DistillStep, Mlp, Optimizer};
+    let rel = |a: &[f32], b: &[f32]| {
+        kdfuse::check::rel_l2(
+            &a.iter().map(|&x| x as f64).collect::<Vec<_>>(),
+            &b.iter().map(|&x| x as f64).collect::<Vec<_>>(),
+        )
+    };
+    let (rows, inputs, classes) = (48, 64, 10);
+    let x: Vec<f32> = (0..rows * inputs)
+        .map(|i| ((i * 7919) % 17) as f32 / 16.0)
+        .collect();
+    let y: Vec<i64> = (0..rows).map(|i| (i * 3 % classes) as i64).collect();
+    let teacher = Mlp::new(&[inputs, 300, 200, classes], 1).unwrap();
+    for (divergence, optimizer, dropout) in [
+        (
+            Divergence::ForwardKl,
+            Optimizer::adam(1e-3).with_weight_decay(0.01),
+            0.0,
+        ),
+        (
+            Divergence::Jsd,
+            Optimizer::sgd(0.05, 0.9).with_weight_decay(1e-3),
+            0.3,
+        ),
+    ] {
+        let student = Mlp::new(&[inputs, 32, 16, classes], 2).unwrap();
+        let cfg = DistillConfig {
+            loss: LossSpec {
+                divergence,
+                alpha: 0.4,
+                temperature: 3.0,
+                ..Default::default()
+            },
+            optimizer,
+            dropout,
+            seed: 5,
+        };
+        let mut cpu = DistillStep::new(&student, Some(&teacher), cfg.clone(), Device::Cpu).unwrap();
+        let mut gpu = DistillStep::new(&student, Some(&teacher), cfg, Device::Cuda).unwrap();
+        assert_eq!(gpu.device(), Device::Cuda);
+        let tc = cpu.teacher_predict(&x).unwrap();
+        let tg = gpu.teacher_predict(&x).unwrap();
+        assert!(rel(&tg, &tc) < 1e-5, "teacher logits {:.2e}", rel(&tg, &tc));
+        let (lc, gc) = cpu.gradients(&x, Some(&y), None).unwrap();
+        let (lg, gg) = gpu.gradients(&x, Some(&y), None).unwrap();
+        assert!((lc - lg).abs() <= 1e-5 * lc.abs(), "loss {lc} vs {lg}");
+        assert!(rel(&gg, &gc) < 1e-4, "gradients {:.2e}", rel(&gg, &gc));
+        for step in 0..5 {
+            let (a, b) = if step % 2 == 0 {
+                (
+                    cpu.step(&x, Some(&y)).unwrap(),
+                    gpu.step(&x, Some(&y)).unwrap(),
+                )
+            } else {
+                // A smaller batch, the teacher's logits given.
+                let (xs, ys, ts) = (&x[..20 * inputs], &y[..20], &tc[..20 * classes]);
+                (
+                    cpu.step_with_teacher_logits(xs, Some(ys), ts).unwrap(),
+                    gpu.step_with_teacher_logits(xs, Some(ys), ts).unwrap(),
+                )
+            };
+            assert!(
+                (a - b).abs() <= 1e-4 * a.abs(),
+                "step {step}: loss {a} vs {b}"
+            );
+        }
+        let (pc, pg) = (cpu.student().unwrap(), gpu.student().unwrap());
+        let err = rel(pg.params(), pc.params());
+        println!("  {divergence}: parameters after 5 steps differ by {err:.2e} (rel. L2)");
+        // Adam divides by √v: rounding differences in small gradients are
+        // amplified, hence the looser bound; a wrong GEMM is off by O(1).
+        assert!(err < 1e-3, "parameters after 5 steps: {err:.2e}");
+        let (oc, og) = (cpu.predict(&x).unwrap(), gpu.predict(&x).unwrap());
+        assert!(rel(&og, &oc) < 1e-3);
+        // A batch wider than the buffers so far: they grow.
+        let big: Vec<f32> = x.iter().cycle().take(300 * inputs).copied().collect();
+        assert_eq!(gpu.predict(&big).unwrap().len(), 300 * classes);
+    }
+}
+
+/// The demo's experiment with its steps on CUDA (short, one seed): the
+/// teacher and the students learn as on the CPU.
+fn demo_on_cuda(_: &CudaBackend) {
+    use kdfuse::demo::{run, DemoConfig};
+    let cfg = DemoConfig {
+        device: kdfuse::distill::Device::Cuda,
+        seeds: 1,
+        student_epochs: 60,
+        omit_class: Some(3),
+        ..Default::default()
+    };
+    let t0 = std::time::Instant::now();
+    let r = run(&cfg, &mut |_| {}).unwrap();
+    println!(
+        "  demo on CUDA in {:.1} s: teacher {:.2}%, hard {:.2}%, distilled {:.2}%, digit 3: {:?} vs {:?} of {:?}",
+        t0.elapsed().as_secs_f64(),
+        100.0 * r.teacher().test_acc.mean,
+        100.0 * r.hard().test_acc.mean,
+        100.0 * r.distilled().test_acc.mean,
+        r.hard().omitted_correct,
+        r.distilled().omitted_correct,
+        r.omitted_test_images
+    );
+    assert_eq!(r.device, "cuda");
+    assert!(r.teacher().test_acc.mean > 0.97);
+    assert!(r.hard().test_acc.mean > 0.8 && r.distilled().test_acc.mean > r.hard().test_acc.mean);
 }

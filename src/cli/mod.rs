@@ -2,6 +2,7 @@
 
 mod bench;
 mod check;
+mod demo;
 mod info;
 mod loss;
 mod npy;
@@ -33,6 +34,8 @@ enum Command {
     BenchReport(bench::ReportArgs),
     /// Run one configuration repeatedly for a profiler (ncu, nsys, perf).
     Profile(bench::ProfileArgs),
+    /// Train a teacher and distil a small student on the handwritten digits.
+    Demo(demo::DemoArgs),
 }
 
 /// A CLI failure: printed as one line, exit code 2.
@@ -52,6 +55,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Bench(a) => bench::run(a),
         Command::BenchReport(a) => bench::report(a),
         Command::Profile(a) => bench::profile(a),
+        Command::Demo(a) => demo::run(a),
     }
 }
 
