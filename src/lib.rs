@@ -29,6 +29,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod capi;
 pub mod check;
 pub mod cpu;
 pub mod cuda;

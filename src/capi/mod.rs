@@ -1,0 +1,377 @@
+//! The C ABI (`include/kdfuse.h`, generated from this module by cbindgen and
+//! checked by `tests/c_abi.rs`): a context per CUDA device, the fused loss on
+//! raw device pointers on the caller's `CUstream`, the same on host pointers
+//! through the CPU backend, integer status codes and a thread-local message.
+//! Every entry point catches panics: none crosses the boundary.
+
+mod types;
+
+pub use types::{
+    KdfuseBatch, KdfuseDivergence, KdfuseDtype, KdfuseParams, KdfuseReduction, KdfuseStatus,
+    KDFUSE_ABI_VERSION,
+};
+
+use crate::backend::Backend;
+use crate::cpu::CpuBackend;
+use crate::cuda::{CudaBackend, RawFusedArgs, RowLayout};
+use crate::error::{invalid, KdError, Result};
+use crate::tensor::{Dtype, GradDtype, HostData, KdInputs, Logits};
+use half::{bf16, f16};
+use std::cell::RefCell;
+use std::ffi::{c_char, c_void, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+/// A CUDA device with the kdfuse kernels loaded (opaque to C).
+pub struct KdfuseContext {
+    backend: CudaBackend,
+}
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+fn set_error(msg: &str) {
+    let c = CString::new(msg.replace('\0', " ")).unwrap_or_default();
+    LAST_ERROR.with(|e| *e.borrow_mut() = c);
+}
+
+fn status_of(e: &KdError) -> KdfuseStatus {
+    match e {
+        KdError::InvalidArgument { .. } => KdfuseStatus::InvalidArgument,
+        KdError::CudaUnavailable(_) => KdfuseStatus::CudaUnavailable,
+        KdError::Cuda(_) => KdfuseStatus::CudaError,
+    }
+}
+
+/// Runs `f`, turning its error or panic into a status and the thread's
+/// last-error message (cleared on success).
+fn guard(f: impl FnOnce() -> Result<()>) -> KdfuseStatus {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(())) => {
+            set_error("");
+            KdfuseStatus::Ok
+        }
+        Ok(Err(e)) => {
+            set_error(&e.to_string());
+            status_of(&e)
+        }
+        Err(p) => {
+            let what = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            set_error(&format!("internal error (a bug in kdfuse): {what}"));
+            KdfuseStatus::Internal
+        }
+    }
+}
+
+fn non_null<'a, T>(arg: &'static str, p: *const T) -> Result<&'a T> {
+    // SAFETY: the caller passes a valid pointer or NULL.
+    unsafe { p.as_ref() }.ok_or_else(|| KdError::InvalidArgument {
+        arg,
+        msg: "must not be NULL".into(),
+    })
+}
+
+/// The library version, e.g. "0.1.0" (static storage).
+#[no_mangle]
+pub extern "C" fn kdfuse_version() -> *const c_char {
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
+}
+
+/// The message of this thread's last failed call ("" after a success). Valid
+/// until the thread's next kdfuse call.
+#[no_mangle]
+pub extern "C" fn kdfuse_last_error() -> *const c_char {
+    LAST_ERROR.with(|e| e.borrow().as_ptr())
+}
+
+/// Fills `*out` with the default parameters (and its size and version).
+///
+/// # Safety
+/// `out` must be NULL or point to writable memory for one `KdfuseParams`.
+#[no_mangle]
+pub unsafe extern "C" fn kdfuse_params_default(out: *mut KdfuseParams) -> KdfuseStatus {
+    guard(|| {
+        // SAFETY: checked for NULL; the caller provides the memory.
+        let out = unsafe { out.as_mut() }.ok_or_else(|| KdError::InvalidArgument {
+            arg: "out",
+            msg: "must not be NULL".into(),
+        })?;
+        *out = KdfuseParams::defaults();
+        Ok(())
+    })
+}
+
+/// Fills `*out` for a dense `[rows, cols]` batch of `dtype` (a `KdfuseDtype`)
+/// with a gradient of the same dtype, every stride `cols`, every pointer NULL.
+///
+/// # Safety
+/// `out` must be NULL or point to writable memory for one `KdfuseBatch`.
+#[no_mangle]
+pub unsafe extern "C" fn kdfuse_batch_init(
+    out: *mut KdfuseBatch,
+    rows: i64,
+    cols: i64,
+    dtype: i32,
+) -> KdfuseStatus {
+    guard(|| {
+        // SAFETY: checked for NULL; the caller provides the memory.
+        let out = unsafe { out.as_mut() }.ok_or_else(|| KdError::InvalidArgument {
+            arg: "out",
+            msg: "must not be NULL".into(),
+        })?;
+        types::dtype("dtype", dtype)?;
+        *out = KdfuseBatch::init(rows, cols, dtype);
+        Ok(())
+    })
+}
+
+/// Number of CUDA devices in `*out` (0 with status `CudaUnavailable` when
+/// there is no driver).
+///
+/// # Safety
+/// `out` must be NULL or point to a writable int32.
+#[no_mangle]
+pub unsafe extern "C" fn kdfuse_device_count(out: *mut i32) -> KdfuseStatus {
+    guard(|| {
+        // SAFETY: checked for NULL.
+        let out = unsafe { out.as_mut() }.ok_or_else(|| KdError::InvalidArgument {
+            arg: "out",
+            msg: "must not be NULL".into(),
+        })?;
+        *out = 0;
+        *out = crate::cuda::device_count()? as i32;
+        Ok(())
+    })
+}
+
+/// Opens CUDA device `device` (its primary context, the one the CUDA runtime
+/// and PyTorch use) with the kernels loaded; `*out` gets the context.
+///
+/// # Safety
+/// `out` must be NULL or point to a writable pointer.
+#[no_mangle]
+pub unsafe extern "C" fn kdfuse_context_create(
+    device: i32,
+    out: *mut *mut KdfuseContext,
+) -> KdfuseStatus {
+    guard(|| {
+        // SAFETY: checked for NULL.
+        let out = unsafe { out.as_mut() }.ok_or_else(|| KdError::InvalidArgument {
+            arg: "out",
+            msg: "must not be NULL".into(),
+        })?;
+        *out = std::ptr::null_mut();
+        let ordinal = usize::try_from(device).or_else(|_| {
+            invalid(
+                "device",
+                format!("must be a CUDA ordinal ≥ 0, got {device}"),
+            )
+        })?;
+        let backend = CudaBackend::new(ordinal)?;
+        *out = Box::into_raw(Box::new(KdfuseContext { backend }));
+        Ok(())
+    })
+}
+
+/// Frees a context from `kdfuse_context_create` (NULL is allowed). Work
+/// already enqueued still runs.
+///
+/// # Safety
+/// `ctx` must come from `kdfuse_context_create` and not be used afterwards.
+#[no_mangle]
+pub unsafe extern "C" fn kdfuse_context_destroy(ctx: *mut KdfuseContext) -> KdfuseStatus {
+    guard(|| {
+        if !ctx.is_null() {
+            // SAFETY: made by Box::into_raw in kdfuse_context_create.
+            drop(unsafe { Box::from_raw(ctx) });
+        }
+        Ok(())
+    })
+}
+
+/// Enqueues the fused loss (and gradient, when `batch->grad` is not NULL) on
+/// `stream` (a `CUstream`/`cudaStream_t` of the device's primary context;
+/// NULL = the legacy default stream) and returns without waiting. Pointers
+/// are device memory; `row_losses` and `loss` are required, `valid_rows`
+/// too when `labels` is given. Results are ready when the stream reaches them.
+///
+/// # Safety
+/// Every non-NULL pointer must be device memory of this device, large enough
+/// for the batch's shape and strides, alive until the stream has run the work.
+#[no_mangle]
+pub unsafe extern "C" fn kdfuse_compute_cuda(
+    ctx: *const KdfuseContext,
+    batch: *const KdfuseBatch,
+    params: *const KdfuseParams,
+    stream: *mut c_void,
+) -> KdfuseStatus {
+    guard(|| {
+        let ctx = non_null("ctx", ctx)?;
+        let b = non_null("batch", batch)?;
+        let spec = non_null("params", params)?.to_spec()?;
+        let shape = b.shape()?;
+        if b.row_losses.is_null() {
+            return invalid("batch.row_losses", "required on the device (float, N)");
+        }
+        // SAFETY: the caller guarantees the stream belongs to this context
+        // and outlives the call's work; the wrapper does not own it.
+        let stream = unsafe {
+            ctx.backend
+                .context()
+                .wrap_borrowed_stream(stream as cudarc::driver::sys::CUstream)
+        };
+        let raw = RawFusedArgs {
+            dtype: shape.dtype,
+            grad_dtype: shape.grad_dtype,
+            student: b.student as u64,
+            teacher: b.teacher as u64,
+            labels: b.labels as u64,
+            grad: b.grad as u64,
+            row_losses: b.row_losses as u64,
+            loss: b.loss as u64,
+            valid_rows: b.valid_rows as u64,
+            layout: RowLayout {
+                rows: shape.rows,
+                cols: shape.cols,
+                student_stride: shape.student_stride,
+                teacher_stride: shape.teacher_stride,
+                grad_stride: shape.grad_stride,
+            },
+        };
+        // SAFETY: the caller's contract above.
+        unsafe { ctx.backend.launch_raw(&stream, &raw, &spec) }
+    })
+}
+
+/// Host memory of `len` elements of `dtype` at `p`, checked for alignment.
+///
+/// # Safety
+/// `p` must be valid for `len` elements.
+unsafe fn host_data<'a>(
+    arg: &'static str,
+    p: *const c_void,
+    len: usize,
+    dtype: Dtype,
+) -> Result<HostData<'a>> {
+    if (p as usize) % dtype.size() != 0 {
+        return invalid(arg, format!("pointer is not aligned for {dtype}"));
+    }
+    // SAFETY: the caller's contract; alignment checked above.
+    Ok(unsafe {
+        match dtype {
+            Dtype::F32 => HostData::F32(std::slice::from_raw_parts(p.cast::<f32>(), len)),
+            Dtype::Bf16 => HostData::Bf16(std::slice::from_raw_parts(p.cast::<bf16>(), len)),
+            Dtype::F16 => HostData::F16(std::slice::from_raw_parts(p.cast::<f16>(), len)),
+        }
+    })
+}
+
+/// The fused loss (and gradient, when `batch->grad` is not NULL) on host
+/// memory, computed by the CPU backend (rayon over rows, the kernels' fp32
+/// arithmetic). `loss` is required; `row_losses` and `valid_rows` are
+/// optional outputs; the gradient is written in `grad_dtype` with
+/// `grad_stride` and must not overlap the inputs.
+///
+/// # Safety
+/// Every non-NULL pointer must be host memory large enough for the batch's
+/// shape and strides.
+#[no_mangle]
+pub unsafe extern "C" fn kdfuse_compute_host(
+    batch: *const KdfuseBatch,
+    params: *const KdfuseParams,
+) -> KdfuseStatus {
+    guard(|| {
+        let b = non_null("batch", batch)?;
+        let spec = non_null("params", params)?.to_spec()?;
+        let sh = b.shape()?;
+        if !b.grad.is_null() && b.grad.cast_const() == b.student {
+            return invalid(
+                "batch.grad",
+                "an in-place gradient is for device memory only",
+            );
+        }
+        if !b.labels.is_null() && (b.labels as usize) % 8 != 0 {
+            return invalid("batch.labels", "pointer is not aligned for int64");
+        }
+        // SAFETY: the caller's contract: the inputs span these elements.
+        let (s, t) = unsafe {
+            (
+                host_data(
+                    "batch.student",
+                    b.student,
+                    sh.span(sh.student_stride),
+                    sh.dtype,
+                )?,
+                host_data(
+                    "batch.teacher",
+                    b.teacher,
+                    sh.span(sh.teacher_stride),
+                    sh.dtype,
+                )?,
+            )
+        };
+        // SAFETY: N labels when not NULL.
+        let labels =
+            (!b.labels.is_null()).then(|| unsafe { std::slice::from_raw_parts(b.labels, sh.rows) });
+        let inputs = KdInputs {
+            student: Logits::strided(s, sh.rows, sh.cols, sh.student_stride),
+            teacher: Logits::strided(t, sh.rows, sh.cols, sh.teacher_stride),
+            labels,
+        };
+        let grad = (!b.grad.is_null()).then_some(if sh.grad_dtype == sh.dtype {
+            GradDtype::Input
+        } else {
+            GradDtype::F32
+        });
+        let out = CpuBackend.compute(&inputs, &spec, grad)?;
+        // SAFETY: `loss` checked non-NULL by shape(); the others when not NULL.
+        unsafe {
+            *b.loss = out.loss as f32;
+            if !b.row_losses.is_null() {
+                for (r, l) in out.row_losses.iter().enumerate() {
+                    *b.row_losses.add(r) = *l as f32;
+                }
+            }
+            if !b.valid_rows.is_null() {
+                *b.valid_rows = out.valid_rows as i32;
+            }
+        }
+        if let Some(g) = out.grad {
+            if (b.grad as usize) % sh.grad_dtype.size() != 0 {
+                return invalid(
+                    "batch.grad",
+                    format!("pointer is not aligned for {}", sh.grad_dtype),
+                );
+            }
+            for (r, row) in g.chunks_exact(sh.cols.max(1)).enumerate().take(sh.rows) {
+                let base = r * sh.grad_stride;
+                // SAFETY: the gradient spans (N−1)·grad_stride + V elements.
+                unsafe {
+                    match sh.grad_dtype {
+                        Dtype::F32 => {
+                            let p = b.grad.cast::<f32>().add(base);
+                            std::ptr::copy_nonoverlapping(row.as_ptr(), p, row.len());
+                        }
+                        Dtype::Bf16 => {
+                            let p = b.grad.cast::<bf16>().add(base);
+                            for (j, &x) in row.iter().enumerate() {
+                                *p.add(j) = bf16::from_f32(x);
+                            }
+                        }
+                        Dtype::F16 => {
+                            let p = b.grad.cast::<f16>().add(base);
+                            for (j, &x) in row.iter().enumerate() {
+                                *p.add(j) = f16::from_f32(x);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    })
+}
