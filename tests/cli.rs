@@ -586,3 +586,29 @@ fn bench_cuda_without_gpu_is_a_clean_error() {
     );
     assert_clean_error(&kdfuse(&["profile", "--rows", "2", "--cols", "9"]), "CUDA");
 }
+
+/// A reader that goes away (`kdfuse … | head`) ends the command quietly, not
+/// with a panic on EPIPE.
+#[test]
+fn closed_stdout_is_not_a_panic() {
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kdfuse"))
+        .args([
+            "check",
+            "--backend",
+            "cpu",
+            "--cases",
+            "400",
+            "--verbose",
+            "--max-vocab",
+            "50",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+}
