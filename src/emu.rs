@@ -11,8 +11,7 @@ use crate::cuda::threads_for;
 use crate::error::{invalid, Result};
 use crate::params::KernelParams;
 use crate::spec::LossSpec;
-use crate::tensor::{Dtype, GradDtype, KdInputs};
-use half::{bf16, f16};
+use crate::tensor::{Dtype, GradDtype, KdInputs, OwnedData};
 use std::ffi::c_void;
 
 extern "C" {
@@ -82,18 +81,30 @@ fn code(d: Dtype) -> i32 {
 }
 
 fn to_f32(bytes: &[u8], d: Dtype) -> Vec<f32> {
-    let u16s = || {
-        bytes
-            .chunks_exact(2)
-            .map(|c| u16::from_le_bytes([c[0], c[1]]))
-    };
-    match d {
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        Dtype::Bf16 => u16s().map(|b| bf16::from_bits(b).to_f32()).collect(),
-        Dtype::F16 => u16s().map(|b| f16::from_bits(b).to_f32()).collect(),
+    let data = OwnedData::from_bytes(bytes, d);
+    let view = data.view();
+    (0..view.len()).map(|i| view.get(i)).collect()
+}
+
+/// The emulated launch's results as a [`KdOutput`] (`n` rows).
+fn output(
+    mut row_loss: Vec<f32>,
+    loss: f32,
+    valid: i32,
+    with_labels: bool,
+    n: usize,
+    grad: Option<Vec<f32>>,
+) -> KdOutput {
+    row_loss.truncate(n);
+    KdOutput {
+        loss: loss as f64,
+        row_losses: row_loss.into_iter().map(f64::from).collect(),
+        valid_rows: if with_labels {
+            valid.max(0) as usize
+        } else {
+            n
+        },
+        grad,
     }
 }
 
@@ -184,17 +195,14 @@ impl Backend for EmuBackend {
                 x
             }
         });
-        row_loss.truncate(n);
-        Ok(KdOutput {
-            loss: loss as f64,
-            row_losses: row_loss.into_iter().map(f64::from).collect(),
-            valid_rows: if inputs.labels.is_some() {
-                valid.max(0) as usize
-            } else {
-                n
-            },
-            grad: grad_out,
-        })
+        Ok(output(
+            row_loss,
+            loss,
+            valid,
+            inputs.labels.is_some(),
+            n,
+            grad_out,
+        ))
     }
 }
 
@@ -274,16 +282,13 @@ impl Backend for EagerEmuBackend {
             x.truncate(n * v);
             x
         });
-        row_loss.truncate(n);
-        Ok(KdOutput {
-            loss: loss as f64,
-            row_losses: row_loss.into_iter().map(f64::from).collect(),
-            valid_rows: if inputs.labels.is_some() {
-                valid.max(0) as usize
-            } else {
-                n
-            },
-            grad: grad_out,
-        })
+        Ok(output(
+            row_loss,
+            loss,
+            valid,
+            inputs.labels.is_some(),
+            n,
+            grad_out,
+        ))
     }
 }

@@ -168,18 +168,9 @@ pub fn run(configs: &[BenchConfig], opts: &BenchOptions) -> Result<BenchReport> 
         progress.inc(1);
     }
     progress.finish_and_clear();
-    Ok(BenchReport {
-        tool: format!("kdfuse {}", env!("CARGO_PKG_VERSION")),
-        commit: host::commit(opts.commit.as_deref()),
-        date,
-        backend: "cpu".into(),
-        host,
-        device: None,
-        reference_bandwidth_gbs: reference,
-        warmup: opts.warmup,
-        runs: opts.runs,
-        results,
-    })
+    Ok(BenchReport::new(
+        "cpu", date, host, None, reference, opts, results,
+    ))
 }
 
 /// `kdfuse profile --backend cpu`: the whole configuration, `opts.runs`

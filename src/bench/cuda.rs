@@ -455,18 +455,15 @@ pub fn run(configs: &[BenchConfig], opts: &BenchOptions) -> Result<BenchReport> 
         progress.inc(1);
     }
     progress.finish_and_clear();
-    Ok(BenchReport {
-        tool: format!("kdfuse {}", env!("CARGO_PKG_VERSION")),
-        commit: host::commit(opts.commit.as_deref()),
+    Ok(BenchReport::new(
+        "cuda",
         date,
-        backend: "cuda".into(),
         host,
-        device: Some(meta),
-        reference_bandwidth_gbs: copy_gbs,
-        warmup: opts.warmup,
-        runs: opts.runs,
+        Some(meta),
+        copy_gbs,
+        opts,
         results,
-    })
+    ))
 }
 
 /// `iters` runs of `variant` between `cuProfilerStart` and `cuProfilerStop`

@@ -143,6 +143,31 @@ pub struct BenchReport {
 }
 
 impl BenchReport {
+    /// A report of `results` measured by `backend` (`cuda` or `cpu`), the
+    /// run having started at `date`; the commit comes from `opts`.
+    pub(crate) fn new(
+        backend: &str,
+        date: String,
+        host: HostInfo,
+        device: Option<DeviceMeta>,
+        reference_bandwidth_gbs: f64,
+        opts: &super::BenchOptions,
+        results: Vec<BenchResult>,
+    ) -> Self {
+        BenchReport {
+            tool: format!("kdfuse {}", env!("CARGO_PKG_VERSION")),
+            commit: super::host::commit(opts.commit.as_deref()),
+            date,
+            backend: backend.into(),
+            host,
+            device,
+            reference_bandwidth_gbs,
+            warmup: opts.warmup,
+            runs: opts.runs,
+            results,
+        }
+    }
+
     /// Whether every check that ran passed.
     pub fn checks_passed(&self) -> bool {
         self.results

@@ -67,6 +67,15 @@ fn guard(f: impl FnOnce() -> Result<()>) -> KdfuseStatus {
     }
 }
 
+/// `*out` for writing, or an error naming `out`.
+fn out_ref<'a, T>(out: *mut T) -> Result<&'a mut T> {
+    // SAFETY: the caller passes writable memory or NULL.
+    unsafe { out.as_mut() }.ok_or_else(|| KdError::InvalidArgument {
+        arg: "out",
+        msg: "must not be NULL".into(),
+    })
+}
+
 fn non_null<'a, T>(arg: &'static str, p: *const T) -> Result<&'a T> {
     // SAFETY: the caller passes a valid pointer or NULL.
     unsafe { p.as_ref() }.ok_or_else(|| KdError::InvalidArgument {
@@ -95,11 +104,7 @@ pub extern "C" fn kdfuse_last_error() -> *const c_char {
 #[no_mangle]
 pub unsafe extern "C" fn kdfuse_params_default(out: *mut KdfuseParams) -> KdfuseStatus {
     guard(|| {
-        // SAFETY: checked for NULL; the caller provides the memory.
-        let out = unsafe { out.as_mut() }.ok_or_else(|| KdError::InvalidArgument {
-            arg: "out",
-            msg: "must not be NULL".into(),
-        })?;
+        let out = out_ref(out)?;
         *out = KdfuseParams::defaults();
         Ok(())
     })
@@ -118,11 +123,7 @@ pub unsafe extern "C" fn kdfuse_batch_init(
     dtype: i32,
 ) -> KdfuseStatus {
     guard(|| {
-        // SAFETY: checked for NULL; the caller provides the memory.
-        let out = unsafe { out.as_mut() }.ok_or_else(|| KdError::InvalidArgument {
-            arg: "out",
-            msg: "must not be NULL".into(),
-        })?;
+        let out = out_ref(out)?;
         types::dtype("dtype", dtype)?;
         *out = KdfuseBatch::init(rows, cols, dtype);
         Ok(())
@@ -137,11 +138,7 @@ pub unsafe extern "C" fn kdfuse_batch_init(
 #[no_mangle]
 pub unsafe extern "C" fn kdfuse_device_count(out: *mut i32) -> KdfuseStatus {
     guard(|| {
-        // SAFETY: checked for NULL.
-        let out = unsafe { out.as_mut() }.ok_or_else(|| KdError::InvalidArgument {
-            arg: "out",
-            msg: "must not be NULL".into(),
-        })?;
+        let out = out_ref(out)?;
         *out = 0;
         *out = crate::cuda::device_count()? as i32;
         Ok(())
@@ -159,11 +156,7 @@ pub unsafe extern "C" fn kdfuse_context_create(
     out: *mut *mut KdfuseContext,
 ) -> KdfuseStatus {
     guard(|| {
-        // SAFETY: checked for NULL.
-        let out = unsafe { out.as_mut() }.ok_or_else(|| KdError::InvalidArgument {
-            arg: "out",
-            msg: "must not be NULL".into(),
-        })?;
+        let out = out_ref(out)?;
         *out = std::ptr::null_mut();
         let ordinal = usize::try_from(device).or_else(|_| {
             invalid(

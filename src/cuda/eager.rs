@@ -132,17 +132,10 @@ impl CudaBackend {
         let (ls1, _g5) = scratch.ls1.device_ptr_mut(stream);
 
         if raw.labels != 0 {
-            let f = self.function("kd_count_valid")?;
-            let mut b = stream.launch_builder(&f);
-            b.arg(&raw.labels)
-                .arg(&n)
-                .arg(&spec.ignore_index)
-                .arg(&raw.valid_rows);
-            b.launch(LaunchConfig {
-                grid_dim: (1, 1, 1),
-                block_dim: (1024, 1, 1),
-                shared_mem_bytes: 0,
-            })?;
+            // SAFETY: the caller's contract (labels: N, valid_rows: 1).
+            unsafe {
+                self.launch_count_valid(stream, raw.labels, n, spec.ignore_index, raw.valid_rows)
+            }?;
         }
         let lsm = self.function(&format!("kd_eager_log_softmax_{}", raw.dtype))?;
         let inv_tau = p.inv_tau;
@@ -193,18 +186,8 @@ impl CudaBackend {
             .arg(&p)
             .arg(&raw.row_losses);
         b.launch(rows_cfg(l.rows))?;
-        let f = self.function("kd_reduce_loss")?;
-        let mut b = stream.launch_builder(&f);
-        b.arg(&raw.row_losses)
-            .arg(&n)
-            .arg(&valid_ptr)
-            .arg(&p)
-            .arg(&raw.loss);
-        b.launch(LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (1024, 1, 1),
-            shared_mem_bytes: 0,
-        })?;
+        // SAFETY: the caller's contract (row_losses: N, loss: 1).
+        unsafe { self.launch_reduce_loss(stream, raw.row_losses, n, valid_ptr, &p, raw.loss) }?;
         if raw.grad == 0 {
             return Ok(());
         }

@@ -136,6 +136,13 @@ pub struct RawFusedArgs {
     pub layout: RowLayout,
 }
 
+/// One block of 1024 threads (the count and reduce kernels).
+const ONE_BLOCK: LaunchConfig = LaunchConfig {
+    grid_dim: (1, 1, 1),
+    block_dim: (1024, 1, 1),
+    shared_mem_bytes: 0,
+};
+
 /// Threads per block for a row of `cols` elements of `dtype`.
 pub(crate) fn threads_for(cols: usize, dtype: Dtype) -> u32 {
     let vecs = cols / (16 / dtype.size());
@@ -198,17 +205,10 @@ impl CudaBackend {
         };
 
         if raw.labels != 0 {
-            let f = self.function("kd_count_valid")?;
-            let mut b = stream.launch_builder(&f);
-            b.arg(&raw.labels)
-                .arg(&n)
-                .arg(&spec.ignore_index)
-                .arg(&raw.valid_rows);
-            b.launch(LaunchConfig {
-                grid_dim: (1, 1, 1),
-                block_dim: (1024, 1, 1),
-                shared_mem_bytes: 0,
-            })?;
+            // SAFETY: the caller's contract (labels: N, valid_rows: 1).
+            unsafe {
+                self.launch_count_valid(stream, raw.labels, n, spec.ignore_index, raw.valid_rows)
+            }?;
         }
         if l.rows > 0 {
             let name = format!(
@@ -241,18 +241,51 @@ impl CudaBackend {
                 shared_mem_bytes: 0,
             })?;
         }
+        // SAFETY: the caller's contract (row_losses: N, loss: 1).
+        unsafe { self.launch_reduce_loss(stream, raw.row_losses, n, valid_ptr, &p, raw.loss) }
+    }
+
+    /// Enqueues `kd_count_valid`: the rows of `labels` (N) that are not
+    /// `ignore_index`, into `out` (one i32), on the device.
+    ///
+    /// # Safety
+    /// Valid device pointers of this context: `labels` N i64, `out` one i32.
+    pub(crate) unsafe fn launch_count_valid(
+        &self,
+        stream: &CudaStream,
+        labels: u64,
+        n: i64,
+        ignore_index: i64,
+        out: u64,
+    ) -> Result<()> {
+        let f = self.function("kd_count_valid")?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&labels).arg(&n).arg(&ignore_index).arg(&out);
+        // SAFETY: the caller's contract.
+        unsafe { b.launch(ONE_BLOCK) }?;
+        Ok(())
+    }
+
+    /// Enqueues `kd_reduce_loss`: the reduced loss of `row_losses` (N) into
+    /// `loss` (one f32), with the valid-row count at `valid` (0 = all rows).
+    ///
+    /// # Safety
+    /// Valid device pointers of this context: `row_losses` N f32, `loss` one
+    /// f32, `valid` one i32 or 0.
+    pub(crate) unsafe fn launch_reduce_loss(
+        &self,
+        stream: &CudaStream,
+        row_losses: u64,
+        n: i64,
+        valid: u64,
+        p: &KernelParams,
+        loss: u64,
+    ) -> Result<()> {
         let f = self.function("kd_reduce_loss")?;
         let mut b = stream.launch_builder(&f);
-        b.arg(&raw.row_losses)
-            .arg(&n)
-            .arg(&valid_ptr)
-            .arg(&p)
-            .arg(&raw.loss);
-        b.launch(LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (1024, 1, 1),
-            shared_mem_bytes: 0,
-        })?;
+        b.arg(&row_losses).arg(&n).arg(&valid).arg(p).arg(&loss);
+        // SAFETY: the caller's contract.
+        unsafe { b.launch(ONE_BLOCK) }?;
         Ok(())
     }
 
