@@ -38,6 +38,7 @@ pub mod distill;
 #[doc(hidden)]
 pub mod emu;
 pub mod error;
+pub mod feature;
 pub mod hostmath;
 pub mod oracle;
 mod params;
@@ -53,6 +54,10 @@ pub mod kernels_meta {
 pub use backend::{create, Backend, BackendKind, KdOutput};
 pub use cpu::CpuBackend;
 pub use error::{KdError, Result};
+pub use feature::{
+    FeatureBackend, FeatureGrads, FeatureInputs, FeatureKind, FeatureLayout, FeatureOutput,
+    FeatureSpec, Features,
+};
 pub use oracle::Oracle;
 pub use spec::{Divergence, LossSpec, Reduction};
 pub use tensor::{Dtype, GradDtype, HostData, KdInputs, Logits, OwnedData};
