@@ -11,6 +11,10 @@
 //! - [`cuda::CudaBackend`]: the fused CUDA kernel (also usable directly on
 //!   device buffers and caller streams, see [`cuda::CudaBackend::fused`]).
 //!
+//! Feature distillation (MSE, cosine and attention-transfer losses between
+//! feature rows or maps, student and teacher gradients) is in [`feature`],
+//! on the same three backends through [`FeatureBackend`].
+//!
 //! ```no_run
 //! use kdfuse::{create, BackendKind, Divergence, GradDtype, HostData, KdInputs, Logits, LossSpec};
 //! let (n, v) = (4, 32000);

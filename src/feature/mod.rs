@@ -9,8 +9,10 @@
 //! - **cosine**: `r_i = 1 − cos(s, t)`, `cos = ⟨s, t⟩ / (max(‖s‖₂, ε)·max(‖t‖₂, ε))`
 //!   (PyTorch's `cosine_similarity`, ε = 1e-8: each norm is clamped
 //!   separately, so a zero row has cos = 0 and r = 1). `mean` divides by N.
-//!   A clamped norm is a constant for the gradient, so a zero student row gets
-//!   `−w·t/(ε·max(‖t‖, ε))`, of size 1/ε, as in PyTorch (beyond f16's range).
+//!   A clamped norm is a constant for the gradient (the exact derivative of
+//!   the formula; where 0 < ‖s‖ < ε this can differ from PyTorch's autograd),
+//!   so a zero student row gets `−w·t/(ε·max(‖t‖, ε))`, of size 1/ε, as in
+//!   PyTorch (beyond f16's range).
 //! - **attention** (Zagoruyko & Komodakis 2017, their code's form): a sample is
 //!   `[C, S]` (channels × positions, S = H·W; student and teacher may have
 //!   different C, the same S). `Q_j = (1/C) Σ_c x_{c,j}²`,
