@@ -4,7 +4,7 @@ use super::{npy, CliError};
 use clap::Args;
 use kdfuse::{
     BackendKind, Dtype, FeatureGrads, FeatureInputs, FeatureKind, FeatureSpec, Features, GradDtype,
-    KdError, OwnedData, Reduction,
+    OwnedData, Reduction,
 };
 use serde_json::json;
 use std::path::PathBuf;
@@ -61,18 +61,16 @@ fn dims(kind: FeatureKind, shape: &[usize], arg: &str) -> Result<(usize, usize, 
     }
 }
 
-/// Makes the backend; `auto` says on stderr why it fell back to the CPU.
+/// Makes the backend; `auto` resolves as for `kdfuse loss` (CUDA when
+/// usable, else the CPU, with a note on stderr saying why).
 fn make_backend(kind: BackendKind) -> Result<Box<dyn kdfuse::FeatureBackend>, CliError> {
-    if kind == BackendKind::Auto {
-        return match kdfuse::cuda::CudaBackend::new(0) {
-            Ok(b) => Ok(Box::new(b)),
-            Err(KdError::CudaUnavailable(why)) => {
-                eprintln!("kdfuse: note: CUDA unavailable ({why}); using the CPU backend");
-                Ok(Box::new(kdfuse::CpuBackend))
-            }
-            Err(e) => Err(e.into()),
-        };
-    }
+    let kind = match kind {
+        BackendKind::Auto => super::make_backend(kind)?
+            .name()
+            .parse()
+            .unwrap_or(BackendKind::Cpu),
+        k => k,
+    };
     Ok(kdfuse::feature::create(kind)?)
 }
 

@@ -5,6 +5,29 @@ use super::{params, FeatureKind};
 use crate::error::{invalid, Result};
 use crate::tensor::{Dtype, HostData};
 
+/// Checks that a row of `channels × width` elements is not empty and that
+/// its length fits the kernels' 32-bit in-row indexing.
+fn check_row(arg: &'static str, channels: usize, width: usize) -> Result<()> {
+    if channels == 0 || width == 0 {
+        return invalid(
+            arg,
+            format!(
+                "has empty rows (C = {channels}, H or S = {width}); every row needs at least one element"
+            ),
+        );
+    }
+    match channels.checked_mul(width) {
+        Some(l) if l <= i32::MAX as usize => Ok(()),
+        _ => invalid(
+            arg,
+            format!(
+                "a row of {channels} × {width} elements exceeds {}",
+                i32::MAX
+            ),
+        ),
+    }
+}
+
 /// Shape and strides (in elements) of one batch, on the host or the device.
 /// A student sample is `student_channels × width` elements (channel c at
 /// c·width), a teacher sample `teacher_channels × width`. MSE and cosine use
@@ -65,44 +88,20 @@ impl FeatureLayout {
         self.teacher_channels.saturating_mul(self.width)
     }
 
-    /// Elements a buffer of `rows` rows of `len` values, `stride` apart, must hold.
+    /// Elements a buffer of `rows` rows of `len` values, `stride` apart, must
+    /// hold (saturating).
     pub fn needed(&self, stride: usize, len: usize) -> usize {
         if self.rows == 0 {
             0
         } else {
-            (self.rows - 1) * stride + len
+            (self.rows - 1).saturating_mul(stride).saturating_add(len)
         }
     }
 
     /// Checks the shape for `kind` (names the argument at fault).
     pub fn validate(&self, kind: FeatureKind) -> Result<()> {
-        for (arg, c) in [
-            ("student", self.student_channels),
-            ("teacher", self.teacher_channels),
-        ] {
-            if c == 0 || self.width == 0 {
-                return invalid(
-                    arg,
-                    format!(
-                        "has empty rows (C = {c}, H or S = {}); every row needs at least one element",
-                        self.width
-                    ),
-                );
-            }
-            match c.checked_mul(self.width) {
-                Some(l) if l <= i32::MAX as usize => {}
-                _ => {
-                    return invalid(
-                        arg,
-                        format!(
-                            "a row of {c} × {} elements exceeds {}",
-                            self.width,
-                            i32::MAX
-                        ),
-                    )
-                }
-            }
-        }
+        check_row("student", self.student_channels, self.width)?;
+        check_row("teacher", self.teacher_channels, self.width)?;
         if kind != FeatureKind::Attention && self.student_len() != self.teacher_len() {
             return invalid(
                 "teacher",
@@ -215,29 +214,7 @@ impl<'a> Features<'a> {
 
     /// Checks the shape against the data; `arg` names the argument.
     pub fn validate(&self, arg: &'static str) -> Result<()> {
-        if self.channels == 0 || self.width == 0 {
-            return invalid(
-                arg,
-                format!(
-                    "has empty rows (C = {}, H or S = {}); every row needs at least one element",
-                    self.channels, self.width
-                ),
-            );
-        }
-        match self.channels.checked_mul(self.width) {
-            Some(l) if l <= i32::MAX as usize => {}
-            _ => {
-                return invalid(
-                    arg,
-                    format!(
-                        "a row of {} × {} elements exceeds {}",
-                        self.channels,
-                        self.width,
-                        i32::MAX
-                    ),
-                )
-            }
-        }
+        check_row(arg, self.channels, self.width)?;
         let len = self.row_len();
         if self.row_stride < len {
             return invalid(
