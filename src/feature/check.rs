@@ -48,7 +48,6 @@ pub enum Special {
 #[derive(Debug, Clone, Serialize)]
 pub struct FeatureCaseConfig {
     /// The loss and its parameters.
-    #[serde(skip)]
     pub spec: FeatureSpec,
     /// Rows N.
     pub rows: usize,

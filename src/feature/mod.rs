@@ -119,17 +119,25 @@ impl FromStr for FeatureKind {
 }
 
 /// The feature loss to compute.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct FeatureSpec {
     /// The loss.
     pub kind: FeatureKind,
     /// The reduction over rows (`mean` by default, see the module docs).
+    #[serde(serialize_with = "reduction_name")]
     pub reduction: Reduction,
     /// ε of the norm clamps; `None` is the kind's default
     /// ([`FeatureKind::default_eps`]). Ignored by MSE.
     pub eps: Option<f64>,
     /// Upstream gradient scale: the gradients are those of `grad_scale · L`.
     pub grad_scale: f64,
+}
+
+fn reduction_name<S: serde::Serializer>(
+    r: &Reduction,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(r.as_str())
 }
 
 impl Default for FeatureSpec {
