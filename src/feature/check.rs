@@ -36,7 +36,8 @@ pub enum Special {
     None,
     /// Some rows all zero (student, teacher or both).
     ZeroRows,
-    /// Some rows scaled by 1e-12 (norms below ε; zero in f16).
+    /// Some rows scaled by 1e-12 (attention: 1e-7, so that the squares of
+    /// the maps stay normal fp32 numbers): norms below ε.
     TinyRows,
     /// Teacher = student on some rows (loss and gradients exactly 0; same C).
     Identical,
@@ -258,11 +259,16 @@ pub fn generate_features(config: &FeatureCaseConfig) -> FeatureCaseData {
                 },
                 Special::TinyRows => {
                     let side = rng.random_range(0..3);
+                    let f = if c.spec.kind == FeatureKind::Attention {
+                        1e-7
+                    } else {
+                        1e-12
+                    };
                     if side != 1 {
-                        srow.iter_mut().for_each(|x| *x *= 1e-12);
+                        srow.iter_mut().for_each(|x| *x *= f);
                     }
                     if side != 0 {
-                        trow.iter_mut().for_each(|x| *x *= 1e-12);
+                        trow.iter_mut().for_each(|x| *x *= f);
                     }
                 }
                 Special::Identical => trow.copy_from_slice(srow),
