@@ -58,12 +58,13 @@ fn main() {
     meta.write(&out);
 }
 
-/// kd_host.cpp: the kernels' row arithmetic, compiled for the CPU; and the
-/// kernels under a CPU emulation of CUDA, for the tests.
+/// kd_host.cpp and feature_host.cpp: the kernels' row arithmetic, compiled for
+/// the CPU; and the kernels under a CPU emulation of CUDA, for the tests.
 fn build_host_math() {
     cc::Build::new()
         .cpp(true)
         .file("kernels/kd_host.cpp")
+        .file("kernels/feature_host.cpp")
         .include("kernels")
         .flag_if_supported("-std=c++17")
         .flag_if_supported("-fno-fast-math")
@@ -79,6 +80,7 @@ fn build_host_math() {
         .file("kernels/emu/kd_emu.cpp")
         .file("kernels/emu/eager_emu.cpp")
         .file("kernels/emu/mlp_emu.cpp")
+        .file("kernels/emu/feature_emu.cpp")
         .include("kernels")
         .std("c++20")
         .flag_if_supported("-fno-strict-aliasing")

@@ -11,6 +11,10 @@
 //! - [`cuda::CudaBackend`]: the fused CUDA kernel (also usable directly on
 //!   device buffers and caller streams, see [`cuda::CudaBackend::fused`]).
 //!
+//! Feature distillation (MSE, cosine and attention-transfer losses between
+//! feature rows or maps, student and teacher gradients) is in [`feature`],
+//! on the same three backends through [`FeatureBackend`].
+//!
 //! ```no_run
 //! use kdfuse::{create, BackendKind, Divergence, GradDtype, HostData, KdInputs, Logits, LossSpec};
 //! let (n, v) = (4, 32000);
@@ -39,6 +43,7 @@ pub mod distill;
 #[doc(hidden)]
 pub mod emu;
 pub mod error;
+pub mod feature;
 pub mod hostmath;
 pub mod oracle;
 mod params;
@@ -54,6 +59,10 @@ pub mod kernels_meta {
 pub use backend::{create, Backend, BackendKind, KdOutput};
 pub use cpu::CpuBackend;
 pub use error::{KdError, Result};
+pub use feature::{
+    FeatureBackend, FeatureGrads, FeatureInputs, FeatureKind, FeatureLayout, FeatureOutput,
+    FeatureSpec, Features,
+};
 pub use oracle::Oracle;
 pub use spec::{Divergence, LossSpec, Reduction};
 pub use tensor::{Dtype, GradDtype, HostData, KdInputs, Logits, OwnedData};

@@ -4,8 +4,12 @@
 //! them with NaN bits), plus the device-buffer API: caller streams, in-place
 //! gradients, bad labels.
 //!
+//! The feature losses' GPU tests are in gpu_features/.
+//!
 //! Own runner (harness = false): without a usable GPU every test prints
 //! "skipped" with the reason; with KDFUSE_REQUIRE_GPU=1 that is a failure.
+
+mod gpu_features;
 
 use half::bf16;
 use kdfuse::check::{run_case, sweep, CaseConfig, NegInf};
@@ -36,6 +40,26 @@ fn main() -> ExitCode {
         ("bench_runs_and_checks_itself", bench_runs_and_checks_itself),
         ("distill_step_cpu_vs_cuda", distill_step_cpu_vs_cuda),
         ("demo_on_cuda", demo_on_cuda),
+        (
+            "feature_sweep_against_oracle",
+            gpu_features::feature_sweep_against_oracle,
+        ),
+        (
+            "feature_large_rows_and_maps_every_dtype",
+            gpu_features::feature_large_rows_and_maps_every_dtype,
+        ),
+        (
+            "feature_many_rows_and_empty_batches",
+            gpu_features::feature_many_rows_and_empty_batches,
+        ),
+        (
+            "feature_agrees_with_cpu_backend",
+            gpu_features::feature_agrees_with_cpu_backend,
+        ),
+        (
+            "feature_device_api_on_caller_stream",
+            gpu_features::feature_device_api_on_caller_stream,
+        ),
     ];
     let filter: Vec<String> = std::env::args()
         .skip(1)

@@ -2,8 +2,10 @@
 
 use super::{make_backend, CliError};
 use clap::Args;
-use kdfuse::check::{sweep, CaseReport};
+use kdfuse::check::{sweep, CaseReport, GroupStats};
+use kdfuse::feature::check::{feature_sweep, FeatureCaseReport};
 use kdfuse::BackendKind;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -18,9 +20,13 @@ pub struct CheckArgs {
     /// Seed of the case generator.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Largest vocabulary drawn.
+    /// Largest vocabulary drawn (and largest feature row H or map size S).
     #[arg(long, default_value_t = 262_144)]
     max_vocab: usize,
+    /// Random cases of the feature losses (mse, cosine, attention); default:
+    /// half of --cases.
+    #[arg(long)]
+    feature_cases: Option<usize>,
     /// Print every case.
     #[arg(long)]
     verbose: bool,
@@ -60,16 +66,38 @@ pub fn run(a: CheckArgs) -> Result<ExitCode, CliError> {
         a.seed,
         a.max_vocab
     );
+    print_groups("dtype/divergence", &report.groups);
+    // The same backend as above (`auto` resolved, its note printed once).
+    let feature_backend = kdfuse::feature::create(match kind {
+        BackendKind::Auto => backend.name().parse().unwrap_or(BackendKind::Cpu),
+        k => k,
+    })?;
+    let feature_cases = a.feature_cases.unwrap_or(a.cases / 2);
+    let features = feature_sweep(
+        feature_backend.as_ref(),
+        feature_cases,
+        a.seed,
+        a.max_vocab,
+        |r: &FeatureCaseReport| {
+            if verbose || !r.passed {
+                println!(
+                    "{} loss_err={:.2e} grad_err={:.2e}  {}",
+                    if r.passed { "ok  " } else { "FAIL" },
+                    r.loss_err,
+                    r.grad_err,
+                    r.config.describe()
+                );
+            }
+        },
+    )?;
     println!(
-        "{:<18} {:>6} {:>14} {:>14} {:>7}",
-        "dtype/divergence", "cases", "max loss err", "max grad err", "failed"
+        "feature losses, backend {} vs oracle: {} cases, seed {}, H, S ≤ {}",
+        feature_backend.name(),
+        features.cases,
+        a.seed,
+        a.max_vocab
     );
-    for (k, g) in &report.groups {
-        println!(
-            "{:<18} {:>6} {:>14.2e} {:>14.2e} {:>7}",
-            k, g.cases, g.max_loss_err, g.max_grad_err, g.failed
-        );
-    }
+    print_groups("dtype/feature", &features.groups);
     println!("tolerances (DESIGN.md §3): loss 1e-5; gradient 1e-5 (f32 out), 4e-3 (bf16 out), 1e-3 (f16 out)");
     if let Some(path) = &a.json {
         let body = serde_json::json!({
@@ -77,6 +105,7 @@ pub fn run(a: CheckArgs) -> Result<ExitCode, CliError> {
             "seed": a.seed,
             "max_vocab": a.max_vocab,
             "report": report,
+            "features": features,
         });
         std::fs::write(
             path,
@@ -84,15 +113,29 @@ pub fn run(a: CheckArgs) -> Result<ExitCode, CliError> {
         )
         .map_err(|e| CliError::Msg(format!("{}: cannot write: {e}", path.display())))?;
     }
-    if report.passed() {
+    if report.passed() && features.passed() {
         println!("passed");
         Ok(ExitCode::SUCCESS)
     } else {
         println!(
             "FAILED: {} of {} cases past tolerance",
-            report.failures.len(),
-            report.cases
+            report.failures.len() + features.failures.len(),
+            report.cases + features.cases
         );
         Ok(ExitCode::from(1))
+    }
+}
+
+/// The table of one sweep's groups.
+fn print_groups(title: &str, groups: &BTreeMap<String, GroupStats>) {
+    println!(
+        "{:<18} {:>6} {:>14} {:>14} {:>7}",
+        title, "cases", "max loss err", "max grad err", "failed"
+    );
+    for (k, g) in groups {
+        println!(
+            "{:<18} {:>6} {:>14.2e} {:>14.2e} {:>7}",
+            k, g.cases, g.max_loss_err, g.max_grad_err, g.failed
+        );
     }
 }

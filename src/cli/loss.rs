@@ -139,7 +139,7 @@ pub fn run(a: LossArgs) -> Result<ExitCode, CliError> {
 }
 
 /// JSON has no inf/NaN: they are written as the strings "inf", "-inf", "nan".
-fn json_num(x: f64) -> serde_json::Value {
+pub(super) fn json_num(x: f64) -> serde_json::Value {
     if x.is_finite() {
         json!(x)
     } else if x.is_nan() {

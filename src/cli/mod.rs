@@ -3,6 +3,7 @@
 mod bench;
 mod check;
 mod demo;
+mod feature;
 mod info;
 mod loss;
 mod npy;
@@ -25,6 +26,9 @@ enum Command {
     Info(info::InfoArgs),
     /// Compute a distillation loss (and gradient) from .npy files; prints JSON.
     Loss(loss::LossArgs),
+    /// Compute a feature distillation loss (mse, cosine, attention transfer)
+    /// and gradients from .npy files; prints JSON.
+    FeatureLoss(feature::FeatureLossArgs),
     /// Sweep random cases of a backend against the f64 oracle.
     Check(check::CheckArgs),
     /// Benchmark: fused vs eager vs copy bandwidth (GPU), or the CPU backend
@@ -51,6 +55,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match cli.command {
         Command::Info(a) => info::run(a),
         Command::Loss(a) => loss::run(a),
+        Command::FeatureLoss(a) => feature::run(a),
         Command::Check(a) => check::run(a),
         Command::Bench(a) => bench::run(a),
         Command::BenchReport(a) => bench::report(a),

@@ -32,41 +32,14 @@ fn type_of(npy: &NpyFile<BufReader<File>>) -> Option<(TypeChar, u64)> {
 
 /// A 2-D float array as f32 values (f16 exact, f64 rounded): (data, rows, cols).
 pub fn read_matrix(path: &Path, arg: &str) -> Result<(Vec<f32>, usize, usize), CliError> {
-    let npy = open(path, arg)?;
-    let shape = npy.shape().to_vec();
+    let (data, shape) = read_array(path, arg)?;
     if shape.len() != 2 {
         return Err(err(
             path,
             format!("{arg} must be 2-D [N, V], got shape {shape:?}"),
         ));
     }
-    let (rows, cols) = (shape[0] as usize, shape[1] as usize);
-    let rd = |e: std::io::Error| err(path, format!("reading {arg}: {e}"));
-    let data: Vec<f32> = match type_of(&npy) {
-        Some((TypeChar::Float, 4)) => npy.into_vec::<f32>().map_err(rd)?,
-        Some((TypeChar::Float, 2)) => npy
-            .into_vec::<half::f16>()
-            .map_err(rd)?
-            .into_iter()
-            .map(|x| x.to_f32())
-            .collect(),
-        Some((TypeChar::Float, 8)) => npy
-            .into_vec::<f64>()
-            .map_err(rd)?
-            .into_iter()
-            .map(|x| x as f32)
-            .collect(),
-        _ => {
-            return Err(err(
-                path,
-                format!(
-                    "{arg} has unsupported dtype {} (expected float32, float16 or float64)",
-                    npy.dtype().descr()
-                ),
-            ))
-        }
-    };
-    Ok((data, rows, cols))
+    Ok((data, shape[0], shape[1]))
 }
 
 /// A 1-D int32 or int64 array as i64.
@@ -100,11 +73,50 @@ pub fn read_labels(path: &Path, arg: &str) -> Result<Vec<i64>, CliError> {
 
 /// Writes a 2-D f32 array.
 pub fn write_matrix(path: &Path, data: &[f32], rows: usize, cols: usize) -> Result<(), CliError> {
+    write_array(path, data, &[rows, cols])
+}
+
+/// A float array of any rank as f32 values (f16 exact, f64 rounded), with its
+/// shape.
+pub fn read_array(path: &Path, arg: &str) -> Result<(Vec<f32>, Vec<usize>), CliError> {
+    let npy = open(path, arg)?;
+    let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
+    let rd = |e: std::io::Error| err(path, format!("reading {arg}: {e}"));
+    let data: Vec<f32> = match type_of(&npy) {
+        Some((TypeChar::Float, 4)) => npy.into_vec::<f32>().map_err(rd)?,
+        Some((TypeChar::Float, 2)) => npy
+            .into_vec::<half::f16>()
+            .map_err(rd)?
+            .into_iter()
+            .map(|x| x.to_f32())
+            .collect(),
+        Some((TypeChar::Float, 8)) => npy
+            .into_vec::<f64>()
+            .map_err(rd)?
+            .into_iter()
+            .map(|x| x as f32)
+            .collect(),
+        _ => {
+            return Err(err(
+                path,
+                format!(
+                    "{arg} has unsupported dtype {} (expected float32, float16 or float64)",
+                    npy.dtype().descr()
+                ),
+            ))
+        }
+    };
+    Ok((data, shape))
+}
+
+/// Writes an f32 array of any shape.
+pub fn write_array(path: &Path, data: &[f32], shape: &[usize]) -> Result<(), CliError> {
     let f = File::create(path).map_err(|e| err(path, format!("cannot create: {e}")))?;
     let werr = |e: std::io::Error| err(path, format!("writing: {e}"));
+    let shape: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
     let mut w = npyz::WriteOptions::new()
         .default_dtype()
-        .shape(&[rows as u64, cols as u64])
+        .shape(&shape)
         .writer(BufWriter::new(f))
         .begin_nd()
         .map_err(werr)?;

@@ -12,7 +12,7 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut, DeviceRepr};
 use half::{bf16, f16};
 use std::sync::Arc;
 
-fn upload<T: DeviceRepr + Copy + Default>(
+pub(super) fn upload<T: DeviceRepr + Copy + Default>(
     stream: &Arc<CudaStream>,
     data: &[T],
 ) -> Result<CudaSlice<T>> {
@@ -22,7 +22,7 @@ fn upload<T: DeviceRepr + Copy + Default>(
     Ok(stream.clone_htod(data)?)
 }
 
-fn poison<T>(stream: &Arc<CudaStream>, buf: &mut CudaSlice<T>) -> Result<()> {
+pub(super) fn poison<T>(stream: &Arc<CudaStream>, buf: &mut CudaSlice<T>) -> Result<()> {
     let bytes = buf.num_bytes();
     let (ptr, _guard) = buf.device_ptr_mut(stream);
     // SAFETY: `bytes` bytes of a live allocation, on its stream.
@@ -30,7 +30,7 @@ fn poison<T>(stream: &Arc<CudaStream>, buf: &mut CudaSlice<T>) -> Result<()> {
     Ok(())
 }
 
-trait ToF32: Copy {
+pub(super) trait ToF32: Copy {
     fn f(self) -> f32;
 }
 impl ToF32 for f32 {

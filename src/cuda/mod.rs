@@ -5,11 +5,14 @@
 //! the driver library is there, so a machine without a driver gets an `Err`.
 
 mod eager;
+mod feature;
+mod feature_host;
 mod host;
 mod info;
 mod launch;
 
 pub use eager::EagerScratch;
+pub use feature::{FeatureBuffers, RawFeatureArgs};
 pub use info::{device_infos, driver_version, DeviceInfo};
 pub(crate) use launch::threads_for;
 pub use launch::{KdElement, LossBuffers, RawFusedArgs, RowLayout};

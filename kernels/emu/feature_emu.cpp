@@ -1,0 +1,60 @@
+// feature_emu.cpp — kernels/feature.cu compiled for the CPU under cuda_emu.h,
+// so that `cargo test` runs the feature kernels' own parallel code (sweeps
+// with vector heads and tails, block sums, the attention workspace,
+// grid-stride rows) against the f64 oracle without a GPU. Test-only entry
+// point: kd_emu_feature_run, the launch sequence of src/cuda/feature.rs (the
+// kernel, then kd_reduce_loss).
+#include "cuda_emu.h"
+
+#include "../feature.cu"
+
+// kd_reduce_loss, emulated in kd_emu.cpp (kd_fused.cu's unit).
+extern "C" void kd_emu_reduce_loss(const float* row_loss, long long n, const int* valid,
+                                   const KdParams* P, float* loss);
+
+namespace {
+
+template <typename Tin, typename Tout>
+void launch(const void* s, const void* t, void* gs, void* gt, float* row_loss, float* work,
+            const KdFeatParams& P, unsigned grid, unsigned block) {
+  const Tin* sp = static_cast<const Tin*>(s);
+  const Tin* tp = static_cast<const Tin*>(t);
+  Tout* gsp = static_cast<Tout*>(gs);
+  Tout* gtp = static_cast<Tout*>(gt);
+  kd_emu_launch(grid, block, [&] {
+    if (P.kind == KD_FEAT_MSE)
+      kd_feat_mse_body<Tin, Tout>(sp, tp, gsp, gtp, row_loss, P);
+    else if (P.kind == KD_FEAT_COS)
+      kd_feat_cos_body<Tin, Tout>(sp, tp, gsp, gtp, row_loss, P);
+    else
+      kd_feat_at_body<Tin, Tout>(sp, tp, gsp, gtp, row_loss, work, P);
+  });
+}
+
+}  // namespace
+
+// dtype codes: 0 f32, 1 bf16, 2 f16. `work`: grid·2·S floats (attention).
+// `RP`: the reduction's parameters for kd_reduce_loss. Returns 0, or −1 for an
+// unsupported dtype pair.
+extern "C" int kd_emu_feature_run(int in_dtype, int out_dtype, const void* s, const void* t,
+                                  void* gs, void* gt, float* row_loss, float* work, float* loss,
+                                  const KdFeatParams* P, const KdParams* RP, unsigned grid,
+                                  unsigned block) {
+  std::lock_guard<std::mutex> lock(kd_emu_mutex);
+  if (P->n_rows > 0) {
+    if (in_dtype == 0 && out_dtype == 0)
+      launch<float, float>(s, t, gs, gt, row_loss, work, *P, grid, block);
+    else if (in_dtype == 1 && out_dtype == 1)
+      launch<kd_bf16, kd_bf16>(s, t, gs, gt, row_loss, work, *P, grid, block);
+    else if (in_dtype == 1 && out_dtype == 0)
+      launch<kd_bf16, float>(s, t, gs, gt, row_loss, work, *P, grid, block);
+    else if (in_dtype == 2 && out_dtype == 2)
+      launch<kd_f16, kd_f16>(s, t, gs, gt, row_loss, work, *P, grid, block);
+    else if (in_dtype == 2 && out_dtype == 0)
+      launch<kd_f16, float>(s, t, gs, gt, row_loss, work, *P, grid, block);
+    else
+      return -1;
+  }
+  kd_emu_reduce_loss(row_loss, P->n_rows, nullptr, RP, loss);
+  return 0;
+}
