@@ -110,6 +110,36 @@ pub fn row_with_scale(
                 let qg: f64 = (0..v).map(|j| xmul(q[j], g[j])).sum();
                 (d, (0..v).map(|j| xmul(q[j], g[j] - qg) / tau).collect())
             }
+            KernelDivergence::Tvd => {
+                // g = ½ sign(q − p), with sign(0) = 0 (identical rows: zero
+                // gradient).
+                let g: Vec<f64> = (0..v)
+                    .map(|j| {
+                        if q[j] > p[j] {
+                            0.5
+                        } else if q[j] < p[j] {
+                            -0.5
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                // fp32 resolves the terms to about 1e-7 of ½ Σ (p + q).
+                scale += c * 0.5 * (0..v).map(|j| p[j] + q[j]).sum::<f64>();
+                let d = 0.5 * (0..v).map(|j| (p[j] - q[j]).abs()).sum::<f64>();
+                let qg: f64 = (0..v).map(|j| xmul(q[j], g[j])).sum();
+                (d, (0..v).map(|j| xmul(q[j], g[j] - qg) / tau).collect())
+            }
+            KernelDivergence::SoftCe => {
+                // −Σ p log q; computed as KL(p‖q) + H(p) elsewhere, so the
+                // magnitude is that of both.
+                scale += c
+                    * (0..v)
+                        .map(|j| xmul(p[j], (lp[j] - lq[j]).abs() - lp[j]))
+                        .sum::<f64>();
+                let d = (0..v).map(|j| xmul(p[j], -lq[j])).sum();
+                (d, (0..v).map(|j| (q[j] - p[j]) / tau).collect())
+            }
         };
         loss += c * d;
         for j in 0..v {

@@ -79,7 +79,26 @@ fn rows_cfg(rows: usize) -> LaunchConfig {
     }
 }
 
+fn eager_unsupported(spec: &LossSpec) -> Result<()> {
+    invalid(
+        "divergence",
+        format!(
+            "the eager baseline implements forward-kl, reverse-kl and jsd, not {}",
+            spec.divergence
+        ),
+    )
+}
+
 impl CudaBackend {
+    /// Whether the eager baseline implements `spec`'s divergence (forward
+    /// KL, reverse KL, JSD; not TVD or soft cross-entropy).
+    pub fn eager_supports(spec: &LossSpec) -> bool {
+        matches!(
+            spec.kernel_divergence(),
+            KernelDivergence::ForwardKl | KernelDivergence::ReverseKl | KernelDivergence::Jsd(_)
+        )
+    }
+
     /// Enqueues the eager baseline for the same call as
     /// [`CudaBackend::launch_raw`]: reads `raw`'s inputs, writes its gradient
     /// (when `raw.grad` ≠ 0), per-row losses and loss, using `scratch`.
@@ -96,6 +115,9 @@ impl CudaBackend {
         spec: &LossSpec,
     ) -> Result<()> {
         spec.validate(raw.labels != 0)?;
+        if !Self::eager_supports(spec) {
+            return eager_unsupported(spec);
+        }
         let l = raw.layout;
         if raw.student == 0 || raw.teacher == 0 || raw.row_losses == 0 || raw.loss == 0 {
             return invalid(
@@ -183,6 +205,7 @@ impl CudaBackend {
                 b.arg(&ls).arg(&lt).arg(&lm).arg(&e).arg(&count).arg(&beta);
                 b.launch(ew)?;
             }
+            KernelDivergence::Tvd | KernelDivergence::SoftCe => return eager_unsupported(spec),
         }
         let f = self.function("kd_eager_row_loss")?;
         let mut b = stream.launch_builder(&f);
@@ -228,6 +251,7 @@ impl CudaBackend {
                 b.arg(&ls).arg(&lm).arg(&e).arg(&count).arg(&beta);
                 b.launch(ew)?;
             }
+            KernelDivergence::Tvd | KernelDivergence::SoftCe => return eager_unsupported(spec),
         }
         let gs = l.grad_stride as i64;
         let f = self.function(&format!("kd_eager_lsm_back_{}", raw.grad_dtype))?;
