@@ -219,3 +219,53 @@ fn soft_ce_is_forward_kl_plus_teacher_entropy() {
         }
     }
 }
+
+/// TVD's gradient jumps at q = p; the comparison of another backend takes a
+/// near-tie on the side that backend took (`row_resolving_ties`), and only a
+/// near-tie.
+#[test]
+fn tvd_near_ties_resolve_only_within_the_band() {
+    use kdfuse::oracle::row_resolving_ties;
+    let t = [0.4, -0.3, 1.1, 0.0, -2.0, 0.7];
+    let mut s = t;
+    s[0] += 1.0;
+    // Make element 1 a tie: s_1 − t_1 = lse(s) − lse(t).
+    for _ in 0..60 {
+        let l = |x: &[f64]| x.iter().map(|v| v.exp()).sum::<f64>().ln();
+        s[1] = t[1] + (l(&s) - l(&t));
+    }
+    let spec = LossSpec {
+        divergence: Divergence::Tvd,
+        temperature: 1.0,
+        ..Default::default()
+    };
+    let (lq, lp) = (log_softmax(&s, 1.0), log_softmax(&t, 1.0));
+    assert!((lq[1] - lp[1]).abs() < 1e-12);
+    let q: Vec<f64> = lq.iter().map(|x| x.exp()).collect();
+    let grad_with = |g1: f64, flip: Option<usize>| -> Vec<f64> {
+        let mut g: Vec<f64> = (0..6)
+            .map(|j| if lq[j] > lp[j] { 0.5 } else { -0.5 })
+            .collect();
+        g[1] = g1;
+        if let Some(k) = flip {
+            g[k] = -g[k];
+        }
+        let qg: f64 = (0..6).map(|j| q[j] * g[j]).sum();
+        (0..6).map(|j| q[j] * (g[j] - qg)).collect()
+    };
+    for g1 in [-0.5, 0.0, 0.5] {
+        let want = grad_with(g1, None);
+        let (_, got, _) = row_resolving_ties(&s, &t, None, &spec, Some(&want));
+        for j in 0..6 {
+            assert!(
+                (got[j] - want[j]).abs() < 1e-15,
+                "g1 = {g1}: {got:?} vs {want:?}"
+            );
+        }
+    }
+    // A hint with a non-tie element on the wrong side changes nothing.
+    let (_, plain, _) = row_resolving_ties(&s, &t, None, &spec, None);
+    let wrong = grad_with(plain[1].signum() * 0.5, Some(3));
+    let (_, got, _) = row_resolving_ties(&s, &t, None, &spec, Some(&wrong));
+    assert_eq!(got, plain);
+}
