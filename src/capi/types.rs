@@ -48,6 +48,10 @@ pub enum KdfuseDivergence {
     ReverseKl = 1,
     /// Generalized Jensen–Shannon with weight `beta`.
     Jsd = 2,
+    /// Total variation distance ½ Σ |p − q|.
+    Tvd = 3,
+    /// Soft cross-entropy −Σ p log q (forward KL plus the teacher entropy).
+    SoftCe = 4,
 }
 
 /// Reductions (the `reduction` field).
@@ -193,10 +197,14 @@ impl KdfuseParams {
             0 => Divergence::ForwardKl,
             1 => Divergence::ReverseKl,
             2 => Divergence::Jsd,
+            3 => Divergence::Tvd,
+            4 => Divergence::SoftCe,
             d => {
                 return invalid(
                     "params.divergence",
-                    format!("{d} is not a KdfuseDivergence (0 forward KL, 1 reverse KL, 2 JSD)"),
+                    format!(
+                        "{d} is not a KdfuseDivergence (0 forward KL, 1 reverse KL, 2 JSD, 3 TVD, 4 soft CE)"
+                    ),
                 )
             }
         };
