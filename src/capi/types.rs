@@ -330,3 +330,31 @@ impl BatchShape {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn divergence_codes_map_onto_the_library() {
+        let mut p = KdfuseParams::defaults();
+        for (code, want) in [
+            (KdfuseDivergence::ForwardKl, Divergence::ForwardKl),
+            (KdfuseDivergence::ReverseKl, Divergence::ReverseKl),
+            (KdfuseDivergence::Jsd, Divergence::Jsd),
+            (KdfuseDivergence::Tvd, Divergence::Tvd),
+            (KdfuseDivergence::SoftCe, Divergence::SoftCe),
+        ] {
+            p.divergence = code as i32;
+            assert_eq!(p.to_spec().unwrap().divergence, want);
+        }
+        assert_eq!(KdfuseDivergence::Tvd as i32, 3);
+        assert_eq!(KdfuseDivergence::SoftCe as i32, 4);
+        p.divergence = 5;
+        let e = p.to_spec().unwrap_err().to_string();
+        assert!(
+            e.contains("params.divergence") && e.contains("4 soft CE"),
+            "{e}"
+        );
+    }
+}
