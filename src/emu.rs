@@ -10,7 +10,7 @@ use crate::backend::{validate, Backend, KdOutput};
 use crate::cuda::threads_for;
 use crate::error::{invalid, Result};
 use crate::params::KernelParams;
-use crate::spec::{KernelDivergence, LossSpec};
+use crate::spec::LossSpec;
 use crate::tensor::{Dtype, GradDtype, KdInputs};
 use half::{bf16, f16};
 use std::ffi::c_void;
@@ -215,18 +215,6 @@ impl Backend for EagerEmuBackend {
         grad: Option<GradDtype>,
     ) -> Result<KdOutput> {
         validate(inputs, spec)?;
-        if !matches!(
-            spec.kernel_divergence(),
-            KernelDivergence::ForwardKl | KernelDivergence::ReverseKl | KernelDivergence::Jsd(_)
-        ) {
-            return invalid(
-                "divergence",
-                format!(
-                    "the eager baseline implements forward-kl, reverse-kl and jsd, not {}",
-                    spec.divergence
-                ),
-            );
-        }
         let (n, v) = (inputs.student.rows, inputs.student.cols);
         let dtype = inputs.student.dtype();
         let out_dtype = match grad {

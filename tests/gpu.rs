@@ -415,9 +415,6 @@ fn eager_baseline_agrees_with_fused(b: &CudaBackend) {
         .enumerate()
     {
         for divergence in Divergence::ALL {
-            if matches!(divergence, Divergence::Tvd | Divergence::SoftCe) {
-                continue; // not in the eager baseline
-            }
             for dtype in Dtype::ALL {
                 let c = BenchConfig {
                     alpha: if i == 1 { 0.3 } else { 0.0 },

@@ -361,8 +361,7 @@ fn measure_config(
             floor_ms,
         ));
     }
-    let eager_implemented = CudaBackend::eager_supports(&spec);
-    let eager = opts.eager && eager_implemented && set_bytes + grad_bytes + eager_bytes <= budget;
+    let eager = opts.eager && set_bytes + grad_bytes + eager_bytes <= budget;
     let room = budget - grad_bytes - if eager { eager_bytes } else { 0 };
     let sets = sets_for(set_bytes, meta.l2_bytes.max(0) as usize).min((room / set_bytes).max(1));
     let mut case = DeviceCase::new(backend, c, sets, eager, opts.seed)?;
@@ -385,15 +384,6 @@ fn measure_config(
             Some(Measured::new(t, model::eager_bytes(c), copy_gbs)),
             Some(diff),
             None,
-        )
-    } else if opts.eager && !eager_implemented {
-        (
-            None,
-            None,
-            Some(format!(
-                "the eager baseline implements forward-kl, reverse-kl and jsd, not {}",
-                c.divergence
-            )),
         )
     } else if opts.eager {
         (

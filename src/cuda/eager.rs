@@ -79,26 +79,7 @@ fn rows_cfg(rows: usize) -> LaunchConfig {
     }
 }
 
-fn eager_unsupported(spec: &LossSpec) -> Result<()> {
-    invalid(
-        "divergence",
-        format!(
-            "the eager baseline implements forward-kl, reverse-kl and jsd, not {}",
-            spec.divergence
-        ),
-    )
-}
-
 impl CudaBackend {
-    /// Whether the eager baseline implements `spec`'s divergence (forward
-    /// KL, reverse KL, JSD; not TVD or soft cross-entropy).
-    pub fn eager_supports(spec: &LossSpec) -> bool {
-        matches!(
-            spec.kernel_divergence(),
-            KernelDivergence::ForwardKl | KernelDivergence::ReverseKl | KernelDivergence::Jsd(_)
-        )
-    }
-
     /// Enqueues the eager baseline for the same call as
     /// [`CudaBackend::launch_raw`]: reads `raw`'s inputs, writes its gradient
     /// (when `raw.grad` ≠ 0), per-row losses and loss, using `scratch`.
@@ -115,9 +96,6 @@ impl CudaBackend {
         spec: &LossSpec,
     ) -> Result<()> {
         spec.validate(raw.labels != 0)?;
-        if !Self::eager_supports(spec) {
-            return eager_unsupported(spec);
-        }
         let l = raw.layout;
         if raw.student == 0 || raw.teacher == 0 || raw.row_losses == 0 || raw.loss == 0 {
             return invalid(
@@ -205,7 +183,17 @@ impl CudaBackend {
                 b.arg(&ls).arg(&lt).arg(&lm).arg(&e).arg(&count).arg(&beta);
                 b.launch(ew)?;
             }
-            KernelDivergence::Tvd | KernelDivergence::SoftCe => return eager_unsupported(spec),
+            KernelDivergence::Tvd | KernelDivergence::SoftCe => {
+                let name = if spec.kernel_divergence() == KernelDivergence::Tvd {
+                    "kd_eager_tvd_terms"
+                } else {
+                    "kd_eager_sce_terms"
+                };
+                let f = self.function(name)?;
+                let mut b = stream.launch_builder(&f);
+                b.arg(&ls).arg(&lt).arg(&e).arg(&count);
+                b.launch(ew)?;
+            }
         }
         let f = self.function("kd_eager_row_loss")?;
         let mut b = stream.launch_builder(&f);
@@ -233,7 +221,8 @@ impl CudaBackend {
         }
 
         match spec.kernel_divergence() {
-            KernelDivergence::ForwardKl => {
+            // Soft CE's gradient is forward KL's.
+            KernelDivergence::ForwardKl | KernelDivergence::SoftCe => {
                 let f = self.function("kd_eager_fkl_back")?;
                 let mut b = stream.launch_builder(&f);
                 b.arg(&lt).arg(&e).arg(&count);
@@ -251,7 +240,12 @@ impl CudaBackend {
                 b.arg(&ls).arg(&lm).arg(&e).arg(&count).arg(&beta);
                 b.launch(ew)?;
             }
-            KernelDivergence::Tvd | KernelDivergence::SoftCe => return eager_unsupported(spec),
+            KernelDivergence::Tvd => {
+                let f = self.function("kd_eager_tvd_back")?;
+                let mut b = stream.launch_builder(&f);
+                b.arg(&ls).arg(&lt).arg(&e).arg(&count);
+                b.launch(ew)?;
+            }
         }
         let gs = l.grad_stride as i64;
         let f = self.function(&format!("kd_eager_lsm_back_{}", raw.grad_dtype))?;
