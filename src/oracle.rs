@@ -146,7 +146,7 @@ pub fn row_resolving_ties(
                 // fp32 resolves the terms to about 1e-7 of ½ Σ (p + q).
                 scale += c * 0.5 * (0..v).map(|j| p[j] + q[j]).sum::<f64>();
                 let d = 0.5 * (0..v).map(|j| (p[j] - q[j]).abs()).sum::<f64>();
-                let mut qg: f64 = (0..v).map(|j| xmul(q[j], g[j])).sum();
+                let qg: f64 = (0..v).map(|j| xmul(q[j], g[j])).sum();
                 if let Some(hint) = hint {
                     for j in 0..v {
                         if q[j] > 0.0 && (lq[j] - lp[j]).abs() <= TVD_TIE_BAND {
@@ -162,9 +162,24 @@ pub fn row_resolving_ties(
                             });
                         }
                     }
-                    qg = (0..v).map(|j| xmul(q[j], g[j])).sum();
                 }
-                (d, (0..v).map(|j| xmul(q[j], g[j] - qg) / tau).collect())
+                // g_j − ⟨q, g⟩ without cancellation: Q₋ where g = ½, −Q₊ where
+                // g = −½, ½(Q₋ − Q₊) at a tie (Q₊, Q₋ the student masses above
+                // and below the teacher, ties half each, Q₊ + Q₋ = 1). A row
+                // where the student is above the teacher wherever it has mass
+                // has an exactly zero gradient, not a rounding of ½ − ½·Σq.
+                let up: f64 = (0..v).map(|j| xmul(q[j], 0.5 + g[j])).sum();
+                let dn: f64 = (0..v).map(|j| xmul(q[j], 0.5 - g[j])).sum();
+                let centred = |gj: f64| {
+                    if gj > 0.0 {
+                        dn
+                    } else if gj < 0.0 {
+                        -up
+                    } else {
+                        0.5 * (dn - up)
+                    }
+                };
+                (d, (0..v).map(|j| xmul(q[j], centred(g[j])) / tau).collect())
             }
             KernelDivergence::SoftCe => {
                 // −Σ p log q; computed as KL(p‖q) + H(p) elsewhere, so the

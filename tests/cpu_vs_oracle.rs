@@ -375,6 +375,40 @@ fn tvd_bounds_identical_rows_and_masks() {
             }
         }
     }
+    // A student equal to the teacher but masked on some entries is above the
+    // teacher wherever it has mass: TVD = the masked teacher mass, locally
+    // constant, so the gradient is exactly 0 (oracle and CPU alike; a
+    // rounding of ½ − ½·Σq would be amplified by f16 loss scaling).
+    let v = 301;
+    let t = logits(77, 2, v, 2.0);
+    let mut s = t.clone();
+    for j in (0..2 * v).step_by(3) {
+        s[j] = f32::NEG_INFINITY;
+    }
+    let spec = LossSpec {
+        divergence: Divergence::Tvd,
+        temperature: 6.0,
+        t2_scaling: false,
+        reduction: Reduction::None,
+        ..Default::default()
+    };
+    let (a, b) = both(&inputs(&s, &t, 2, v, None), &spec);
+    assert!(a.grad.unwrap().iter().all(|&g| g == 0.0));
+    assert!(b.grad.unwrap().iter().all(|&g| g == 0.0));
+    for r in 0..2 {
+        let row: Vec<f64> = (0..v).map(|j| t[r * v + j] as f64).collect();
+        let lp = kdfuse::oracle::log_softmax(&row, 6.0);
+        let masked: f64 = (0..v)
+            .filter(|&j| s[r * v + j] == f32::NEG_INFINITY)
+            .map(|j| lp[j].exp())
+            .sum();
+        assert!(
+            (a.row_losses[r] - masked).abs() < 1e-6,
+            "{} vs {masked}",
+            a.row_losses[r]
+        );
+        assert!((b.row_losses[r] - masked).abs() < 1e-12);
+    }
     // Disjoint supports: TVD = 1.
     let s = [0.0f32, f32::NEG_INFINITY];
     let t = [f32::NEG_INFINITY, 0.0f32];
