@@ -55,6 +55,10 @@ typedef enum KdfuseDivergence {
   KDFUSE_DIVERGENCE_REVERSE_KL = 1,
   // Generalized Jensen–Shannon with weight `beta`.
   KDFUSE_DIVERGENCE_JSD = 2,
+  // Total variation distance ½ Σ |p − q|.
+  KDFUSE_DIVERGENCE_TVD = 3,
+  // Soft cross-entropy −Σ p log q (forward KL plus the teacher entropy).
+  KDFUSE_DIVERGENCE_SOFT_CE = 4,
 } KdfuseDivergence;
 
 // Reductions (the `reduction` field).

@@ -16,8 +16,8 @@
 // forward-KL with the gradient, α = 0: log_softmax 2·(2·in + 4), terms 8 + 4,
 // row sum 4, backward terms 4 + 4, log_softmax backward 4 + 4 + 4 + out:
 // 4·in + out + 44 (54 B in bf16, 64 in f32, against 6 and 12 fused).
-// Reverse KL reads ls too in the backward terms (+4); JSD adds lm (8 + 4 to
-// make, +4 in the terms, +4 in the backward). src/bench/model.rs has the table.
+// Reverse KL and TVD read ls too in the backward terms (+4); JSD adds lm (8 + 4
+// to make, +4 in the terms, +4 in the backward). Soft CE moves forward KL's. src/bench/model.rs has the table.
 #include "kd_math.cuh"
 
 #define KD_EAGER_THREADS 256
@@ -152,7 +152,31 @@ extern "C" __global__ void __launch_bounds__(KD_EAGER_THREADS)
   }
 }
 
-// ∂KL(p‖q)/∂ls = −p.
+// Soft CE terms: −p·ls (0 where p = 0; +inf where p > 0 faces ls = −inf).
+extern "C" __global__ void __launch_bounds__(KD_EAGER_THREADS)
+    kd_eager_sce_terms(const float* ls, const float* lt, float* e, long long count) {
+  KD_EAGER_FOR(i, count) {
+    const float p = expf(lt[i]);
+    e[i] = p == 0.0f ? 0.0f : -p * ls[i];
+  }
+}
+
+// TVD terms: ½|p − q|.
+extern "C" __global__ void __launch_bounds__(KD_EAGER_THREADS)
+    kd_eager_tvd_terms(const float* ls, const float* lt, float* e, long long count) {
+  KD_EAGER_FOR(i, count) e[i] = 0.5f * fabsf(expf(lt[i]) - expf(ls[i]));
+}
+
+// ∂TVD/∂ls = ½ sign(q − p)·q (sign 0 at a tie).
+extern "C" __global__ void __launch_bounds__(KD_EAGER_THREADS)
+    kd_eager_tvd_back(const float* ls, const float* lt, float* g, long long count) {
+  KD_EAGER_FOR(i, count) {
+    const float q = expf(ls[i]), p = expf(lt[i]);
+    g[i] = q > p ? 0.5f * q : (q < p ? -0.5f * q : 0.0f);
+  }
+}
+
+// ∂KL(p‖q)/∂ls = −p (also soft CE's: the same gradient).
 extern "C" __global__ void __launch_bounds__(KD_EAGER_THREADS)
     kd_eager_fkl_back(const float* lt, float* g, long long count) {
   KD_EAGER_FOR(i, count) g[i] = -expf(lt[i]);

@@ -5,11 +5,13 @@
 //           (max, Σ2^x) of the teacher, of the student and, when α > 0, of the
 //           student at τ = 1, plus the divergence's accumulators (KdPass1 in
 //           kd_math.cuh); a block reduction merges them (kd_pass1_merge).
-//   pass 2: JSD only: a second sweep sums the divergence and ⟨q, g⟩.
+//   pass 2: JSD and TVD only: a second sweep sums the divergence and ⟨q, g⟩
+//           (TVD: the student masses above and below the teacher).
 //   last:   re-read the row and write ∂L/∂s (skipped when no gradient).
 // Bytes per element (in = input size, out = gradient size), when re-reads
 // miss L2: forward/reverse KL 4·in + out (10 B in bf16, 20 B in f32);
-// JSD 6·in + out. Loss only: 2·in (JSD 4·in).
+// JSD, TVD 6·in + out. Loss only: 2·in (JSD, TVD 4·in). Soft CE is forward
+// KL's kernel with the teacher entropy accumulated in pass 1.
 // Loads are 16-byte vectors when the student and teacher rows share their
 // alignment (scalar head and tail), scalar otherwise. Indexing is 64-bit.
 //
@@ -37,6 +39,7 @@ __device__ __forceinline__ KdPass1 kd_shfl_pass1(const KdPass1& p, int off) {
   o.c_top = __shfl_xor_sync(0xffffffffu, p.c_top, off);
   o.c = __shfl_xor_sync(0xffffffffu, p.c, off);
   o.gap = __shfl_xor_sync(0xffffffffu, p.gap, off);
+  o.ent = DIV == KD_DIV_SCE ? __shfl_xor_sync(0xffffffffu, p.ent, off) : 0.0f;
   return o;
 }
 
@@ -147,6 +150,18 @@ __device__ void kd_fused_body(const Tin* s, long long s_stride, const Tin* t, lo
       const float2 acc = kd_block_sum2(make_float2(dsum.sum, qgsum.sum), red2);
       kd_jsd_finish(r, acc.x, acc.y);
     }
+    if (DIV == KD_DIV_TVD) {
+      KdKahan adsum = kd_kahan_init(), upsum = kd_kahan_init(), dnsum = kd_kahan_init();
+      kd_sweep(srow, trow, V, [&](int, float sv, float tv) {
+        const KdTvdTerm term = kd_tvd_term(sv, tv, r, P);
+        kd_kahan_add(adsum, term.ad);
+        kd_kahan_add(upsum, term.up);
+        kd_kahan_add(dnsum, term.dn);
+      });
+      const float2 a = kd_block_sum2(make_float2(adsum.sum, upsum.sum), red2);
+      const float2 b = kd_block_sum2(make_float2(dnsum.sum, 0.0f), red2);
+      kd_tvd_finish(r, a.x, a.y, b.x);
+    }
 
     if (threadIdx.x == 0) {
       row_loss[row] = bad_label ? __int_as_float(0x7fc00000) : kd_row_loss(r, s_y, P);
@@ -182,6 +197,8 @@ __device__ void kd_fused_body(const Tin* s, long long s_stride, const Tin* t, lo
 KD_FUSED_DIV(fkl, KD_DIV_FKL)
 KD_FUSED_DIV(rkl, KD_DIV_RKL)
 KD_FUSED_DIV(jsd, KD_DIV_JSD)
+KD_FUSED_DIV(tvd, KD_DIV_TVD)
+KD_FUSED_DIV(sce, KD_DIV_SCE)
 
 // Number of rows whose label is not ignore_index; one block.
 extern "C" __global__ void __launch_bounds__(1024)

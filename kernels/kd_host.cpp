@@ -48,6 +48,23 @@ float host_row(const T* s, const T* t, long long y, int has_label, float* grad, 
       }
     kd_jsd_finish(r, d[0].sum, qg[0].sum);
   }
+  if (DIV == KD_DIV_TVD) {
+    KdKahan ad[KD_LANES], up[KD_LANES], dn[KD_LANES];
+    for (int l = 0; l < KD_LANES; ++l) ad[l] = up[l] = dn[l] = kd_kahan_init();
+    for (int j = 0; j < V; ++j) {
+      const KdTvdTerm term = kd_tvd_term(kd_to_f32(s[j]), kd_to_f32(t[j]), r, P);
+      kd_kahan_add(ad[j % KD_LANES], term.ad);
+      kd_kahan_add(up[j % KD_LANES], term.up);
+      kd_kahan_add(dn[j % KD_LANES], term.dn);
+    }
+    for (int off = KD_LANES / 2; off > 0; off >>= 1)
+      for (int l = 0; l < off; ++l) {
+        ad[l].sum += ad[l + off].sum;
+        up[l].sum += up[l + off].sum;
+        dn[l].sum += dn[l + off].sum;
+      }
+    kd_tvd_finish(r, ad[0].sum, up[0].sum, dn[0].sum);
+  }
 
   const float nan = kd_bits_to_f32(0x7fc00000u);
   if (grad) {
@@ -66,7 +83,10 @@ float host_row_div(int div, const T* s, const T* t, long long y, int has_label, 
   switch (div) {
     case KD_DIV_FKL: return host_row<T, KD_DIV_FKL>(s, t, y, has_label, grad, *P, w);
     case KD_DIV_RKL: return host_row<T, KD_DIV_RKL>(s, t, y, has_label, grad, *P, w);
-    default: return host_row<T, KD_DIV_JSD>(s, t, y, has_label, grad, *P, w);
+    case KD_DIV_JSD: return host_row<T, KD_DIV_JSD>(s, t, y, has_label, grad, *P, w);
+    case KD_DIV_TVD: return host_row<T, KD_DIV_TVD>(s, t, y, has_label, grad, *P, w);
+    case KD_DIV_SCE: return host_row<T, KD_DIV_SCE>(s, t, y, has_label, grad, *P, w);
+    default: return kd_bits_to_f32(0x7fc00000u);  // unknown divergence id: NaN
   }
 }
 

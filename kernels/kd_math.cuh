@@ -37,9 +37,15 @@
 
 // Divergence ids (template arguments of the kernels; the host maps the JSD
 // endpoints β = 0 / β = 1 onto forward / reverse KL before launching).
+// TVD and soft CE run forward KL's pass 1 (teacher = main side); soft CE adds
+// the teacher entropy to its loss and shares its gradient; TVD adds a second
+// sweep, as JSD does, for ½ Σ |p − q| and the student masses above and below
+// the teacher.
 #define KD_DIV_FKL 0
 #define KD_DIV_RKL 1
 #define KD_DIV_JSD 2
+#define KD_DIV_TVD 3
+#define KD_DIV_SCE 4
 
 // Reductions.
 #define KD_RED_BATCHMEAN 0
@@ -210,6 +216,9 @@ KD_HD float kd_wem1(float e, float u, float r) {
 // Q's mass where x = −inf is summed apart (`hole`, a stat of those y) and
 // added at the end; `gap` flags only a rebase that would have overflowed, and
 // the lse difference then comes from the two (m, z) stats.
+// Soft CE also needs the teacher entropy H(p) = ln2·(L − ent/Z) with
+// ent = Σ 2^(x−m)·(x − m) over the main side: every term is ≤ 0 (no
+// cancellation), re-expressed exactly as the maximum moves (kd_ent_rescale).
 
 struct KdPass1 {
   KdStat main;   // main side
@@ -222,11 +231,12 @@ struct KdPass1 {
   float c_top;   // s − t (raw) there
   float c;       // reference: s − t (raw) at main's maximum
   float gap;     // 1 when acc2 is unusable (see above)
+  float ent;     // soft CE: Σ 2^(x−m)(x − m) over the main side
 };
 
 KD_HD KdPass1 kd_pass1_init() {
   return KdPass1{kd_stat_init(), kd_stat_init(), kd_stat_init(), 0.0f, 0.0f,
-                 kd_stat_init(), KD_NEG_INF, 0.0f, 0.0f, 0.0f};
+                 kd_stat_init(), KD_NEG_INF, 0.0f, 0.0f, 0.0f, 0.0f};
 }
 
 // Re-expresses acc1/acc2 of `st` from reference c_new: r' becomes r' − Δ.
@@ -244,12 +254,24 @@ KD_HD void kd_rebase(KdPass1& st, float c_new, float sigma, float scale2) {
   st.c = c_new;
 }
 
+// `ent` (Σ 2^(x−m)(x − m) of the stat `st`) re-expressed from a maximum
+// m_new ≥ st.m: each term becomes 2^δ·2^(x−m)((x − m) + δ), δ = st.m − m_new,
+// over the 1 + z elements (the old maximum's term was 0). 0 for an empty stat.
+KD_HD float kd_ent_rescale(float ent, KdStat st, float m_new) {
+  if (st.m == KD_NEG_INF) return 0.0f;
+  if (st.m == m_new) return ent;
+  const float delta = st.m - m_new;
+  return exp2f(delta) * (ent + delta * (1.0f + st.z));
+}
+
+template <bool ENT>
 KD_HD void kd_main_push(KdPass1& st, float x, float y, float sd, float sigma, float scale2) {
   if (x == KD_NEG_INF) {
     kd_stat_push(st.hole, y);
     return;
   }
   if (x > st.main.m) {
+    if (ENT) st.ent = kd_ent_rescale(st.ent, st.main, x);  // x's own term is 0
     if (sd - sd == 0.0f) kd_rebase(st, sd, sigma, scale2);  // finite s − t
     const float r = sigma * (sd - st.c) * scale2;
     const float scale = exp2f(st.main.m - x);
@@ -262,6 +284,7 @@ KD_HD void kd_main_push(KdPass1& st, float x, float y, float sd, float sigma, fl
     const float u = x - st.main.m;
     const float e = exp2f(u);
     st.main.z += e;
+    if (ENT) st.ent += e * u;
     st.acc1 -= e * r;
     st.acc2 += kd_wem1(e, u, r);
   }
@@ -276,10 +299,10 @@ KD_HD void kd_pass1_push(KdPass1& st, float s, float t, const KdParams& P, bool 
     st.c_top = s - t;
   }
   if (DIV == KD_DIV_RKL) {
-    kd_main_push(st, b, a, s - t, -1.0f, P.scale2);
+    kd_main_push<false>(st, b, a, s - t, -1.0f, P.scale2);
     kd_stat_push(st.other, a);
   } else {
-    kd_main_push(st, a, b, s - t, 1.0f, P.scale2);
+    kd_main_push<DIV == KD_DIV_SCE>(st, a, b, s - t, 1.0f, P.scale2);
     kd_stat_push(st.other, b);
   }
   if (with_ce) kd_stat_push(st.s1, s * KD_LOG2E);
@@ -295,6 +318,7 @@ KD_HD void kd_pass1_merge(KdPass1& a, const KdPass1& b, const KdParams& P) {
       a.acc2 = b.acc2;
       a.c = b.c;
       a.gap = fmaxf(a.gap, b.gap);
+      a.ent = b.ent;
     } else {
       KdPass1 bb = b;
       if (a.main.m >= b.main.m) {
@@ -305,6 +329,8 @@ KD_HD void kd_pass1_merge(KdPass1& a, const KdPass1& b, const KdParams& P) {
       const bool a_big = a.main.m >= bb.main.m;
       const float m = a_big ? a.main.m : bb.main.m;
       const float sa = exp2f(a.main.m - m), sb = exp2f(bb.main.m - m);
+      if (DIV == KD_DIV_SCE)
+        a.ent = kd_ent_rescale(a.ent, a.main, m) + kd_ent_rescale(bb.ent, bb.main, m);
       a.main.z = a_big ? a.main.z + (bb.main.z + 1.0f) * sb : (a.main.z + 1.0f) * sa + bb.main.z;
       a.acc1 = kd_rescale(a.acc1, sa) + kd_rescale(bb.acc1, sb);
       a.acc2 = kd_rescale(a.acc2, sa) + kd_rescale(bb.acc2, sb);
@@ -373,8 +399,10 @@ struct KdRow {
   float ubar;      // Σ P u / Σ P (the main side's mean log-ratio from c_ref)
   float g_top;     // JSD: g at the student's maximum (the reference of g)
   float dlt;       // (lse2_s − lse2_t) − c_ref · scale2
-  float kl;        // FKL / RKL value in nats (JSD: filled by pass 2)
+  float kl;        // the divergence in nats (JSD, TVD: filled by pass 2)
   float qg;        // JSD: ⟨q, g − g_top⟩ in nats (pass 2)
+  float q_up;      // TVD: Σ q over q > p (ties count half; pass 2)
+  float q_dn;      // TVD: Σ q over q < p (ties count half; pass 2)
 };
 
 template <int DIV>
@@ -410,8 +438,15 @@ KD_HD KdRow kd_row_finish(const KdPass1& st, const KdParams& P) {
   }
   r.ubar = st.acc1 / zm;
   const float d_main_other = kd_isinf(st.acc1) ? st.acc1 : r.ubar + dmp;
-  r.kl = DIV == KD_DIV_JSD ? 0.0f : KD_LN2 * d_main_other;
+  r.kl = (DIV == KD_DIV_JSD || DIV == KD_DIV_TVD) ? 0.0f : KD_LN2 * d_main_other;
+  if (DIV == KD_DIV_SCE) {
+    // −Σ p log q = KL(p‖q) + H(p); both ≥ 0, so the sum keeps their digits.
+    const float h2 = r.l_t - st.ent / zm;
+    r.kl = kd_isinf(d_main_other) ? r.kl : KD_LN2 * (d_main_other + h2);
+  }
   r.qg = 0.0f;
+  r.q_up = 0.0f;
+  r.q_dn = 0.0f;
   r.g_top = 0.0f;
   if (DIV == KD_DIV_JSD && st.s_top != KD_NEG_INF)
     r.g_top = kd_jsd_g((st.c_top - c_ref) * P.scale2 - r.dlt, P);
@@ -485,6 +520,48 @@ KD_HD void kd_jsd_finish(KdRow& r, float d_sum, float qg_sum) {
   r.qg = KD_LN2 * qg_sum;
 }
 
+// ------------------------------------------------------ pass 2 (TVD) --
+//
+// TVD's g = ½ sign(q − p) makes g − ⟨q, g⟩ = Q₋ where q > p and −Q₊ where
+// q < p (Q₊, Q₋ the student masses above and below the teacher, ties counted
+// half to each side, Q₊ + Q₋ = 1), and ½(Q₋ − Q₊) at a tie: no cancellation
+// of ½ − ⟨q, g⟩ when one side's mass is small. The side of an element is the
+// sign of d = log2 q − log2 p measured from the row's reference, so that
+// identical rows are all ties (zero TVD, zero gradient).
+
+struct KdTvdTerm {
+  float ad;  // |p − q|
+  float up;  // q where q > p (half of it at a tie)
+  float dn;  // q where q < p (half of it at a tie)
+};
+
+KD_HD KdTvdTerm kd_tvd_term(float s, float t, const KdRow& r, const KdParams& P) {
+  const float p = kd_p(t, r, P);
+  const float q = kd_q(s, r, P);
+  KdTvdTerm out{0.0f, 0.0f, 0.0f};
+  if (p == 0.0f && q == 0.0f) return out;
+  const float d = kd_log2_ratio(s, t, r, P);
+  // |p − q| = p·|2^d − 1| by expm1 where q ≈ p (the separately normalised p
+  // and q would leave a rounding of their lse values); plain elsewhere.
+  out.ad = (p > 0.0f && q > 0.0f && fabsf(d) < 1.0f) ? p * fabsf(expm1f(d * KD_LN2)) : fabsf(q - p);
+  if (d > 0.0f) {
+    out.up = q;
+  } else if (d < 0.0f) {
+    out.dn = q;
+  } else {
+    out.up = 0.5f * q;
+    out.dn = 0.5f * q;
+  }
+  return out;
+}
+
+// The pass-2 sums into the row's TVD (½ Σ |p − q|) and Q₊, Q₋.
+KD_HD void kd_tvd_finish(KdRow& r, float ad_sum, float up_sum, float dn_sum) {
+  r.kl = 0.5f * ad_sum;
+  r.q_up = up_sum;
+  r.q_dn = dn_sum;
+}
+
 // ------------------------------------------------------------- the row --
 
 // The row's loss ℓ = α·CE + (1−α)·c·D. `s_y` is the student logit at the
@@ -520,7 +597,7 @@ KD_HD float kd_grad_elem(float s, float t, bool is_label, const KdRow& r, const 
   if (P.soft_coef > 0.0f) {
     const float q = kd_q(s, r, P);
     float dd;
-    if (DIV == KD_DIV_FKL) {
+    if (DIV == KD_DIV_FKL || DIV == KD_DIV_SCE) {
       const float d = kd_log2_ratio(s, t, r, P);
       // q − p = −q·expm1(−d ln2): exact where q ≈ p; plain difference elsewhere.
       dd = (q > 0.0f && fabsf(d) < 1.0f) ? -q * expm1f(-d * KD_LN2) : q - kd_p(t, r, P);
@@ -529,6 +606,10 @@ KD_HD float kd_grad_elem(float s, float t, bool is_label, const KdRow& r, const 
     } else if (DIV == KD_DIV_RKL) {
       // log q − log p − KL = ln2·(u − ū), both measured from the reference.
       dd = q * KD_LN2 * (((s - t) - r.c_ref) * P.scale2 - r.ubar);
+    } else if (DIV == KD_DIV_TVD) {
+      // q·(g − ⟨q, g⟩), see kd_tvd_term.
+      const float d = kd_log2_ratio(s, t, r, P);
+      dd = d > 0.0f ? q * r.q_dn : (d < 0.0f ? -q * r.q_up : 0.5f * q * (r.q_dn - r.q_up));
     } else {
       dd = q * (KD_LN2 * (kd_jsd_g(kd_log2_ratio(s, t, r, P), P) - r.g_top) - r.qg);
     }

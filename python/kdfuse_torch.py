@@ -24,7 +24,7 @@ import threading
 __all__ = ["distill_loss", "load_library", "KdfuseError", "DIVERGENCES", "REDUCTIONS"]
 
 ABI_VERSION = 1
-DIVERGENCES = {"forward-kl": 0, "reverse-kl": 1, "jsd": 2}
+DIVERGENCES = {"forward-kl": 0, "reverse-kl": 1, "jsd": 2, "tvd": 3, "soft-ce": 4}
 REDUCTIONS = {"batchmean": 0, "sum": 1, "mean": 2}
 DTYPE_CODES = {"float32": 0, "bfloat16": 1, "float16": 2}
 
@@ -249,7 +249,7 @@ def distill_loss(student_logits, teacher_logits, labels=None, *, divergence="for
     current stream; CPU: kdfuse's CPU backend); a teacher with more columns
     (a padded vocabulary) contributes its first V. ``labels``: [...] integers
     (needed when ``alpha > 0``; ``ignore_index`` rows count nothing).
-    ``divergence``: forward-kl, reverse-kl or jsd (``beta``). ``c`` is τ²
+    ``divergence``: forward-kl, reverse-kl, jsd (``beta``), tvd or soft-ce. ``c`` is τ²
     unless ``t2_scaling`` is False. Returns a 0-dim float32 tensor; its
     backward gives the gradient for ``student_logits`` only.
     """

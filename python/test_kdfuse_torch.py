@@ -45,6 +45,10 @@ def reference_loss(s, t, n, v, tau, divergence, beta):
             d = sum(math.exp(x) * (x - y) for x, y in zip(lp, lq))
         elif divergence == "reverse-kl":
             d = sum(math.exp(y) * (y - x) for x, y in zip(lp, lq))
+        elif divergence == "tvd":
+            d = 0.5 * sum(abs(math.exp(x) - math.exp(y)) for x, y in zip(lp, lq))
+        elif divergence == "soft-ce":
+            d = -sum(math.exp(x) * y for x, y in zip(lp, lq))
         else:
             lm = [math.log(beta * math.exp(x) + (1 - beta) * math.exp(y)) for x, y in zip(lp, lq)]
             d = beta * sum(math.exp(x) * (x - m) for x, m in zip(lp, lm)) + (1 - beta) * sum(
@@ -75,7 +79,7 @@ class CtypesAgainstLibrary(unittest.TestCase):
     def test_host_loss_matches_float64_reference(self):
         rng = random.Random(4)
         n, v = 3, 11
-        for divergence in ("forward-kl", "reverse-kl", "jsd"):
+        for divergence in ("forward-kl", "reverse-kl", "jsd", "tvd", "soft-ce"):
             s = [rng.gauss(0, 2) for _ in range(n * v)]
             t = [rng.gauss(0, 2) for _ in range(n * v)]
             params = kt.make_params(self.lib, divergence, beta=0.3, temperature=1.7)
@@ -103,7 +107,7 @@ class CtypesAgainstLibrary(unittest.TestCase):
         with self.assertRaisesRegex(kt.KdfuseError, "temperature"):
             kt.check(self.lib, self.lib.kdfuse_compute_host(ctypes.byref(b), ctypes.byref(params)))
         with self.assertRaises(ValueError):
-            kt.make_params(self.lib, divergence="tvd")
+            kt.make_params(self.lib, divergence="hellinger")
 
 
 def torch_reference(s, t, labels, divergence, beta, tau, alpha):
@@ -115,6 +119,10 @@ def torch_reference(s, t, labels, divergence, beta, tau, alpha):
         d = (lp.exp() * (lp - lq)).sum(-1)
     elif divergence == "reverse-kl":
         d = (lq.exp() * (lq - lp)).sum(-1)
+    elif divergence == "tvd":
+        d = 0.5 * (lp.exp() - lq.exp()).abs().sum(-1)
+    elif divergence == "soft-ce":
+        d = -(lp.exp() * lq).sum(-1)
     else:
         lm = torch.logsumexp(torch.stack([lp + math.log(beta), lq + math.log(1 - beta)]), 0)
         d = beta * (lp.exp() * (lp - lm)).sum(-1) + (1 - beta) * (lq.exp() * (lq - lm)).sum(-1)
@@ -129,7 +137,7 @@ class TorchAutograd(unittest.TestCase):
     def check_device(self, device, dtypes):
         g = torch.Generator().manual_seed(0)
         for dtype in dtypes:
-            for divergence in ("forward-kl", "reverse-kl", "jsd"):
+            for divergence in ("forward-kl", "reverse-kl", "jsd", "tvd", "soft-ce"):
                 s = (torch.randn(2, 3, 1001, generator=g) * 2).to(device=device, dtype=dtype)
                 t = (torch.randn(2, 3, 1001, generator=g) * 2).to(device=device, dtype=dtype)
                 labels = torch.randint(0, 1001, (2, 3), generator=g).to(device)

@@ -25,9 +25,9 @@ pub enum NegInf {
     None,
     /// The same entries in student and teacher (a shared vocabulary mask).
     Shared,
-    /// Teacher only (finite for forward KL and JSD).
+    /// Teacher only (finite for forward KL, soft CE, JSD and TVD).
     TeacherOnly,
-    /// Student only (finite for reverse KL and JSD).
+    /// Student only (finite for reverse KL, JSD and TVD).
     StudentOnly,
 }
 
@@ -143,9 +143,14 @@ pub fn random_config(rng: &mut StdRng, max_cols: usize) -> CaseConfig {
     let neg_inf = match (rng.random_range(0..3), divergence, beta) {
         (0, _, _) => NegInf::None,
         (1, _, _) => NegInf::Shared,
-        (_, Divergence::ForwardKl, _) | (_, Divergence::Jsd, 0.0) => NegInf::TeacherOnly,
+        (_, Divergence::ForwardKl | Divergence::SoftCe, _) | (_, Divergence::Jsd, 0.0) => {
+            NegInf::TeacherOnly
+        }
         (_, Divergence::ReverseKl, _) | (_, Divergence::Jsd, 1.0) => NegInf::StudentOnly,
-        (_, Divergence::Jsd, _) => pick(rng, &[NegInf::TeacherOnly, NegInf::StudentOnly]),
+        // TVD is bounded: any mask is finite.
+        (_, Divergence::Jsd | Divergence::Tvd, _) => {
+            pick(rng, &[NegInf::TeacherOnly, NegInf::StudentOnly])
+        }
     };
     let pad = |rng: &mut StdRng| {
         if rng.random_bool(0.5) {
@@ -399,7 +404,9 @@ pub fn run_case(backend: &dyn Backend, config: &CaseConfig) -> Result<CaseReport
         }
     }
     let out = backend.compute(&inputs, &spec, Some(config.grad_dtype))?;
-    let reference = Oracle.compute(&inputs, &spec, Some(config.grad_dtype))?;
+    // TVD's near-ties (q = p to fp32's resolution) are taken on the side the
+    // backend took them; everything else is the oracle's own.
+    let reference = Oracle.compute_resolving_ties(&inputs, &spec, Some(config.grad_dtype), &out)?;
     let scales = Oracle.row_scales(&inputs, &spec);
     let weight = spec.reduction.row_weight(reference.valid_rows, config.cols);
     let (loss_err, grad_err) = compare(&out, &reference, &scales, weight);

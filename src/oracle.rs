@@ -55,6 +55,25 @@ pub fn row_with_scale(
     label: Option<usize>,
     spec: &LossSpec,
 ) -> (f64, Vec<f64>, f64) {
+    row_resolving_ties(s, t, label, spec, None)
+}
+
+/// TVD's gradient jumps where q = p: an element with |log q − log p| below
+/// this (natural log) is a tie that fp32 cannot place on either side.
+pub const TVD_TIE_BAND: f64 = 1e-5;
+
+/// As [`row_with_scale`]; for TVD, `hint` (another backend's unweighted
+/// gradient row, ∂ℓ/∂s) resolves each near-tie (|log q − log p| ≤
+/// [`TVD_TIE_BAND`]): its g_j = ½ sign(q_j − p_j) is taken from {−½, 0, ½} as
+/// the one nearest the hint, and ⟨q, g⟩ recomputed. The result is then still
+/// an exact one-sided (sub)gradient, the one the other backend chose.
+pub fn row_resolving_ties(
+    s: &[f64],
+    t: &[f64],
+    label: Option<usize>,
+    spec: &LossSpec,
+    hint: Option<&[f64]>,
+) -> (f64, Vec<f64>, f64) {
     let mut scale = 0.0;
     let v = s.len();
     let tau = spec.temperature;
@@ -110,6 +129,68 @@ pub fn row_with_scale(
                 let qg: f64 = (0..v).map(|j| xmul(q[j], g[j])).sum();
                 (d, (0..v).map(|j| xmul(q[j], g[j] - qg) / tau).collect())
             }
+            KernelDivergence::Tvd => {
+                // g = ½ sign(q − p), with sign(0) = 0 (identical rows: zero
+                // gradient).
+                let mut g: Vec<f64> = (0..v)
+                    .map(|j| {
+                        if q[j] > p[j] {
+                            0.5
+                        } else if q[j] < p[j] {
+                            -0.5
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                // fp32 resolves the terms to about 1e-7 of ½ Σ (p + q).
+                scale += c * 0.5 * (0..v).map(|j| p[j] + q[j]).sum::<f64>();
+                let d = 0.5 * (0..v).map(|j| (p[j] - q[j]).abs()).sum::<f64>();
+                let qg: f64 = (0..v).map(|j| xmul(q[j], g[j])).sum();
+                if let Some(hint) = hint {
+                    for j in 0..v {
+                        if q[j] > 0.0 && (lq[j] - lp[j]).abs() <= TVD_TIE_BAND {
+                            // The hint's soft part, in units of ∂D/∂s_j.
+                            let want = (hint[j] - grad[j]) / c;
+                            let err = |gj: f64| (q[j] * (gj - qg) / tau - want).abs();
+                            g[j] = [g[j], -0.5, 0.0, 0.5].into_iter().fold(g[j], |b, x| {
+                                if err(x) < err(b) {
+                                    x
+                                } else {
+                                    b
+                                }
+                            });
+                        }
+                    }
+                }
+                // g_j − ⟨q, g⟩ without cancellation: Q₋ where g = ½, −Q₊ where
+                // g = −½, ½(Q₋ − Q₊) at a tie (Q₊, Q₋ the student masses above
+                // and below the teacher, ties half each, Q₊ + Q₋ = 1). A row
+                // where the student is above the teacher wherever it has mass
+                // has an exactly zero gradient, not a rounding of ½ − ½·Σq.
+                let up: f64 = (0..v).map(|j| xmul(q[j], 0.5 + g[j])).sum();
+                let dn: f64 = (0..v).map(|j| xmul(q[j], 0.5 - g[j])).sum();
+                let centred = |gj: f64| {
+                    if gj > 0.0 {
+                        dn
+                    } else if gj < 0.0 {
+                        -up
+                    } else {
+                        0.5 * (dn - up)
+                    }
+                };
+                (d, (0..v).map(|j| xmul(q[j], centred(g[j])) / tau).collect())
+            }
+            KernelDivergence::SoftCe => {
+                // −Σ p log q; computed as KL(p‖q) + H(p) elsewhere, so the
+                // magnitude is that of both.
+                scale += c
+                    * (0..v)
+                        .map(|j| xmul(p[j], (lp[j] - lq[j]).abs() - lp[j]))
+                        .sum::<f64>();
+                let d = (0..v).map(|j| xmul(p[j], -lq[j])).sum();
+                (d, (0..v).map(|j| (q[j] - p[j]) / tau).collect())
+            }
         };
         loss += c * d;
         for j in 0..v {
@@ -138,16 +219,27 @@ impl Oracle {
     }
 }
 
-impl Backend for Oracle {
-    fn name(&self) -> &'static str {
-        "oracle"
-    }
-
-    fn compute(
+impl Oracle {
+    /// As [`Backend::compute`], with TVD's near-ties resolved as in
+    /// `other` (another backend's output for the same call, gradient in
+    /// f32 or rounded): see [`row_resolving_ties`]. Other divergences, or
+    /// `other` without a gradient, give exactly `compute`'s result.
+    pub fn compute_resolving_ties(
         &self,
         inputs: &KdInputs,
         spec: &LossSpec,
         grad: Option<GradDtype>,
+        other: &KdOutput,
+    ) -> Result<KdOutput> {
+        self.compute_impl(inputs, spec, grad, other.grad.as_deref())
+    }
+
+    fn compute_impl(
+        &self,
+        inputs: &KdInputs,
+        spec: &LossSpec,
+        grad: Option<GradDtype>,
+        hint: Option<&[f32]>,
     ) -> Result<KdOutput> {
         validate(inputs, spec)?;
         let (n, v) = (inputs.student.rows, inputs.student.cols);
@@ -166,7 +258,18 @@ impl Backend for Oracle {
             }
             let s: Vec<f64> = (0..v).map(|c| inputs.student.get(r, c) as f64).collect();
             let t: Vec<f64> = (0..v).map(|c| inputs.teacher.get(r, c) as f64).collect();
-            let (l, gr) = row(&s, &t, label.map(|y| y as usize), spec);
+            // The hint, unweighted (when the weight allows it).
+            let scale = spec.grad_scale * w;
+            let h: Option<Vec<f64>> = hint
+                .filter(|h| h.len() == n * v && scale != 0.0 && scale.is_finite())
+                .map(|h| {
+                    h[r * v..(r + 1) * v]
+                        .iter()
+                        .map(|&x| x as f64 / scale)
+                        .collect()
+                });
+            let (l, gr, _) =
+                row_resolving_ties(&s, &t, label.map(|y| y as usize), spec, h.as_deref());
             row_losses[r] = l;
             if let Some(g) = g.as_mut() {
                 for (dst, &x) in g[r * v..(r + 1) * v].iter_mut().zip(&gr) {
@@ -181,5 +284,20 @@ impl Backend for Oracle {
             valid_rows: valid,
             grad: g,
         })
+    }
+}
+
+impl Backend for Oracle {
+    fn name(&self) -> &'static str {
+        "oracle"
+    }
+
+    fn compute(
+        &self,
+        inputs: &KdInputs,
+        spec: &LossSpec,
+        grad: Option<GradDtype>,
+    ) -> Result<KdOutput> {
+        self.compute_impl(inputs, spec, grad, None)
     }
 }

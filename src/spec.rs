@@ -16,14 +16,21 @@ pub enum Divergence {
     /// Generalized Jensen–Shannon with weight β (`LossSpec::beta`); β = 0 is
     /// exactly forward KL and β = 1 exactly reverse KL.
     Jsd,
+    /// Total variation distance ½ Σ |p − q| (bounded: in [0, 1]).
+    Tvd,
+    /// Soft cross-entropy −Σ p log q: forward KL plus the teacher's entropy
+    /// H(p), with forward KL's gradient.
+    SoftCe,
 }
 
 impl Divergence {
     /// Every divergence, in CLI order.
-    pub const ALL: [Divergence; 3] = [
+    pub const ALL: [Divergence; 5] = [
         Divergence::ForwardKl,
         Divergence::ReverseKl,
         Divergence::Jsd,
+        Divergence::Tvd,
+        Divergence::SoftCe,
     ];
 
     /// The CLI/API spelling.
@@ -32,6 +39,8 @@ impl Divergence {
             Divergence::ForwardKl => "forward-kl",
             Divergence::ReverseKl => "reverse-kl",
             Divergence::Jsd => "jsd",
+            Divergence::Tvd => "tvd",
+            Divergence::SoftCe => "soft-ce",
         }
     }
 }
@@ -49,7 +58,9 @@ impl FromStr for Divergence {
             .into_iter()
             .find(|d| d.as_str() == s)
             .ok_or_else(|| {
-                format!("unknown divergence `{s}` (expected forward-kl, reverse-kl or jsd)")
+                format!(
+                    "unknown divergence `{s}` (expected forward-kl, reverse-kl, jsd, tvd or soft-ce)"
+                )
             })
     }
 }
@@ -132,7 +143,7 @@ impl FromStr for Reduction {
 pub struct LossSpec {
     /// The divergence.
     pub divergence: Divergence,
-    /// JSD weight β ∈ [0, 1] (ignored by the KL divergences).
+    /// JSD weight β ∈ [0, 1] (ignored by the other divergences).
     pub beta: f64,
     /// Temperature τ > 0, finite.
     pub temperature: f64,
@@ -169,6 +180,8 @@ pub(crate) enum KernelDivergence {
     ForwardKl,
     ReverseKl,
     Jsd(f64),
+    Tvd,
+    SoftCe,
 }
 
 impl KernelDivergence {
@@ -177,6 +190,8 @@ impl KernelDivergence {
             KernelDivergence::ForwardKl => 0,
             KernelDivergence::ReverseKl => 1,
             KernelDivergence::Jsd(_) => 2,
+            KernelDivergence::Tvd => 3,
+            KernelDivergence::SoftCe => 4,
         }
     }
 
@@ -185,6 +200,8 @@ impl KernelDivergence {
             KernelDivergence::ForwardKl => "fkl",
             KernelDivergence::ReverseKl => "rkl",
             KernelDivergence::Jsd(_) => "jsd",
+            KernelDivergence::Tvd => "tvd",
+            KernelDivergence::SoftCe => "sce",
         }
     }
 }
@@ -239,6 +256,8 @@ impl LossSpec {
             Divergence::Jsd if self.beta == 0.0 => KernelDivergence::ForwardKl,
             Divergence::Jsd if self.beta == 1.0 => KernelDivergence::ReverseKl,
             Divergence::Jsd => KernelDivergence::Jsd(self.beta),
+            Divergence::Tvd => KernelDivergence::Tvd,
+            Divergence::SoftCe => KernelDivergence::SoftCe,
         }
     }
 }

@@ -97,6 +97,14 @@ fn p(path: &Path) -> &str {
 
 #[test]
 fn loss_and_gradient_match_the_oracle() {
+    for divergence in [Divergence::Jsd, Divergence::Tvd, Divergence::SoftCe] {
+        cli_loss_against_oracle(divergence);
+    }
+}
+
+/// `kdfuse loss` end to end (npy in, JSON and gradient npy out) for one
+/// divergence, against the f64 oracle.
+fn cli_loss_against_oracle(divergence: Divergence) {
     let (n, v) = (4, 50);
     let f = files(n, v, v);
     let out = kdfuse(&[
@@ -108,7 +116,7 @@ fn loss_and_gradient_match_the_oracle() {
         "--labels",
         p(&f.l),
         "--divergence",
-        "jsd",
+        divergence.as_str(),
         "--beta",
         "0.3",
         "--temperature",
@@ -122,7 +130,7 @@ fn loss_and_gradient_match_the_oracle() {
     ]);
     let j = json(&out);
     let spec = LossSpec {
-        divergence: Divergence::Jsd,
+        divergence,
         beta: 0.3,
         temperature: 2.0,
         alpha: 0.25,
@@ -139,7 +147,7 @@ fn loss_and_gradient_match_the_oracle() {
     let loss = j["loss"].as_f64().unwrap();
     assert!(
         (loss - reference.loss).abs() <= 1e-5 * reference.loss.abs(),
-        "{loss} vs {}",
+        "{divergence}: {loss} vs {}",
         reference.loss
     );
     assert_eq!(j["rows"], 4);
@@ -156,7 +164,8 @@ fn loss_and_gradient_match_the_oracle() {
         .sum::<f32>()
         .sqrt()
         / rg.iter().map(|b| b * b).sum::<f32>().sqrt();
-    assert!(err < 1e-5, "gradient relative L2 {err}");
+    assert!(err < 1e-5, "{divergence}: gradient relative L2 {err}");
+    assert_eq!(j["divergence"], divergence.as_str());
     assert!(g[v..2 * v].iter().all(|&x| x == 0.0), "ignored row");
 }
 
@@ -385,6 +394,28 @@ fn info_check_and_help() {
         String::from_utf8_lossy(&check.stdout)
     );
     assert!(String::from_utf8_lossy(&check.stdout).contains("passed"));
+    // Every dtype × divergence group, tvd and soft-ce included.
+    let check = kdfuse(&[
+        "check",
+        "--backend",
+        "cpu",
+        "--cases",
+        "150",
+        "--seed",
+        "4",
+        "--max-vocab",
+        "3000",
+    ]);
+    let text = String::from_utf8_lossy(&check.stdout);
+    assert!(check.status.success() && text.contains("passed"), "{text}");
+    for dtype in ["f32", "bf16", "f16"] {
+        for div in ["forward-kl", "reverse-kl", "jsd", "tvd", "soft-ce"] {
+            assert!(
+                text.contains(&format!("{dtype}/{div} ")),
+                "{dtype}/{div}: {text}"
+            );
+        }
+    }
     for cmd in [
         &["--help"][..],
         &["info", "--help"],

@@ -28,7 +28,7 @@ fn sweep_with_large_vocabularies() {
     let report = sweep(&CpuBackend, 300, 42, 262_144, |_| {}).unwrap();
     assert!(report.passed(), "{:#?}", report.failures);
     assert_eq!(report.cases, 300);
-    assert_eq!(report.groups.len(), 9, "every dtype × divergence drawn");
+    assert_eq!(report.groups.len(), 15, "every dtype × divergence drawn");
 }
 
 fn both(inputs: &KdInputs, spec: &LossSpec) -> (kdfuse::KdOutput, kdfuse::KdOutput) {
@@ -222,4 +222,200 @@ fn nan_inputs_give_nan_rows() {
         .unwrap();
     assert!(out.row_losses[0].is_nan());
     assert!(out.row_losses[1].is_finite());
+}
+
+/// Soft CE is forward KL plus the teacher entropy: the same kernel pass, the
+/// same gradient bit for bit, and a row loss that differs by c·(1−α)·H(p).
+#[test]
+fn soft_ce_is_forward_kl_plus_teacher_entropy() {
+    for (v, alpha, temperature, neg_inf) in [
+        (1usize, 0.0, 1.0, false),
+        (7, 0.4, 2.0, true),
+        (301, 0.0, 0.7, true),
+        (40_001, 0.25, 1.5, false),
+    ] {
+        let n = 4;
+        let s = logits(20 + v as u64, n, v, 3.0);
+        let mut t = logits(30 + v as u64, n, v, 3.0);
+        if neg_inf && v > 2 {
+            // Teacher −inf: p = 0 there, finite for both.
+            for r in 0..n {
+                t[r * v + 1] = f32::NEG_INFINITY;
+            }
+        }
+        let labels: Vec<i64> = (0..n as i64)
+            .map(|r| if r == 2 { -100 } else { r % v as i64 })
+            .collect();
+        let fkl = LossSpec {
+            alpha,
+            temperature,
+            reduction: Reduction::None,
+            ..Default::default()
+        };
+        let sce = LossSpec {
+            divergence: Divergence::SoftCe,
+            ..fkl.clone()
+        };
+        let inp = inputs(&s, &t, n, v, Some(&labels));
+        let a = CpuBackend
+            .compute(&inp, &fkl, Some(GradDtype::F32))
+            .unwrap();
+        let b = CpuBackend
+            .compute(&inp, &sce, Some(GradDtype::F32))
+            .unwrap();
+        assert_eq!(a.grad, b.grad, "V={v}: soft CE's gradient is forward KL's");
+        for r in 0..n {
+            let row: Vec<f64> = (0..v).map(|j| t[r * v + j] as f64).collect();
+            let lp = kdfuse::oracle::log_softmax(&row, temperature);
+            let h: f64 = -lp
+                .iter()
+                .filter(|x| x.is_finite())
+                .map(|&x| x.exp() * x)
+                .sum::<f64>();
+            let want = if labels[r] == -100 {
+                0.0
+            } else {
+                fkl.soft_coef() * h
+            };
+            let diff = b.row_losses[r] - a.row_losses[r];
+            assert!(
+                (diff - want).abs() <= 2e-6 * (1.0 + b.row_losses[r].abs()),
+                "V={v} row {r}: {diff} vs c·(1−α)·H = {want}"
+            );
+        }
+    }
+}
+
+/// Soft CE with teacher mass where the student is −inf is +inf.
+#[test]
+fn soft_ce_infinite_where_the_student_is_masked() {
+    let v = 50;
+    let mut s = logits(41, 2, v, 2.0);
+    let t = logits(42, 2, v, 2.0);
+    s[3] = f32::NEG_INFINITY;
+    let spec = LossSpec {
+        divergence: Divergence::SoftCe,
+        reduction: Reduction::None,
+        ..Default::default()
+    };
+    let (a, b) = both(&inputs(&s, &t, 2, v, None), &spec);
+    assert_eq!(a.row_losses[0], f64::INFINITY);
+    assert_eq!(b.row_losses[0], f64::INFINITY);
+    assert!((a.row_losses[1] - b.row_losses[1]).abs() < 1e-5 * b.row_losses[1]);
+}
+
+/// TVD is in [0, 1] (times c), 0 with a zero gradient for identical rows, and
+/// finite whichever side is masked.
+#[test]
+fn tvd_bounds_identical_rows_and_masks() {
+    for v in [1usize, 2, 3, 17, 1001, 70_001] {
+        let n = 3;
+        let spec = LossSpec {
+            divergence: Divergence::Tvd,
+            temperature: 1.3,
+            t2_scaling: false,
+            reduction: Reduction::None,
+            ..Default::default()
+        };
+        let s = logits(50 + v as u64, n, v, 4.0);
+        let mut t = logits(60 + v as u64, n, v, 4.0);
+        let out = CpuBackend
+            .compute(&inputs(&s, &t, n, v, None), &spec, Some(GradDtype::F32))
+            .unwrap();
+        assert!(
+            out.row_losses.iter().all(|l| (0.0..=1.0).contains(l)),
+            "V={v}: {:?}",
+            out.row_losses
+        );
+        // Identical rows (with a shared mask): exactly 0, zero gradient.
+        let mut same = s.clone();
+        if v > 2 {
+            same[1] = f32::NEG_INFINITY;
+        }
+        let out = CpuBackend
+            .compute(
+                &inputs(&same, &same, n, v, None),
+                &spec,
+                Some(GradDtype::F32),
+            )
+            .unwrap();
+        assert!(
+            out.row_losses.iter().all(|&l| l == 0.0),
+            "V={v}: {:?}",
+            out.row_losses
+        );
+        assert!(out.grad.unwrap().iter().all(|&g| g == 0.0), "V={v}");
+        // A student shifted by a constant is the same distribution.
+        let shifted: Vec<f32> = s.iter().map(|x| x + 3.0).collect();
+        let out = CpuBackend
+            .compute(
+                &inputs(&shifted, &s, n, v, None),
+                &spec,
+                Some(GradDtype::F32),
+            )
+            .unwrap();
+        assert!(
+            out.row_losses.iter().all(|&l| l.abs() < 1e-6),
+            "V={v}: {:?}",
+            out.row_losses
+        );
+        // One-sided masks stay finite and match the oracle.
+        if v > 2 {
+            let mut sm = s.clone();
+            sm[2] = f32::NEG_INFINITY;
+            t[v + 2] = f32::NEG_INFINITY;
+            let inp = inputs(&sm, &t, n, v, None);
+            let (a, b) = both(&inp, &spec);
+            for r in 0..n {
+                assert!(a.row_losses[r].is_finite());
+                assert!(
+                    (a.row_losses[r] - b.row_losses[r]).abs() < 1e-6,
+                    "V={v} row {r}"
+                );
+            }
+        }
+    }
+    // A student equal to the teacher but masked on some entries is above the
+    // teacher wherever it has mass: TVD = the masked teacher mass, locally
+    // constant, so the gradient is exactly 0 (oracle and CPU alike; a
+    // rounding of ½ − ½·Σq would be amplified by f16 loss scaling).
+    let v = 301;
+    let t = logits(77, 2, v, 2.0);
+    let mut s = t.clone();
+    for j in (0..2 * v).step_by(3) {
+        s[j] = f32::NEG_INFINITY;
+    }
+    let spec = LossSpec {
+        divergence: Divergence::Tvd,
+        temperature: 6.0,
+        t2_scaling: false,
+        reduction: Reduction::None,
+        ..Default::default()
+    };
+    let (a, b) = both(&inputs(&s, &t, 2, v, None), &spec);
+    assert!(a.grad.unwrap().iter().all(|&g| g == 0.0));
+    assert!(b.grad.unwrap().iter().all(|&g| g == 0.0));
+    for r in 0..2 {
+        let row: Vec<f64> = (0..v).map(|j| t[r * v + j] as f64).collect();
+        let lp = kdfuse::oracle::log_softmax(&row, 6.0);
+        let masked: f64 = (0..v)
+            .filter(|&j| s[r * v + j] == f32::NEG_INFINITY)
+            .map(|j| lp[j].exp())
+            .sum();
+        assert!(
+            (a.row_losses[r] - masked).abs() < 1e-6,
+            "{} vs {masked}",
+            a.row_losses[r]
+        );
+        assert!((b.row_losses[r] - masked).abs() < 1e-12);
+    }
+    // Disjoint supports: TVD = 1.
+    let s = [0.0f32, f32::NEG_INFINITY];
+    let t = [f32::NEG_INFINITY, 0.0f32];
+    let spec = LossSpec {
+        divergence: Divergence::Tvd,
+        ..Default::default()
+    };
+    let (a, _) = both(&inputs(&s, &t, 1, 2, None), &spec);
+    assert_eq!(a.loss, 1.0);
 }

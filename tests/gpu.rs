@@ -220,7 +220,16 @@ fn agrees_with_cpu_backend(b: &CudaBackend) {
                 .map(|&x| x as f64)
                 .collect::<Vec<_>>(),
         );
-        assert!(err < 1e-5, "{divergence}: CUDA vs CPU gradient {err:.2e}");
+        // TVD's gradient jumps at q = p: an element at a near-tie (below
+        // fp32's resolution) may fall on either side in the two backends'
+        // different summation orders. Both are held to the oracle with
+        // near-ties resolved (llm_vocabularies_every_dtype).
+        let tol = if divergence == Divergence::Tvd {
+            1e-3
+        } else {
+            1e-5
+        };
+        assert!(err < tol, "{divergence}: CUDA vs CPU gradient {err:.2e}");
         assert!(
             (g.loss - h.loss).abs() <= 1e-5 * h.loss.abs(),
             "{divergence}: {} vs {}",

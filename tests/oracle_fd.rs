@@ -137,3 +137,135 @@ fn masking_and_infinities() {
         .iter()
         .all(|x| x.is_nan()));
 }
+
+#[test]
+fn tvd_and_soft_ce_hand_computed() {
+    // p = (1/2, 1/2), q = (1/4, 3/4): TVD = ½ (1/4 + 1/4) = 1/4;
+    // soft CE = −½ log(1/4) − ½ log(3/4).
+    let s = [0.0, 3f64.ln()];
+    let t = [0.0, 0.0];
+    let tvd = LossSpec {
+        divergence: Divergence::Tvd,
+        ..Default::default()
+    };
+    let (l, g) = row(&s, &t, None, &tvd);
+    assert!((l - 0.25).abs() < 1e-15, "{l}");
+    // g = ½ sign(q − p) = (−½, ½), ⟨q, g⟩ = ¼; ∂/∂s = q (g − ⟨q,g⟩).
+    let want = [0.25 * (-0.5 - 0.25), 0.75 * (0.5 - 0.25)];
+    assert!((g[0] - want[0]).abs() < 1e-15 && (g[1] - want[1]).abs() < 1e-15);
+    let sce = LossSpec {
+        divergence: Divergence::SoftCe,
+        ..Default::default()
+    };
+    let (l, g) = row(&s, &t, None, &sce);
+    let want = -0.5 * 0.25f64.ln() - 0.5 * 0.75f64.ln();
+    assert!((l - want).abs() < 1e-15, "{l} vs {want}");
+    assert_eq!(g, row(&s, &t, None, &LossSpec::default()).1);
+    // Soft CE with a teacher mass where the student is −inf is +inf; a
+    // teacher −inf entry contributes nothing.
+    let s = [0.0, f64::NEG_INFINITY, 1.0];
+    let t = [0.0, 2.0, 1.0];
+    assert_eq!(row(&s, &t, None, &sce).0, f64::INFINITY);
+    let (l, _) = row(&t, &s, None, &sce);
+    assert!(l.is_finite());
+    // TVD stays finite either way, and is in [0, 1].
+    for (a, b) in [(&s, &t), (&t, &s)] {
+        let l = row(a, b, None, &tvd).0;
+        assert!((0.0..=1.0).contains(&l), "{l}");
+    }
+}
+
+#[test]
+fn tvd_of_identical_rows_is_zero_with_zero_gradient() {
+    let s = [0.3, -1.2, f64::NEG_INFINITY, 2.0, 0.0];
+    for temperature in [1.0, 0.6, 3.0] {
+        let tvd = LossSpec {
+            divergence: Divergence::Tvd,
+            temperature,
+            ..Default::default()
+        };
+        let (l, g) = row(&s, &s, None, &tvd);
+        assert_eq!(l, 0.0);
+        assert!(g.iter().all(|&x| x == 0.0), "{g:?}");
+    }
+}
+
+#[test]
+fn soft_ce_is_forward_kl_plus_teacher_entropy() {
+    let mut rng = StdRng::seed_from_u64(99);
+    for v in [1usize, 2, 9, 40] {
+        let s: Vec<f64> = (0..v).map(|_| rng.random_range(-4.0..4.0)).collect();
+        let t: Vec<f64> = (0..v).map(|_| rng.random_range(-4.0..4.0)).collect();
+        for (alpha, temperature) in [(0.0, 1.0), (0.3, 2.0), (0.0, 0.5)] {
+            let fkl = LossSpec {
+                alpha,
+                temperature,
+                ..Default::default()
+            };
+            let sce = LossSpec {
+                divergence: Divergence::SoftCe,
+                ..fkl.clone()
+            };
+            let label = (alpha > 0.0).then_some(0);
+            let (lf, gf) = row(&s, &t, label, &fkl);
+            let (ls, gs) = row(&s, &t, label, &sce);
+            let lp = log_softmax(&t, temperature);
+            let h: f64 = -lp.iter().map(|&x| x.exp() * x).sum::<f64>();
+            assert!(
+                (ls - lf - fkl.soft_coef() * h).abs() < 1e-12 * (1.0 + ls.abs()),
+                "V={v}: {ls} − {lf} vs {h}"
+            );
+            assert_eq!(gf, gs);
+        }
+    }
+}
+
+/// TVD's gradient jumps at q = p; the comparison of another backend takes a
+/// near-tie on the side that backend took (`row_resolving_ties`), and only a
+/// near-tie.
+#[test]
+fn tvd_near_ties_resolve_only_within_the_band() {
+    use kdfuse::oracle::row_resolving_ties;
+    let t = [0.4, -0.3, 1.1, 0.0, -2.0, 0.7];
+    let mut s = t;
+    s[0] += 1.0;
+    // Make element 1 a tie: s_1 − t_1 = lse(s) − lse(t).
+    for _ in 0..60 {
+        let l = |x: &[f64]| x.iter().map(|v| v.exp()).sum::<f64>().ln();
+        s[1] = t[1] + (l(&s) - l(&t));
+    }
+    let spec = LossSpec {
+        divergence: Divergence::Tvd,
+        temperature: 1.0,
+        ..Default::default()
+    };
+    let (lq, lp) = (log_softmax(&s, 1.0), log_softmax(&t, 1.0));
+    assert!((lq[1] - lp[1]).abs() < 1e-12);
+    let q: Vec<f64> = lq.iter().map(|x| x.exp()).collect();
+    let grad_with = |g1: f64, flip: Option<usize>| -> Vec<f64> {
+        let mut g: Vec<f64> = (0..6)
+            .map(|j| if lq[j] > lp[j] { 0.5 } else { -0.5 })
+            .collect();
+        g[1] = g1;
+        if let Some(k) = flip {
+            g[k] = -g[k];
+        }
+        let qg: f64 = (0..6).map(|j| q[j] * g[j]).sum();
+        (0..6).map(|j| q[j] * (g[j] - qg)).collect()
+    };
+    for g1 in [-0.5, 0.0, 0.5] {
+        let want = grad_with(g1, None);
+        let (_, got, _) = row_resolving_ties(&s, &t, None, &spec, Some(&want));
+        for j in 0..6 {
+            assert!(
+                (got[j] - want[j]).abs() < 1e-15,
+                "g1 = {g1}: {got:?} vs {want:?}"
+            );
+        }
+    }
+    // A hint with a non-tie element on the wrong side changes nothing.
+    let (_, plain, _) = row_resolving_ties(&s, &t, None, &spec, None);
+    let wrong = grad_with(plain[1].signum() * 0.5, Some(3));
+    let (_, got, _) = row_resolving_ties(&s, &t, None, &spec, Some(&wrong));
+    assert_eq!(got, plain);
+}

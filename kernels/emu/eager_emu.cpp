@@ -59,6 +59,10 @@ extern "C" int kd_emu_eager_run(int div, int in_dtype, int out_dtype, const void
     kd_emu_launch(kGrid, kBlock, [&] { kd_eager_fkl_terms(ls, lt, e, count); });
   } else if (div == KD_DIV_RKL) {
     kd_emu_launch(kGrid, kBlock, [&] { kd_eager_rkl_terms(ls, lt, e, count); });
+  } else if (div == KD_DIV_TVD) {
+    kd_emu_launch(kGrid, kBlock, [&] { kd_eager_tvd_terms(ls, lt, e, count); });
+  } else if (div == KD_DIV_SCE) {
+    kd_emu_launch(kGrid, kBlock, [&] { kd_eager_sce_terms(ls, lt, e, count); });
   } else {
     kd_emu_launch(kGrid, kBlock, [&] { kd_eager_log_mix(ls, lt, lm, count, P->beta); });
     kd_emu_launch(kGrid, kBlock, [&] { kd_eager_jsd_terms(ls, lt, lm, e, count, P->beta); });
@@ -66,10 +70,12 @@ extern "C" int kd_emu_eager_run(int div, int in_dtype, int out_dtype, const void
   kd_emu_launch(kGrid, kBlock, [&] { kd_eager_row_loss(e, ls1, labels, n, *P, row_loss); });
   kd_emu_reduce_loss(row_loss, n, vp, P, loss);
   if (!grad) return 0;
-  if (div == KD_DIV_FKL) {
+  if (div == KD_DIV_FKL || div == KD_DIV_SCE) {
     kd_emu_launch(kGrid, kBlock, [&] { kd_eager_fkl_back(lt, e, count); });
   } else if (div == KD_DIV_RKL) {
     kd_emu_launch(kGrid, kBlock, [&] { kd_eager_rkl_back(ls, lt, e, count); });
+  } else if (div == KD_DIV_TVD) {
+    kd_emu_launch(kGrid, kBlock, [&] { kd_eager_tvd_back(ls, lt, e, count); });
   } else {
     kd_emu_launch(kGrid, kBlock, [&] { kd_eager_jsd_back(ls, lm, e, count, P->beta); });
   }

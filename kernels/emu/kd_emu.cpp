@@ -20,8 +20,12 @@ void fused(int div, const void* s, long long ss, const void* t, long long ts, co
       kd_fused_body<Tin, Tout, KD_DIV_FKL>(sp, ss, tp, ts, labels, gp, gs, row_loss, valid, n, P);
     else if (div == KD_DIV_RKL)
       kd_fused_body<Tin, Tout, KD_DIV_RKL>(sp, ss, tp, ts, labels, gp, gs, row_loss, valid, n, P);
-    else
+    else if (div == KD_DIV_JSD)
       kd_fused_body<Tin, Tout, KD_DIV_JSD>(sp, ss, tp, ts, labels, gp, gs, row_loss, valid, n, P);
+    else if (div == KD_DIV_TVD)
+      kd_fused_body<Tin, Tout, KD_DIV_TVD>(sp, ss, tp, ts, labels, gp, gs, row_loss, valid, n, P);
+    else
+      kd_fused_body<Tin, Tout, KD_DIV_SCE>(sp, ss, tp, ts, labels, gp, gs, row_loss, valid, n, P);
   });
 }
 

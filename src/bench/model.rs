@@ -23,8 +23,11 @@ pub fn eager_bytes_per_element(c: &BenchConfig) -> usize {
     let (i, o) = (c.dtype.size(), c.dtype.size());
     let with_ce = c.alpha > 0.0;
     let jsd = c.divergence == Divergence::Jsd && c.beta > 0.0 && c.beta < 1.0;
-    let rkl =
-        c.divergence == Divergence::ReverseKl || (c.divergence == Divergence::Jsd && c.beta >= 1.0);
+    // The backward terms read ls and lt (reverse KL, TVD) or lt only
+    // (forward KL, soft CE).
+    let rkl = c.divergence == Divergence::ReverseKl
+        || c.divergence == Divergence::Tvd
+        || (c.divergence == Divergence::Jsd && c.beta >= 1.0);
     // log_softmax: read the row twice, write fp32.
     let lsm = 2 * i + 4;
     let mut b = 2 * lsm + if with_ce { lsm } else { 0 };

@@ -48,6 +48,10 @@ pub enum KdfuseDivergence {
     ReverseKl = 1,
     /// Generalized Jensen–Shannon with weight `beta`.
     Jsd = 2,
+    /// Total variation distance ½ Σ |p − q|.
+    Tvd = 3,
+    /// Soft cross-entropy −Σ p log q (forward KL plus the teacher entropy).
+    SoftCe = 4,
 }
 
 /// Reductions (the `reduction` field).
@@ -193,10 +197,14 @@ impl KdfuseParams {
             0 => Divergence::ForwardKl,
             1 => Divergence::ReverseKl,
             2 => Divergence::Jsd,
+            3 => Divergence::Tvd,
+            4 => Divergence::SoftCe,
             d => {
                 return invalid(
                     "params.divergence",
-                    format!("{d} is not a KdfuseDivergence (0 forward KL, 1 reverse KL, 2 JSD)"),
+                    format!(
+                        "{d} is not a KdfuseDivergence (0 forward KL, 1 reverse KL, 2 JSD, 3 TVD, 4 soft CE)"
+                    ),
                 )
             }
         };
@@ -320,5 +328,33 @@ impl BatchShape {
         } else {
             (self.rows - 1) * stride + self.cols
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn divergence_codes_map_onto_the_library() {
+        let mut p = KdfuseParams::defaults();
+        for (code, want) in [
+            (KdfuseDivergence::ForwardKl, Divergence::ForwardKl),
+            (KdfuseDivergence::ReverseKl, Divergence::ReverseKl),
+            (KdfuseDivergence::Jsd, Divergence::Jsd),
+            (KdfuseDivergence::Tvd, Divergence::Tvd),
+            (KdfuseDivergence::SoftCe, Divergence::SoftCe),
+        ] {
+            p.divergence = code as i32;
+            assert_eq!(p.to_spec().unwrap().divergence, want);
+        }
+        assert_eq!(KdfuseDivergence::Tvd as i32, 3);
+        assert_eq!(KdfuseDivergence::SoftCe as i32, 4);
+        p.divergence = 5;
+        let e = p.to_spec().unwrap_err().to_string();
+        assert!(
+            e.contains("params.divergence") && e.contains("4 soft CE"),
+            "{e}"
+        );
     }
 }

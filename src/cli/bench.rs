@@ -24,7 +24,7 @@ pub struct ShapeArgs {
     /// Logit dtypes (f32, bf16, f16); the gradient has the same dtype.
     #[arg(long, value_delimiter = ',', default_value = "bf16")]
     dtype: Vec<Dtype>,
-    /// Divergences (forward-kl, reverse-kl, jsd).
+    /// Divergences (forward-kl, reverse-kl, jsd, tvd, soft-ce).
     #[arg(long, value_delimiter = ',', default_value = "forward-kl")]
     divergence: Vec<Divergence>,
     /// Weight of the hard-label cross-entropy (random labels when > 0).

@@ -23,7 +23,7 @@ pub struct LossArgs {
     #[arg(long, value_name = "L.npy")]
     labels: Option<PathBuf>,
     /// The divergence D(teacher ‖ student).
-    #[arg(long, default_value = "forward-kl", value_parser = ["forward-kl", "reverse-kl", "jsd"])]
+    #[arg(long, default_value = "forward-kl", value_parser = ["forward-kl", "reverse-kl", "jsd", "tvd", "soft-ce"])]
     divergence: String,
     /// JSD weight β in [0, 1] (0 = forward KL, 1 = reverse KL).
     #[arg(long, default_value_t = 0.5, allow_negative_numbers = true)]

@@ -176,6 +176,17 @@ impl CudaBackend {
                 b.arg(&ls).arg(&lt).arg(&lm).arg(&e).arg(&count).arg(&beta);
                 b.launch(ew)?;
             }
+            KernelDivergence::Tvd | KernelDivergence::SoftCe => {
+                let name = if spec.kernel_divergence() == KernelDivergence::Tvd {
+                    "kd_eager_tvd_terms"
+                } else {
+                    "kd_eager_sce_terms"
+                };
+                let f = self.function(name)?;
+                let mut b = stream.launch_builder(&f);
+                b.arg(&ls).arg(&lt).arg(&e).arg(&count);
+                b.launch(ew)?;
+            }
         }
         let f = self.function("kd_eager_row_loss")?;
         let mut b = stream.launch_builder(&f);
@@ -193,7 +204,8 @@ impl CudaBackend {
         }
 
         match spec.kernel_divergence() {
-            KernelDivergence::ForwardKl => {
+            // Soft CE's gradient is forward KL's.
+            KernelDivergence::ForwardKl | KernelDivergence::SoftCe => {
                 let f = self.function("kd_eager_fkl_back")?;
                 let mut b = stream.launch_builder(&f);
                 b.arg(&lt).arg(&e).arg(&count);
@@ -209,6 +221,12 @@ impl CudaBackend {
                 let f = self.function("kd_eager_jsd_back")?;
                 let mut b = stream.launch_builder(&f);
                 b.arg(&ls).arg(&lm).arg(&e).arg(&count).arg(&beta);
+                b.launch(ew)?;
+            }
+            KernelDivergence::Tvd => {
+                let f = self.function("kd_eager_tvd_back")?;
+                let mut b = stream.launch_builder(&f);
+                b.arg(&ls).arg(&lt).arg(&e).arg(&count);
                 b.launch(ew)?;
             }
         }
