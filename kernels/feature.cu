@@ -62,35 +62,6 @@ __device__ __forceinline__ KdSum3 kd_feat_block_sum3(KdSum3 v, KdSum3* smem) {
   return total;
 }
 
-// Calls f(j, s_j, t_j) for this thread's share of a row of H elements, with
-// 16-byte loads where the two rows share their alignment.
-template <typename T, typename F>
-__device__ __forceinline__ void kd_feat_sweep(const T* srow, const T* trow, int H, F&& f) {
-  constexpr int VEC = 16 / sizeof(T);
-  const int tid = threadIdx.x, nt = blockDim.x;
-  const uintptr_t sa = reinterpret_cast<uintptr_t>(srow) & 15u;
-  const uintptr_t ta = reinterpret_cast<uintptr_t>(trow) & 15u;
-  if (sa != ta) {
-    for (int j = tid; j < H; j += nt) f(j, kd_to_f32(srow[j]), kd_to_f32(trow[j]));
-    return;
-  }
-  int head = (int)(((16u - sa) & 15u) / sizeof(T));
-  if (head > H) head = H;
-  for (int j = tid; j < head; j += nt) f(j, kd_to_f32(srow[j]), kd_to_f32(trow[j]));
-  const int nvec = (H - head) / VEC;
-  const uint4* sv = reinterpret_cast<const uint4*>(srow + head);
-  const uint4* tv = reinterpret_cast<const uint4*>(trow + head);
-  for (int c = tid; c < nvec; c += nt) {
-    const uint4 a = sv[c], b = tv[c];
-    const T* ae = reinterpret_cast<const T*>(&a);
-    const T* be = reinterpret_cast<const T*>(&b);
-    const int j0 = head + c * VEC;
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) f(j0 + e, kd_to_f32(ae[e]), kd_to_f32(be[e]));
-  }
-  for (int j = head + nvec * VEC + tid; j < H; j += nt) f(j, kd_to_f32(srow[j]), kd_to_f32(trow[j]));
-}
-
 // ------------------------------------------------------------------ mse --
 
 template <typename Tin, typename Tout>
@@ -101,7 +72,7 @@ __device__ void kd_feat_mse_body(const Tin* s, const Tin* t, Tout* gs, Tout* gt,
     Tout* gsr = gs ? gs + row * P.gs_stride : nullptr;
     Tout* gtr = gt ? gt + row * P.gt_stride : nullptr;
     KdKahan acc = kd_kahan_init();
-    kd_feat_sweep(s + row * P.s_stride, t + row * P.t_stride, P.cols, [&](int j, float sv, float tv) {
+    kd_sweep(s + row * P.s_stride, t + row * P.t_stride, P.cols, [&](int j, float sv, float tv) {
       const float d = sv - tv;
       kd_kahan_add(acc, d * d);
       const float g = kd_mse_grad(d, P.w);
@@ -125,7 +96,7 @@ __device__ void kd_feat_cos_body(const Tin* s, const Tin* t, Tout* gs, Tout* gt,
     Tout* gsr = gs ? gs + row * P.gs_stride : nullptr;
     Tout* gtr = gt ? gt + row * P.gt_stride : nullptr;
     KdKahan ss = kd_kahan_init(), tt = kd_kahan_init(), st = kd_kahan_init();
-    kd_feat_sweep(sr, tr, P.cols, [&](int, float sv, float tv) {
+    kd_sweep(sr, tr, P.cols, [&](int, float sv, float tv) {
       kd_kahan_add(ss, sv * sv);
       kd_kahan_add(tt, tv * tv);
       kd_kahan_add(st, sv * tv);
@@ -133,7 +104,7 @@ __device__ void kd_feat_cos_body(const Tin* s, const Tin* t, Tout* gs, Tout* gt,
     const KdSum3 sums = kd_feat_block_sum3(KdSum3{ss.sum, tt.sum, st.sum}, red);
     const KdCosRow r = kd_cos_row(sums.a, sums.b, sums.c, P.eps);
     KdKahan diff2 = kd_kahan_init();
-    kd_feat_sweep(sr, tr, P.cols, [&](int j, float sv, float tv) {
+    kd_sweep(sr, tr, P.cols, [&](int j, float sv, float tv) {
       kd_kahan_add(diff2, kd_cos_diff2(sv, tv, r));
       if (gsr) gsr[j] = kd_from_f32<Tout>(kd_cos_grad_s(sv, tv, r, P.w));
       if (gtr) gtr[j] = kd_from_f32<Tout>(kd_cos_grad_t(sv, tv, r, P.w));

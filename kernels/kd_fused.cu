@@ -70,37 +70,6 @@ __device__ KdPass1 kd_block_merge(KdPass1 st, KdPass1* smem, const KdParams& P) 
   return total;
 }
 
-// --------------------------------------------------------- row sweeps --
-
-// Calls f(j, s_j, t_j) for this thread's share of the row's V elements, with
-// 16-byte loads where the two rows share their alignment.
-template <typename T, typename F>
-__device__ __forceinline__ void kd_sweep(const T* srow, const T* trow, int V, F&& f) {
-  constexpr int VEC = 16 / sizeof(T);
-  const int tid = threadIdx.x, nt = blockDim.x;
-  const uintptr_t sa = reinterpret_cast<uintptr_t>(srow) & 15u;
-  const uintptr_t ta = reinterpret_cast<uintptr_t>(trow) & 15u;
-  if (sa != ta) {
-    for (int j = tid; j < V; j += nt) f(j, kd_to_f32(srow[j]), kd_to_f32(trow[j]));
-    return;
-  }
-  int head = (int)(((16u - sa) & 15u) / sizeof(T));
-  if (head > V) head = V;
-  for (int j = tid; j < head; j += nt) f(j, kd_to_f32(srow[j]), kd_to_f32(trow[j]));
-  const int nvec = (V - head) / VEC;
-  const uint4* sv = reinterpret_cast<const uint4*>(srow + head);
-  const uint4* tv = reinterpret_cast<const uint4*>(trow + head);
-  for (int c = tid; c < nvec; c += nt) {
-    const uint4 a = sv[c], b = tv[c];
-    const T* ae = reinterpret_cast<const T*>(&a);
-    const T* be = reinterpret_cast<const T*>(&b);
-    const int j0 = head + c * VEC;
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) f(j0 + e, kd_to_f32(ae[e]), kd_to_f32(be[e]));
-  }
-  for (int j = head + nvec * VEC + tid; j < V; j += nt) f(j, kd_to_f32(srow[j]), kd_to_f32(trow[j]));
-}
-
 // ------------------------------------------------------------- kernels --
 
 template <typename Tin, typename Tout, int DIV>

@@ -674,4 +674,34 @@ __device__ __forceinline__ float2 kd_block_sum2(float2 v, float2* smem) {
   return total;
 }
 
+// Calls f(j, s_j, t_j) for this thread's share of two rows of V elements
+// (student and teacher logits, or feature rows), with 16-byte loads where
+// the two rows share their alignment. No barrier: threads may call it alone.
+template <typename T, typename F>
+__device__ __forceinline__ void kd_sweep(const T* srow, const T* trow, int V, F&& f) {
+  constexpr int VEC = 16 / sizeof(T);
+  const int tid = threadIdx.x, nt = blockDim.x;
+  const uintptr_t sa = reinterpret_cast<uintptr_t>(srow) & 15u;
+  const uintptr_t ta = reinterpret_cast<uintptr_t>(trow) & 15u;
+  if (sa != ta) {
+    for (int j = tid; j < V; j += nt) f(j, kd_to_f32(srow[j]), kd_to_f32(trow[j]));
+    return;
+  }
+  int head = (int)(((16u - sa) & 15u) / sizeof(T));
+  if (head > V) head = V;
+  for (int j = tid; j < head; j += nt) f(j, kd_to_f32(srow[j]), kd_to_f32(trow[j]));
+  const int nvec = (V - head) / VEC;
+  const uint4* sv = reinterpret_cast<const uint4*>(srow + head);
+  const uint4* tv = reinterpret_cast<const uint4*>(trow + head);
+  for (int c = tid; c < nvec; c += nt) {
+    const uint4 a = sv[c], b = tv[c];
+    const T* ae = reinterpret_cast<const T*>(&a);
+    const T* be = reinterpret_cast<const T*>(&b);
+    const int j0 = head + c * VEC;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) f(j0 + e, kd_to_f32(ae[e]), kd_to_f32(be[e]));
+  }
+  for (int j = head + nvec * VEC + tid; j < V; j += nt) f(j, kd_to_f32(srow[j]), kd_to_f32(trow[j]));
+}
+
 #endif  // __CUDACC__ || KD_EMU

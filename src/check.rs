@@ -433,6 +433,18 @@ pub struct GroupStats {
     pub max_grad_err: f64,
 }
 
+impl GroupStats {
+    /// Counts one case with these errors.
+    pub fn record(&mut self, loss_err: f64, grad_err: f64, passed: bool) {
+        self.cases += 1;
+        self.max_loss_err = self.max_loss_err.max(loss_err);
+        self.max_grad_err = self.max_grad_err.max(grad_err);
+        if !passed {
+            self.failed += 1;
+        }
+    }
+}
+
 /// A sweep's outcome.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct SweepReport {
@@ -466,15 +478,12 @@ pub fn sweep(
         let config = random_config(&mut rng, max_cols);
         let r = run_case(backend, &config)?;
         on_case(&r);
-        let g = report
+        report
             .groups
             .entry(format!("{}/{}", config.dtype, config.spec.divergence))
-            .or_default();
-        g.cases += 1;
-        g.max_loss_err = g.max_loss_err.max(r.loss_err);
-        g.max_grad_err = g.max_grad_err.max(r.grad_err);
+            .or_default()
+            .record(r.loss_err, r.grad_err, r.passed);
         if !r.passed {
-            g.failed += 1;
             report.failures.push(r);
         }
         report.cases += 1;

@@ -1,30 +1,9 @@
 //! `kdfuse demo` end to end: a small run's table, JSON and SVG, and clean
 //! one-line errors.
 
-use std::process::{Command, Output};
+mod common;
 
-fn kdfuse(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kdfuse"))
-        .args(args)
-        .output()
-        .expect("runs")
-}
-
-/// Exit code 2, exactly one line on stderr containing `needle`, no backtrace.
-fn assert_clean_error(out: &Output, needle: &str) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "stderr: {err}");
-    assert_eq!(
-        err.trim_end().lines().count(),
-        1,
-        "one line expected: {err}"
-    );
-    assert!(err.contains(needle), "`{needle}` not in: {err}");
-    assert!(
-        !err.contains("panicked") && !err.contains("backtrace"),
-        "{err}"
-    );
-}
+use common::cli::{assert_clean_error, kdfuse};
 
 const SMALL: &[&str] = &[
     "demo",

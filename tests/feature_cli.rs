@@ -1,66 +1,17 @@
 //! `kdfuse feature-loss` end to end on temporary .npy files, its error lines,
 //! and the feature groups of `kdfuse check`.
 
+mod common;
+
+use common::cli::{assert_clean_error, json, kdfuse, read_f32, write};
+
 use kdfuse::{
     FeatureBackend, FeatureGrads, FeatureInputs, FeatureKind, FeatureSpec, Features, GradDtype,
     HostData, Oracle, Reduction,
 };
-use npyz::WriterBuilder;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn kdfuse(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kdfuse"))
-        .args(args)
-        .output()
-        .expect("runs")
-}
-
-fn write<T: npyz::AutoSerialize + Copy>(path: &Path, data: &[T], shape: &[u64]) {
-    let f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
-    let mut w = npyz::WriteOptions::new()
-        .default_dtype()
-        .shape(shape)
-        .writer(f)
-        .begin_nd()
-        .unwrap();
-    w.extend(data.iter().copied()).unwrap();
-    w.finish().unwrap();
-}
-
-fn read_f32(path: &Path) -> (Vec<f32>, Vec<u64>) {
-    let npy =
-        npyz::NpyFile::new(std::io::BufReader::new(std::fs::File::open(path).unwrap())).unwrap();
-    let shape = npy.shape().to_vec();
-    (npy.into_vec::<f32>().unwrap(), shape)
-}
-
-fn json(out: &Output) -> serde_json::Value {
-    assert!(
-        out.status.success(),
-        "stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("stdout is one JSON object")
-}
-
-/// Exit code 2, exactly one line on stderr containing `needle`, no backtrace.
-fn assert_clean_error(out: &Output, needle: &str) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "stderr: {err}");
-    assert_eq!(
-        err.trim_end().lines().count(),
-        1,
-        "one line expected: {err}"
-    );
-    assert!(err.contains(needle), "`{needle}` not in: {err}");
-    assert!(
-        !err.contains("panicked") && !err.contains("backtrace"),
-        "{err}"
-    );
-}
 
 fn random(seed: u64, n: usize) -> Vec<f32> {
     let mut rng = StdRng::seed_from_u64(seed);

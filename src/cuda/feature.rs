@@ -4,7 +4,7 @@
 //! `kd_reduce_loss` (the reduced loss, on the device). No host
 //! synchronisation inside.
 
-use super::launch::KdElement;
+use super::launch::{check_len, KdElement};
 use super::CudaBackend;
 use crate::error::{invalid, Result};
 use crate::feature::params::{self, FeatureParams};
@@ -221,14 +221,4 @@ impl CudaBackend {
         // the guards keep the buffers' events ordered with this stream.
         unsafe { self.feature_raw(stream, &raw, spec) }
     }
-}
-
-fn check_len(arg: &'static str, have: usize, need: usize) -> Result<()> {
-    if have < need {
-        return invalid(
-            arg,
-            format!("device buffer holds {have} elements, the layout needs {need}"),
-        );
-    }
-    Ok(())
 }

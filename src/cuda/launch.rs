@@ -401,7 +401,8 @@ impl CudaBackend {
     }
 }
 
-fn check_len(arg: &'static str, have: usize, need: usize) -> Result<()> {
+/// A device buffer of `have` elements holds the `need` a layout asks for.
+pub(super) fn check_len(arg: &'static str, have: usize, need: usize) -> Result<()> {
     if have < need {
         return invalid(
             arg,

@@ -427,15 +427,12 @@ pub fn feature_sweep(
         let config = random_feature_config(&mut rng, max_cols);
         let r = run_feature_case(backend, &config)?;
         on_case(&r);
-        let g = report
+        report
             .groups
             .entry(format!("{}/{}", config.dtype, config.spec.kind))
-            .or_default();
-        g.cases += 1;
-        g.max_loss_err = g.max_loss_err.max(r.loss_err);
-        g.max_grad_err = g.max_grad_err.max(r.grad_err);
+            .or_default()
+            .record(r.loss_err, r.grad_err, r.passed);
         if !r.passed {
-            g.failed += 1;
             report.failures.push(r);
         }
         report.cases += 1;
