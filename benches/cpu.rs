@@ -29,6 +29,7 @@ fn bench(c: &mut Criterion) {
                 student: Logits::new(s.view(), n, v),
                 teacher: Logits::new(t.view(), n, v),
                 labels: None,
+                row_weights: None,
             };
             for divergence in [Divergence::ForwardKl, Divergence::Jsd] {
                 let spec = LossSpec {

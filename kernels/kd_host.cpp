@@ -122,6 +122,9 @@ void kd_host_params_layout(long long* out) {
   out[1] = (long long)offsetof(KdParams, ignore_index);
   out[2] = (long long)offsetof(KdParams, reduction);
   out[3] = (long long)offsetof(KdParams, vocab);
+  out[4] = (long long)offsetof(KdParams, softcap);
+  out[5] = (long long)offsetof(KdParams, topk_mode);
+  out[6] = (long long)offsetof(KdParams, topk_k);
 }
 
 // The dtype conversions, exposed so that tests can compare them bit for bit

@@ -53,6 +53,11 @@
 #define KD_RED_MEAN 2
 #define KD_RED_NONE 3
 
+// Top-k teacher modes (DESIGN.md §4).
+#define KD_TOPK_SUPPORT 0
+#define KD_TOPK_FULL 1
+#define KD_TOPK_TAIL 2
+
 // Parameters shared by the host and the kernels; mirrored by
 // `src/params.rs::KernelParams` (#[repr(C)], same field order).
 struct KdParams {
@@ -67,6 +72,9 @@ struct KdParams {
   long long ignore_index;
   int reduction;      // KD_RED_*
   int vocab;          // V
+  float softcap;      // cap of x ← cap·tanh(x/cap); 0 = off
+  int topk_mode;      // KD_TOPK_* (top-k teacher kernels only)
+  int topk_k;         // k (top-k teacher kernels only)
 };
 
 // ---------------------------------------------------------------- dtypes --

@@ -2,7 +2,7 @@
 
 use crate::error::{KdError, Result};
 use crate::spec::LossSpec;
-use crate::tensor::{GradDtype, KdInputs};
+use crate::tensor::{GradDtype, KdInputs, TopkInputs};
 use std::fmt;
 use std::str::FromStr;
 
@@ -11,13 +11,17 @@ use std::str::FromStr;
 pub struct KdOutput {
     /// The reduced loss (for `Reduction::None`, the sum of the rows).
     pub loss: f64,
-    /// Per-row losses ℓ (unweighted; ignored rows 0).
+    /// Per-row losses ℓ, times the row weights when given (before the
+    /// reduction's weight; ignored rows 0).
     pub row_losses: Vec<f64>,
     /// Rows that counted.
     pub valid_rows: usize,
     /// ∂L/∂student, `[N, V]` dense row-major, as f32 values (rounded to the
     /// input dtype first when [`GradDtype::Input`] was asked for).
     pub grad: Option<Vec<f32>>,
+    /// ∂L/∂teacher, `[N, V]` dense, in the gradient's dtype; only when
+    /// `LossSpec::grad_teacher` was asked for (with a gradient dtype).
+    pub grad_teacher: Option<Vec<f32>>,
 }
 
 /// A way of computing the fused loss and gradient.
@@ -33,11 +37,27 @@ pub trait Backend: Send + Sync {
         spec: &LossSpec,
         grad: Option<GradDtype>,
     ) -> Result<KdOutput>;
+
+    /// As [`Backend::compute`], with a top-k (sparse) teacher
+    /// (DESIGN.md §4, mode `spec.topk_mode`). Indices are validated first.
+    fn compute_topk(
+        &self,
+        inputs: &TopkInputs,
+        spec: &LossSpec,
+        grad: Option<GradDtype>,
+    ) -> Result<KdOutput>;
 }
 
 /// Validation shared by every backend.
 pub(crate) fn validate(inputs: &KdInputs, spec: &LossSpec) -> Result<()> {
     spec.validate(inputs.labels.is_some())?;
+    inputs.validate(spec.ignore_index)
+}
+
+/// Validation shared by every backend, top-k teacher.
+pub(crate) fn validate_topk(inputs: &TopkInputs, spec: &LossSpec) -> Result<()> {
+    spec.validate(inputs.labels.is_some())?;
+    spec.validate_topk()?;
     inputs.validate(spec.ignore_index)
 }
 

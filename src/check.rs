@@ -98,6 +98,7 @@ impl CaseData {
             student: Logits::strided(self.student.view(), c.rows, c.cols, c.cols + c.student_pad),
             teacher: Logits::strided(self.teacher.view(), c.rows, c.cols, c.cols + c.teacher_pad),
             labels: self.labels.as_deref(),
+            row_weights: None,
         }
     }
 }
@@ -175,6 +176,7 @@ pub fn random_config(rng: &mut StdRng, max_cols: usize) -> CaseConfig {
             ignore_index: pick(rng, &[-100i64, -1, 7]),
             reduction: pick(rng, &Reduction::ALL),
             grad_scale: pick(rng, &[1.0, gs]),
+            ..LossSpec::default()
         },
         labels,
         ignore_frac: pick(rng, &[0.0, 0.3, 1.0]),

@@ -39,6 +39,15 @@ impl Backend for CpuBackend {
         "cpu"
     }
 
+    fn compute_topk(
+        &self,
+        _inputs: &crate::tensor::TopkInputs,
+        _spec: &LossSpec,
+        _grad: Option<GradDtype>,
+    ) -> Result<KdOutput> {
+        crate::error::invalid("teacher", "top-k teacher: not implemented yet")
+    }
+
     fn compute(
         &self,
         inputs: &KdInputs,
@@ -95,6 +104,7 @@ impl Backend for CpuBackend {
             row_losses,
             valid_rows: valid,
             grad: grad_out,
+            grad_teacher: None,
         })
     }
 }

@@ -270,6 +270,7 @@ pub fn evaluate(logits: &[f32], labels: &[i64]) -> Result<(f64, f64)> {
         student: Logits::new(HostData::F32(logits), n, v),
         teacher: Logits::new(HostData::F32(logits), n, v),
         labels: Some(labels),
+        row_weights: None,
     };
     let ce = CpuBackend.compute(&inputs, &spec, None)?.loss;
     Ok((correct as f64 / n.max(1) as f64, ce))

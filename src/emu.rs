@@ -105,12 +105,22 @@ fn output(
             n
         },
         grad,
+        grad_teacher: None,
     }
 }
 
 impl Backend for EmuBackend {
     fn name(&self) -> &'static str {
         "cuda-emulated"
+    }
+
+    fn compute_topk(
+        &self,
+        _inputs: &crate::tensor::TopkInputs,
+        _spec: &LossSpec,
+        _grad: Option<GradDtype>,
+    ) -> Result<KdOutput> {
+        crate::error::invalid("teacher", "top-k teacher: not implemented yet")
     }
 
     fn compute(
@@ -214,6 +224,15 @@ pub struct EagerEmuBackend;
 impl Backend for EagerEmuBackend {
     fn name(&self) -> &'static str {
         "eager-emulated"
+    }
+
+    fn compute_topk(
+        &self,
+        _inputs: &crate::tensor::TopkInputs,
+        _spec: &LossSpec,
+        _grad: Option<GradDtype>,
+    ) -> Result<KdOutput> {
+        crate::error::invalid("teacher", "top-k teacher: not implemented yet")
     }
 
     fn compute(

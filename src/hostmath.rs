@@ -89,10 +89,11 @@ pub(crate) fn row_weight(p: &KernelParams, valid_rows: usize) -> f32 {
     unsafe { kd_host_row_weight(p, valid_rows as i64) }
 }
 
-/// `[sizeof, offset of ignore_index, of reduction, of vocab]` of the C struct.
-pub fn params_layout() -> [i64; 4] {
-    let mut out = [0i64; 4];
-    // SAFETY: writes four values.
+/// `[sizeof, offset of ignore_index, of reduction, of vocab, of softcap, of
+/// topk_mode, of topk_k]` of the C struct.
+pub fn params_layout() -> [i64; 7] {
+    let mut out = [0i64; 7];
+    // SAFETY: writes seven values.
     unsafe { kd_host_params_layout(out.as_mut_ptr()) };
     out
 }
@@ -132,5 +133,8 @@ mod tests {
         );
         assert_eq!(l[2] as usize, std::mem::offset_of!(KernelParams, reduction));
         assert_eq!(l[3] as usize, std::mem::offset_of!(KernelParams, vocab));
+        assert_eq!(l[4] as usize, std::mem::offset_of!(KernelParams, softcap));
+        assert_eq!(l[5] as usize, std::mem::offset_of!(KernelParams, topk_mode));
+        assert_eq!(l[6] as usize, std::mem::offset_of!(KernelParams, topk_k));
     }
 }

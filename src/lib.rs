@@ -24,6 +24,7 @@
 //!     student: Logits::new(HostData::F32(&s), n, v),
 //!     teacher: Logits::new(HostData::F32(&t), n, v),
 //!     labels: None,
+//!     row_weights: None,
 //! };
 //! let spec = LossSpec { divergence: Divergence::Jsd, temperature: 2.0, ..Default::default() };
 //! let out = create(BackendKind::Auto)?.compute(&inputs, &spec, Some(GradDtype::F32))?;
@@ -64,5 +65,7 @@ pub use feature::{
     FeatureSpec, Features,
 };
 pub use oracle::Oracle;
-pub use spec::{Divergence, LossSpec, Reduction};
-pub use tensor::{Dtype, GradDtype, HostData, KdInputs, Logits, OwnedData};
+pub use spec::{Divergence, LossSpec, Reduction, TopkMode};
+pub use tensor::{
+    Dtype, GradDtype, HostData, KdInputs, Logits, OwnedData, TopkIndices, TopkInputs, TopkTeacher,
+};

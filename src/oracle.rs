@@ -283,6 +283,7 @@ impl Oracle {
             row_losses,
             valid_rows: valid,
             grad: g,
+            grad_teacher: None,
         })
     }
 }
@@ -290,6 +291,15 @@ impl Oracle {
 impl Backend for Oracle {
     fn name(&self) -> &'static str {
         "oracle"
+    }
+
+    fn compute_topk(
+        &self,
+        _inputs: &crate::tensor::TopkInputs,
+        _spec: &LossSpec,
+        _grad: Option<GradDtype>,
+    ) -> Result<KdOutput> {
+        crate::error::invalid("teacher", "top-k teacher: not implemented yet")
     }
 
     fn compute(

@@ -17,6 +17,9 @@ pub(crate) struct KernelParams {
     pub ignore_index: i64,
     pub reduction: i32,
     pub vocab: i32,
+    pub softcap: f32,
+    pub topk_mode: i32,
+    pub topk_k: i32,
 }
 
 // SAFETY: plain-old-data with the C layout the kernels expect.
@@ -41,6 +44,9 @@ impl KernelParams {
             ignore_index: spec.ignore_index,
             reduction: spec.reduction.kernel_id(),
             vocab: vocab as i32,
+            softcap: spec.softcap.unwrap_or(0.0) as f32,
+            topk_mode: spec.topk_mode.kernel_id(),
+            topk_k: 0,
         }
     }
 }

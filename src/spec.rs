@@ -137,6 +137,63 @@ impl FromStr for Reduction {
     }
 }
 
+/// How a top-k (sparse) teacher is compared with the student (DESIGN.md §4).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum TopkMode {
+    /// Both distributions renormalised over the k teacher entries:
+    /// KL(p‖q̃), q̃ = softmax over the support of s/τ; zero gradient off it.
+    Support,
+    /// The teacher is zero off its support, the student a full softmax:
+    /// Σ_{i∈I} p_i (log p_i − log q_i).
+    #[default]
+    Full,
+    /// k + 1 buckets (the support and one tail): teacher P_i = exp(v_i),
+    /// P_tail = 1 − Σ P_i; needs log-prob values and τ = 1.
+    Tail,
+}
+
+impl TopkMode {
+    /// Every mode, in CLI order.
+    pub const ALL: [TopkMode; 3] = [TopkMode::Support, TopkMode::Full, TopkMode::Tail];
+
+    /// The CLI/API spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TopkMode::Support => "support",
+            TopkMode::Full => "full",
+            TopkMode::Tail => "tail",
+        }
+    }
+
+    /// The id the kernels use (`KD_TOPK_*` in kernels/kd_math.cuh).
+    pub(crate) fn kernel_id(self) -> i32 {
+        match self {
+            TopkMode::Support => 0,
+            TopkMode::Full => 1,
+            TopkMode::Tail => 2,
+        }
+    }
+}
+
+impl fmt::Display for TopkMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for TopkMode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        TopkMode::ALL
+            .into_iter()
+            .find(|d| d.as_str() == s)
+            .ok_or_else(|| format!("unknown top-k mode `{s}` (expected support, full or tail)"))
+    }
+}
+
 /// The full loss specification:
 /// `ℓ = α·CE(hard labels, τ = 1) + (1 − α)·c·D(p, q)`, `c = τ²` or 1.
 #[derive(Debug, Clone, PartialEq)]
@@ -157,6 +214,19 @@ pub struct LossSpec {
     pub reduction: Reduction,
     /// Upstream gradient scale: the gradient is that of `grad_scale · L`.
     pub grad_scale: f64,
+    /// Soft-capping `x ← cap·tanh(x/cap)` of the student's and the teacher's
+    /// logits before anything else (Gemma 2 style); `None` = off. A −inf
+    /// logit (a masked entry) stays −inf.
+    pub softcap: Option<f64>,
+    /// The teacher (dense rows or top-k values) holds log-probabilities, not
+    /// logits. Re-tempered as p ∝ exp(log p / τ): the same as logits for a
+    /// dense teacher; the `tail` top-k mode needs it.
+    pub teacher_log_probs: bool,
+    /// Also compute ∂L/∂teacher (mutual learning: the teacher trains too),
+    /// in the same launch; dense teachers only.
+    pub grad_teacher: bool,
+    /// How a top-k teacher is used (ignored for a dense teacher).
+    pub topk_mode: TopkMode,
 }
 
 impl Default for LossSpec {
@@ -170,6 +240,10 @@ impl Default for LossSpec {
             ignore_index: -100,
             reduction: Reduction::BatchMean,
             grad_scale: 1.0,
+            softcap: None,
+            teacher_log_probs: false,
+            grad_teacher: false,
+            topk_mode: TopkMode::Full,
         }
     }
 }
@@ -227,6 +301,17 @@ impl LossSpec {
                 format!("must be finite, got {}", self.grad_scale),
             );
         }
+        if let Some(cap) = self.softcap {
+            if !(cap.is_finite() && cap > 0.0) {
+                return invalid("softcap", format!("must be finite and > 0, got {cap}"));
+            }
+            if self.teacher_log_probs {
+                return invalid(
+                    "softcap",
+                    "caps logits; a teacher given as log-probs cannot be capped (pass its logits)",
+                );
+            }
+        }
         if self.alpha > 0.0 && !has_labels {
             return invalid(
                 "alpha",
@@ -235,6 +320,40 @@ impl LossSpec {
                     self.alpha
                 ),
             );
+        }
+        Ok(())
+    }
+
+    /// The extra checks of a top-k teacher (on top of [`LossSpec::validate`]).
+    pub fn validate_topk(&self) -> Result<()> {
+        if self.divergence != Divergence::ForwardKl {
+            return invalid(
+                "divergence",
+                format!(
+                    "a top-k teacher supports forward-kl only (DESIGN.md §4), got {}",
+                    self.divergence
+                ),
+            );
+        }
+        if self.grad_teacher {
+            return invalid(
+                "grad_teacher",
+                "a top-k teacher is fixed data; the teacher gradient needs a dense teacher",
+            );
+        }
+        if self.topk_mode == TopkMode::Tail {
+            if !self.teacher_log_probs {
+                return invalid(
+                    "topk_mode",
+                    "tail needs the top-k values as log-probs (teacher_log_probs)",
+                );
+            }
+            if self.temperature != 1.0 {
+                return invalid(
+                    "topk_mode",
+                    format!("tail needs temperature 1, got {}", self.temperature),
+                );
+            }
         }
         Ok(())
     }

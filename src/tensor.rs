@@ -276,6 +276,9 @@ pub struct KdInputs<'a> {
     pub teacher: Logits<'a>,
     /// Hard labels, one per row, in `[0, V)` or `ignore_index`.
     pub labels: Option<&'a [i64]>,
+    /// Per-row weights (N, finite): each row's ℓ (and its gradient) is
+    /// multiplied by its weight; the reductions' denominators stay the same.
+    pub row_weights: Option<&'a [f32]>,
 }
 
 impl KdInputs<'_> {
@@ -311,38 +314,203 @@ impl KdInputs<'_> {
                 ),
             );
         }
-        if let Some(labels) = self.labels {
-            if labels.len() != self.student.rows {
-                return invalid(
-                    "labels",
-                    format!(
-                        "has {} entries for {} rows",
-                        labels.len(),
-                        self.student.rows
-                    ),
-                );
-            }
-            let v = self.student.cols as i64;
-            if let Some((i, &y)) = labels
-                .iter()
-                .enumerate()
-                .find(|(_, &y)| y != ignore_index && !(0..v).contains(&y))
-            {
-                return invalid(
-                    "labels",
-                    format!("labels[{i}] = {y} is outside [0, {v}) and is not ignore_index ({ignore_index})"),
-                );
-            }
-        }
-        Ok(())
+        validate_labels(
+            self.labels,
+            self.row_weights,
+            self.student.rows,
+            self.student.cols,
+            ignore_index,
+        )
     }
 
     /// Rows that count: all rows without labels, else those whose label is
     /// not `ignore_index`.
     pub fn valid_rows(&self, ignore_index: i64) -> usize {
-        match self.labels {
-            None => self.student.rows,
-            Some(l) => l.iter().filter(|&&y| y != ignore_index).count(),
+        valid_rows(self.labels, self.student.rows, ignore_index)
+    }
+}
+
+fn valid_rows(labels: Option<&[i64]>, rows: usize, ignore_index: i64) -> usize {
+    match labels {
+        None => rows,
+        Some(l) => l.iter().filter(|&&y| y != ignore_index).count(),
+    }
+}
+
+/// Labels (N, in `[0, V)` or `ignore_index`) and row weights (N, finite).
+fn validate_labels(
+    labels: Option<&[i64]>,
+    row_weights: Option<&[f32]>,
+    rows: usize,
+    cols: usize,
+    ignore_index: i64,
+) -> Result<()> {
+    if let Some(w) = row_weights {
+        if w.len() != rows {
+            return invalid(
+                "row_weights",
+                format!("has {} entries for {rows} rows", w.len()),
+            );
+        }
+        if let Some((i, x)) = w.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+            return invalid(
+                "row_weights",
+                format!("row_weights[{i}] = {x} is not finite"),
+            );
         }
     }
+    if let Some(labels) = labels {
+        if labels.len() != rows {
+            return invalid(
+                "labels",
+                format!("has {} entries for {rows} rows", labels.len()),
+            );
+        }
+        let v = cols as i64;
+        if let Some((i, &y)) = labels
+            .iter()
+            .enumerate()
+            .find(|(_, &y)| y != ignore_index && !(0..v).contains(&y))
+        {
+            return invalid(
+                    "labels",
+                    format!("labels[{i}] = {y} is outside [0, {v}) and is not ignore_index ({ignore_index})"),
+                );
+        }
+    }
+    Ok(())
+}
+
+/// The indices of a top-k teacher: `[N, k]` row-major, int32 or int64.
+#[derive(Debug, Clone, Copy)]
+pub enum TopkIndices<'a> {
+    /// 32-bit indices.
+    I32(&'a [i32]),
+    /// 64-bit indices.
+    I64(&'a [i64]),
+}
+
+impl TopkIndices<'_> {
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        match self {
+            TopkIndices::I32(d) => d.len(),
+            TopkIndices::I64(d) => d.len(),
+        }
+    }
+
+    /// True when there are no entries.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Entry `i`.
+    pub fn get(&self, i: usize) -> i64 {
+        match self {
+            TopkIndices::I32(d) => d[i] as i64,
+            TopkIndices::I64(d) => d[i],
+        }
+    }
+}
+
+/// A top-k (sparse) teacher (DESIGN.md §4): for each row, `k` vocabulary
+/// indices and the teacher's values there (logits, or log-probs with
+/// `LossSpec::teacher_log_probs`), both `[N, k]` row-major.
+#[derive(Debug, Clone, Copy)]
+pub struct TopkTeacher<'a> {
+    /// Indices into the vocabulary, distinct within a row.
+    pub indices: TopkIndices<'a>,
+    /// The teacher's values at those indices (the student's dtype).
+    pub values: HostData<'a>,
+    /// Entries per row, 1 ≤ k ≤ V.
+    pub k: usize,
+}
+
+/// A student and a top-k teacher: what a backend's
+/// [`crate::Backend::compute_topk`] reads.
+#[derive(Debug, Clone, Copy)]
+pub struct TopkInputs<'a> {
+    /// Student logits `[N, V]`.
+    pub student: Logits<'a>,
+    /// The sparse teacher.
+    pub teacher: TopkTeacher<'a>,
+    /// Hard labels, as in [`KdInputs`].
+    pub labels: Option<&'a [i64]>,
+    /// Per-row weights, as in [`KdInputs`].
+    pub row_weights: Option<&'a [f32]>,
+}
+
+impl TopkInputs<'_> {
+    /// Checks shapes and dtypes, labels, weights, and every index: in
+    /// `[0, V)` and distinct within its row (the first bad row is named).
+    pub fn validate(&self, ignore_index: i64) -> Result<()> {
+        self.student.validate("student")?;
+        let (n, v, k) = (self.student.rows, self.student.cols, self.teacher.k);
+        if k == 0 || k > v {
+            return invalid("k", format!("must be in [1, V = {v}], got {k}"));
+        }
+        if self.teacher.values.dtype() != self.student.dtype() {
+            return invalid(
+                "teacher_topk_values",
+                format!(
+                    "dtype {} differs from the student's {}",
+                    self.teacher.values.dtype(),
+                    self.student.dtype()
+                ),
+            );
+        }
+        let need = n * k;
+        if self.teacher.values.len() != need {
+            return invalid(
+                "teacher_topk_values",
+                format!(
+                    "has {} entries, [N = {n}, k = {k}] needs {need}",
+                    self.teacher.values.len()
+                ),
+            );
+        }
+        if self.teacher.indices.len() != need {
+            return invalid(
+                "teacher_topk_indices",
+                format!(
+                    "has {} entries, [N = {n}, k = {k}] needs {need}",
+                    self.teacher.indices.len()
+                ),
+            );
+        }
+        validate_labels(self.labels, self.row_weights, n, v, ignore_index)?;
+        if let Some((row, msg)) = first_bad_topk_row(&self.teacher.indices, n, k, v) {
+            return invalid("teacher_topk_indices", format!("row {row}: {msg}"));
+        }
+        Ok(())
+    }
+
+    /// Rows that count, as in [`KdInputs::valid_rows`].
+    pub fn valid_rows(&self, ignore_index: i64) -> usize {
+        valid_rows(self.labels, self.student.rows, ignore_index)
+    }
+}
+
+/// The first row whose indices leave `[0, v)` or repeat, and what is wrong.
+pub fn first_bad_topk_row(
+    indices: &TopkIndices<'_>,
+    n: usize,
+    k: usize,
+    v: usize,
+) -> Option<(usize, String)> {
+    let mut seen = vec![usize::MAX; v];
+    for r in 0..n {
+        for i in 0..k {
+            let j = indices.get(r * k + i);
+            if !(0..v as i64).contains(&j) {
+                return Some((r, format!("index {j} (entry {i}) is outside [0, {v})")));
+            }
+            let j = j as usize;
+            if seen[j] == r {
+                return Some((r, format!("index {j} appears twice")));
+            }
+            seen[j] = r;
+        }
+    }
+    None
 }

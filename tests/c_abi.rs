@@ -87,6 +87,7 @@ fn c_program_matches_the_oracle() {
         student: Logits::new(HostData::F32(&s), n, v),
         teacher: Logits::new(HostData::F32(&t), n, v),
         labels: Some(&labels),
+        row_weights: None,
     };
     let want = Oracle
         .compute(&inputs, &spec, Some(GradDtype::F32))

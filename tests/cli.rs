@@ -89,6 +89,7 @@ fn cli_loss_against_oracle(divergence: Divergence) {
         student: Logits::new(HostData::F32(&f.data.0), n, v),
         teacher: Logits::new(HostData::F32(&f.data.1), n, v),
         labels: Some(&f.data.2),
+        row_weights: None,
     };
     let reference = Oracle
         .compute(&inputs, &spec, Some(GradDtype::F32))

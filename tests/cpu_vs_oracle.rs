@@ -156,6 +156,7 @@ fn strided_rows_and_padded_teacher() {
         student: Logits::new(HostData::F32(&s), n, v),
         teacher: Logits::strided(HostData::F32(&t), n, v, ts),
         labels: None,
+        row_weights: None,
     };
     let dense_t: Vec<f32> = (0..n)
         .flat_map(|r| t[r * ts..r * ts + v].to_vec())
@@ -188,6 +189,7 @@ fn gradient_in_the_input_dtype_is_the_rounded_f32_gradient() {
         student: Logits::new(s.view(), n, v),
         teacher: Logits::new(t.view(), n, v),
         labels: None,
+        row_weights: None,
     };
     let spec = LossSpec::default();
     let g32 = CpuBackend

@@ -129,6 +129,7 @@ fn reference_gradients(mlp: &Mlp, x: &[f32], y: &[i64], t: &[f32], spec: &LossSp
         student: Logits::new(HostData::F32(&logits), rows, v),
         teacher: Logits::new(HostData::F32(t), rows, v),
         labels: Some(y),
+        row_weights: None,
     };
     let out = Oracle.compute(&inputs, spec, Some(GradDtype::F32)).unwrap();
     let mut dz: Vec<f64> = out.grad.unwrap().iter().map(|&g| g as f64).collect();

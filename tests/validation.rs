@@ -43,6 +43,7 @@ fn bad_parameters() {
         student: Logits::new(HostData::F32(&s), 2, 5),
         teacher: Logits::new(HostData::F32(&t), 2, 5),
         labels: Some(&labels),
+        row_weights: None,
     };
     let base = LossSpec::default();
     for tau in [0.0, -1.0, f64::NAN, f64::INFINITY] {
@@ -109,6 +110,7 @@ fn bad_shapes_and_labels() {
         student: Logits::new(f(s), 3, 6),
         teacher: Logits::new(f(t), 3, 6),
         labels: None,
+        row_weights: None,
     };
     expect_arg(
         &KdInputs {

@@ -66,6 +66,7 @@ impl HostSet {
             student: Logits::new(self.student.view(), rows, cols),
             teacher: Logits::new(self.teacher.view(), rows, cols),
             labels: self.labels.as_deref(),
+            row_weights: None,
         }
     }
 }

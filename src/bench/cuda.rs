@@ -170,6 +170,8 @@ impl<'b> DeviceCase<'b> {
             row_losses,
             loss,
             valid_rows,
+            row_weights: 0,
+            grad_teacher: 0,
             layout: RowLayout::dense(self.config.rows, self.config.cols),
         }
     }
@@ -265,6 +267,7 @@ impl<'b> DeviceCase<'b> {
             student: Logits::new(sd.view(), k, self.config.cols),
             teacher: Logits::new(td.view(), k, self.config.cols),
             labels: labels.as_deref(),
+            row_weights: None,
         };
         let cpu = CpuBackend.compute(&inputs, &self.spec, None)?;
         let dev = self.row_losses(k)?;

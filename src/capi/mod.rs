@@ -227,12 +227,15 @@ pub unsafe extern "C" fn kdfuse_compute_cuda(
             row_losses: b.row_losses as u64,
             loss: b.loss as u64,
             valid_rows: b.valid_rows as u64,
+            row_weights: 0,
+            grad_teacher: 0,
             layout: RowLayout {
                 rows: shape.rows,
                 cols: shape.cols,
                 student_stride: shape.student_stride,
                 teacher_stride: shape.teacher_stride,
                 grad_stride: shape.grad_stride,
+                grad_teacher_stride: shape.grad_stride,
             },
         };
         // SAFETY: the caller's contract above.
@@ -314,6 +317,7 @@ pub unsafe extern "C" fn kdfuse_compute_host(
             student: Logits::strided(s, sh.rows, sh.cols, sh.student_stride),
             teacher: Logits::strided(t, sh.rows, sh.cols, sh.teacher_stride),
             labels,
+            row_weights: None,
         };
         let grad = (!b.grad.is_null()).then_some(if sh.grad_dtype == sh.dtype {
             GradDtype::Input

@@ -229,6 +229,7 @@ impl KdfuseParams {
             ignore_index: self.ignore_index,
             reduction,
             grad_scale: self.grad_scale,
+            ..LossSpec::default()
         })
     }
 }

@@ -64,6 +64,7 @@ pub fn run(a: LossArgs) -> Result<ExitCode, CliError> {
         ignore_index: a.ignore_index,
         reduction: a.reduction.parse::<Reduction>().map_err(CliError::Msg)?,
         grad_scale: 1.0,
+        ..LossSpec::default()
     };
     let dtype: Dtype = a.dtype.parse().map_err(CliError::Msg)?;
     let kind: BackendKind = a.backend.parse().map_err(CliError::Msg)?;
@@ -105,6 +106,7 @@ pub fn run(a: LossArgs) -> Result<ExitCode, CliError> {
         student: Logits::new(sd.view(), n, v),
         teacher: Logits::strided(td.view(), n, v, tv),
         labels: labels.as_deref(),
+        row_weights: None,
     };
     inputs.validate(spec.ignore_index)?;
     let backend = make_backend(kind)?;

@@ -66,6 +66,7 @@ impl CudaBackend {
             student_stride: inputs.student.row_stride,
             teacher_stride: inputs.teacher.row_stride,
             grad_stride: v,
+            grad_teacher_stride: v,
         };
         let ds = upload(stream, s)?;
         let dt = upload(stream, t)?;
@@ -119,6 +120,7 @@ impl CudaBackend {
             row_losses,
             valid_rows: inputs.valid_rows(spec.ignore_index),
             grad,
+            grad_teacher: None,
         })
     }
 }
@@ -126,6 +128,15 @@ impl CudaBackend {
 impl Backend for CudaBackend {
     fn name(&self) -> &'static str {
         "cuda"
+    }
+
+    fn compute_topk(
+        &self,
+        _inputs: &crate::tensor::TopkInputs,
+        _spec: &LossSpec,
+        _grad: Option<GradDtype>,
+    ) -> Result<KdOutput> {
+        crate::error::invalid("teacher", "top-k teacher: not implemented yet")
     }
 
     fn compute(

@@ -45,6 +45,8 @@ pub struct RowLayout {
     pub teacher_stride: usize,
     /// Gradient row stride (≥ V).
     pub grad_stride: usize,
+    /// Teacher-gradient row stride (≥ V; used only with a teacher gradient).
+    pub grad_teacher_stride: usize,
 }
 
 impl RowLayout {
@@ -56,6 +58,7 @@ impl RowLayout {
             student_stride: cols,
             teacher_stride: cols,
             grad_stride: cols,
+            grad_teacher_stride: cols,
         }
     }
 
@@ -125,6 +128,47 @@ pub struct RawFusedArgs {
     pub labels: u64,
     /// Gradient output, or 0 for loss only. May equal `student` (in place)
     /// when dtypes and strides match.
+    pub grad: u64,
+    /// Per-row losses (f32, N).
+    pub row_losses: u64,
+    /// Reduced loss (f32, 1).
+    pub loss: u64,
+    /// Valid-row count scratch (i32, 1); needed with labels.
+    pub valid_rows: u64,
+    /// Per-row weights (f32, N), or 0.
+    pub row_weights: u64,
+    /// ∂L/∂teacher output (the gradient's dtype, `grad_teacher_stride`), or
+    /// 0. Needs `LossSpec::grad_teacher`. May equal `teacher` (in place)
+    /// when dtypes and strides match.
+    pub grad_teacher: u64,
+    /// Shape and strides.
+    pub layout: RowLayout,
+}
+
+/// Raw arguments of one top-k teacher call (DESIGN.md §4): device pointers
+/// (0 = absent). `layout.teacher_stride` is unused (indices and values are
+/// dense `[N, k]`).
+#[derive(Debug, Clone, Copy)]
+pub struct RawTopkArgs {
+    /// Dtype of the student and of the teacher's values.
+    pub dtype: Dtype,
+    /// Dtype of the gradient: `dtype` or `F32`.
+    pub grad_dtype: Dtype,
+    /// Student logits.
+    pub student: u64,
+    /// Teacher indices `[N, k]` (i32 or i64, see `indices_i64`).
+    pub indices: u64,
+    /// The indices are int64 (else int32).
+    pub indices_i64: bool,
+    /// Teacher values `[N, k]` (logits or log-probs, `dtype`).
+    pub values: u64,
+    /// Entries per row.
+    pub k: usize,
+    /// Labels (i64, N), or 0.
+    pub labels: u64,
+    /// Per-row weights (f32, N), or 0.
+    pub row_weights: u64,
+    /// Gradient output, or 0 for loss only; may equal `student` (in place).
     pub grad: u64,
     /// Per-row losses (f32, N).
     pub row_losses: u64,
@@ -341,6 +385,8 @@ impl CudaBackend {
             row_losses: rp,
             loss: op,
             valid_rows: vp,
+            row_weights: 0,
+            grad_teacher: 0,
             layout,
         };
         // SAFETY: lengths checked above; the guards keep the buffers' events
@@ -394,6 +440,8 @@ impl CudaBackend {
             row_losses: rp,
             loss: op,
             valid_rows: vp,
+            row_weights: 0,
+            grad_teacher: 0,
             layout,
         };
         // SAFETY: as in `fused`.

@@ -224,6 +224,7 @@ impl Engine for CpuEngine {
             student: Logits::new(HostData::F32(logits), rows, v),
             teacher: Logits::new(HostData::F32(t_logits), rows, v),
             labels,
+            row_weights: None,
         };
         let out = CpuBackend.compute(&inputs, spec, Some(GradDtype::F32))?;
         self.dz = out.grad.expect("asked for");

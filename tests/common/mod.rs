@@ -27,6 +27,7 @@ pub fn inputs<'a>(
         student: Logits::new(HostData::F32(s), rows, cols),
         teacher: Logits::new(HostData::F32(t), rows, cols),
         labels,
+        row_weights: None,
     }
 }
 
