@@ -289,6 +289,42 @@ impl CudaBackend {
         unsafe { self.launch_reduce_loss(stream, raw.row_losses, n, valid_ptr, &p, raw.loss) }
     }
 
+    /// Enqueues the loss (and gradient, when `raw.grad` ≠ 0) with a top-k
+    /// teacher (DESIGN.md §4, mode `spec.topk_mode`) on `stream`. Indices
+    /// out of range or repeated within a row give NaN rows, never
+    /// out-of-bounds accesses; [`CudaBackend::validate_topk_raw`] finds them.
+    ///
+    /// # Safety
+    /// As [`CudaBackend::launch_raw`]; `indices` and `values` hold N·k
+    /// elements.
+    pub unsafe fn launch_topk_raw(
+        &self,
+        _stream: &CudaStream,
+        _raw: &RawTopkArgs,
+        _spec: &LossSpec,
+    ) -> Result<()> {
+        invalid("teacher", "top-k teacher on CUDA: not implemented yet")
+    }
+
+    /// The optional validation pass of a top-k teacher's indices on the
+    /// device: waits for `stream`, then fails naming the first row with an
+    /// index outside `[0, cols)` or repeated.
+    ///
+    /// # Safety
+    /// `indices` is valid device memory of this context holding `rows · k`
+    /// int32 (or int64 with `indices_i64`) values.
+    pub unsafe fn validate_topk_raw(
+        &self,
+        _stream: &CudaStream,
+        _indices: u64,
+        _indices_i64: bool,
+        _rows: usize,
+        _k: usize,
+        _cols: usize,
+    ) -> Result<()> {
+        invalid("teacher", "top-k validation on CUDA: not implemented yet")
+    }
+
     /// Enqueues `kd_count_valid`: the rows of `labels` (N) that are not
     /// `ignore_index`, into `out` (one i32), on the device.
     ///

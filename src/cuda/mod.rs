@@ -15,7 +15,7 @@ pub use eager::EagerScratch;
 pub use feature::{FeatureBuffers, RawFeatureArgs};
 pub use info::{device_infos, driver_version, DeviceInfo};
 pub(crate) use launch::threads_for;
-pub use launch::{KdElement, LossBuffers, RawFusedArgs, RowLayout};
+pub use launch::{KdElement, LossBuffers, RawFusedArgs, RawTopkArgs, RowLayout};
 
 use crate::error::{KdError, Result};
 use crate::kernels_meta;
