@@ -7,11 +7,16 @@
 //           kd_math.cuh); a block reduction merges them (kd_pass1_merge).
 //   pass 2: JSD and TVD only: a second sweep sums the divergence and ⟨q, g⟩
 //           (TVD: the student masses above and below the teacher).
-//   last:   re-read the row and write ∂L/∂s (skipped when no gradient).
+//   last:   re-read the row and write ∂L/∂s and, for mutual learning, ∂L/∂t
+//           (skipped when no gradient is asked for).
 // Bytes per element (in = input size, out = gradient size), when re-reads
 // miss L2: forward/reverse KL 4·in + out (10 B in bf16, 20 B in f32);
-// JSD, TVD 6·in + out. Loss only: 2·in (JSD, TVD 4·in). Soft CE is forward
-// KL's kernel with the teacher entropy accumulated in pass 1.
+// JSD, TVD 6·in + out; + out with the teacher gradient. Loss only: 2·in
+// (JSD, TVD 4·in). Soft CE is forward KL's kernel with the teacher entropy
+// accumulated in pass 1.
+// Options cost no bytes: soft-capping is applied to each logit as it is
+// loaded (its derivative multiplies the gradients), a row weight scales
+// the row's loss and gradients (weight 0: the row is skipped, as ignored).
 // Loads are 16-byte vectors when the student and teacher rows share their
 // alignment (scalar head and tail), scalar otherwise. Indexing is 64-bit.
 //
@@ -24,57 +29,12 @@
 // minimum, ptxas 13.0 spilled kd_fused_rkl_f32_f32 on sm_80 at 32 registers).
 #define KD_MAX_THREADS 256
 
-// -------------------------------------------------------- block helpers --
-
-template <int DIV>
-__device__ __forceinline__ KdPass1 kd_shfl_pass1(const KdPass1& p, int off) {
-  KdPass1 o;
-  o.main = kd_shfl_stat(p.main, off);
-  o.other = kd_shfl_stat(p.other, off);
-  o.s1 = kd_shfl_stat(p.s1, off);
-  o.acc1 = __shfl_xor_sync(0xffffffffu, p.acc1, off);
-  o.acc2 = __shfl_xor_sync(0xffffffffu, p.acc2, off);
-  o.hole = kd_shfl_stat(p.hole, off);
-  o.s_top = __shfl_xor_sync(0xffffffffu, p.s_top, off);
-  o.c_top = __shfl_xor_sync(0xffffffffu, p.c_top, off);
-  o.c = __shfl_xor_sync(0xffffffffu, p.c, off);
-  o.gap = __shfl_xor_sync(0xffffffffu, p.gap, off);
-  o.ent = DIV == KD_DIV_SCE ? __shfl_xor_sync(0xffffffffu, p.ent, off) : 0.0f;
-  return o;
-}
-
-// Merges every thread's pass-1 state; every thread gets the row's total.
-template <int DIV>
-__device__ KdPass1 kd_block_merge(KdPass1 st, KdPass1* smem, const KdParams& P) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int nwarps = (blockDim.x + 31) >> 5;
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    const KdPass1 other = kd_shfl_pass1<DIV>(st, off);
-    kd_pass1_merge<DIV>(st, other, P);
-  }
-  if (lane == 0) smem[warp] = st;
-  __syncthreads();
-  if (warp == 0) {
-    st = lane < nwarps ? smem[lane] : kd_pass1_init();
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-      const KdPass1 other = kd_shfl_pass1<DIV>(st, off);
-      kd_pass1_merge<DIV>(st, other, P);
-    }
-    if (lane == 0) smem[0] = st;
-  }
-  __syncthreads();
-  const KdPass1 total = smem[0];
-  __syncthreads();  // smem is reused by the next reduction
-  return total;
-}
-
 // ------------------------------------------------------------- kernels --
 
 template <typename Tin, typename Tout, int DIV>
 __device__ void kd_fused_body(const Tin* s, long long s_stride, const Tin* t, long long t_stride,
-                              const long long* labels, Tout* grad, long long g_stride,
+                              const long long* labels, const float* row_weights, Tout* grad,
+                              long long g_stride, Tout* grad_t, long long gt_stride,
                               float* row_loss, const int* valid_count, long long n_rows,
                               KdParams P) {
   __shared__ KdPass1 red[KD_MAX_THREADS / 32];
@@ -88,10 +48,14 @@ __device__ void kd_fused_body(const Tin* s, long long s_stride, const Tin* t, lo
     const Tin* srow = s + row * s_stride;
     const Tin* trow = t + row * t_stride;
     Tout* grow = grad ? grad + row * g_stride : nullptr;
+    Tout* gtrow = grad_t ? grad_t + row * gt_stride : nullptr;
     const long long y = labels ? labels[row] : -1;
-    if (labels && y == P.ignore_index) {
-      if (grow)
-        for (int j = threadIdx.x; j < V; j += blockDim.x) grow[j] = kd_from_f32<Tout>(0.0f);
+    const float wrow = row_weights ? row_weights[row] : 1.0f;
+    if ((labels && y == P.ignore_index) || wrow == 0.0f) {
+      for (int j = threadIdx.x; j < V; j += blockDim.x) {
+        if (grow) grow[j] = kd_from_f32<Tout>(0.0f);
+        if (gtrow) gtrow[j] = kd_from_f32<Tout>(0.0f);
+      }
       if (threadIdx.x == 0) row_loss[row] = 0.0f;
       continue;
     }
@@ -101,46 +65,62 @@ __device__ void kd_fused_body(const Tin* s, long long s_stride, const Tin* t, lo
 
     KdPass1 st = kd_pass1_init();
     kd_sweep(srow, trow, V, [&](int, float sv, float tv) {
-      kd_pass1_push<DIV>(st, sv, tv, P, with_ce);
+      kd_pass1_push<DIV>(st, kd_softcap(sv, P), kd_softcap(tv, P), P, with_ce);
     });
     // Read before the merge's barriers: an in-place gradient sweep may
     // overwrite srow[y] right after them.
-    const float s_y = (threadIdx.x == 0 && with_ce && !bad_label) ? kd_to_f32(srow[y]) : 0.0f;
+    const float s_y =
+        (threadIdx.x == 0 && with_ce && !bad_label) ? kd_softcap(kd_to_f32(srow[y]), P) : 0.0f;
     st = kd_block_merge<DIV>(st, red, P);
     KdRow r = kd_row_finish<DIV>(st, P);
 
     if (DIV == KD_DIV_JSD) {
-      KdKahan dsum = kd_kahan_init(), qgsum = kd_kahan_init();
+      KdKahan dsum = kd_kahan_init(), qgsum = kd_kahan_init(), phsum = kd_kahan_init();
       kd_sweep(srow, trow, V, [&](int, float sv, float tv) {
-        const KdJsdTerm term = kd_jsd_term(sv, tv, r, P);
+        const KdJsdTerm term = kd_jsd_term(kd_softcap(sv, P), kd_softcap(tv, P), r, P);
         kd_kahan_add(dsum, term.d);
         kd_kahan_add(qgsum, term.qg);
+        if (gtrow) kd_kahan_add(phsum, term.ph);
       });
       const float2 acc = kd_block_sum2(make_float2(dsum.sum, qgsum.sum), red2);
-      kd_jsd_finish(r, acc.x, acc.y);
+      const float ph = gtrow ? kd_block_sum2(make_float2(phsum.sum, 0.0f), red2).x : 0.0f;
+      kd_jsd_finish(r, acc.x, acc.y, ph);
     }
     if (DIV == KD_DIV_TVD) {
       KdKahan adsum = kd_kahan_init(), upsum = kd_kahan_init(), dnsum = kd_kahan_init();
+      KdKahan pusum = kd_kahan_init(), pdsum = kd_kahan_init();
       kd_sweep(srow, trow, V, [&](int, float sv, float tv) {
-        const KdTvdTerm term = kd_tvd_term(sv, tv, r, P);
+        const KdTvdTerm term = kd_tvd_term(kd_softcap(sv, P), kd_softcap(tv, P), r, P);
         kd_kahan_add(adsum, term.ad);
         kd_kahan_add(upsum, term.up);
         kd_kahan_add(dnsum, term.dn);
+        if (gtrow) {
+          kd_kahan_add(pusum, term.pu);
+          kd_kahan_add(pdsum, term.pd);
+        }
       });
       const float2 a = kd_block_sum2(make_float2(adsum.sum, upsum.sum), red2);
       const float2 b = kd_block_sum2(make_float2(dnsum.sum, 0.0f), red2);
-      kd_tvd_finish(r, a.x, a.y, b.x);
+      const float2 c = gtrow ? kd_block_sum2(make_float2(pusum.sum, pdsum.sum), red2)
+                             : make_float2(0.0f, 0.0f);
+      kd_tvd_finish(r, a.x, a.y, b.x, c.x, c.y);
     }
 
     if (threadIdx.x == 0) {
-      row_loss[row] = bad_label ? __int_as_float(0x7fc00000) : kd_row_loss(r, s_y, P);
+      row_loss[row] = bad_label ? __int_as_float(0x7fc00000) : wrow * kd_row_loss(r, s_y, P);
     }
-    if (grow) {
-      // The student row is read before it is written element by element, by
-      // the same thread, so the gradient may overwrite the student (in place).
-      const float wr = bad_label ? __int_as_float(0x7fc00000) : w;
+    if (grow || gtrow) {
+      // Each element is read before it is written, by the same thread, so
+      // the gradients may overwrite the student and the teacher (in place).
+      const float wr = bad_label ? __int_as_float(0x7fc00000) : w * wrow;
       kd_sweep(srow, trow, V, [&](int j, float sv, float tv) {
-        grow[j] = kd_from_f32<Tout>(kd_grad_elem<DIV>(sv, tv, j == y, r, P, wr));
+        const float sc = kd_softcap(sv, P), tc = kd_softcap(tv, P);
+        if (grow)
+          grow[j] = kd_from_f32<Tout>(kd_grad_elem<DIV>(sc, tc, j == y, r, P, wr) *
+                                      kd_softcap_grad(sv, P));
+        if (gtrow)
+          gtrow[j] = kd_from_f32<Tout>(kd_grad_teacher_elem<DIV>(sc, tc, r, P, wr) *
+                                       kd_softcap_grad(tv, P));
       });
     }
     __syncthreads();
@@ -150,10 +130,12 @@ __device__ void kd_fused_body(const Tin* s, long long s_stride, const Tin* t, lo
 #define KD_FUSED(NAME, TIN, TOUT, DIV)                                                          \
   extern "C" __global__ void __launch_bounds__(KD_MAX_THREADS, 4)                              \
       NAME(const TIN* s, long long s_stride, const TIN* t, long long t_stride,                 \
-           const long long* labels, TOUT* grad, long long g_stride, float* row_loss,           \
-           const int* valid_count, long long n_rows, KdParams P) {                             \
-    kd_fused_body<TIN, TOUT, DIV>(s, s_stride, t, t_stride, labels, grad, g_stride, row_loss, \
-                                  valid_count, n_rows, P);                                     \
+           const long long* labels, const float* row_weights, TOUT* grad, long long g_stride,  \
+           TOUT* grad_t, long long gt_stride, float* row_loss, const int* valid_count,         \
+           long long n_rows, KdParams P) {                                                     \
+    kd_fused_body<TIN, TOUT, DIV>(s, s_stride, t, t_stride, labels, row_weights, grad,        \
+                                  g_stride, grad_t, gt_stride, row_loss, valid_count, n_rows, \
+                                  P);                                                          \
   }
 
 #define KD_FUSED_DIV(DIVNAME, DIV)                                   \

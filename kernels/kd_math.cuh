@@ -163,6 +163,25 @@ template <> KD_HD float kd_from_f32<float>(float x) { return x; }
 template <> KD_HD kd_bf16 kd_from_f32<kd_bf16>(float x) { return kd_bf16{kd_f32_to_bf16(x)}; }
 template <> KD_HD kd_f16 kd_from_f32<kd_f16>(float x) { return kd_f16{kd_f32_to_f16(x)}; }
 
+// ------------------------------------------------------------ softcap --
+
+// Soft-capping x ← cap·tanh(x/cap) (P.softcap > 0; 0 = off), applied to the
+// student's and the teacher's logits as they are loaded. A −inf logit is a
+// masked entry and stays −inf.
+KD_HD float kd_softcap(float x, const KdParams& P) {
+  if (P.softcap <= 0.0f || x == KD_NEG_INF) return x;
+  return P.softcap * tanhf(x / P.softcap);
+}
+
+// Its derivative 1 − tanh²(x/cap) = 4e/(1 + e)², e = exp(−2|x|/cap): no
+// cancellation where tanh is close to ±1. 1 when off, 0 at a masked entry.
+KD_HD float kd_softcap_grad(float x, const KdParams& P) {
+  if (P.softcap <= 0.0f) return 1.0f;
+  if (x == KD_NEG_INF) return 0.0f;
+  const float e = expf(-2.0f * fabsf(x) / P.softcap);
+  return 4.0f * e / ((1.0f + e) * (1.0f + e));
+}
+
 // ------------------------------------------------------ online statistics --
 
 struct KdStat {
@@ -237,14 +256,16 @@ struct KdPass1 {
   KdStat hole;   // the other side's logits where the main side is −inf
   float s_top;   // the student's largest logit (raw), for JSD's g reference
   float c_top;   // s − t (raw) there
+  float t_top;   // the teacher's largest logit (raw), for JSD's h reference
+  float ct_top;  // s − t (raw) there
   float c;       // reference: s − t (raw) at main's maximum
   float gap;     // 1 when acc2 is unusable (see above)
   float ent;     // soft CE: Σ 2^(x−m)(x − m) over the main side
 };
 
 KD_HD KdPass1 kd_pass1_init() {
-  return KdPass1{kd_stat_init(), kd_stat_init(), kd_stat_init(), 0.0f, 0.0f,
-                 kd_stat_init(), KD_NEG_INF, 0.0f, 0.0f, 0.0f, 0.0f};
+  return KdPass1{kd_stat_init(), kd_stat_init(), kd_stat_init(), 0.0f, 0.0f, kd_stat_init(),
+                 KD_NEG_INF, 0.0f, KD_NEG_INF, 0.0f, 0.0f, 0.0f, 0.0f};
 }
 
 // Re-expresses acc1/acc2 of `st` from reference c_new: r' becomes r' − Δ.
@@ -306,6 +327,10 @@ KD_HD void kd_pass1_push(KdPass1& st, float s, float t, const KdParams& P, bool 
     st.s_top = s;
     st.c_top = s - t;
   }
+  if (DIV == KD_DIV_JSD && t > st.t_top) {
+    st.t_top = t;
+    st.ct_top = s - t;
+  }
   if (DIV == KD_DIV_RKL) {
     kd_main_push<false>(st, b, a, s - t, -1.0f, P.scale2);
     kd_stat_push(st.other, a);
@@ -359,6 +384,10 @@ KD_HD void kd_pass1_merge(KdPass1& a, const KdPass1& b, const KdParams& P) {
     a.s_top = b.s_top;
     a.c_top = b.c_top;
   }
+  if (b.t_top > a.t_top) {
+    a.t_top = b.t_top;
+    a.ct_top = b.ct_top;
+  }
 }
 
 // log2(2^x + 2^y), −inf when both are.
@@ -398,6 +427,14 @@ KD_HD float kd_jsd_g(float d, const KdParams& P) {
   return (1.0f - P.beta) * lqm;
 }
 
+// The JSD teacher gradient's h = β log2(p/m) (base 2); referenced to its
+// value at the teacher's maximum as g is at the student's.
+KD_HD float kd_jsd_h(float d, const KdParams& P) {
+  float lpm, lqm;
+  kd_jsd_logs(d, P, lpm, lqm);
+  return P.beta * lpm;
+}
+
 // A row's statistics once pass 1 is merged.
 struct KdRow {
   float m_s, l_s;  // student: max and L (lse2 = m + L) of b = s · scale2
@@ -411,6 +448,12 @@ struct KdRow {
   float qg;        // JSD: ⟨q, g − g_top⟩ in nats (pass 2)
   float q_up;      // TVD: Σ q over q > p (ties count half; pass 2)
   float q_dn;      // TVD: Σ q over q < p (ties count half; pass 2)
+  float h_top;     // JSD: h = β log2(p/m) at the teacher's maximum (teacher gradient)
+  float ph;        // JSD: ⟨p, h − h_top⟩ in nats (pass 2, teacher gradient)
+  float p_up;      // TVD: Σ p over q > p (ties count half; pass 2, teacher gradient)
+  float p_dn;      // TVD: Σ p over q < p (ties count half; pass 2, teacher gradient)
+  float ent_mean;  // soft CE: Σ p (x − m_t) in base 2 (teacher gradient)
+  float tail;      // top-k tail mode: P_tail / Q_tail (0 when P_tail = 0)
 };
 
 template <int DIV>
@@ -456,8 +499,16 @@ KD_HD KdRow kd_row_finish(const KdPass1& st, const KdParams& P) {
   r.q_up = 0.0f;
   r.q_dn = 0.0f;
   r.g_top = 0.0f;
+  r.h_top = 0.0f;
+  r.ph = 0.0f;
+  r.p_up = 0.0f;
+  r.p_dn = 0.0f;
+  r.ent_mean = DIV == KD_DIV_SCE ? st.ent / zm : 0.0f;
+  r.tail = 0.0f;
   if (DIV == KD_DIV_JSD && st.s_top != KD_NEG_INF)
     r.g_top = kd_jsd_g((st.c_top - c_ref) * P.scale2 - r.dlt, P);
+  if (DIV == KD_DIV_JSD && st.t_top != KD_NEG_INF)
+    r.h_top = kd_jsd_h((st.ct_top - c_ref) * P.scale2 - r.dlt, P);
   return r;
 }
 
@@ -483,12 +534,13 @@ KD_HD float kd_log2_ratio(float s, float t, const KdRow& r, const KdParams& P) {
 struct KdJsdTerm {
   float d;   // β p (log2 p − log2 m) + (1−β) q (log2 q − log2 m)
   float qg;  // q · (g − g_top) (kd_jsd_g)
+  float ph;  // p · (h − h_top) (kd_jsd_h)
 };
 
 KD_HD KdJsdTerm kd_jsd_term(float s, float t, const KdRow& r, const KdParams& P) {
   const float p = kd_p(t, r, P);
   const float q = kd_q(s, r, P);
-  KdJsdTerm out{0.0f, 0.0f};
+  KdJsdTerm out{0.0f, 0.0f, 0.0f};
   if (p == 0.0f && q == 0.0f) return out;
   float lpm, lqm;
   const float d = kd_log2_ratio(s, t, r, P);
@@ -503,6 +555,7 @@ KD_HD KdJsdTerm kd_jsd_term(float s, float t, const KdRow& r, const KdParams& P)
     if (q > 0.0f) out.d += (1.0f - P.beta) * q * lqm;
   }
   if (q > 0.0f) out.qg = q * ((1.0f - P.beta) * lqm - r.g_top);
+  if (p > 0.0f) out.ph = p * (P.beta * lpm - r.h_top);
   return out;
 }
 
@@ -523,9 +576,10 @@ KD_HD void kd_kahan_add(KdKahan& k, float x) {
 }
 
 // Turns the pass-2 sums (base 2) into the row's JSD and ⟨q, h⟩ in nats.
-KD_HD void kd_jsd_finish(KdRow& r, float d_sum, float qg_sum) {
+KD_HD void kd_jsd_finish(KdRow& r, float d_sum, float qg_sum, float ph_sum) {
   r.kl = KD_LN2 * d_sum;
   r.qg = KD_LN2 * qg_sum;
+  r.ph = KD_LN2 * ph_sum;
 }
 
 // ------------------------------------------------------ pass 2 (TVD) --
@@ -541,12 +595,14 @@ struct KdTvdTerm {
   float ad;  // |p − q|
   float up;  // q where q > p (half of it at a tie)
   float dn;  // q where q < p (half of it at a tie)
+  float pu;  // p where q > p (half of it at a tie)
+  float pd;  // p where q < p (half of it at a tie)
 };
 
 KD_HD KdTvdTerm kd_tvd_term(float s, float t, const KdRow& r, const KdParams& P) {
   const float p = kd_p(t, r, P);
   const float q = kd_q(s, r, P);
-  KdTvdTerm out{0.0f, 0.0f, 0.0f};
+  KdTvdTerm out{0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
   if (p == 0.0f && q == 0.0f) return out;
   const float d = kd_log2_ratio(s, t, r, P);
   // |p − q| = p·|2^d − 1| by expm1 where q ≈ p (the separately normalised p
@@ -554,20 +610,27 @@ KD_HD KdTvdTerm kd_tvd_term(float s, float t, const KdRow& r, const KdParams& P)
   out.ad = (p > 0.0f && q > 0.0f && fabsf(d) < 1.0f) ? p * fabsf(expm1f(d * KD_LN2)) : fabsf(q - p);
   if (d > 0.0f) {
     out.up = q;
+    out.pu = p;
   } else if (d < 0.0f) {
     out.dn = q;
+    out.pd = p;
   } else {
     out.up = 0.5f * q;
     out.dn = 0.5f * q;
+    out.pu = 0.5f * p;
+    out.pd = 0.5f * p;
   }
   return out;
 }
 
 // The pass-2 sums into the row's TVD (½ Σ |p − q|) and Q₊, Q₋.
-KD_HD void kd_tvd_finish(KdRow& r, float ad_sum, float up_sum, float dn_sum) {
+KD_HD void kd_tvd_finish(KdRow& r, float ad_sum, float up_sum, float dn_sum, float pu_sum,
+                         float pd_sum) {
   r.kl = 0.5f * ad_sum;
   r.q_up = up_sum;
   r.q_dn = dn_sum;
+  r.p_up = pu_sum;
+  r.p_dn = pd_sum;
 }
 
 // ------------------------------------------------------------- the row --
@@ -626,6 +689,94 @@ KD_HD float kd_grad_elem(float s, float t, bool is_label, const KdRow& r, const 
   return w * g;
 }
 
+// ∂L/∂t_j for one element (mutual learning, DESIGN.md §2): w · (1−α) c ∂D/∂t_j
+// (the hard CE does not depend on the teacher). With h = ∂D/∂p,
+// ∂D/∂t_j = p_j (h_j − ⟨p, h⟩)/τ; each divergence's h − ⟨p, h⟩ is formed
+// from the row's reference as the student side's is. A masked teacher entry
+// (t = −inf) has no gradient.
+template <int DIV>
+KD_HD float kd_grad_teacher_elem(float s, float t, const KdRow& r, const KdParams& P, float w) {
+  if (P.soft_coef <= 0.0f || t == KD_NEG_INF) return 0.0f;
+  const float p = kd_p(t, r, P);
+  const float d = kd_log2_ratio(s, t, r, P);
+  float dd;
+  if (DIV == KD_DIV_RKL) {
+    // p − q = −p·expm1(d ln2) where q ≈ p.
+    dd = (p > 0.0f && fabsf(d) < 1.0f) ? -p * expm1f(d * KD_LN2) : p - kd_q(s, r, P);
+  } else if (p == 0.0f) {
+    dd = 0.0f;
+  } else if (DIV == KD_DIV_FKL || DIV == KD_DIV_SCE) {
+    // log p − log q − KL = ln2·(−u − ū), u = ((s − t) − c)·scale2 (ū: kd_row_finish).
+    float h = -((s - t) - r.c_ref) * P.scale2 - r.ubar;
+    // Soft CE adds ∂H(p)/∂t: −(log p − Σ p log p) = −ln2·((x − m_t) − ent_mean).
+    if (DIV == KD_DIV_SCE) h -= (t * P.scale2 - r.m_t) - r.ent_mean;
+    dd = p * KD_LN2 * h;
+  } else if (DIV == KD_DIV_TVD) {
+    // h = ½ sign(p − q): h − ⟨p, h⟩ = P₊ where p > q, −P₋ where p < q.
+    dd = d < 0.0f ? p * r.p_up : (d > 0.0f ? -p * r.p_dn : 0.5f * p * (r.p_up - r.p_dn));
+  } else {
+    dd = p * (KD_LN2 * (kd_jsd_h(d, P) - r.h_top) - r.ph);
+  }
+  return w * P.soft_coef * P.inv_tau * dd;
+}
+
+// ------------------------------------------------------ top-k teacher --
+//
+// A top-k teacher row (indices I, values v) is the dense teacher row with
+// v on I and −inf elsewhere, so `full` runs forward KL's pass 1 with the
+// student's off-support elements pushed against a −inf teacher and the
+// support's (s_i, v_i) pairs pushed as gathered; `support` pushes the pairs
+// only (the student's statistics then cover I: q̃), plus the off-support
+// student into the hard CE's statistics. `tail` (τ = 1, log-prob values)
+// adds a pass over I for Σ P_i and Σ P_i (v_i − ln q_i), P_i = e^{v_i}; the
+// student's off-support mass Q_tail comes from pass 1's `hole` statistics.
+
+// One support element's share of the tail-mode sums: P_i and
+// P_i (ln P_i − ln q_i) (nats; 0 where P_i = 0, +inf where only q_i is 0).
+struct KdTailTerm {
+  float p;
+  float kl;
+};
+
+KD_HD KdTailTerm kd_tail_term(float s, float v, const KdRow& r, const KdParams& P) {
+  const float pi = expf(v);
+  if (pi == 0.0f) return KdTailTerm{0.0f, 0.0f};
+  const float lq = KD_LN2 * ((s * P.scale2 - r.m_s) - r.l_s);
+  return KdTailTerm{pi, pi * (v - lq)};
+}
+
+// The row's tail-mode KL from the support sums and the off-support student
+// statistics `hole`: P_tail = 1 − Σ P_i (0 below 1e-6, the rounding of a
+// full support), Q_tail = Σ_{j∉I} q_j. Keeps P_tail / Q_tail for the gradient.
+KD_HD void kd_tail_finish(KdRow& r, KdStat hole, float p_sum, float kl_sum) {
+  float p_tail = 1.0f - p_sum;
+  if (p_tail < 1e-6f) p_tail = 0.0f;
+  r.kl = kl_sum;
+  r.tail = 0.0f;
+  if (p_tail > 0.0f) {
+    // log2 Q_tail = lse2(hole) − lse2(student); −inf when the support holds all.
+    const float lq2 = hole.m == KD_NEG_INF ? KD_NEG_INF
+                                          : (hole.m + kd_stat_l(hole)) - (r.m_s + r.l_s);
+    r.kl += p_tail * (logf(p_tail) - KD_LN2 * lq2);
+    r.tail = p_tail / exp2f(lq2);
+  }
+}
+
+// Tail-mode ∂D/∂s_j (τ = 1): q_j − P_j on the support, q_j (1 − P_tail/Q_tail)
+// off it; plus the hard CE's part (kd_grad_elem with the soft term off).
+KD_HD float kd_tail_grad(float s, float v, bool on_support, bool is_label, const KdRow& r,
+                         const KdParams& P, float w) {
+  KdParams ce = P;
+  ce.soft_coef = 0.0f;
+  float g = kd_grad_elem<KD_DIV_FKL>(s, 0.0f, is_label, r, ce, w);
+  if (P.soft_coef > 0.0f) {
+    const float q = kd_q(s, r, P);
+    const float dd = on_support ? q - expf(v) : (q == 0.0f ? 0.0f : q * (1.0f - r.tail));
+    g += w * P.soft_coef * dd;
+  }
+  return g;
+}
+
 // ------------------------------------------------------- block helpers --
 // Device code only (and the CPU emulation of it, kernels/emu/cuda_emu.h):
 // warp shuffles and shared memory. Every thread of the block must call them;
@@ -679,6 +830,52 @@ __device__ __forceinline__ float2 kd_block_sum2(float2 v, float2* smem) {
   __syncthreads();
   const float2 total = smem[0];
   __syncthreads();
+  return total;
+}
+
+template <int DIV>
+__device__ __forceinline__ KdPass1 kd_shfl_pass1(const KdPass1& p, int off) {
+  KdPass1 o;
+  o.main = kd_shfl_stat(p.main, off);
+  o.other = kd_shfl_stat(p.other, off);
+  o.s1 = kd_shfl_stat(p.s1, off);
+  o.acc1 = __shfl_xor_sync(0xffffffffu, p.acc1, off);
+  o.acc2 = __shfl_xor_sync(0xffffffffu, p.acc2, off);
+  o.hole = kd_shfl_stat(p.hole, off);
+  o.s_top = __shfl_xor_sync(0xffffffffu, p.s_top, off);
+  o.c_top = __shfl_xor_sync(0xffffffffu, p.c_top, off);
+  o.t_top = DIV == KD_DIV_JSD ? __shfl_xor_sync(0xffffffffu, p.t_top, off) : KD_NEG_INF;
+  o.ct_top = DIV == KD_DIV_JSD ? __shfl_xor_sync(0xffffffffu, p.ct_top, off) : 0.0f;
+  o.c = __shfl_xor_sync(0xffffffffu, p.c, off);
+  o.gap = __shfl_xor_sync(0xffffffffu, p.gap, off);
+  o.ent = DIV == KD_DIV_SCE ? __shfl_xor_sync(0xffffffffu, p.ent, off) : 0.0f;
+  return o;
+}
+
+// Merges every thread's pass-1 state; every thread gets the row's total.
+template <int DIV>
+__device__ KdPass1 kd_block_merge(KdPass1 st, KdPass1* smem, const KdParams& P) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nwarps = (blockDim.x + 31) >> 5;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const KdPass1 other = kd_shfl_pass1<DIV>(st, off);
+    kd_pass1_merge<DIV>(st, other, P);
+  }
+  if (lane == 0) smem[warp] = st;
+  __syncthreads();
+  if (warp == 0) {
+    st = lane < nwarps ? smem[lane] : kd_pass1_init();
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      const KdPass1 other = kd_shfl_pass1<DIV>(st, off);
+      kd_pass1_merge<DIV>(st, other, P);
+    }
+    if (lane == 0) smem[0] = st;
+  }
+  __syncthreads();
+  const KdPass1 total = smem[0];
+  __syncthreads();  // smem is reused by the next reduction
   return total;
 }
 

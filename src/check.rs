@@ -10,8 +10,10 @@
 use crate::backend::{Backend, KdOutput};
 use crate::error::Result;
 use crate::oracle::Oracle;
-use crate::spec::{Divergence, LossSpec, Reduction};
-use crate::tensor::{Dtype, GradDtype, KdInputs, Logits, OwnedData};
+use crate::spec::{Divergence, LossSpec, Reduction, TopkMode};
+use crate::tensor::{
+    Dtype, GradDtype, KdInputs, Logits, OwnedData, TopkIndices, TopkInputs, TopkTeacher,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
@@ -29,6 +31,16 @@ pub enum NegInf {
     TeacherOnly,
     /// Student only (finite for reverse KL, JSD and TVD).
     StudentOnly,
+}
+
+/// A top-k (sparse) teacher case: the dense teacher's k largest entries
+/// (log-probs for `tail`), in shuffled order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct TopkCase {
+    /// Entries per row.
+    pub k: usize,
+    /// int64 indices (else int32).
+    pub i64: bool,
 }
 
 /// One generated case.
@@ -62,18 +74,40 @@ pub struct CaseConfig {
     pub correlation: f32,
     /// Seed of the data.
     pub seed: u64,
+    /// Per-row weights (some exactly 0).
+    pub row_weights: bool,
+    /// A top-k teacher built from the dense one (mode: `spec.topk_mode`).
+    pub topk: Option<TopkCase>,
 }
 
 impl CaseConfig {
     /// One line describing the case.
     pub fn describe(&self) -> String {
         let s = &self.spec;
+        let topk = match self.topk {
+            Some(t) => format!(
+                " topk(k={} {} {})",
+                t.k,
+                s.topk_mode,
+                if t.i64 { "i64" } else { "i32" }
+            ),
+            None => String::new(),
+        };
         format!(
-            "N={} V={} pads={}/{} {} grad={:?} {} beta={:.3} tau={:.3} alpha={:.3} t2={} {} labels={} ignore={:.2} neginf={:?} scale={:.2} corr={:.2} seed={}",
+            "N={} V={} pads={}/{} {} grad={:?} {} beta={:.3} tau={:.3} alpha={:.3} t2={} {} labels={} ignore={:.2} neginf={:?} scale={:.2} corr={:.2} softcap={:?} grad_teacher={} row_weights={}{} seed={}",
             self.rows, self.cols, self.student_pad, self.teacher_pad, self.dtype, self.grad_dtype,
             s.divergence, s.beta, s.temperature, s.alpha, s.t2_scaling, s.reduction, self.labels,
-            self.ignore_frac, self.neg_inf, self.scale, self.correlation, self.seed
+            self.ignore_frac, self.neg_inf, self.scale, self.correlation, s.softcap,
+            s.grad_teacher, self.row_weights, topk, self.seed
         )
+    }
+
+    /// The sweep group of the case: "dtype/divergence", or "dtype/topk-MODE".
+    pub fn group(&self) -> String {
+        match self.topk {
+            Some(_) => format!("{}/topk-{}", self.dtype, self.spec.topk_mode),
+            None => format!("{}/{}", self.dtype, self.spec.divergence),
+        }
     }
 }
 
@@ -86,6 +120,14 @@ pub struct CaseData {
     pub teacher: OwnedData,
     /// Labels.
     pub labels: Option<Vec<i64>>,
+    /// Row weights.
+    pub row_weights: Option<Vec<f32>>,
+    /// Top-k indices ([N, k], as i64; passed as int32 unless `TopkCase::i64`).
+    pub topk_indices: Vec<i64>,
+    /// The same as int32.
+    pub topk_indices_i32: Vec<i32>,
+    /// Top-k values ([N, k], the case's dtype).
+    pub topk_values: OwnedData,
     /// The case.
     pub config: CaseConfig,
 }
@@ -98,8 +140,28 @@ impl CaseData {
             student: Logits::strided(self.student.view(), c.rows, c.cols, c.cols + c.student_pad),
             teacher: Logits::strided(self.teacher.view(), c.rows, c.cols, c.cols + c.teacher_pad),
             labels: self.labels.as_deref(),
-            row_weights: None,
+            row_weights: self.row_weights.as_deref(),
         }
+    }
+
+    /// The backend inputs of a top-k case (`None` for a dense one).
+    pub fn topk_inputs(&self) -> Option<TopkInputs<'_>> {
+        let c = &self.config;
+        let t = c.topk?;
+        Some(TopkInputs {
+            student: Logits::strided(self.student.view(), c.rows, c.cols, c.cols + c.student_pad),
+            teacher: TopkTeacher {
+                indices: if t.i64 {
+                    TopkIndices::I64(&self.topk_indices)
+                } else {
+                    TopkIndices::I32(&self.topk_indices_i32)
+                },
+                values: self.topk_values.view(),
+                k: t.k,
+            },
+            labels: self.labels.as_deref(),
+            row_weights: self.row_weights.as_deref(),
+        })
     }
 }
 
@@ -160,7 +222,7 @@ pub fn random_config(rng: &mut StdRng, max_cols: usize) -> CaseConfig {
             rng.random_range(1..=17usize)
         }
     };
-    CaseConfig {
+    let mut c = CaseConfig {
         rows,
         cols,
         student_pad: pad(rng),
@@ -188,6 +250,48 @@ pub fn random_config(rng: &mut StdRng, max_cols: usize) -> CaseConfig {
         scale: rng.random_range(0.5..4.0f32).min(4.0 * tau_pick as f32),
         correlation: pick(rng, &[0.0, 0.8, 0.95]),
         seed: rng.random(),
+        row_weights: false,
+        topk: None,
+    };
+    add_options(rng, &mut c);
+    c
+}
+
+/// Draws the loss-family options: soft-capping, row weights, the teacher
+/// gradient, and (a quarter of the cases) a top-k teacher.
+fn add_options(rng: &mut StdRng, c: &mut CaseConfig) {
+    let cap: f64 = rng.random_range(1.0..40.0);
+    if rng.random_bool(0.3) {
+        c.spec.softcap = Some(pick(rng, &[2.0, 10.0, 30.0, cap]));
+    }
+    c.row_weights = rng.random_bool(0.3);
+    if rng.random_bool(0.25) && c.cols > 0 {
+        let mode = pick(rng, &TopkMode::ALL);
+        let k = match rng.random_range(0..6) {
+            0 => 1,
+            1 => c.cols,
+            2 => rng.random_range(1..=c.cols.min(1100)),
+            _ => rng.random_range(1..=c.cols.min(64)),
+        };
+        c.spec.divergence = Divergence::ForwardKl;
+        c.spec.topk_mode = mode;
+        c.spec.grad_teacher = false;
+        // A shared mask keeps every support entry meaningful.
+        if c.neg_inf != NegInf::None {
+            c.neg_inf = NegInf::Shared;
+        }
+        if mode == TopkMode::Tail {
+            c.spec.temperature = 1.0;
+            c.spec.teacher_log_probs = true;
+            c.spec.softcap = None;
+            c.scale = c.scale.min(4.0);
+        }
+        c.topk = Some(TopkCase {
+            k,
+            i64: rng.random_bool(0.5),
+        });
+    } else {
+        c.spec.grad_teacher = rng.random_bool(0.3);
     }
 }
 
@@ -252,10 +356,47 @@ pub fn generate(config: &CaseConfig) -> CaseData {
             t[r * ts + j] = tv;
         }
     }
+    let row_weights = c.row_weights.then(|| {
+        (0..c.rows)
+            .map(|_| {
+                if rng.random_bool(0.15) {
+                    0.0
+                } else {
+                    rng.random_range(0.0..2.0f32)
+                }
+            })
+            .collect()
+    });
+    let student = OwnedData::from_f32(&s, c.dtype);
+    let teacher = OwnedData::from_f32(&t, c.dtype);
+    let (mut idx, mut vals) = (Vec::new(), Vec::new());
+    if let Some(tk) = c.topk {
+        let tv = teacher.view();
+        for r in 0..c.rows {
+            let row: Vec<f64> = (0..c.cols).map(|j| tv.get(r * ts + j) as f64).collect();
+            let lp = crate::oracle::log_softmax(&row, 1.0);
+            let mut order: Vec<usize> = (0..c.cols).collect();
+            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+            let mut top = order[..tk.k].to_vec();
+            // Shuffled, so that the kernels' gathers see no order.
+            for i in (1..top.len()).rev() {
+                top.swap(i, rng.random_range(0..=i));
+            }
+            for j in top {
+                idx.push(j as i64);
+                let v = if c.spec.teacher_log_probs { lp[j] } else { row[j] };
+                vals.push(v as f32);
+            }
+        }
+    }
     CaseData {
-        student: OwnedData::from_f32(&s, c.dtype),
-        teacher: OwnedData::from_f32(&t, c.dtype),
+        student,
+        teacher,
         labels,
+        row_weights,
+        topk_indices_i32: idx.iter().map(|&j| j as i32).collect(),
+        topk_indices: idx,
+        topk_values: OwnedData::from_f32(&vals, c.dtype),
         config: c.clone(),
     }
 }
@@ -343,15 +484,8 @@ pub fn compare(out: &KdOutput, reference: &KdOutput, scales: &[f64], weight: f64
     let total_floor = weight * floors.iter().sum::<f64>();
     let loss_err = rel_l2_floor(&out.row_losses, &reference.row_losses, row_floor)
         .max(rel_l2_floor(&[out.loss], &[reference.loss], total_floor));
-    let grad_err = match (&out.grad, &reference.grad) {
-        (Some(g), Some(r)) => {
-            let g: Vec<f64> = g.iter().map(|&x| x as f64).collect();
-            let r: Vec<f64> = r.iter().map(|&x| x as f64).collect();
-            rel_l2(&g, &r)
-        }
-        (None, None) => 0.0,
-        _ => f64::INFINITY,
-    };
+    let grad_err = grad_error(&out.grad, &reference.grad)
+        .max(grad_error(&out.grad_teacher, &reference.grad_teacher));
     let valid_mismatch = out.valid_rows != reference.valid_rows;
     (
         if valid_mismatch {
@@ -361,6 +495,19 @@ pub fn compare(out: &KdOutput, reference: &KdOutput, scales: &[f64], weight: f64
         },
         grad_err,
     )
+}
+
+/// Relative L2 error of one gradient (both absent: 0; one absent: +inf).
+fn grad_error(out: &Option<Vec<f32>>, reference: &Option<Vec<f32>>) -> f64 {
+    match (out, reference) {
+        (Some(g), Some(r)) => {
+            let g: Vec<f64> = g.iter().map(|&x| x as f64).collect();
+            let r: Vec<f64> = r.iter().map(|&x| x as f64).collect();
+            rel_l2(&g, &r)
+        }
+        (None, None) => 0.0,
+        _ => f64::INFINITY,
+    }
 }
 
 fn l2(x: &[f64]) -> f64 {
@@ -391,25 +538,39 @@ pub struct CaseReport {
 pub fn run_case(backend: &dyn Backend, config: &CaseConfig) -> Result<CaseReport> {
     let data = generate(config);
     let inputs = data.inputs();
+    let topk = data.topk_inputs();
+    let compute = |b: &dyn Backend, spec: &LossSpec, g: GradDtype| match &topk {
+        Some(ti) => b.compute_topk(ti, spec, Some(g)),
+        None => b.compute(&inputs, spec, Some(g)),
+    };
     let mut spec = config.spec.clone();
     if config.dtype == Dtype::F16 && config.grad_dtype == GradDtype::Input {
         // f16 gradients need loss scaling, as mixed-precision training does:
         // scale by a power of two so the largest entry is near 1.
-        let probe = Oracle.compute(&inputs, &spec, Some(GradDtype::F32))?;
+        let probe = compute(&Oracle, &spec, GradDtype::F32)?;
         let max = probe
             .grad
-            .unwrap_or_default()
             .iter()
+            .chain(probe.grad_teacher.iter())
+            .flatten()
             .fold(0.0f32, |m, &x| m.max(x.abs()));
         if max > 0.0 && max.is_finite() {
             spec.grad_scale *= 2f64.powi(-(max as f64).log2().round() as i32);
         }
     }
-    let out = backend.compute(&inputs, &spec, Some(config.grad_dtype))?;
+    let out = compute(backend, &spec, config.grad_dtype)?;
     // TVD's near-ties (q = p to fp32's resolution) are taken on the side the
     // backend took them; everything else is the oracle's own.
-    let reference = Oracle.compute_resolving_ties(&inputs, &spec, Some(config.grad_dtype), &out)?;
-    let scales = Oracle.row_scales(&inputs, &spec);
+    let (reference, scales) = match &topk {
+        Some(ti) => (
+            Oracle.compute_topk(ti, &spec, Some(config.grad_dtype))?,
+            Oracle.topk_row_scales(ti, &spec),
+        ),
+        None => (
+            Oracle.compute_resolving_ties(&inputs, &spec, Some(config.grad_dtype), &out)?,
+            Oracle.row_scales(&inputs, &spec),
+        ),
+    };
     let weight = spec.reduction.row_weight(reference.valid_rows, config.cols);
     let (loss_err, grad_err) = compare(&out, &reference, &scales, weight);
     let tolerance = tolerance(config.dtype, config.grad_dtype);
@@ -482,7 +643,7 @@ pub fn sweep(
         on_case(&r);
         report
             .groups
-            .entry(format!("{}/{}", config.dtype, config.spec.divergence))
+            .entry(config.group())
             .or_default()
             .record(r.loss_err, r.grad_err, r.passed);
         if !r.passed {

@@ -2,12 +2,12 @@
 //! fp32 arithmetic (kernels/kd_math.cuh compiled for the host), so that it
 //! works everywhere and tests the kernels' math on every machine.
 
-use crate::backend::{validate, Backend, KdOutput};
+use crate::backend::{validate, validate_topk, Backend, KdOutput};
 use crate::error::Result;
-use crate::hostmath::{self, RowData};
+use crate::hostmath::{self, RowData, TopkRow, TopkRowIndices};
 use crate::params::KernelParams;
 use crate::spec::LossSpec;
-use crate::tensor::{Dtype, GradDtype, HostData, KdInputs};
+use crate::tensor::{Dtype, GradDtype, HostData, KdInputs, TopkIndices, TopkInputs};
 use rayon::prelude::*;
 
 /// The fast CPU backend.
@@ -34,18 +34,89 @@ fn row_data<'a>(inputs: &KdInputs<'a>, r: usize) -> RowData<'a> {
     }
 }
 
+/// Elements `[start, start + len)` of `data` as raw bytes.
+fn bytes_of<'a>(data: &HostData<'a>, start: usize, len: usize) -> &'a [u8] {
+    match *data {
+        HostData::F32(d) => bytemuck::cast_slice(&d[start..start + len]),
+        HostData::Bf16(d) => bytemuck::cast_slice(&d[start..start + len]),
+        HostData::F16(d) => bytemuck::cast_slice(&d[start..start + len]),
+    }
+}
+
+/// Runs `row(r, grad, grad_teacher)` over every row in parallel, with
+/// poisoned gradients (so an element the row code skipped cannot pass as
+/// 0), and applies the row weights and the output rounding. Returns the
+/// weighted row losses and the gradients.
+fn run_rows<F>(
+    n: usize,
+    v: usize,
+    row_weights: Option<&[f32]>,
+    grad: Option<Dtype>,
+    with_teacher: bool,
+    row: F,
+) -> (Vec<f64>, Option<Vec<f32>>, Option<Vec<f32>>)
+where
+    F: Fn(usize, Option<&mut [f32]>, Option<&mut [f32]>, f32) -> f32 + Sync,
+{
+    let weight = |r: usize| row_weights.map_or(1.0, |w| w[r]);
+    let Some(round) = grad else {
+        let losses = (0..n)
+            .into_par_iter()
+            .map(|r| weighted(weight(r), row(r, None, None, weight(r))))
+            .collect();
+        return (losses, None, None);
+    };
+    let mut g = vec![f32::NAN; n * v];
+    let mut gt = with_teacher.then(|| vec![f32::NAN; n * v]);
+    let finish = |gr: &mut [f32]| {
+        if round != Dtype::F32 {
+            gr.iter_mut().for_each(|x| *x = round.round(*x));
+        }
+    };
+    let losses = match gt.as_mut() {
+        None => g
+            .par_chunks_mut(v.max(1))
+            .enumerate()
+            .map(|(r, gr)| {
+                let l = row(r, Some(&mut *gr), None, weight(r));
+                finish(gr);
+                weighted(weight(r), l)
+            })
+            .collect(),
+        Some(gt) => g
+            .par_chunks_mut(v.max(1))
+            .zip(gt.par_chunks_mut(v.max(1)))
+            .enumerate()
+            .map(|(r, (gr, gtr))| {
+                let l = row(r, Some(&mut *gr), Some(&mut *gtr), weight(r));
+                finish(gr);
+                finish(gtr);
+                weighted(weight(r), l)
+            })
+            .collect(),
+    };
+    (losses, Some(g), gt)
+}
+
+/// A row's ℓ times its weight; a zero weight gives 0 even for an infinite ℓ.
+fn weighted(w: f32, l: f32) -> f64 {
+    if w == 0.0 {
+        0.0
+    } else {
+        w as f64 * l as f64
+    }
+}
+
+fn round_of(grad: Option<GradDtype>, input: Dtype) -> Option<Dtype> {
+    grad.map(|g| match g {
+        GradDtype::Input => input,
+        GradDtype::F32 => Dtype::F32,
+    })
+}
+
 impl Backend for CpuBackend {
     fn name(&self) -> &'static str {
         "cpu"
-    }
-
-    fn compute_topk(
-        &self,
-        _inputs: &crate::tensor::TopkInputs,
-        _spec: &LossSpec,
-        _grad: Option<GradDtype>,
-    ) -> Result<KdOutput> {
-        crate::error::invalid("teacher", "top-k teacher: not implemented yet")
     }
 
     fn compute(
@@ -61,49 +132,67 @@ impl Backend for CpuBackend {
         let valid = inputs.valid_rows(spec.ignore_index);
         let w = hostmath::row_weight(&p, valid);
         let label = |r: usize| inputs.labels.map(|l| l[r]);
-
-        let (row_losses, grad_out): (Vec<f64>, Option<Vec<f32>>) = match grad {
-            None => {
-                let losses = (0..n)
-                    .into_par_iter()
-                    .map(|r| hostmath::row(div, row_data(inputs, r), label(r), None, &p, w) as f64)
-                    .collect();
-                (losses, None)
-            }
-            Some(gd) => {
-                // Poisoned, so an element the row code skipped cannot pass as 0.
-                let mut g = vec![f32::NAN; n * v];
-                let round = match gd {
-                    GradDtype::Input => inputs.student.dtype(),
-                    GradDtype::F32 => Dtype::F32,
-                };
-                let losses = g
-                    .par_chunks_mut(v)
-                    .enumerate()
-                    .map(|(r, gr)| {
-                        let l = hostmath::row(
-                            div,
-                            row_data(inputs, r),
-                            label(r),
-                            Some(&mut *gr),
-                            &p,
-                            w,
-                        );
-                        if round != Dtype::F32 {
-                            gr.iter_mut().for_each(|x| *x = round.round(*x));
-                        }
-                        l as f64
-                    })
-                    .collect();
-                (losses, Some(g))
-            }
-        };
+        let (row_losses, g, gt) = run_rows(
+            n,
+            v,
+            inputs.row_weights,
+            round_of(grad, inputs.student.dtype()),
+            spec.grad_teacher,
+            |r, gr, gtr, wr| {
+                let wr = if wr == 0.0 { 0.0 } else { w * wr };
+                hostmath::row(div, row_data(inputs, r), label(r), gr, gtr, &p, wr)
+            },
+        );
         let loss = spec.reduction.row_weight(valid, v) * row_losses.iter().sum::<f64>();
         Ok(KdOutput {
             loss,
             row_losses,
             valid_rows: valid,
-            grad: grad_out,
+            grad: g,
+            grad_teacher: gt,
+        })
+    }
+
+    fn compute_topk(
+        &self,
+        inputs: &TopkInputs,
+        spec: &LossSpec,
+        grad: Option<GradDtype>,
+    ) -> Result<KdOutput> {
+        validate_topk(inputs, spec)?;
+        let (n, v, k) = (inputs.student.rows, inputs.student.cols, inputs.teacher.k);
+        let mut p = KernelParams::new(spec, v);
+        p.topk_k = k as i32;
+        let valid = inputs.valid_rows(spec.ignore_index);
+        let w = hostmath::row_weight(&p, valid);
+        let label = |r: usize| inputs.labels.map(|l| l[r]);
+        let stride = inputs.student.row_stride;
+        let row_of = |r: usize| TopkRow {
+            dtype: inputs.student.dtype(),
+            student: bytes_of(&inputs.student.data, r * stride, v),
+            indices: match inputs.teacher.indices {
+                TopkIndices::I32(i) => TopkRowIndices::I32(&i[r * k..(r + 1) * k]),
+                TopkIndices::I64(i) => TopkRowIndices::I64(&i[r * k..(r + 1) * k]),
+            },
+            values: bytes_of(&inputs.teacher.values, r * k, k),
+        };
+        let (row_losses, g, _) = run_rows(
+            n,
+            v,
+            inputs.row_weights,
+            round_of(grad, inputs.student.dtype()),
+            false,
+            |r, gr, _, wr| {
+                let wr = if wr == 0.0 { 0.0 } else { w * wr };
+                hostmath::topk_row(&row_of(r), label(r), gr, &p, wr)
+            },
+        );
+        let loss = spec.reduction.row_weight(valid, v) * row_losses.iter().sum::<f64>();
+        Ok(KdOutput {
+            loss,
+            row_losses,
+            valid_rows: valid,
+            grad: g,
             grad_teacher: None,
         })
     }

@@ -6,12 +6,12 @@
 //! same for the eager baseline of `kdfuse bench` (kernels/eager.cu). Slow; not
 //! for real use.
 
-use crate::backend::{validate, Backend, KdOutput};
+use crate::backend::{validate, validate_topk, Backend, KdOutput};
 use crate::cuda::threads_for;
 use crate::error::{invalid, Result};
 use crate::params::KernelParams;
 use crate::spec::LossSpec;
-use crate::tensor::{Dtype, GradDtype, KdInputs, OwnedData};
+use crate::tensor::{Dtype, GradDtype, KdInputs, Logits, OwnedData, TopkIndices, TopkInputs};
 use std::ffi::c_void;
 
 extern "C" {
@@ -25,6 +25,30 @@ extern "C" {
         ts: i64,
         labels: *const i64,
         ignore_index: i64,
+        row_weights: *const f32,
+        grad: *mut c_void,
+        gs: i64,
+        grad_t: *mut c_void,
+        gts: i64,
+        row_loss: *mut f32,
+        valid: *mut i32,
+        loss: *mut f32,
+        n: i64,
+        p: *const KernelParams,
+        grid: u32,
+        block: u32,
+    ) -> i32;
+    fn kd_emu_topk_run(
+        in_dtype: i32,
+        out_dtype: i32,
+        s: *const c_void,
+        ss: i64,
+        idx: *const c_void,
+        idx64: i32,
+        vals: *const c_void,
+        labels: *const i64,
+        ignore_index: i64,
+        row_weights: *const f32,
         grad: *mut c_void,
         gs: i64,
         row_loss: *mut f32,
@@ -35,6 +59,30 @@ extern "C" {
         grid: u32,
         block: u32,
     ) -> i32;
+    fn kd_emu_topk_validate(
+        idx: *const c_void,
+        idx64: i32,
+        n: i64,
+        k: i32,
+        v: i32,
+        grid: u32,
+        block: u32,
+    ) -> i64;
+}
+
+/// The top-k validation pass (`kd_topk_validate`) under the emulation: the
+/// first row whose indices leave `[0, v)` or repeat, or `None`.
+pub fn emu_validate_topk(indices: &TopkIndices<'_>, n: usize, k: usize, v: usize) -> Option<usize> {
+    let (ptr, i64s) = match indices {
+        TopkIndices::I32(i) => (i.as_ptr() as *const c_void, 0),
+        TopkIndices::I64(i) => (i.as_ptr() as *const c_void, 1),
+    };
+    assert!(indices.len() >= n * k, "indices hold N·k entries");
+    // SAFETY: N·k indices (checked above); the kernel guards every access.
+    let first = unsafe {
+        kd_emu_topk_validate(ptr, i64s, n as i64, k as i32, v as i32, n.clamp(1, 3) as u32, 64)
+    };
+    (first < n as i64).then_some(first as usize)
 }
 
 extern "C" {
@@ -94,6 +142,7 @@ fn output(
     with_labels: bool,
     n: usize,
     grad: Option<Vec<f32>>,
+    grad_teacher: Option<Vec<f32>>,
 ) -> KdOutput {
     row_loss.truncate(n);
     KdOutput {
@@ -105,7 +154,77 @@ fn output(
             n
         },
         grad,
-        grad_teacher: None,
+        grad_teacher,
+    }
+}
+
+impl EmuBackend {
+    fn grid_for(&self, n: usize) -> u32 {
+        if self.grid > 0 {
+            self.grid
+        } else {
+            n.clamp(1, 3) as u32
+        }
+    }
+}
+
+/// The gradient's buffer of one emulated launch: poisoned (all bits set,
+/// NaN in every dtype), or a copy of the student for an in-place run.
+struct GradBuffers {
+    in_place: bool,
+    dtype: Dtype,
+    buf: Vec<u8>,
+    grad_stride: usize,
+}
+
+impl GradBuffers {
+    fn new(student: &Logits<'_>, in_place: bool, grad: Option<Dtype>) -> Self {
+        let (n, v) = (student.rows, student.cols);
+        match grad {
+            Some(dtype) if in_place => GradBuffers {
+                in_place,
+                dtype,
+                buf: student.data.bytes().to_vec(),
+                grad_stride: student.row_stride,
+            },
+            Some(dtype) => GradBuffers {
+                in_place,
+                dtype,
+                buf: vec![0xffu8; (n * v).max(1) * dtype.size()],
+                grad_stride: v,
+            },
+            None => GradBuffers {
+                in_place,
+                dtype: Dtype::F32,
+                buf: Vec::new(),
+                grad_stride: v,
+            },
+        }
+    }
+
+    /// The student the launch reads: the copy when in place.
+    fn student_ptr(&self, student: &Logits<'_>) -> *const c_void {
+        if self.in_place {
+            self.buf.as_ptr().cast()
+        } else {
+            student.data.bytes().as_ptr().cast()
+        }
+    }
+
+    fn grad_ptr(&mut self) -> *mut c_void {
+        if self.buf.is_empty() {
+            std::ptr::null_mut()
+        } else {
+            self.buf.as_mut_ptr().cast()
+        }
+    }
+
+    /// The gradient as dense `[n, v]` f32 values.
+    fn grad_values(&self, n: usize, v: usize) -> Vec<f32> {
+        let all = to_f32(&self.buf, self.dtype);
+        (0..n)
+            .flat_map(|r| all[r * self.grad_stride..r * self.grad_stride + v].to_vec())
+            .collect()
     }
 }
 
@@ -116,11 +235,66 @@ impl Backend for EmuBackend {
 
     fn compute_topk(
         &self,
-        _inputs: &crate::tensor::TopkInputs,
-        _spec: &LossSpec,
-        _grad: Option<GradDtype>,
+        inputs: &TopkInputs,
+        spec: &LossSpec,
+        grad: Option<GradDtype>,
     ) -> Result<KdOutput> {
-        crate::error::invalid("teacher", "top-k teacher: not implemented yet")
+        validate_topk(inputs, spec)?;
+        let (n, v, k) = (inputs.student.rows, inputs.student.cols, inputs.teacher.k);
+        let dtype = inputs.student.dtype();
+        let out_dtype = match grad {
+            Some(GradDtype::Input) => dtype,
+            _ => Dtype::F32,
+        };
+        if self.in_place && (out_dtype != dtype || grad.is_none()) {
+            return invalid("grad", "the in-place emulation needs GradDtype::Input");
+        }
+        let mut p = KernelParams::new(spec, v);
+        p.topk_k = k as i32;
+        let mut bufs = GradBuffers::new(&inputs.student, self.in_place, grad.map(|_| out_dtype));
+        let (ip, i64s) = match inputs.teacher.indices {
+            TopkIndices::I32(i) => (i.as_ptr() as *const c_void, 0),
+            TopkIndices::I64(i) => (i.as_ptr() as *const c_void, 1),
+        };
+        let mut row_loss = vec![f32::NAN; n.max(1)];
+        let mut valid = -1i32;
+        let mut loss = f32::NAN;
+        // SAFETY: every buffer holds what the launch reads or writes (inputs
+        // validated, outputs sized above).
+        let rc = unsafe {
+            kd_emu_topk_run(
+                code(dtype),
+                code(out_dtype),
+                bufs.student_ptr(&inputs.student),
+                inputs.student.row_stride as i64,
+                ip,
+                i64s,
+                inputs.teacher.values.bytes().as_ptr().cast(),
+                inputs.labels.map_or(std::ptr::null(), |l| l.as_ptr()),
+                spec.ignore_index,
+                inputs.row_weights.map_or(std::ptr::null(), |w| w.as_ptr()),
+                bufs.grad_ptr(),
+                bufs.grad_stride as i64,
+                row_loss.as_mut_ptr(),
+                &mut valid,
+                &mut loss,
+                n as i64,
+                &p,
+                self.grid_for(n),
+                crate::cuda::threads_for(v, dtype),
+            )
+        };
+        assert_eq!(rc, 0, "dtype pair supported");
+        let grad_out = grad.map(|_| bufs.grad_values(n, v));
+        Ok(output(
+            row_loss,
+            loss,
+            valid,
+            inputs.labels.is_some(),
+            n,
+            grad_out,
+            None,
+        ))
     }
 
     fn compute(
@@ -140,70 +314,50 @@ impl Backend for EmuBackend {
             return invalid("grad", "the in-place emulation needs GradDtype::Input");
         }
         let p = KernelParams::new(spec, v);
-        // Outputs poisoned with all bits set (NaN in every dtype).
-        let mut student_copy: Vec<u8>;
-        let (sptr, gptr, gs): (*const c_void, *mut c_void, usize);
-        let mut g: Vec<u8> = Vec::new();
-        if self.in_place {
-            student_copy = inputs.student.data.bytes().to_vec();
-            sptr = student_copy.as_ptr().cast();
-            gptr = student_copy.as_mut_ptr().cast();
-            gs = inputs.student.row_stride;
-        } else {
-            student_copy = Vec::new();
-            sptr = inputs.student.data.bytes().as_ptr().cast();
-            if grad.is_some() {
-                g = vec![0xffu8; (n * v).max(1) * out_dtype.size()];
-            }
-            gptr = if grad.is_some() {
-                g.as_mut_ptr().cast()
-            } else {
-                std::ptr::null_mut()
-            };
-            gs = v;
-        }
+        let mut bufs = GradBuffers::new(&inputs.student, self.in_place, grad.map(|_| out_dtype));
+        // The teacher gradient, poisoned like the student's.
+        let want_gt = spec.grad_teacher && grad.is_some();
+        let mut gt = vec![0xffu8; if want_gt { (n * v).max(1) * out_dtype.size() } else { 0 }];
         let mut row_loss = vec![f32::NAN; n.max(1)];
         let mut valid = -1i32;
         let mut loss = f32::NAN;
-        let grid = if self.grid > 0 {
-            self.grid
-        } else {
-            n.clamp(1, 3) as u32
-        };
+        // SAFETY: every buffer holds what the launch reads or writes (inputs
+        // validated, outputs sized above).
         let rc = unsafe {
             kd_emu_run(
                 spec.kernel_divergence().id(),
                 code(dtype),
                 code(out_dtype),
-                sptr,
+                bufs.student_ptr(&inputs.student),
                 inputs.student.row_stride as i64,
                 inputs.teacher.data.bytes().as_ptr().cast(),
                 inputs.teacher.row_stride as i64,
                 inputs.labels.map_or(std::ptr::null(), |l| l.as_ptr()),
                 spec.ignore_index,
-                gptr,
-                gs as i64,
+                inputs.row_weights.map_or(std::ptr::null(), |w| w.as_ptr()),
+                bufs.grad_ptr(),
+                bufs.grad_stride as i64,
+                if want_gt {
+                    gt.as_mut_ptr().cast()
+                } else {
+                    std::ptr::null_mut()
+                },
+                v as i64,
                 row_loss.as_mut_ptr(),
                 &mut valid,
                 &mut loss,
                 n as i64,
                 &p,
-                grid,
+                self.grid_for(n),
                 threads_for(v, dtype),
             )
         };
         assert_eq!(rc, 0, "dtype pair supported");
-        let grad_out = grad.map(|_| {
-            if self.in_place {
-                let all = to_f32(&student_copy, dtype);
-                (0..n)
-                    .flat_map(|r| all[r * gs..r * gs + v].to_vec())
-                    .collect()
-            } else {
-                let mut x = to_f32(&g, out_dtype);
-                x.truncate(n * v);
-                x
-            }
+        let grad_out = grad.map(|_| bufs.grad_values(n, v));
+        let gt_out = want_gt.then(|| {
+            let mut x = to_f32(&gt, out_dtype);
+            x.truncate(n * v);
+            x
         });
         Ok(output(
             row_loss,
@@ -212,6 +366,7 @@ impl Backend for EmuBackend {
             inputs.labels.is_some(),
             n,
             grad_out,
+            gt_out,
         ))
     }
 }
@@ -242,6 +397,10 @@ impl Backend for EagerEmuBackend {
         grad: Option<GradDtype>,
     ) -> Result<KdOutput> {
         validate(inputs, spec)?;
+        spec.validate_eager()?;
+        if inputs.row_weights.is_some() {
+            return invalid("row_weights", "the eager baseline does not implement row weights");
+        }
         let (n, v) = (inputs.student.rows, inputs.student.cols);
         let dtype = inputs.student.dtype();
         let out_dtype = match grad {
@@ -308,6 +467,7 @@ impl Backend for EagerEmuBackend {
             inputs.labels.is_some(),
             n,
             grad_out,
+            None,
         ))
     }
 }

@@ -2,6 +2,7 @@
 //! CPU (see kernels/kd_math.cuh). Public so that tests can check it.
 
 use crate::params::KernelParams;
+use crate::tensor::Dtype;
 use std::os::raw::c_int;
 
 extern "C" {
@@ -12,6 +13,7 @@ extern "C" {
         y: i64,
         has_label: c_int,
         grad: *mut f32,
+        grad_t: *mut f32,
         p: *const KernelParams,
         w: f32,
     ) -> f32;
@@ -22,6 +24,7 @@ extern "C" {
         y: i64,
         has_label: c_int,
         grad: *mut f32,
+        grad_t: *mut f32,
         p: *const KernelParams,
         w: f32,
     ) -> f32;
@@ -29,6 +32,19 @@ extern "C" {
         div: c_int,
         s: *const u16,
         t: *const u16,
+        y: i64,
+        has_label: c_int,
+        grad: *mut f32,
+        grad_t: *mut f32,
+        p: *const KernelParams,
+        w: f32,
+    ) -> f32;
+    fn kd_host_topk_row(
+        dtype: c_int,
+        s: *const std::ffi::c_void,
+        idx: *const std::ffi::c_void,
+        idx64: c_int,
+        vals: *const std::ffi::c_void,
         y: i64,
         has_label: c_int,
         grad: *mut f32,
@@ -56,31 +72,95 @@ pub(crate) enum RowData<'a> {
 }
 
 /// Runs one row through the kernels' math: returns ℓ and writes the gradient
-/// (× `w`) into `grad` when given. `s`, `t` and `grad` hold exactly V values.
+/// (× `w`) into `grad`, and the teacher gradient into `grad_t`, when given.
+/// `s`, `t`, `grad` and `grad_t` hold exactly V values.
 pub(crate) fn row(
     div: i32,
     data: RowData<'_>,
     label: Option<i64>,
     grad: Option<&mut [f32]>,
+    grad_t: Option<&mut [f32]>,
     p: &KernelParams,
     w: f32,
 ) -> f32 {
-    let (y, has) = match label {
-        Some(y) => (y, 1),
-        None => (-1, 0),
-    };
+    let (y, has) = label_arg(label);
     let gp = grad.map_or(std::ptr::null_mut(), |g| g.as_mut_ptr());
-    // SAFETY: slices of V = p.vocab elements (checked by the caller), grad too.
+    let gtp = grad_t.map_or(std::ptr::null_mut(), |g| g.as_mut_ptr());
+    // SAFETY: slices of V = p.vocab elements (checked by the caller), the
+    // gradients too.
     unsafe {
         match data {
-            RowData::F32(s, t) => kd_host_row_f32(div, s.as_ptr(), t.as_ptr(), y, has, gp, p, w),
+            RowData::F32(s, t) => {
+                kd_host_row_f32(div, s.as_ptr(), t.as_ptr(), y, has, gp, gtp, p, w)
+            }
             RowData::Half16 { bf16: true, s, t } => {
-                kd_host_row_bf16(div, s.as_ptr(), t.as_ptr(), y, has, gp, p, w)
+                kd_host_row_bf16(div, s.as_ptr(), t.as_ptr(), y, has, gp, gtp, p, w)
             }
             RowData::Half16 { bf16: false, s, t } => {
-                kd_host_row_f16(div, s.as_ptr(), t.as_ptr(), y, has, gp, p, w)
+                kd_host_row_f16(div, s.as_ptr(), t.as_ptr(), y, has, gp, gtp, p, w)
             }
         }
+    }
+}
+
+fn label_arg(label: Option<i64>) -> (i64, c_int) {
+    match label {
+        Some(y) => (y, 1),
+        None => (-1, 0),
+    }
+}
+
+/// One row of a top-k teacher, as the kernels see it: the student row (V
+/// elements of `dtype` as raw bytes), the row's k indices and values.
+pub(crate) struct TopkRow<'a> {
+    pub dtype: Dtype,
+    pub student: &'a [u8],
+    pub indices: TopkRowIndices<'a>,
+    pub values: &'a [u8],
+}
+
+/// A row's k indices.
+pub(crate) enum TopkRowIndices<'a> {
+    I32(&'a [i32]),
+    I64(&'a [i64]),
+}
+
+/// Runs one top-k row through the kernels' math (mode and k in `p`): returns
+/// ℓ and writes the gradient (× `w`, V values) when given. Indices must have
+/// been validated (in range, distinct).
+pub(crate) fn topk_row(
+    data: &TopkRow<'_>,
+    label: Option<i64>,
+    grad: Option<&mut [f32]>,
+    p: &KernelParams,
+    w: f32,
+) -> f32 {
+    let (y, has) = label_arg(label);
+    let gp = grad.map_or(std::ptr::null_mut(), |g| g.as_mut_ptr());
+    let (ip, i64s) = match data.indices {
+        TopkRowIndices::I32(i) => (i.as_ptr() as *const std::ffi::c_void, 0),
+        TopkRowIndices::I64(i) => (i.as_ptr() as *const std::ffi::c_void, 1),
+    };
+    let dt = match data.dtype {
+        Dtype::F32 => 0,
+        Dtype::Bf16 => 1,
+        Dtype::F16 => 2,
+    };
+    // SAFETY: V student elements, k indices (validated) and k values, V
+    // gradient entries (checked by the caller).
+    unsafe {
+        kd_host_topk_row(
+            dt,
+            data.student.as_ptr() as *const std::ffi::c_void,
+            ip,
+            i64s,
+            data.values.as_ptr() as *const std::ffi::c_void,
+            y,
+            has,
+            gp,
+            p,
+            w,
+        )
     }
 }
 

@@ -358,6 +358,21 @@ impl LossSpec {
         Ok(())
     }
 
+    /// Fails unless the spec uses only what the eager (unfused) baseline of
+    /// `kdfuse bench` implements: no soft-capping, no teacher gradient.
+    pub(crate) fn validate_eager(&self) -> Result<()> {
+        if self.softcap.is_some() {
+            return invalid("softcap", "the eager baseline does not implement soft-capping");
+        }
+        if self.grad_teacher {
+            return invalid(
+                "grad_teacher",
+                "the eager baseline does not implement the teacher gradient",
+            );
+        }
+        Ok(())
+    }
+
     /// The soft term's coefficient `(1 − α)·c`.
     pub fn soft_coef(&self) -> f64 {
         let c = if self.t2_scaling {

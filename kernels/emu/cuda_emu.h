@@ -11,6 +11,7 @@
 // Lets kernels/kd_math.cuh compile its device-only block helpers here.
 #define KD_EMU 1
 
+#include <atomic>
 #include <barrier>
 #include <cstdint>
 #include <cstring>
@@ -44,6 +45,18 @@ inline float __int_as_float(int i) {
   float f;
   std::memcpy(&f, &i, 4);
   return f;
+}
+
+inline unsigned atomicOr(unsigned* p, unsigned v) {
+  return std::atomic_ref<unsigned>(*p).fetch_or(v);
+}
+
+inline unsigned long long atomicMin(unsigned long long* p, unsigned long long v) {
+  std::atomic_ref<unsigned long long> a(*p);
+  unsigned long long old = a.load();
+  while (v < old && !a.compare_exchange_weak(old, v)) {
+  }
+  return old;
 }
 
 struct KdEmuBlock {

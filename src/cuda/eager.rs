@@ -96,6 +96,13 @@ impl CudaBackend {
         spec: &LossSpec,
     ) -> Result<()> {
         spec.validate(raw.labels != 0)?;
+        spec.validate_eager()?;
+        if raw.row_weights != 0 || raw.grad_teacher != 0 {
+            return invalid(
+                "row_weights",
+                "the eager baseline does not implement row weights or the teacher gradient",
+            );
+        }
         let l = raw.layout;
         if raw.student == 0 || raw.teacher == 0 || raw.row_losses == 0 || raw.loss == 0 {
             return invalid(

@@ -2,12 +2,12 @@
 //! Outputs are poisoned (all bits set: NaN in every dtype) before the launch,
 //! so an element the kernel failed to write cannot pass as a value.
 
-use super::launch::{KdElement, LossBuffers, RowLayout};
+use super::launch::{KdElement, LossBuffers, RawFusedArgs, RawTopkArgs, RowLayout};
 use super::CudaBackend;
-use crate::backend::{validate, Backend, KdOutput};
+use crate::backend::{validate, validate_topk, Backend, KdOutput};
 use crate::error::Result;
 use crate::spec::LossSpec;
-use crate::tensor::{GradDtype, HostData, KdInputs};
+use crate::tensor::{GradDtype, HostData, KdInputs, TopkIndices, TopkInputs};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut, DeviceRepr};
 use half::{bf16, f16};
 use std::sync::Arc;
@@ -49,6 +49,87 @@ impl ToF32 for f16 {
     }
 }
 
+/// Device pointer of a buffer (the buffers live until the stream is synced).
+fn ptr<T>(stream: &Arc<CudaStream>, buf: &mut CudaSlice<T>) -> u64 {
+    buf.device_ptr_mut(stream).0
+}
+
+/// A poisoned output buffer of `len` elements, or none.
+fn output<G: DeviceRepr>(
+    stream: &Arc<CudaStream>,
+    want: bool,
+    len: usize,
+) -> Result<Option<CudaSlice<G>>> {
+    if !want {
+        return Ok(None);
+    }
+    // SAFETY: poisoned right after, before any read.
+    let mut g = unsafe { stream.alloc::<G>(len.max(1)) }?;
+    poison(stream, &mut g)?;
+    Ok(Some(g))
+}
+
+fn download<G: DeviceRepr + ToF32 + Default>(
+    stream: &Arc<CudaStream>,
+    buf: Option<CudaSlice<G>>,
+    len: usize,
+) -> Result<Option<Vec<f32>>> {
+    buf.map(|g| {
+        let mut h: Vec<f32> = stream.clone_dtoh(&g)?.into_iter().map(ToF32::f).collect();
+        h.truncate(len);
+        Ok(h)
+    })
+    .transpose()
+}
+
+/// What one host call uploads besides the logits.
+struct Common {
+    labels: Option<CudaSlice<i64>>,
+    weights: Option<CudaSlice<f32>>,
+    out: LossBuffers,
+}
+
+impl Common {
+    fn new(
+        stream: &Arc<CudaStream>,
+        n: usize,
+        labels: Option<&[i64]>,
+        weights: Option<&[f32]>,
+    ) -> Result<Self> {
+        let mut out = LossBuffers::new(stream, n)?;
+        poison(stream, &mut out.row_losses)?;
+        poison(stream, &mut out.loss)?;
+        Ok(Common {
+            labels: labels.map(|l| upload(stream, l)).transpose()?,
+            weights: weights.map(|w| upload(stream, w)).transpose()?,
+            out,
+        })
+    }
+
+    /// (labels, row weights, row losses, loss, valid rows) pointers.
+    fn ptrs(&mut self, stream: &Arc<CudaStream>) -> (u64, u64, u64, u64, u64) {
+        (
+            self.labels.as_mut().map_or(0, |l| ptr(stream, l)),
+            self.weights.as_mut().map_or(0, |w| ptr(stream, w)),
+            ptr(stream, &mut self.out.row_losses),
+            ptr(stream, &mut self.out.loss),
+            ptr(stream, &mut self.out.valid_rows),
+        )
+    }
+
+    /// The loss and row losses, after the stream ran the work.
+    fn finish(self, stream: &Arc<CudaStream>, n: usize) -> Result<(f64, Vec<f64>)> {
+        let loss = stream.clone_dtoh(&self.out.loss)?[0] as f64;
+        let mut rows: Vec<f64> = stream
+            .clone_dtoh(&self.out.row_losses)?
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        rows.truncate(n);
+        Ok((loss, rows))
+    }
+}
+
 impl CudaBackend {
     fn run<T: KdElement + Default + ToF32, G: KdElement + Default + ToF32>(
         &self,
@@ -68,52 +149,94 @@ impl CudaBackend {
             grad_stride: v,
             grad_teacher_stride: v,
         };
-        let ds = upload(stream, s)?;
-        let dt = upload(stream, t)?;
-        let dl = match inputs.labels {
-            Some(l) => Some(upload(stream, l)?),
-            None => None,
+        let mut ds = upload(stream, s)?;
+        let mut dt = upload(stream, t)?;
+        let mut common = Common::new(stream, n, inputs.labels, inputs.row_weights)?;
+        let mut dg = output::<G>(stream, want_grad, n * v)?;
+        let mut dgt = output::<G>(stream, want_grad && spec.grad_teacher, n * v)?;
+        let (labels, row_weights, row_losses, loss, valid_rows) = common.ptrs(stream);
+        let raw = RawFusedArgs {
+            dtype: T::DTYPE,
+            grad_dtype: G::DTYPE,
+            student: ptr(stream, &mut ds),
+            teacher: ptr(stream, &mut dt),
+            labels,
+            grad: dg.as_mut().map_or(0, |g| ptr(stream, g)),
+            row_losses,
+            loss,
+            valid_rows,
+            row_weights,
+            grad_teacher: dgt.as_mut().map_or(0, |g| ptr(stream, g)),
+            layout,
         };
-        let mut out = LossBuffers::new(stream, n)?;
-        poison(stream, &mut out.row_losses)?;
-        poison(stream, &mut out.loss)?;
-        let mut dg: Option<CudaSlice<G>> = if want_grad {
-            // SAFETY: poisoned right after, before any read.
-            let mut g = unsafe { stream.alloc::<G>((n * v).max(1)) }?;
-            poison(stream, &mut g)?;
-            Some(g)
-        } else {
-            None
+        // SAFETY: every buffer was sized for this layout above and lives
+        // until the stream is synchronised below.
+        unsafe { self.launch_raw(stream, &raw, spec) }?;
+        let (loss, row_losses) = common.finish(stream, n)?;
+        let grad = download(stream, dg, n * v)?;
+        let grad_teacher = download(stream, dgt, n * v)?;
+        stream.synchronize()?;
+        Ok(KdOutput {
+            loss,
+            row_losses,
+            valid_rows: inputs.valid_rows(spec.ignore_index),
+            grad,
+            grad_teacher,
+        })
+    }
+
+    fn run_topk<T: KdElement + Default + ToF32, G: KdElement + Default + ToF32>(
+        &self,
+        s: &[T],
+        vals: &[T],
+        inputs: &TopkInputs,
+        spec: &LossSpec,
+        want_grad: bool,
+    ) -> Result<KdOutput> {
+        let stream = &self.stream;
+        let (n, v, k) = (inputs.student.rows, inputs.student.cols, inputs.teacher.k);
+        let layout = RowLayout {
+            rows: n,
+            cols: v,
+            student_stride: inputs.student.row_stride,
+            teacher_stride: v,
+            grad_stride: v,
+            grad_teacher_stride: v,
         };
-        {
-            let labels_view = dl.as_ref().map(|l| l.as_view());
-            let mut grad_view = dg.as_mut().map(|g| g.as_view_mut());
-            self.fused(
-                stream,
-                &ds.as_view(),
-                &dt.as_view(),
-                labels_view.as_ref(),
-                grad_view.as_mut(),
-                layout,
-                &mut out,
-                spec,
-            )?;
-        }
-        let loss = stream.clone_dtoh(&out.loss)?[0] as f64;
-        let mut row_losses: Vec<f64> = stream
-            .clone_dtoh(&out.row_losses)?
-            .into_iter()
-            .map(f64::from)
-            .collect();
-        row_losses.truncate(n);
-        let grad = match dg {
-            Some(g) => {
-                let mut h: Vec<f32> = stream.clone_dtoh(&g)?.into_iter().map(ToF32::f).collect();
-                h.truncate(n * v);
-                Some(h)
-            }
-            None => None,
+        let mut ds = upload(stream, s)?;
+        let mut dv = upload(stream, vals)?;
+        let (mut di32, mut di64) = match inputs.teacher.indices {
+            TopkIndices::I32(i) => (Some(upload(stream, i)?), None),
+            TopkIndices::I64(i) => (None, Some(upload(stream, i)?)),
         };
+        let indices = match (&mut di32, &mut di64) {
+            (Some(i), _) => ptr(stream, i),
+            (_, Some(i)) => ptr(stream, i),
+            _ => unreachable!("one index buffer"),
+        };
+        let mut common = Common::new(stream, n, inputs.labels, inputs.row_weights)?;
+        let mut dg = output::<G>(stream, want_grad, n * v)?;
+        let (labels, row_weights, row_losses, loss, valid_rows) = common.ptrs(stream);
+        let raw = RawTopkArgs {
+            dtype: T::DTYPE,
+            grad_dtype: G::DTYPE,
+            student: ptr(stream, &mut ds),
+            indices,
+            indices_i64: di64.is_some(),
+            values: ptr(stream, &mut dv),
+            k,
+            labels,
+            row_weights,
+            grad: dg.as_mut().map_or(0, |g| ptr(stream, g)),
+            row_losses,
+            loss,
+            valid_rows,
+            layout,
+        };
+        // SAFETY: as in `run`.
+        unsafe { self.launch_topk_raw(stream, &raw, spec) }?;
+        let (loss, row_losses) = common.finish(stream, n)?;
+        let grad = download(stream, dg, n * v)?;
         stream.synchronize()?;
         Ok(KdOutput {
             loss,
@@ -132,11 +255,31 @@ impl Backend for CudaBackend {
 
     fn compute_topk(
         &self,
-        _inputs: &crate::tensor::TopkInputs,
-        _spec: &LossSpec,
-        _grad: Option<GradDtype>,
+        inputs: &TopkInputs,
+        spec: &LossSpec,
+        grad: Option<GradDtype>,
     ) -> Result<KdOutput> {
-        crate::error::invalid("teacher", "top-k teacher: not implemented yet")
+        validate_topk(inputs, spec)?;
+        let want = grad.is_some();
+        let f32_grad = grad != Some(GradDtype::Input);
+        match (inputs.student.data, inputs.teacher.values) {
+            (HostData::F32(s), HostData::F32(t)) => {
+                self.run_topk::<f32, f32>(s, t, inputs, spec, want)
+            }
+            (HostData::Bf16(s), HostData::Bf16(t)) if f32_grad => {
+                self.run_topk::<bf16, f32>(s, t, inputs, spec, want)
+            }
+            (HostData::Bf16(s), HostData::Bf16(t)) => {
+                self.run_topk::<bf16, bf16>(s, t, inputs, spec, want)
+            }
+            (HostData::F16(s), HostData::F16(t)) if f32_grad => {
+                self.run_topk::<f16, f32>(s, t, inputs, spec, want)
+            }
+            (HostData::F16(s), HostData::F16(t)) => {
+                self.run_topk::<f16, f16>(s, t, inputs, spec, want)
+            }
+            _ => unreachable!("dtypes checked by validate_topk"),
+        }
     }
 
     fn compute(

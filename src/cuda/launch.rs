@@ -9,7 +9,7 @@ use super::CudaBackend;
 use crate::error::{invalid, Result};
 use crate::params::KernelParams;
 use crate::spec::LossSpec;
-use crate::tensor::Dtype;
+use crate::tensor::{Dtype, TopkIndices};
 use cudarc::driver::{
     CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr,
     LaunchConfig, PushKernelArg,
@@ -239,6 +239,32 @@ impl CudaBackend {
                 "an in-place gradient needs the student's dtype and row stride",
             );
         }
+        if raw.grad_teacher != 0 {
+            if !spec.grad_teacher {
+                return invalid(
+                    "grad_teacher",
+                    "a teacher-gradient buffer needs LossSpec::grad_teacher",
+                );
+            }
+            if raw.layout.grad_teacher_stride < raw.layout.cols {
+                return invalid(
+                    "grad_teacher_stride",
+                    format!(
+                        "row stride {} is below V = {}",
+                        raw.layout.grad_teacher_stride, raw.layout.cols
+                    ),
+                );
+            }
+            if raw.grad_teacher == raw.teacher
+                && (raw.grad_dtype != raw.dtype
+                    || raw.layout.grad_teacher_stride != raw.layout.teacher_stride)
+            {
+                return invalid(
+                    "grad_teacher",
+                    "an in-place teacher gradient needs the teacher's dtype and row stride",
+                );
+            }
+        }
         let l = raw.layout;
         let p = KernelParams::new(spec, l.cols);
         let n = l.rows as i64;
@@ -262,10 +288,11 @@ impl CudaBackend {
                 raw.grad_dtype
             );
             let f = self.function(&name)?;
-            let (ss, ts, gs) = (
+            let (ss, ts, gs, gts) = (
                 l.student_stride as i64,
                 l.teacher_stride as i64,
                 l.grad_stride as i64,
+                l.grad_teacher_stride as i64,
             );
             let mut b = stream.launch_builder(&f);
             b.arg(&raw.student)
@@ -273,8 +300,11 @@ impl CudaBackend {
                 .arg(&raw.teacher)
                 .arg(&ts)
                 .arg(&raw.labels)
+                .arg(&raw.row_weights)
                 .arg(&raw.grad)
                 .arg(&gs)
+                .arg(&raw.grad_teacher)
+                .arg(&gts)
                 .arg(&raw.row_losses)
                 .arg(&valid_ptr)
                 .arg(&n)
@@ -299,11 +329,118 @@ impl CudaBackend {
     /// elements.
     pub unsafe fn launch_topk_raw(
         &self,
-        _stream: &CudaStream,
-        _raw: &RawTopkArgs,
-        _spec: &LossSpec,
+        stream: &CudaStream,
+        raw: &RawTopkArgs,
+        spec: &LossSpec,
     ) -> Result<()> {
-        invalid("teacher", "top-k teacher on CUDA: not implemented yet")
+        spec.validate(raw.labels != 0)?;
+        spec.validate_topk()?;
+        let l = RowLayout {
+            teacher_stride: l_cols(&raw.layout),
+            grad_teacher_stride: l_cols(&raw.layout),
+            ..raw.layout
+        };
+        l.validate()?;
+        if raw.k == 0 || raw.k > l.cols {
+            return invalid("k", format!("must be in [1, V = {}], got {}", l.cols, raw.k));
+        }
+        if raw.grad_dtype != raw.dtype && raw.grad_dtype != Dtype::F32 {
+            return invalid(
+                "grad_dtype",
+                format!("must be {} or f32, got {}", raw.dtype, raw.grad_dtype),
+            );
+        }
+        if raw.student == 0
+            || raw.indices == 0
+            || raw.values == 0
+            || raw.row_losses == 0
+            || raw.loss == 0
+        {
+            return invalid(
+                "pointers",
+                "student, indices, values, row_losses and loss must be non-null",
+            );
+        }
+        if raw.labels != 0 && raw.valid_rows == 0 {
+            return invalid("valid_rows", "labels need the valid-row scratch buffer");
+        }
+        if raw.grad != 0
+            && raw.grad == raw.student
+            && (raw.grad_dtype != raw.dtype || l.grad_stride != l.student_stride)
+        {
+            return invalid(
+                "grad",
+                "an in-place gradient needs the student's dtype and row stride",
+            );
+        }
+        let mut p = KernelParams::new(spec, l.cols);
+        p.topk_k = raw.k as i32;
+        let n = l.rows as i64;
+        let valid_ptr = if raw.labels != 0 { raw.valid_rows } else { 0u64 };
+        if raw.labels != 0 {
+            // SAFETY: the caller's contract (labels: N, valid_rows: 1).
+            unsafe {
+                self.launch_count_valid(stream, raw.labels, n, spec.ignore_index, raw.valid_rows)
+            }?;
+        }
+        if l.rows > 0 {
+            let name = format!(
+                "kd_topk_{}_{}_{}",
+                raw.dtype,
+                raw.grad_dtype,
+                if raw.indices_i64 { "i64" } else { "i32" }
+            );
+            let f = self.function(&name)?;
+            let smem = self.bitmap_bytes(&f, l.cols)?;
+            let (ss, gs) = (l.student_stride as i64, l.grad_stride as i64);
+            let mut b = stream.launch_builder(&f);
+            b.arg(&raw.student)
+                .arg(&ss)
+                .arg(&raw.indices)
+                .arg(&raw.values)
+                .arg(&raw.labels)
+                .arg(&raw.row_weights)
+                .arg(&raw.grad)
+                .arg(&gs)
+                .arg(&raw.row_losses)
+                .arg(&valid_ptr)
+                .arg(&n)
+                .arg(&p);
+            b.launch(LaunchConfig {
+                grid_dim: (l.rows.min(1 << 20) as u32, 1, 1),
+                block_dim: (threads_for(l.cols, raw.dtype), 1, 1),
+                shared_mem_bytes: smem,
+            })?;
+        }
+        // SAFETY: the caller's contract (row_losses: N, loss: 1).
+        unsafe { self.launch_reduce_loss(stream, raw.row_losses, n, valid_ptr, &p, raw.loss) }
+    }
+
+    /// Bytes of the top-k kernels' V-bit map, raising the function's dynamic
+    /// shared-memory limit when the map needs more than the default 48 KiB.
+    fn bitmap_bytes(&self, f: &cudarc::driver::CudaFunction, cols: usize) -> Result<u32> {
+        use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+        let bytes = cols.div_ceil(32) * 4;
+        if bytes > 48 * 1024 {
+            let max = self.context().attribute(
+                CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )? as usize;
+            // The kernels' static shared memory (block reductions) comes on top.
+            if bytes + 4096 > max {
+                return invalid(
+                    "cols",
+                    format!(
+                        "a top-k teacher on this device supports V ≤ {} (a V-bit map in shared memory), got {cols}",
+                        (max - 4096) * 8
+                    ),
+                );
+            }
+            f.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes as i32,
+            )?;
+        }
+        Ok(bytes as u32)
     }
 
     /// The optional validation pass of a top-k teacher's indices on the
@@ -315,14 +452,76 @@ impl CudaBackend {
     /// int32 (or int64 with `indices_i64`) values.
     pub unsafe fn validate_topk_raw(
         &self,
-        _stream: &CudaStream,
-        _indices: u64,
-        _indices_i64: bool,
-        _rows: usize,
-        _k: usize,
-        _cols: usize,
+        stream: &CudaStream,
+        indices: u64,
+        indices_i64: bool,
+        rows: usize,
+        k: usize,
+        cols: usize,
     ) -> Result<()> {
-        invalid("teacher", "top-k validation on CUDA: not implemented yet")
+        if cols == 0 || cols > i32::MAX as usize {
+            return invalid("cols", format!("V must be in [1, {}], got {cols}", i32::MAX));
+        }
+        if k == 0 || k > cols {
+            return invalid("k", format!("must be in [1, V = {cols}], got {k}"));
+        }
+        if indices == 0 {
+            return invalid("indices", "must be non-null");
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        let name = if indices_i64 {
+            "kd_topk_validate_i64"
+        } else {
+            "kd_topk_validate_i32"
+        };
+        let f = self.function(name)?;
+        let smem = self.bitmap_bytes(&f, cols)?;
+        let mut first = self.stream().clone_htod(&[rows as u64])?;
+        self.stream().synchronize()?;
+        {
+            let (fp, _g) = first.device_ptr_mut(stream);
+            let (n, k32, v32) = (rows as i64, k as i32, cols as i32);
+            let mut b = stream.launch_builder(&f);
+            b.arg(&indices).arg(&n).arg(&k32).arg(&v32).arg(&fp);
+            // SAFETY: the caller's contract; the kernel reads rows · k indices.
+            unsafe {
+                b.launch(LaunchConfig {
+                    grid_dim: (rows.min(1 << 16) as u32, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: smem,
+                })
+            }?;
+        }
+        stream.synchronize()?;
+        let bad = self.stream().clone_dtoh(&first)?[0] as usize;
+        if bad >= rows {
+            return Ok(());
+        }
+        // The bad row's indices, for a message that says what is wrong.
+        let width = if indices_i64 { 8 } else { 4 };
+        let mut host = vec![0u8; k * width];
+        // SAFETY: row `bad` < rows lies inside the caller's buffer.
+        unsafe {
+            cudarc::driver::result::memcpy_dtoh_sync(
+                &mut host,
+                indices + (bad * k * width) as u64,
+            )
+        }?;
+        let row: Vec<i64> = host
+            .chunks_exact(width)
+            .map(|c| {
+                if indices_i64 {
+                    i64::from_le_bytes(c.try_into().expect("8 bytes"))
+                } else {
+                    i32::from_le_bytes(c.try_into().expect("4 bytes")) as i64
+                }
+            })
+            .collect();
+        let msg = crate::tensor::first_bad_topk_row(&TopkIndices::I64(&row), 1, k, cols)
+            .map_or_else(|| "invalid indices".to_string(), |(_, m)| m);
+        invalid("teacher_topk_indices", format!("row {bad}: {msg}"))
     }
 
     /// Enqueues `kd_count_valid`: the rows of `labels` (N) that are not
@@ -483,6 +682,11 @@ impl CudaBackend {
         // SAFETY: as in `fused`.
         unsafe { self.launch_raw(stream, &raw, spec) }
     }
+}
+
+/// V, as the stride of the top-k kernels' unused dense-teacher fields.
+fn l_cols(l: &RowLayout) -> usize {
+    l.cols
 }
 
 /// A device buffer of `have` elements holds the `need` a layout asks for.

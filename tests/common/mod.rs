@@ -38,3 +38,19 @@ pub fn max_rel(a: &[f32], b: &[f32], floor: f32) -> f32 {
         .map(|(x, y)| (x - y).abs() / y.abs().max(floor))
         .fold(0.0, f32::max)
 }
+
+/// Every dtype × divergence group and every dtype × top-k mode group of a
+/// sweep was drawn.
+#[allow(dead_code)]
+pub fn assert_all_groups(report: &kdfuse::check::SweepReport) {
+    for dtype in kdfuse::Dtype::ALL {
+        for d in kdfuse::Divergence::ALL {
+            let g = format!("{dtype}/{d}");
+            assert!(report.groups.contains_key(&g), "group {g} not drawn");
+        }
+        for m in kdfuse::TopkMode::ALL {
+            let g = format!("{dtype}/topk-{m}");
+            assert!(report.groups.contains_key(&g), "group {g} not drawn");
+        }
+    }
+}
