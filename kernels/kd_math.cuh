@@ -452,7 +452,7 @@ struct KdRow {
   float ph;        // JSD: ⟨p, h − h_top⟩ in nats (pass 2, teacher gradient)
   float p_up;      // TVD: Σ p over q > p (ties count half; pass 2, teacher gradient)
   float p_dn;      // TVD: Σ p over q < p (ties count half; pass 2, teacher gradient)
-  float ent_mean;  // soft CE: Σ p (x − m_t) in base 2 (teacher gradient)
+  float sce_k;     // soft CE: the teacher gradient's h = sce_k − s·scale2 (base 2)
   float tail;      // top-k tail mode: P_tail / Q_tail (0 when P_tail = 0)
 };
 
@@ -503,7 +503,9 @@ KD_HD KdRow kd_row_finish(const KdPass1& st, const KdParams& P) {
   r.ph = 0.0f;
   r.p_up = 0.0f;
   r.p_dn = 0.0f;
-  r.ent_mean = DIV == KD_DIV_SCE ? st.ent / zm : 0.0f;
+  // h = −log2 q + Σ p log2 q = −u − ū − ((x − m_t) − Σ p (x − m_t)): the
+  // teacher logit cancels, leaving a row constant minus s·scale2.
+  r.sce_k = DIV == KD_DIV_SCE ? c_ref * P.scale2 - r.ubar + r.m_t + st.ent / zm : 0.0f;
   r.tail = 0.0f;
   if (DIV == KD_DIV_JSD && st.s_top != KD_NEG_INF)
     r.g_top = kd_jsd_g((st.c_top - c_ref) * P.scale2 - r.dlt, P);
@@ -706,10 +708,10 @@ KD_HD float kd_grad_teacher_elem(float s, float t, const KdRow& r, const KdParam
   } else if (p == 0.0f) {
     dd = 0.0f;
   } else if (DIV == KD_DIV_FKL || DIV == KD_DIV_SCE) {
-    // log p − log q − KL = ln2·(−u − ū), u = ((s − t) − c)·scale2 (ū: kd_row_finish).
-    float h = -((s - t) - r.c_ref) * P.scale2 - r.ubar;
-    // Soft CE adds ∂H(p)/∂t: −(log p − Σ p log p) = −ln2·((x − m_t) − ent_mean).
-    if (DIV == KD_DIV_SCE) h -= (t * P.scale2 - r.m_t) - r.ent_mean;
+    // log p − log q − KL = ln2·(−u − ū), u = ((s − t) − c)·scale2 (ū:
+    // kd_row_finish); soft CE adds ∂H(p)/∂t's −(log p − Σ p log p) (sce_k).
+    const float h = DIV == KD_DIV_SCE ? r.sce_k - s * P.scale2
+                                      : -((s - t) - r.c_ref) * P.scale2 - r.ubar;
     dd = p * KD_LN2 * h;
   } else if (DIV == KD_DIV_TVD) {
     // h = ½ sign(p − q): h − ⟨p, h⟩ = P₊ where p > q, −P₋ where p < q.

@@ -4,12 +4,15 @@
 //! them with NaN bits), plus the device-buffer API: caller streams, in-place
 //! gradients, bad labels.
 //!
-//! The feature losses' GPU tests are in gpu_features/.
+//! The feature losses' GPU tests are in gpu_features/, the loss-family
+//! options' (top-k teacher, soft-capping, row weights, teacher gradient) in
+//! gpu_loss_family/.
 //!
 //! Own runner (harness = false): without a usable GPU every test prints
 //! "skipped" with the reason; with KDFUSE_REQUIRE_GPU=1 that is a failure.
 
 mod gpu_features;
+mod gpu_loss_family;
 
 mod common;
 
@@ -42,6 +45,15 @@ fn main() -> ExitCode {
         ("bench_runs_and_checks_itself", bench_runs_and_checks_itself),
         ("distill_step_cpu_vs_cuda", distill_step_cpu_vs_cuda),
         ("demo_on_cuda", demo_on_cuda),
+        (
+            "topk_llm_vocabularies_every_mode",
+            gpu_loss_family::topk_llm_vocabularies_every_mode,
+        ),
+        (
+            "options_every_divergence",
+            gpu_loss_family::options_every_divergence,
+        ),
+        ("topk_validation_pass", gpu_loss_family::topk_validation_pass),
         (
             "feature_sweep_against_oracle",
             gpu_features::feature_sweep_against_oracle,

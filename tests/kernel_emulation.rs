@@ -93,6 +93,31 @@ fn in_place_gradient_equals_separate_gradient() {
     }
 }
 
+#[test]
+fn in_place_topk_gradient_equals_separate_gradient() {
+    let mut rng = StdRng::seed_from_u64(12);
+    let mut seen = 0;
+    while seen < 8 {
+        let c = CaseConfig {
+            grad_dtype: GradDtype::Input,
+            ..random_config(&mut rng, 3000)
+        };
+        let data = kdfuse::check::generate(&c);
+        let Some(inputs) = data.topk_inputs() else {
+            continue;
+        };
+        seen += 1;
+        let run = |in_place| {
+            EmuBackend { in_place, grid: 0 }
+                .compute_topk(&inputs, &c.spec, Some(GradDtype::Input))
+                .unwrap()
+        };
+        let (a, b) = (run(true), run(false));
+        assert_eq!(a.grad, b.grad, "{}", c.describe());
+        assert_eq!(a.row_losses, b.row_losses);
+    }
+}
+
 /// The eager baseline of `kdfuse bench` (kernels/eager.cu) computes the same
 /// loss and gradient as the oracle: its speed-ups are against real work. Its
 /// naive fp32 formulas are held to 2e-3 (5e-3 for 16-bit gradients), not to
@@ -104,6 +129,11 @@ fn eager_baseline_against_oracle() {
     let mut worst = (0.0f64, 0.0f64);
     for i in 0..60 {
         let mut c = random_config(&mut rng, 2500);
+        // The baseline implements the plain loss only.
+        c.spec.softcap = None;
+        c.spec.grad_teacher = false;
+        c.row_weights = false;
+        c.topk = None;
         if i % 3 == 0 {
             c.labels = true;
             c.spec.alpha = 0.3;

@@ -1,0 +1,102 @@
+//! GPU tests of the loss-family options, run by tests/gpu.rs's runner: the
+//! top-k teacher kernels (kernels/kd_topk.cu) against the oracle at LLM
+//! vocabularies and k up to 4096 in every mode, a vocabulary whose bit map
+//! needs more than the default 48 KiB of shared memory, the device
+//! validation pass, and soft-capping / row weights / the teacher gradient
+//! of the fused kernel against the oracle in every divergence.
+
+use kdfuse::check::{run_case, CaseConfig, NegInf, TopkCase};
+use kdfuse::cuda::CudaBackend;
+use kdfuse::{Divergence, Dtype, GradDtype, KdError, LossSpec, TopkMode};
+
+fn case(cols: usize, dtype: Dtype, spec: LossSpec, topk: Option<TopkCase>, seed: u64) -> CaseConfig {
+    CaseConfig {
+        rows: 3,
+        cols,
+        student_pad: (seed % 3) as usize,
+        teacher_pad: 0,
+        dtype,
+        grad_dtype: GradDtype::F32,
+        spec,
+        labels: true,
+        ignore_frac: 0.2,
+        neg_inf: NegInf::None,
+        scale: 3.0,
+        correlation: 0.8,
+        seed,
+        row_weights: true,
+        topk,
+    }
+}
+
+fn assert_case(b: &CudaBackend, c: &CaseConfig) {
+    let r = run_case(b, c).unwrap();
+    assert!(
+        r.passed,
+        "loss {:.2e} grad {:.2e} {}",
+        r.loss_err,
+        r.grad_err,
+        c.describe()
+    );
+}
+
+pub fn topk_llm_vocabularies_every_mode(b: &CudaBackend) {
+    let mut seed = 500;
+    for cols in [32_000, 151_936, 262_144, 500_000] {
+        for mode in TopkMode::ALL {
+            for k in [1, 64, 1024, 4096] {
+                seed += 1;
+                let tail = mode == TopkMode::Tail;
+                let spec = LossSpec {
+                    topk_mode: mode,
+                    temperature: if tail { 1.0 } else { 2.0 },
+                    teacher_log_probs: tail,
+                    alpha: 0.2,
+                    softcap: (!tail && k == 64).then_some(30.0),
+                    ..Default::default()
+                };
+                let dtype = if k == 1024 { Dtype::F32 } else { Dtype::Bf16 };
+                let topk = TopkCase { k, i64: k % 2 == 0 };
+                assert_case(b, &case(cols, dtype, spec, Some(topk), seed));
+            }
+        }
+    }
+}
+
+pub fn options_every_divergence(b: &CudaBackend) {
+    for (i, divergence) in Divergence::ALL.into_iter().enumerate() {
+        for dtype in Dtype::ALL {
+            let spec = LossSpec {
+                divergence,
+                temperature: 2.0,
+                alpha: 0.3,
+                softcap: Some(20.0),
+                grad_teacher: true,
+                ..Default::default()
+            };
+            assert_case(b, &case(128_256 + i, dtype, spec, None, 700 + i as u64));
+        }
+    }
+}
+
+pub fn topk_validation_pass(b: &CudaBackend) {
+    let stream = b.stream().clone();
+    let (n, k, v) = (5usize, 8usize, 1000usize);
+    let mut idx: Vec<i64> = (0..n * k).map(|i| (i % k) as i64 * 11).collect();
+    let check = |idx: &[i64]| -> Result<(), KdError> {
+        let d = stream.clone_htod(idx).unwrap();
+        let (p, _g) = cudarc::driver::DevicePtr::device_ptr(&d, &stream);
+        // SAFETY: n·k int64 on this context.
+        unsafe { b.validate_topk_raw(&stream, p, true, n, k, v) }
+    };
+    check(&idx).unwrap();
+    idx[3 * k + 5] = idx[3 * k + 1];
+    idx[4 * k] = -3;
+    match check(&idx) {
+        Err(KdError::InvalidArgument { arg, msg }) => {
+            assert_eq!(arg, "teacher_topk_indices");
+            assert!(msg.starts_with("row 3:"), "{msg}");
+        }
+        other => panic!("expected the first bad row, got {other:?}"),
+    }
+}
