@@ -250,7 +250,7 @@ pub fn row_detailed(
                 // fp32 resolves the terms to about 1e-7 of ½ Σ (p + q).
                 let sc = 0.5 * (0..v).map(|j| p[j] + q[j]).sum::<f64>();
                 let d = 0.5 * (0..v).map(|j| (p[j] - q[j]).abs()).sum::<f64>();
-                let qg: f64 = (0..v).map(|j| xmul(q[j], g[j])).sum();
+                let mut qg: f64 = (0..v).map(|j| xmul(q[j], g[j])).sum();
                 if let Some(hint) = hint {
                     for j in 0..v {
                         let dj = ds.as_ref().map_or(1.0, |d| d[j]);
@@ -258,14 +258,19 @@ pub fn row_detailed(
                             // The hint's soft part, in units of ∂D/∂s_j (of
                             // the capped logit).
                             let want = (hint[j] / dj - grad[j]) / c;
-                            let err = |gj: f64| (q[j] * (gj - qg) / tau - want).abs();
-                            g[j] = [g[j], -0.5, 0.0, 0.5].into_iter().fold(g[j], |b, x| {
+                            // ⟨q, g⟩ moves with the candidate: a tie where q_j
+                            // is large shifts every element.
+                            let old = g[j];
+                            let err =
+                                |gj: f64| (q[j] * (gj - qg - q[j] * (gj - old)) / tau - want).abs();
+                            g[j] = [-0.5, 0.0, 0.5].into_iter().fold(old, |b, x| {
                                 if err(x) < err(b) {
                                     x
                                 } else {
                                     b
                                 }
                             });
+                            qg += q[j] * (g[j] - old);
                         }
                     }
                 }
