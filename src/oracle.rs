@@ -39,7 +39,8 @@ fn xmul(x: f64, y: f64) -> f64 {
     }
 }
 
-/// Soft-capping `cap·tanh(x/cap)`; a −inf logit (a masked entry) stays −inf.
+/// Soft-capping `cap·tanh(x/cap)`; a −inf logit (a masked entry) stays −inf
+/// (+inf becomes `cap`, NaN stays NaN).
 pub fn softcap(x: f64, cap: f64) -> f64 {
     if x == f64::NEG_INFINITY {
         x
@@ -149,6 +150,8 @@ pub struct RowResult {
     pub grad_s: Vec<f64>,
     /// ∂ℓ/∂t, with respect to the raw (uncapped) teacher logits (the hard CE
     /// does not depend on t). Always computed, whatever `spec.grad_teacher`.
+    /// Where ℓ is +inf (forward KL or soft-CE with teacher mass where the
+    /// student is −inf) it is not defined and holds NaN/±inf entries.
     pub grad_t: Vec<f64>,
     /// The first-order magnitude of ℓ, as [`row_with_scale`].
     pub scale: f64,
