@@ -600,4 +600,44 @@ mod tests {
             "{e}"
         );
     }
+
+    #[test]
+    fn version_1_sizes_and_defaults_of_the_appended_fields() {
+        assert_eq!(PARAMS_V1_SIZE, 64);
+        assert_eq!(BATCH_V1_SIZE, 112);
+        // A version-1 params struct: only its 64 bytes are read.
+        let mut v1 = KdfuseParams::defaults();
+        v1.size = PARAMS_V1_SIZE as u32;
+        v1.temperature = 3.0;
+        let mut buf = [0xffu8; 64];
+        // SAFETY: both are plain data; 64 bytes of a larger struct.
+        unsafe {
+            std::ptr::copy_nonoverlapping((&v1 as *const KdfuseParams).cast(), buf.as_mut_ptr(), 64)
+        };
+        // SAFETY: `buf` holds the struct's size field and `size` bytes
+        // (the read never touches beyond them).
+        let read = unsafe {
+            read_sized(
+                "params",
+                buf.as_ptr().cast::<KdfuseParams>(),
+                KdfuseParams::defaults(),
+                PARAMS_V1_SIZE,
+            )
+        }
+        .unwrap();
+        let spec = read.to_spec().unwrap();
+        assert_eq!(spec.temperature, 3.0);
+        assert_eq!(spec.softcap, None);
+        assert_eq!(spec.topk_mode, TopkMode::Full);
+        assert!(!spec.grad_teacher && !spec.teacher_log_probs);
+        let mut p = KdfuseParams::defaults();
+        p.size = 72;
+        let e = p.to_spec().unwrap_err().to_string();
+        assert!(e.contains("params.size") && e.contains("64 or 88"), "{e}");
+        p = KdfuseParams::defaults();
+        p.softcap = 30.0;
+        p.topk_mode = KdfuseTopkMode::Tail as i32;
+        let spec = p.to_spec().unwrap();
+        assert_eq!((spec.softcap, spec.topk_mode), (Some(30.0), TopkMode::Tail));
+    }
 }
