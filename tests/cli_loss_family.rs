@@ -649,7 +649,7 @@ fn bad_input_is_one_clean_line() {
     err(strs(&["loss", "--student", &s]), "--teacher");
 
     // Shapes.
-    let vals_k4 = extra("vals_k4.npy", &vec![0.0; N * 4], &[n, 4]);
+    let vals_k4 = extra("vals_k4.npy", &[0.0; N * 4], &[n, 4]);
     err(
         strs(&[
             "loss",
@@ -664,7 +664,7 @@ fn bad_input_is_one_clean_line() {
     );
     let idx_n1 = f.path("idx_n1.npy");
     write(&idx_n1, &vec![0i64; (N + 1) * K], &[n + 1, k]);
-    let vals_n1 = extra("vals_n1.npy", &vec![0.0; (N + 1) * K], &[n + 1, k]);
+    let vals_n1 = extra("vals_n1.npy", &[0.0; (N + 1) * K], &[n + 1, k]);
     err(
         strs(&[
             "loss",
