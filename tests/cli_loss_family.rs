@@ -794,5 +794,6 @@ fn bad_input_is_one_clean_line() {
         "--grad-teacher",
     );
     err(topk(&["--topk-mode", "bogus"]), "--topk-mode");
+    err(dense(&["--topk-mode", "support"]), "--topk-mode");
     err(topk(&["--divergence", "jsd"]), "forward-kl");
 }

@@ -32,8 +32,9 @@ pub struct LossArgs {
     /// How a top-k teacher meets the student: support (both renormalised over
     /// the k entries), full (student softmax over all V), tail (k entries plus
     /// one tail bucket; needs --teacher-logprobs and temperature 1).
-    #[arg(long, default_value = "full", value_parser = ["support", "full", "tail"])]
-    topk_mode: String,
+    /// [default: full]
+    #[arg(long, value_parser = ["support", "full", "tail"])]
+    topk_mode: Option<String>,
     /// The teacher (dense or top-k values) holds log-probabilities, not logits.
     #[arg(long)]
     teacher_logprobs: bool,
@@ -146,7 +147,16 @@ pub fn run(a: LossArgs) -> Result<ExitCode, CliError> {
             "--grad-teacher needs a dense --teacher (a top-k teacher is fixed data)".into(),
         ));
     }
-    let topk_mode: TopkMode = a.topk_mode.parse().map_err(CliError::Msg)?;
+    if !topk && a.topk_mode.is_some() {
+        return Err(CliError::Msg(
+            "--topk-mode needs a top-k teacher (--teacher-topk-indices and --teacher-topk-values)"
+                .into(),
+        ));
+    }
+    let topk_mode: TopkMode = match &a.topk_mode {
+        Some(m) => m.parse().map_err(CliError::Msg)?,
+        None => TopkMode::default(),
+    };
     if topk && topk_mode == TopkMode::Tail && !a.teacher_logprobs {
         return Err(CliError::Msg(
             "--topk-mode tail needs --teacher-logprobs (the top-k values as log-probs)".into(),
