@@ -439,7 +439,9 @@ pub unsafe extern "C" fn kdfuse_compute_host(
                 CpuBackend.compute(&inputs, &spec, grad)?
             }
             Some(topk) => {
-                let len = sh.rows * topk.k;
+                let Some(len) = sh.rows.checked_mul(topk.k) else {
+                    return invalid("batch.topk_k", "N·k overflows");
+                };
                 let align = if topk.indices_i64 { 8 } else { 4 };
                 if (b.topk_indices as usize) % align != 0 {
                     return invalid(
