@@ -227,6 +227,10 @@ pub unsafe extern "C" fn kdfuse_context_destroy(ctx: *mut KdfuseContext) -> Kdfu
 /// NULL = the legacy default stream) and returns without waiting. Pointers
 /// are device memory; `row_losses` and `loss` are required, `valid_rows`
 /// too when `labels` is given. Results are ready when the stream reaches them.
+/// Optional: `row_weights`; `grad_teacher` (with `params.grad_teacher`); a
+/// top-k teacher in `topk_indices`/`topk_values` instead of `teacher`, whose
+/// indices are checked first (a wait on the stream) when `validate_topk` is
+/// set — unchecked, a bad index gives a NaN row, never an out-of-bounds access.
 ///
 /// # Safety
 /// Every non-NULL pointer must be device memory of this device, large enough
@@ -355,7 +359,9 @@ unsafe fn host_data<'a>(
 /// memory, computed by the CPU backend (rayon over rows, the kernels' fp32
 /// arithmetic). `loss` is required; `row_losses` and `valid_rows` are
 /// optional outputs; the gradient is written in `grad_dtype` with
-/// `grad_stride` and must not overlap the inputs.
+/// `grad_stride` and must not overlap the inputs, as the teacher gradient
+/// (`grad_teacher`, `grad_teacher_stride`). A top-k teacher's indices are
+/// always checked (the first bad row is named).
 ///
 /// # Safety
 /// Every non-NULL pointer must be host memory large enough for the batch's
