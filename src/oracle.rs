@@ -1,11 +1,11 @@
-//! The f64 reference: the definitions of DESIGN.md §1–§2 evaluated directly
-//! (log-softmax, then the divergence and the closed-form gradients), with no
-//! online tricks. Every other backend is tested against it.
+//! The f64 reference: the definitions of DESIGN.md §1–§2 and §4 evaluated
+//! directly (log-softmax, then the divergence and the closed-form gradients),
+//! with no online tricks. Every other backend is tested against it.
 
-use crate::backend::{validate, Backend, KdOutput};
+use crate::backend::{validate, validate_topk, Backend, KdOutput};
 use crate::error::Result;
-use crate::spec::{KernelDivergence, LossSpec};
-use crate::tensor::{Dtype, GradDtype, KdInputs};
+use crate::spec::{KernelDivergence, LossSpec, TopkMode};
+use crate::tensor::{Dtype, GradDtype, KdInputs, TopkInputs};
 
 /// The f64 reference backend.
 #[derive(Debug, Clone, Copy, Default)]
@@ -39,8 +39,70 @@ fn xmul(x: f64, y: f64) -> f64 {
     }
 }
 
+/// Soft-capping `cap·tanh(x/cap)`; a −inf logit (a masked entry) stays −inf
+/// (+inf becomes `cap`, NaN stays NaN).
+pub fn softcap(x: f64, cap: f64) -> f64 {
+    if x == f64::NEG_INFINITY {
+        x
+    } else {
+        cap * (x / cap).tanh()
+    }
+}
+
+/// d/dx of [`softcap`]: 1 − tanh²(x/cap), written as 1/cosh² so that it keeps
+/// its relative accuracy far out on the flat parts; 0 at ±inf.
+pub fn softcap_derivative(x: f64, cap: f64) -> f64 {
+    let c = (x / cap).cosh();
+    1.0 / (c * c)
+}
+
+/// The row after the optional soft-capping, and the derivative of each
+/// capped value with respect to the raw one (`None` without a cap).
+fn capped(x: &[f64], cap: Option<f64>) -> (Vec<f64>, Option<Vec<f64>>) {
+    match cap {
+        None => (x.to_vec(), None),
+        Some(cap) => (
+            x.iter().map(|&v| softcap(v, cap)).collect(),
+            Some(x.iter().map(|&v| softcap_derivative(v, cap)).collect()),
+        ),
+    }
+}
+
+/// Multiplies a gradient with respect to capped values by the cap's
+/// derivative (the chain rule back to the raw logits); a zero derivative (a
+/// −inf entry) gives 0 whatever the gradient there.
+fn chain_cap(grad: &mut [f64], d: Option<&[f64]>) {
+    if let Some(d) = d {
+        for (g, &dj) in grad.iter_mut().zip(d) {
+            *g = xmul(dj, *g);
+        }
+    }
+}
+
+/// Adds the hard-label term α·CE(s, y) at τ = 1 (over the whole row) to
+/// `loss`, `scale` and `grad`.
+fn add_hard_ce(
+    s: &[f64],
+    label: Option<usize>,
+    alpha: f64,
+    loss: &mut f64,
+    scale: &mut f64,
+    grad: &mut [f64],
+) {
+    if alpha > 0.0 {
+        let y = label.expect("alpha > 0 needs a label");
+        let lq1 = log_softmax(s, 1.0);
+        *loss += alpha * -lq1[y];
+        *scale += alpha * lq1[y].abs();
+        for (j, g) in grad.iter_mut().enumerate() {
+            *g += alpha * (lq1[j].exp() - if j == y { 1.0 } else { 0.0 });
+        }
+    }
+}
+
 /// One row: the loss ℓ and the gradient of ℓ with respect to `s` (unweighted).
-/// `label` is the hard label when α > 0 (or `None`).
+/// `label` is the hard label when α > 0 (or `None`). Honours every option of
+/// `spec` that acts on one row (soft-capping included); see [`row_detailed`].
 pub fn row(s: &[f64], t: &[f64], label: Option<usize>, spec: &LossSpec) -> (f64, Vec<f64>) {
     let r = row_with_scale(s, t, label, spec);
     (r.0, r.1)
@@ -74,40 +136,78 @@ pub fn row_resolving_ties(
     spec: &LossSpec,
     hint: Option<&[f64]>,
 ) -> (f64, Vec<f64>, f64) {
-    let mut scale = 0.0;
+    let r = row_detailed(s, t, label, spec, hint);
+    (r.loss, r.grad_s, r.scale)
+}
+
+/// Everything the oracle computes for one dense row, unweighted (before the
+/// row weight, the reduction's weight and `grad_scale`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowResult {
+    /// The row loss ℓ = α·CE + (1 − α)·c·D.
+    pub loss: f64,
+    /// ∂ℓ/∂s, with respect to the raw (uncapped) student logits.
+    pub grad_s: Vec<f64>,
+    /// ∂ℓ/∂t, with respect to the raw (uncapped) teacher logits (the hard CE
+    /// does not depend on t). Always computed, whatever `spec.grad_teacher`.
+    /// Where ℓ is +inf (forward KL or soft-CE with teacher mass where the
+    /// student is −inf) it is not defined and holds NaN/±inf entries.
+    pub grad_t: Vec<f64>,
+    /// The first-order magnitude of ℓ, as [`row_with_scale`].
+    pub scale: f64,
+}
+
+/// One dense row with every option of `spec`: soft-capping of `s` and `t`
+/// first, the hard CE at τ = 1, the soft term, and the gradients with respect
+/// to both inputs (DESIGN.md §1–§2). `hint` resolves TVD's near-ties as in
+/// [`row_resolving_ties`]; the teacher side of TVD then uses h = −g with the
+/// same resolved g.
+pub fn row_detailed(
+    s: &[f64],
+    t: &[f64],
+    label: Option<usize>,
+    spec: &LossSpec,
+    hint: Option<&[f64]>,
+) -> RowResult {
     let v = s.len();
+    let (s, ds) = capped(s, spec.softcap);
+    let (t, dt) = capped(t, spec.softcap);
     let tau = spec.temperature;
     let mut loss = 0.0;
+    let mut scale = 0.0;
     let mut grad = vec![0.0; v];
-    if spec.alpha > 0.0 {
-        let y = label.expect("alpha > 0 needs a label");
-        let lq1 = log_softmax(s, 1.0);
-        loss += spec.alpha * -lq1[y];
-        scale += spec.alpha * lq1[y].abs();
-        for j in 0..v {
-            grad[j] += spec.alpha * (lq1[j].exp() - if j == y { 1.0 } else { 0.0 });
-        }
-    }
+    let mut grad_t = vec![0.0; v];
+    add_hard_ce(&s, label, spec.alpha, &mut loss, &mut scale, &mut grad);
     let c = spec.soft_coef();
     if c > 0.0 {
-        let lq = log_softmax(s, tau);
-        let lp = log_softmax(t, tau);
+        let lq = log_softmax(&s, tau);
+        let lp = log_softmax(&t, tau);
         let q: Vec<f64> = lq.iter().map(|x| x.exp()).collect();
         let p: Vec<f64> = lp.iter().map(|x| x.exp()).collect();
-        let (d, dd): (f64, Vec<f64>) = match spec.kernel_divergence() {
+        // (D, ∂D/∂s, ∂D/∂t, Σ |summands|), all with respect to the capped
+        // logits.
+        let (d, dd, ddt, sc): (f64, Vec<f64>, Vec<f64>, f64) = match spec.kernel_divergence() {
             KernelDivergence::ForwardKl => {
-                scale += c
-                    * (0..v)
-                        .map(|j| xmul(p[j], (lp[j] - lq[j]).abs()))
-                        .sum::<f64>();
-                let d = (0..v).map(|j| xmul(p[j], lp[j] - lq[j])).sum();
-                (d, (0..v).map(|j| (q[j] - p[j]) / tau).collect())
+                let r: Vec<f64> = (0..v).map(|j| lp[j] - lq[j]).collect();
+                let sc = (0..v).map(|j| xmul(p[j], r[j].abs())).sum();
+                let kl: f64 = (0..v).map(|j| xmul(p[j], r[j])).sum();
+                (
+                    kl,
+                    (0..v).map(|j| (q[j] - p[j]) / tau).collect(),
+                    (0..v).map(|j| xmul(p[j], r[j] - kl) / tau).collect(),
+                    sc,
+                )
             }
             KernelDivergence::ReverseKl => {
                 let r: Vec<f64> = (0..v).map(|j| lq[j] - lp[j]).collect();
-                scale += c * (0..v).map(|j| xmul(q[j], r[j].abs())).sum::<f64>();
+                let sc = (0..v).map(|j| xmul(q[j], r[j].abs())).sum();
                 let kl: f64 = (0..v).map(|j| xmul(q[j], r[j])).sum();
-                (kl, (0..v).map(|j| xmul(q[j], r[j] - kl) / tau).collect())
+                (
+                    kl,
+                    (0..v).map(|j| xmul(q[j], r[j] - kl) / tau).collect(),
+                    (0..v).map(|j| (p[j] - q[j]) / tau).collect(),
+                    sc,
+                )
             }
             KernelDivergence::Jsd(beta) => {
                 let lm: Vec<f64> = (0..v)
@@ -118,16 +218,23 @@ pub fn row_resolving_ties(
                         beta * xmul(p[j], lp[j] - lm[j]) + (1.0 - beta) * xmul(q[j], lq[j] - lm[j])
                     })
                     .sum();
-                scale += c
-                    * (0..v)
-                        .map(|j| {
-                            beta * xmul(p[j], (lp[j] - lm[j]).abs())
-                                + (1.0 - beta) * xmul(q[j], (lq[j] - lm[j]).abs())
-                        })
-                        .sum::<f64>();
+                let sc = (0..v)
+                    .map(|j| {
+                        beta * xmul(p[j], (lp[j] - lm[j]).abs())
+                            + (1.0 - beta) * xmul(q[j], (lq[j] - lm[j]).abs())
+                    })
+                    .sum();
+                // g = ∂D/∂q, h = ∂D/∂p.
                 let g: Vec<f64> = (0..v).map(|j| (1.0 - beta) * (lq[j] - lm[j])).collect();
+                let h: Vec<f64> = (0..v).map(|j| beta * (lp[j] - lm[j])).collect();
                 let qg: f64 = (0..v).map(|j| xmul(q[j], g[j])).sum();
-                (d, (0..v).map(|j| xmul(q[j], g[j] - qg) / tau).collect())
+                let ph: f64 = (0..v).map(|j| xmul(p[j], h[j])).sum();
+                (
+                    d,
+                    (0..v).map(|j| xmul(q[j], g[j] - qg) / tau).collect(),
+                    (0..v).map(|j| xmul(p[j], h[j] - ph) / tau).collect(),
+                    sc,
+                )
             }
             KernelDivergence::Tvd => {
                 // g = ½ sign(q − p), with sign(0) = 0 (identical rows: zero
@@ -144,82 +251,327 @@ pub fn row_resolving_ties(
                     })
                     .collect();
                 // fp32 resolves the terms to about 1e-7 of ½ Σ (p + q).
-                scale += c * 0.5 * (0..v).map(|j| p[j] + q[j]).sum::<f64>();
+                let sc = 0.5 * (0..v).map(|j| p[j] + q[j]).sum::<f64>();
                 let d = 0.5 * (0..v).map(|j| (p[j] - q[j]).abs()).sum::<f64>();
-                let qg: f64 = (0..v).map(|j| xmul(q[j], g[j])).sum();
+                let mut qg: f64 = (0..v).map(|j| xmul(q[j], g[j])).sum();
                 if let Some(hint) = hint {
                     for j in 0..v {
-                        if q[j] > 0.0 && (lq[j] - lp[j]).abs() <= TVD_TIE_BAND {
-                            // The hint's soft part, in units of ∂D/∂s_j.
-                            let want = (hint[j] - grad[j]) / c;
-                            let err = |gj: f64| (q[j] * (gj - qg) / tau - want).abs();
-                            g[j] = [g[j], -0.5, 0.0, 0.5].into_iter().fold(g[j], |b, x| {
+                        let dj = ds.as_ref().map_or(1.0, |d| d[j]);
+                        if q[j] > 0.0 && dj > 0.0 && (lq[j] - lp[j]).abs() <= TVD_TIE_BAND {
+                            // The hint's soft part, in units of ∂D/∂s_j (of
+                            // the capped logit).
+                            let want = (hint[j] / dj - grad[j]) / c;
+                            // ⟨q, g⟩ moves with the candidate: a tie where q_j
+                            // is large shifts every element.
+                            let old = g[j];
+                            let err =
+                                |gj: f64| (q[j] * (gj - qg - q[j] * (gj - old)) / tau - want).abs();
+                            g[j] = [-0.5, 0.0, 0.5].into_iter().fold(old, |b, x| {
                                 if err(x) < err(b) {
                                     x
                                 } else {
                                     b
                                 }
                             });
+                            qg += q[j] * (g[j] - old);
                         }
                     }
                 }
-                // g_j − ⟨q, g⟩ without cancellation: Q₋ where g = ½, −Q₊ where
-                // g = −½, ½(Q₋ − Q₊) at a tie (Q₊, Q₋ the student masses above
-                // and below the teacher, ties half each, Q₊ + Q₋ = 1). A row
-                // where the student is above the teacher wherever it has mass
-                // has an exactly zero gradient, not a rounding of ½ − ½·Σq.
-                let up: f64 = (0..v).map(|j| xmul(q[j], 0.5 + g[j])).sum();
-                let dn: f64 = (0..v).map(|j| xmul(q[j], 0.5 - g[j])).sum();
-                let centred = |gj: f64| {
-                    if gj > 0.0 {
-                        dn
-                    } else if gj < 0.0 {
-                        -up
-                    } else {
-                        0.5 * (dn - up)
-                    }
+                // x_j (σ_j − ⟨x, σ⟩) for σ ∈ {½, 0, −½}, without
+                // cancellation: X₋ where σ = ½, −X₊ where σ = −½, ½(X₋ − X₊)
+                // at a tie (X₊, X₋ the masses of x where σ is up and down,
+                // ties half each, X₊ + X₋ = 1). A row where the student is
+                // above the teacher wherever it has mass has an exactly zero
+                // gradient, not a rounding of ½ − ½·Σq.
+                let centred = |x: &[f64], sigma: &[f64]| -> Vec<f64> {
+                    let up: f64 = (0..v).map(|j| xmul(x[j], 0.5 + sigma[j])).sum();
+                    let dn: f64 = (0..v).map(|j| xmul(x[j], 0.5 - sigma[j])).sum();
+                    (0..v)
+                        .map(|j| {
+                            let c = if sigma[j] > 0.0 {
+                                dn
+                            } else if sigma[j] < 0.0 {
+                                -up
+                            } else {
+                                0.5 * (dn - up)
+                            };
+                            xmul(x[j], c) / tau
+                        })
+                        .collect()
                 };
-                (d, (0..v).map(|j| xmul(q[j], centred(g[j])) / tau).collect())
+                // The teacher side: h = ∂D/∂p = ½ sign(p − q) = −g, with the
+                // student side's tie resolution.
+                let h: Vec<f64> = g.iter().map(|&x| -x).collect();
+                (d, centred(&q, &g), centred(&p, &h), sc)
             }
             KernelDivergence::SoftCe => {
                 // −Σ p log q; computed as KL(p‖q) + H(p) elsewhere, so the
                 // magnitude is that of both.
-                scale += c
-                    * (0..v)
-                        .map(|j| xmul(p[j], (lp[j] - lq[j]).abs() - lp[j]))
-                        .sum::<f64>();
-                let d = (0..v).map(|j| xmul(p[j], -lq[j])).sum();
-                (d, (0..v).map(|j| (q[j] - p[j]) / tau).collect())
+                let sc = (0..v)
+                    .map(|j| xmul(p[j], (lp[j] - lq[j]).abs() - lp[j]))
+                    .sum();
+                let d: f64 = (0..v).map(|j| xmul(p[j], -lq[j])).sum();
+                // h = ∂D/∂p = −log q, ⟨p, h⟩ = D.
+                (
+                    d,
+                    (0..v).map(|j| (q[j] - p[j]) / tau).collect(),
+                    (0..v).map(|j| xmul(p[j], -lq[j] - d) / tau).collect(),
+                    sc,
+                )
             }
         };
         loss += c * d;
+        scale += c * sc;
         for j in 0..v {
             grad[j] += c * dd[j];
+            grad_t[j] = c * ddt[j];
         }
     }
+    chain_cap(&mut grad, ds.as_deref());
+    chain_cap(&mut grad_t, dt.as_deref());
+    RowResult {
+        loss,
+        grad_s: grad,
+        grad_t,
+        scale,
+    }
+}
+
+/// The teacher mass below which `tail` takes P_tail as exactly 0: the
+/// rounding of a full support's Σ exp(log p) (DESIGN.md §4).
+pub const TAIL_MASS_FLOOR: f64 = 1e-6;
+
+/// One row with a top-k teacher (DESIGN.md §4, mode `spec.topk_mode`): the
+/// loss ℓ, ∂ℓ/∂s (unweighted, over all V) and the first-order magnitude (as
+/// [`row_with_scale`]). `idx` holds the k distinct support indices (each
+/// < `s.len()`), `vals` the teacher's values there (logits, or log-probs);
+/// soft-capping applies to `s` and to `vals`. The hard CE is over the whole
+/// row at τ = 1. `tail` takes τ = 1 whatever `spec.temperature` (its
+/// validation asks for τ = 1 and log-prob values).
+pub fn topk_row(
+    s: &[f64],
+    idx: &[usize],
+    vals: &[f64],
+    label: Option<usize>,
+    spec: &LossSpec,
+) -> (f64, Vec<f64>, f64) {
+    let v = s.len();
+    let k = idx.len();
+    let (s, ds) = capped(s, spec.softcap);
+    let (vals, _) = capped(vals, spec.softcap);
+    let mut loss = 0.0;
+    let mut scale = 0.0;
+    let mut grad = vec![0.0; v];
+    add_hard_ce(&s, label, spec.alpha, &mut loss, &mut scale, &mut grad);
+    let c = spec.soft_coef();
+    if c > 0.0 {
+        let tau = spec.temperature;
+        let (d, sc) = match spec.topk_mode {
+            TopkMode::Support => {
+                let s_sup: Vec<f64> = idx.iter().map(|&j| s[j]).collect();
+                let lq = log_softmax(&s_sup, tau);
+                let lp = log_softmax(&vals, tau);
+                let mut d = 0.0;
+                let mut sc = 0.0;
+                for i in 0..k {
+                    let p = lp[i].exp();
+                    d += xmul(p, lp[i] - lq[i]);
+                    sc += xmul(p, (lp[i] - lq[i]).abs());
+                    grad[idx[i]] += c * (lq[i].exp() - p) / tau;
+                }
+                (d, sc)
+            }
+            TopkMode::Full => {
+                let lq = log_softmax(&s, tau);
+                let lp = log_softmax(&vals, tau);
+                for j in 0..v {
+                    grad[j] += c * lq[j].exp() / tau;
+                }
+                let mut d = 0.0;
+                let mut sc = 0.0;
+                for i in 0..k {
+                    let p = lp[i].exp();
+                    let r = lp[i] - lq[idx[i]];
+                    d += xmul(p, r);
+                    sc += xmul(p, r.abs());
+                    grad[idx[i]] -= c * p / tau;
+                }
+                (d, sc)
+            }
+            TopkMode::Tail => {
+                let lq = log_softmax(&s, 1.0);
+                let mut in_support = vec![false; v];
+                let mut d = 0.0;
+                let mut sc = 0.0;
+                let mut mass = 0.0;
+                for i in 0..k {
+                    let p = vals[i].exp();
+                    let r = vals[i] - lq[idx[i]];
+                    mass += p;
+                    d += xmul(p, r);
+                    sc += xmul(p, r.abs());
+                    in_support[idx[i]] = true;
+                    grad[idx[i]] += c * (lq[idx[i]].exp() - p);
+                }
+                let mut p_tail = (1.0 - mass).max(0.0);
+                if p_tail < TAIL_MASS_FLOOR {
+                    p_tail = 0.0;
+                }
+                // Summed directly, not as 1 − Σ_I q: no cancellation when the
+                // support holds nearly all of the student's mass.
+                let q_tail: f64 = (0..v)
+                    .filter(|&j| !in_support[j])
+                    .map(|j| lq[j].exp())
+                    .sum();
+                // ln 0 = −inf: P_tail > 0 = Q_tail gives +inf.
+                let r = p_tail.ln() - q_tail.ln();
+                d += xmul(p_tail, r);
+                sc += xmul(p_tail, r.abs());
+                // P_tail = 0 means no tail term; P_tail > 0 = Q_tail leaves
+                // only q_j = 0 off the support (xmul then gives 0).
+                let ratio = if p_tail == 0.0 { 0.0 } else { p_tail / q_tail };
+                for j in 0..v {
+                    if !in_support[j] {
+                        grad[j] += c * xmul(lq[j].exp(), 1.0 - ratio);
+                    }
+                }
+                (d, sc)
+            }
+        };
+        loss += c * d;
+        scale += c * sc;
+    }
+    chain_cap(&mut grad, ds.as_deref());
     (loss, grad, scale)
 }
 
-impl Oracle {
-    /// Each row's first-order magnitude (see [`row_with_scale`]); 0 for
-    /// ignored rows. Inputs must be valid.
-    pub fn row_scales(&self, inputs: &KdInputs, spec: &LossSpec) -> Vec<f64> {
-        let (n, v) = (inputs.student.rows, inputs.student.cols);
-        (0..n)
-            .map(|r| {
-                let label = inputs.labels.map(|l| l[r]);
-                if label == Some(spec.ignore_index) {
-                    return 0.0;
+/// A row's weight: 1 without weights.
+fn row_weight_of(weights: Option<&[f32]>, r: usize) -> f64 {
+    weights.map_or(1.0, |w| w[r] as f64)
+}
+
+/// One row's unweighted results for the batch loop: ℓ, ∂ℓ/∂s, ∂ℓ/∂t.
+type RowOut = (f64, Vec<f64>, Option<Vec<f64>>);
+
+/// The batch loop shared by the dense and the top-k paths: skips ignored
+/// rows and rows of weight 0 (loss and gradients 0 even where ℓ = inf),
+/// applies the row weights, the reduction's weight and `grad_scale`, and
+/// rounds the gradients. `row_fn(r, hint)` gets row `r`'s hint (the `hint`
+/// gradient row made unweighted, when given and the weight allows it).
+#[allow(clippy::too_many_arguments)]
+fn run_rows(
+    n: usize,
+    v: usize,
+    labels: Option<&[i64]>,
+    row_weights: Option<&[f32]>,
+    spec: &LossSpec,
+    grad: Option<GradDtype>,
+    dtype: Dtype,
+    want_teacher: bool,
+    hint: Option<&[f32]>,
+    mut row_fn: impl FnMut(usize, Option<Vec<f64>>) -> RowOut,
+) -> KdOutput {
+    let valid = match labels {
+        None => n,
+        Some(l) => l.iter().filter(|&&y| y != spec.ignore_index).count(),
+    };
+    let w = spec.reduction.row_weight(valid, v);
+    let mut row_losses = vec![0.0; n];
+    let mut g = grad.map(|_| vec![0.0f32; n * v]);
+    let mut gt = (grad.is_some() && want_teacher).then(|| vec![0.0f32; n * v]);
+    let round = match grad {
+        Some(GradDtype::Input) => dtype,
+        _ => Dtype::F32,
+    };
+    for r in 0..n {
+        if labels.map(|l| l[r]) == Some(spec.ignore_index) {
+            continue;
+        }
+        let wr = row_weight_of(row_weights, r);
+        if wr == 0.0 {
+            continue;
+        }
+        let scale = spec.grad_scale * w * wr;
+        let h: Option<Vec<f64>> = hint
+            .filter(|h| h.len() == n * v && scale != 0.0 && scale.is_finite())
+            .map(|h| {
+                h[r * v..(r + 1) * v]
+                    .iter()
+                    .map(|&x| x as f64 / scale)
+                    .collect()
+            });
+        let (l, gs, gtr) = row_fn(r, h);
+        row_losses[r] = wr * l;
+        for (out, src) in [(g.as_mut(), Some(&gs)), (gt.as_mut(), gtr.as_ref())] {
+            if let (Some(out), Some(src)) = (out, src) {
+                for (dst, &x) in out[r * v..(r + 1) * v].iter_mut().zip(src) {
+                    *dst = round.round((scale * x) as f32);
                 }
-                let s: Vec<f64> = (0..v).map(|c| inputs.student.get(r, c) as f64).collect();
-                let t: Vec<f64> = (0..v).map(|c| inputs.teacher.get(r, c) as f64).collect();
-                row_with_scale(&s, &t, label.map(|y| y as usize), spec).2
-            })
-            .collect()
+            }
+        }
+    }
+    let loss = w * row_losses.iter().sum::<f64>();
+    KdOutput {
+        loss,
+        row_losses,
+        valid_rows: valid,
+        grad: g,
+        grad_teacher: gt,
     }
 }
 
+/// Row `r` of a logit matrix in f64.
+fn logits_row(x: &crate::tensor::Logits<'_>, r: usize) -> Vec<f64> {
+    (0..x.cols).map(|c| x.get(r, c) as f64).collect()
+}
+
+/// Row `r` of a top-k teacher: indices and values.
+fn topk_teacher_row(inputs: &TopkInputs, r: usize) -> (Vec<usize>, Vec<f64>) {
+    let k = inputs.teacher.k;
+    let idx = (0..k)
+        .map(|i| inputs.teacher.indices.get(r * k + i) as usize)
+        .collect();
+    let vals = (0..k)
+        .map(|i| inputs.teacher.values.get(r * k + i) as f64)
+        .collect();
+    (idx, vals)
+}
+
 impl Oracle {
+    /// Each row's first-order magnitude (see [`row_with_scale`]) times the
+    /// row's weight in absolute value, like the row losses; 0 for ignored
+    /// rows. Inputs must be valid.
+    pub fn row_scales(&self, inputs: &KdInputs, spec: &LossSpec) -> Vec<f64> {
+        (0..inputs.student.rows)
+            .map(|r| {
+                let label = inputs.labels.map(|l| l[r]);
+                let wr = row_weight_of(inputs.row_weights, r);
+                if label == Some(spec.ignore_index) || wr == 0.0 {
+                    return 0.0;
+                }
+                let s = logits_row(&inputs.student, r);
+                let t = logits_row(&inputs.teacher, r);
+                wr.abs() * row_with_scale(&s, &t, label.map(|y| y as usize), spec).2
+            })
+            .collect()
+    }
+
+    /// As [`Oracle::row_scales`], for a top-k teacher ([`topk_row`]).
+    pub fn row_scales_topk(&self, inputs: &TopkInputs, spec: &LossSpec) -> Vec<f64> {
+        (0..inputs.student.rows)
+            .map(|r| {
+                let label = inputs.labels.map(|l| l[r]);
+                let wr = row_weight_of(inputs.row_weights, r);
+                if label == Some(spec.ignore_index) || wr == 0.0 {
+                    return 0.0;
+                }
+                let s = logits_row(&inputs.student, r);
+                let (idx, vals) = topk_teacher_row(inputs, r);
+                wr.abs() * topk_row(&s, &idx, &vals, label.map(|y| y as usize), spec).2
+            })
+            .collect()
+    }
+
     /// As [`Backend::compute`], with TVD's near-ties resolved as in
     /// `other` (another backend's output for the same call, gradient in
     /// f32 or rounded): see [`row_resolving_ties`]. Other divergences, or
@@ -242,64 +594,30 @@ impl Oracle {
         hint: Option<&[f32]>,
     ) -> Result<KdOutput> {
         validate(inputs, spec)?;
-        let (n, v) = (inputs.student.rows, inputs.student.cols);
-        let valid = inputs.valid_rows(spec.ignore_index);
-        let w = spec.reduction.row_weight(valid, v);
-        let mut row_losses = vec![0.0; n];
-        let mut g = grad.map(|_| vec![0.0f32; n * v]);
-        let round = match grad {
-            Some(GradDtype::Input) => inputs.student.dtype(),
-            _ => Dtype::F32,
-        };
-        for r in 0..n {
-            let label = inputs.labels.map(|l| l[r]);
-            if label == Some(spec.ignore_index) {
-                continue;
-            }
-            let s: Vec<f64> = (0..v).map(|c| inputs.student.get(r, c) as f64).collect();
-            let t: Vec<f64> = (0..v).map(|c| inputs.teacher.get(r, c) as f64).collect();
-            // The hint, unweighted (when the weight allows it).
-            let scale = spec.grad_scale * w;
-            let h: Option<Vec<f64>> = hint
-                .filter(|h| h.len() == n * v && scale != 0.0 && scale.is_finite())
-                .map(|h| {
-                    h[r * v..(r + 1) * v]
-                        .iter()
-                        .map(|&x| x as f64 / scale)
-                        .collect()
-                });
-            let (l, gr, _) =
-                row_resolving_ties(&s, &t, label.map(|y| y as usize), spec, h.as_deref());
-            row_losses[r] = l;
-            if let Some(g) = g.as_mut() {
-                for (dst, &x) in g[r * v..(r + 1) * v].iter_mut().zip(&gr) {
-                    *dst = round.round((spec.grad_scale * w * x) as f32);
-                }
-            }
-        }
-        let loss = w * row_losses.iter().sum::<f64>();
-        Ok(KdOutput {
-            loss,
-            row_losses,
-            valid_rows: valid,
-            grad: g,
-            grad_teacher: None,
-        })
+        Ok(run_rows(
+            inputs.student.rows,
+            inputs.student.cols,
+            inputs.labels,
+            inputs.row_weights,
+            spec,
+            grad,
+            inputs.student.dtype(),
+            spec.grad_teacher,
+            hint,
+            |r, h| {
+                let label = inputs.labels.map(|l| l[r] as usize);
+                let s = logits_row(&inputs.student, r);
+                let t = logits_row(&inputs.teacher, r);
+                let res = row_detailed(&s, &t, label, spec, h.as_deref());
+                (res.loss, res.grad_s, Some(res.grad_t))
+            },
+        ))
     }
 }
 
 impl Backend for Oracle {
     fn name(&self) -> &'static str {
         "oracle"
-    }
-
-    fn compute_topk(
-        &self,
-        _inputs: &crate::tensor::TopkInputs,
-        _spec: &LossSpec,
-        _grad: Option<GradDtype>,
-    ) -> Result<KdOutput> {
-        crate::error::invalid("teacher", "top-k teacher: not implemented yet")
     }
 
     fn compute(
@@ -309,5 +627,32 @@ impl Backend for Oracle {
         grad: Option<GradDtype>,
     ) -> Result<KdOutput> {
         self.compute_impl(inputs, spec, grad, None)
+    }
+
+    fn compute_topk(
+        &self,
+        inputs: &TopkInputs,
+        spec: &LossSpec,
+        grad: Option<GradDtype>,
+    ) -> Result<KdOutput> {
+        validate_topk(inputs, spec)?;
+        Ok(run_rows(
+            inputs.student.rows,
+            inputs.student.cols,
+            inputs.labels,
+            inputs.row_weights,
+            spec,
+            grad,
+            inputs.student.dtype(),
+            false,
+            None,
+            |r, _| {
+                let label = inputs.labels.map(|l| l[r] as usize);
+                let s = logits_row(&inputs.student, r);
+                let (idx, vals) = topk_teacher_row(inputs, r);
+                let (l, g, _) = topk_row(&s, &idx, &vals, label, spec);
+                (l, g, None)
+            },
+        ))
     }
 }
