@@ -2,7 +2,9 @@
 //! int32 and int64 indices), teacher log-probs, soft-capping, row weights and
 //! the teacher gradient, each run on the `oracle` and the `cpu` backend and
 //! compared with the library called directly (the f64 oracle); then bad input,
-//! which must be one clean error line.
+//! which must be one clean error line. (The `cpu` runs need the CPU
+//! backend's loss-family implementation; the `oracle` runs pass on the f64
+//! oracle alone.)
 
 mod common;
 
