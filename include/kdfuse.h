@@ -21,7 +21,11 @@
 
 // Version of [`KdfuseParams`] and [`KdfuseBatch`] this library writes and
 // reads; a struct carries its own `size`, so later versions only append.
-#define KDFUSE_ABI_VERSION 1
+// Version 2 appended soft-capping, teacher log-probs, the teacher gradient,
+// the top-k mode (params) and row weights, the teacher gradient's buffer and
+// the top-k teacher (batch); a version-1 struct (its smaller `size`) is still
+// accepted, the appended fields taking their defaults.
+#define KDFUSE_ABI_VERSION 2
 
 // Status of every call: 0 is success; otherwise `kdfuse_last_error()` says why.
 typedef enum KdfuseStatus {
@@ -73,6 +77,24 @@ typedef enum KdfuseReduction {
   KDFUSE_REDUCTION_NONE = 3,
 } KdfuseReduction;
 
+// How a top-k teacher meets the student (the `topk_mode` field; DESIGN.md §4).
+typedef enum KdfuseTopkMode {
+  // Both distributions renormalised over the k teacher entries.
+  KDFUSE_TOPK_MODE_SUPPORT = 0,
+  // The teacher is zero off its support, the student a full softmax (default).
+  KDFUSE_TOPK_MODE_FULL = 1,
+  // k + 1 buckets (the support and one tail); needs log-prob values and τ = 1.
+  KDFUSE_TOPK_MODE_TAIL = 2,
+} KdfuseTopkMode;
+
+// Element types of a top-k teacher's indices (the `topk_index_dtype` field).
+typedef enum KdfuseIndexDtype {
+  // int32 indices.
+  KDFUSE_INDEX_DTYPE_I32 = 0,
+  // int64 indices.
+  KDFUSE_INDEX_DTYPE_I64 = 1,
+} KdfuseIndexDtype;
+
 // A CUDA device with the kdfuse kernels loaded (opaque to C).
 typedef struct KdfuseContext KdfuseContext;
 
@@ -100,6 +122,20 @@ typedef struct KdfuseParams {
   int32_t t2_scaling;
   // Reserved, zero.
   int32_t reserved;
+  // Soft-capping `x ← softcap·tanh(x/softcap)` of the student's and the
+  // teacher's logits; 0 = off (default). Since version 2.
+  double softcap;
+  // Non-zero: the teacher (dense rows or top-k values) holds log-probs,
+  // not logits (default 0; the `tail` top-k mode needs it). Since version 2.
+  int32_t teacher_log_probs;
+  // Non-zero: also compute ∂L/∂teacher into `batch.grad_teacher` (mutual
+  // learning; dense teachers only; default 0). Since version 2.
+  int32_t grad_teacher;
+  // A `KdfuseTopkMode` (default FULL); used with a top-k teacher only.
+  // Since version 2.
+  int32_t topk_mode;
+  // Reserved, zero. Since version 2.
+  int32_t reserved2;
 } KdfuseParams;
 
 // One batch: pointers (device memory for `kdfuse_compute_cuda`, host memory
@@ -140,6 +176,31 @@ typedef struct KdfuseBatch {
   // Valid-row count (one int32): device scratch, required with labels;
   // optional output on the host.
   int32_t *valid_rows;
+  // Per-row weights (float, N, finite), or NULL: each row's loss and
+  // gradient is multiplied by its weight. Since version 2.
+  const float *row_weights;
+  // ∂L/∂teacher output in `grad_dtype`, or NULL; given exactly when
+  // `params.grad_teacher` is set (dense teacher only; may equal `teacher`:
+  // in place, same dtype and stride; device only). Since version 2.
+  void *grad_teacher;
+  // Teacher-gradient row stride in elements (≥ V; default V). Since version 2.
+  int64_t grad_teacher_stride;
+  // A top-k teacher's indices `[N, topk_k]` row-major (`topk_index_dtype`),
+  // or NULL for a dense teacher (`teacher`, which must then be set; with
+  // indices, `teacher` must be NULL). Since version 2.
+  const void *topk_indices;
+  // The top-k teacher's values `[N, topk_k]` row-major in `dtype` (logits,
+  // or log-probs with `params.teacher_log_probs`); required with
+  // `topk_indices`. Since version 2.
+  const void *topk_values;
+  // Entries per row of the top-k teacher, 1 ≤ k ≤ V. Since version 2.
+  int64_t topk_k;
+  // A `KdfuseIndexDtype`: the indices' type (default I32). Since version 2.
+  int32_t topk_index_dtype;
+  // Non-zero: on the device, first check every index (in `[0, V)`,
+  // distinct within its row; it waits for the stream) and fail naming the
+  // first bad row. The host path always checks. Since version 2.
+  int32_t validate_topk;
 } KdfuseBatch;
 
 #ifdef __cplusplus
@@ -153,14 +214,18 @@ const char *kdfuse_version(void);
 // until the thread's next kdfuse call.
 const char *kdfuse_last_error(void);
 
-// Fills `*out` with the default parameters (and its size and version).
+// Fills `*out` with the default parameters (and its size and version):
+// `sizeof(KdfuseParams)` of this library's version, so `out` must be a
+// struct of the same header version.
 //
 // # Safety
 // `out` must be NULL or point to writable memory for one `KdfuseParams`.
 enum KdfuseStatus kdfuse_params_default(struct KdfuseParams *out);
 
 // Fills `*out` for a dense `[rows, cols]` batch of `dtype` (a `KdfuseDtype`)
-// with a gradient of the same dtype, every stride `cols`, every pointer NULL.
+// with a gradient of the same dtype, every stride `cols` (the teacher
+// gradient's too), every pointer NULL (a dense teacher, no row weights, no
+// teacher gradient); `sizeof(KdfuseBatch)` of this library's version.
 //
 // # Safety
 // `out` must be NULL or point to writable memory for one `KdfuseBatch`.
@@ -195,6 +260,10 @@ enum KdfuseStatus kdfuse_context_destroy(struct KdfuseContext *ctx);
 // NULL = the legacy default stream) and returns without waiting. Pointers
 // are device memory; `row_losses` and `loss` are required, `valid_rows`
 // too when `labels` is given. Results are ready when the stream reaches them.
+// Optional: `row_weights`; `grad_teacher` (with `params.grad_teacher`); a
+// top-k teacher in `topk_indices`/`topk_values` instead of `teacher`, whose
+// indices are checked first (a wait on the stream) when `validate_topk` is
+// set — unchecked, a bad index gives a NaN row, never an out-of-bounds access.
 //
 // # Safety
 // Every non-NULL pointer must be device memory of this device, large enough
@@ -208,7 +277,9 @@ enum KdfuseStatus kdfuse_compute_cuda(const struct KdfuseContext *ctx,
 // memory, computed by the CPU backend (rayon over rows, the kernels' fp32
 // arithmetic). `loss` is required; `row_losses` and `valid_rows` are
 // optional outputs; the gradient is written in `grad_dtype` with
-// `grad_stride` and must not overlap the inputs.
+// `grad_stride` and must not overlap the inputs, as the teacher gradient
+// (`grad_teacher`, `grad_teacher_stride`). A top-k teacher's indices are
+// always checked (the first bad row is named).
 //
 // # Safety
 // Every non-NULL pointer must be host memory large enough for the batch's

@@ -23,7 +23,7 @@ import threading
 
 __all__ = ["distill_loss", "load_library", "KdfuseError", "DIVERGENCES", "REDUCTIONS"]
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 DIVERGENCES = {"forward-kl": 0, "reverse-kl": 1, "jsd": 2, "tvd": 3, "soft-ce": 4}
 REDUCTIONS = {"batchmean": 0, "sum": 1, "mean": 2}
 DTYPE_CODES = {"float32": 0, "bfloat16": 1, "float16": 2}
@@ -48,6 +48,12 @@ class Params(ctypes.Structure):
         ("ignore_index", ctypes.c_int64),
         ("t2_scaling", ctypes.c_int32),
         ("reserved", ctypes.c_int32),
+        # Version 2 (kdfuse_params_default writes the whole struct).
+        ("softcap", ctypes.c_double),
+        ("teacher_log_probs", ctypes.c_int32),
+        ("grad_teacher", ctypes.c_int32),
+        ("topk_mode", ctypes.c_int32),
+        ("reserved2", ctypes.c_int32),
     ]
 
 
@@ -71,6 +77,15 @@ class Batch(ctypes.Structure):
         ("row_losses", ctypes.c_void_p),
         ("loss", ctypes.c_void_p),
         ("valid_rows", ctypes.c_void_p),
+        # Version 2 (kdfuse_batch_init writes the whole struct).
+        ("row_weights", ctypes.c_void_p),
+        ("grad_teacher", ctypes.c_void_p),
+        ("grad_teacher_stride", ctypes.c_int64),
+        ("topk_indices", ctypes.c_void_p),
+        ("topk_values", ctypes.c_void_p),
+        ("topk_k", ctypes.c_int64),
+        ("topk_index_dtype", ctypes.c_int32),
+        ("validate_topk", ctypes.c_int32),
     ]
 
 
@@ -127,8 +142,10 @@ def check(lib, status):
 
 
 def make_params(lib, divergence="forward-kl", beta=0.5, temperature=1.0, alpha=0.0,
-                reduction="batchmean", ignore_index=-100, t2_scaling=True):
-    """A filled ``Params`` (the library's defaults, then these values)."""
+                reduction="batchmean", ignore_index=-100, t2_scaling=True, softcap=None):
+    """A filled ``Params`` (the library's defaults, then these values).
+
+    ``softcap``: None (off) or C > 0, logits x ← C·tanh(x/C) first."""
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {sorted(DIVERGENCES)}, got {divergence!r}")
     if reduction not in REDUCTIONS:
@@ -140,6 +157,8 @@ def make_params(lib, divergence="forward-kl", beta=0.5, temperature=1.0, alpha=0
     p.beta, p.temperature, p.alpha = float(beta), float(temperature), float(alpha)
     p.ignore_index = int(ignore_index)
     p.t2_scaling = 1 if t2_scaling else 0
+    # 0 means off in the C ABI; any other value is checked by the library.
+    p.softcap = 0.0 if softcap is None else float(softcap)
     return p
 
 
@@ -168,7 +187,7 @@ def _torch():
     return torch
 
 
-def _run(student, teacher, labels, params, want_grad):
+def _run(student, teacher, labels, params, want_grad, row_weights=None):
     """One fused call: (loss [1] f32, grad [N, V] or None)."""
     torch = _torch()
     lib = load_library()
@@ -192,12 +211,19 @@ def _run(student, teacher, labels, params, want_grad):
         lab = labels.reshape(-1).to(device=dev, dtype=torch.int64).contiguous()
         if lab.numel() != n:
             raise ValueError(f"labels has {lab.numel()} elements for {n} rows")
+    w = None
+    if row_weights is not None:
+        w = torch.as_tensor(row_weights).reshape(-1).to(device=dev, dtype=torch.float32)
+        w = w.contiguous()
+        if w.numel() != n:
+            raise ValueError(f"row_weights has {w.numel()} elements for {n} rows")
     grad = torch.empty((n, v), dtype=s.dtype, device=dev) if want_grad else None
     row_losses = torch.empty(max(n, 1), dtype=torch.float32, device=dev)
     loss = torch.empty(1, dtype=torch.float32, device=dev)
     valid = torch.empty(1, dtype=torch.int32, device=dev)
     b.student, b.teacher = s.data_ptr(), t.data_ptr()
     b.labels = lab.data_ptr() if lab is not None else None
+    b.row_weights = w.data_ptr() if w is not None else None
     b.grad = grad.data_ptr() if grad is not None else None
     b.row_losses, b.loss, b.valid_rows = row_losses.data_ptr(), loss.data_ptr(), valid.data_ptr()
     if dev.type == "cuda":
@@ -209,7 +235,7 @@ def _run(student, teacher, labels, params, want_grad):
     else:
         raise ValueError(f"device must be cuda or cpu, got {dev}")
     # The buffers the launch reads must outlive it: keep them with the outputs.
-    return loss, grad, (s, t, lab, row_losses, valid)
+    return loss, grad, (s, t, lab, w, row_losses, valid)
 
 
 def _function():
@@ -217,8 +243,9 @@ def _function():
 
     class DistillLoss(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, student, teacher, labels, params):
-            loss, grad, keep = _run(student, teacher, labels, params, student.requires_grad)
+        def forward(ctx, student, teacher, labels, params, row_weights):
+            loss, grad, keep = _run(student, teacher, labels, params, student.requires_grad,
+                                    row_weights)
             ctx.keep = keep
             ctx.shape = student.shape
             if grad is not None:
@@ -228,10 +255,10 @@ def _function():
         @staticmethod
         def backward(ctx, grad_output):
             if not ctx.saved_tensors:
-                return None, None, None, None
+                return None, None, None, None, None
             (grad,) = ctx.saved_tensors
             g = grad.mul_(grad_output.to(grad.dtype)).reshape(ctx.shape)
-            return g, None, None, None
+            return g, None, None, None, None
 
     return DistillLoss
 
@@ -241,7 +268,7 @@ _fn = None
 
 def distill_loss(student_logits, teacher_logits, labels=None, *, divergence="forward-kl",
                  beta=0.5, temperature=1.0, alpha=0.0, reduction="batchmean",
-                 ignore_index=-100, t2_scaling=True):
+                 ignore_index=-100, t2_scaling=True, softcap=None, row_weights=None):
     """``α·CE(labels) + (1−α)·c·D(teacher‖student)`` reduced over rows (DESIGN.md §1).
 
     ``student_logits`` and ``teacher_logits``: [..., V] tensors of one dtype
@@ -250,12 +277,15 @@ def distill_loss(student_logits, teacher_logits, labels=None, *, divergence="for
     (a padded vocabulary) contributes its first V. ``labels``: [...] integers
     (needed when ``alpha > 0``; ``ignore_index`` rows count nothing).
     ``divergence``: forward-kl, reverse-kl, jsd (``beta``), tvd or soft-ce. ``c`` is τ²
-    unless ``t2_scaling`` is False. Returns a 0-dim float32 tensor; its
+    unless ``t2_scaling`` is False. ``softcap``: None or C > 0, logits
+    x ← C·tanh(x/C) before anything else. ``row_weights``: None or N floats
+    (one per row after flattening) multiplying each row's loss; the
+    reduction's denominator stays the valid-row count. Returns a 0-dim float32 tensor; its
     backward gives the gradient for ``student_logits`` only.
     """
     global _fn
     if _fn is None:
         _fn = _function()
     params = make_params(load_library(), divergence, beta, temperature, alpha, reduction,
-                         ignore_index, t2_scaling)
-    return _fn.apply(student_logits, teacher_logits, labels, params)
+                         ignore_index, t2_scaling, softcap)
+    return _fn.apply(student_logits, teacher_logits, labels, params, row_weights)

@@ -96,6 +96,33 @@ class CtypesAgainstLibrary(unittest.TestCase):
             for r in range(n):  # each gradient row sums to zero (shift invariance)
                 self.assertAlmostEqual(sum(ga[r * v:(r + 1) * v]), 0.0, delta=1e-6)
 
+    def test_softcap_and_row_weights_reach_the_library(self):
+        n, v = 2, 5
+        x = (ctypes.c_float * (n * v))(*[float(i % 7) for i in range(n * v)])
+        y = (ctypes.c_float * (n * v))(*[float((3 * i) % 5) for i in range(n * v)])
+
+        def loss_of(params, weights=None):
+            b = kt.Batch()
+            kt.check(self.lib, self.lib.kdfuse_batch_init(ctypes.byref(b), n, v, 0))
+            out = ctypes.c_float(float("nan"))
+            b.student, b.teacher, b.loss = (ctypes.addressof(x), ctypes.addressof(y),
+                                            ctypes.addressof(out))
+            w = None
+            if weights is not None:
+                w = (ctypes.c_float * n)(*weights)
+                b.row_weights = ctypes.addressof(w)
+            kt.check(self.lib, self.lib.kdfuse_compute_host(ctypes.byref(b), ctypes.byref(params)))
+            return out.value
+
+        self.assertEqual(kt.make_params(self.lib).softcap, 0.0)
+        self.assertEqual(kt.make_params(self.lib, softcap=3.0).softcap, 3.0)
+        with self.assertRaisesRegex(kt.KdfuseError, "softcap"):
+            loss_of(kt.make_params(self.lib, softcap=-1.0))
+        plain = loss_of(kt.make_params(self.lib))
+        self.assertEqual(loss_of(kt.make_params(self.lib), [1.0, 1.0]), plain)
+        with self.assertRaisesRegex(kt.KdfuseError, "row_weights"):
+            loss_of(kt.make_params(self.lib), [1.0, float("nan")])
+
     def test_errors_name_the_argument(self):
         params = kt.make_params(self.lib, temperature=-1.0)
         b = kt.Batch()

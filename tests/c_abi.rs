@@ -1,9 +1,15 @@
 //! The C ABI: the committed header is what cbindgen makes of src/capi/, and a
 //! C program (tests/c/abi_test.c), compiled by the system C compiler against
 //! include/kdfuse.h and linked with the built libkdfuse.so and libkdfuse.a,
-//! computes a loss on the CPU backend that matches the f64 oracle.
+//! computes a loss on the CPU backend that matches the f64 oracle, through
+//! version-2 and version-1 (smaller) structs; the version-2 fields (soft-cap,
+//! row weights, teacher gradient, top-k teacher) are checked numerically by
+//! a second run.
 
-use kdfuse::{Backend, Divergence, GradDtype, HostData, KdInputs, Logits, LossSpec, Oracle};
+use kdfuse::{
+    Backend, Divergence, GradDtype, HostData, KdInputs, Logits, LossSpec, Oracle, TopkIndices,
+    TopkInputs, TopkMode, TopkTeacher,
+};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -70,12 +76,16 @@ fn compile(args: &[&str], out: &Path) {
     assert!(status.success(), "{cc} {args:?} failed");
 }
 
-#[test]
-fn c_program_matches_the_oracle() {
-    let (n, v) = (5usize, 37usize);
-    let s = lcg(1, n * v);
-    let t = lcg(2, n * v);
-    let labels: Vec<i64> = vec![3, -100, 36, 0, 17];
+fn norm(x: &[f32]) -> f64 {
+    x.iter().map(|&g| (g as f64).powi(2)).sum::<f64>().sqrt()
+}
+
+const N: usize = 5;
+const V: usize = 37;
+const K: usize = 4;
+
+/// The C program's batch: student, teacher, labels, and its JSD spec.
+fn batch() -> (Vec<f32>, Vec<f32>, Vec<i64>, LossSpec) {
     let spec = LossSpec {
         divergence: Divergence::Jsd,
         beta: 0.3,
@@ -83,23 +93,12 @@ fn c_program_matches_the_oracle() {
         alpha: 0.25,
         ..Default::default()
     };
-    let inputs = KdInputs {
-        student: Logits::new(HostData::F32(&s), n, v),
-        teacher: Logits::new(HostData::F32(&t), n, v),
-        labels: Some(&labels),
-        row_weights: None,
-    };
-    let want = Oracle
-        .compute(&inputs, &spec, Some(GradDtype::F32))
-        .unwrap();
-    let gnorm = want
-        .grad
-        .unwrap()
-        .iter()
-        .map(|&g| (g as f64).powi(2))
-        .sum::<f64>()
-        .sqrt();
+    (lcg(1, N * V), lcg(2, N * V), vec![3, -100, 36, 0, 17], spec)
+}
 
+/// The C program, built against include/kdfuse.h and linked with
+/// libkdfuse.so and (fully) with libkdfuse.a: (its directory, both programs).
+fn c_programs() -> (tempfile::TempDir, [PathBuf; 2]) {
     let lib = lib_dir();
     for name in ["libkdfuse.so", "libkdfuse.a"] {
         assert!(
@@ -141,12 +140,15 @@ fn c_program_matches_the_oracle() {
         ],
         &fully_static,
     );
-    for exe in [&dynamic, &fully_static] {
-        let out = Command::new(exe)
-            .arg(format!("{:.17e}", want.loss))
-            .arg(format!("{gnorm:.17e}"))
-            .output()
-            .unwrap();
+    (dir, [dynamic, fully_static])
+}
+
+/// Runs both programs with `expected` (the oracle's values) as arguments.
+fn run_c(expected: &[f64], marker: &str) {
+    let (_dir, programs) = c_programs();
+    let args: Vec<String> = expected.iter().map(|x| format!("{x:.17e}")).collect();
+    for exe in &programs {
+        let out = Command::new(exe).args(&args).output().unwrap();
         let text = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
@@ -154,5 +156,91 @@ fn c_program_matches_the_oracle() {
         );
         assert!(out.status.success(), "{}: {text}", exe.display());
         assert!(text.contains("abi_test: ok"), "{text}");
+        assert!(text.contains(marker), "{text}");
     }
+}
+
+/// The oracle's loss and gradient norm of the program's first batch.
+fn dense_reference() -> [f64; 2] {
+    let (s, t, labels, spec) = batch();
+    let inputs = KdInputs {
+        student: Logits::new(HostData::F32(&s), N, V),
+        teacher: Logits::new(HostData::F32(&t), N, V),
+        labels: Some(&labels),
+        row_weights: None,
+    };
+    let want = Oracle
+        .compute(&inputs, &spec, Some(GradDtype::F32))
+        .unwrap();
+    [want.loss, norm(want.grad.as_ref().unwrap())]
+}
+
+/// Version-2 structs and version-1 ones (the same result), and every error
+/// path of both versions' fields.
+#[test]
+fn c_program_matches_the_oracle() {
+    run_c(&dense_reference(), "abi_test: ok");
+}
+
+/// The version-2 fields numerically: soft-capping with row weights and the
+/// teacher gradient, and a top-k teacher (int32 indices, full mode).
+#[test]
+fn c_program_version_2_fields_match_the_oracle() {
+    let (s, t, labels, spec) = batch();
+    let weights: Vec<f32> = (0..N).map(|r| 0.5 + 0.25 * r as f32).collect();
+    let capped = LossSpec {
+        softcap: Some(4.0),
+        grad_teacher: true,
+        ..spec.clone()
+    };
+    let inputs = KdInputs {
+        student: Logits::new(HostData::F32(&s), N, V),
+        teacher: Logits::new(HostData::F32(&t), N, V),
+        labels: Some(&labels),
+        row_weights: Some(&weights),
+    };
+    let cap = Oracle
+        .compute(&inputs, &capped, Some(GradDtype::F32))
+        .unwrap();
+    // The C program's top-k teacher: K distinct indices per row and the
+    // teacher's logits there.
+    let idx: Vec<i32> = (0..N)
+        .flat_map(|r| (0..K).map(move |i| ((r * 7 + i * 5) % V) as i32))
+        .collect();
+    let vals: Vec<f32> = idx
+        .iter()
+        .enumerate()
+        .map(|(e, &j)| t[(e / K) * V + j as usize])
+        .collect();
+    let topk_spec = LossSpec {
+        divergence: Divergence::ForwardKl,
+        topk_mode: TopkMode::Full,
+        ..spec
+    };
+    let topk_inputs = TopkInputs {
+        student: Logits::new(HostData::F32(&s), N, V),
+        teacher: TopkTeacher {
+            indices: TopkIndices::I32(&idx),
+            values: HostData::F32(&vals),
+            k: K,
+        },
+        labels: Some(&labels),
+        row_weights: None,
+    };
+    let topk = Oracle
+        .compute_topk(&topk_inputs, &topk_spec, Some(GradDtype::F32))
+        .unwrap();
+    let [loss, gnorm] = dense_reference();
+    run_c(
+        &[
+            loss,
+            gnorm,
+            cap.loss,
+            norm(cap.grad.as_ref().unwrap()),
+            norm(cap.grad_teacher.as_ref().expect("oracle teacher gradient")),
+            topk.loss,
+            norm(topk.grad.as_ref().unwrap()),
+        ],
+        "version-2 fields checked",
+    );
 }

@@ -7,15 +7,17 @@
 mod types;
 
 pub use types::{
-    KdfuseBatch, KdfuseDivergence, KdfuseDtype, KdfuseParams, KdfuseReduction, KdfuseStatus,
-    KDFUSE_ABI_VERSION,
+    KdfuseBatch, KdfuseDivergence, KdfuseDtype, KdfuseIndexDtype, KdfuseParams, KdfuseReduction,
+    KdfuseStatus, KdfuseTopkMode, KDFUSE_ABI_VERSION,
 };
 
 use crate::backend::Backend;
 use crate::cpu::CpuBackend;
-use crate::cuda::{CudaBackend, RawFusedArgs, RowLayout};
+use crate::cuda::{CudaBackend, RawFusedArgs, RawTopkArgs, RowLayout};
 use crate::error::{invalid, KdError, Result};
-use crate::tensor::{Dtype, GradDtype, HostData, KdInputs, Logits};
+use crate::tensor::{
+    Dtype, GradDtype, HostData, KdInputs, Logits, TopkIndices, TopkInputs, TopkTeacher,
+};
 use half::{bf16, f16};
 use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CString};
@@ -84,6 +86,36 @@ fn non_null<'a, T>(arg: &'static str, p: *const T) -> Result<&'a T> {
     })
 }
 
+/// The caller's params (version 1 or 2) as a spec.
+///
+/// # Safety
+/// `p` is NULL or a readable `KdfuseParams` of its own `size`.
+unsafe fn read_spec(p: *const KdfuseParams) -> Result<crate::spec::LossSpec> {
+    // SAFETY: the caller's contract.
+    unsafe { types::read_sized("params", p, KdfuseParams::defaults(), types::PARAMS_V1_SIZE) }?
+        .to_spec()
+}
+
+/// A library error about a top-k teacher, the argument renamed to the
+/// batch field the caller set.
+fn batch_field(e: KdError) -> KdError {
+    match e {
+        KdError::InvalidArgument { arg, msg } => KdError::InvalidArgument {
+            arg: match arg {
+                "teacher_topk_indices" => "batch.topk_indices",
+                "teacher_topk_values" => "batch.topk_values",
+                "k" => "batch.topk_k",
+                "row_weights" => "batch.row_weights",
+                "labels" => "batch.labels",
+                "student" => "batch.student",
+                a => a,
+            },
+            msg,
+        },
+        e => e,
+    }
+}
+
 /// The library version, e.g. "0.1.0" (static storage).
 #[no_mangle]
 pub extern "C" fn kdfuse_version() -> *const c_char {
@@ -97,7 +129,9 @@ pub extern "C" fn kdfuse_last_error() -> *const c_char {
     LAST_ERROR.with(|e| e.borrow().as_ptr())
 }
 
-/// Fills `*out` with the default parameters (and its size and version).
+/// Fills `*out` with the default parameters (and its size and version):
+/// `sizeof(KdfuseParams)` of this library's version, so `out` must be a
+/// struct of the same header version.
 ///
 /// # Safety
 /// `out` must be NULL or point to writable memory for one `KdfuseParams`.
@@ -111,7 +145,9 @@ pub unsafe extern "C" fn kdfuse_params_default(out: *mut KdfuseParams) -> Kdfuse
 }
 
 /// Fills `*out` for a dense `[rows, cols]` batch of `dtype` (a `KdfuseDtype`)
-/// with a gradient of the same dtype, every stride `cols`, every pointer NULL.
+/// with a gradient of the same dtype, every stride `cols` (the teacher
+/// gradient's too), every pointer NULL (a dense teacher, no row weights, no
+/// teacher gradient); `sizeof(KdfuseBatch)` of this library's version.
 ///
 /// # Safety
 /// `out` must be NULL or point to writable memory for one `KdfuseBatch`.
@@ -191,6 +227,10 @@ pub unsafe extern "C" fn kdfuse_context_destroy(ctx: *mut KdfuseContext) -> Kdfu
 /// NULL = the legacy default stream) and returns without waiting. Pointers
 /// are device memory; `row_losses` and `loss` are required, `valid_rows`
 /// too when `labels` is given. Results are ready when the stream reaches them.
+/// Optional: `row_weights`; `grad_teacher` (with `params.grad_teacher`); a
+/// top-k teacher in `topk_indices`/`topk_values` instead of `teacher`, whose
+/// indices are checked first (a wait on the stream) when `validate_topk` is
+/// set — unchecked, a bad index gives a NaN row, never an out-of-bounds access.
 ///
 /// # Safety
 /// Every non-NULL pointer must be device memory of this device, large enough
@@ -204,9 +244,11 @@ pub unsafe extern "C" fn kdfuse_compute_cuda(
 ) -> KdfuseStatus {
     guard(|| {
         let ctx = non_null("ctx", ctx)?;
-        let b = non_null("batch", batch)?;
-        let spec = non_null("params", params)?.to_spec()?;
-        let shape = b.shape()?;
+        // SAFETY: the caller's contract (readable structs of their own size).
+        let b = unsafe { KdfuseBatch::read(batch) }?;
+        // SAFETY: as above.
+        let spec = unsafe { read_spec(params) }?;
+        let shape = b.shape(&spec)?;
         if b.row_losses.is_null() {
             return invalid("batch.row_losses", "required on the device (float, N)");
         }
@@ -217,6 +259,60 @@ pub unsafe extern "C" fn kdfuse_compute_cuda(
                 .context()
                 .wrap_borrowed_stream(stream as cudarc::driver::sys::CUstream)
         };
+        let layout = RowLayout {
+            rows: shape.rows,
+            cols: shape.cols,
+            student_stride: shape.student_stride,
+            teacher_stride: shape.teacher_stride,
+            grad_stride: shape.grad_stride,
+            grad_teacher_stride: shape.grad_teacher_stride,
+        };
+        if let Some(topk) = shape.topk {
+            spec.validate(!b.labels.is_null())?;
+            spec.validate_topk()?;
+            if b.validate_topk != 0 {
+                // SAFETY: the caller's contract (indices: N·k on the device).
+                unsafe {
+                    ctx.backend.validate_topk_raw(
+                        &stream,
+                        b.topk_indices as u64,
+                        topk.indices_i64,
+                        shape.rows,
+                        topk.k,
+                        shape.cols,
+                    )
+                }
+                .map_err(batch_field)?;
+            }
+            let raw = RawTopkArgs {
+                dtype: shape.dtype,
+                grad_dtype: shape.grad_dtype,
+                student: b.student as u64,
+                indices: b.topk_indices as u64,
+                indices_i64: topk.indices_i64,
+                values: b.topk_values as u64,
+                k: topk.k,
+                labels: b.labels as u64,
+                row_weights: b.row_weights as u64,
+                grad: b.grad as u64,
+                row_losses: b.row_losses as u64,
+                loss: b.loss as u64,
+                valid_rows: b.valid_rows as u64,
+                layout,
+            };
+            // SAFETY: the caller's contract above.
+            return unsafe { ctx.backend.launch_topk_raw(&stream, &raw, &spec) };
+        }
+        if !b.grad_teacher.is_null()
+            && b.grad_teacher.cast_const() == b.teacher
+            && (shape.grad_dtype != shape.dtype
+                || shape.grad_teacher_stride != shape.teacher_stride)
+        {
+            return invalid(
+                "batch.grad_teacher",
+                "an in-place teacher gradient needs the teacher's dtype and row stride",
+            );
+        }
         let raw = RawFusedArgs {
             dtype: shape.dtype,
             grad_dtype: shape.grad_dtype,
@@ -227,16 +323,9 @@ pub unsafe extern "C" fn kdfuse_compute_cuda(
             row_losses: b.row_losses as u64,
             loss: b.loss as u64,
             valid_rows: b.valid_rows as u64,
-            row_weights: 0,
-            grad_teacher: 0,
-            layout: RowLayout {
-                rows: shape.rows,
-                cols: shape.cols,
-                student_stride: shape.student_stride,
-                teacher_stride: shape.teacher_stride,
-                grad_stride: shape.grad_stride,
-                grad_teacher_stride: shape.grad_stride,
-            },
+            row_weights: b.row_weights as u64,
+            grad_teacher: b.grad_teacher as u64,
+            layout,
         };
         // SAFETY: the caller's contract above.
         unsafe { ctx.backend.launch_raw(&stream, &raw, &spec) }
@@ -270,7 +359,9 @@ unsafe fn host_data<'a>(
 /// memory, computed by the CPU backend (rayon over rows, the kernels' fp32
 /// arithmetic). `loss` is required; `row_losses` and `valid_rows` are
 /// optional outputs; the gradient is written in `grad_dtype` with
-/// `grad_stride` and must not overlap the inputs.
+/// `grad_stride` and must not overlap the inputs, as the teacher gradient
+/// (`grad_teacher`, `grad_teacher_stride`). A top-k teacher's indices are
+/// always checked (the first bad row is named).
 ///
 /// # Safety
 /// Every non-NULL pointer must be host memory large enough for the batch's
@@ -281,50 +372,150 @@ pub unsafe extern "C" fn kdfuse_compute_host(
     params: *const KdfuseParams,
 ) -> KdfuseStatus {
     guard(|| {
-        let b = non_null("batch", batch)?;
-        let spec = non_null("params", params)?.to_spec()?;
-        let sh = b.shape()?;
+        // SAFETY: the caller's contract (readable structs of their own size).
+        let b = unsafe { KdfuseBatch::read(batch) }?;
+        // SAFETY: as above.
+        let spec = unsafe { read_spec(params) }?;
+        let sh = b.shape(&spec)?;
         if !b.grad.is_null() && b.grad.cast_const() == b.student {
             return invalid(
                 "batch.grad",
                 "an in-place gradient is for device memory only",
             );
         }
+        if !b.grad_teacher.is_null() && b.grad_teacher.cast_const() == b.teacher {
+            return invalid(
+                "batch.grad_teacher",
+                "an in-place teacher gradient is for device memory only",
+            );
+        }
         if !b.labels.is_null() && (b.labels as usize) % 8 != 0 {
             return invalid("batch.labels", "pointer is not aligned for int64");
         }
-        // SAFETY: the caller's contract: the inputs span these elements.
-        let (s, t) = unsafe {
-            (
-                host_data(
-                    "batch.student",
-                    b.student,
-                    sh.span(sh.student_stride),
-                    sh.dtype,
-                )?,
-                host_data(
-                    "batch.teacher",
-                    b.teacher,
-                    sh.span(sh.teacher_stride),
-                    sh.dtype,
-                )?,
+        if !b.row_weights.is_null() && (b.row_weights as usize) % 4 != 0 {
+            return invalid("batch.row_weights", "pointer is not aligned for float");
+        }
+        for (arg, p) in [
+            ("batch.grad", b.grad),
+            ("batch.grad_teacher", b.grad_teacher),
+        ] {
+            if (p as usize) % sh.grad_dtype.size() != 0 {
+                return invalid(arg, format!("pointer is not aligned for {}", sh.grad_dtype));
+            }
+        }
+        // SAFETY: the caller's contract: the student spans these elements.
+        let s = unsafe {
+            host_data(
+                "batch.student",
+                b.student,
+                sh.span(sh.student_stride),
+                sh.dtype,
             )
-        };
+        }?;
+        let student = Logits::strided(s, sh.rows, sh.cols, sh.student_stride);
         // SAFETY: N labels when not NULL.
         let labels =
             (!b.labels.is_null()).then(|| unsafe { std::slice::from_raw_parts(b.labels, sh.rows) });
-        let inputs = KdInputs {
-            student: Logits::strided(s, sh.rows, sh.cols, sh.student_stride),
-            teacher: Logits::strided(t, sh.rows, sh.cols, sh.teacher_stride),
-            labels,
-            row_weights: None,
-        };
-        let grad = (!b.grad.is_null()).then_some(if sh.grad_dtype == sh.dtype {
+        // SAFETY: N weights when not NULL (alignment checked above).
+        let row_weights = (!b.row_weights.is_null())
+            .then(|| unsafe { std::slice::from_raw_parts(b.row_weights, sh.rows) });
+        let want_grad = !b.grad.is_null() || !b.grad_teacher.is_null();
+        let grad = want_grad.then_some(if sh.grad_dtype == sh.dtype {
             GradDtype::Input
         } else {
             GradDtype::F32
         });
-        let out = CpuBackend.compute(&inputs, &spec, grad)?;
+        let out = match sh.topk {
+            None => {
+                // SAFETY: the caller's contract: the teacher spans these elements.
+                let t = unsafe {
+                    host_data(
+                        "batch.teacher",
+                        b.teacher,
+                        sh.span(sh.teacher_stride),
+                        sh.dtype,
+                    )
+                }?;
+                let inputs = KdInputs {
+                    student,
+                    teacher: Logits::strided(t, sh.rows, sh.cols, sh.teacher_stride),
+                    labels,
+                    row_weights,
+                };
+                CpuBackend.compute(&inputs, &spec, grad)?
+            }
+            Some(topk) => {
+                let Some(len) = sh.rows.checked_mul(topk.k) else {
+                    return invalid("batch.topk_k", "N·k overflows");
+                };
+                let align = if topk.indices_i64 { 8 } else { 4 };
+                if (b.topk_indices as usize) % align != 0 {
+                    return invalid(
+                        "batch.topk_indices",
+                        format!(
+                            "pointer is not aligned for int{}",
+                            if topk.indices_i64 { 64 } else { 32 }
+                        ),
+                    );
+                }
+                // SAFETY: N·k indices (aligned, checked above).
+                let indices = unsafe {
+                    if topk.indices_i64 {
+                        TopkIndices::I64(std::slice::from_raw_parts(b.topk_indices.cast(), len))
+                    } else {
+                        TopkIndices::I32(std::slice::from_raw_parts(b.topk_indices.cast(), len))
+                    }
+                };
+                // SAFETY: N·k values of the batch's dtype.
+                let values =
+                    unsafe { host_data("batch.topk_values", b.topk_values, len, sh.dtype) }?;
+                let inputs = TopkInputs {
+                    student,
+                    teacher: TopkTeacher {
+                        indices,
+                        values,
+                        k: topk.k,
+                    },
+                    labels,
+                    row_weights,
+                };
+                crate::backend::validate_topk(&inputs, &spec).map_err(batch_field)?;
+                CpuBackend
+                    .compute_topk(&inputs, &spec, grad)
+                    .map_err(batch_field)?
+            }
+        };
+        if !b.grad.is_null() {
+            let g = out
+                .grad
+                .as_deref()
+                .ok_or_else(|| KdError::InvalidArgument {
+                    arg: "batch.grad",
+                    msg: "the backend returned no gradient".into(),
+                })?;
+            // SAFETY: the gradient spans (N−1)·grad_stride + V elements.
+            unsafe { write_rows(b.grad, sh.grad_stride, sh.grad_dtype, g, sh.rows, sh.cols) };
+        }
+        if !b.grad_teacher.is_null() {
+            let g = out
+                .grad_teacher
+                .as_deref()
+                .ok_or_else(|| KdError::InvalidArgument {
+                    arg: "batch.grad_teacher",
+                    msg: "the backend returned no teacher gradient".into(),
+                })?;
+            // SAFETY: the teacher gradient spans (N−1)·grad_teacher_stride + V elements.
+            unsafe {
+                write_rows(
+                    b.grad_teacher,
+                    sh.grad_teacher_stride,
+                    sh.grad_dtype,
+                    g,
+                    sh.rows,
+                    sh.cols,
+                )
+            };
+        }
         // SAFETY: `loss` checked non-NULL by shape(); the others when not NULL.
         unsafe {
             *b.loss = out.loss as f32;
@@ -337,38 +528,46 @@ pub unsafe extern "C" fn kdfuse_compute_host(
                 *b.valid_rows = out.valid_rows as i32;
             }
         }
-        if let Some(g) = out.grad {
-            if (b.grad as usize) % sh.grad_dtype.size() != 0 {
-                return invalid(
-                    "batch.grad",
-                    format!("pointer is not aligned for {}", sh.grad_dtype),
-                );
-            }
-            for (r, row) in g.chunks_exact(sh.cols.max(1)).enumerate().take(sh.rows) {
-                let base = r * sh.grad_stride;
-                // SAFETY: the gradient spans (N−1)·grad_stride + V elements.
-                unsafe {
-                    match sh.grad_dtype {
-                        Dtype::F32 => {
-                            let p = b.grad.cast::<f32>().add(base);
-                            std::ptr::copy_nonoverlapping(row.as_ptr(), p, row.len());
-                        }
-                        Dtype::Bf16 => {
-                            let p = b.grad.cast::<bf16>().add(base);
-                            for (j, &x) in row.iter().enumerate() {
-                                *p.add(j) = bf16::from_f32(x);
-                            }
-                        }
-                        Dtype::F16 => {
-                            let p = b.grad.cast::<f16>().add(base);
-                            for (j, &x) in row.iter().enumerate() {
-                                *p.add(j) = f16::from_f32(x);
-                            }
-                        }
+        Ok(())
+    })
+}
+
+/// Writes dense `[rows, cols]` f32 values into `dst` (row stride `stride`,
+/// elements of `dtype`, rounded once).
+///
+/// # Safety
+/// `dst` is aligned for `dtype` and writable for (rows−1)·stride + cols
+/// elements.
+unsafe fn write_rows(
+    dst: *mut c_void,
+    stride: usize,
+    dtype: Dtype,
+    src: &[f32],
+    rows: usize,
+    cols: usize,
+) {
+    for (r, row) in src.chunks_exact(cols.max(1)).enumerate().take(rows) {
+        let base = r * stride;
+        // SAFETY: the caller's contract.
+        unsafe {
+            match dtype {
+                Dtype::F32 => {
+                    let p = dst.cast::<f32>().add(base);
+                    std::ptr::copy_nonoverlapping(row.as_ptr(), p, row.len());
+                }
+                Dtype::Bf16 => {
+                    let p = dst.cast::<bf16>().add(base);
+                    for (j, &x) in row.iter().enumerate() {
+                        *p.add(j) = bf16::from_f32(x);
+                    }
+                }
+                Dtype::F16 => {
+                    let p = dst.cast::<f16>().add(base);
+                    for (j, &x) in row.iter().enumerate() {
+                        *p.add(j) = f16::from_f32(x);
                     }
                 }
             }
         }
-        Ok(())
-    })
+    }
 }

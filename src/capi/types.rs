@@ -2,13 +2,17 @@
 //! their conversion into the library's own.
 
 use crate::error::{invalid, Result};
-use crate::spec::{Divergence, LossSpec, Reduction};
+use crate::spec::{Divergence, LossSpec, Reduction, TopkMode};
 use crate::tensor::Dtype;
 use std::mem::size_of;
 
 /// Version of [`KdfuseParams`] and [`KdfuseBatch`] this library writes and
 /// reads; a struct carries its own `size`, so later versions only append.
-pub const KDFUSE_ABI_VERSION: u32 = 1;
+/// Version 2 appended soft-capping, teacher log-probs, the teacher gradient,
+/// the top-k mode (params) and row weights, the teacher gradient's buffer and
+/// the top-k teacher (batch); a version-1 struct (its smaller `size`) is still
+/// accepted, the appended fields taking their defaults.
+pub const KDFUSE_ABI_VERSION: u32 = 2;
 
 /// Status of every call: 0 is success; otherwise `kdfuse_last_error()` says why.
 #[repr(C)]
@@ -68,6 +72,28 @@ pub enum KdfuseReduction {
     None = 3,
 }
 
+/// How a top-k teacher meets the student (the `topk_mode` field; DESIGN.md §4).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KdfuseTopkMode {
+    /// Both distributions renormalised over the k teacher entries.
+    Support = 0,
+    /// The teacher is zero off its support, the student a full softmax (default).
+    Full = 1,
+    /// k + 1 buckets (the support and one tail); needs log-prob values and τ = 1.
+    Tail = 2,
+}
+
+/// Element types of a top-k teacher's indices (the `topk_index_dtype` field).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KdfuseIndexDtype {
+    /// int32 indices.
+    I32 = 0,
+    /// int64 indices.
+    I64 = 1,
+}
+
 /// The loss to compute. Fill with `kdfuse_params_default`, then change fields.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
@@ -94,6 +120,20 @@ pub struct KdfuseParams {
     pub t2_scaling: i32,
     /// Reserved, zero.
     pub reserved: i32,
+    /// Soft-capping `x ← softcap·tanh(x/softcap)` of the student's and the
+    /// teacher's logits; 0 = off (default). Since version 2.
+    pub softcap: f64,
+    /// Non-zero: the teacher (dense rows or top-k values) holds log-probs,
+    /// not logits (default 0; the `tail` top-k mode needs it). Since version 2.
+    pub teacher_log_probs: i32,
+    /// Non-zero: also compute ∂L/∂teacher into `batch.grad_teacher` (mutual
+    /// learning; dense teachers only; default 0). Since version 2.
+    pub grad_teacher: i32,
+    /// A `KdfuseTopkMode` (default FULL); used with a top-k teacher only.
+    /// Since version 2.
+    pub topk_mode: i32,
+    /// Reserved, zero. Since version 2.
+    pub reserved2: i32,
 }
 
 /// One batch: pointers (device memory for `kdfuse_compute_cuda`, host memory
@@ -136,16 +176,84 @@ pub struct KdfuseBatch {
     /// Valid-row count (one int32): device scratch, required with labels;
     /// optional output on the host.
     pub valid_rows: *mut i32,
+    /// Per-row weights (float, N, finite), or NULL: each row's loss and
+    /// gradient is multiplied by its weight. Since version 2.
+    pub row_weights: *const f32,
+    /// ∂L/∂teacher output in `grad_dtype`, or NULL; given exactly when
+    /// `params.grad_teacher` is set (dense teacher only; may equal `teacher`:
+    /// in place, same dtype and stride; device only). Since version 2.
+    pub grad_teacher: *mut std::ffi::c_void,
+    /// Teacher-gradient row stride in elements (≥ V; default V). Since version 2.
+    pub grad_teacher_stride: i64,
+    /// A top-k teacher's indices `[N, topk_k]` row-major (`topk_index_dtype`),
+    /// or NULL for a dense teacher (`teacher`, which must then be set; with
+    /// indices, `teacher` must be NULL). Since version 2.
+    pub topk_indices: *const std::ffi::c_void,
+    /// The top-k teacher's values `[N, topk_k]` row-major in `dtype` (logits,
+    /// or log-probs with `params.teacher_log_probs`); required with
+    /// `topk_indices`. Since version 2.
+    pub topk_values: *const std::ffi::c_void,
+    /// Entries per row of the top-k teacher, 1 ≤ k ≤ V. Since version 2.
+    pub topk_k: i64,
+    /// A `KdfuseIndexDtype`: the indices' type (default I32). Since version 2.
+    pub topk_index_dtype: i32,
+    /// Non-zero: on the device, first check every index (in `[0, V)`,
+    /// distinct within its row; it waits for the stream) and fail naming the
+    /// first bad row. The host path always checks. Since version 2.
+    pub validate_topk: i32,
 }
 
-/// The caller's struct size: at least the first version's, at most ours.
+/// `sizeof(KdfuseParams)` of version 1 (the fields before `softcap`).
+pub(crate) const PARAMS_V1_SIZE: usize = std::mem::offset_of!(KdfuseParams, softcap);
+/// `sizeof(KdfuseBatch)` of version 1 (the fields before `row_weights`).
+pub(crate) const BATCH_V1_SIZE: usize = std::mem::offset_of!(KdfuseBatch, row_weights);
+
+/// Reads a caller's struct of either known size (`first`, the version-1
+/// size, or `size_of::<T>()`): the caller's prefix over `defaults`, which
+/// supplies the fields an older caller does not have.
+///
+/// # Safety
+/// `p` is NULL or points to at least its own leading `u32` size, and to that
+/// many readable bytes.
+pub(crate) unsafe fn read_sized<T: Copy>(
+    arg: &'static str,
+    p: *const T,
+    defaults: T,
+    first: usize,
+) -> Result<T> {
+    if p.is_null() {
+        return invalid(arg, "must not be NULL");
+    }
+    // SAFETY: every versioned struct starts with its u32 size.
+    let size = unsafe { p.cast::<u32>().read_unaligned() };
+    let size_arg = if arg == "params" {
+        "params.size"
+    } else {
+        "batch.size"
+    };
+    check_size(size_arg, size, size_of::<T>(), first)?;
+    let mut out = defaults;
+    // SAFETY: the caller's struct holds `size` bytes (checked ≤ ours), and
+    // every prefix of these plain-data structs is a valid one.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            p.cast::<u8>(),
+            (&mut out as *mut T).cast::<u8>(),
+            size as usize,
+        )
+    };
+    Ok(out)
+}
+
+/// The caller's struct size: the first version's or ours (no other version
+/// exists yet, and a size between would cut a field).
 pub(crate) fn check_size(arg: &'static str, size: u32, ours: usize, first: usize) -> Result<()> {
     let size = size as usize;
-    if size < first || size > ours {
+    if size != first && size != ours {
         return invalid(
             arg,
             format!(
-                "struct size {size} is not one this library knows ({first}..={ours}); \
+                "struct size {size} is not one this library knows ({first} or {ours}); \
                  fill it with its kdfuse_*_init/default function"
             ),
         );
@@ -182,6 +290,11 @@ impl KdfuseParams {
             ignore_index: d.ignore_index,
             t2_scaling: 1,
             reserved: 0,
+            softcap: 0.0,
+            teacher_log_probs: 0,
+            grad_teacher: 0,
+            topk_mode: KdfuseTopkMode::Full as i32,
+            reserved2: 0,
         }
     }
 
@@ -191,7 +304,7 @@ impl KdfuseParams {
             "params.size",
             self.size,
             size_of::<KdfuseParams>(),
-            size_of::<KdfuseParams>(),
+            PARAMS_V1_SIZE,
         )?;
         let divergence = match self.divergence {
             0 => Divergence::ForwardKl,
@@ -220,6 +333,20 @@ impl KdfuseParams {
                 )
             }
         };
+        let topk_mode = match self.topk_mode {
+            0 => TopkMode::Support,
+            1 => TopkMode::Full,
+            2 => TopkMode::Tail,
+            m => {
+                return invalid(
+                    "params.topk_mode",
+                    format!("{m} is not a KdfuseTopkMode (0 support, 1 full, 2 tail)"),
+                )
+            }
+        };
+        // 0 = off; anything else (negative, NaN, inf) reaches the spec's
+        // validation, which names `softcap`.
+        let softcap = (self.softcap != 0.0).then_some(self.softcap);
         Ok(LossSpec {
             divergence,
             beta: self.beta,
@@ -229,9 +356,21 @@ impl KdfuseParams {
             ignore_index: self.ignore_index,
             reduction,
             grad_scale: self.grad_scale,
-            ..LossSpec::default()
+            softcap,
+            teacher_log_probs: self.teacher_log_probs != 0,
+            grad_teacher: self.grad_teacher != 0,
+            topk_mode,
         })
     }
+}
+
+/// A top-k teacher's shape, checked.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TopkShape {
+    /// Entries per row.
+    pub k: usize,
+    /// The indices are int64 (else int32).
+    pub indices_i64: bool,
 }
 
 /// A batch's shape and dtypes, checked.
@@ -242,8 +381,11 @@ pub(crate) struct BatchShape {
     pub student_stride: usize,
     pub teacher_stride: usize,
     pub grad_stride: usize,
+    pub grad_teacher_stride: usize,
     pub dtype: Dtype,
     pub grad_dtype: Dtype,
+    /// `Some` for a top-k teacher.
+    pub topk: Option<TopkShape>,
 }
 
 impl KdfuseBatch {
@@ -267,15 +409,40 @@ impl KdfuseBatch {
             row_losses: std::ptr::null_mut(),
             loss: std::ptr::null_mut(),
             valid_rows: std::ptr::null_mut(),
+            row_weights: std::ptr::null(),
+            grad_teacher: std::ptr::null_mut(),
+            grad_teacher_stride: cols,
+            topk_indices: std::ptr::null(),
+            topk_values: std::ptr::null(),
+            topk_k: 0,
+            topk_index_dtype: KdfuseIndexDtype::I32 as i32,
+            validate_topk: 0,
         }
     }
 
-    pub(crate) fn shape(&self) -> Result<BatchShape> {
+    /// Reads a caller's batch of version 1 or 2; a version-1 batch gets the
+    /// defaults of the appended fields (no row weights, no teacher gradient,
+    /// a dense teacher).
+    ///
+    /// # Safety
+    /// As [`read_sized`].
+    pub(crate) unsafe fn read(p: *const KdfuseBatch) -> Result<KdfuseBatch> {
+        // SAFETY: the caller's contract.
+        let mut b = unsafe { read_sized("batch", p, KdfuseBatch::init(0, 0, 0), BATCH_V1_SIZE) }?;
+        if (b.size as usize) < size_of::<KdfuseBatch>() {
+            b.grad_teacher_stride = b.cols;
+        }
+        Ok(b)
+    }
+
+    /// Checks the batch against the spec it is computed with: shape, strides,
+    /// dtypes, the required pointers, and which teacher (dense or top-k).
+    pub(crate) fn shape(&self, spec: &LossSpec) -> Result<BatchShape> {
         check_size(
             "batch.size",
             self.size,
             size_of::<KdfuseBatch>(),
-            size_of::<KdfuseBatch>(),
+            BATCH_V1_SIZE,
         )?;
         let nonneg = |arg: &'static str, x: i64| -> Result<usize> {
             usize::try_from(x).or_else(|_| invalid(arg, format!("must be ≥ 0, got {x}")))
@@ -303,20 +470,95 @@ impl KdfuseBatch {
                 format!("must be the input dtype ({dt}) or f32, got {gd}"),
             );
         }
-        if self.student.is_null() || self.teacher.is_null() || self.loss.is_null() {
+        let topk = if self.topk_indices.is_null() {
+            if !self.topk_values.is_null() {
+                return invalid(
+                    "batch.topk_values",
+                    "given without batch.topk_indices (set both for a top-k teacher)",
+                );
+            }
+            None
+        } else {
+            if self.topk_values.is_null() {
+                return invalid(
+                    "batch.topk_values",
+                    "must not be NULL when batch.topk_indices is given",
+                );
+            }
+            if !self.teacher.is_null() {
+                return invalid(
+                    "batch.teacher",
+                    "must be NULL with a top-k teacher (batch.topk_indices): give one teacher",
+                );
+            }
+            if self.topk_k < 1 || self.topk_k > cols as i64 {
+                return invalid(
+                    "batch.topk_k",
+                    format!("must be in [1, V = {cols}], got {}", self.topk_k),
+                );
+            }
+            let indices_i64 = match self.topk_index_dtype {
+                0 => false,
+                1 => true,
+                d => {
+                    return invalid(
+                        "batch.topk_index_dtype",
+                        format!("{d} is not a KdfuseIndexDtype (0 int32, 1 int64)"),
+                    )
+                }
+            };
+            if !self.grad_teacher.is_null() || spec.grad_teacher {
+                return invalid(
+                    "batch.grad_teacher",
+                    "a top-k teacher is fixed data: it has no gradient (dense teachers only)",
+                );
+            }
+            Some(TopkShape {
+                k: self.topk_k as usize,
+                indices_i64,
+            })
+        };
+        if self.student.is_null() || self.loss.is_null() {
+            return invalid("batch", "student and loss pointers must not be NULL");
+        }
+        if topk.is_none() && self.teacher.is_null() {
             return invalid(
-                "batch",
-                "student, teacher and loss pointers must not be NULL",
+                "batch.teacher",
+                "must not be NULL (or give a top-k teacher: batch.topk_indices and topk_values)",
             );
         }
+        if spec.grad_teacher && self.grad_teacher.is_null() {
+            return invalid(
+                "batch.grad_teacher",
+                "must not be NULL when params.grad_teacher is set",
+            );
+        }
+        if !spec.grad_teacher && !self.grad_teacher.is_null() {
+            return invalid(
+                "batch.grad_teacher",
+                "is given but params.grad_teacher is 0 (set it to compute the teacher gradient)",
+            );
+        }
+        let teacher_stride = if topk.is_some() {
+            cols
+        } else {
+            stride("batch.teacher_stride", self.teacher_stride)?
+        };
+        let grad_teacher_stride = if self.grad_teacher.is_null() {
+            cols
+        } else {
+            stride("batch.grad_teacher_stride", self.grad_teacher_stride)?
+        };
         Ok(BatchShape {
             rows,
             cols,
             student_stride: stride("batch.student_stride", self.student_stride)?,
-            teacher_stride: stride("batch.teacher_stride", self.teacher_stride)?,
+            teacher_stride,
             grad_stride: stride("batch.grad_stride", self.grad_stride)?,
+            grad_teacher_stride,
             dtype: dt,
             grad_dtype: gd,
+            topk,
         })
     }
 }
@@ -357,5 +599,45 @@ mod tests {
             e.contains("params.divergence") && e.contains("4 soft CE"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn version_1_sizes_and_defaults_of_the_appended_fields() {
+        assert_eq!(PARAMS_V1_SIZE, 64);
+        assert_eq!(BATCH_V1_SIZE, 112);
+        // A version-1 params struct: only its 64 bytes are read.
+        let mut v1 = KdfuseParams::defaults();
+        v1.size = PARAMS_V1_SIZE as u32;
+        v1.temperature = 3.0;
+        let mut buf = [0xffu8; 64];
+        // SAFETY: both are plain data; 64 bytes of a larger struct.
+        unsafe {
+            std::ptr::copy_nonoverlapping((&v1 as *const KdfuseParams).cast(), buf.as_mut_ptr(), 64)
+        };
+        // SAFETY: `buf` holds the struct's size field and `size` bytes
+        // (the read never touches beyond them).
+        let read = unsafe {
+            read_sized(
+                "params",
+                buf.as_ptr().cast::<KdfuseParams>(),
+                KdfuseParams::defaults(),
+                PARAMS_V1_SIZE,
+            )
+        }
+        .unwrap();
+        let spec = read.to_spec().unwrap();
+        assert_eq!(spec.temperature, 3.0);
+        assert_eq!(spec.softcap, None);
+        assert_eq!(spec.topk_mode, TopkMode::Full);
+        assert!(!spec.grad_teacher && !spec.teacher_log_probs);
+        let mut p = KdfuseParams::defaults();
+        p.size = 72;
+        let e = p.to_spec().unwrap_err().to_string();
+        assert!(e.contains("params.size") && e.contains("64 or 88"), "{e}");
+        p = KdfuseParams::defaults();
+        p.softcap = 30.0;
+        p.topk_mode = KdfuseTopkMode::Tail as i32;
+        let spec = p.to_spec().unwrap();
+        assert_eq!((spec.softcap, spec.topk_mode), (Some(30.0), TopkMode::Tail));
     }
 }

@@ -3,7 +3,8 @@
 use super::{make_backend, npy, CliError};
 use clap::Args;
 use kdfuse::{
-    BackendKind, Divergence, Dtype, GradDtype, KdInputs, Logits, LossSpec, OwnedData, Reduction,
+    BackendKind, Divergence, Dtype, GradDtype, KdError, KdInputs, Logits, LossSpec, OwnedData,
+    Reduction, TopkInputs, TopkMode, TopkTeacher,
 };
 use serde_json::json;
 use std::path::PathBuf;
@@ -14,10 +15,38 @@ pub struct LossArgs {
     /// Student logits: 2-D C-order .npy [N, V], float32 or float16 (float64 is converted).
     #[arg(long, value_name = "S.npy")]
     student: PathBuf,
-    /// Teacher logits: 2-D .npy [N, V_t] with V_t ≥ V; only the first V columns
-    /// are used (a padded teacher vocabulary).
+    /// Teacher logits (or log-probs with --teacher-logprobs): 2-D .npy
+    /// [N, V_t] with V_t ≥ V; only the first V columns are used (a padded
+    /// teacher vocabulary). Give either this or the top-k pair.
     #[arg(long, value_name = "T.npy")]
-    teacher: PathBuf,
+    teacher: Option<PathBuf>,
+    /// A top-k (sparse) teacher's vocabulary indices: 2-D int32 or int64 .npy
+    /// [N, k], 1 ≤ k ≤ V, distinct within a row; with --teacher-topk-values,
+    /// instead of --teacher.
+    #[arg(long, value_name = "IDX.npy")]
+    teacher_topk_indices: Option<PathBuf>,
+    /// The top-k teacher's values at those indices: 2-D float .npy [N, k],
+    /// logits (or log-probs with --teacher-logprobs); rounded to --dtype.
+    #[arg(long, value_name = "VAL.npy")]
+    teacher_topk_values: Option<PathBuf>,
+    /// How a top-k teacher meets the student: support (both renormalised over
+    /// the k entries), full (student softmax over all V), tail (k entries plus
+    /// one tail bucket; needs --teacher-logprobs and temperature 1).
+    /// [default: full]
+    #[arg(long, value_parser = ["support", "full", "tail"])]
+    topk_mode: Option<String>,
+    /// The teacher (dense or top-k values) holds log-probabilities, not logits.
+    #[arg(long)]
+    teacher_logprobs: bool,
+    /// Soft-capping C > 0: logits x ← C·tanh(x/C) for student and teacher
+    /// before anything else (not with --teacher-logprobs).
+    #[arg(long, value_name = "C", allow_negative_numbers = true)]
+    softcap: Option<f64>,
+    /// Per-row weights: 1-D float .npy [N], finite; each row's loss (and
+    /// gradient) is multiplied by its weight, the reduction's denominator
+    /// stays the same.
+    #[arg(long, value_name = "W.npy")]
+    row_weights: Option<PathBuf>,
     /// Hard labels: 1-D int64 or int32 .npy of length N; rows equal to
     /// --ignore-index are masked out. Needed when --alpha > 0.
     #[arg(long, value_name = "L.npy")]
@@ -52,9 +81,87 @@ pub struct LossArgs {
     /// Write ∂loss/∂student as float32 .npy [N, V].
     #[arg(long, value_name = "G.npy")]
     grad: Option<PathBuf>,
+    /// Write ∂loss/∂teacher as float32 .npy [N, V] (mutual learning: the
+    /// teacher trains too); needs a dense --teacher.
+    #[arg(long, value_name = "GT.npy")]
+    grad_teacher: Option<PathBuf>,
+}
+
+/// Where the teacher comes from.
+enum TeacherSource<'a> {
+    /// Dense logits (or log-probs), `--teacher`.
+    Dense(&'a PathBuf),
+    /// The top-k pair: (indices, values).
+    Topk(&'a PathBuf, &'a PathBuf),
+}
+
+/// Exactly one of a dense teacher or the complete top-k pair.
+fn teacher_source(a: &LossArgs) -> Result<TeacherSource<'_>, CliError> {
+    let msg = |m: &str| Err(CliError::Msg(m.into()));
+    match (&a.teacher, &a.teacher_topk_indices, &a.teacher_topk_values) {
+        (Some(t), None, None) => Ok(TeacherSource::Dense(t)),
+        (None, Some(i), Some(v)) => Ok(TeacherSource::Topk(i, v)),
+        (Some(_), _, _) => msg(
+            "--teacher and --teacher-topk-indices/--teacher-topk-values exclude each other: \
+             give a dense teacher or a top-k pair",
+        ),
+        (None, Some(_), None) => msg("--teacher-topk-indices needs --teacher-topk-values"),
+        (None, None, Some(_)) => msg("--teacher-topk-values needs --teacher-topk-indices"),
+        (None, None, None) => msg(
+            "a teacher is required: --teacher T.npy, or --teacher-topk-indices with \
+             --teacher-topk-values",
+        ),
+    }
+}
+
+/// The library's name of an argument, as the CLI spells the flag.
+fn flag_of(arg: &str) -> Option<&'static str> {
+    Some(match arg {
+        "teacher_topk_indices" => "--teacher-topk-indices",
+        "teacher_topk_values" => "--teacher-topk-values",
+        "k" => "--teacher-topk-indices",
+        "row_weights" => "--row-weights",
+        "softcap" => "--softcap",
+        "topk_mode" => "--topk-mode",
+        "grad_teacher" => "--grad-teacher",
+        _ => return None,
+    })
+}
+
+/// A library error, with the argument renamed to its CLI flag where there is one.
+fn flagged(e: KdError) -> CliError {
+    match e {
+        KdError::InvalidArgument { arg, msg } => match flag_of(arg) {
+            Some(flag) => CliError::Msg(format!("invalid argument `{flag}`: {msg}")),
+            None => CliError::Kd(KdError::InvalidArgument { arg, msg }),
+        },
+        e => CliError::Kd(e),
+    }
 }
 
 pub fn run(a: LossArgs) -> Result<ExitCode, CliError> {
+    let source = teacher_source(&a)?;
+    let topk = matches!(source, TeacherSource::Topk(..));
+    if topk && a.grad_teacher.is_some() {
+        return Err(CliError::Msg(
+            "--grad-teacher needs a dense --teacher (a top-k teacher is fixed data)".into(),
+        ));
+    }
+    if !topk && a.topk_mode.is_some() {
+        return Err(CliError::Msg(
+            "--topk-mode needs a top-k teacher (--teacher-topk-indices and --teacher-topk-values)"
+                .into(),
+        ));
+    }
+    let topk_mode: TopkMode = match &a.topk_mode {
+        Some(m) => m.parse().map_err(CliError::Msg)?,
+        None => TopkMode::default(),
+    };
+    if topk && topk_mode == TopkMode::Tail && !a.teacher_logprobs {
+        return Err(CliError::Msg(
+            "--topk-mode tail needs --teacher-logprobs (the top-k values as log-probs)".into(),
+        ));
+    }
     let spec = LossSpec {
         divergence: a.divergence.parse::<Divergence>().map_err(CliError::Msg)?,
         beta: a.beta,
@@ -64,24 +171,19 @@ pub fn run(a: LossArgs) -> Result<ExitCode, CliError> {
         ignore_index: a.ignore_index,
         reduction: a.reduction.parse::<Reduction>().map_err(CliError::Msg)?,
         grad_scale: 1.0,
-        ..LossSpec::default()
+        softcap: a.softcap,
+        teacher_log_probs: a.teacher_logprobs,
+        grad_teacher: a.grad_teacher.is_some(),
+        topk_mode,
     };
     let dtype: Dtype = a.dtype.parse().map_err(CliError::Msg)?;
     let kind: BackendKind = a.backend.parse().map_err(CliError::Msg)?;
-    spec.validate(a.labels.is_some())?;
+    spec.validate(a.labels.is_some()).map_err(flagged)?;
+    if topk {
+        spec.validate_topk().map_err(flagged)?;
+    }
 
     let (s, n, v) = npy::read_matrix(&a.student, "--student")?;
-    let (t, tn, tv) = npy::read_matrix(&a.teacher, "--teacher")?;
-    if tn != n {
-        return Err(CliError::Msg(format!(
-            "shape mismatch: --student has {n} rows, --teacher {tn}"
-        )));
-    }
-    if tv < v {
-        return Err(CliError::Msg(format!(
-            "shape mismatch: --teacher has {tv} columns, fewer than the student's {v}"
-        )));
-    }
     if v == 0 {
         return Err(CliError::Msg(
             "--student has no columns (V must be ≥ 1)".into(),
@@ -100,18 +202,112 @@ pub fn run(a: LossArgs) -> Result<ExitCode, CliError> {
         }
         None => None,
     };
-    let sd = OwnedData::from_f32(&s, dtype);
-    let td = OwnedData::from_f32(&t, dtype);
-    let inputs = KdInputs {
-        student: Logits::new(sd.view(), n, v),
-        teacher: Logits::strided(td.view(), n, v, tv),
-        labels: labels.as_deref(),
-        row_weights: None,
+    let row_weights = match &a.row_weights {
+        Some(p) => {
+            let w = npy::read_vector(p, "--row-weights")?;
+            if w.len() != n {
+                return Err(CliError::Msg(format!(
+                    "shape mismatch: --row-weights has {} entries for {n} rows",
+                    w.len()
+                )));
+            }
+            Some(w)
+        }
+        None => None,
     };
-    inputs.validate(spec.ignore_index)?;
-    let backend = make_backend(kind)?;
-    let out = backend.compute(&inputs, &spec, a.grad.as_ref().map(|_| GradDtype::F32))?;
-    if let (Some(path), Some(g)) = (&a.grad, &out.grad) {
+    let sd = OwnedData::from_f32(&s, dtype);
+    let student = Logits::new(sd.view(), n, v);
+    let want_grad = (a.grad.is_some() || a.grad_teacher.is_some()).then_some(GradDtype::F32);
+    let backend;
+    let out;
+    let mut teacher_json = json!({ "teacher": "dense" });
+    match source {
+        TeacherSource::Dense(tpath) => {
+            let (t, tn, tv) = npy::read_matrix(tpath, "--teacher")?;
+            if tn != n {
+                return Err(CliError::Msg(format!(
+                    "shape mismatch: --student has {n} rows, --teacher {tn}"
+                )));
+            }
+            if tv < v {
+                return Err(CliError::Msg(format!(
+                    "shape mismatch: --teacher has {tv} columns, fewer than the student's {v}"
+                )));
+            }
+            let td = OwnedData::from_f32(&t, dtype);
+            let inputs = KdInputs {
+                student,
+                teacher: Logits::strided(td.view(), n, v, tv),
+                labels: labels.as_deref(),
+                row_weights: row_weights.as_deref(),
+            };
+            inputs.validate(spec.ignore_index).map_err(flagged)?;
+            backend = make_backend(kind)?;
+            out = backend.compute(&inputs, &spec, want_grad)?;
+        }
+        TeacherSource::Topk(ipath, vpath) => {
+            let (idx, ni, ki) = npy::read_index_matrix(ipath, "--teacher-topk-indices")?;
+            let (vals, vshape) = npy::read_array(vpath, "--teacher-topk-values")?;
+            if vshape.len() != 2 {
+                return Err(CliError::Msg(format!(
+                    "{}: --teacher-topk-values must be 2-D [N, k], got shape {vshape:?}",
+                    vpath.display()
+                )));
+            }
+            if vshape != [ni, ki] {
+                return Err(CliError::Msg(format!(
+                    "shape mismatch: --teacher-topk-indices is [{ni}, {ki}], \
+                     --teacher-topk-values [{}, {}]",
+                    vshape[0], vshape[1]
+                )));
+            }
+            if ni != n {
+                return Err(CliError::Msg(format!(
+                    "shape mismatch: --student has {n} rows, --teacher-topk-indices {ni}"
+                )));
+            }
+            if ki == 0 || ki > v {
+                return Err(CliError::Msg(format!(
+                    "--teacher-topk-indices: k = {ki} must be in [1, V = {v}]"
+                )));
+            }
+            let vd = OwnedData::from_f32(&vals, dtype);
+            let inputs = TopkInputs {
+                student,
+                teacher: TopkTeacher {
+                    indices: idx.view(),
+                    values: vd.view(),
+                    k: ki,
+                },
+                labels: labels.as_deref(),
+                row_weights: row_weights.as_deref(),
+            };
+            inputs.validate(spec.ignore_index).map_err(flagged)?;
+            backend = make_backend(kind)?;
+            out = backend.compute_topk(&inputs, &spec, want_grad)?;
+            teacher_json = json!({
+                "teacher": "topk",
+                "k": ki,
+                "topk_mode": spec.topk_mode.as_str(),
+            });
+        }
+    }
+    if let Some(path) = &a.grad {
+        let g = out.grad.as_ref().ok_or_else(|| {
+            CliError::Msg(format!(
+                "backend {} returned no gradient for --grad",
+                backend.name()
+            ))
+        })?;
+        npy::write_matrix(path, g, n, v)?;
+    }
+    if let Some(path) = &a.grad_teacher {
+        let g = out.grad_teacher.as_ref().ok_or_else(|| {
+            CliError::Msg(format!(
+                "backend {} returned no teacher gradient for --grad-teacher",
+                backend.name()
+            ))
+        })?;
         npy::write_matrix(path, g, n, v)?;
     }
     let loss = if spec.reduction == Reduction::None {
@@ -123,7 +319,8 @@ pub fn run(a: LossArgs) -> Result<ExitCode, CliError> {
     } else {
         json_num(out.loss)
     };
-    let report = json!({
+    let path_json = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+    let mut report = json!({
         "loss": loss,
         "rows": n,
         "cols": v,
@@ -134,8 +331,15 @@ pub fn run(a: LossArgs) -> Result<ExitCode, CliError> {
         "reduction": spec.reduction.as_str(),
         "temperature": spec.temperature,
         "alpha": spec.alpha,
-        "grad": a.grad.as_ref().map(|p| p.display().to_string()),
+        "softcap": spec.softcap,
+        "teacher_logprobs": spec.teacher_log_probs,
+        "row_weights": path_json(&a.row_weights),
+        "grad": path_json(&a.grad),
+        "grad_teacher": path_json(&a.grad_teacher),
     });
+    if let (Some(r), Some(t)) = (report.as_object_mut(), teacher_json.as_object()) {
+        r.extend(t.clone());
+    }
     println!("{report}");
     Ok(ExitCode::SUCCESS)
 }

@@ -71,6 +71,65 @@ pub fn read_labels(path: &Path, arg: &str) -> Result<Vec<i64>, CliError> {
     }
 }
 
+/// Top-k teacher indices as read from a file, in their own dtype.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Indices {
+    /// int32 indices.
+    I32(Vec<i32>),
+    /// int64 indices.
+    I64(Vec<i64>),
+}
+
+impl Indices {
+    /// A borrowed view for the library.
+    pub fn view(&self) -> kdfuse::TopkIndices<'_> {
+        match self {
+            Indices::I32(d) => kdfuse::TopkIndices::I32(d),
+            Indices::I64(d) => kdfuse::TopkIndices::I64(d),
+        }
+    }
+}
+
+/// A 2-D int32 or int64 array, its dtype kept: (indices, rows, cols).
+pub fn read_index_matrix(path: &Path, arg: &str) -> Result<(Indices, usize, usize), CliError> {
+    let npy = open(path, arg)?;
+    let shape = npy.shape().to_vec();
+    if shape.len() != 2 {
+        return Err(err(
+            path,
+            format!("{arg} must be 2-D [N, k], got shape {shape:?}"),
+        ));
+    }
+    let (rows, cols) = (shape[0] as usize, shape[1] as usize);
+    let rd = |e: std::io::Error| err(path, format!("reading {arg}: {e}"));
+    let data = match type_of(&npy) {
+        Some((TypeChar::Int, 8)) => Indices::I64(npy.into_vec::<i64>().map_err(rd)?),
+        Some((TypeChar::Int, 4)) => Indices::I32(npy.into_vec::<i32>().map_err(rd)?),
+        _ => {
+            return Err(err(
+                path,
+                format!(
+                    "{arg} has unsupported dtype {} (expected int32 or int64)",
+                    npy.dtype().descr()
+                ),
+            ))
+        }
+    };
+    Ok((data, rows, cols))
+}
+
+/// A 1-D float array as f32 values (f16 exact, f64 rounded).
+pub fn read_vector(path: &Path, arg: &str) -> Result<Vec<f32>, CliError> {
+    let (data, shape) = read_array(path, arg)?;
+    if shape.len() != 1 {
+        return Err(err(
+            path,
+            format!("{arg} must be 1-D [N], got shape {shape:?}"),
+        ));
+    }
+    Ok(data)
+}
+
 /// Writes a 2-D f32 array.
 pub fn write_matrix(path: &Path, data: &[f32], rows: usize, cols: usize) -> Result<(), CliError> {
     write_array(path, data, &[rows, cols])

@@ -1,9 +1,15 @@
 /* abi_test.c — the C ABI from C: computes a JSD + hard-label loss and its
  * gradient on the CPU backend (kdfuse_compute_host) and compares them with
  * the f64 oracle's values, passed by tests/c_abi.rs as argv[1] (loss) and
- * argv[2] (the gradient's L2 norm); then checks the error paths. Prints
- * "abi_test: ok" and exits 0 when everything holds. */
+ * argv[2] (the gradient's L2 norm); the same through version-1 (smaller)
+ * structs; then checks the error paths, those of the version-2 fields
+ * included. With five more arguments it also checks the version-2 fields
+ * numerically: argv[3..5] the loss, gradient norm and teacher-gradient norm
+ * with soft-capping, row weights and the teacher gradient; argv[6..7] the
+ * loss and gradient norm with a top-k teacher. Prints "abi_test: ok" and
+ * exits 0 when everything holds. */
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -13,6 +19,45 @@
 
 #define N 5
 #define V 37
+#define K 4
+
+/* The version-1 structs, as a program built against the version-1 header
+ * has them: the version-2 structs only append. */
+typedef struct {
+  uint32_t size;
+  uint32_t version;
+  int32_t divergence;
+  int32_t reduction;
+  double beta;
+  double temperature;
+  double alpha;
+  double grad_scale;
+  int64_t ignore_index;
+  int32_t t2_scaling;
+  int32_t reserved;
+} ParamsV1;
+
+typedef struct {
+  uint32_t size;
+  uint32_t version;
+  int64_t rows;
+  int64_t cols;
+  int64_t student_stride;
+  int64_t teacher_stride;
+  int64_t grad_stride;
+  int32_t dtype;
+  int32_t grad_dtype;
+  const void* student;
+  const void* teacher;
+  const int64_t* labels;
+  void* grad;
+  float* row_losses;
+  float* loss;
+  int32_t* valid_rows;
+} BatchV1;
+
+_Static_assert(sizeof(ParamsV1) == offsetof(KdfuseParams, softcap), "params v1 is a prefix");
+_Static_assert(sizeof(BatchV1) == offsetof(KdfuseBatch, row_weights), "batch v1 is a prefix");
 
 static int failures = 0;
 
@@ -35,9 +80,25 @@ static void lcg(uint64_t seed, float* out, int n) {
   }
 }
 
+static double norm(const float* x, int n) {
+  double s2 = 0.0;
+  for (int i = 0; i < n; i++) s2 += (double)x[i] * x[i];
+  return sqrt(s2);
+}
+
+/* The call failed with InvalidArgument and a message containing `field`. */
+#define CHECK_INVALID(call, field, what)                                                   \
+  do {                                                                                     \
+    KdfuseStatus st_ = (call);                                                             \
+    CHECK(st_ == KDFUSE_STATUS_INVALID_ARGUMENT && strstr(kdfuse_last_error(), (field)), \
+          "%s: status %d: %s", (what), (int)st_, kdfuse_last_error());                     \
+  } while (0)
+
 int main(int argc, char** argv) {
-  if (argc != 3) {
-    fprintf(stderr, "usage: abi_test EXPECTED_LOSS EXPECTED_GRAD_NORM\n");
+  if (argc != 3 && argc != 8) {
+    fprintf(stderr,
+            "usage: abi_test LOSS GRAD_NORM [CAP_LOSS CAP_GRAD_NORM CAP_GRAD_TEACHER_NORM "
+            "TOPK_LOSS TOPK_GRAD_NORM]\n");
     return 2;
   }
   const double want_loss = strtod(argv[1], NULL), want_gnorm = strtod(argv[2], NULL);
@@ -131,6 +192,173 @@ int main(int argc, char** argv) {
   st = kdfuse_compute_host(&b, &p);
   CHECK(st == KDFUSE_STATUS_OK && kdfuse_last_error()[0] == '\0', "message after success: %s",
         kdfuse_last_error());
+
+  /* Version-1 structs (a program built against the version-1 header): the
+   * appended fields take their defaults; the same result. */
+  {
+    ParamsV1 p1;
+    memcpy(&p1, &p, sizeof p1);
+    p1.size = sizeof p1;
+    p1.version = 1;
+    BatchV1 b1;
+    memcpy(&b1, &b, sizeof b1);
+    b1.size = sizeof b1;
+    b1.version = 1;
+    float loss1 = NAN;
+    b1.loss = &loss1;
+    st = kdfuse_compute_host((const KdfuseBatch*)&b1, (const KdfuseParams*)&p1);
+    CHECK(st == KDFUSE_STATUS_OK, "v1 structs: status %d: %s", (int)st, kdfuse_last_error());
+    CHECK(loss1 == loss, "v1 structs: loss %.9g, v2 %.9g", loss1, loss);
+    /* v1 params with a v2 batch and the other way round. */
+    loss1 = NAN;
+    KdfuseBatch b2 = b;
+    b2.loss = &loss1;
+    st = kdfuse_compute_host(&b2, (const KdfuseParams*)&p1);
+    CHECK(st == KDFUSE_STATUS_OK && loss1 == loss, "v1 params, v2 batch: %d %.9g", (int)st, loss1);
+    loss1 = NAN;
+    st = kdfuse_compute_host((const KdfuseBatch*)&b1, &p);
+    CHECK(st == KDFUSE_STATUS_OK && loss1 == loss, "v2 params, v1 batch: %d %.9g", (int)st, loss1);
+    /* A size between the versions cuts a field: refused. */
+    KdfuseParams pm = p;
+    pm.size = (uint32_t)(sizeof(ParamsV1) + 8);
+    CHECK_INVALID(kdfuse_compute_host(&b, &pm), "params.size", "size between versions");
+  }
+  CHECK(p.topk_mode == KDFUSE_TOPK_MODE_FULL && p.softcap == 0.0 && p.grad_teacher == 0 &&
+            p.teacher_log_probs == 0,
+        "version-2 params defaults");
+  CHECK(b.row_weights == NULL && b.grad_teacher == NULL && b.grad_teacher_stride == V &&
+            b.topk_indices == NULL && b.topk_values == NULL &&
+            b.topk_index_dtype == KDFUSE_INDEX_DTYPE_I32 && b.validate_topk == 0,
+        "version-2 batch defaults");
+
+  /* The version-2 fields' errors name the field. */
+  static float gt[N * V];
+  static int64_t idx[N * K];
+  static float vals[N * K];
+  for (int r = 0; r < N; r++) {
+    for (int i = 0; i < K; i++) {
+      const int j = (r * 7 + i * 5) % V; /* distinct within a row */
+      idx[r * K + i] = j;
+      vals[r * K + i] = t[r * V + j];
+    }
+  }
+  {
+    KdfuseParams pp = p;
+    pp.softcap = -1.0;
+    CHECK_INVALID(kdfuse_compute_host(&b, &pp), "softcap", "negative softcap");
+    pp = p;
+    pp.topk_mode = 7;
+    CHECK_INVALID(kdfuse_compute_host(&b, &pp), "topk_mode", "bad topk_mode");
+    pp = p;
+    pp.grad_teacher = 1;
+    CHECK_INVALID(kdfuse_compute_host(&b, &pp), "grad_teacher", "grad_teacher flag, NULL buffer");
+    bb = b;
+    bb.grad_teacher = gt;
+    CHECK_INVALID(kdfuse_compute_host(&bb, &p), "grad_teacher", "grad_teacher buffer, flag 0");
+    pp = p;
+    pp.grad_teacher = 1;
+    bb.grad_teacher_stride = V - 1;
+    CHECK_INVALID(kdfuse_compute_host(&bb, &pp), "grad_teacher_stride", "short teacher-grad stride");
+    const float short_weights[N] = {1, 1, NAN, 1, 1};
+    bb = b;
+    bb.row_weights = short_weights;
+    CHECK_INVALID(kdfuse_compute_host(&bb, &p), "row_weights", "NaN row weight");
+
+    KdfuseBatch tb = b;
+    tb.teacher = NULL;
+    tb.topk_indices = idx;
+    tb.topk_index_dtype = KDFUSE_INDEX_DTYPE_I64;
+    tb.topk_values = vals;
+    tb.topk_k = K;
+    pp = p;
+    pp.divergence = KDFUSE_DIVERGENCE_FORWARD_KL;
+    bb = tb;
+    bb.topk_values = NULL;
+    CHECK_INVALID(kdfuse_compute_host(&bb, &pp), "topk_values", "indices without values");
+    bb = tb;
+    bb.topk_indices = NULL;
+    CHECK_INVALID(kdfuse_compute_host(&bb, &pp), "topk_values", "values without indices");
+    bb = tb;
+    bb.teacher = t;
+    CHECK_INVALID(kdfuse_compute_host(&bb, &pp), "teacher", "dense and top-k teacher");
+    bb = tb;
+    bb.topk_k = V + 1;
+    CHECK_INVALID(kdfuse_compute_host(&bb, &pp), "topk_k", "k > V");
+    bb = tb;
+    bb.topk_index_dtype = 5;
+    CHECK_INVALID(kdfuse_compute_host(&bb, &pp), "topk_index_dtype", "bad index dtype");
+    static int64_t dup[N * K];
+    memcpy(dup, idx, sizeof dup);
+    dup[3 * K + 2] = dup[3 * K];
+    bb = tb;
+    bb.topk_indices = dup;
+    CHECK_INVALID(kdfuse_compute_host(&bb, &pp), "topk_indices", "duplicate index");
+    CHECK(strstr(kdfuse_last_error(), "row 3") != NULL, "duplicate index names row 3: %s",
+          kdfuse_last_error());
+    static int64_t oor[N * K];
+    memcpy(oor, idx, sizeof oor);
+    oor[K + 1] = V;
+    bb = tb;
+    bb.topk_indices = oor;
+    CHECK_INVALID(kdfuse_compute_host(&bb, &pp), "topk_indices", "index out of range");
+    CHECK(strstr(kdfuse_last_error(), "row 1") != NULL, "out-of-range index names row 1: %s",
+          kdfuse_last_error());
+    pp.grad_teacher = 1;
+    bb = tb;
+    bb.grad_teacher = gt;
+    CHECK_INVALID(kdfuse_compute_host(&bb, &pp), "grad_teacher", "teacher gradient of top-k");
+    pp = p;
+    CHECK_INVALID(kdfuse_compute_host(&tb, &pp), "forward-kl", "JSD with a top-k teacher");
+  }
+
+  if (argc == 8) {
+    /* Soft-capping, row weights and the teacher gradient. */
+    const double want_cap_loss = strtod(argv[3], NULL), want_cap_gnorm = strtod(argv[4], NULL),
+                 want_gtnorm = strtod(argv[5], NULL);
+    const float weights[N] = {0.5f, 0.75f, 1.0f, 1.25f, 1.5f};
+    KdfuseParams pc = p;
+    pc.softcap = 4.0;
+    pc.grad_teacher = 1;
+    KdfuseBatch bc = b;
+    bc.row_weights = weights;
+    bc.grad_teacher = gt;
+    for (int i = 0; i < N * V; i++) grad[i] = gt[i] = NAN;
+    float cap_loss = NAN;
+    bc.loss = &cap_loss;
+    st = kdfuse_compute_host(&bc, &pc);
+    CHECK(st == KDFUSE_STATUS_OK, "softcap/weights/grad_teacher: status %d: %s", (int)st,
+          kdfuse_last_error());
+    CHECK(fabs(cap_loss - want_cap_loss) <= 1e-5 * fabs(want_cap_loss), "capped loss %.9g, oracle %.9g",
+          cap_loss, want_cap_loss);
+    CHECK(fabs(norm(grad, N * V) - want_cap_gnorm) <= 1e-5 * want_cap_gnorm,
+          "capped grad norm %.9g, oracle %.9g", norm(grad, N * V), want_cap_gnorm);
+    CHECK(fabs(norm(gt, N * V) - want_gtnorm) <= 1e-5 * want_gtnorm,
+          "teacher grad norm %.9g, oracle %.9g", norm(gt, N * V), want_gtnorm);
+
+    /* A top-k teacher (int32 indices, full mode). */
+    const double want_topk_loss = strtod(argv[6], NULL), want_topk_gnorm = strtod(argv[7], NULL);
+    static int32_t idx32[N * K];
+    for (int i = 0; i < N * K; i++) idx32[i] = (int32_t)idx[i];
+    KdfuseParams pk = p;
+    pk.divergence = KDFUSE_DIVERGENCE_FORWARD_KL;
+    pk.topk_mode = KDFUSE_TOPK_MODE_FULL;
+    KdfuseBatch bk = b;
+    bk.teacher = NULL;
+    bk.topk_indices = idx32;
+    bk.topk_index_dtype = KDFUSE_INDEX_DTYPE_I32;
+    bk.topk_values = vals;
+    bk.topk_k = K;
+    for (int i = 0; i < N * V; i++) grad[i] = NAN;
+    float topk_loss = NAN;
+    bk.loss = &topk_loss;
+    st = kdfuse_compute_host(&bk, &pk);
+    CHECK(st == KDFUSE_STATUS_OK, "top-k: status %d: %s", (int)st, kdfuse_last_error());
+    CHECK(fabs(topk_loss - want_topk_loss) <= 1e-5 * fabs(want_topk_loss),
+          "top-k loss %.9g, oracle %.9g", topk_loss, want_topk_loss);
+    CHECK(fabs(norm(grad, N * V) - want_topk_gnorm) <= 1e-5 * want_topk_gnorm,
+          "top-k grad norm %.9g, oracle %.9g", norm(grad, N * V), want_topk_gnorm);
+    printf("abi_test: version-2 fields checked\n");
+  }
 
   /* CUDA: a context on a machine without a GPU is a clean status. */
   KdfuseContext* ctx = NULL;
