@@ -564,7 +564,7 @@ pub fn run_case(backend: &dyn Backend, config: &CaseConfig) -> Result<CaseReport
     let (reference, scales) = match &topk {
         Some(ti) => (
             Oracle.compute_topk(ti, &spec, Some(config.grad_dtype))?,
-            Oracle.topk_row_scales(ti, &spec),
+            Oracle.row_scales_topk(ti, &spec),
         ),
         None => (
             Oracle.compute_resolving_ties(&inputs, &spec, Some(config.grad_dtype), &out)?,

@@ -656,12 +656,3 @@ impl Backend for Oracle {
         ))
     }
 }
-
-impl Oracle {
-    /// Each row's first-order magnitude of a top-k case (see
-    /// [`Oracle::row_scales`]).
-    pub fn topk_row_scales(&self, inputs: &crate::tensor::TopkInputs, _spec: &LossSpec) -> Vec<f64> {
-        // Placeholder until the top-k oracle lands.
-        vec![1.0; inputs.student.rows]
-    }
-}
