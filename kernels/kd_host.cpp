@@ -121,6 +121,9 @@ float host_topk_row(const T* s, const I* idx, const T* vals, long long y, int ha
   std::vector<char> on(V, 0);
   for (int i = 0; i < k; ++i) on[(size_t)idx[i]] = 1;
 
+  // Tail mode keeps the support's student statistics in s1 (kd_tail_finish).
+  const bool tail = mode == KD_TOPK_TAIL;
+  const bool ce1 = with_ce && !tail;
   KdPass1 lanes[KD_LANES];
   for (int l = 0; l < KD_LANES; ++l) lanes[l] = kd_pass1_init();
   for (int j = 0; j < V; ++j) {
@@ -128,30 +131,18 @@ float host_topk_row(const T* s, const I* idx, const T* vals, long long y, int ha
     if (mode == KD_TOPK_SUPPORT) {
       if (with_ce) kd_stat_push(lanes[j % KD_LANES].s1, S(j) * KD_LOG2E);
     } else {
-      kd_pass1_push<KD_DIV_FKL>(lanes[j % KD_LANES], S(j), KD_NEG_INF, P, with_ce);
+      kd_pass1_push<KD_DIV_FKL>(lanes[j % KD_LANES], S(j), KD_NEG_INF, P, ce1);
     }
   }
-  for (int i = 0; i < k; ++i)
-    kd_pass1_push<KD_DIV_FKL>(lanes[i % KD_LANES], S(idx[i]), Vv(i), P, with_ce);
+  for (int i = 0; i < k; ++i) {
+    kd_pass1_push<KD_DIV_FKL>(lanes[i % KD_LANES], S(idx[i]), Vv(i), P, ce1);
+    if (tail) kd_stat_push(lanes[i % KD_LANES].s1, S(idx[i]) * KD_LOG2E);
+  }
   for (int off = KD_LANES / 2; off > 0; off >>= 1)
     for (int l = 0; l < off; ++l) kd_pass1_merge<KD_DIV_FKL>(lanes[l], lanes[l + off], P);
   KdRow r = kd_row_finish<KD_DIV_FKL>(lanes[0], P);
 
-  if (mode == KD_TOPK_TAIL) {
-    KdKahan ps[KD_LANES], kls[KD_LANES];
-    for (int l = 0; l < KD_LANES; ++l) ps[l] = kls[l] = kd_kahan_init();
-    for (int i = 0; i < k; ++i) {
-      const KdTailTerm term = kd_tail_term(S(idx[i]), Vv(i), r, P);
-      kd_kahan_add(ps[i % KD_LANES], term.p);
-      kd_kahan_add(kls[i % KD_LANES], term.kl);
-    }
-    for (int off = KD_LANES / 2; off > 0; off >>= 1)
-      for (int l = 0; l < off; ++l) {
-        ps[l].sum += ps[l + off].sum;
-        kls[l].sum += kls[l + off].sum;
-      }
-    kd_tail_finish(r, lanes[0].hole, ps[0].sum, kls[0].sum);
-  }
+  if (tail) kd_tail_finish(r, lanes[0]);
 
   const float nan = kd_bits_to_f32(0x7fc00000u);
   if (grad) {

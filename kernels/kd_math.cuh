@@ -484,7 +484,9 @@ KD_HD KdRow kd_row_finish(const KdPass1& st, const KdParams& P) {
     dmp = log1pf(ratio) * KD_LOG2E;
     r.dlt = DIV == KD_DIV_RKL ? -dmp : dmp;
   } else {
-    r.dlt = ((r.m_s + r.l_s) - (r.m_t + r.l_t)) - c_ref * P.scale2;
+    // The lse difference as the log of a ratio of sums: a difference of
+    // the two L values (up to log2 V each) would cost it their roundings.
+    r.dlt = (log2f((1.0f + ss.z) / (1.0f + ts.z)) + (r.m_s - r.m_t)) - c_ref * P.scale2;
     dmp = DIV == KD_DIV_RKL ? -r.dlt : r.dlt;
   }
   r.ubar = st.acc1 / zm;
@@ -730,37 +732,42 @@ KD_HD float kd_grad_teacher_elem(float s, float t, const KdRow& r, const KdParam
 // support's (s_i, v_i) pairs pushed as gathered; `support` pushes the pairs
 // only (the student's statistics then cover I: q̃), plus the off-support
 // student into the hard CE's statistics. `tail` (τ = 1, log-prob values)
-// adds a pass over I for Σ P_i and Σ P_i (v_i − ln q_i), P_i = e^{v_i}; the
-// student's off-support mass Q_tail comes from pass 1's `hole` statistics.
+// runs `full`'s pass 1 and rescales its KL (kd_tail_finish); the student's
+// off-support mass Q_tail comes from pass 1's `hole` statistics.
 
-// One support element's share of the tail-mode sums: P_i and
-// P_i (ln P_i − ln q_i) (nats; 0 where P_i = 0, +inf where only q_i is 0).
-struct KdTailTerm {
-  float p;
-  float kl;
-};
-
-KD_HD KdTailTerm kd_tail_term(float s, float v, const KdRow& r, const KdParams& P) {
-  const float pi = expf(v);
-  if (pi == 0.0f) return KdTailTerm{0.0f, 0.0f};
-  const float lq = KD_LN2 * ((s * P.scale2 - r.m_s) - r.l_s);
-  return KdTailTerm{pi, pi * (v - lq)};
+// Σ 2^x of stat `a` relative to Σ 2^x of stat `b` (b not empty), as a ratio
+// of the (1 + z) sums: no difference of lse values of magnitude ~log V.
+KD_HD float kd_stat_ratio(KdStat a, KdStat b) {
+  if (a.m == KD_NEG_INF) return 0.0f;
+  return (1.0f + a.z) / (1.0f + b.z) * exp2f(a.m - b.m);
 }
 
-// The row's tail-mode KL from the support sums and the off-support student
-// statistics `hole`: P_tail = 1 − Σ P_i (0 below 1e-6, the rounding of a
-// full support), Q_tail = Σ_{j∉I} q_j. Keeps P_tail / Q_tail for the gradient.
-KD_HD void kd_tail_finish(KdRow& r, KdStat hole, float p_sum, float kl_sum) {
-  float p_tail = 1.0f - p_sum;
+// The row's tail-mode KL from the merged pass-1 state `st` (τ = 1, values
+// log-probs: the support's teacher statistics give S = Σ P_i and p̃ = P/S).
+// With pass 1 run as `full` mode, r.kl = KL(p̃‖q) over the support, kept to
+// its own digits by the reference machinery, and
+//   D = S·(KL(p̃‖q) + ln S) + P_tail (ln P_tail − ln Q_tail),
+// P_tail = 1 − S (0 below 1e-6, the rounding of a full support). Summing
+// P_i (v_i − ln q_i) directly would lose the digits of log-probs of
+// magnitude ~ln V. Q_tail = Σ_{j∉I} q_j comes from the off-support student
+// statistics (`hole`), or as 1 − Q_I from the support's while Q_I ≤ ½; at
+// τ = 1 the hard CE's student statistics are the main ones, so pass 1 keeps
+// the support's student statistics in `s1` instead (restored here). Keeps
+// P_tail / Q_tail for the gradient.
+KD_HD void kd_tail_finish(KdRow& r, const KdPass1& st) {
+  r.m_1 = r.m_s;
+  r.l_1 = r.l_s;
+  const float S = st.main.m == KD_NEG_INF ? 0.0f : (1.0f + st.main.z) * exp2f(st.main.m);
+  float p_tail = 1.0f - S;
   if (p_tail < 1e-6f) p_tail = 0.0f;
-  r.kl = kl_sum;
+  r.kl = S > 0.0f ? S * (r.kl + logf(S)) : 0.0f;
   r.tail = 0.0f;
   if (p_tail > 0.0f) {
-    // log2 Q_tail = lse2(hole) − lse2(student); −inf when the support holds all.
-    const float lq2 = hole.m == KD_NEG_INF ? KD_NEG_INF
-                                          : (hole.m + kd_stat_l(hole)) - (r.m_s + r.l_s);
-    r.kl += p_tail * (logf(p_tail) - KD_LN2 * lq2);
-    r.tail = p_tail / exp2f(lq2);
+    const float q_on = kd_stat_ratio(st.s1, st.other);
+    // ln Q_tail; −inf when the support holds all the student's mass.
+    const float lq = q_on <= 0.5f ? log1pf(-q_on) : logf(kd_stat_ratio(st.hole, st.other));
+    r.kl += p_tail * (logf(p_tail) - lq);
+    r.tail = p_tail / expf(lq);
   }
 }
 

@@ -10,7 +10,7 @@
 //           only the hard CE's (support); the k support pairs (s_i, v_i) are
 //           gathered and pushed as a dense teacher's would be. The block
 //           merge and row finish are the dense kernel's (kd_math.cuh).
-//   tail:   a pass over the k pairs for Σ P_i and Σ P_i (v_i − ln q_i).
+//   tail:   full mode's statistics, rescaled (kd_tail_finish).
 //   last:   off-support gradients from a student sweep, support gradients
 //           from the gathered pairs (each element written once, by the
 //           thread that read it, so the gradient may overwrite the student).
@@ -70,7 +70,6 @@ __device__ void kd_topk_body(const Tin* s, long long s_stride, const I* idx, con
                              long long g_stride, float* row_loss, const int* valid_count,
                              long long n_rows, KdParams P, uint32_t* bits) {
   __shared__ KdPass1 red[KD_TOPK_THREADS / 32];
-  __shared__ float2 red2[KD_TOPK_THREADS / 32];
   __shared__ int flag;
   const int V = P.vocab, k = P.topk_k, mode = P.topk_mode;
   const long long valid = valid_count ? (long long)*valid_count : n_rows;
@@ -102,6 +101,9 @@ __device__ void kd_topk_body(const Tin* s, long long s_stride, const I* idx, con
       continue;
     }
 
+    // Tail mode keeps the support's student statistics in s1 (kd_tail_finish).
+    const bool tail = mode == KD_TOPK_TAIL;
+    const bool ce1 = with_ce && !tail;
     KdPass1 st = kd_pass1_init();
     if (mode != KD_TOPK_SUPPORT || with_ce) {
       kd_sweep(srow, srow, V, [&](int j, float sv, float) {
@@ -110,29 +112,20 @@ __device__ void kd_topk_body(const Tin* s, long long s_stride, const I* idx, con
         if (mode == KD_TOPK_SUPPORT)
           kd_stat_push(st.s1, sv * KD_LOG2E);
         else
-          kd_pass1_push<KD_DIV_FKL>(st, sv, KD_NEG_INF, P, with_ce);
+          kd_pass1_push<KD_DIV_FKL>(st, sv, KD_NEG_INF, P, ce1);
       });
     }
     for (int i = threadIdx.x; i < k; i += blockDim.x) {
       const float sv = kd_softcap(kd_to_f32(srow[kd_index(irow, i)]), P);
-      kd_pass1_push<KD_DIV_FKL>(st, sv, kd_softcap(kd_to_f32(vrow[i]), P), P, with_ce);
+      kd_pass1_push<KD_DIV_FKL>(st, sv, kd_softcap(kd_to_f32(vrow[i]), P), P, ce1);
+      if (tail) kd_stat_push(st.s1, sv * KD_LOG2E);
     }
     // Read before the merge's barriers (an in-place gradient may overwrite it).
     const float s_y = (threadIdx.x == 0 && with_ce) ? kd_softcap(kd_to_f32(srow[y]), P) : 0.0f;
     st = kd_block_merge<KD_DIV_FKL>(st, red, P);
     KdRow r = kd_row_finish<KD_DIV_FKL>(st, P);
 
-    if (mode == KD_TOPK_TAIL) {
-      KdKahan psum = kd_kahan_init(), klsum = kd_kahan_init();
-      for (int i = threadIdx.x; i < k; i += blockDim.x) {
-        const float sv = kd_softcap(kd_to_f32(srow[kd_index(irow, i)]), P);
-        const KdTailTerm term = kd_tail_term(sv, kd_softcap(kd_to_f32(vrow[i]), P), r, P);
-        kd_kahan_add(psum, term.p);
-        kd_kahan_add(klsum, term.kl);
-      }
-      const float2 acc = kd_block_sum2(make_float2(psum.sum, klsum.sum), red2);
-      kd_tail_finish(r, st.hole, acc.x, acc.y);
-    }
+    if (tail) kd_tail_finish(r, st);
 
     if (threadIdx.x == 0) row_loss[row] = wrow * kd_row_loss(r, s_y, P);
     if (grow) {

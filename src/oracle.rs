@@ -403,13 +403,19 @@ pub fn topk_row(
                 let mut in_support = vec![false; v];
                 let mut d = 0.0;
                 let mut sc = 0.0;
-                let mut mass = 0.0;
+                let mass: f64 = vals.iter().map(|x| x.exp()).sum();
+                // The magnitude is that of the bucket KL written from the
+                // support's normalised teacher p̃ = P/S (S = Σ_I P):
+                // S·KL(p̃‖q) + S ln S + P_tail (ln P_tail − ln Q_tail). The
+                // buckets' absolute log-probabilities (ln S, ln P_tail, and
+                // the student's ln Q_I, ln Q_tail) are first-order terms of
+                // any fp32 evaluation (the dense KL has no such terms).
+                sc += xmul(mass, mass.ln().abs());
                 for i in 0..k {
                     let p = vals[i].exp();
                     let r = vals[i] - lq[idx[i]];
-                    mass += p;
                     d += xmul(p, r);
-                    sc += xmul(p, r.abs());
+                    sc += xmul(p, (r - mass.ln()).abs());
                     in_support[idx[i]] = true;
                     grad[idx[i]] += c * (lq[idx[i]].exp() - p);
                 }
@@ -426,7 +432,10 @@ pub fn topk_row(
                 // ln 0 = −inf: P_tail > 0 = Q_tail gives +inf.
                 let r = p_tail.ln() - q_tail.ln();
                 d += xmul(p_tail, r);
-                sc += xmul(p_tail, r.abs());
+                // Q_tail and Q_I = 1 − Q_tail, the student's bucket masses,
+                // enter as logs too.
+                sc += xmul(p_tail, p_tail.ln().abs() + q_tail.ln().abs());
+                sc += xmul(mass, (1.0 - q_tail).max(0.0).ln().abs());
                 // P_tail = 0 means no tail term; P_tail > 0 = Q_tail leaves
                 // only q_j = 0 off the support (xmul then gives 0).
                 let ratio = if p_tail == 0.0 { 0.0 } else { p_tail / q_tail };
