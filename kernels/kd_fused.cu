@@ -28,9 +28,10 @@
 // 256 threads, at least 4 blocks per SM: caps registers at 64 (without the
 // minimum, ptxas 13.0 spilled kd_fused_rkl_f32_f32 on sm_80 at 32 registers).
 #define KD_MAX_THREADS 256
-// TVD's pass 2 and its teacher gradient carry the most state: 3 blocks per SM
-// (80 registers; at 64, ptxas 13.0 spilled kd_fused_tvd_f32_f32 on sm_120).
-#define KD_MIN_BLOCKS(DIV) ((DIV) == KD_DIV_TVD ? 3 : 4)
+// TVD's pass 2 and soft CE's entropy, with their teacher gradients, carry the
+// most state: 3 blocks per SM (80 registers; at 64, ptxas 13.0 spilled
+// kd_fused_tvd_f32_f32 and kd_fused_sce_* on sm_120).
+#define KD_MIN_BLOCKS(DIV) ((DIV) == KD_DIV_TVD || (DIV) == KD_DIV_SCE ? 3 : 4)
 
 // ------------------------------------------------------------- kernels --
 

@@ -134,15 +134,24 @@ float host_topk_row(const T* s, const I* idx, const T* vals, long long y, int ha
       kd_pass1_push<KD_DIV_FKL>(lanes[j % KD_LANES], S(j), KD_NEG_INF, P, ce1);
     }
   }
+  KdKahan p_sum[KD_LANES];  // tail: Σ e^{v_i} (k may be ~V)
+  for (int l = 0; l < KD_LANES; ++l) p_sum[l] = kd_kahan_init();
   for (int i = 0; i < k; ++i) {
     kd_pass1_push<KD_DIV_FKL>(lanes[i % KD_LANES], S(idx[i]), Vv(i), P, ce1);
-    if (tail) kd_stat_push(lanes[i % KD_LANES].s1, S(idx[i]) * KD_LOG2E);
+    if (tail) {
+      kd_stat_push(lanes[i % KD_LANES].s1, S(idx[i]) * KD_LOG2E);
+      kd_kahan_add(p_sum[i % KD_LANES], expf(Vv(i)));
+    }
   }
   for (int off = KD_LANES / 2; off > 0; off >>= 1)
     for (int l = 0; l < off; ++l) kd_pass1_merge<KD_DIV_FKL>(lanes[l], lanes[l + off], P);
   KdRow r = kd_row_finish<KD_DIV_FKL>(lanes[0], P);
 
-  if (tail) kd_tail_finish(r, lanes[0]);
+  if (tail) {
+    for (int off = KD_LANES / 2; off > 0; off >>= 1)
+      for (int l = 0; l < off; ++l) p_sum[l].sum += p_sum[l + off].sum;
+    kd_tail_finish(r, lanes[0], p_sum[0].sum);
+  }
 
   const float nan = kd_bits_to_f32(0x7fc00000u);
   if (grad) {

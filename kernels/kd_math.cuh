@@ -452,8 +452,8 @@ struct KdRow {
   float ph;        // JSD: ⟨p, h − h_top⟩ in nats (pass 2, teacher gradient)
   float p_up;      // TVD: Σ p over q > p (ties count half; pass 2, teacher gradient)
   float p_dn;      // TVD: Σ p over q < p (ties count half; pass 2, teacher gradient)
-  float sce_k;     // soft CE: the teacher gradient's h = sce_k − s·scale2 (base 2)
-  float tail;      // top-k tail mode: P_tail / Q_tail (0 when P_tail = 0)
+  float ent_mean;  // soft CE: Σ p (x − m_t) in base 2 (teacher gradient)
+  float tail;      // top-k tail mode: 1 − P_tail / Q_tail (1 when P_tail = 0)
 };
 
 template <int DIV>
@@ -505,9 +505,7 @@ KD_HD KdRow kd_row_finish(const KdPass1& st, const KdParams& P) {
   r.ph = 0.0f;
   r.p_up = 0.0f;
   r.p_dn = 0.0f;
-  // h = −log2 q + Σ p log2 q = −u − ū − ((x − m_t) − Σ p (x − m_t)): the
-  // teacher logit cancels, leaving a row constant minus s·scale2.
-  r.sce_k = DIV == KD_DIV_SCE ? c_ref * P.scale2 - r.ubar + r.m_t + st.ent / zm : 0.0f;
+  r.ent_mean = DIV == KD_DIV_SCE ? st.ent / zm : 0.0f;
   r.tail = 0.0f;
   if (DIV == KD_DIV_JSD && st.s_top != KD_NEG_INF)
     r.g_top = kd_jsd_g((st.c_top - c_ref) * P.scale2 - r.dlt, P);
@@ -711,9 +709,12 @@ KD_HD float kd_grad_teacher_elem(float s, float t, const KdRow& r, const KdParam
     dd = 0.0f;
   } else if (DIV == KD_DIV_FKL || DIV == KD_DIV_SCE) {
     // log p − log q − KL = ln2·(−u − ū), u = ((s − t) − c)·scale2 (ū:
-    // kd_row_finish); soft CE adds ∂H(p)/∂t's −(log p − Σ p log p) (sce_k).
-    const float h = DIV == KD_DIV_SCE ? r.sce_k - s * P.scale2
-                                      : -((s - t) - r.c_ref) * P.scale2 - r.ubar;
+    // kd_row_finish). Soft CE adds ∂H(p)/∂t's −(log p − Σ p log p) =
+    // −ln2·((x − m_t) − ent_mean): both parts measured from references (the
+    // row's s − t, the teacher's maximum), so that a peaked teacher's
+    // h − ⟨p, h⟩ keeps its digits.
+    float h = -((s - t) - r.c_ref) * P.scale2 - r.ubar;
+    if (DIV == KD_DIV_SCE) h -= (t * P.scale2 - r.m_t) - r.ent_mean;
     dd = p * KD_LN2 * h;
   } else if (DIV == KD_DIV_TVD) {
     // h = ½ sign(p − q): h − ⟨p, h⟩ = P₊ where p > q, −P₋ where p < q.
@@ -743,7 +744,9 @@ KD_HD float kd_stat_ratio(KdStat a, KdStat b) {
 }
 
 // The row's tail-mode KL from the merged pass-1 state `st` (τ = 1, values
-// log-probs: the support's teacher statistics give S = Σ P_i and p̃ = P/S).
+// log-probs) and S = Σ_I P_i = Σ e^{v_i}, summed from the raw values (the
+// teacher statistics hold v·log2 e, rounded to ~1e-7 of |v| ~ ln V: too
+// coarse for ln S); p̃ = P/S is the support's normalised teacher.
 // With pass 1 run as `full` mode, r.kl = KL(p̃‖q) over the support, kept to
 // its own digits by the reference machinery, and
 //   D = S·(KL(p̃‖q) + ln S) + P_tail (ln P_tail − ln Q_tail),
@@ -753,21 +756,28 @@ KD_HD float kd_stat_ratio(KdStat a, KdStat b) {
 // statistics (`hole`), or as 1 − Q_I from the support's while Q_I ≤ ½; at
 // τ = 1 the hard CE's student statistics are the main ones, so pass 1 keeps
 // the support's student statistics in `s1` instead (restored here). Keeps
-// P_tail / Q_tail for the gradient.
-KD_HD void kd_tail_finish(KdRow& r, const KdPass1& st) {
+// 1 − P_tail / Q_tail for the gradient.
+KD_HD void kd_tail_finish(KdRow& r, const KdPass1& st, float S) {
   r.m_1 = r.m_s;
   r.l_1 = r.l_s;
-  const float S = st.main.m == KD_NEG_INF ? 0.0f : (1.0f + st.main.z) * exp2f(st.main.m);
   float p_tail = 1.0f - S;
   if (p_tail < 1e-6f) p_tail = 0.0f;
   r.kl = S > 0.0f ? S * (r.kl + logf(S)) : 0.0f;
-  r.tail = 0.0f;
+  r.tail = 1.0f;
   if (p_tail > 0.0f) {
     const float q_on = kd_stat_ratio(st.s1, st.other);
-    // ln Q_tail; −inf when the support holds all the student's mass.
-    const float lq = q_on <= 0.5f ? log1pf(-q_on) : logf(kd_stat_ratio(st.hole, st.other));
-    r.kl += p_tail * (logf(p_tail) - lq);
-    r.tail = p_tail / expf(lq);
+    if (q_on <= 0.5f) {
+      // Q_tail = 1 − Q_I: ln(P_tail/Q_tail) = −log1p((S − Q_I)/P_tail) and
+      // 1 − P_tail/Q_tail = (S − Q_I)/Q_tail, exact where P_tail ≈ Q_tail.
+      const float d = S - q_on;
+      r.kl -= p_tail * log1pf(d / p_tail);
+      r.tail = d / (1.0f - q_on);
+    } else {
+      // −inf when the support holds all the student's mass.
+      const float lq = logf(kd_stat_ratio(st.hole, st.other));
+      r.kl += p_tail * (logf(p_tail) - lq);
+      r.tail = 1.0f - p_tail / expf(lq);
+    }
   }
 }
 
@@ -780,7 +790,7 @@ KD_HD float kd_tail_grad(float s, float v, bool on_support, bool is_label, const
   float g = kd_grad_elem<KD_DIV_FKL>(s, 0.0f, is_label, r, ce, w);
   if (P.soft_coef > 0.0f) {
     const float q = kd_q(s, r, P);
-    const float dd = on_support ? q - expf(v) : (q == 0.0f ? 0.0f : q * (1.0f - r.tail));
+    const float dd = on_support ? q - expf(v) : (q == 0.0f ? 0.0f : q * r.tail);
     g += w * P.soft_coef * dd;
   }
   return g;

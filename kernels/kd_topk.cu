@@ -10,7 +10,8 @@
 //           only the hard CE's (support); the k support pairs (s_i, v_i) are
 //           gathered and pushed as a dense teacher's would be. The block
 //           merge and row finish are the dense kernel's (kd_math.cuh).
-//   tail:   full mode's statistics, rescaled (kd_tail_finish).
+//   tail:   full mode's statistics, rescaled (kd_tail_finish) by Σ e^{v_i}
+//           (summed in the gather).
 //   last:   off-support gradients from a student sweep, support gradients
 //           from the gathered pairs (each element written once, by the
 //           thread that read it, so the gradient may overwrite the student).
@@ -70,6 +71,7 @@ __device__ void kd_topk_body(const Tin* s, long long s_stride, const I* idx, con
                              long long g_stride, float* row_loss, const int* valid_count,
                              long long n_rows, KdParams P, uint32_t* bits) {
   __shared__ KdPass1 red[KD_TOPK_THREADS / 32];
+  __shared__ float2 red2[KD_TOPK_THREADS / 32];
   __shared__ int flag;
   const int V = P.vocab, k = P.topk_k, mode = P.topk_mode;
   const long long valid = valid_count ? (long long)*valid_count : n_rows;
@@ -115,17 +117,22 @@ __device__ void kd_topk_body(const Tin* s, long long s_stride, const I* idx, con
           kd_pass1_push<KD_DIV_FKL>(st, sv, KD_NEG_INF, P, ce1);
       });
     }
+    KdKahan p_sum = kd_kahan_init();  // tail: Σ e^{v_i} (k may be ~V)
     for (int i = threadIdx.x; i < k; i += blockDim.x) {
       const float sv = kd_softcap(kd_to_f32(srow[kd_index(irow, i)]), P);
-      kd_pass1_push<KD_DIV_FKL>(st, sv, kd_softcap(kd_to_f32(vrow[i]), P), P, ce1);
-      if (tail) kd_stat_push(st.s1, sv * KD_LOG2E);
+      const float vv = kd_softcap(kd_to_f32(vrow[i]), P);
+      kd_pass1_push<KD_DIV_FKL>(st, sv, vv, P, ce1);
+      if (tail) {
+        kd_stat_push(st.s1, sv * KD_LOG2E);
+        kd_kahan_add(p_sum, expf(vv));
+      }
     }
     // Read before the merge's barriers (an in-place gradient may overwrite it).
     const float s_y = (threadIdx.x == 0 && with_ce) ? kd_softcap(kd_to_f32(srow[y]), P) : 0.0f;
     st = kd_block_merge<KD_DIV_FKL>(st, red, P);
     KdRow r = kd_row_finish<KD_DIV_FKL>(st, P);
 
-    if (tail) kd_tail_finish(r, st);
+    if (tail) kd_tail_finish(r, st, kd_block_sum2(make_float2(p_sum.sum, 0.0f), red2).x);
 
     if (threadIdx.x == 0) row_loss[row] = wrow * kd_row_loss(r, s_y, P);
     if (grow) {

@@ -68,6 +68,26 @@ fn capped(x: &[f64], cap: Option<f64>) -> (Vec<f64>, Option<Vec<f64>>) {
     }
 }
 
+/// The batch paths' soft-capping: the backends hold a capped logit as an
+/// fp32 value, so the capped row is rounded to f32 here, as 16-bit inputs
+/// are compared on their rounded values (the row functions keep it exact,
+/// for finite differences). Returns the capped row and its derivative.
+fn precap(x: &[f64], cap: Option<f64>) -> (Vec<f64>, Option<Vec<f64>>) {
+    let (mut c, d) = capped(x, cap);
+    if cap.is_some() {
+        c.iter_mut().for_each(|v| *v = *v as f32 as f64);
+    }
+    (c, d)
+}
+
+/// `spec` without its soft-cap (applied by [`precap`] instead).
+fn uncapped(spec: &LossSpec) -> LossSpec {
+    LossSpec {
+        softcap: None,
+        ..spec.clone()
+    }
+}
+
 /// Multiplies a gradient with respect to capped values by the cap's
 /// derivative (the chain rule back to the raw logits); a zero derivative (a
 /// −inf entry) gives 0 whatever the gradient there.
@@ -615,9 +635,20 @@ impl Oracle {
             hint,
             |r, h| {
                 let label = inputs.labels.map(|l| l[r] as usize);
-                let s = logits_row(&inputs.student, r);
-                let t = logits_row(&inputs.teacher, r);
-                let res = row_detailed(&s, &t, label, spec, h.as_deref());
+                let (s, ds) = precap(&logits_row(&inputs.student, r), spec.softcap);
+                let (t, dt) = precap(&logits_row(&inputs.teacher, r), spec.softcap);
+                // The hint is a gradient with respect to the raw logits.
+                let h = h.map(|h| match &ds {
+                    Some(d) => h
+                        .iter()
+                        .zip(d)
+                        .map(|(&x, &d)| if d > 0.0 { x / d } else { x })
+                        .collect(),
+                    None => h,
+                });
+                let mut res = row_detailed(&s, &t, label, &uncapped(spec), h.as_deref());
+                chain_cap(&mut res.grad_s, ds.as_deref());
+                chain_cap(&mut res.grad_t, dt.as_deref());
                 (res.loss, res.grad_s, Some(res.grad_t))
             },
         ))
@@ -657,9 +688,11 @@ impl Backend for Oracle {
             None,
             |r, _| {
                 let label = inputs.labels.map(|l| l[r] as usize);
-                let s = logits_row(&inputs.student, r);
+                let (s, ds) = precap(&logits_row(&inputs.student, r), spec.softcap);
                 let (idx, vals) = topk_teacher_row(inputs, r);
-                let (l, g, _) = topk_row(&s, &idx, &vals, label, spec);
+                let (vals, _) = precap(&vals, spec.softcap);
+                let (l, mut g, _) = topk_row(&s, &idx, &vals, label, &uncapped(spec));
+                chain_cap(&mut g, ds.as_deref());
                 (l, g, None)
             },
         ))
