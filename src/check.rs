@@ -384,7 +384,11 @@ pub fn generate(config: &CaseConfig) -> CaseData {
             }
             for j in top {
                 idx.push(j as i64);
-                let v = if c.spec.teacher_log_probs { lp[j] } else { row[j] };
+                let v = if c.spec.teacher_log_probs {
+                    lp[j]
+                } else {
+                    row[j]
+                };
                 vals.push(v as f32);
             }
         }
@@ -493,9 +497,11 @@ pub fn compare(
         .max(rel_l2_floor(&[out.loss], &[reference.loss], total_floor));
     // One upstream scale serves both gradients; the f16 loss scaling of
     // `run_case` fits the student's, and a much smaller teacher gradient
-    // then lies in f16's subnormals, judged at their resolution (2^-24).
+    // then lies in f16's subnormals, where a rounding boundary costs a whole
+    // ulp (2^-24): judged against the smallest normal (2^-14) per entry, so
+    // that the f16 tolerance 1e-3 allows about one subnormal ulp each.
     let teacher_floor = match (grad_out, &reference.grad_teacher) {
-        (Dtype::F16, Some(g)) => 2f64.powi(-24) * (g.len() as f64).sqrt(),
+        (Dtype::F16, Some(g)) => 2f64.powi(-14) * (g.len() as f64).sqrt(),
         _ => 0.0,
     };
     let grad_err = grad_error(&out.grad, &reference.grad, 0.0).max(grad_error(
@@ -595,7 +601,14 @@ pub fn run_case(backend: &dyn Backend, config: &CaseConfig) -> Result<CaseReport
         GradDtype::F32 => Dtype::F32,
     };
     let (loss_err, grad_err) = compare(&out, &reference, &scales, weight, grad_out);
-    let tolerance = tolerance(config.dtype, config.grad_dtype);
+    let mut tolerance = tolerance(config.dtype, config.grad_dtype);
+    if config.topk.is_some() && spec.topk_mode == TopkMode::Tail {
+        // The tail mode's buckets bring absolute log-probabilities (S ln S)
+        // and the difference S − Q_I of two masses into the loss and the
+        // off-support gradient: twice DESIGN.md §3's resolution there.
+        tolerance.loss *= 2.0;
+        tolerance.grad = tolerance.grad.max(2e-5);
+    }
     Ok(CaseReport {
         config: config.clone(),
         loss_err,

@@ -80,7 +80,15 @@ pub fn emu_validate_topk(indices: &TopkIndices<'_>, n: usize, k: usize, v: usize
     assert!(indices.len() >= n * k, "indices hold N·k entries");
     // SAFETY: N·k indices (checked above); the kernel guards every access.
     let first = unsafe {
-        kd_emu_topk_validate(ptr, i64s, n as i64, k as i32, v as i32, n.clamp(1, 3) as u32, 64)
+        kd_emu_topk_validate(
+            ptr,
+            i64s,
+            n as i64,
+            k as i32,
+            v as i32,
+            n.clamp(1, 3) as u32,
+            64,
+        )
     };
     (first < n as i64).then_some(first as usize)
 }
@@ -317,7 +325,14 @@ impl Backend for EmuBackend {
         let mut bufs = GradBuffers::new(&inputs.student, self.in_place, grad.map(|_| out_dtype));
         // The teacher gradient, poisoned like the student's.
         let want_gt = spec.grad_teacher && grad.is_some();
-        let mut gt = vec![0xffu8; if want_gt { (n * v).max(1) * out_dtype.size() } else { 0 }];
+        let mut gt = vec![
+            0xffu8;
+            if want_gt {
+                (n * v).max(1) * out_dtype.size()
+            } else {
+                0
+            }
+        ];
         let mut row_loss = vec![f32::NAN; n.max(1)];
         let mut valid = -1i32;
         let mut loss = f32::NAN;
@@ -399,7 +414,10 @@ impl Backend for EagerEmuBackend {
         validate(inputs, spec)?;
         spec.validate_eager()?;
         if inputs.row_weights.is_some() {
-            return invalid("row_weights", "the eager baseline does not implement row weights");
+            return invalid(
+                "row_weights",
+                "the eager baseline does not implement row weights",
+            );
         }
         let (n, v) = (inputs.student.rows, inputs.student.cols);
         let dtype = inputs.student.dtype();

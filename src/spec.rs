@@ -362,7 +362,10 @@ impl LossSpec {
     /// `kdfuse bench` implements: no soft-capping, no teacher gradient.
     pub(crate) fn validate_eager(&self) -> Result<()> {
         if self.softcap.is_some() {
-            return invalid("softcap", "the eager baseline does not implement soft-capping");
+            return invalid(
+                "softcap",
+                "the eager baseline does not implement soft-capping",
+            );
         }
         if self.grad_teacher {
             return invalid(

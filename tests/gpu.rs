@@ -53,7 +53,10 @@ fn main() -> ExitCode {
             "options_every_divergence",
             gpu_loss_family::options_every_divergence,
         ),
-        ("topk_validation_pass", gpu_loss_family::topk_validation_pass),
+        (
+            "topk_validation_pass",
+            gpu_loss_family::topk_validation_pass,
+        ),
         (
             "feature_sweep_against_oracle",
             gpu_features::feature_sweep_against_oracle,

@@ -31,7 +31,10 @@ fn assert_close(a: &KdOutput, b: &KdOutput, tol: f64, what: &str) {
         &f64s(a.grad.as_ref().unwrap()),
         &f64s(b.grad.as_ref().unwrap()),
     );
-    assert!(le <= tol && ge <= tol, "{what}: loss err {le:.2e}, grad err {ge:.2e}");
+    assert!(
+        le <= tol && ge <= tol,
+        "{what}: loss err {le:.2e}, grad err {ge:.2e}"
+    );
 }
 
 /// Log-softmax rows of `t` (f32), for a teacher given as log-probs.
@@ -98,7 +101,9 @@ fn topk_with_every_index_equals_the_dense_loss() {
         };
         for b in backends() {
             let d = b.compute(&dense, &spec, Some(GradDtype::F32)).unwrap();
-            let k = b.compute_topk(&sparse, &spec, Some(GradDtype::F32)).unwrap();
+            let k = b
+                .compute_topk(&sparse, &spec, Some(GradDtype::F32))
+                .unwrap();
             assert_close(&k, &d, 2e-5, &format!("{} {mode}", b.name()));
         }
     }
@@ -134,7 +139,11 @@ fn a_huge_softcap_is_no_softcap() {
                 &f64s(a.grad_teacher.as_ref().unwrap()),
                 &f64s(c.grad_teacher.as_ref().unwrap()),
             );
-            assert!(ge <= 1e-5, "{} {divergence}: teacher grad err {ge:.2e}", b.name());
+            assert!(
+                ge <= 1e-5,
+                "{} {divergence}: teacher grad err {ge:.2e}",
+                b.name()
+            );
         }
     }
 }
@@ -163,7 +172,10 @@ fn soft_ce_has_forward_kl_student_gradient() {
         let c = b
             .compute(&inputs, &spec(Divergence::SoftCe), Some(GradDtype::F32))
             .unwrap();
-        let ge = rel_l2(&f64s(c.grad.as_ref().unwrap()), &f64s(f.grad.as_ref().unwrap()));
+        let ge = rel_l2(
+            &f64s(c.grad.as_ref().unwrap()),
+            &f64s(f.grad.as_ref().unwrap()),
+        );
         assert!(ge <= 1e-6, "{}: {ge:.2e}", b.name());
         assert!(c.loss > f.loss, "soft CE adds the teacher entropy");
     }
@@ -219,7 +231,10 @@ fn validation_pass_reports_the_first_bad_row() {
     idx[5 * k + 1] = v as i64; // row 5 leaves the vocabulary
     assert_eq!(emu_validate_topk(&TopkIndices::I64(&idx), n, k, v), Some(4));
     let idx32: Vec<i32> = idx.iter().map(|&j| j as i32).collect();
-    assert_eq!(emu_validate_topk(&TopkIndices::I32(&idx32), n, k, v), Some(4));
+    assert_eq!(
+        emu_validate_topk(&TopkIndices::I32(&idx32), n, k, v),
+        Some(4)
+    );
     idx[4 * k + 2] = 40;
     assert_eq!(emu_validate_topk(&TopkIndices::I64(&idx), n, k, v), Some(5));
     idx[2 * k] = -1;

@@ -342,7 +342,10 @@ impl CudaBackend {
         };
         l.validate()?;
         if raw.k == 0 || raw.k > l.cols {
-            return invalid("k", format!("must be in [1, V = {}], got {}", l.cols, raw.k));
+            return invalid(
+                "k",
+                format!("must be in [1, V = {}], got {}", l.cols, raw.k),
+            );
         }
         if raw.grad_dtype != raw.dtype && raw.grad_dtype != Dtype::F32 {
             return invalid(
@@ -376,7 +379,11 @@ impl CudaBackend {
         let mut p = KernelParams::new(spec, l.cols);
         p.topk_k = raw.k as i32;
         let n = l.rows as i64;
-        let valid_ptr = if raw.labels != 0 { raw.valid_rows } else { 0u64 };
+        let valid_ptr = if raw.labels != 0 {
+            raw.valid_rows
+        } else {
+            0u64
+        };
         if raw.labels != 0 {
             // SAFETY: the caller's contract (labels: N, valid_rows: 1).
             unsafe {
@@ -460,7 +467,10 @@ impl CudaBackend {
         cols: usize,
     ) -> Result<()> {
         if cols == 0 || cols > i32::MAX as usize {
-            return invalid("cols", format!("V must be in [1, {}], got {cols}", i32::MAX));
+            return invalid(
+                "cols",
+                format!("V must be in [1, {}], got {cols}", i32::MAX),
+            );
         }
         if k == 0 || k > cols {
             return invalid("k", format!("must be in [1, V = {cols}], got {k}"));
@@ -504,10 +514,7 @@ impl CudaBackend {
         let mut host = vec![0u8; k * width];
         // SAFETY: row `bad` < rows lies inside the caller's buffer.
         unsafe {
-            cudarc::driver::result::memcpy_dtoh_sync(
-                &mut host,
-                indices + (bad * k * width) as u64,
-            )
+            cudarc::driver::result::memcpy_dtoh_sync(&mut host, indices + (bad * k * width) as u64)
         }?;
         let row: Vec<i64> = host
             .chunks_exact(width)

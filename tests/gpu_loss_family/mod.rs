@@ -9,7 +9,13 @@ use kdfuse::check::{run_case, CaseConfig, NegInf, TopkCase};
 use kdfuse::cuda::CudaBackend;
 use kdfuse::{Divergence, Dtype, GradDtype, KdError, LossSpec, TopkMode};
 
-fn case(cols: usize, dtype: Dtype, spec: LossSpec, topk: Option<TopkCase>, seed: u64) -> CaseConfig {
+fn case(
+    cols: usize,
+    dtype: Dtype,
+    spec: LossSpec,
+    topk: Option<TopkCase>,
+    seed: u64,
+) -> CaseConfig {
     CaseConfig {
         rows: 3,
         cols,
