@@ -587,7 +587,7 @@ pub fn run_case(backend: &dyn Backend, config: &CaseConfig) -> Result<CaseReport
     // backend took them; everything else is the oracle's own.
     let (reference, scales) = match &topk {
         Some(ti) => (
-            Oracle.compute_topk(ti, &spec, Some(config.grad_dtype))?,
+            Oracle.compute_topk_reference(ti, &spec, Some(config.grad_dtype))?,
             Oracle.row_scales_topk(ti, &spec),
         ),
         None => (

@@ -68,13 +68,12 @@ fn capped(x: &[f64], cap: Option<f64>) -> (Vec<f64>, Option<Vec<f64>>) {
     }
 }
 
-/// The batch paths' soft-capping: the backends hold a capped logit as an
-/// fp32 value, so the capped row is rounded to f32 here, as 16-bit inputs
-/// are compared on their rounded values (the row functions keep it exact,
-/// for finite differences). Returns the capped row and its derivative.
-fn precap(x: &[f64], cap: Option<f64>) -> (Vec<f64>, Option<Vec<f64>>) {
+/// The batch paths' soft-capping; with `round`, the capped row is rounded
+/// to f32, as the backends hold it (the comparison references). Returns the
+/// capped row and its derivative.
+fn precap(x: &[f64], cap: Option<f64>, round: bool) -> (Vec<f64>, Option<Vec<f64>>) {
     let (mut c, d) = capped(x, cap);
-    if cap.is_some() {
+    if round && cap.is_some() {
         c.iter_mut().for_each(|v| *v = *v as f32 as f64);
     }
     (c, d)
@@ -601,10 +600,13 @@ impl Oracle {
             .collect()
     }
 
-    /// As [`Backend::compute`], with TVD's near-ties resolved as in
-    /// `other` (another backend's output for the same call, gradient in
-    /// f32 or rounded): see [`row_resolving_ties`]. Other divergences, or
-    /// `other` without a gradient, give exactly `compute`'s result.
+    /// The reference a backend's output is compared with (`kdfuse check`):
+    /// [`Backend::compute`] with TVD's near-ties resolved as in `other`
+    /// (another backend's output for the same call, gradient in f32 or
+    /// rounded, see [`row_resolving_ties`]), and soft-capped logits rounded
+    /// to f32, as the backends hold them (as 16-bit inputs are compared on
+    /// their rounded values). Without a cap, and for other divergences or
+    /// `other` without a gradient, exactly `compute`'s result.
     pub fn compute_resolving_ties(
         &self,
         inputs: &KdInputs,
@@ -612,7 +614,49 @@ impl Oracle {
         grad: Option<GradDtype>,
         other: &KdOutput,
     ) -> Result<KdOutput> {
-        self.compute_impl(inputs, spec, grad, other.grad.as_deref())
+        self.compute_impl(inputs, spec, grad, other.grad.as_deref(), true)
+    }
+
+    /// The reference for a top-k call: [`Backend::compute_topk`] with
+    /// soft-capped logits and values rounded to f32, as the backends hold
+    /// them (see [`Oracle::compute_resolving_ties`]).
+    pub fn compute_topk_reference(
+        &self,
+        inputs: &TopkInputs,
+        spec: &LossSpec,
+        grad: Option<GradDtype>,
+    ) -> Result<KdOutput> {
+        self.compute_topk_impl(inputs, spec, grad, true)
+    }
+
+    fn compute_topk_impl(
+        &self,
+        inputs: &TopkInputs,
+        spec: &LossSpec,
+        grad: Option<GradDtype>,
+        round_cap: bool,
+    ) -> Result<KdOutput> {
+        validate_topk(inputs, spec)?;
+        Ok(run_rows(
+            inputs.student.rows,
+            inputs.student.cols,
+            inputs.labels,
+            inputs.row_weights,
+            spec,
+            grad,
+            inputs.student.dtype(),
+            false,
+            None,
+            |r, _| {
+                let label = inputs.labels.map(|l| l[r] as usize);
+                let (s, ds) = precap(&logits_row(&inputs.student, r), spec.softcap, round_cap);
+                let (idx, vals) = topk_teacher_row(inputs, r);
+                let (vals, _) = precap(&vals, spec.softcap, round_cap);
+                let (l, mut g, _) = topk_row(&s, &idx, &vals, label, &uncapped(spec));
+                chain_cap(&mut g, ds.as_deref());
+                (l, g, None)
+            },
+        ))
     }
 
     fn compute_impl(
@@ -621,6 +665,7 @@ impl Oracle {
         spec: &LossSpec,
         grad: Option<GradDtype>,
         hint: Option<&[f32]>,
+        round_cap: bool,
     ) -> Result<KdOutput> {
         validate(inputs, spec)?;
         Ok(run_rows(
@@ -635,8 +680,8 @@ impl Oracle {
             hint,
             |r, h| {
                 let label = inputs.labels.map(|l| l[r] as usize);
-                let (s, ds) = precap(&logits_row(&inputs.student, r), spec.softcap);
-                let (t, dt) = precap(&logits_row(&inputs.teacher, r), spec.softcap);
+                let (s, ds) = precap(&logits_row(&inputs.student, r), spec.softcap, round_cap);
+                let (t, dt) = precap(&logits_row(&inputs.teacher, r), spec.softcap, round_cap);
                 // The hint is a gradient with respect to the raw logits.
                 let h = h.map(|h| match &ds {
                     Some(d) => h
@@ -666,7 +711,7 @@ impl Backend for Oracle {
         spec: &LossSpec,
         grad: Option<GradDtype>,
     ) -> Result<KdOutput> {
-        self.compute_impl(inputs, spec, grad, None)
+        self.compute_impl(inputs, spec, grad, None, false)
     }
 
     fn compute_topk(
@@ -675,26 +720,6 @@ impl Backend for Oracle {
         spec: &LossSpec,
         grad: Option<GradDtype>,
     ) -> Result<KdOutput> {
-        validate_topk(inputs, spec)?;
-        Ok(run_rows(
-            inputs.student.rows,
-            inputs.student.cols,
-            inputs.labels,
-            inputs.row_weights,
-            spec,
-            grad,
-            inputs.student.dtype(),
-            false,
-            None,
-            |r, _| {
-                let label = inputs.labels.map(|l| l[r] as usize);
-                let (s, ds) = precap(&logits_row(&inputs.student, r), spec.softcap);
-                let (idx, vals) = topk_teacher_row(inputs, r);
-                let (vals, _) = precap(&vals, spec.softcap);
-                let (l, mut g, _) = topk_row(&s, &idx, &vals, label, &uncapped(spec));
-                chain_cap(&mut g, ds.as_deref());
-                (l, g, None)
-            },
-        ))
+        self.compute_topk_impl(inputs, spec, grad, false)
     }
 }

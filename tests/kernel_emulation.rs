@@ -42,6 +42,7 @@ fn large_vocabulary_rows_and_grid_stride() {
                 grad_dtype: GradDtype::Input,
                 labels: true,
                 ignore_frac: 0.2,
+                topk: None,
                 spec: kdfuse::LossSpec {
                     divergence,
                     alpha: 0.2,
