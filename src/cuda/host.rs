@@ -248,6 +248,33 @@ impl CudaBackend {
     }
 }
 
+/// Calls `$run::<T, G>(s, t, inputs, spec, want_grad)` with the element types
+/// of the (validated, equal) input dtypes and of the gradient.
+macro_rules! by_dtype {
+    ($self:ident . $run:ident, $data:expr, $grad:expr, $inputs:expr, $spec:expr) => {{
+        let want = $grad.is_some();
+        let f32_grad = $grad != Some(GradDtype::Input);
+        match $data {
+            (HostData::F32(s), HostData::F32(t)) => {
+                $self.$run::<f32, f32>(s, t, $inputs, $spec, want)
+            }
+            (HostData::Bf16(s), HostData::Bf16(t)) if f32_grad => {
+                $self.$run::<bf16, f32>(s, t, $inputs, $spec, want)
+            }
+            (HostData::Bf16(s), HostData::Bf16(t)) => {
+                $self.$run::<bf16, bf16>(s, t, $inputs, $spec, want)
+            }
+            (HostData::F16(s), HostData::F16(t)) if f32_grad => {
+                $self.$run::<f16, f32>(s, t, $inputs, $spec, want)
+            }
+            (HostData::F16(s), HostData::F16(t)) => {
+                $self.$run::<f16, f16>(s, t, $inputs, $spec, want)
+            }
+            _ => unreachable!("dtypes checked by validation"),
+        }
+    }};
+}
+
 impl Backend for CudaBackend {
     fn name(&self) -> &'static str {
         "cuda"
@@ -260,26 +287,13 @@ impl Backend for CudaBackend {
         grad: Option<GradDtype>,
     ) -> Result<KdOutput> {
         validate_topk(inputs, spec)?;
-        let want = grad.is_some();
-        let f32_grad = grad != Some(GradDtype::Input);
-        match (inputs.student.data, inputs.teacher.values) {
-            (HostData::F32(s), HostData::F32(t)) => {
-                self.run_topk::<f32, f32>(s, t, inputs, spec, want)
-            }
-            (HostData::Bf16(s), HostData::Bf16(t)) if f32_grad => {
-                self.run_topk::<bf16, f32>(s, t, inputs, spec, want)
-            }
-            (HostData::Bf16(s), HostData::Bf16(t)) => {
-                self.run_topk::<bf16, bf16>(s, t, inputs, spec, want)
-            }
-            (HostData::F16(s), HostData::F16(t)) if f32_grad => {
-                self.run_topk::<f16, f32>(s, t, inputs, spec, want)
-            }
-            (HostData::F16(s), HostData::F16(t)) => {
-                self.run_topk::<f16, f16>(s, t, inputs, spec, want)
-            }
-            _ => unreachable!("dtypes checked by validate_topk"),
-        }
+        by_dtype!(
+            self.run_topk,
+            (inputs.student.data, inputs.teacher.values),
+            grad,
+            inputs,
+            spec
+        )
     }
 
     fn compute(
@@ -289,21 +303,12 @@ impl Backend for CudaBackend {
         grad: Option<GradDtype>,
     ) -> Result<KdOutput> {
         validate(inputs, spec)?;
-        let want = grad.is_some();
-        let f32_grad = grad != Some(GradDtype::Input);
-        match (inputs.student.data, inputs.teacher.data) {
-            (HostData::F32(s), HostData::F32(t)) => self.run::<f32, f32>(s, t, inputs, spec, want),
-            (HostData::Bf16(s), HostData::Bf16(t)) if f32_grad => {
-                self.run::<bf16, f32>(s, t, inputs, spec, want)
-            }
-            (HostData::Bf16(s), HostData::Bf16(t)) => {
-                self.run::<bf16, bf16>(s, t, inputs, spec, want)
-            }
-            (HostData::F16(s), HostData::F16(t)) if f32_grad => {
-                self.run::<f16, f32>(s, t, inputs, spec, want)
-            }
-            (HostData::F16(s), HostData::F16(t)) => self.run::<f16, f16>(s, t, inputs, spec, want),
-            _ => unreachable!("dtypes checked by validate"),
-        }
+        by_dtype!(
+            self.run,
+            (inputs.student.data, inputs.teacher.data),
+            grad,
+            inputs,
+            spec
+        )
     }
 }

@@ -215,30 +215,19 @@ impl CudaBackend {
     ) -> Result<()> {
         spec.validate(raw.labels != 0)?;
         raw.layout.validate()?;
-        if raw.grad_dtype != raw.dtype && raw.grad_dtype != Dtype::F32 {
-            return invalid(
-                "grad_dtype",
-                format!("must be {} or f32, got {}", raw.dtype, raw.grad_dtype),
-            );
-        }
         if raw.student == 0 || raw.teacher == 0 || raw.row_losses == 0 || raw.loss == 0 {
             return invalid(
                 "pointers",
                 "student, teacher, row_losses and loss must be non-null",
             );
         }
-        if raw.labels != 0 && raw.valid_rows == 0 {
-            return invalid("valid_rows", "labels need the valid-row scratch buffer");
-        }
-        if raw.grad != 0
-            && raw.grad == raw.student
-            && (raw.grad_dtype != raw.dtype || raw.layout.grad_stride != raw.layout.student_stride)
-        {
-            return invalid(
-                "grad",
-                "an in-place gradient needs the student's dtype and row stride",
-            );
-        }
+        check_outputs(
+            raw.dtype,
+            raw.grad_dtype,
+            (raw.labels, raw.valid_rows),
+            (raw.student, raw.grad),
+            &raw.layout,
+        )?;
         if raw.grad_teacher != 0 {
             if !spec.grad_teacher {
                 return invalid(
@@ -268,18 +257,9 @@ impl CudaBackend {
         let l = raw.layout;
         let p = KernelParams::new(spec, l.cols);
         let n = l.rows as i64;
-        let valid_ptr = if raw.labels != 0 {
-            raw.valid_rows
-        } else {
-            0u64
-        };
-
-        if raw.labels != 0 {
-            // SAFETY: the caller's contract (labels: N, valid_rows: 1).
-            unsafe {
-                self.launch_count_valid(stream, raw.labels, n, spec.ignore_index, raw.valid_rows)
-            }?;
-        }
+        // SAFETY: the caller's contract (labels: N, valid_rows: 1).
+        let valid_ptr =
+            unsafe { self.count_valid_rows(stream, raw.labels, n, spec, raw.valid_rows) }?;
         if l.rows > 0 {
             let name = format!(
                 "kd_fused_{}_{}_{}",
@@ -347,12 +327,6 @@ impl CudaBackend {
                 format!("must be in [1, V = {}], got {}", l.cols, raw.k),
             );
         }
-        if raw.grad_dtype != raw.dtype && raw.grad_dtype != Dtype::F32 {
-            return invalid(
-                "grad_dtype",
-                format!("must be {} or f32, got {}", raw.dtype, raw.grad_dtype),
-            );
-        }
         if raw.student == 0
             || raw.indices == 0
             || raw.values == 0
@@ -364,32 +338,19 @@ impl CudaBackend {
                 "student, indices, values, row_losses and loss must be non-null",
             );
         }
-        if raw.labels != 0 && raw.valid_rows == 0 {
-            return invalid("valid_rows", "labels need the valid-row scratch buffer");
-        }
-        if raw.grad != 0
-            && raw.grad == raw.student
-            && (raw.grad_dtype != raw.dtype || l.grad_stride != l.student_stride)
-        {
-            return invalid(
-                "grad",
-                "an in-place gradient needs the student's dtype and row stride",
-            );
-        }
+        check_outputs(
+            raw.dtype,
+            raw.grad_dtype,
+            (raw.labels, raw.valid_rows),
+            (raw.student, raw.grad),
+            &l,
+        )?;
         let mut p = KernelParams::new(spec, l.cols);
         p.topk_k = raw.k as i32;
         let n = l.rows as i64;
-        let valid_ptr = if raw.labels != 0 {
-            raw.valid_rows
-        } else {
-            0u64
-        };
-        if raw.labels != 0 {
-            // SAFETY: the caller's contract (labels: N, valid_rows: 1).
-            unsafe {
-                self.launch_count_valid(stream, raw.labels, n, spec.ignore_index, raw.valid_rows)
-            }?;
-        }
+        // SAFETY: the caller's contract (labels: N, valid_rows: 1).
+        let valid_ptr =
+            unsafe { self.count_valid_rows(stream, raw.labels, n, spec, raw.valid_rows) }?;
         if l.rows > 0 {
             let name = format!(
                 "kd_topk_{}_{}_{}",
@@ -529,6 +490,27 @@ impl CudaBackend {
         let msg = crate::tensor::first_bad_topk_row(&TopkIndices::I64(&row), 1, k, cols)
             .map_or_else(|| "invalid indices".to_string(), |(_, m)| m);
         invalid("teacher_topk_indices", format!("row {bad}: {msg}"))
+    }
+
+    /// With labels, enqueues the valid-row count into `valid_rows` and
+    /// returns that pointer (the kernels' `valid_count`); without, 0.
+    ///
+    /// # Safety
+    /// As [`CudaBackend::launch_count_valid`] when `labels` ≠ 0.
+    unsafe fn count_valid_rows(
+        &self,
+        stream: &CudaStream,
+        labels: u64,
+        n: i64,
+        spec: &LossSpec,
+        valid_rows: u64,
+    ) -> Result<u64> {
+        if labels == 0 {
+            return Ok(0);
+        }
+        // SAFETY: the caller's contract.
+        unsafe { self.launch_count_valid(stream, labels, n, spec.ignore_index, valid_rows) }?;
+        Ok(valid_rows)
     }
 
     /// Enqueues `kd_count_valid`: the rows of `labels` (N) that are not
@@ -689,6 +671,38 @@ impl CudaBackend {
         // SAFETY: as in `fused`.
         unsafe { self.launch_raw(stream, &raw, spec) }
     }
+}
+
+/// Checks shared by the dense and the top-k launches: the gradient's dtype,
+/// the valid-row scratch that labels need, and an in-place gradient's
+/// dtype and stride (`ptrs`: student, gradient; `labels`: labels, scratch).
+fn check_outputs(
+    dtype: Dtype,
+    grad_dtype: Dtype,
+    labels: (u64, u64),
+    ptrs: (u64, u64),
+    layout: &RowLayout,
+) -> Result<()> {
+    if grad_dtype != dtype && grad_dtype != Dtype::F32 {
+        return invalid(
+            "grad_dtype",
+            format!("must be {dtype} or f32, got {grad_dtype}"),
+        );
+    }
+    if labels.0 != 0 && labels.1 == 0 {
+        return invalid("valid_rows", "labels need the valid-row scratch buffer");
+    }
+    let (student, grad) = ptrs;
+    if grad != 0
+        && grad == student
+        && (grad_dtype != dtype || layout.grad_stride != layout.student_stride)
+    {
+        return invalid(
+            "grad",
+            "an in-place gradient needs the student's dtype and row stride",
+        );
+    }
+    Ok(())
 }
 
 /// V, as the stride of the top-k kernels' unused dense-teacher fields.
