@@ -142,6 +142,13 @@ fn to_f32(bytes: &[u8], d: Dtype) -> Vec<f32> {
     (0..view.len()).map(|i| view.get(i)).collect()
 }
 
+/// The first `len` elements of a dense output buffer, as f32.
+fn dense_f32(bytes: &[u8], d: Dtype, len: usize) -> Vec<f32> {
+    let mut x = to_f32(bytes, d);
+    x.truncate(len);
+    x
+}
+
 /// The emulated launch's results as a [`KdOutput`] (`n` rows).
 fn output(
     mut row_loss: Vec<f32>,
@@ -369,11 +376,7 @@ impl Backend for EmuBackend {
         };
         assert_eq!(rc, 0, "dtype pair supported");
         let grad_out = grad.map(|_| bufs.grad_values(n, v));
-        let gt_out = want_gt.then(|| {
-            let mut x = to_f32(&gt, out_dtype);
-            x.truncate(n * v);
-            x
-        });
+        let gt_out = want_gt.then(|| dense_f32(&gt, out_dtype, n * v));
         Ok(output(
             row_loss,
             loss,
@@ -473,11 +476,7 @@ impl Backend for EagerEmuBackend {
         if rc != 0 {
             return invalid("grad", "unsupported dtype pair");
         }
-        let grad_out = grad.map(|_| {
-            let mut x = to_f32(&g, out_dtype);
-            x.truncate(n * v);
-            x
-        });
+        let grad_out = grad.map(|_| dense_f32(&g, out_dtype, n * v));
         Ok(output(
             row_loss,
             loss,
