@@ -1,5 +1,5 @@
 //! The C ABI (`include/kdfuse.h`, generated from this module by cbindgen and
-//! checked by `tests/c_abi.rs`): a context per CUDA device, the fused loss on
+//! checked by `tests/interfaces/c_abi.rs`): a context per CUDA device, the fused loss on
 //! raw device pointers on the caller's `CUstream`, the same on host pointers
 //! through the CPU backend, integer status codes and a thread-local message.
 //! Every entry point catches panics: none crosses the boundary.
@@ -342,7 +342,7 @@ unsafe fn host_data<'a>(
     len: usize,
     dtype: Dtype,
 ) -> Result<HostData<'a>> {
-    if (p as usize) % dtype.size() != 0 {
+    if !(p as usize).is_multiple_of(dtype.size()) {
         return invalid(arg, format!("pointer is not aligned for {dtype}"));
     }
     // SAFETY: the caller's contract; alignment checked above.
@@ -389,17 +389,17 @@ pub unsafe extern "C" fn kdfuse_compute_host(
                 "an in-place teacher gradient is for device memory only",
             );
         }
-        if !b.labels.is_null() && (b.labels as usize) % 8 != 0 {
+        if !b.labels.is_null() && !(b.labels as usize).is_multiple_of(8) {
             return invalid("batch.labels", "pointer is not aligned for int64");
         }
-        if !b.row_weights.is_null() && (b.row_weights as usize) % 4 != 0 {
+        if !b.row_weights.is_null() && !(b.row_weights as usize).is_multiple_of(4) {
             return invalid("batch.row_weights", "pointer is not aligned for float");
         }
         for (arg, p) in [
             ("batch.grad", b.grad),
             ("batch.grad_teacher", b.grad_teacher),
         ] {
-            if (p as usize) % sh.grad_dtype.size() != 0 {
+            if !(p as usize).is_multiple_of(sh.grad_dtype.size()) {
                 return invalid(arg, format!("pointer is not aligned for {}", sh.grad_dtype));
             }
         }
@@ -449,7 +449,7 @@ pub unsafe extern "C" fn kdfuse_compute_host(
                     return invalid("batch.topk_k", "N·k overflows");
                 };
                 let align = if topk.indices_i64 { 8 } else { 4 };
-                if (b.topk_indices as usize) % align != 0 {
+                if !(b.topk_indices as usize).is_multiple_of(align) {
                     return invalid(
                         "batch.topk_indices",
                         format!(

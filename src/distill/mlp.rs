@@ -176,7 +176,7 @@ impl Mlp {
 
 /// Rows of a row-major batch of width `width`, or an error naming `arg`.
 pub(crate) fn check_batch(x: &[f32], width: usize, arg: &'static str) -> Result<usize> {
-    if x.len() % width != 0 {
+    if !x.len().is_multiple_of(width) {
         return invalid(
             arg,
             format!(

@@ -1,7 +1,7 @@
 //! The f64 reference of the feature losses: the definitions of the module
 //! docs ([`crate::feature`]) evaluated directly, with closed-form gradients
 //! for student and teacher (checked against finite differences in
-//! tests/feature_oracle.rs).
+//! tests/feature/oracle.rs).
 
 use super::{
     validate, FeatureBackend, FeatureGrads, FeatureInputs, FeatureKind, FeatureOutput, FeatureSpec,

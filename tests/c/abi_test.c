@@ -1,6 +1,6 @@
 /* abi_test.c — the C ABI from C: computes a JSD + hard-label loss and its
  * gradient on the CPU backend (kdfuse_compute_host) and compares them with
- * the f64 oracle's values, passed by tests/c_abi.rs as argv[1] (loss) and
+ * the f64 oracle's values, passed by tests/interfaces/c_abi.rs as argv[1] (loss) and
  * argv[2] (the gradient's L2 norm); the same through version-1 (smaller)
  * structs; then checks the error paths, those of the version-2 fields
  * included. With five more arguments it also checks the version-2 fields
@@ -71,7 +71,7 @@ static int failures = 0;
     }                                         \
   } while (0)
 
-/* The same generator as tests/c_abi.rs. */
+/* The same generator as tests/interfaces/c_abi.rs. */
 static void lcg(uint64_t seed, float* out, int n) {
   uint64_t x = seed;
   for (int i = 0; i < n; i++) {

@@ -1,7 +1,7 @@
 //! `kdfuse demo` end to end: a small run's table, JSON and SVG, and clean
 //! one-line errors.
 
-mod common;
+use crate::common;
 
 use common::cli::{assert_clean_error, kdfuse};
 

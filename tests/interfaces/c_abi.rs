@@ -41,7 +41,7 @@ fn header_matches_the_rust_source() {
     assert!(
         committed == fresh,
         "include/kdfuse.h disagrees with src/capi/; regenerate it with \
-         KDFUSE_BLESS=1 cargo test --release --test c_abi"
+         KDFUSE_BLESS=1 cargo test --release --test interfaces c_abi"
     );
 }
 
@@ -60,9 +60,11 @@ fn lcg(seed: u64, n: usize) -> Vec<f32> {
 }
 
 /// target/<profile>/, where the library artifacts are.
+/// target/<profile>/deps: the libkdfuse.so and .a built with this test (the
+/// copies one level up are only refreshed by `cargo build`).
 fn lib_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    exe.parent().and_then(Path::parent).unwrap().to_path_buf()
+    exe.parent().unwrap().to_path_buf()
 }
 
 fn compile(args: &[&str], out: &Path) {
@@ -103,7 +105,7 @@ fn c_programs() -> (tempfile::TempDir, [PathBuf; 2]) {
     for name in ["libkdfuse.so", "libkdfuse.a"] {
         assert!(
             lib.join(name).exists(),
-            "{} is missing: build the library first (cargo build --release)",
+            "{} is missing: build the library with the tests (cargo test --release)",
             lib.join(name).display()
         );
     }

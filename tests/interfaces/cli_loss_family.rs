@@ -6,7 +6,7 @@
 //! backend's loss-family implementation; the `oracle` runs pass on the f64
 //! oracle alone.)
 
-mod common;
+use crate::common;
 
 use common::cli::{assert_clean_error, json, kdfuse, read_f32, write};
 use common::logits;

@@ -4,7 +4,7 @@
 //! f64 oracle. On a machine without a GPU this is what checks the parallel
 //! decomposition; tests/gpu.rs checks the same on hardware.
 
-mod common;
+use crate::common;
 
 use kdfuse::check::{random_config, run_case, sweep, CaseConfig};
 use kdfuse::emu::EmuBackend;

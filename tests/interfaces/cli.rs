@@ -1,6 +1,6 @@
 //! The `kdfuse` binary end to end, on temporary .npy files.
 
-mod common;
+use crate::common;
 
 use common::cli::{assert_clean_error, json, kdfuse, read_f32, write};
 use common::logits;

@@ -1,7 +1,7 @@
 //! `kdfuse feature-loss` end to end on temporary .npy files, its error lines,
 //! and the feature groups of `kdfuse check`.
 
-mod common;
+use crate::common;
 
 use common::cli::{assert_clean_error, json, kdfuse, read_f32, write};
 

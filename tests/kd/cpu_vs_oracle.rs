@@ -1,6 +1,6 @@
 //! The fast CPU backend (the kernels' fp32 arithmetic) against the f64 oracle.
 
-mod common;
+use crate::common;
 
 use common::{inputs, logits};
 use kdfuse::check::{random_config, run_case, sweep};

@@ -1,7 +1,7 @@
 //! Every invalid input is an `InvalidArgument` naming the argument, on every
 //! backend; nothing panics. Without a GPU the CUDA backend is an `Err`.
 
-mod common;
+use crate::common;
 
 use common::logits;
 use half::bf16;

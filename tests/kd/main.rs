@@ -1,0 +1,12 @@
+//! The knowledge-distillation loss (dense and top-k teacher) on the oracle, the fast CPU backend and the CUDA kernels under emulation: one test binary, one module per subject.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod cpu_vs_oracle;
+mod hostmath;
+mod kernel_emulation;
+mod loss_family;
+mod oracle_fd;
+mod oracle_options;
+mod validation;
