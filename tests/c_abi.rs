@@ -214,6 +214,7 @@ fn c_program_version_2_fields_match_the_oracle() {
         .collect();
     let topk_spec = LossSpec {
         divergence: Divergence::ForwardKl,
+        beta: 0.5,
         topk_mode: TopkMode::Full,
         ..spec
     };

@@ -171,7 +171,12 @@ fn fixed_case(
             divergence,
             temperature: 2.0,
             alpha: 0.3,
-            beta: 0.4,
+            // β is JSD's alone (validation refuses it with another divergence).
+            beta: if divergence == Divergence::Jsd {
+                0.4
+            } else {
+                0.5
+            },
             ..Default::default()
         },
         labels: true,
