@@ -245,3 +245,42 @@ fn c_program_version_2_fields_match_the_oracle() {
         "version-2 fields checked",
     );
 }
+
+/// Bad input through the C ABI (tests/c/abi_bad_input.c): unknown struct
+/// versions, misaligned outputs, a wrapping element count, parameters beyond
+/// fp32, β with another divergence; an empty batch's loss is +0.
+#[test]
+fn c_program_bad_input_is_refused() {
+    let lib = lib_dir();
+    assert!(
+        lib.join("libkdfuse.so").exists(),
+        "build the library first (cargo build --release)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("abi_bad_input");
+    compile(
+        &[
+            "-std=c11",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            &format!("-I{}", root().join("include").display()),
+            root().join("tests/c/abi_bad_input.c").to_str().unwrap(),
+            &format!("-L{}", lib.display()),
+            &format!("-Wl,-rpath,{}", lib.display()),
+            "-lkdfuse",
+            "-lm",
+        ],
+        &exe,
+    );
+    let out = Command::new(&exe).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.contains("abi_bad_input: ok"),
+        "{text}"
+    );
+}

@@ -412,7 +412,10 @@ unsafe fn host_data<'a>(
 /// optional outputs; the gradient is written in `grad_dtype` with
 /// `grad_stride` and must not overlap the inputs, as the teacher gradient
 /// (`grad_teacher`, `grad_teacher_stride`). A top-k teacher's indices are
-/// always checked (the first bad row is named).
+/// always checked (the first bad row is named). Every pointer must be
+/// aligned for its element type (float, int32, int64, the dtype's), and every
+/// buffer's element count `(N − 1)·stride + V` must not overflow: otherwise
+/// `INVALID_ARGUMENT` naming the field.
 ///
 /// # Safety
 /// Every non-NULL pointer must be host memory large enough for the batch's

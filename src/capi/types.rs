@@ -100,7 +100,8 @@ pub enum KdfuseIndexDtype {
 pub struct KdfuseParams {
     /// `sizeof(KdfuseParams)` as the caller's header defines it.
     pub size: u32,
-    /// `KDFUSE_ABI_VERSION` of the caller's header.
+    /// `KDFUSE_ABI_VERSION` of the caller's header: 1 or 2, the version
+    /// whose size `size` is; anything else is refused.
     pub version: u32,
     /// A `KdfuseDivergence` value.
     pub divergence: i32,
@@ -144,7 +145,8 @@ pub struct KdfuseParams {
 pub struct KdfuseBatch {
     /// `sizeof(KdfuseBatch)` as the caller's header defines it.
     pub size: u32,
-    /// `KDFUSE_ABI_VERSION` of the caller's header.
+    /// `KDFUSE_ABI_VERSION` of the caller's header: 1 or 2, the version
+    /// whose size `size` is; anything else is refused.
     pub version: u32,
     /// Rows N (≥ 0).
     pub rows: i64,
