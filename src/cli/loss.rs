@@ -396,6 +396,6 @@ pub(super) fn loss_json(
     } else {
         num(loss, "loss".into())
     };
-    let nonfinite = (!nonfinite.is_empty()).then(|| serde_json::Value::Object(nonfinite));
+    let nonfinite = (!nonfinite.is_empty()).then_some(serde_json::Value::Object(nonfinite));
     (value, nonfinite)
 }
