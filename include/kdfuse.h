@@ -102,7 +102,8 @@ typedef struct KdfuseContext KdfuseContext;
 typedef struct KdfuseParams {
   // `sizeof(KdfuseParams)` as the caller's header defines it.
   uint32_t size;
-  // `KDFUSE_ABI_VERSION` of the caller's header.
+  // `KDFUSE_ABI_VERSION` of the caller's header: 1 or 2, the version
+  // whose size `size` is; anything else is refused.
   uint32_t version;
   // A `KdfuseDivergence` value.
   int32_t divergence;
@@ -144,7 +145,8 @@ typedef struct KdfuseParams {
 typedef struct KdfuseBatch {
   // `sizeof(KdfuseBatch)` as the caller's header defines it.
   uint32_t size;
-  // `KDFUSE_ABI_VERSION` of the caller's header.
+  // `KDFUSE_ABI_VERSION` of the caller's header: 1 or 2, the version
+  // whose size `size` is; anything else is refused.
   uint32_t version;
   // Rows N (≥ 0).
   int64_t rows;
@@ -279,7 +281,10 @@ enum KdfuseStatus kdfuse_compute_cuda(const struct KdfuseContext *ctx,
 // optional outputs; the gradient is written in `grad_dtype` with
 // `grad_stride` and must not overlap the inputs, as the teacher gradient
 // (`grad_teacher`, `grad_teacher_stride`). A top-k teacher's indices are
-// always checked (the first bad row is named).
+// always checked (the first bad row is named). Every pointer must be
+// aligned for its element type (float, int32, int64, the dtype's), and every
+// buffer's element count `(N − 1)·stride + V` must not overflow: otherwise
+// `INVALID_ARGUMENT` naming the field.
 //
 // # Safety
 // Every non-NULL pointer must be host memory large enough for the batch's

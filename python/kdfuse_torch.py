@@ -141,20 +141,30 @@ def check(lib, status):
         raise KdfuseError(lib.kdfuse_last_error().decode("utf-8", "replace"))
 
 
-def make_params(lib, divergence="forward-kl", beta=0.5, temperature=1.0, alpha=0.0,
+def make_params(lib, divergence="forward-kl", beta=None, temperature=1.0, alpha=0.0,
                 reduction="batchmean", ignore_index=-100, t2_scaling=True, softcap=None):
     """A filled ``Params`` (the library's defaults, then these values).
 
-    ``softcap``: None (off) or C > 0, logits x ← C·tanh(x/C) first."""
+    ``beta``: the JSD weight, jsd only (None: the library's default 0.5).
+    ``softcap``: None (off) or C > 0, logits x ← C·tanh(x/C) first. Values
+    the library cannot use (e.g. a temperature whose τ² overflows fp32) raise
+    ``KdfuseError`` when the loss is computed."""
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {sorted(DIVERGENCES)}, got {divergence!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {sorted(REDUCTIONS)}, got {reduction!r}")
+    if beta is not None and divergence != "jsd":
+        raise ValueError(f"beta is the JSD weight: {divergence} does not use it")
+    if softcap is not None and float(softcap) == 0.0:
+        # 0 means off in the C ABI: say None instead of passing 0 silently.
+        raise ValueError("softcap must be None (off) or > 0, got 0")
     p = Params()
     check(lib, lib.kdfuse_params_default(ctypes.byref(p)))
     p.divergence = DIVERGENCES[divergence]
     p.reduction = REDUCTIONS[reduction]
-    p.beta, p.temperature, p.alpha = float(beta), float(temperature), float(alpha)
+    if beta is not None:
+        p.beta = float(beta)
+    p.temperature, p.alpha = float(temperature), float(alpha)
     p.ignore_index = int(ignore_index)
     p.t2_scaling = 1 if t2_scaling else 0
     # 0 means off in the C ABI; any other value is checked by the library.
@@ -267,7 +277,7 @@ _fn = None
 
 
 def distill_loss(student_logits, teacher_logits, labels=None, *, divergence="forward-kl",
-                 beta=0.5, temperature=1.0, alpha=0.0, reduction="batchmean",
+                 beta=None, temperature=1.0, alpha=0.0, reduction="batchmean",
                  ignore_index=-100, t2_scaling=True, softcap=None, row_weights=None):
     """``α·CE(labels) + (1−α)·c·D(teacher‖student)`` reduced over rows (DESIGN.md §1).
 
@@ -276,12 +286,14 @@ def distill_loss(student_logits, teacher_logits, labels=None, *, divergence="for
     current stream; CPU: kdfuse's CPU backend); a teacher with more columns
     (a padded vocabulary) contributes its first V. ``labels``: [...] integers
     (needed when ``alpha > 0``; ``ignore_index`` rows count nothing).
-    ``divergence``: forward-kl, reverse-kl, jsd (``beta``), tvd or soft-ce. ``c`` is τ²
+    ``divergence``: forward-kl, reverse-kl, jsd (``beta``, default 0.5; jsd only), tvd or
+    soft-ce. ``c`` is τ²
     unless ``t2_scaling`` is False. ``softcap``: None or C > 0, logits
     x ← C·tanh(x/C) before anything else. ``row_weights``: None or N floats
     (one per row after flattening) multiplying each row's loss; the
     reduction's denominator stays the valid-row count. Returns a 0-dim float32 tensor; its
-    backward gives the gradient for ``student_logits`` only.
+    backward gives the gradient for ``student_logits`` only. Arguments the library refuses
+    (named in the message) raise ``KdfuseError``; malformed ones ``ValueError``.
     """
     global _fn
     if _fn is None:

@@ -82,7 +82,8 @@ class CtypesAgainstLibrary(unittest.TestCase):
         for divergence in ("forward-kl", "reverse-kl", "jsd", "tvd", "soft-ce"):
             s = [rng.gauss(0, 2) for _ in range(n * v)]
             t = [rng.gauss(0, 2) for _ in range(n * v)]
-            params = kt.make_params(self.lib, divergence, beta=0.3, temperature=1.7)
+            beta = 0.3 if divergence == "jsd" else None  # JSD's alone
+            params = kt.make_params(self.lib, divergence, beta=beta, temperature=1.7)
             b = kt.Batch()
             kt.check(self.lib, self.lib.kdfuse_batch_init(ctypes.byref(b), n, v, 0))
             sa, ta = (ctypes.c_float * (n * v))(*s), (ctypes.c_float * (n * v))(*t)
@@ -137,6 +138,66 @@ class CtypesAgainstLibrary(unittest.TestCase):
             kt.make_params(self.lib, divergence="hellinger")
 
 
+class BadInputRaises(unittest.TestCase):
+    """What the library refuses reaches Python as an exception naming the argument."""
+
+    def setUp(self):
+        self.lib = kt.load_library()
+        n, v = 2, 5
+        self.x = (ctypes.c_float * (n * v))(*[float(i % 7) for i in range(n * v)])
+        self.y = (ctypes.c_float * (n * v))(*[float((3 * i) % 5) for i in range(n * v)])
+        self.out = (ctypes.c_float * 4)()
+        self.b = kt.Batch()
+        kt.check(self.lib, self.lib.kdfuse_batch_init(ctypes.byref(self.b), n, v, 0))
+        self.b.student, self.b.teacher = ctypes.addressof(self.x), ctypes.addressof(self.y)
+        self.b.loss = ctypes.addressof(self.out)
+
+    def compute(self, params, batch=None):
+        b = self.b if batch is None else batch
+        kt.check(self.lib, self.lib.kdfuse_compute_host(ctypes.byref(b), ctypes.byref(params)))
+
+    def test_parameters_beyond_fp32(self):
+        for kwargs, arg in [({"temperature": 1e20}, "temperature"),
+                            ({"temperature": 1e19}, "temperature"),
+                            ({"softcap": 1e-50}, "softcap"),
+                            ({"softcap": 1e39}, "softcap")]:
+            with self.assertRaisesRegex(kt.KdfuseError, arg, msg=str(kwargs)):
+                self.compute(kt.make_params(self.lib, **kwargs))
+        self.compute(kt.make_params(self.lib, temperature=4.0, softcap=30.0))
+
+    def test_beta_and_softcap_zero(self):
+        with self.assertRaisesRegex(ValueError, "beta"):
+            kt.make_params(self.lib, "reverse-kl", beta=0.3)
+        p = kt.make_params(self.lib, "reverse-kl")
+        p.beta = 0.3  # set on the struct: the library refuses it
+        with self.assertRaisesRegex(kt.KdfuseError, "beta"):
+            self.compute(p)
+        with self.assertRaisesRegex(ValueError, "softcap"):
+            kt.make_params(self.lib, softcap=0.0)
+
+    def test_struct_version_and_alignment(self):
+        for version in (0, 3, 99, 0xFFFFFFFF):
+            p = kt.make_params(self.lib)
+            p.version = version
+            with self.assertRaisesRegex(kt.KdfuseError, "params.version"):
+                self.compute(p)
+        b = kt.Batch.from_buffer_copy(self.b)
+        b.loss = ctypes.addressof(self.out) + 1
+        with self.assertRaisesRegex(kt.KdfuseError, "batch.loss"):
+            self.compute(kt.make_params(self.lib), b)
+        b = kt.Batch.from_buffer_copy(self.b)
+        b.rows = 2**63 - 1
+        with self.assertRaisesRegex(kt.KdfuseError, "stride"):
+            self.compute(kt.make_params(self.lib), b)
+
+    def test_empty_batch_loss_is_plus_zero(self):
+        b = kt.Batch.from_buffer_copy(self.b)
+        b.rows = 0
+        self.out[0] = float("nan")
+        self.compute(kt.make_params(self.lib), b)
+        self.assertEqual(math.copysign(1.0, self.out[0]), 1.0)
+
+
 def torch_reference(s, t, labels, divergence, beta, tau, alpha):
     """PyTorch's ops in float64: the usual recipe."""
     F = torch.nn.functional
@@ -169,7 +230,8 @@ class TorchAutograd(unittest.TestCase):
                 t = (torch.randn(2, 3, 1001, generator=g) * 2).to(device=device, dtype=dtype)
                 labels = torch.randint(0, 1001, (2, 3), generator=g).to(device)
                 s.requires_grad_(True)
-                loss = kt.distill_loss(s, t, labels, divergence=divergence, beta=0.4,
+                beta = 0.4 if divergence == "jsd" else None  # JSD's alone
+                loss = kt.distill_loss(s, t, labels, divergence=divergence, beta=beta,
                                        temperature=2.0, alpha=0.3)
                 (3 * loss).backward()  # the upstream gradient reaches the saved one
                 s_ref = s.detach().double().requires_grad_(True)

@@ -87,7 +87,9 @@ def liger_loss(divergence, beta, tau):
 
 def kdfuse_loss(divergence, beta, tau):
     def f(s, t):
-        return kt.distill_loss(s, t, divergence=divergence, beta=beta, temperature=tau)
+        # β is JSD's alone: the wrapper refuses it with another divergence.
+        return kt.distill_loss(s, t, divergence=divergence,
+                               beta=beta if divergence == "jsd" else None, temperature=tau)
 
     return f
 

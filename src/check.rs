@@ -231,7 +231,12 @@ pub fn random_config(rng: &mut StdRng, max_cols: usize) -> CaseConfig {
         grad_dtype: pick(rng, &[GradDtype::F32, GradDtype::Input]),
         spec: LossSpec {
             divergence,
-            beta,
+            // Only JSD takes a β (the others refuse anything but the default).
+            beta: if divergence == Divergence::Jsd {
+                beta
+            } else {
+                LossSpec::default().beta
+            },
             temperature: tau_pick,
             alpha,
             t2_scaling: rng.random_bool(0.7),
@@ -274,6 +279,7 @@ fn add_options(rng: &mut StdRng, c: &mut CaseConfig) {
             _ => rng.random_range(1..=c.cols.min(64)),
         };
         c.spec.divergence = Divergence::ForwardKl;
+        c.spec.beta = LossSpec::default().beta;
         c.spec.topk_mode = mode;
         c.spec.grad_teacher = false;
         // A shared mask keeps every support entry meaningful.

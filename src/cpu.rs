@@ -143,7 +143,7 @@ impl Backend for CpuBackend {
                 hostmath::row(div, row_data(inputs, r), label(r), gr, gtr, &p, wr)
             },
         );
-        let loss = spec.reduction.row_weight(valid, v) * row_losses.iter().sum::<f64>();
+        let loss = spec.reduction.row_weight(valid, v) * crate::sum(&row_losses);
         Ok(KdOutput {
             loss,
             row_losses,
@@ -187,7 +187,7 @@ impl Backend for CpuBackend {
                 hostmath::topk_row(&row_of(r), label(r), gr, &p, wr)
             },
         );
-        let loss = spec.reduction.row_weight(valid, v) * row_losses.iter().sum::<f64>();
+        let loss = spec.reduction.row_weight(valid, v) * crate::sum(&row_losses);
         Ok(KdOutput {
             loss,
             row_losses,

@@ -58,6 +58,12 @@ pub mod kernels_meta {
 }
 
 pub use backend::{create, Backend, BackendKind, KdOutput};
+
+/// Σ xs in order, from +0: an empty sum is 0, not the −0 of `Iterator::sum`
+/// (which would print as a loss of `-0`).
+pub(crate) fn sum(xs: &[f64]) -> f64 {
+    xs.iter().fold(0.0, |acc, &x| acc + x)
+}
 pub use cpu::CpuBackend;
 pub use error::{KdError, Result};
 pub use feature::{

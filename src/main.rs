@@ -47,7 +47,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match cli::run(args) {
+    match cli::run(args).and_then(|code| cli::flush_stdout().map(|()| code)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("kdfuse: {e}");

@@ -538,7 +538,7 @@ fn run_rows(
             }
         }
     }
-    let loss = w * row_losses.iter().sum::<f64>();
+    let loss = w * crate::sum(&row_losses);
     KdOutput {
         loss,
         row_losses,

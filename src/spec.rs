@@ -200,9 +200,12 @@ impl FromStr for TopkMode {
 pub struct LossSpec {
     /// The divergence.
     pub divergence: Divergence,
-    /// JSD weight β ∈ [0, 1] (ignored by the other divergences).
+    /// JSD weight β ∈ [0, 1]. Only JSD uses it: with any other divergence it
+    /// must stay at its default 0.5 (validation fails otherwise, rather than
+    /// ignoring it).
     pub beta: f64,
-    /// Temperature τ > 0, finite.
+    /// Temperature τ > 0, finite; τ² and 1/τ² must be normal fp32 numbers
+    /// (τ in about [1.1e-19, 9.2e18]), as every kernel parameter.
     pub temperature: f64,
     /// Weight α ∈ [0, 1] of the hard-label cross-entropy; α > 0 needs labels.
     pub alpha: f64,
@@ -301,6 +304,15 @@ impl LossSpec {
                 format!("must be finite, got {}", self.grad_scale),
             );
         }
+        if self.divergence != Divergence::Jsd && self.beta != LossSpec::default().beta {
+            return invalid(
+                "beta",
+                format!(
+                    "only jsd uses beta; got beta = {} with {} (leave it at its default 0.5)",
+                    self.beta, self.divergence
+                ),
+            );
+        }
         if let Some(cap) = self.softcap {
             if !(cap.is_finite() && cap > 0.0) {
                 return invalid("softcap", format!("must be finite and > 0, got {cap}"));
@@ -312,6 +324,7 @@ impl LossSpec {
                 );
             }
         }
+        self.validate_f32()?;
         if self.alpha > 0.0 && !has_labels {
             return invalid(
                 "alpha",
@@ -320,6 +333,47 @@ impl LossSpec {
                     self.alpha
                 ),
             );
+        }
+        Ok(())
+    }
+
+    /// Every kernel parameter derived from the spec (`KernelParams`) is
+    /// computed in f64 and used in fp32: each must round to a finite fp32
+    /// number, and a non-zero one to a normal one (no silent overflow to ±inf,
+    /// no flush to 0). For τ that is τ, 1/τ, log2(e)/τ, τ² and 1/τ² (the scale
+    /// of a divergence between nearly equal rows), i.e. τ in about
+    /// [1.1e-19, 9.2e18]; for the soft-cap C, C and 1/C.
+    fn validate_f32(&self) -> Result<()> {
+        let tau = self.temperature;
+        for (what, x) in [
+            ("temperature", tau),
+            ("1/temperature", 1.0 / tau),
+            ("log2(e)/temperature", std::f64::consts::LOG2_E / tau),
+            ("temperature²", tau * tau),
+            ("1/temperature²", 1.0 / (tau * tau)),
+        ] {
+            kernel_f32("temperature", what, x)?;
+        }
+        kernel_f32("alpha", "alpha", self.alpha)?;
+        kernel_f32(
+            "alpha",
+            "(1 − alpha)·c (the soft term's weight)",
+            self.soft_coef(),
+        )?;
+        if let KernelDivergence::Jsd(b) = self.kernel_divergence() {
+            kernel_f32("beta", "beta", b)?;
+            kernel_f32("beta", "1 − beta", 1.0 - b)?;
+            if b as f32 == 1.0 {
+                return invalid(
+                    "beta",
+                    format!("beta = {b} rounds to 1 in fp32 (the kernels' precision); use 1 (reverse KL) or at most 1 − 2⁻²⁴"),
+                );
+            }
+        }
+        kernel_f32("grad_scale", "grad_scale", self.grad_scale)?;
+        if let Some(cap) = self.softcap {
+            kernel_f32("softcap", "softcap", cap)?;
+            kernel_f32("softcap", "1/softcap", 1.0 / cap)?;
         }
         Ok(())
     }
@@ -397,4 +451,29 @@ impl LossSpec {
             Divergence::SoftCe => KernelDivergence::SoftCe,
         }
     }
+}
+
+/// `x` as the kernels' fp32: finite, and normal unless `x` is 0; otherwise an
+/// error naming `arg` (`what` is the quantity derived from it).
+pub(crate) fn kernel_f32(arg: &'static str, what: &str, x: f64) -> Result<f32> {
+    let y = x as f32;
+    if !y.is_finite() {
+        return invalid(
+            arg,
+            format!(
+                "{what} = {x:e} overflows fp32, the kernels' precision (largest {:e})",
+                f32::MAX
+            ),
+        );
+    }
+    if x != 0.0 && !y.is_normal() {
+        return invalid(
+            arg,
+            format!(
+                "{what} = {x:e} underflows fp32, the kernels' precision (smallest normal {:e})",
+                f32::MIN_POSITIVE
+            ),
+        );
+    }
+    Ok(y)
 }

@@ -459,7 +459,12 @@ impl TopkInputs<'_> {
                 ),
             );
         }
-        let need = n * k;
+        let Some(need) = n.checked_mul(k) else {
+            return invalid(
+                "teacher_topk_values",
+                format!("[N = {n}, k = {k}] overflows"),
+            );
+        };
         if self.teacher.values.len() != need {
             return invalid(
                 "teacher_topk_values",

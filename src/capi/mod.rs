@@ -69,9 +69,22 @@ fn guard(f: impl FnOnce() -> Result<()>) -> KdfuseStatus {
     }
 }
 
+/// Fails, naming `arg`, unless `p` (NULL allowed) is aligned for `T`.
+fn aligned<T>(arg: &'static str, p: *const T) -> Result<()> {
+    let align = std::mem::align_of::<T>();
+    if !(p as usize).is_multiple_of(align) {
+        return invalid(
+            arg,
+            format!("pointer {p:p} is not aligned to {align} bytes (its element type's alignment)"),
+        );
+    }
+    Ok(())
+}
+
 /// `*out` for writing, or an error naming `out`.
 fn out_ref<'a, T>(out: *mut T) -> Result<&'a mut T> {
-    // SAFETY: the caller passes writable memory or NULL.
+    aligned("out", out.cast_const())?;
+    // SAFETY: the caller passes writable memory or NULL; alignment checked.
     unsafe { out.as_mut() }.ok_or_else(|| KdError::InvalidArgument {
         arg: "out",
         msg: "must not be NULL".into(),
@@ -79,11 +92,48 @@ fn out_ref<'a, T>(out: *mut T) -> Result<&'a mut T> {
 }
 
 fn non_null<'a, T>(arg: &'static str, p: *const T) -> Result<&'a T> {
-    // SAFETY: the caller passes a valid pointer or NULL.
+    aligned(arg, p)?;
+    // SAFETY: the caller passes a valid pointer or NULL; alignment checked.
     unsafe { p.as_ref() }.ok_or_else(|| KdError::InvalidArgument {
         arg,
         msg: "must not be NULL".into(),
     })
+}
+
+/// Every pointer of a batch is aligned for its element type (NULL allowed):
+/// the host path dereferences them, and the kernels need it too.
+fn check_batch_alignment(b: &KdfuseBatch, sh: &types::BatchShape) -> Result<()> {
+    let elem = |arg: &'static str, p: *const c_void, dtype: Dtype| -> Result<()> {
+        if !(p as usize).is_multiple_of(dtype.size()) {
+            return invalid(
+                arg,
+                format!(
+                    "pointer {p:p} is not aligned for {dtype} ({} bytes)",
+                    dtype.size()
+                ),
+            );
+        }
+        Ok(())
+    };
+    elem("batch.student", b.student, sh.dtype)?;
+    elem("batch.teacher", b.teacher, sh.dtype)?;
+    elem("batch.topk_values", b.topk_values, sh.dtype)?;
+    elem("batch.grad", b.grad.cast_const(), sh.grad_dtype)?;
+    elem(
+        "batch.grad_teacher",
+        b.grad_teacher.cast_const(),
+        sh.grad_dtype,
+    )?;
+    aligned("batch.labels", b.labels)?;
+    aligned("batch.row_weights", b.row_weights)?;
+    aligned("batch.row_losses", b.row_losses.cast_const())?;
+    aligned("batch.loss", b.loss.cast_const())?;
+    aligned("batch.valid_rows", b.valid_rows.cast_const())?;
+    match sh.topk {
+        Some(t) if t.indices_i64 => aligned("batch.topk_indices", b.topk_indices.cast::<i64>()),
+        Some(_) => aligned("batch.topk_indices", b.topk_indices.cast::<i32>()),
+        None => Ok(()),
+    }
 }
 
 /// The caller's params (version 1 or 2) as a spec.
@@ -249,6 +299,7 @@ pub unsafe extern "C" fn kdfuse_compute_cuda(
         // SAFETY: as above.
         let spec = unsafe { read_spec(params) }?;
         let shape = b.shape(&spec)?;
+        check_batch_alignment(&b, &shape)?;
         if b.row_losses.is_null() {
             return invalid("batch.row_losses", "required on the device (float, N)");
         }
@@ -361,7 +412,10 @@ unsafe fn host_data<'a>(
 /// optional outputs; the gradient is written in `grad_dtype` with
 /// `grad_stride` and must not overlap the inputs, as the teacher gradient
 /// (`grad_teacher`, `grad_teacher_stride`). A top-k teacher's indices are
-/// always checked (the first bad row is named).
+/// always checked (the first bad row is named). Every pointer must be
+/// aligned for its element type (float, int32, int64, the dtype's), and every
+/// buffer's element count `(N − 1)·stride + V` must not overflow: otherwise
+/// `INVALID_ARGUMENT` naming the field.
 ///
 /// # Safety
 /// Every non-NULL pointer must be host memory large enough for the batch's
@@ -389,29 +443,24 @@ pub unsafe extern "C" fn kdfuse_compute_host(
                 "an in-place teacher gradient is for device memory only",
             );
         }
-        if !b.labels.is_null() && !(b.labels as usize).is_multiple_of(8) {
-            return invalid("batch.labels", "pointer is not aligned for int64");
-        }
-        if !b.row_weights.is_null() && !(b.row_weights as usize).is_multiple_of(4) {
-            return invalid("batch.row_weights", "pointer is not aligned for float");
-        }
-        for (arg, p) in [
-            ("batch.grad", b.grad),
-            ("batch.grad_teacher", b.grad_teacher),
-        ] {
-            if !(p as usize).is_multiple_of(sh.grad_dtype.size()) {
-                return invalid(arg, format!("pointer is not aligned for {}", sh.grad_dtype));
-            }
+        check_batch_alignment(&b, &sh)?;
+        let student_len = sh.span("batch.student_stride", sh.student_stride, sh.dtype.size())?;
+        let teacher_len = sh.span("batch.teacher_stride", sh.teacher_stride, sh.dtype.size())?;
+        sh.span("batch.grad_stride", sh.grad_stride, sh.grad_dtype.size())?;
+        sh.span(
+            "batch.grad_teacher_stride",
+            sh.grad_teacher_stride,
+            sh.grad_dtype.size(),
+        )?;
+        if sh
+            .rows
+            .checked_mul(8)
+            .is_none_or(|b| b > isize::MAX as usize)
+        {
+            return invalid("batch.rows", format!("N = {} is too large", sh.rows));
         }
         // SAFETY: the caller's contract: the student spans these elements.
-        let s = unsafe {
-            host_data(
-                "batch.student",
-                b.student,
-                sh.span(sh.student_stride),
-                sh.dtype,
-            )
-        }?;
+        let s = unsafe { host_data("batch.student", b.student, student_len, sh.dtype) }?;
         let student = Logits::strided(s, sh.rows, sh.cols, sh.student_stride);
         // SAFETY: N labels when not NULL.
         let labels =
@@ -428,14 +477,7 @@ pub unsafe extern "C" fn kdfuse_compute_host(
         let out = match sh.topk {
             None => {
                 // SAFETY: the caller's contract: the teacher spans these elements.
-                let t = unsafe {
-                    host_data(
-                        "batch.teacher",
-                        b.teacher,
-                        sh.span(sh.teacher_stride),
-                        sh.dtype,
-                    )
-                }?;
+                let t = unsafe { host_data("batch.teacher", b.teacher, teacher_len, sh.dtype) }?;
                 let inputs = KdInputs {
                     student,
                     teacher: Logits::strided(t, sh.rows, sh.cols, sh.teacher_stride),
@@ -445,19 +487,13 @@ pub unsafe extern "C" fn kdfuse_compute_host(
                 CpuBackend.compute(&inputs, &spec, grad)?
             }
             Some(topk) => {
-                let Some(len) = sh.rows.checked_mul(topk.k) else {
+                let Some(len) = sh
+                    .rows
+                    .checked_mul(topk.k)
+                    .filter(|l| l.checked_mul(8).is_some_and(|b| b <= isize::MAX as usize))
+                else {
                     return invalid("batch.topk_k", "N·k overflows");
                 };
-                let align = if topk.indices_i64 { 8 } else { 4 };
-                if !(b.topk_indices as usize).is_multiple_of(align) {
-                    return invalid(
-                        "batch.topk_indices",
-                        format!(
-                            "pointer is not aligned for int{}",
-                            if topk.indices_i64 { 64 } else { 32 }
-                        ),
-                    );
-                }
                 // SAFETY: N·k indices (aligned, checked above).
                 let indices = unsafe {
                     if topk.indices_i64 {

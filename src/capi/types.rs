@@ -100,7 +100,8 @@ pub enum KdfuseIndexDtype {
 pub struct KdfuseParams {
     /// `sizeof(KdfuseParams)` as the caller's header defines it.
     pub size: u32,
-    /// `KDFUSE_ABI_VERSION` of the caller's header.
+    /// `KDFUSE_ABI_VERSION` of the caller's header: 1 or 2, the version
+    /// whose size `size` is; anything else is refused.
     pub version: u32,
     /// A `KdfuseDivergence` value.
     pub divergence: i32,
@@ -144,7 +145,8 @@ pub struct KdfuseParams {
 pub struct KdfuseBatch {
     /// `sizeof(KdfuseBatch)` as the caller's header defines it.
     pub size: u32,
-    /// `KDFUSE_ABI_VERSION` of the caller's header.
+    /// `KDFUSE_ABI_VERSION` of the caller's header: 1 or 2, the version
+    /// whose size `size` is; anything else is refused.
     pub version: u32,
     /// Rows N (≥ 0).
     pub rows: i64,
@@ -232,6 +234,15 @@ pub(crate) unsafe fn read_sized<T: Copy>(
         "batch.size"
     };
     check_size(size_arg, size, size_of::<T>(), first)?;
+    // SAFETY: every versioned struct has its u32 version after the size, and
+    // `size` (checked) covers it.
+    let version = unsafe { p.cast::<u32>().add(1).read_unaligned() };
+    let version_arg = if arg == "params" {
+        "params.version"
+    } else {
+        "batch.version"
+    };
+    check_version(version_arg, version, size, size_of::<T>(), first)?;
     let mut out = defaults;
     // SAFETY: the caller's struct holds `size` bytes (checked ≤ ours), and
     // every prefix of these plain-data structs is a valid one.
@@ -256,6 +267,38 @@ pub(crate) fn check_size(arg: &'static str, size: u32, ours: usize, first: usize
                 "struct size {size} is not one this library knows ({first} or {ours}); \
                  fill it with its kdfuse_*_init/default function"
             ),
+        );
+    }
+    Ok(())
+}
+
+/// The caller's struct version: 1 or 2 (this library's), the one its size
+/// says (a version-1 struct has the version-1 size).
+pub(crate) fn check_version(
+    arg: &'static str,
+    version: u32,
+    size: u32,
+    ours: usize,
+    first: usize,
+) -> Result<()> {
+    let want = if size as usize == first && first != ours {
+        1
+    } else {
+        KDFUSE_ABI_VERSION
+    };
+    if !(1..=KDFUSE_ABI_VERSION).contains(&version) {
+        return invalid(
+            arg,
+            format!(
+                "{version} is not a version this library knows (1 to {KDFUSE_ABI_VERSION}); \
+                 fill the struct with its kdfuse_*_init/default function"
+            ),
+        );
+    }
+    if version != want {
+        return invalid(
+            arg,
+            format!("version {version} does not match the struct size {size} (version {want}'s)"),
         );
     }
     Ok(())
@@ -302,6 +345,13 @@ impl KdfuseParams {
     pub fn to_spec(&self) -> Result<LossSpec> {
         check_size(
             "params.size",
+            self.size,
+            size_of::<KdfuseParams>(),
+            PARAMS_V1_SIZE,
+        )?;
+        check_version(
+            "params.version",
+            self.version,
             self.size,
             size_of::<KdfuseParams>(),
             PARAMS_V1_SIZE,
@@ -444,6 +494,13 @@ impl KdfuseBatch {
             size_of::<KdfuseBatch>(),
             BATCH_V1_SIZE,
         )?;
+        check_version(
+            "batch.version",
+            self.version,
+            self.size,
+            size_of::<KdfuseBatch>(),
+            BATCH_V1_SIZE,
+        )?;
         let nonneg = |arg: &'static str, x: i64| -> Result<usize> {
             usize::try_from(x).or_else(|_| invalid(arg, format!("must be ≥ 0, got {x}")))
         };
@@ -564,12 +621,28 @@ impl KdfuseBatch {
 }
 
 impl BatchShape {
-    /// Elements a buffer of row stride `stride` spans.
-    pub(crate) fn span(&self, stride: usize) -> usize {
+    /// Elements a buffer of row stride `stride` spans, `(N − 1)·stride + V`;
+    /// an error naming `arg` when that overflows (or exceeds what one
+    /// allocation can hold, `isize::MAX` bytes of `elem_size`-byte elements).
+    pub(crate) fn span(&self, arg: &'static str, stride: usize, elem_size: usize) -> Result<usize> {
         if self.rows == 0 {
-            0
-        } else {
-            (self.rows - 1) * stride + self.cols
+            return Ok(0);
+        }
+        match (self.rows - 1)
+            .checked_mul(stride)
+            .and_then(|x| x.checked_add(self.cols))
+            .filter(|&x| {
+                x.checked_mul(elem_size)
+                    .is_some_and(|b| b <= isize::MAX as usize)
+            }) {
+            Some(x) => Ok(x),
+            None => invalid(
+                arg,
+                format!(
+                    "(N − 1)·stride + V = ({} − 1)·{stride} + {} elements overflows",
+                    self.rows, self.cols
+                ),
+            ),
         }
     }
 }
@@ -608,6 +681,7 @@ mod tests {
         // A version-1 params struct: only its 64 bytes are read.
         let mut v1 = KdfuseParams::defaults();
         v1.size = PARAMS_V1_SIZE as u32;
+        v1.version = 1;
         v1.temperature = 3.0;
         let mut buf = [0xffu8; 64];
         // SAFETY: both are plain data; 64 bytes of a larger struct.

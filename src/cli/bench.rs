@@ -30,9 +30,9 @@ pub struct ShapeArgs {
     /// Weight of the hard-label cross-entropy (random labels when > 0).
     #[arg(long, default_value_t = 0.0)]
     alpha: f64,
-    /// JSD β.
-    #[arg(long, default_value_t = 0.5)]
-    beta: f64,
+    /// JSD β (jsd only) [default: 0.5].
+    #[arg(long)]
+    beta: Option<f64>,
     /// Temperature τ.
     #[arg(long, default_value_t = 1.0)]
     temperature: f64,
@@ -42,10 +42,15 @@ pub struct ShapeArgs {
 }
 
 impl ShapeArgs {
-    fn configs(&self) -> Result<Vec<BenchConfig>, CliError> {
+    /// Every combination of the flags; `missing` says what to give when
+    /// --rows or --cols is missing (each command has its own flags).
+    fn configs(&self, missing: &str) -> Result<Vec<BenchConfig>, CliError> {
         if self.rows.is_empty() || self.cols.is_empty() {
+            return Err(CliError::Msg(missing.into()));
+        }
+        if self.beta.is_some() && !self.divergence.contains(&Divergence::Jsd) {
             return Err(CliError::Msg(
-                "give --preset, or --rows and --cols (comma-separated lists)".into(),
+                "--beta is the JSD weight: it needs --divergence jsd".into(),
             ));
         }
         let mut out = Vec::new();
@@ -55,7 +60,11 @@ impl ShapeArgs {
                     for &divergence in &self.divergence {
                         let c = BenchConfig {
                             alpha: self.alpha,
-                            beta: self.beta,
+                            beta: if divergence == Divergence::Jsd {
+                                self.beta.unwrap_or(0.5)
+                            } else {
+                                0.5
+                            },
                             temperature: self.temperature,
                             grad: !self.loss_only,
                             ..BenchConfig::new(rows, cols, dtype, divergence)
@@ -142,7 +151,9 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, CliError> {
     let cuda = use_cuda(&a.backend, a.device)?;
     let configs = match &a.preset {
         Some(p) => p.parse::<Preset>().map_err(CliError::Msg)?.configs(!cuda),
-        None => a.shape.configs()?,
+        None => a
+            .shape
+            .configs("give --preset, or --rows and --cols (comma-separated lists)")?,
     };
     let opts = BenchOptions {
         warmup: a.warmup,
@@ -160,7 +171,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, CliError> {
     } else {
         kdfuse::bench::cpu::run(&configs, &opts)?
     };
-    print!("{}", report.table());
+    out!("{}", report.table())?;
     if let Some(p) = &a.json {
         let body = serde_json::to_vec_pretty(&report)
             .map_err(|e| CliError::Msg(format!("cannot encode the report: {e}")))?;
@@ -183,7 +194,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, CliError> {
     if report.checks_passed() {
         Ok(ExitCode::SUCCESS)
     } else {
-        println!("FAILED: a configuration's agreement checks failed (see `checks` in the JSON)");
+        outln!("FAILED: a configuration's agreement checks failed (see `checks` in the JSON)")?;
         Ok(ExitCode::from(1))
     }
 }
@@ -206,7 +217,7 @@ pub fn report(a: ReportArgs) -> Result<ExitCode, CliError> {
                 path.display()
             ))
         })?;
-        println!("{}", r.markdown());
+        outln!("{}", r.markdown())?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -250,7 +261,14 @@ fn this_command() -> String {
 }
 
 pub fn profile(a: ProfileArgs) -> Result<ExitCode, CliError> {
-    let configs = a.shape.configs()?;
+    if a.backend == "cpu" && a.variant == "eager" {
+        return Err(CliError::Msg(
+            "--variant eager is the GPU's unfused baseline: it needs --backend cuda".into(),
+        ));
+    }
+    let configs = a
+        .shape
+        .configs("give --rows and --cols (one value each: profile runs one configuration)")?;
     let [c] = configs.as_slice() else {
         return Err(CliError::Msg(format!(
             "profile runs one configuration; the flags give {}",
@@ -269,8 +287,8 @@ pub fn profile(a: ProfileArgs) -> Result<ExitCode, CliError> {
             ..Default::default()
         };
         let (t, _, _) = kdfuse::bench::cpu::profile_rows(c, &opts)?;
-        print_timing(c, "cpu", &t);
-        println!("profile with: perf record -g -- {me}");
+        print_timing(c, "cpu", &t)?;
+        outln!("profile with: perf record -g -- {me}")?;
         return Ok(ExitCode::SUCCESS);
     }
     let variant = if a.variant == "eager" {
@@ -285,24 +303,27 @@ pub fn profile(a: ProfileArgs) -> Result<ExitCode, CliError> {
     }
     backend.stream().synchronize().map_err(KdError::from)?;
     let t = kdfuse::bench::cuda::profiled(&mut case, variant, a.iters)?;
-    print_timing(c, &a.variant, &t);
+    print_timing(c, &a.variant, &t)?;
     let kernels = if variant == Variant::Fused {
         "regex:kd_fused"
     } else {
         "regex:kd_eager"
     };
-    println!(
+    outln!(
         "the {} iterations run between cuProfilerStart and cuProfilerStop; profile them with:",
         a.iters
-    );
-    println!("  ncu --profile-from-start off --set full --kernel-name {kernels} --launch-count 1 -o kdfuse-profile {me}");
-    println!("  nsys profile --capture-range=cudaProfilerApi --trace=cuda -o kdfuse-profile {me}");
+    )?;
+    outln!("  ncu --profile-from-start off --set full --kernel-name {kernels} --launch-count 1 -o kdfuse-profile {me}")?;
+    outln!("  nsys profile --capture-range=cudaProfilerApi --trace=cuda -o kdfuse-profile {me}")?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_timing(c: &BenchConfig, what: &str, t: &Timing) {
-    println!(
+fn print_timing(c: &BenchConfig, what: &str, t: &Timing) -> Result<(), CliError> {
+    outln!(
         "{c} [{what}]: median {:.3} ms (p10 {:.3}, p90 {:.3}) over {} iterations",
-        t.median_ms, t.p10_ms, t.p90_ms, t.runs
-    );
+        t.median_ms,
+        t.p10_ms,
+        t.p90_ms,
+        t.runs
+    )
 }

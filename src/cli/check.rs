@@ -2,10 +2,12 @@
 
 use super::{make_backend, CliError};
 use clap::Args;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use kdfuse::check::{sweep, CaseReport, GroupStats};
 use kdfuse::feature::check::{feature_sweep, FeatureCaseReport};
 use kdfuse::BackendKind;
 use std::collections::BTreeMap;
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -40,65 +42,75 @@ pub fn run(a: CheckArgs) -> Result<ExitCode, CliError> {
     if a.max_vocab == 0 {
         return Err(CliError::Msg("--max-vocab must be ≥ 1".into()));
     }
+    let feature_cases = a.feature_cases.unwrap_or(a.cases / 2);
+    if a.cases == 0 && feature_cases == 0 {
+        return Err(CliError::Msg(
+            "nothing to check: --cases 0 (and no --feature-cases) runs no case; give at least one"
+                .into(),
+        ));
+    }
     let backend = make_backend(kind)?;
     let verbose = a.verbose;
+    let bar = progress_bar((a.cases + feature_cases) as u64);
+    // The first failed write to stdout, reported after the sweep.
+    let mut write_error: Option<CliError> = None;
+    let mut line = |passed: bool, loss_err: f64, grad_err: f64, what: String| {
+        bar.inc(1);
+        if (verbose || !passed) && write_error.is_none() {
+            let r = bar.suspend(|| {
+                outln!(
+                    "{} loss_err={:.2e} grad_err={:.2e}  {}",
+                    if passed { "ok  " } else { "FAIL" },
+                    loss_err,
+                    grad_err,
+                    what
+                )
+            });
+            write_error = r.err();
+        }
+    };
     let report = sweep(
         backend.as_ref(),
         a.cases,
         a.seed,
         a.max_vocab,
-        |r: &CaseReport| {
-            if verbose || !r.passed {
-                println!(
-                    "{} loss_err={:.2e} grad_err={:.2e}  {}",
-                    if r.passed { "ok  " } else { "FAIL" },
-                    r.loss_err,
-                    r.grad_err,
-                    r.config.describe()
-                );
-            }
-        },
-    )?;
-    println!(
-        "backend {} vs oracle: {} cases, seed {}, V ≤ {}",
-        backend.name(),
-        report.cases,
-        a.seed,
-        a.max_vocab
+        |r: &CaseReport| line(r.passed, r.loss_err, r.grad_err, r.config.describe()),
     );
-    print_groups("dtype/divergence", &report.groups);
     // The same backend as above (`auto` resolved, its note printed once).
     let feature_backend = kdfuse::feature::create(match kind {
         BackendKind::Auto => backend.name().parse().unwrap_or(BackendKind::Cpu),
         k => k,
     })?;
-    let feature_cases = a.feature_cases.unwrap_or(a.cases / 2);
+    let report = report?;
     let features = feature_sweep(
         feature_backend.as_ref(),
         feature_cases,
         a.seed,
         a.max_vocab,
-        |r: &FeatureCaseReport| {
-            if verbose || !r.passed {
-                println!(
-                    "{} loss_err={:.2e} grad_err={:.2e}  {}",
-                    if r.passed { "ok  " } else { "FAIL" },
-                    r.loss_err,
-                    r.grad_err,
-                    r.config.describe()
-                );
-            }
-        },
+        |r: &FeatureCaseReport| line(r.passed, r.loss_err, r.grad_err, r.config.describe()),
+    );
+    bar.finish_and_clear();
+    let features = features?;
+    if let Some(e) = write_error {
+        return Err(e);
+    }
+    outln!(
+        "backend {} vs oracle: {} cases, seed {}, V ≤ {}",
+        backend.name(),
+        report.cases,
+        a.seed,
+        a.max_vocab
     )?;
-    println!(
+    print_groups("dtype/divergence", &report.groups)?;
+    outln!(
         "feature losses, backend {} vs oracle: {} cases, seed {}, H, S ≤ {}",
         feature_backend.name(),
         features.cases,
         a.seed,
         a.max_vocab
-    );
-    print_groups("dtype/feature", &features.groups);
-    println!("tolerances (DESIGN.md §3): loss 1e-5; gradient 1e-5 (f32 out), 4e-3 (bf16 out), 1e-3 (f16 out); top-k tail: loss 2e-5, gradient at least 2e-5");
+    )?;
+    print_groups("dtype/feature", &features.groups)?;
+    outln!("tolerances (DESIGN.md §3): loss 1e-5; gradient 1e-5 (f32 out), 4e-3 (bf16 out), 1e-3 (f16 out); top-k tail: loss 2e-5, gradient at least 2e-5")?;
     if let Some(path) = &a.json {
         let body = serde_json::json!({
             "backend": backend.name(),
@@ -114,28 +126,52 @@ pub fn run(a: CheckArgs) -> Result<ExitCode, CliError> {
         .map_err(|e| CliError::Msg(format!("{}: cannot write: {e}", path.display())))?;
     }
     if report.passed() && features.passed() {
-        println!("passed");
+        outln!("passed")?;
         Ok(ExitCode::SUCCESS)
     } else {
-        println!(
+        outln!(
             "FAILED: {} of {} cases past tolerance",
             report.failures.len() + features.failures.len(),
             report.cases + features.cases
-        );
+        )?;
         Ok(ExitCode::from(1))
     }
 }
 
 /// The table of one sweep's groups.
-fn print_groups(title: &str, groups: &BTreeMap<String, GroupStats>) {
-    println!(
+fn print_groups(title: &str, groups: &BTreeMap<String, GroupStats>) -> Result<(), CliError> {
+    outln!(
         "{:<18} {:>6} {:>14} {:>14} {:>7}",
-        title, "cases", "max loss err", "max grad err", "failed"
-    );
+        title,
+        "cases",
+        "max loss err",
+        "max grad err",
+        "failed"
+    )?;
     for (k, g) in groups {
-        println!(
+        outln!(
             "{:<18} {:>6} {:>14.2e} {:>14.2e} {:>7}",
-            k, g.cases, g.max_loss_err, g.max_grad_err, g.failed
-        );
+            k,
+            g.cases,
+            g.max_loss_err,
+            g.max_grad_err,
+            g.failed
+        )?;
     }
+    Ok(())
+}
+
+/// A bar of the sweep's cases on stderr, when stderr is a terminal (hidden in
+/// pipes and CI logs).
+fn progress_bar(len: u64) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
+    if let Ok(style) =
+        ProgressStyle::with_template("{bar:30} {pos}/{len} cases [{elapsed_precise}]")
+    {
+        bar.set_style(style);
+    }
+    bar
 }

@@ -146,14 +146,14 @@ pub fn run(a: DemoArgs) -> Result<ExitCode, CliError> {
         plot(&report, p).map_err(|e| CliError::Msg(format!("--plot {}: {e}", p.display())))?;
     }
     if a.json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string(&report).map_err(|e| CliError::Msg(e.to_string()))?
-        );
+        )?;
     } else {
-        print!("{}", table(&report));
+        out!("{}", table(&report))?;
         if let Some(p) = &a.plot {
-            println!("learning curves: {}", p.display());
+            outln!("learning curves: {}", p.display())?;
         }
     }
     Ok(ExitCode::SUCCESS)

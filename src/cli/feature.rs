@@ -51,7 +51,12 @@ fn dims(kind: FeatureKind, shape: &[usize], arg: &str) -> Result<(usize, usize, 
     match (kind, shape) {
         (FeatureKind::Mse | FeatureKind::Cosine, &[n, h]) => Ok((n, 1, h)),
         (FeatureKind::Attention, &[n, c, s]) => Ok((n, c, s)),
-        (FeatureKind::Attention, &[n, c, h, w]) => Ok((n, c, h * w)),
+        (FeatureKind::Attention, &[n, c, h, w]) => match h.checked_mul(w) {
+            Some(s) => Ok((n, c, s)),
+            None => Err(CliError::Msg(format!(
+                "{arg}: the map size H·W of shape {shape:?} overflows"
+            ))),
+        },
         (FeatureKind::Attention, _) => Err(CliError::Msg(format!(
             "{arg} must be 3-D [N, C, S] or 4-D [N, C, H, W] for attention, got shape {shape:?}"
         ))),
@@ -76,6 +81,21 @@ fn make_backend(kind: BackendKind) -> Result<Box<dyn kdfuse::FeatureBackend>, Cl
 
 pub fn run(a: FeatureLossArgs) -> Result<ExitCode, CliError> {
     let kind: FeatureKind = a.kind.parse().map_err(CliError::Msg)?;
+    if kind == FeatureKind::Mse && a.eps.is_some() {
+        return Err(CliError::Msg(
+            "--eps is the norm clamp of cosine and attention: mse has none (drop --eps)".into(),
+        ));
+    }
+    super::check_paths(
+        &[
+            ("--student", Some(&a.student)),
+            ("--teacher", Some(&a.teacher)),
+        ],
+        &[
+            ("--grad", a.grad.as_ref()),
+            ("--grad-teacher", a.grad_teacher.as_ref()),
+        ],
+    )?;
     let spec = FeatureSpec {
         kind,
         reduction: a.reduction.parse::<Reduction>().map_err(CliError::Msg)?,
@@ -125,17 +145,10 @@ pub fn run(a: FeatureLossArgs) -> Result<ExitCode, CliError> {
     if let (Some(path), Some(g)) = (&a.grad_teacher, &out.grad_teacher) {
         npy::write_array(path, g, &t_shape)?;
     }
-    let loss = if spec.reduction == Reduction::None {
-        json!(out
-            .row_losses
-            .iter()
-            .map(|&x| super::loss::json_num(x))
-            .collect::<Vec<_>>())
-    } else {
-        super::loss::json_num(out.loss)
-    };
+    let (loss, nonfinite) =
+        super::loss::loss_json(spec.reduction == Reduction::None, out.loss, &out.row_losses);
     let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
-    let report = json!({
+    let mut report = json!({
         "loss": loss,
         "kind": kind.as_str(),
         "rows": n,
@@ -148,6 +161,9 @@ pub fn run(a: FeatureLossArgs) -> Result<ExitCode, CliError> {
         "grad": path(&a.grad),
         "grad_teacher": path(&a.grad_teacher),
     });
-    println!("{report}");
+    if let (Some(r), Some(n)) = (report.as_object_mut(), nonfinite) {
+        r.insert("nonfinite".into(), n);
+    }
+    outln!("{report}")?;
     Ok(ExitCode::SUCCESS)
 }

@@ -45,33 +45,33 @@ pub fn run(a: InfoArgs) -> Result<ExitCode, CliError> {
             "gpus": gpus,
             "gpu_error": devices.as_ref().err().map(|e| e.to_string()),
         });
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&report).unwrap_or_default()
-        );
+        )?;
         return Ok(ExitCode::SUCCESS);
     }
-    println!("kdfuse {}", env!("CARGO_PKG_VERSION"));
+    outln!("kdfuse {}", env!("CARGO_PKG_VERSION"))?;
     if kernels {
-        println!(
+        outln!(
             "kernels: {} (fatbin {} bytes, at most {} registers per thread, no spills)",
             kernels_meta::TOOLCHAIN,
             kernels_meta::FATBIN.len(),
             max_registers().unwrap_or(0)
-        );
-        println!("architectures: {}", kernels_meta::ARCHES.join(", "));
+        )?;
+        outln!("architectures: {}", kernels_meta::ARCHES.join(", "))?;
     } else {
-        println!(
+        outln!(
             "kernels: none embedded ({})",
             kernels_meta::NO_KERNELS_REASON.unwrap_or("")
-        );
+        )?;
     }
     match devices {
-        Ok(d) if d.is_empty() => println!("GPUs: none (the CUDA driver reports no device)"),
+        Ok(d) if d.is_empty() => outln!("GPUs: none (the CUDA driver reports no device)")?,
         Ok(d) => {
-            println!("driver: CUDA {}", driver.unwrap_or_default());
+            outln!("driver: CUDA {}", driver.unwrap_or_default())?;
             for g in d {
-                println!(
+                outln!(
                     "GPU {}: {}, compute capability {}.{}, {} SMs, {:.1} GiB, L2 {} MiB, theoretical bandwidth {:.0} GB/s",
                     g.ordinal,
                     g.name,
@@ -81,10 +81,10 @@ pub fn run(a: InfoArgs) -> Result<ExitCode, CliError> {
                     g.memory_bytes as f64 / (1u64 << 30) as f64,
                     g.l2_bytes >> 20,
                     g.theoretical_bandwidth_gbs
-                );
+                )?;
             }
         }
-        Err(e) => println!("GPUs: none ({e})"),
+        Err(e) => outln!("GPUs: none ({e})")?,
     }
     Ok(ExitCode::SUCCESS)
 }

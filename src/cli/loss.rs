@@ -54,9 +54,10 @@ pub struct LossArgs {
     /// The divergence D(teacher ‖ student).
     #[arg(long, default_value = "forward-kl", value_parser = ["forward-kl", "reverse-kl", "jsd", "tvd", "soft-ce"])]
     divergence: String,
-    /// JSD weight β in [0, 1] (0 = forward KL, 1 = reverse KL).
-    #[arg(long, default_value_t = 0.5, allow_negative_numbers = true)]
-    beta: f64,
+    /// JSD weight β in [0, 1] (0 = forward KL, 1 = reverse KL); jsd only.
+    /// [default: 0.5]
+    #[arg(long, allow_negative_numbers = true)]
+    beta: Option<f64>,
     /// Temperature τ > 0.
     #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     temperature: f64,
@@ -162,9 +163,29 @@ pub fn run(a: LossArgs) -> Result<ExitCode, CliError> {
             "--topk-mode tail needs --teacher-logprobs (the top-k values as log-probs)".into(),
         ));
     }
+    let divergence = a.divergence.parse::<Divergence>().map_err(CliError::Msg)?;
+    if a.beta.is_some() && divergence != Divergence::Jsd {
+        return Err(CliError::Msg(format!(
+            "--beta is the JSD weight: {divergence} does not use it (give --divergence jsd, or drop --beta)"
+        )));
+    }
+    super::check_paths(
+        &[
+            ("--student", Some(&a.student)),
+            ("--teacher", a.teacher.as_ref()),
+            ("--teacher-topk-indices", a.teacher_topk_indices.as_ref()),
+            ("--teacher-topk-values", a.teacher_topk_values.as_ref()),
+            ("--labels", a.labels.as_ref()),
+            ("--row-weights", a.row_weights.as_ref()),
+        ],
+        &[
+            ("--grad", a.grad.as_ref()),
+            ("--grad-teacher", a.grad_teacher.as_ref()),
+        ],
+    )?;
     let spec = LossSpec {
-        divergence: a.divergence.parse::<Divergence>().map_err(CliError::Msg)?,
-        beta: a.beta,
+        divergence,
+        beta: a.beta.unwrap_or(LossSpec::default().beta),
         temperature: a.temperature,
         alpha: a.alpha,
         t2_scaling: !a.no_t2_scaling,
@@ -310,15 +331,7 @@ pub fn run(a: LossArgs) -> Result<ExitCode, CliError> {
         })?;
         npy::write_matrix(path, g, n, v)?;
     }
-    let loss = if spec.reduction == Reduction::None {
-        json!(out
-            .row_losses
-            .iter()
-            .map(|&x| json_num(x))
-            .collect::<Vec<_>>())
-    } else {
-        json_num(out.loss)
-    };
+    let (loss, nonfinite) = loss_json(spec.reduction == Reduction::None, out.loss, &out.row_losses);
     let path_json = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
     let mut report = json!({
         "loss": loss,
@@ -340,19 +353,49 @@ pub fn run(a: LossArgs) -> Result<ExitCode, CliError> {
     if let (Some(r), Some(t)) = (report.as_object_mut(), teacher_json.as_object()) {
         r.extend(t.clone());
     }
-    println!("{report}");
+    if let (Some(r), Some(n)) = (report.as_object_mut(), nonfinite) {
+        r.insert("nonfinite".into(), n);
+    }
+    outln!("{report}")?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// JSON has no inf/NaN: they are written as the strings "inf", "-inf", "nan".
-pub(super) fn json_num(x: f64) -> serde_json::Value {
-    if x.is_finite() {
-        json!(x)
-    } else if x.is_nan() {
-        json!("nan")
-    } else if x > 0.0 {
-        json!("inf")
+/// The report's `loss`: the scalar, or the per-row vector for reduction
+/// `none`. JSON has no NaN or ±inf: such a value is written `null`, and the
+/// second value, the report's `nonfinite` field, maps its place (`loss`, or
+/// `loss[i]`) to its spelling ("nan", "inf", "-inf"); `None` when every
+/// value is finite.
+pub(super) fn loss_json(
+    per_row: bool,
+    loss: f64,
+    rows: &[f64],
+) -> (serde_json::Value, Option<serde_json::Value>) {
+    let mut nonfinite = serde_json::Map::new();
+    let mut num = |x: f64, place: String| {
+        if x.is_finite() {
+            // -0.0 (an empty sum) is written 0.
+            json!(x + 0.0)
+        } else {
+            let name = if x.is_nan() {
+                "nan"
+            } else if x > 0.0 {
+                "inf"
+            } else {
+                "-inf"
+            };
+            nonfinite.insert(place, json!(name));
+            serde_json::Value::Null
+        }
+    };
+    let value = if per_row {
+        json!(rows
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| num(x, format!("loss[{i}]")))
+            .collect::<Vec<_>>())
     } else {
-        json!("-inf")
-    }
+        num(loss, "loss".into())
+    };
+    let nonfinite = (!nonfinite.is_empty()).then_some(serde_json::Value::Object(nonfinite));
+    (value, nonfinite)
 }

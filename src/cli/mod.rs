@@ -1,5 +1,20 @@
 //! Command definitions and dispatch.
 
+/// `println!` that returns a [`CliError`] when stdout cannot be written
+/// (a full disk: `> /dev/full`) instead of panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::cli::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` that returns a [`CliError`] when stdout cannot be written.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::write_stdout(format_args!($($arg)*))
+    };
+}
+
 mod bench;
 mod check;
 mod demo;
@@ -10,6 +25,7 @@ mod npy;
 
 use clap::{Parser, Subcommand};
 use kdfuse::{BackendKind, KdError};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 /// Fused knowledge-distillation loss kernels: loss and gradient in one pass.
@@ -51,6 +67,23 @@ pub enum CliError {
     Msg(String),
 }
 
+/// Writes to stdout; a failure is an error naming stdout.
+pub(crate) fn write_stdout(args: std::fmt::Arguments<'_>) -> Result<(), CliError> {
+    use std::io::Write;
+    std::io::stdout()
+        .lock()
+        .write_fmt(args)
+        .map_err(|e| CliError::Msg(format!("cannot write to stdout: {e}")))
+}
+
+/// Flushes stdout (what `print!` left buffered); a failure is an error.
+pub fn flush_stdout() -> Result<(), CliError> {
+    use std::io::Write;
+    std::io::stdout()
+        .flush()
+        .map_err(|e| CliError::Msg(format!("cannot write to stdout: {e}")))
+}
+
 pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match cli.command {
         Command::Info(a) => info::run(a),
@@ -77,4 +110,49 @@ pub(crate) fn make_backend(kind: BackendKind) -> Result<Box<dyn kdfuse::Backend>
         };
     }
     Ok(kdfuse::create(kind)?)
+}
+
+/// A path as it will be opened: the canonical form of the file or, when it
+/// does not exist yet, of its directory joined with its name.
+fn resolved(p: &Path) -> PathBuf {
+    if let Ok(c) = p.canonicalize() {
+        return c;
+    }
+    let dir = match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    match (dir.canonicalize(), p.file_name()) {
+        (Ok(d), Some(name)) => d.join(name),
+        _ => p.to_path_buf(),
+    }
+}
+
+/// Fails when two outputs are one file, or an output is one of the inputs
+/// (it would be overwritten while, or after, being read).
+pub(crate) fn check_paths(
+    inputs: &[(&str, Option<&PathBuf>)],
+    outputs: &[(&str, Option<&PathBuf>)],
+) -> Result<(), CliError> {
+    let outs: Vec<(&str, PathBuf)> = outputs
+        .iter()
+        .filter_map(|(f, p)| p.map(|p| (*f, resolved(p))))
+        .collect();
+    for (i, (flag, out)) in outs.iter().enumerate() {
+        if let Some((other, _)) = outs[..i].iter().find(|(_, o)| o == out) {
+            return Err(CliError::Msg(format!(
+                "{other} and {flag} are the same file ({}): give each output its own path",
+                out.display()
+            )));
+        }
+        for (input, p) in inputs {
+            if p.is_some_and(|p| resolved(p) == *out) {
+                return Err(CliError::Msg(format!(
+                    "{flag} would overwrite the input {input} ({}): give the output another path",
+                    out.display()
+                )));
+            }
+        }
+    }
+    Ok(())
 }

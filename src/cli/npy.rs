@@ -3,7 +3,7 @@
 use super::CliError;
 use npyz::{DType, NpyFile, Order, TypeChar, WriterBuilder};
 use std::fs::File;
-use std::io::{BufReader, BufWriter};
+use std::io::{BufReader, BufWriter, Write};
 use std::path::Path;
 
 fn err(path: &Path, what: impl std::fmt::Display) -> CliError {
@@ -14,6 +14,22 @@ fn open(path: &Path, arg: &str) -> Result<NpyFile<BufReader<File>>, CliError> {
     let f = File::open(path).map_err(|e| err(path, format!("cannot open {arg}: {e}")))?;
     let npy = NpyFile::new(BufReader::new(f))
         .map_err(|e| err(path, format!("not a valid .npy file ({arg}): {e}")))?;
+    // Every element count a reader may form (the rows', the whole array's)
+    // fits: checked, whatever the order of the factors.
+    let shape = npy.shape();
+    let row = shape
+        .iter()
+        .skip(1)
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d));
+    let total = row.and_then(|r| r.checked_mul(shape.first().copied().unwrap_or(1)));
+    if row.is_none_or(|r| usize::try_from(r).is_err())
+        || total.is_none_or(|t| usize::try_from(t).is_err())
+    {
+        return Err(err(
+            path,
+            format!("{arg}: the element count of shape {shape:?} overflows"),
+        ));
+    }
     if npy.order() != Order::C {
         return Err(err(
             path,
@@ -168,17 +184,40 @@ pub fn read_array(path: &Path, arg: &str) -> Result<(Vec<f32>, Vec<usize>), CliE
     Ok((data, shape))
 }
 
-/// Writes an f32 array of any shape.
+/// Writes an f32 array of any shape: into a temporary file in the same
+/// directory, renamed over `path` once complete, so that a failed write
+/// (a full disk) leaves no truncated file behind (and an existing file
+/// as it was).
 pub fn write_array(path: &Path, data: &[f32], shape: &[usize]) -> Result<(), CliError> {
-    let f = File::create(path).map_err(|e| err(path, format!("cannot create: {e}")))?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".kdfuse-").suffix(".npy.tmp");
+    // The mode File::create gives (0666 less the umask), not tempfile's 0600.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        builder.permissions(std::fs::Permissions::from_mode(0o666));
+    }
+    let tmp = builder
+        .tempfile_in(dir)
+        .map_err(|e| err(path, format!("cannot create: {e}")))?;
     let werr = |e: std::io::Error| err(path, format!("writing: {e}"));
     let shape: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
+    let mut buf = BufWriter::new(tmp.as_file());
     let mut w = npyz::WriteOptions::new()
         .default_dtype()
         .shape(&shape)
-        .writer(BufWriter::new(f))
+        .writer(&mut buf)
         .begin_nd()
         .map_err(werr)?;
     w.extend(data.iter().copied()).map_err(werr)?;
-    w.finish().map_err(werr)
+    w.finish().map_err(werr)?;
+    buf.flush().map_err(werr)?;
+    drop(buf);
+    tmp.persist(path)
+        .map_err(|e| err(path, format!("cannot create: {}", e.error)))?;
+    Ok(())
 }

@@ -99,7 +99,7 @@ impl FeatureBackend for CpuBackend {
             })
             .collect();
         Ok(FeatureOutput {
-            loss: spec.loss_weight(&layout) * row_losses.iter().sum::<f64>(),
+            loss: spec.loss_weight(&layout) * crate::sum(&row_losses),
             row_losses,
             grad_student: grads.student.then_some(gs),
             grad_teacher: grads.teacher.then_some(gt),

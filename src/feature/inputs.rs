@@ -65,7 +65,11 @@ impl FeatureLayout {
         teacher_channels: usize,
         width: usize,
     ) -> Self {
-        let (ls, lt) = (student_channels * width, teacher_channels * width);
+        // Saturating: validation rejects a row beyond i32::MAX elements.
+        let (ls, lt) = (
+            student_channels.saturating_mul(width),
+            teacher_channels.saturating_mul(width),
+        );
         FeatureLayout {
             rows,
             width,
@@ -183,7 +187,8 @@ impl<'a> Features<'a> {
             rows,
             channels,
             width,
-            row_stride: channels * width,
+            // Saturating: validation rejects a row beyond i32::MAX elements.
+            row_stride: channels.saturating_mul(width),
         }
     }
 

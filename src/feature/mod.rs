@@ -127,7 +127,8 @@ pub struct FeatureSpec {
     #[serde(serialize_with = "reduction_name")]
     pub reduction: Reduction,
     /// ε of the norm clamps; `None` is the kind's default
-    /// ([`FeatureKind::default_eps`]). Ignored by MSE.
+    /// ([`FeatureKind::default_eps`]). MSE has no clamp: `Some` with MSE
+    /// fails validation.
     pub eps: Option<f64>,
     /// Upstream gradient scale: the gradients are those of `grad_scale · L`.
     pub grad_scale: f64,
@@ -164,6 +165,12 @@ impl FeatureSpec {
 
     /// Checks every parameter.
     pub fn validate(&self) -> Result<()> {
+        if let (FeatureKind::Mse, Some(eps)) = (self.kind, self.eps) {
+            return invalid(
+                "eps",
+                format!("mse has no norm clamp: eps is for cosine and attention, got {eps}"),
+            );
+        }
         if let Some(eps) = self.eps {
             if !(eps.is_finite() && eps >= f32::MIN_POSITIVE as f64 && eps <= f32::MAX as f64) {
                 return invalid(
@@ -182,6 +189,7 @@ impl FeatureSpec {
                 format!("must be finite, got {}", self.grad_scale),
             );
         }
+        crate::spec::kernel_f32("grad_scale", "grad_scale", self.grad_scale)?;
         Ok(())
     }
 

@@ -284,7 +284,7 @@ impl FeatureBackend for Oracle {
             }
         }
         Ok(FeatureOutput {
-            loss: spec.loss_weight(&layout) * row_losses.iter().sum::<f64>(),
+            loss: spec.loss_weight(&layout) * crate::sum(&row_losses),
             row_losses,
             grad_student: gs,
             grad_teacher: gt,

@@ -272,6 +272,7 @@ int main(int argc, char** argv) {
     tb.topk_k = K;
     pp = p;
     pp.divergence = KDFUSE_DIVERGENCE_FORWARD_KL;
+    pp.beta = 0.5; /* JSD's alone: any other divergence refuses a non-default beta */
     bb = tb;
     bb.topk_values = NULL;
     CHECK_INVALID(kdfuse_compute_host(&bb, &pp), "topk_values", "indices without values");
@@ -341,6 +342,7 @@ int main(int argc, char** argv) {
     for (int i = 0; i < N * K; i++) idx32[i] = (int32_t)idx[i];
     KdfuseParams pk = p;
     pk.divergence = KDFUSE_DIVERGENCE_FORWARD_KL;
+    pk.beta = 0.5;
     pk.topk_mode = KDFUSE_TOPK_MODE_FULL;
     KdfuseBatch bk = b;
     bk.teacher = NULL;

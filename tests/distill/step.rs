@@ -20,7 +20,12 @@ fn cfg(alpha: f64, temperature: f64, divergence: Divergence) -> DistillConfig {
             alpha,
             temperature,
             divergence,
-            beta: 0.3,
+            // β is JSD's alone (validation refuses it with another divergence).
+            beta: if divergence == Divergence::Jsd {
+                0.3
+            } else {
+                0.5
+            },
             ..Default::default()
         },
         optimizer: Optimizer::sgd(0.1, 0.9),

@@ -150,7 +150,11 @@ fn run_c(expected: &[f64], marker: &str) {
     let (_dir, programs) = c_programs();
     let args: Vec<String> = expected.iter().map(|x| format!("{x:.17e}")).collect();
     for exe in &programs {
-        let out = Command::new(exe).args(&args).output().unwrap();
+        let out = Command::new(exe)
+            .env("LD_LIBRARY_PATH", lib_dir())
+            .args(&args)
+            .output()
+            .unwrap();
         let text = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
@@ -216,6 +220,7 @@ fn c_program_version_2_fields_match_the_oracle() {
         .collect();
     let topk_spec = LossSpec {
         divergence: Divergence::ForwardKl,
+        beta: 0.5,
         topk_mode: TopkMode::Full,
         ..spec
     };
@@ -244,5 +249,49 @@ fn c_program_version_2_fields_match_the_oracle() {
             norm(topk.grad.as_ref().unwrap()),
         ],
         "version-2 fields checked",
+    );
+}
+
+/// Bad input through the C ABI (tests/c/abi_bad_input.c): unknown struct
+/// versions, misaligned outputs, a wrapping element count, parameters beyond
+/// fp32, β with another divergence; an empty batch's loss is +0.
+#[test]
+fn c_program_bad_input_is_refused() {
+    let lib = lib_dir();
+    assert!(
+        lib.join("libkdfuse.so").exists(),
+        "build the library with the tests (cargo test --release)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("abi_bad_input");
+    compile(
+        &[
+            "-std=c11",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            &format!("-I{}", root().join("include").display()),
+            root().join("tests/c/abi_bad_input.c").to_str().unwrap(),
+            &format!("-L{}", lib.display()),
+            &format!("-Wl,-rpath,{}", lib.display()),
+            "-lkdfuse",
+            "-lm",
+        ],
+        &exe,
+    );
+    // cargo puts target/release (an older copy, refreshed by `cargo build`)
+    // on LD_LIBRARY_PATH, which outranks the rpath: point it at this build.
+    let out = Command::new(&exe)
+        .env("LD_LIBRARY_PATH", &lib)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.contains("abi_bad_input: ok"),
+        "{text}"
     );
 }

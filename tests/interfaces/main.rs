@@ -1,10 +1,13 @@
-//! The interfaces end to end: the kdfuse CLI (loss, feature-loss, demo, check) and the C ABI (a C program against include/kdfuse.h).
+//! The interfaces end to end: the kdfuse CLI (loss, feature-loss, demo, check), the C ABI (C programs
+//! against include/kdfuse.h) and the library API, with bad input on each.
 
 #[path = "../common/mod.rs"]
 mod common;
 
 mod c_abi;
 mod cli;
+mod cli_bad_input;
 mod cli_demo;
 mod cli_loss_family;
 mod feature_cli;
+mod library_bad_input;

@@ -45,6 +45,12 @@ fn large_vocabulary_rows_and_grid_stride() {
                 topk: None,
                 spec: kdfuse::LossSpec {
                     divergence,
+                    // β is JSD's alone (validation refuses it otherwise).
+                    beta: if divergence == Divergence::Jsd {
+                        base.spec.beta
+                    } else {
+                        0.5
+                    },
                     alpha: 0.2,
                     temperature: 2.0,
                     ..base.spec
