@@ -77,7 +77,7 @@ typedef enum KdfuseReduction {
   KDFUSE_REDUCTION_NONE = 3,
 } KdfuseReduction;
 
-// How a top-k teacher meets the student (the `topk_mode` field; DESIGN.md §4).
+// How a top-k teacher meets the student (the `topk_mode` field; docs/DESIGN.md §4).
 typedef enum KdfuseTopkMode {
   // Both distributions renormalised over the k teacher entries.
   KDFUSE_TOPK_MODE_SUPPORT = 0,

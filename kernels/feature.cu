@@ -1,4 +1,4 @@
-// feature.cu — feature distillation losses and their gradients (DESIGN.md §1
+// feature.cu — feature distillation losses and their gradients (docs/DESIGN.md §1
 // "Feature losses"; the math is in feature_math.cuh).
 //
 // One CTA per row (a sample), grid-stride over rows, one launch for the batch.

@@ -1,5 +1,5 @@
 // feature_math.cuh — the per-element and per-row arithmetic of the feature
-// distillation losses (DESIGN.md §1 "Feature losses"): MSE, cosine and
+// distillation losses (docs/DESIGN.md §1 "Feature losses"): MSE, cosine and
 // attention transfer, with the gradients for student and teacher.
 //
 // `__host__ __device__` like kd_math.cuh: kernels/feature.cu wraps it in the

@@ -1,4 +1,4 @@
-// kd_fused.cu — v1 fused distillation loss + gradient (DESIGN.md §5).
+// kd_fused.cu — v1 fused distillation loss + gradient (docs/DESIGN.md §5).
 //
 // One CTA per row (grid-stride over rows), one launch for the whole batch.
 //   pass 1: every thread sweeps its share of the row once, keeping the online

@@ -53,7 +53,7 @@
 #define KD_RED_MEAN 2
 #define KD_RED_NONE 3
 
-// Top-k teacher modes (DESIGN.md §4).
+// Top-k teacher modes (docs/DESIGN.md §4).
 #define KD_TOPK_SUPPORT 0
 #define KD_TOPK_FULL 1
 #define KD_TOPK_TAIL 2
@@ -691,7 +691,7 @@ KD_HD float kd_grad_elem(float s, float t, bool is_label, const KdRow& r, const 
   return w * g;
 }
 
-// ∂L/∂t_j for one element (mutual learning, DESIGN.md §2): w · (1−α) c ∂D/∂t_j
+// ∂L/∂t_j for one element (mutual learning, docs/DESIGN.md §2): w · (1−α) c ∂D/∂t_j
 // (the hard CE does not depend on the teacher). With h = ∂D/∂p,
 // ∂D/∂t_j = p_j (h_j − ⟨p, h⟩)/τ; each divergence's h − ⟨p, h⟩ is formed
 // from the row's reference as the student side's is. A masked teacher entry

@@ -1,5 +1,5 @@
 // kd_topk.cu — the fused loss + gradient with a top-k (sparse) teacher
-// (DESIGN.md §4): forward KL against a teacher given as k (index, value)
+// (docs/DESIGN.md §4): forward KL against a teacher given as k (index, value)
 // pairs per row, in modes support / full / tail (P.topk_mode).
 //
 // One CTA per row (grid-stride over rows), one launch for the whole batch.

@@ -279,7 +279,7 @@ _fn = None
 def distill_loss(student_logits, teacher_logits, labels=None, *, divergence="forward-kl",
                  beta=None, temperature=1.0, alpha=0.0, reduction="batchmean",
                  ignore_index=-100, t2_scaling=True, softcap=None, row_weights=None):
-    """``α·CE(labels) + (1−α)·c·D(teacher‖student)`` reduced over rows (DESIGN.md §1).
+    """``α·CE(labels) + (1−α)·c·D(teacher‖student)`` reduced over rows (docs/DESIGN.md §1).
 
     ``student_logits`` and ``teacher_logits``: [..., V] tensors of one dtype
     (float32, bfloat16, float16) on one device (CUDA: the fused kernel on the

@@ -39,7 +39,7 @@ pub trait Backend: Send + Sync {
     ) -> Result<KdOutput>;
 
     /// As [`Backend::compute`], with a top-k (sparse) teacher
-    /// (DESIGN.md §4, mode `spec.topk_mode`). Indices are validated first.
+    /// (docs/DESIGN.md §4, mode `spec.topk_mode`). Indices are validated first.
     fn compute_topk(
         &self,
         inputs: &TopkInputs,

@@ -5,7 +5,7 @@
 //! sweep), strides (odd paddings break 16-byte alignment), a dtype, every loss
 //! parameter, labels with ignored rows, and −inf entries (masked vocabulary)
 //! where the loss stays finite. The oracle runs on the same rounded inputs.
-//! Errors are relative L2 (DESIGN.md §3); infinities must match exactly.
+//! Errors are relative L2 (docs/DESIGN.md §3); infinities must match exactly.
 
 use crate::backend::{Backend, KdOutput};
 use crate::error::Result;
@@ -250,7 +250,7 @@ pub fn random_config(rng: &mut StdRng, max_cols: usize) -> CaseConfig {
         neg_inf,
         // Logits of standard deviation up to 4 after the temperature (LLM
         // logits at τ ≥ 1 have 2–4): the range where fp32 resolves every
-        // gradient to the 1e-5 of DESIGN.md §3. Beyond it (τ = 0.5 with σ = 2.5
+        // gradient to the 1e-5 of docs/DESIGN.md §3. Beyond it (τ = 0.5 with σ = 2.5
         // over V = 223k) a peaked JSD gradient reached 2.4e-5.
         scale: rng.random_range(0.5..4.0f32).min(4.0 * tau_pick as f32),
         correlation: pick(rng, &[0.0, 0.8, 0.95]),
@@ -411,7 +411,7 @@ pub fn generate(config: &CaseConfig) -> CaseData {
     }
 }
 
-/// DESIGN.md §3 tolerances (relative L2).
+/// docs/DESIGN.md §3 tolerances (relative L2).
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Tolerance {
     /// Loss.
@@ -611,7 +611,7 @@ pub fn run_case(backend: &dyn Backend, config: &CaseConfig) -> Result<CaseReport
     if config.topk.is_some() && spec.topk_mode == TopkMode::Tail {
         // The tail mode's buckets bring absolute log-probabilities (S ln S)
         // and the difference S − Q_I of two masses into the loss and the
-        // off-support gradient: twice DESIGN.md §3's resolution there.
+        // off-support gradient: twice docs/DESIGN.md §3's resolution there.
         tolerance.loss *= 2.0;
         tolerance.grad = tolerance.grad.max(2e-5);
     }

@@ -5,7 +5,7 @@
 //! respect to the student logits, from raw logits, in one pass per row.
 //!
 //! Three backends share one interface ([`Backend`]):
-//! - [`Oracle`]: the f64 reference (DESIGN.md §1–§2 evaluated directly);
+//! - [`Oracle`]: the f64 reference (docs/DESIGN.md §1–§2 evaluated directly);
 //! - [`CpuBackend`]: rayon over rows, running the CUDA kernels' own fp32 row
 //!   arithmetic (kernels/kd_math.cuh compiled for the host);
 //! - [`cuda::CudaBackend`]: the fused CUDA kernel (also usable directly on

@@ -1,4 +1,4 @@
-//! The f64 reference: the definitions of DESIGN.md §1–§2 and §4 evaluated
+//! The f64 reference: the definitions of docs/DESIGN.md §1–§2 and §4 evaluated
 //! directly (log-softmax, then the divergence and the closed-form gradients),
 //! with no online tricks. Every other backend is tested against it.
 
@@ -178,7 +178,7 @@ pub struct RowResult {
 
 /// One dense row with every option of `spec`: soft-capping of `s` and `t`
 /// first, the hard CE at τ = 1, the soft term, and the gradients with respect
-/// to both inputs (DESIGN.md §1–§2). `hint` resolves TVD's near-ties as in
+/// to both inputs (docs/DESIGN.md §1–§2). `hint` resolves TVD's near-ties as in
 /// [`row_resolving_ties`]; the teacher side of TVD then uses h = −g with the
 /// same resolved g.
 pub fn row_detailed(
@@ -357,10 +357,10 @@ pub fn row_detailed(
 }
 
 /// The teacher mass below which `tail` takes P_tail as exactly 0: the
-/// rounding of a full support's Σ exp(log p) (DESIGN.md §4).
+/// rounding of a full support's Σ exp(log p) (docs/DESIGN.md §4).
 pub const TAIL_MASS_FLOOR: f64 = 1e-6;
 
-/// One row with a top-k teacher (DESIGN.md §4, mode `spec.topk_mode`): the
+/// One row with a top-k teacher (docs/DESIGN.md §4, mode `spec.topk_mode`): the
 /// loss ℓ, ∂ℓ/∂s (unweighted, over all V) and the first-order magnitude (as
 /// [`row_with_scale`]). `idx` holds the k distinct support indices (each
 /// < `s.len()`), `vals` the teacher's values there (logits, or log-probs);

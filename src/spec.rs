@@ -1,5 +1,5 @@
 //! What loss to compute: divergence, temperature, mixing, reduction
-//! (DESIGN.md §1), and the validation of every parameter.
+//! (docs/DESIGN.md §1), and the validation of every parameter.
 
 use crate::error::{invalid, Result};
 use std::fmt;
@@ -137,7 +137,7 @@ impl FromStr for Reduction {
     }
 }
 
-/// How a top-k (sparse) teacher is compared with the student (DESIGN.md §4).
+/// How a top-k (sparse) teacher is compared with the student (docs/DESIGN.md §4).
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
 )]
@@ -384,7 +384,7 @@ impl LossSpec {
             return invalid(
                 "divergence",
                 format!(
-                    "a top-k teacher supports forward-kl only (DESIGN.md §4), got {}",
+                    "a top-k teacher supports forward-kl only (docs/DESIGN.md §4), got {}",
                     self.divergence
                 ),
             );

@@ -413,7 +413,7 @@ impl TopkIndices<'_> {
     }
 }
 
-/// A top-k (sparse) teacher (DESIGN.md §4): for each row, `k` vocabulary
+/// A top-k (sparse) teacher (docs/DESIGN.md §4): for each row, `k` vocabulary
 /// indices and the teacher's values there (logits, or log-probs with
 /// `LossSpec::teacher_log_probs`), both `[N, k]` row-major.
 #[derive(Debug, Clone, Copy)]

@@ -1,6 +1,6 @@
 //! Benchmarks with a roofline (`kdfuse bench`, `kdfuse profile`, the
 //! criterion benches): configurations and presets, the byte model
-//! (DESIGN.md §5), timing summaries, the CPU and CUDA runners and the report.
+//! (docs/DESIGN.md §5), timing summaries, the CPU and CUDA runners and the report.
 //!
 //! Every number is measured beside its reference in the same run: the
 //! device-to-device copy bandwidth on a GPU, the host memory bandwidth on the

@@ -1,4 +1,4 @@
-//! The byte model (DESIGN.md §5): the bytes a fused forward+backward must
+//! The byte model (docs/DESIGN.md §5): the bytes a fused forward+backward must
 //! move at the least, and the bytes the eager baseline moves, both assuming
 //! no re-read is served by a cache.
 

@@ -72,7 +72,7 @@ pub enum KdfuseReduction {
     None = 3,
 }
 
-/// How a top-k teacher meets the student (the `topk_mode` field; DESIGN.md §4).
+/// How a top-k teacher meets the student (the `topk_mode` field; docs/DESIGN.md §4).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KdfuseTopkMode {

@@ -145,7 +145,7 @@ pub struct RawFusedArgs {
     pub layout: RowLayout,
 }
 
-/// Raw arguments of one top-k teacher call (DESIGN.md §4): device pointers
+/// Raw arguments of one top-k teacher call (docs/DESIGN.md §4): device pointers
 /// (0 = absent). `layout.teacher_stride` is unused (indices and values are
 /// dense `[N, k]`).
 #[derive(Debug, Clone, Copy)]
@@ -300,7 +300,7 @@ impl CudaBackend {
     }
 
     /// Enqueues the loss (and gradient, when `raw.grad` ≠ 0) with a top-k
-    /// teacher (DESIGN.md §4, mode `spec.topk_mode`) on `stream`. Indices
+    /// teacher (docs/DESIGN.md §4, mode `spec.topk_mode`) on `stream`. Indices
     /// out of range or repeated within a row give NaN rows, never
     /// out-of-bounds accesses; [`CudaBackend::validate_topk_raw`] finds them.
     ///

@@ -7,7 +7,7 @@
 //! inside, break 16-byte alignment), a dtype, a gradient dtype, the teacher's
 //! gradient or not, a reduction, ε and an upstream scale, and special rows:
 //! zero rows, rows of norm below ε, teacher = student, teacher = −student. The
-//! oracle runs on the same rounded inputs. Errors are relative L2 (DESIGN.md
+//! oracle runs on the same rounded inputs. Errors are relative L2 (docs/DESIGN.md
 //! §3 tolerances); a row's loss is judged against at least 1e-2 of its
 //! magnitude ([`super::oracle::row_scales`]), the gradients (student and
 //! teacher as one vector) against at least 1e-1 of the size of their terms

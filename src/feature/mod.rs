@@ -1,4 +1,4 @@
-//! Feature distillation (DESIGN.md §1, "Feature losses"): losses between
+//! Feature distillation (docs/DESIGN.md §1, "Feature losses"): losses between
 //! student and teacher feature rows, with the gradient with respect to the
 //! student and, optionally, the teacher features.
 //!

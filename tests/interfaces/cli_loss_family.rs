@@ -122,7 +122,7 @@ fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// The loss in the JSON report and the gradient file against the library's
-/// output (tolerances of DESIGN.md §3, f32).
+/// output (tolerances of docs/DESIGN.md §3, f32).
 fn assert_matches(what: &str, j: &serde_json::Value, grad: Option<&Path>, want: &KdOutput) {
     let loss = j["loss"].as_f64().unwrap_or_else(|| panic!("{what}: {j}"));
     assert!(
@@ -361,7 +361,7 @@ fn teacher_logprobs_match_the_library_and_the_logits() {
         );
     }
     // A dense row of log-probs is a logit row shifted by a constant
-    // (DESIGN.md §1): the same loss as from the logits.
+    // (docs/DESIGN.md §1): the same loss as from the logits.
     let base = |teacher: &str, extra: &[&str]| {
         let mut a = strs(&[
             "loss",
@@ -457,7 +457,7 @@ fn row_weights_match_the_library() {
         );
     }
     // Weights ≠ 1 change the loss; the reduction's denominator stays the
-    // valid-row count (DESIGN.md §1): batchmean of weighted rows.
+    // valid-row count (docs/DESIGN.md §1): batchmean of weighted rows.
     let spec = LossSpec::default();
     let inputs = KdInputs {
         student: Logits::new(HostData::F32(&f.s), N, V),

@@ -1,4 +1,4 @@
-//! The f64 oracle's options (DESIGN.md §1 "Options", §2 teacher gradients,
+//! The f64 oracle's options (docs/DESIGN.md §1 "Options", §2 teacher gradients,
 //! §4 top-k teacher) against finite differences, against each other, and
 //! their validation.
 
