@@ -411,7 +411,7 @@ fn check_no_spills(report: &str) {
     let offenders = ptxas_offenders(report);
     if !offenders.is_empty() {
         panic!(
-            "kernels spill registers or use local memory (not allowed, see docs):\n  {}",
+            "kernels spill registers or use local memory (not allowed: docs/DESIGN.md §7):\n  {}",
             offenders.join("\n  ")
         );
     }
