@@ -735,11 +735,12 @@ KD_HD float kd_grad_elem(float s, float t, bool is_label, const KdRow& r, const 
 // (the hard CE does not depend on the teacher). With h = ∂D/∂p,
 // ∂D/∂t_j = p_j (h_j − ⟨p, h⟩)/τ; each divergence's h − ⟨p, h⟩ is formed
 // from the row's reference as the student side's is. A masked teacher entry
-// (t = −inf) has no gradient: 0·w, so that a poisoned row's NaN weight
-// reaches it too (0·w is loop-invariant: no per-element cost).
+// (t = −inf) has no gradient, nor has any entry without the soft term: dd
+// = 0 through the same final product, so that a poisoned row's NaN weight
+// reaches it too (a select in place of the early exit: no per-element cost,
+// and no extra register for a hoisted 0·w).
 template <int DIV>
 KD_HD float kd_grad_teacher_elem(float s, float t, const KdRow& r, const KdParams& P, float w) {
-  if (P.soft_coef <= 0.0f || t == KD_NEG_INF) return 0.0f * w;
   const float p = kd_p(t, r, P);
   const float d = kd_log2_ratio(s, t, r, P);
   float dd;
@@ -763,6 +764,7 @@ KD_HD float kd_grad_teacher_elem(float s, float t, const KdRow& r, const KdParam
   } else {
     dd = p * (KD_LN2 * (kd_jsd_h(d, P) - r.h_top) - r.ph);
   }
+  if (P.soft_coef <= 0.0f || t == KD_NEG_INF) dd = 0.0f;
   return w * P.soft_coef * P.inv_tau * dd;
 }
 
