@@ -16,7 +16,7 @@ pub struct Oracle;
 /// −inf).
 pub fn log_softmax(x: &[f64], tau: f64) -> Vec<f64> {
     let m = x.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b / tau));
-    if m == f64::NEG_INFINITY || m == f64::INFINITY || x.iter().any(|v| v.is_nan()) {
+    if m.is_infinite() || x.iter().any(|v| v.is_nan()) {
         return vec![f64::NAN; x.len()];
     }
     let z: f64 = x.iter().map(|&v| (v / tau - m).exp()).sum();
