@@ -117,7 +117,9 @@ __device__ void kd_fused_body(const Tin* s, long long s_stride, const Tin* t, lo
     if (grow || gtrow) {
       // Each element is read before it is written, by the same thread, so
       // the gradients may overwrite the student and the teacher (in place).
-      const float wr = bad_label ? __int_as_float(0x7fc00000) : w * wrow;
+      // A poisoned row (a NaN or +inf in a used input, kd_row_poison) has a
+      // NaN weight: every gradient element of the row is NaN.
+      const float wr = bad_label ? __int_as_float(0x7fc00000) : kd_row_grad_weight(r, w * wrow);
       kd_sweep(srow, trow, V, [&](int j, float sv, float tv) {
         const float sc = kd_softcap(sv, P), tc = kd_softcap(tv, P);
         if (grow)

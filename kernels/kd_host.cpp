@@ -78,7 +78,7 @@ float host_row(const T* s, const T* t, long long y, int has_label, float* grad, 
   }
 
   const float nan = kd_bits_to_f32(0x7fc00000u);
-  const float wr = bad_label ? nan : w;
+  const float wr = bad_label ? nan : kd_row_grad_weight(r, w);
   for (int j = 0; j < V; ++j) {
     const float sr = kd_to_f32(s[j]), tr = kd_to_f32(t[j]);
     const float sc = kd_softcap(sr, P), tc = kd_softcap(tr, P);
@@ -150,12 +150,12 @@ float host_topk_row(const T* s, const I* idx, const T* vals, long long y, int ha
   if (tail) {
     for (int off = KD_LANES / 2; off > 0; off >>= 1)
       for (int l = 0; l < off; ++l) p_sum[l].sum += p_sum[l + off].sum;
-    kd_tail_finish(r, lanes[0], p_sum[0].sum);
+    kd_tail_finish(r, lanes[0], p_sum[0].sum, P);
   }
 
   const float nan = kd_bits_to_f32(0x7fc00000u);
   if (grad) {
-    const float wr = bad_label ? nan : w;
+    const float wr = bad_label ? nan : kd_row_grad_weight(r, w);
     KdParams ce = P;
     ce.soft_coef = 0.0f;
     for (int j = 0; j < V; ++j) {

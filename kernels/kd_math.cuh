@@ -106,6 +106,9 @@ KD_HD uint32_t kd_f32_to_bits(float f) {
 
 KD_HD bool kd_isinf(float x) { return x == -KD_NEG_INF || x == KD_NEG_INF; }
 
+// A quiet NaN (the poison of a bad row).
+KD_HD float kd_nan() { return kd_bits_to_f32(0x7fc00000u); }
+
 KD_HD float kd_bf16_to_f32(uint16_t h) { return kd_bits_to_f32((uint32_t)h << 16); }
 
 // Round to nearest, ties to even; NaN stays a (quiet) NaN.
@@ -191,7 +194,9 @@ struct KdStat {
 
 KD_HD KdStat kd_stat_init() { return KdStat{KD_NEG_INF, 0.0f}; }
 
-// −inf is a masked entry and contributes nothing; NaN poisons z.
+// −inf is a masked entry and contributes nothing; NaN poisons z (x > m is
+// false for NaN, so it lands in the sum whatever m is), and +inf becomes m.
+// Both are found once per row (kd_stat_poison): no per-element test.
 KD_HD void kd_stat_push(KdStat& st, float x) {
   if (x == KD_NEG_INF) return;
   if (x > st.m) {
@@ -202,15 +207,25 @@ KD_HD void kd_stat_push(KdStat& st, float x) {
   }
 }
 
+// An empty side (m = −inf) still hands on its z: 0, or NaN when a NaN was
+// pushed into it (a lane that saw only NaN and −inf must not lose it).
 KD_HD KdStat kd_stat_merge(KdStat a, KdStat b) {
-  if (b.m == KD_NEG_INF) return a;
-  if (a.m == KD_NEG_INF) return b;
+  if (b.m == KD_NEG_INF) return KdStat{a.m, a.z + b.z};
+  if (a.m == KD_NEG_INF) return KdStat{b.m, b.z + a.z};
   if (a.m >= b.m) return KdStat{a.m, a.z + (b.z + 1.0f) * exp2f(b.m - a.m)};
   return KdStat{b.m, b.z + (a.z + 1.0f) * exp2f(a.m - b.m)};
 }
 
 // L = log2(1 + z) = lse2 − m.
 KD_HD float kd_stat_l(KdStat st) { return log1pf(st.z) * KD_LOG2E; }
+
+// 0, or NaN when the stream summarised by `st` held a NaN or a +inf, or
+// (with `empty_bad`) nothing but −inf (a distribution with no support). Per
+// row: the NaN reached z and the +inf m as they were pushed (kd_stat_push).
+KD_HD float kd_stat_poison(KdStat st, bool empty_bad) {
+  const bool bad = !(st.z == st.z) || st.m == -KD_NEG_INF || (empty_bad && st.m == KD_NEG_INF);
+  return bad ? kd_nan() : 0.0f;
+}
 
 // acc · scale, where an infinite acc (a p > 0 entry facing q = 0) stays
 // infinite even if the scale underflowed.
@@ -344,9 +359,13 @@ KD_HD void kd_pass1_push(KdPass1& st, float s, float t, const KdParams& P, bool 
 template <int DIV>
 KD_HD void kd_pass1_merge(KdPass1& a, const KdPass1& b, const KdParams& P) {
   const float sigma = DIV == KD_DIV_RKL ? -1.0f : 1.0f;
+  // An empty main side (m = −inf) has z = 0, or NaN when a NaN was pushed
+  // into it: handed on either way (kd_stat_merge).
   if (b.main.m != KD_NEG_INF) {
     if (a.main.m == KD_NEG_INF) {
+      const float za = a.main.z;
       a.main = b.main;
+      a.main.z += za;
       a.acc1 = b.acc1;
       a.acc2 = b.acc2;
       a.c = b.c;
@@ -376,6 +395,7 @@ KD_HD void kd_pass1_merge(KdPass1& a, const KdPass1& b, const KdParams& P) {
     }
   } else {
     a.gap = fmaxf(a.gap, b.gap);
+    a.main.z += b.main.z;
   }
   a.other = kd_stat_merge(a.other, b.other);
   a.s1 = kd_stat_merge(a.s1, b.s1);
@@ -454,7 +474,22 @@ struct KdRow {
   float p_dn;      // TVD: Σ p over q < p (ties count half; pass 2, teacher gradient)
   float ent_mean;  // soft CE: Σ p (x − m_t) in base 2 (teacher gradient)
   float tail;      // top-k tail mode: 1 − P_tail / Q_tail (1 when P_tail = 0)
+  float poison;    // 0, or NaN for a row with a NaN or +inf input (kd_row_poison)
 };
+
+// The row's poison: NaN when a used input held a NaN or a +inf, or a used
+// distribution is all −inf (the oracle's log-softmax is NaN there), else 0.
+// Used: the student and the teacher when the soft term is on (soft_coef >
+// 0; every column, masked or not, as each side's normaliser sums them all),
+// the student at τ = 1 when α > 0 (`s1`: the whole row). Added to the row's
+// loss and to its gradient weight, it turns the whole row NaN at no
+// per-element cost.
+KD_HD float kd_row_poison(KdStat ss, KdStat ts, KdStat s1, const KdParams& P) {
+  float poison = 0.0f;
+  if (P.soft_coef > 0.0f) poison += kd_stat_poison(ss, true) + kd_stat_poison(ts, true);
+  if (P.alpha > 0.0f) poison += kd_stat_poison(s1, true);
+  return poison;
+}
 
 template <int DIV>
 KD_HD KdRow kd_row_finish(const KdPass1& st, const KdParams& P) {
@@ -507,6 +542,7 @@ KD_HD KdRow kd_row_finish(const KdPass1& st, const KdParams& P) {
   r.p_dn = 0.0f;
   r.ent_mean = DIV == KD_DIV_SCE ? st.ent / zm : 0.0f;
   r.tail = 0.0f;
+  r.poison = kd_row_poison(ss, ts, st.s1, P);
   if (DIV == KD_DIV_JSD && st.s_top != KD_NEG_INF)
     r.g_top = kd_jsd_g((st.c_top - c_ref) * P.scale2 - r.dlt, P);
   if (DIV == KD_DIV_JSD && st.t_top != KD_NEG_INF)
@@ -642,11 +678,15 @@ KD_HD void kd_tvd_finish(KdRow& r, float ad_sum, float up_sum, float dn_sum, flo
 // when the label is the student's maximum. A zero weight skips its term, so
 // an infinite divergence does not turn α = 1 into NaN.
 KD_HD float kd_row_loss(const KdRow& r, float s_y, const KdParams& P) {
-  float loss = 0.0f;
+  float loss = r.poison;
   if (P.alpha > 0.0f) loss += P.alpha * KD_LN2 * (r.l_1 + (r.m_1 - s_y * KD_LOG2E));
   if (P.soft_coef > 0.0f) loss += P.soft_coef * r.kl;
   return loss;
 }
+
+// The gradient weight of a row: w·row weight, NaN for a poisoned row (every
+// gradient element is w times something, so the whole row turns NaN).
+KD_HD float kd_row_grad_weight(const KdRow& r, float w) { return w + r.poison; }
 
 // The reduction's weight of one valid row, times the upstream scale.
 KD_HD float kd_row_weight(const KdParams& P, long long valid_rows) {
@@ -695,10 +735,12 @@ KD_HD float kd_grad_elem(float s, float t, bool is_label, const KdRow& r, const 
 // (the hard CE does not depend on the teacher). With h = ∂D/∂p,
 // ∂D/∂t_j = p_j (h_j − ⟨p, h⟩)/τ; each divergence's h − ⟨p, h⟩ is formed
 // from the row's reference as the student side's is. A masked teacher entry
-// (t = −inf) has no gradient.
+// (t = −inf) has no gradient, nor has any entry without the soft term: dd
+// = 0 through the same final product, so that a poisoned row's NaN weight
+// reaches it too (a select in place of the early exit: no per-element cost,
+// and no extra register for a hoisted 0·w).
 template <int DIV>
 KD_HD float kd_grad_teacher_elem(float s, float t, const KdRow& r, const KdParams& P, float w) {
-  if (P.soft_coef <= 0.0f || t == KD_NEG_INF) return 0.0f;
   const float p = kd_p(t, r, P);
   const float d = kd_log2_ratio(s, t, r, P);
   float dd;
@@ -722,6 +764,7 @@ KD_HD float kd_grad_teacher_elem(float s, float t, const KdRow& r, const KdParam
   } else {
     dd = p * (KD_LN2 * (kd_jsd_h(d, P) - r.h_top) - r.ph);
   }
+  if (P.soft_coef <= 0.0f || t == KD_NEG_INF) dd = 0.0f;
   return w * P.soft_coef * P.inv_tau * dd;
 }
 
@@ -757,9 +800,14 @@ KD_HD float kd_stat_ratio(KdStat a, KdStat b) {
 // τ = 1 the hard CE's student statistics are the main ones, so pass 1 keeps
 // the support's student statistics in `s1` instead (restored here). Keeps
 // 1 − P_tail / Q_tail for the gradient.
-KD_HD void kd_tail_finish(KdRow& r, const KdPass1& st, float S) {
+KD_HD void kd_tail_finish(KdRow& r, const KdPass1& st, float S, const KdParams& P) {
   r.m_1 = r.m_s;
   r.l_1 = r.l_s;
+  // The poison of kd_row_poison with tail's sides: the whole student row
+  // (`other`: the soft term's and the hard CE's), and the values when the
+  // soft term is on; all values −inf is a legal empty support (P_tail = 1).
+  r.poison = kd_stat_poison(st.other, true) +
+             (P.soft_coef > 0.0f ? kd_stat_poison(st.main, false) : 0.0f);
   float p_tail = 1.0f - S;
   if (p_tail < 1e-6f) p_tail = 0.0f;
   r.kl = S > 0.0f ? S * (r.kl + logf(S)) : 0.0f;

@@ -132,11 +132,13 @@ __device__ void kd_topk_body(const Tin* s, long long s_stride, const I* idx, con
     st = kd_block_merge<KD_DIV_FKL>(st, red, P);
     KdRow r = kd_row_finish<KD_DIV_FKL>(st, P);
 
-    if (tail) kd_tail_finish(r, st, kd_block_sum2(make_float2(p_sum.sum, 0.0f), red2).x);
+    if (tail) kd_tail_finish(r, st, kd_block_sum2(make_float2(p_sum.sum, 0.0f), red2).x, P);
 
+    // A NaN or +inf in a used input poisons the loss and every gradient
+    // element of the row (kd_row_poison).
     if (threadIdx.x == 0) row_loss[row] = wrow * kd_row_loss(r, s_y, P);
     if (grow) {
-      const float wr = w * wrow;
+      const float wr = kd_row_grad_weight(r, w * wrow);
       kd_sweep(srow, srow, V, [&](int j, float sv, float) {
         if (kd_bit(bits, j)) return;
         const float sc = kd_softcap(sv, P);

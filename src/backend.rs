@@ -31,6 +31,13 @@ pub trait Backend: Send + Sync {
 
     /// Loss and, when `grad` is `Some`, the gradient with respect to the
     /// student logits. Inputs and spec are validated first.
+    ///
+    /// NaN and infinities (every backend): −inf is a masked entry; a NaN or
+    /// a +inf in a used input (the student row; the teacher row when α < 1,
+    /// masked columns included), or a used side that is all −inf, makes the
+    /// row's loss and every entry of its gradient rows NaN, and the reduced
+    /// loss NaN. Soft-capping maps +inf to the cap. Ignored rows and rows of
+    /// weight 0 are not used (loss 0, gradient 0).
     fn compute(
         &self,
         inputs: &KdInputs,
@@ -40,6 +47,12 @@ pub trait Backend: Send + Sync {
 
     /// As [`Backend::compute`], with a top-k (sparse) teacher
     /// (docs/DESIGN.md §4, mode `spec.topk_mode`). Indices are validated first.
+    ///
+    /// NaN and infinities as [`Backend::compute`]; used inputs: the values
+    /// when α < 1, the student on the support, and the whole student row in
+    /// `full` and `tail` or when α > 0 (`support` with α = 0 does not read
+    /// the student off the support). All values −inf is NaN in `support`
+    /// and `full`, an empty support (P_tail = 1) in `tail`.
     fn compute_topk(
         &self,
         inputs: &TopkInputs,

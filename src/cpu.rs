@@ -45,8 +45,9 @@ fn bytes_of<'a>(data: &HostData<'a>, start: usize, len: usize) -> &'a [u8] {
 
 /// Runs `row(r, grad, grad_teacher)` over every row in parallel, with
 /// poisoned gradients (so an element the row code skipped cannot pass as
-/// 0), and applies the row weights and the output rounding. Returns the
-/// weighted row losses and the gradients.
+/// 0), and applies the row weights and the output rounding. A row of weight
+/// 0 is skipped as the kernels skip it (loss 0, zero gradients, whatever
+/// its inputs hold). Returns the weighted row losses and the gradients.
 fn run_rows<F>(
     n: usize,
     v: usize,
@@ -59,10 +60,20 @@ where
     F: Fn(usize, Option<&mut [f32]>, Option<&mut [f32]>, f32) -> f32 + Sync,
 {
     let weight = |r: usize| row_weights.map_or(1.0, |w| w[r]);
+    // The row's loss, or 0 with zeroed gradients for a zero weight.
+    let run = |r: usize, gr: Option<&mut [f32]>, gtr: Option<&mut [f32]>| -> f32 {
+        if weight(r) == 0.0 {
+            for g in [gr, gtr].into_iter().flatten() {
+                g.fill(0.0);
+            }
+            return 0.0;
+        }
+        row(r, gr, gtr, weight(r))
+    };
     let Some(round) = grad else {
         let losses = (0..n)
             .into_par_iter()
-            .map(|r| weighted(weight(r), row(r, None, None, weight(r))))
+            .map(|r| weighted(weight(r), run(r, None, None)))
             .collect();
         return (losses, None, None);
     };
@@ -78,7 +89,7 @@ where
             .par_chunks_mut(v.max(1))
             .enumerate()
             .map(|(r, gr)| {
-                let l = row(r, Some(&mut *gr), None, weight(r));
+                let l = run(r, Some(&mut *gr), None);
                 finish(gr);
                 weighted(weight(r), l)
             })
@@ -88,7 +99,7 @@ where
             .zip(gt.par_chunks_mut(v.max(1)))
             .enumerate()
             .map(|(r, (gr, gtr))| {
-                let l = row(r, Some(&mut *gr), Some(&mut *gtr), weight(r));
+                let l = run(r, Some(&mut *gr), Some(&mut *gtr));
                 finish(gr);
                 finish(gtr);
                 weighted(weight(r), l)

@@ -11,10 +11,12 @@ use crate::tensor::{Dtype, GradDtype, KdInputs, TopkInputs};
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Oracle;
 
-/// log-softmax of `x / tau`; an all −inf (or empty) row gives NaN.
+/// log-softmax of `x / tau`; a row holding a NaN or a +inf, and an all −inf
+/// (or empty) row, give NaN everywhere (−inf entries are masked: log-prob
+/// −inf).
 pub fn log_softmax(x: &[f64], tau: f64) -> Vec<f64> {
     let m = x.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b / tau));
-    if m == f64::NEG_INFINITY || x.iter().any(|v| v.is_nan()) {
+    if m.is_infinite() || x.iter().any(|v| v.is_nan()) {
         return vec![f64::NAN; x.len()];
     }
     let z: f64 = x.iter().map(|&v| (v / tau - m).exp()).sum();
@@ -28,6 +30,17 @@ fn logaddexp(a: f64, b: f64) -> f64 {
         return m;
     }
     m + (-(a - b).abs()).exp().ln_1p()
+}
+
+/// A NaN row loss makes every gradient entry of the row NaN (a masked
+/// entry's zero included): the row is not defined, and no entry of it may
+/// pass as a number.
+fn poison_nan_row(loss: f64, grads: [Option<&mut [f64]>; 2]) {
+    if loss.is_nan() {
+        for g in grads.into_iter().flatten() {
+            g.fill(f64::NAN);
+        }
+    }
 }
 
 /// x · y with 0 · anything = 0 (a zero probability contributes nothing).
@@ -161,9 +174,17 @@ pub fn row_resolving_ties(
 
 /// Everything the oracle computes for one dense row, unweighted (before the
 /// row weight, the reduction's weight and `grad_scale`).
+///
+/// NaN and infinities: a row whose used inputs hold a NaN or a +inf (after
+/// the optional soft-capping, which maps +inf to the cap), or whose student
+/// or teacher distribution is all −inf, has ℓ = NaN and NaN in every entry
+/// of both gradients. Used: the student row always, the teacher row when
+/// the soft term is on (α < 1), every column of each, masked (−inf on the
+/// other side) or not. −inf is a masked entry (probability 0).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RowResult {
-    /// The row loss ℓ = α·CE + (1 − α)·c·D.
+    /// The row loss ℓ = α·CE + (1 − α)·c·D (NaN for a row with a NaN or
+    /// +inf input, see above).
     pub loss: f64,
     /// ∂ℓ/∂s, with respect to the raw (uncapped) student logits.
     pub grad_s: Vec<f64>,
@@ -348,6 +369,7 @@ pub fn row_detailed(
     }
     chain_cap(&mut grad, ds.as_deref());
     chain_cap(&mut grad_t, dt.as_deref());
+    poison_nan_row(loss, [Some(&mut grad), Some(&mut grad_t)]);
     RowResult {
         loss,
         grad_s: grad,
@@ -367,6 +389,14 @@ pub const TAIL_MASS_FLOOR: f64 = 1e-6;
 /// soft-capping applies to `s` and to `vals`. The hard CE is over the whole
 /// row at τ = 1. `tail` takes τ = 1 whatever `spec.temperature` (its
 /// validation asks for τ = 1 and log-prob values).
+///
+/// NaN and infinities, as [`RowResult`]: a NaN or +inf in a used input
+/// makes ℓ and the whole gradient row NaN. Used: the values when the soft
+/// term is on (α < 1); the student on the support, and everywhere in `full`
+/// and `tail` or when α > 0 (the hard CE is over the whole row). `support`
+/// with α = 0 never reads the student off the support. All values −inf is
+/// NaN in `support` and `full` (no teacher distribution) and an empty
+/// support in `tail` (P_tail = 1).
 pub fn topk_row(
     s: &[f64],
     idx: &[usize],
@@ -416,6 +446,10 @@ pub fn topk_row(
                     grad[idx[i]] -= c * p / tau;
                 }
                 (d, sc)
+            }
+            TopkMode::Tail if vals.iter().any(|&x| x.is_nan() || x == f64::INFINITY) => {
+                // A log-prob of +inf (or NaN) is no probability.
+                (f64::NAN, f64::NAN)
             }
             TopkMode::Tail => {
                 let lq = log_softmax(&s, 1.0);
@@ -470,6 +504,7 @@ pub fn topk_row(
         scale += c * sc;
     }
     chain_cap(&mut grad, ds.as_deref());
+    poison_nan_row(loss, [Some(&mut grad), None]);
     (loss, grad, scale)
 }
 
@@ -482,7 +517,9 @@ fn row_weight_of(weights: Option<&[f32]>, r: usize) -> f64 {
 type RowOut = (f64, Vec<f64>, Option<Vec<f64>>);
 
 /// The batch loop shared by the dense and the top-k paths: skips ignored
-/// rows and rows of weight 0 (loss and gradients 0 even where ℓ = inf),
+/// rows and rows of weight 0 (loss and gradients 0 even where ℓ = inf or
+/// NaN: such a row's inputs are not used), a NaN ℓ makes the row's
+/// gradients NaN and the reduced loss NaN,
 /// applies the row weights, the reduction's weight and `grad_scale`, and
 /// rounds the gradients. `row_fn(r, hint)` gets row `r`'s hint (the `hint`
 /// gradient row made unweighted, when given and the weight allows it).
@@ -528,7 +565,9 @@ fn run_rows(
                     .map(|&x| x as f64 / scale)
                     .collect()
             });
-        let (l, gs, gtr) = row_fn(r, h);
+        let (l, mut gs, mut gtr) = row_fn(r, h);
+        // After the soft-cap's chain rule (which zeroes masked entries).
+        poison_nan_row(l, [Some(&mut gs), gtr.as_deref_mut()]);
         row_losses[r] = wr * l;
         for (out, src) in [(g.as_mut(), Some(&gs)), (gt.as_mut(), gtr.as_ref())] {
             if let (Some(out), Some(src)) = (out, src) {
