@@ -110,7 +110,7 @@ pub fn run(a: CheckArgs) -> Result<ExitCode, CliError> {
         a.max_vocab
     )?;
     print_groups("dtype/feature", &features.groups)?;
-    outln!("tolerances (docs/DESIGN.md §3): loss 1e-5; gradient 1e-5 (f32 out), 4e-3 (bf16 out), 1e-3 (f16 out); top-k tail: loss 2e-5, gradient at least 2e-5; top-k rows against at least fp32's resolution of their log-ratios (check::topk_resolution)")?;
+    outln!("tolerances (docs/DESIGN.md §3): loss 1e-5; gradient 1e-5 (f32 out), 4e-3 (bf16 out), 1e-3 (f16 out); top-k tail: loss 2e-5, gradient at least 2e-5; top-k rows against at least fp32's resolution of their log-ratios (check::topk_resolution); soft-capped rows against at least tanhf's (check::softcap_resolution)")?;
     if let Some(path) = &a.json {
         let body = serde_json::json!({
             "backend": backend.name(),
