@@ -529,12 +529,10 @@ pub fn topk_resolution(inputs: &TopkInputs, spec: &LossSpec) -> (Vec<f64>, f64) 
     };
     let mut loss = vec![0.0; n];
     let mut grad2 = 0.0;
-    for r in 0..n {
-        let ignored = inputs.labels.map(|l| l[r]) == Some(spec.ignore_index);
-        let wrow = inputs.row_weights.map_or(1.0, |w| w[r] as f64);
-        if ignored || wrow == 0.0 || c == 0.0 {
+    for (r, loss_r) in loss.iter_mut().enumerate() {
+        let Some(wrow) = floor_row_weight(inputs.labels, inputs.row_weights, spec, r) else {
             continue;
-        }
+        };
         let idx: Vec<usize> = (0..k)
             .map(|i| inputs.teacher.indices.get(r * k + i) as usize)
             .collect();
@@ -546,20 +544,35 @@ pub fn topk_resolution(inputs: &TopkInputs, spec: &LossSpec) -> (Vec<f64>, f64) 
             TopkMode::Support => idx.iter().map(|&j| s[j]).collect(),
             _ => s.clone(),
         };
-        let big = |x: &mut dyn Iterator<Item = f64>| {
-            x.filter(|y| y.is_finite())
-                .fold(0.0f64, |m, y| m.max(y.abs()))
-        };
-        let vmax = big(&mut (0..k).map(|i| cap(inputs.teacher.values.get(r * k + i) as f64)));
-        let m = (big(&mut used.iter().copied()) + vmax) / tau + (used.len() as f64).ln();
+        let vmax = max_abs_finite((0..k).map(|i| cap(inputs.teacher.values.get(r * k + i) as f64)));
+        let m = (max_abs_finite(used.iter().copied()) + vmax) / tau + (used.len() as f64).ln();
         let delta = FP32_LOG_RESOLUTION * m;
         let q = crate::oracle::log_softmax(&used, tau);
         let q2: f64 = q.iter().map(|l| l.exp().powi(2)).sum();
         let w = spec.grad_scale * spec.reduction.row_weight(valid, v) * wrow;
-        loss[r] = wrow.abs() * c * delta;
+        *loss_r = wrow.abs() * c * delta;
         grad2 += (w * c * delta / tau).powi(2) * q2;
     }
     (loss, grad2.sqrt())
+}
+
+/// Row `r`'s weight in a resolution floor, or None where the row adds no
+/// soft-term gradient (an ignored row, a row weight of 0, or c = 0).
+fn floor_row_weight(
+    labels: Option<&[i64]>,
+    row_weights: Option<&[f32]>,
+    spec: &LossSpec,
+    r: usize,
+) -> Option<f64> {
+    let ignored = labels.map(|l| l[r]) == Some(spec.ignore_index);
+    let wrow = row_weights.map_or(1.0, |w| w[r] as f64);
+    (!ignored && wrow != 0.0 && spec.soft_coef() != 0.0).then_some(wrow)
+}
+
+/// The largest |x| over the finite entries (0 if none).
+fn max_abs_finite(xs: impl Iterator<Item = f64>) -> f64 {
+    xs.filter(|y| y.is_finite())
+        .fold(0.0, |m, y| m.max(y.abs()))
 }
 
 /// The error one soft-capped logit carries in fp32 beyond the correctly
@@ -593,23 +606,16 @@ pub fn softcap_resolution(inputs: &KdInputs, spec: &LossSpec) -> f64 {
     let tau = spec.temperature;
     let mut grad2 = 0.0;
     for r in 0..n {
-        let ignored = inputs.labels.map(|l| l[r]) == Some(spec.ignore_index);
-        let wrow = inputs.row_weights.map_or(1.0, |w| w[r] as f64);
-        if ignored || wrow == 0.0 || c == 0.0 {
+        let Some(wrow) = floor_row_weight(inputs.labels, inputs.row_weights, spec, r) else {
             continue;
-        }
+        };
         let row = |x: &Logits| -> Vec<f64> {
             (0..v)
                 .map(|j| crate::oracle::softcap(x.get(r, j) as f64, cap))
                 .collect()
         };
         let (s, t) = (row(&inputs.student), row(&inputs.teacher));
-        let big = s
-            .iter()
-            .chain(&t)
-            .filter(|y| y.is_finite())
-            .fold(0.0f64, |m, y| m.max(y.abs()));
-        let delta = FP32_SOFTCAP_RESOLUTION * big;
+        let delta = FP32_SOFTCAP_RESOLUTION * max_abs_finite(s.iter().chain(&t).copied());
         let norm = |x: &[f64]| -> f64 {
             crate::oracle::log_softmax(x, tau)
                 .iter()
