@@ -276,11 +276,12 @@ struct KdPass1 {
   float c;       // reference: s − t (raw) at main's maximum
   float gap;     // 1 when acc2 is unusable (see above)
   float ent;     // soft CE: Σ 2^(x−m)(x − m) over the main side
+  float cref;    // 1 once c is a finite s − t of this stream (0: still the initial 0)
 };
 
 KD_HD KdPass1 kd_pass1_init() {
   return KdPass1{kd_stat_init(), kd_stat_init(), kd_stat_init(), 0.0f, 0.0f, kd_stat_init(),
-                 KD_NEG_INF, 0.0f, KD_NEG_INF, 0.0f, 0.0f, 0.0f, 0.0f};
+                 KD_NEG_INF, 0.0f, KD_NEG_INF, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
 }
 
 // Re-expresses acc1/acc2 of `st` from reference c_new: r' becomes r' − Δ.
@@ -289,8 +290,15 @@ KD_HD void kd_rebase(KdPass1& st, float c_new, float sigma, float scale2) {
     const float delta = sigma * (c_new - st.c) * scale2;
     const float zt = 1.0f + st.main.z;
     st.acc1 += zt * delta;
-    if (fabsf(delta) < 64.0f) {
-      st.acc2 = st.acc2 * exp2f(-delta) + zt * expm1f(-delta * KD_LN2);
+    if (st.cref == 0.0f) {
+      // Every element so far faced a −inf (r' = −inf, a term of exactly
+      // −2^(x−m)): acc2 is −Z by definition, whatever its rounding order.
+      st.acc2 = -zt;
+    } else if (fabsf(delta) < 64.0f) {
+      // acc2 + Z = Σ 2^(x−m)·2^r' ≥ 0. Where 2^−Δ ≥ 2 it is scaled directly:
+      // the split form would cancel two terms of ~Z·2^−Δ.
+      st.acc2 = delta <= -1.0f ? (st.acc2 + zt) * exp2f(-delta) - zt
+                               : st.acc2 * exp2f(-delta) + zt * expm1f(-delta * KD_LN2);
     } else {
       st.gap = 1.0f;
     }
@@ -316,7 +324,10 @@ KD_HD void kd_main_push(KdPass1& st, float x, float y, float sd, float sigma, fl
   }
   if (x > st.main.m) {
     if (ENT) st.ent = kd_ent_rescale(st.ent, st.main, x);  // x's own term is 0
-    if (sd - sd == 0.0f) kd_rebase(st, sd, sigma, scale2);  // finite s − t
+    if (sd - sd == 0.0f) {  // finite s − t
+      kd_rebase(st, sd, sigma, scale2);
+      st.cref = 1.0f;
+    }
     const float r = sigma * (sd - st.c) * scale2;
     const float scale = exp2f(st.main.m - x);
     st.main.z = (st.main.z + 1.0f) * scale;
@@ -324,6 +335,12 @@ KD_HD void kd_main_push(KdPass1& st, float x, float y, float sd, float sigma, fl
     st.acc2 = kd_rescale(st.acc2, scale) + kd_wem1(1.0f, 0.0f, r);
     st.main.m = x;
   } else {
+    // The maximum so far faced a −inf on the other side: the first finite
+    // s − t becomes the reference, or every later r' would be measured from 0.
+    if (st.cref == 0.0f && sd - sd == 0.0f) {
+      kd_rebase(st, sd, sigma, scale2);
+      st.cref = 1.0f;
+    }
     const float r = sigma * (sd - st.c) * scale2;
     const float u = x - st.main.m;
     const float e = exp2f(u);
@@ -371,9 +388,12 @@ KD_HD void kd_pass1_merge(KdPass1& a, const KdPass1& b, const KdParams& P) {
       a.c = b.c;
       a.gap = fmaxf(a.gap, b.gap);
       a.ent = b.ent;
+      a.cref = b.cref;
     } else {
       KdPass1 bb = b;
-      if (a.main.m >= b.main.m) {
+      // The reference comes from the heavier side, unless only the other
+      // one has a finite reference at all.
+      if (a.cref != bb.cref ? a.cref != 0.0f : a.main.m >= b.main.m) {
         kd_rebase(bb, a.c, sigma, P.scale2);
       } else {
         kd_rebase(a, bb.c, sigma, P.scale2);
@@ -388,6 +408,7 @@ KD_HD void kd_pass1_merge(KdPass1& a, const KdPass1& b, const KdParams& P) {
       a.acc2 = kd_rescale(a.acc2, sa) + kd_rescale(bb.acc2, sb);
       a.main.m = m;
       a.gap = fmaxf(a.gap, bb.gap);
+      a.cref = fmaxf(a.cref, bb.cref);
       // Recentre on the P-weighted mean of s − t: the heaviest element of a
       // flat P need not be typical of it.
       const float mean = a.c - sigma * (a.acc1 / (1.0f + a.main.z)) / P.scale2;
@@ -916,6 +937,7 @@ __device__ __forceinline__ KdPass1 kd_shfl_pass1(const KdPass1& p, int off) {
   o.c = __shfl_xor_sync(0xffffffffu, p.c, off);
   o.gap = __shfl_xor_sync(0xffffffffu, p.gap, off);
   o.ent = DIV == KD_DIV_SCE ? __shfl_xor_sync(0xffffffffu, p.ent, off) : 0.0f;
+  o.cref = __shfl_xor_sync(0xffffffffu, p.cref, off);
   return o;
 }
 

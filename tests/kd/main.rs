@@ -7,6 +7,7 @@ mod cpu_vs_oracle;
 mod hostmath;
 mod kernel_emulation;
 mod loss_family;
+mod masked_reference;
 mod nan_inf;
 mod nan_regressions;
 mod oracle_fd;
