@@ -23,7 +23,7 @@
 // Also here: kd_count_valid (rows whose label is not ignore_index, for the
 // batchmean/mean weights without a host round trip) and kd_reduce_loss (a
 // deterministic one-block sum of the per-row losses).
-#include "kd_math.cuh"
+#include "kd_args.h"
 
 // 256 threads, at least 4 blocks per SM: caps registers at 64 (without the
 // minimum, ptxas 13.0 spilled kd_fused_rkl_f32_f32 on sm_80 at 32 registers).
@@ -36,11 +36,19 @@
 // ------------------------------------------------------------- kernels --
 
 template <typename Tin, typename Tout, int DIV>
-__device__ void kd_fused_body(const Tin* s, long long s_stride, const Tin* t, long long t_stride,
-                              const long long* labels, const float* row_weights, Tout* grad,
-                              long long g_stride, Tout* grad_t, long long gt_stride,
-                              float* row_loss, const int* valid_count, long long n_rows,
-                              KdParams P) {
+__device__ void kd_fused_body(const KdFusedArgs& a) {
+  const Tin* s = static_cast<const Tin*>(a.student);
+  const Tin* t = static_cast<const Tin*>(a.teacher);
+  const long long s_stride = a.student_stride, t_stride = a.teacher_stride;
+  const long long* labels = a.labels;
+  const float* row_weights = a.row_weights;
+  Tout* grad = static_cast<Tout*>(a.grad);
+  Tout* grad_t = static_cast<Tout*>(a.grad_teacher);
+  const long long g_stride = a.grad_stride, gt_stride = a.grad_teacher_stride;
+  float* row_loss = a.row_loss;
+  const int* valid_count = a.valid_count;
+  const long long n_rows = a.n_rows;
+  const KdParams& P = a.params;
   __shared__ KdPass1 red[KD_MAX_THREADS / 32];
   __shared__ float2 red2[KD_MAX_THREADS / 32];
   const int V = P.vocab;
@@ -134,15 +142,10 @@ __device__ void kd_fused_body(const Tin* s, long long s_stride, const Tin* t, lo
   }
 }
 
-#define KD_FUSED(NAME, TIN, TOUT, DIV)                                                          \
-  extern "C" __global__ void __launch_bounds__(KD_MAX_THREADS, KD_MIN_BLOCKS(DIV))             \
-      NAME(const TIN* s, long long s_stride, const TIN* t, long long t_stride,                 \
-           const long long* labels, const float* row_weights, TOUT* grad, long long g_stride,  \
-           TOUT* grad_t, long long gt_stride, float* row_loss, const int* valid_count,         \
-           long long n_rows, KdParams P) {                                                     \
-    kd_fused_body<TIN, TOUT, DIV>(s, s_stride, t, t_stride, labels, row_weights, grad,        \
-                                  g_stride, grad_t, gt_stride, row_loss, valid_count, n_rows, \
-                                  P);                                                          \
+#define KD_FUSED(NAME, TIN, TOUT, DIV)                                              \
+  extern "C" __global__ void __launch_bounds__(KD_MAX_THREADS, KD_MIN_BLOCKS(DIV)) \
+      NAME(const KdFusedArgs a) {                                                  \
+    kd_fused_body<TIN, TOUT, DIV>(a);                                              \
   }
 
 #define KD_FUSED_DIV(DIVNAME, DIV)                                   \

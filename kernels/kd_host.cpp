@@ -8,7 +8,7 @@
 #include <cstddef>
 #include <vector>
 
-#include "kd_math.cuh"
+#include "kd_args.h"
 
 #define KD_LANES 256
 
@@ -237,6 +237,30 @@ void kd_host_params_layout(long long* out) {
   out[4] = (long long)offsetof(KdParams, softcap);
   out[5] = (long long)offsetof(KdParams, topk_mode);
   out[6] = (long long)offsetof(KdParams, topk_k);
+}
+
+// The same for the launch contracts (kd_args.h; src/params.rs args_layout).
+void kd_host_args_layout(long long* out) {
+  const long long v[] = {
+      (long long)sizeof(KdFusedArgs),
+      (long long)offsetof(KdFusedArgs, student_stride),
+      (long long)offsetof(KdFusedArgs, teacher),
+      (long long)offsetof(KdFusedArgs, labels),
+      (long long)offsetof(KdFusedArgs, grad),
+      (long long)offsetof(KdFusedArgs, grad_teacher_stride),
+      (long long)offsetof(KdFusedArgs, row_loss),
+      (long long)offsetof(KdFusedArgs, valid_count),
+      (long long)offsetof(KdFusedArgs, n_rows),
+      (long long)offsetof(KdFusedArgs, params),
+      (long long)sizeof(KdTopkArgs),
+      (long long)offsetof(KdTopkArgs, indices),
+      (long long)offsetof(KdTopkArgs, values),
+      (long long)offsetof(KdTopkArgs, grad_stride),
+      (long long)offsetof(KdTopkArgs, row_loss),
+      (long long)offsetof(KdTopkArgs, n_rows),
+      (long long)offsetof(KdTopkArgs, params),
+  };
+  for (size_t i = 0; i < sizeof(v) / sizeof(v[0]); ++i) out[i] = v[i];
 }
 
 // The dtype conversions, exposed so that tests can compare them bit for bit

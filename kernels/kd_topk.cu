@@ -22,7 +22,7 @@
 //
 // Also here: kd_topk_validate (the optional validation pass: the first row
 // with an index out of range or repeated, via the same bit map).
-#include "kd_math.cuh"
+#include "kd_args.h"
 
 #define KD_TOPK_THREADS 256
 
@@ -66,10 +66,19 @@ __device__ bool kd_topk_mark(const I* irow, int k, int V, uint32_t* bits, int* f
 }
 
 template <typename Tin, typename Tout, typename I>
-__device__ void kd_topk_body(const Tin* s, long long s_stride, const I* idx, const Tin* vals,
-                             const long long* labels, const float* row_weights, Tout* grad,
-                             long long g_stride, float* row_loss, const int* valid_count,
-                             long long n_rows, KdParams P, uint32_t* bits) {
+__device__ void kd_topk_body(const KdTopkArgs& a, uint32_t* bits) {
+  const Tin* s = static_cast<const Tin*>(a.student);
+  const long long s_stride = a.student_stride;
+  const I* idx = static_cast<const I*>(a.indices);
+  const Tin* vals = static_cast<const Tin*>(a.values);
+  const long long* labels = a.labels;
+  const float* row_weights = a.row_weights;
+  Tout* grad = static_cast<Tout*>(a.grad);
+  const long long g_stride = a.grad_stride;
+  float* row_loss = a.row_loss;
+  const int* valid_count = a.valid_count;
+  const long long n_rows = a.n_rows;
+  const KdParams& P = a.params;
   __shared__ KdPass1 red[KD_TOPK_THREADS / 32];
   __shared__ float2 red2[KD_TOPK_THREADS / 32];
   __shared__ int flag;
@@ -164,14 +173,11 @@ __device__ void kd_topk_body(const Tin* s, long long s_stride, const I* idx, con
   }
 }
 
-#define KD_TOPK(NAME, TIN, TOUT, I)                                                            \
-  extern "C" __global__ void __launch_bounds__(KD_TOPK_THREADS, 4)                             \
-      NAME(const TIN* s, long long s_stride, const I* idx, const TIN* vals,                    \
-           const long long* labels, const float* row_weights, TOUT* grad, long long g_stride,  \
-           float* row_loss, const int* valid_count, long long n_rows, KdParams P) {            \
-    KD_TOPK_BITS;                                                                              \
-    kd_topk_body<TIN, TOUT, I>(s, s_stride, idx, vals, labels, row_weights, grad, g_stride,    \
-                               row_loss, valid_count, n_rows, P, kd_topk_bits);                \
+#define KD_TOPK(NAME, TIN, TOUT, I)                                              \
+  extern "C" __global__ void __launch_bounds__(KD_TOPK_THREADS, 4)               \
+      NAME(const KdTopkArgs a) {                                                 \
+    KD_TOPK_BITS;                                                                \
+    kd_topk_body<TIN, TOUT, I>(a, kd_topk_bits);                                 \
   }
 
 #define KD_TOPK_IDX(SUFFIX, I)                                       \

@@ -9,7 +9,7 @@
 use crate::backend::{validate, validate_topk, Backend, KdOutput};
 use crate::cuda::threads_for;
 use crate::error::{invalid, Result};
-use crate::params::KernelParams;
+use crate::params::{FusedArgs, KernelParams, TopkArgs};
 use crate::spec::LossSpec;
 use crate::tensor::{Dtype, GradDtype, KdInputs, Logits, OwnedData, TopkIndices, TopkInputs};
 use std::ffi::c_void;
@@ -19,43 +19,17 @@ extern "C" {
         div: i32,
         in_dtype: i32,
         out_dtype: i32,
-        s: *const c_void,
-        ss: i64,
-        t: *const c_void,
-        ts: i64,
-        labels: *const i64,
-        ignore_index: i64,
-        row_weights: *const f32,
-        grad: *mut c_void,
-        gs: i64,
-        grad_t: *mut c_void,
-        gts: i64,
-        row_loss: *mut f32,
-        valid: *mut i32,
+        args: *const FusedArgs,
         loss: *mut f32,
-        n: i64,
-        p: *const KernelParams,
         grid: u32,
         block: u32,
     ) -> i32;
     fn kd_emu_topk_run(
         in_dtype: i32,
         out_dtype: i32,
-        s: *const c_void,
-        ss: i64,
-        idx: *const c_void,
         idx64: i32,
-        vals: *const c_void,
-        labels: *const i64,
-        ignore_index: i64,
-        row_weights: *const f32,
-        grad: *mut c_void,
-        gs: i64,
-        row_loss: *mut f32,
-        valid: *mut i32,
+        args: *const TopkArgs,
         loss: *mut f32,
-        n: i64,
-        p: *const KernelParams,
         grid: u32,
         block: u32,
     ) -> i32;
@@ -243,6 +217,22 @@ impl GradBuffers {
     }
 }
 
+/// The address of an optional host slice (0: none), as the launch contract
+/// holds pointers.
+fn addr<T>(x: Option<&[T]>) -> u64 {
+    x.map_or(0, |x| x.as_ptr() as u64)
+}
+
+/// Where the valid-row count goes: `valid` when there are labels, else none
+/// (the kernels then count every row).
+fn valid_addr(labels: bool, valid: &mut i32) -> u64 {
+    if labels {
+        valid as *mut i32 as u64
+    } else {
+        0
+    }
+}
+
 impl Backend for EmuBackend {
     fn name(&self) -> &'static str {
         "cuda-emulated"
@@ -277,24 +267,26 @@ impl Backend for EmuBackend {
         // SAFETY: every buffer holds what the launch reads or writes (inputs
         // validated, outputs sized above).
         let rc = unsafe {
+            let args = TopkArgs {
+                student: bufs.student_ptr(&inputs.student) as u64,
+                student_stride: inputs.student.row_stride as i64,
+                indices: ip as u64,
+                values: inputs.teacher.values.bytes().as_ptr() as u64,
+                labels: addr(inputs.labels),
+                row_weights: addr(inputs.row_weights),
+                grad: bufs.grad_ptr() as u64,
+                grad_stride: bufs.grad_stride as i64,
+                row_loss: row_loss.as_mut_ptr() as u64,
+                valid_count: valid_addr(inputs.labels.is_some(), &mut valid),
+                n_rows: n as i64,
+                params: p,
+            };
             kd_emu_topk_run(
                 code(dtype),
                 code(out_dtype),
-                bufs.student_ptr(&inputs.student),
-                inputs.student.row_stride as i64,
-                ip,
                 i64s,
-                inputs.teacher.values.bytes().as_ptr().cast(),
-                inputs.labels.map_or(std::ptr::null(), |l| l.as_ptr()),
-                spec.ignore_index,
-                inputs.row_weights.map_or(std::ptr::null(), |w| w.as_ptr()),
-                bufs.grad_ptr(),
-                bufs.grad_stride as i64,
-                row_loss.as_mut_ptr(),
-                &mut valid,
+                &args,
                 &mut loss,
-                n as i64,
-                &p,
                 self.grid_for(n),
                 crate::cuda::threads_for(v, dtype),
             )
@@ -346,30 +338,28 @@ impl Backend for EmuBackend {
         // SAFETY: every buffer holds what the launch reads or writes (inputs
         // validated, outputs sized above).
         let rc = unsafe {
+            let args = FusedArgs {
+                student: bufs.student_ptr(&inputs.student) as u64,
+                student_stride: inputs.student.row_stride as i64,
+                teacher: inputs.teacher.data.bytes().as_ptr() as u64,
+                teacher_stride: inputs.teacher.row_stride as i64,
+                labels: addr(inputs.labels),
+                row_weights: addr(inputs.row_weights),
+                grad: bufs.grad_ptr() as u64,
+                grad_stride: bufs.grad_stride as i64,
+                grad_teacher: if want_gt { gt.as_mut_ptr() as u64 } else { 0 },
+                grad_teacher_stride: v as i64,
+                row_loss: row_loss.as_mut_ptr() as u64,
+                valid_count: valid_addr(inputs.labels.is_some(), &mut valid),
+                n_rows: n as i64,
+                params: p,
+            };
             kd_emu_run(
                 spec.kernel_divergence().id(),
                 code(dtype),
                 code(out_dtype),
-                bufs.student_ptr(&inputs.student),
-                inputs.student.row_stride as i64,
-                inputs.teacher.data.bytes().as_ptr().cast(),
-                inputs.teacher.row_stride as i64,
-                inputs.labels.map_or(std::ptr::null(), |l| l.as_ptr()),
-                spec.ignore_index,
-                inputs.row_weights.map_or(std::ptr::null(), |w| w.as_ptr()),
-                bufs.grad_ptr(),
-                bufs.grad_stride as i64,
-                if want_gt {
-                    gt.as_mut_ptr().cast()
-                } else {
-                    std::ptr::null_mut()
-                },
-                v as i64,
-                row_loss.as_mut_ptr(),
-                &mut valid,
+                &args,
                 &mut loss,
-                n as i64,
-                &p,
                 self.grid_for(n),
                 threads_for(v, dtype),
             )

@@ -53,6 +53,8 @@ extern "C" {
     ) -> f32;
     fn kd_host_row_weight(p: *const KernelParams, valid_rows: i64) -> f32;
     fn kd_host_params_layout(out: *mut i64);
+    #[cfg(test)]
+    fn kd_host_args_layout(out: *mut i64);
     fn kd_host_f32_to_bf16(x: f32) -> u16;
     fn kd_host_f32_to_f16(x: f32) -> u16;
     fn kd_host_bf16_to_f32(x: u16) -> f32;
@@ -216,5 +218,17 @@ mod tests {
         assert_eq!(l[4] as usize, std::mem::offset_of!(KernelParams, softcap));
         assert_eq!(l[5] as usize, std::mem::offset_of!(KernelParams, topk_mode));
         assert_eq!(l[6] as usize, std::mem::offset_of!(KernelParams, topk_k));
+    }
+
+    /// The launch contracts of kernels/kd_args.h and their Rust mirrors
+    /// (src/params.rs) agree on size and every offset listed.
+    #[test]
+    fn launch_args_layout_matches_rust() {
+        let want = crate::params::args_layout();
+        let mut got = vec![0i64; want.len()];
+        // SAFETY: kd_host_args_layout writes exactly the entries listed.
+        unsafe { kd_host_args_layout(got.as_mut_ptr()) };
+        let got: Vec<usize> = got.into_iter().map(|x| x as usize).collect();
+        assert_eq!(got, want);
     }
 }

@@ -50,3 +50,77 @@ impl KernelParams {
         }
     }
 }
+
+/// The fused kernels' launch contract (`KdFusedArgs` in kernels/kd_args.h):
+/// same fields, same order, `#[repr(C)]`, passed by value to every
+/// `kd_fused_*` kernel and by pointer to the emulator. Pointers are device
+/// pointers (`CUdeviceptr`) on the GPU and host addresses under emulation;
+/// 0 is null.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FusedArgs {
+    pub student: u64,
+    pub student_stride: i64,
+    pub teacher: u64,
+    pub teacher_stride: i64,
+    pub labels: u64,
+    pub row_weights: u64,
+    pub grad: u64,
+    pub grad_stride: i64,
+    pub grad_teacher: u64,
+    pub grad_teacher_stride: i64,
+    pub row_loss: u64,
+    pub valid_count: u64,
+    pub n_rows: i64,
+    pub params: KernelParams,
+}
+
+/// The top-k kernels' launch contract (`KdTopkArgs` in kernels/kd_args.h).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TopkArgs {
+    pub student: u64,
+    pub student_stride: i64,
+    pub indices: u64,
+    pub values: u64,
+    pub labels: u64,
+    pub row_weights: u64,
+    pub grad: u64,
+    pub grad_stride: i64,
+    pub row_loss: u64,
+    pub valid_count: u64,
+    pub n_rows: i64,
+    pub params: KernelParams,
+}
+
+// SAFETY: plain-old-data with the C layout the kernels expect (checked by
+// tests/kd/hostmath.rs against kd_host_args_layout).
+unsafe impl cudarc::driver::DeviceRepr for FusedArgs {}
+// SAFETY: as above.
+unsafe impl cudarc::driver::DeviceRepr for TopkArgs {}
+
+/// `size_of` and the field offsets of the two launch contracts, in the order
+/// of kd_host_args_layout (kernels/kd_host.cpp), for the layout test.
+#[cfg(test)]
+pub(crate) fn args_layout() -> Vec<usize> {
+    use std::mem::{offset_of, size_of};
+    vec![
+        size_of::<FusedArgs>(),
+        offset_of!(FusedArgs, student_stride),
+        offset_of!(FusedArgs, teacher),
+        offset_of!(FusedArgs, labels),
+        offset_of!(FusedArgs, grad),
+        offset_of!(FusedArgs, grad_teacher_stride),
+        offset_of!(FusedArgs, row_loss),
+        offset_of!(FusedArgs, valid_count),
+        offset_of!(FusedArgs, n_rows),
+        offset_of!(FusedArgs, params),
+        size_of::<TopkArgs>(),
+        offset_of!(TopkArgs, indices),
+        offset_of!(TopkArgs, values),
+        offset_of!(TopkArgs, grad_stride),
+        offset_of!(TopkArgs, row_loss),
+        offset_of!(TopkArgs, n_rows),
+        offset_of!(TopkArgs, params),
+    ]
+}

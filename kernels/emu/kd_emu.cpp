@@ -10,40 +10,19 @@
 
 namespace {
 
-// Arguments of one fused launch (type-erased).
-struct FusedArgs {
-  const void* s;
-  long long ss;
-  const void* t;
-  long long ts;
-  const long long* labels;
-  const float* row_weights;
-  void* grad;
-  long long gs;
-  void* grad_t;
-  long long gts;
-  float* row_loss;
-  const int* valid;
-  long long n;
-};
-
 template <typename Tin, typename Tout, int DIV>
-void fused_div(const FusedArgs& a, const KdParams& P, unsigned grid, unsigned block) {
-  kd_emu_launch(grid, block, [&] {
-    kd_fused_body<Tin, Tout, DIV>(static_cast<const Tin*>(a.s), a.ss, static_cast<const Tin*>(a.t),
-                                  a.ts, a.labels, a.row_weights, static_cast<Tout*>(a.grad), a.gs,
-                                  static_cast<Tout*>(a.grad_t), a.gts, a.row_loss, a.valid, a.n, P);
-  });
+void fused_div(const KdFusedArgs& a, unsigned grid, unsigned block) {
+  kd_emu_launch(grid, block, [&] { kd_fused_body<Tin, Tout, DIV>(a); });
 }
 
 template <typename Tin, typename Tout>
-void fused(int div, const FusedArgs& a, const KdParams& P, unsigned grid, unsigned block) {
+void fused(int div, const KdFusedArgs& a, unsigned grid, unsigned block) {
   switch (div) {
-    case KD_DIV_FKL: fused_div<Tin, Tout, KD_DIV_FKL>(a, P, grid, block); break;
-    case KD_DIV_RKL: fused_div<Tin, Tout, KD_DIV_RKL>(a, P, grid, block); break;
-    case KD_DIV_JSD: fused_div<Tin, Tout, KD_DIV_JSD>(a, P, grid, block); break;
-    case KD_DIV_TVD: fused_div<Tin, Tout, KD_DIV_TVD>(a, P, grid, block); break;
-    default: fused_div<Tin, Tout, KD_DIV_SCE>(a, P, grid, block); break;
+    case KD_DIV_FKL: fused_div<Tin, Tout, KD_DIV_FKL>(a, grid, block); break;
+    case KD_DIV_RKL: fused_div<Tin, Tout, KD_DIV_RKL>(a, grid, block); break;
+    case KD_DIV_JSD: fused_div<Tin, Tout, KD_DIV_JSD>(a, grid, block); break;
+    case KD_DIV_TVD: fused_div<Tin, Tout, KD_DIV_TVD>(a, grid, block); break;
+    default: fused_div<Tin, Tout, KD_DIV_SCE>(a, grid, block); break;
   }
 }
 
@@ -71,55 +50,45 @@ extern "C" void kd_emu_reduce_loss(const float* row_loss, long long n, const int
   kd_emu_launch(1, 64, [&] { kd_reduce_loss(row_loss, n, valid, *P, loss); });
 }
 
-// dtype codes: 0 f32, 1 bf16, 2 f16. Returns 0, or −1 for an unsupported pair.
-extern "C" int kd_emu_run(int div, int in_dtype, int out_dtype, const void* s, long long ss,
-                          const void* t, long long ts, const long long* labels, long long ignore_index,
-                          const float* row_weights, void* grad, long long gs, void* grad_t,
-                          long long gts, float* row_loss, int* valid, float* loss, long long n,
-                          const KdParams* P, unsigned grid, unsigned block) {
+// The three launches of the CUDA backend (count, fused, reduce) on the
+// launch contract `a` (kd_args.h); with labels, the count is written to
+// a->valid_count first. dtype codes: 0 f32, 1 bf16, 2 f16. Returns 0, or −1
+// for an unsupported pair.
+extern "C" int kd_emu_run(int div, int in_dtype, int out_dtype, const KdFusedArgs* a, float* loss,
+                          unsigned grid, unsigned block) {
   std::lock_guard<std::mutex> lock(kd_emu_mutex);
-  if (labels) kd_emu_count_valid(labels, n, ignore_index, valid);
-  const FusedArgs a{s, ss, t, ts, labels, row_weights, grad, gs, grad_t, gts, row_loss,
-                    labels ? valid : nullptr, n};
-  if (n > 0 && !with_dtypes(in_dtype, out_dtype, [&](auto tin, auto tout) {
-        fused<decltype(tin), decltype(tout)>(div, a, *P, grid, block);
+  if (a->labels)
+    kd_emu_count_valid(a->labels, a->n_rows, a->params.ignore_index,
+                       const_cast<int*>(a->valid_count));
+  if (a->n_rows > 0 && !with_dtypes(in_dtype, out_dtype, [&](auto tin, auto tout) {
+        fused<decltype(tin), decltype(tout)>(div, *a, grid, block);
       }))
     return -1;
-  kd_emu_reduce_loss(row_loss, n, a.valid, P, loss);
+  kd_emu_reduce_loss(a->row_loss, a->n_rows, a->valid_count, &a->params, loss);
   return 0;
 }
 
 // The top-k launches; `idx64`: the indices are int64 (else int32). The bit
 // map (the kernel's dynamic shared memory) is a buffer of (V + 31) / 32 words.
-extern "C" int kd_emu_topk_run(int in_dtype, int out_dtype, const void* s, long long ss,
-                               const void* idx, int idx64, const void* vals,
-                               const long long* labels, long long ignore_index,
-                               const float* row_weights, void* grad, long long gs, float* row_loss,
-                               int* valid, float* loss, long long n, const KdParams* P,
-                               unsigned grid, unsigned block) {
+extern "C" int kd_emu_topk_run(int in_dtype, int out_dtype, int idx64, const KdTopkArgs* a,
+                               float* loss, unsigned grid, unsigned block) {
   std::lock_guard<std::mutex> lock(kd_emu_mutex);
-  if (labels) kd_emu_count_valid(labels, n, ignore_index, valid);
-  const int* vp = labels ? valid : nullptr;
-  std::vector<uint32_t> bits(((size_t)P->vocab + 31) / 32);
-  if (n > 0 && !with_dtypes(in_dtype, out_dtype, [&](auto tin, auto tout) {
+  if (a->labels)
+    kd_emu_count_valid(a->labels, a->n_rows, a->params.ignore_index,
+                       const_cast<int*>(a->valid_count));
+  std::vector<uint32_t> bits(((size_t)a->params.vocab + 31) / 32);
+  if (a->n_rows > 0 && !with_dtypes(in_dtype, out_dtype, [&](auto tin, auto tout) {
         using Tin = decltype(tin);
         using Tout = decltype(tout);
         kd_emu_launch(grid, block, [&] {
           if (idx64)
-            kd_topk_body<Tin, Tout, long long>(
-                static_cast<const Tin*>(s), ss, static_cast<const long long*>(idx),
-                static_cast<const Tin*>(vals), labels, row_weights, static_cast<Tout*>(grad), gs,
-                row_loss, vp, n, *P, bits.data());
+            kd_topk_body<Tin, Tout, long long>(*a, bits.data());
           else
-            kd_topk_body<Tin, Tout, int>(static_cast<const Tin*>(s), ss,
-                                         static_cast<const int*>(idx),
-                                         static_cast<const Tin*>(vals), labels, row_weights,
-                                         static_cast<Tout*>(grad), gs, row_loss, vp, n, *P,
-                                         bits.data());
+            kd_topk_body<Tin, Tout, int>(*a, bits.data());
         });
       }))
     return -1;
-  kd_emu_reduce_loss(row_loss, n, vp, P, loss);
+  kd_emu_reduce_loss(a->row_loss, a->n_rows, a->valid_count, &a->params, loss);
   return 0;
 }
 

@@ -7,7 +7,7 @@
 
 use super::CudaBackend;
 use crate::error::{invalid, Result};
-use crate::params::KernelParams;
+use crate::params::{FusedArgs, KernelParams, TopkArgs};
 use crate::spec::LossSpec;
 use crate::tensor::{Dtype, TopkIndices};
 use cudarc::driver::{
@@ -268,27 +268,24 @@ impl CudaBackend {
                 raw.grad_dtype
             );
             let f = self.function(&name)?;
-            let (ss, ts, gs, gts) = (
-                l.student_stride as i64,
-                l.teacher_stride as i64,
-                l.grad_stride as i64,
-                l.grad_teacher_stride as i64,
-            );
+            let args = FusedArgs {
+                student: raw.student,
+                student_stride: l.student_stride as i64,
+                teacher: raw.teacher,
+                teacher_stride: l.teacher_stride as i64,
+                labels: raw.labels,
+                row_weights: raw.row_weights,
+                grad: raw.grad,
+                grad_stride: l.grad_stride as i64,
+                grad_teacher: raw.grad_teacher,
+                grad_teacher_stride: l.grad_teacher_stride as i64,
+                row_loss: raw.row_losses,
+                valid_count: valid_ptr,
+                n_rows: n,
+                params: p,
+            };
             let mut b = stream.launch_builder(&f);
-            b.arg(&raw.student)
-                .arg(&ss)
-                .arg(&raw.teacher)
-                .arg(&ts)
-                .arg(&raw.labels)
-                .arg(&raw.row_weights)
-                .arg(&raw.grad)
-                .arg(&gs)
-                .arg(&raw.grad_teacher)
-                .arg(&gts)
-                .arg(&raw.row_losses)
-                .arg(&valid_ptr)
-                .arg(&n)
-                .arg(&p);
+            b.arg(&args);
             b.launch(LaunchConfig {
                 grid_dim: (l.rows.min(1 << 20) as u32, 1, 1),
                 block_dim: (threads_for(l.cols, raw.dtype), 1, 1),
@@ -360,20 +357,22 @@ impl CudaBackend {
             );
             let f = self.function(&name)?;
             let smem = self.bitmap_bytes(&f, l.cols)?;
-            let (ss, gs) = (l.student_stride as i64, l.grad_stride as i64);
+            let args = TopkArgs {
+                student: raw.student,
+                student_stride: l.student_stride as i64,
+                indices: raw.indices,
+                values: raw.values,
+                labels: raw.labels,
+                row_weights: raw.row_weights,
+                grad: raw.grad,
+                grad_stride: l.grad_stride as i64,
+                row_loss: raw.row_losses,
+                valid_count: valid_ptr,
+                n_rows: n,
+                params: p,
+            };
             let mut b = stream.launch_builder(&f);
-            b.arg(&raw.student)
-                .arg(&ss)
-                .arg(&raw.indices)
-                .arg(&raw.values)
-                .arg(&raw.labels)
-                .arg(&raw.row_weights)
-                .arg(&raw.grad)
-                .arg(&gs)
-                .arg(&raw.row_losses)
-                .arg(&valid_ptr)
-                .arg(&n)
-                .arg(&p);
+            b.arg(&args);
             b.launch(LaunchConfig {
                 grid_dim: (l.rows.min(1 << 20) as u32, 1, 1),
                 block_dim: (threads_for(l.cols, raw.dtype), 1, 1),
