@@ -19,6 +19,13 @@
 // the row's loss and gradients (weight 0: the row is skipped, as ignored).
 // Loads are 16-byte vectors when the student and teacher rows share their
 // alignment (scalar head and tail), scalar otherwise. Indexing is 64-bit.
+// Issue slots per element (sm_90 SASS, scripts/sass-report: every branch
+// side of the vector hot loops counted; bf16 in and out; the committed
+// report is bench/results/sass-sm_90.md): forward KL ≈ 630 (pass 1 ≈ 360,
+// gradient ≈ 270), reverse KL ≈ 630, soft CE ≈ 650, TVD ≈ 805, JSD ≈ 1215
+// (365 + 350 + 500); MUFU 38–53 per element. The exact numerics' price:
+// issue 12's fast kernels are to bring it under 40–70.
+// The launch contract (one struct by value) is KdFusedArgs in kd_args.h.
 //
 // Also here: kd_count_valid (rows whose label is not ignore_index, for the
 // batchmean/mean weights without a host round trip) and kd_reduce_loss (a
@@ -30,8 +37,13 @@
 #define KD_MAX_THREADS 256
 // TVD's pass 2 and soft CE's entropy, with their teacher gradients, carry the
 // most state: 3 blocks per SM (80 registers; at 64, ptxas 13.0 spilled
-// kd_fused_tvd_f32_f32 and kd_fused_sce_* on sm_120).
-#define KD_MIN_BLOCKS(DIV) ((DIV) == KD_DIV_TVD || (DIV) == KD_DIV_SCE ? 3 : 4)
+// kd_fused_tvd_f32_f32 and kd_fused_sce_* on sm_120). So does reverse KL in
+// f32 since the pass-1 state holds `cref` (20 bytes spilled on sm_80–sm_89).
+#define KD_MIN_BLOCKS(DIV, TIN)                                   \
+  ((DIV) == KD_DIV_TVD || (DIV) == KD_DIV_SCE ||                  \
+           ((DIV) == KD_DIV_RKL && sizeof(TIN) == 4)              \
+       ? 3                                                        \
+       : 4)
 
 // ------------------------------------------------------------- kernels --
 
@@ -143,7 +155,7 @@ __device__ void kd_fused_body(const KdFusedArgs& a) {
 }
 
 #define KD_FUSED(NAME, TIN, TOUT, DIV)                                              \
-  extern "C" __global__ void __launch_bounds__(KD_MAX_THREADS, KD_MIN_BLOCKS(DIV)) \
+  extern "C" __global__ void __launch_bounds__(KD_MAX_THREADS, KD_MIN_BLOCKS(DIV, TIN)) \
       NAME(const KdFusedArgs a) {                                                  \
     kd_fused_body<TIN, TOUT, DIV>(a);                                              \
   }
