@@ -21,7 +21,7 @@ pub struct ShapeArgs {
     /// Vocabulary sizes V.
     #[arg(long, value_delimiter = ',', value_name = "V,..")]
     cols: Vec<usize>,
-    /// Logit dtypes (f32, bf16, f16); the gradient has the same dtype.
+    /// Logit dtypes (f32, bf16, f16); the gradient has the same dtype on the GPU (the CPU backend writes it in f32).
     #[arg(long, value_delimiter = ',', default_value = "bf16")]
     dtype: Vec<Dtype>,
     /// Divergences (forward-kl, reverse-kl, jsd, tvd, soft-ce).

@@ -35,9 +35,9 @@ fn masked_row(rng: &mut StdRng, v: usize, offset: f32, mask_teacher: bool) -> (V
     let other = if mask_teacher { &mut t } else { &mut s };
     // Always one entry unmasked, so the other side keeps some mass.
     let keep = (top + 1) % v;
-    for j in 0..v {
+    for (j, x) in other.iter_mut().enumerate() {
         if j != keep && (j == top || rng.random::<f32>() < 0.2) {
-            other[j] = f32::NEG_INFINITY;
+            *x = f32::NEG_INFINITY;
         }
     }
     (s, t)
