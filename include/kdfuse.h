@@ -49,6 +49,9 @@ typedef enum KdfuseDtype {
   KDFUSE_DTYPE_BF16 = 1,
   // IEEE half.
   KDFUSE_DTYPE_F16 = 2,
+  // IEEE double: `kdfuse_compute_host_f64` only (the f64 oracle, for
+  // gradient checks); every other function refuses it.
+  KDFUSE_DTYPE_F64 = 3,
 } KdfuseDtype;
 
 // Divergences (the `divergence` field).
@@ -291,6 +294,25 @@ enum KdfuseStatus kdfuse_compute_cuda(const struct KdfuseContext *ctx,
 // shape and strides.
 enum KdfuseStatus kdfuse_compute_host(const struct KdfuseBatch *batch,
                                       const struct KdfuseParams *params);
+
+// The dense loss (and gradients) on host memory in double precision,
+// computed by the f64 oracle (the definitions evaluated directly, one row
+// at a time, no online tricks): for gradient checks, not for speed.
+// `batch.dtype` and `batch.grad_dtype` must be `KDFUSE_DTYPE_F64`, and
+// every floating-point buffer holds doubles: `student`, `teacher`, `grad`,
+// `grad_teacher`, `row_weights` (N), `row_losses` (N) and `loss` (one),
+// whatever their C type in `KdfuseBatch`. `labels` (int64) and
+// `valid_rows` (int32) are as for `kdfuse_compute_host`, as are the
+// params, the strides and the outputs' meaning; a dense teacher only (no
+// top-k). Every pointer must be aligned for its element type; otherwise
+// `INVALID_ARGUMENT` naming the field. Since ABI version 2 (an appended
+// function: the structs are unchanged).
+//
+// # Safety
+// Every non-NULL pointer must be host memory large enough for the batch's
+// shape and strides, in the element types above.
+enum KdfuseStatus kdfuse_compute_host_f64(const struct KdfuseBatch *batch,
+                                          const struct KdfuseParams *params);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -4,6 +4,7 @@
 //! through the CPU backend, integer status codes and a thread-local message.
 //! Every entry point catches panics: none crosses the boundary.
 
+mod f64;
 mod types;
 
 pub use types::{
@@ -565,6 +566,37 @@ pub unsafe extern "C" fn kdfuse_compute_host(
             }
         }
         Ok(())
+    })
+}
+
+/// The dense loss (and gradients) on host memory in double precision,
+/// computed by the f64 oracle (the definitions evaluated directly, one row
+/// at a time, no online tricks): for gradient checks, not for speed.
+/// `batch.dtype` and `batch.grad_dtype` must be `KDFUSE_DTYPE_F64`, and
+/// every floating-point buffer holds doubles: `student`, `teacher`, `grad`,
+/// `grad_teacher`, `row_weights` (N), `row_losses` (N) and `loss` (one),
+/// whatever their C type in `KdfuseBatch`. `labels` (int64) and
+/// `valid_rows` (int32) are as for `kdfuse_compute_host`, as are the
+/// params, the strides and the outputs' meaning; a dense teacher only (no
+/// top-k). Every pointer must be aligned for its element type; otherwise
+/// `INVALID_ARGUMENT` naming the field. Since ABI version 2 (an appended
+/// function: the structs are unchanged).
+///
+/// # Safety
+/// Every non-NULL pointer must be host memory large enough for the batch's
+/// shape and strides, in the element types above.
+#[no_mangle]
+pub unsafe extern "C" fn kdfuse_compute_host_f64(
+    batch: *const KdfuseBatch,
+    params: *const KdfuseParams,
+) -> KdfuseStatus {
+    guard(|| {
+        // SAFETY: the caller's contract (readable structs of their own size).
+        let b = unsafe { KdfuseBatch::read(batch) }?;
+        // SAFETY: as above.
+        let spec = unsafe { read_spec(params) }?;
+        // SAFETY: the caller's contract (buffers of doubles).
+        unsafe { f64::compute(&b, &spec) }
     })
 }
 

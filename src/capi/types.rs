@@ -40,6 +40,9 @@ pub enum KdfuseDtype {
     Bf16 = 1,
     /// IEEE half.
     F16 = 2,
+    /// IEEE double: `kdfuse_compute_host_f64` only (the f64 oracle, for
+    /// gradient checks); every other function refuses it.
+    F64 = 3,
 }
 
 /// Divergences (the `divergence` field).
@@ -309,6 +312,10 @@ pub(crate) fn dtype(arg: &'static str, code: i32) -> Result<Dtype> {
         0 => Ok(Dtype::F32),
         1 => Ok(Dtype::Bf16),
         2 => Ok(Dtype::F16),
+        3 => invalid(
+            arg,
+            "3 (f64) is for kdfuse_compute_host_f64 only (0 f32, 1 bf16, 2 f16 here)",
+        ),
         _ => invalid(
             arg,
             format!("{code} is not a KdfuseDtype (0 f32, 1 bf16, 2 f16)"),
