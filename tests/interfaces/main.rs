@@ -5,6 +5,7 @@
 mod common;
 
 mod c_abi;
+mod c_abi_f64;
 mod cli;
 mod cli_bad_input;
 mod cli_demo;
