@@ -62,9 +62,43 @@ def _row_stride(x2):
     return x2.stride(0) if x2.shape[0] > 1 else x2.shape[1]
 
 
+def _check_op_inputs(student, teacher, topk_indices, labels, row_weights):
+    """What the ops need before any pointer reaches the library (the ops are
+    public: torch.ops.kdfuse.* called directly must not read out of bounds)."""
+    if student.dim() < 1 or student.dtype not in _FLOATS:
+        raise ValueError(f"student_logits must be a float tensor [..., V], got {student.dtype} "
+                         f"{tuple(student.shape)}")
+    lead = student.shape[:-1]
+    name = "topk_values" if topk_indices is not None else "teacher_logits"
+    if teacher.dtype != student.dtype or teacher.device != student.device:
+        raise ValueError(f"{name} must have student_logits' dtype and device "
+                         f"({student.dtype}, {student.device}), got {teacher.dtype}, "
+                         f"{teacher.device}")
+    if topk_indices is None:
+        if teacher.shape != student.shape:
+            raise ValueError(f"teacher_logits has shape {tuple(teacher.shape)}, student_logits "
+                             f"{tuple(student.shape)}: the op needs one shape")
+    else:
+        if (topk_indices.dtype not in (torch.int32, torch.int64)
+                or topk_indices.device != student.device):
+            raise ValueError("topk_indices must be int32 or int64 on student_logits' device")
+        if (topk_indices.shape != teacher.shape or topk_indices.dim() != student.dim()
+                or topk_indices.shape[:-1] != lead):
+            raise ValueError(f"topk_indices {tuple(topk_indices.shape)} and topk_values "
+                             f"{tuple(teacher.shape)} must be [..., k] with student_logits' "
+                             f"leading shape {tuple(lead)}")
+    if labels is not None and (labels.dtype.is_floating_point or labels.dtype.is_complex):
+        raise ValueError(f"labels must hold integers, got {labels.dtype}")
+    for arg, x in (("labels", labels), ("row_weights", row_weights)):
+        if x is not None and (x.shape != lead or x.device != student.device):
+            raise ValueError(f"{arg} must have the leading shape {tuple(lead)} on "
+                             f"{student.device}, got {tuple(x.shape)} on {x.device}")
+
+
 def _call(student, teacher, topk_indices, labels, row_weights, params, grad_student,
           grad_teacher, reduction):
     """One fused library call: (loss, grad_student, grad_teacher), see dense_loss."""
+    _check_op_inputs(student, teacher, topk_indices, labels, row_weights)
     f64 = student.dtype == torch.float64
     loss_dtype = torch.float64 if f64 else torch.float32
     dev = student.device

@@ -426,6 +426,24 @@ class TestInputs(unittest.TestCase):
         with self.assertRaisesRegex(ValueError, "topk_indices"):
             kt.topk_distill_loss(s, torch.tensor([[0, 0], [1, 2], [3, 4]]), torch.zeros(3, 2))
 
+    def test_the_ops_check_their_inputs_too(self):
+        s, t = make((3, 8))
+        op = torch.ops.kdfuse.dense_loss
+        tail = (0, 0.5, 1.0, 0.0, 0, -100, True, 0.0, False, False)
+        for args, name in [((s, t[:2], None, None), "teacher_logits"),
+                           ((s, t.double(), None, None), "teacher_logits"),
+                           ((s, t, torch.zeros(2, dtype=torch.long), None), "labels"),
+                           ((s, t, torch.zeros(3), None), "labels"),
+                           ((s, t, None, torch.ones(4)), "row_weights"),
+                           ((s.long(), t.long(), None, None), "student_logits")]:
+            with self.subTest(name=name):
+                with self.assertRaisesRegex(ValueError, name):
+                    op(*args, *tail)
+        idx = torch.zeros(2, 2, dtype=torch.long)
+        with self.assertRaisesRegex(ValueError, "topk_indices"):
+            torch.ops.kdfuse.topk_loss(s, idx, torch.zeros(2, 2), None, None, 0, 0.5, 1.0, 0.0,
+                                       0, -100, True, 0.0, False, 1, False)
+
     def test_library_errors_are_value_errors_naming_the_argument(self):
         s, t = make((2, 4))
         with self.assertRaises(kdfuse.KdfuseArgumentError) as ctx:
