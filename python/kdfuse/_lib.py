@@ -21,6 +21,9 @@ STATUS_INVALID_ARGUMENT = 1
 
 # Field names of the C structs, as the Python API calls them (error messages).
 _ARG_NAMES = [
+    ("feature_batch.student", "student_features"),
+    ("feature_batch.teacher", "teacher_features"),
+    ("feature_batch.", ""),
     ("batch.student_stride", "student_logits"),
     ("batch.teacher_stride", "teacher_logits"),
     ("batch.topk_indices", "topk_indices"),
@@ -96,6 +99,38 @@ class Batch(ctypes.Structure):
     ]
 
 
+class FeatureBatch(ctypes.Structure):
+    """``KdfuseFeatureBatch`` of include/kdfuse.h (version 2)."""
+
+    _fields_ = [
+        ("size", ctypes.c_uint32),
+        ("version", ctypes.c_uint32),
+        ("kind", ctypes.c_int32),
+        ("reduction", ctypes.c_int32),
+        ("eps", ctypes.c_double),
+        ("grad_scale", ctypes.c_double),
+        ("rows", ctypes.c_int64),
+        ("width", ctypes.c_int64),
+        ("student_channels", ctypes.c_int64),
+        ("teacher_channels", ctypes.c_int64),
+        ("student_stride", ctypes.c_int64),
+        ("teacher_stride", ctypes.c_int64),
+        ("grad_student_stride", ctypes.c_int64),
+        ("grad_teacher_stride", ctypes.c_int64),
+        ("dtype", ctypes.c_int32),
+        ("grad_dtype", ctypes.c_int32),
+        ("student", ctypes.c_void_p),
+        ("teacher", ctypes.c_void_p),
+        ("grad_student", ctypes.c_void_p),
+        ("grad_teacher", ctypes.c_void_p),
+        ("row_losses", ctypes.c_void_p),
+        ("loss", ctypes.c_void_p),
+        ("workspace", ctypes.c_void_p),
+    ]
+
+
+FEATURE_KINDS = {"mse": 0, "cosine": 1, "attention": 2}
+
 _lib = None
 _lib_path = None
 _lock = threading.Lock()
@@ -127,6 +162,13 @@ def _declare(lib):
                                 ctypes.c_void_p],
         "kdfuse_compute_host": [ctypes.POINTER(Batch), ctypes.POINTER(Params)],
         "kdfuse_compute_host_f64": [ctypes.POINTER(Batch), ctypes.POINTER(Params)],
+        "kdfuse_feature_batch_init": [ctypes.POINTER(FeatureBatch), ctypes.c_int32,
+                                      ctypes.c_int64, ctypes.c_int64, ctypes.c_int32],
+        "kdfuse_feature_workspace_len": [ctypes.POINTER(FeatureBatch),
+                                         ctypes.POINTER(ctypes.c_int64)],
+        "kdfuse_feature_compute_host": [ctypes.POINTER(FeatureBatch)],
+        "kdfuse_feature_compute_cuda": [ctypes.c_void_p, ctypes.POINTER(FeatureBatch),
+                                        ctypes.c_void_p],
     }
     for name, args in sigs.items():
         f = getattr(lib, name)
@@ -150,8 +192,8 @@ def load_library():
                 + "); install the package with `pip install .`, or build it with "
                 "`cargo build --release` and set KDFUSE_LIB")
         lib = ctypes.CDLL(str(where))
-        if not hasattr(lib, "kdfuse_compute_host_f64"):
-            raise KdfuseError(f"{where} is an older libkdfuse (no kdfuse_compute_host_f64); "
+        if not hasattr(lib, "kdfuse_feature_compute_host"):
+            raise KdfuseError(f"{where} is an older libkdfuse (no kdfuse_feature_compute_host); "
                               "rebuild it")
         _declare(lib)
         _lib, _lib_path = lib, where

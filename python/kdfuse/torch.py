@@ -34,6 +34,8 @@ __all__ = [
     "topk_distill_loss",
     "generalized_jsd_loss",
     "DistillationLoss",
+    "feature_loss",
+    "FeatureDistillationLoss",
     "REDUCTIONS",
     "DIVERGENCES",
 ]
@@ -260,11 +262,13 @@ def _topk_loss_fake(student, topk_indices, topk_values, labels, row_weights, div
 @torch.library.custom_op("kdfuse::scale_grad", mutates_args=())
 def _scale_grad(grad: torch.Tensor, upstream: torch.Tensor, origin: torch.Tensor,
                 per_row: bool) -> torch.Tensor:
-    """``grad · upstream`` (per row: ``upstream[..., None]``), a new tensor of
+    """``grad · upstream`` (per row: ``upstream`` broadcast over ``grad``'s
+    trailing dimensions), a new tensor of
     ``grad``'s dtype. ``origin`` (the input ``grad`` is the gradient of) is
     not read: it ties the result to it, so that differentiating the result
     raises instead of silently missing the second-order term."""
-    up = upstream.unsqueeze(-1) if per_row else upstream
+    up = upstream.reshape(tuple(upstream.shape) + (1,) * (grad.dim() - upstream.dim())) \
+        if per_row else upstream
     return (grad * up).to(grad.dtype)
 
 
@@ -608,3 +612,227 @@ class DistillationLoss(torch.nn.Module):
                 f"temperature={self.temperature}, alpha={self.alpha}, "
                 f"reduction={self.reduction!r}, t2_scaling={self.t2_scaling}, "
                 f"softcap={self.softcap}")
+
+
+# ---------------------------------------------------------------------------
+# Feature losses.
+
+
+def _feature_rows(x, n, length):
+    """``x`` as [n, length] with unit column stride and row stride ≥ length."""
+    x2 = x.reshape(n, length)
+    if x2.stride(1) != 1 or (n > 1 and x2.stride(0) < length):
+        x2 = x2.contiguous()
+    return x2
+
+
+def _feature_geometry(student, teacher, kind):
+    """(rows N, width, C_s, C_t, loss shape of reduction none)."""
+    if kind == _lib.FEATURE_KINDS["attention"]:
+        if student.dim() < 3 or teacher.dim() != student.dim() \
+                or student.shape[0] != teacher.shape[0] or student.shape[2:] != teacher.shape[2:]:
+            raise ValueError(f"teacher_features {tuple(teacher.shape)} and student_features "
+                             f"{tuple(student.shape)} must be maps [N, C, ...] with the same N "
+                             "and spatial shape (C may differ)")
+        width = math.prod(student.shape[2:])
+        return student.shape[0], width, student.shape[1], teacher.shape[1], student.shape[:1]
+    if student.dim() < 1 or teacher.shape != student.shape:
+        raise ValueError(f"teacher_features has shape {tuple(teacher.shape)}, student_features "
+                         f"{tuple(student.shape)}: mse and cosine need one shape [..., H]")
+    return math.prod(student.shape[:-1]), student.shape[-1], 1, 1, student.shape[:-1]
+
+
+@torch.library.custom_op("kdfuse::feature_loss", mutates_args=())
+def _feature_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    kind: int,
+    reduction: int,
+    eps: float,
+    grad_student: bool,
+    grad_teacher: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, ∂loss/∂student or [0], ∂loss/∂teacher or [0]) of a feature loss.
+
+    ``kind``: 0 mse, 1 cosine (rows [..., H], one shape), 2 attention (maps
+    [N, C, ...], C may differ). ``reduction``: a C ABI code (2 mean, the
+    kind's; 0 batchmean Σ/N; 1 sum; 3 none, the per-row losses). ``eps``: 0
+    = the kind's default. Loss float32 (float64 for float64 inputs)."""
+    if student.dtype not in _FLOATS or teacher.dtype != student.dtype \
+            or teacher.device != student.device:
+        raise ValueError("student_features and teacher_features must be float tensors of one "
+                         f"dtype and device, got {student.dtype} on {student.device} and "
+                         f"{teacher.dtype} on {teacher.device}")
+    n, width, cs, ct, none_shape = _feature_geometry(student, teacher, kind)
+    f64 = student.dtype == torch.float64
+    loss_dtype = torch.float64 if f64 else torch.float32
+    dev = student.device
+    gs = (torch.empty(student.shape, dtype=student.dtype, device=dev) if grad_student
+          else student.new_empty((0,)))
+    gt = (torch.empty(teacher.shape, dtype=teacher.dtype, device=dev) if grad_teacher
+          else student.new_empty((0,)))
+    if n == 0:
+        gs.zero_()
+        gt.zero_()
+        shape = none_shape if reduction == _lib.C_NONE else ()
+        return torch.zeros(shape, dtype=loss_dtype, device=dev), gs, gt
+    if width == 0 or cs == 0 or ct == 0:
+        raise ValueError("student_features and teacher_features must not have empty rows")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"student_features: device must be cpu or cuda, got {dev}")
+    if f64 and dev.type != "cpu":
+        raise ValueError("student_features: float64 runs on the CPU only (the f64 oracle)")
+    s = _feature_rows(student, n, cs * width)
+    t = _feature_rows(teacher, n, ct * width)
+    lib = _lib.load_library()
+    b = _lib.FeatureBatch()
+    code = _lib.DTYPE_CODES[str(student.dtype).removeprefix("torch.")]
+    _lib.check(lib.kdfuse_feature_batch_init(ctypes.byref(b), kind, n, width, code))
+    b.reduction, b.eps = reduction, eps
+    b.student_channels, b.teacher_channels = cs, ct
+    b.student, b.student_stride = s.data_ptr(), s.stride(0) if n > 1 else cs * width
+    b.teacher, b.teacher_stride = t.data_ptr(), t.stride(0) if n > 1 else ct * width
+    b.grad_student_stride, b.grad_teacher_stride = cs * width, ct * width
+    if grad_student:
+        b.grad_student = gs.data_ptr()
+    if grad_teacher:
+        b.grad_teacher = gt.data_ptr()
+    row_losses = torch.empty(n, dtype=loss_dtype, device=dev)
+    loss = torch.empty(1, dtype=loss_dtype, device=dev)
+    b.row_losses, b.loss = row_losses.data_ptr(), loss.data_ptr()
+    if dev.type == "cuda":
+        need = ctypes.c_int64(0)
+        _lib.check(lib.kdfuse_feature_workspace_len(ctypes.byref(b), ctypes.byref(need)))
+        work = torch.empty(max(int(need.value), 1), dtype=torch.float32, device=dev)
+        b.workspace = work.data_ptr()
+        stream = torch.cuda.current_stream(dev).cuda_stream
+        _lib.check(lib.kdfuse_feature_compute_cuda(_lib.context(dev.index or 0), ctypes.byref(b),
+                                                   ctypes.c_void_p(stream)))
+    else:
+        _lib.check(lib.kdfuse_feature_compute_host(ctypes.byref(b)))
+    if reduction == _lib.C_NONE:
+        return row_losses.reshape(none_shape), gs, gt
+    return loss.reshape(()), gs, gt
+
+
+@_feature_loss.register_fake
+def _feature_loss_fake(student, teacher, kind, reduction, eps, grad_student, grad_teacher):
+    *_, none_shape = _feature_geometry(student, teacher, kind)
+    loss_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    loss = student.new_empty(none_shape if reduction == _lib.C_NONE else (), dtype=loss_dtype)
+    gs = student.new_empty(student.shape) if grad_student else student.new_empty((0,))
+    gt = teacher.new_empty(teacher.shape) if grad_teacher else student.new_empty((0,))
+    return loss, gs, gt
+
+
+def _feature_setup(ctx, inputs, output):
+    _, gs, gt = output
+    ctx.mark_non_differentiable(gs, gt)
+    ctx.per_row = inputs[3] == _lib.C_NONE
+    ctx.flags = (inputs[5], inputs[6])
+    ctx.save_for_backward(gs, gt, inputs[0], inputs[1])
+
+
+def _feature_backward(ctx, g_loss, _g_gs, _g_gt):
+    gs, gt, student, teacher = ctx.saved_tensors
+    d_s = d_t = None
+    if ctx.needs_input_grad[0]:
+        if not ctx.flags[0]:
+            raise RuntimeError("kdfuse::feature_loss: called with grad_student=False")
+        d_s = _scale(gs, g_loss, student, ctx.per_row)
+    if ctx.needs_input_grad[1]:
+        if not ctx.flags[1]:
+            raise RuntimeError("kdfuse::feature_loss: called with grad_teacher=False")
+        d_t = _scale(gt, g_loss, teacher, ctx.per_row)
+    return (d_s, d_t) + (None,) * 5
+
+
+_feature_loss.register_autograd(_feature_backward, setup_context=_feature_setup)
+
+
+class _FeatureLoss(torch.autograd.Function):
+    """As _DenseLoss, for the feature op."""
+
+    @staticmethod
+    def forward(*args):
+        with torch.no_grad():
+            return torch.ops.kdfuse.feature_loss(*args)
+
+    setup_context = staticmethod(_feature_setup)
+    backward = staticmethod(_feature_backward)
+
+
+FEATURE_KINDS = tuple(_lib.FEATURE_KINDS)
+FEATURE_REDUCTIONS = ("mean", "batchmean", "sum", "none")
+
+
+def feature_loss(student_features, teacher_features, *, kind="mse", reduction="mean", eps=None):
+    """A feature-distillation loss (README, "Feature distillation").
+
+    Args:
+      student_features, teacher_features: mse and cosine: one shape [..., H]
+        (rows: every leading index); attention: maps [N, C, ...] with the same
+        N and spatial shape (C may differ). Any strides; dtypes promoted as
+        PyTorch does; the teacher gets its gradient when it requires grad.
+      kind: mse (Σ (s − t)² per row), cosine (1 − cos(s, t), norms clamped at
+        ε) or attention (attention transfer, Zagoruyko & Komodakis).
+      reduction: mean (the kind's: mse ``F.mse_loss``, i.e. / (N·H); cosine /
+        N; attention / (N·S), S the spatial size), batchmean (Σ / N), sum, or
+        none (the per-row losses, shape [...] or [N]).
+      eps: None (the kind's default: 1e-8 cosine, as ``F.cosine_similarity``;
+        1e-12 attention, as ``F.normalize``) or ε > 0; not for mse.
+
+    Returns the loss in the promoted input dtype.
+    """
+    _check_logits(student_features, "student_features")
+    _check_logits(teacher_features, "teacher_features")
+    if kind not in _lib.FEATURE_KINDS:
+        raise ValueError(f"kind must be one of {list(FEATURE_KINDS)}, got {kind!r}")
+    if reduction not in FEATURE_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {list(FEATURE_REDUCTIONS)}, got "
+                         f"{reduction!r}")
+    if eps is not None:
+        if kind == "mse":
+            raise ValueError("eps is the norm clamp of cosine and attention: mse has none")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (
+                math.isfinite(eps) and eps > 0):
+            raise ValueError(f"eps must be None or a finite number > 0, got {eps!r}")
+    s, t = student_features, teacher_features
+    if s.device != t.device:
+        raise ValueError(f"teacher_features is on {t.device}, student_features on {s.device}")
+    code = _lib.FEATURE_KINDS[kind]
+    _feature_geometry(s, t, code)
+    dtype = torch.promote_types(s.dtype, t.dtype)
+    s, t = s.to(dtype), t.to(dtype)
+    red = {"mean": _lib.C_MEAN, "batchmean": _lib.C_BATCHMEAN, "sum": _lib.C_SUM,
+           "none": _lib.C_NONE}[reduction]
+    grad_on = torch.is_grad_enabled()
+    loss, _, _ = _FeatureLoss.apply(s, t, code, red, 0.0 if eps is None else float(eps),
+                                    grad_on and s.requires_grad, grad_on and t.requires_grad)
+    return loss.to(dtype)
+
+
+class FeatureDistillationLoss(torch.nn.Module):
+    """:func:`feature_loss` as a module (the options set once). A projector
+    between student and teacher widths, if needed, is the caller's (e.g. an
+    ``nn.Linear`` applied to the student features first).
+
+        crit = FeatureDistillationLoss(kind="cosine")
+        loss = crit(student_hidden, teacher_hidden)
+    """
+
+    def __init__(self, *, kind="mse", reduction="mean", eps=None):
+        super().__init__()
+        if kind not in _lib.FEATURE_KINDS:
+            raise ValueError(f"kind must be one of {list(FEATURE_KINDS)}, got {kind!r}")
+        if reduction not in FEATURE_REDUCTIONS:
+            raise ValueError(f"reduction must be one of {list(FEATURE_REDUCTIONS)}, got "
+                             f"{reduction!r}")
+        self.kind, self.reduction, self.eps = kind, reduction, eps
+
+    def forward(self, student_features, teacher_features):
+        return feature_loss(student_features, teacher_features, kind=self.kind,
+                            reduction=self.reduction, eps=self.eps)
+
+    def extra_repr(self):
+        return f"kind={self.kind!r}, reduction={self.reduction!r}, eps={self.eps}"

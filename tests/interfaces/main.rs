@@ -6,6 +6,7 @@ mod common;
 
 mod c_abi;
 mod c_abi_f64;
+mod c_abi_feature;
 mod cli;
 mod cli_bad_input;
 mod cli_demo;
