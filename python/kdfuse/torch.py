@@ -287,6 +287,8 @@ _scale_grad.register_autograd(_scale_grad_backward)
 class _ScaleGrad(torch.autograd.Function):
     """The scale_grad op under an autograd.Function (torch.func, as _DenseLoss)."""
 
+    generate_vmap_rule = True  # the ops' vmap rules (register_vmap)
+
     @staticmethod
     def forward(grad, upstream, origin, per_row):
         with torch.no_grad():
@@ -330,11 +332,70 @@ def _dense_backward(ctx, g_loss, _g_gs, _g_gt):
 _dense_loss.register_autograd(_dense_backward, setup_context=_dense_setup)
 
 
+# ---------------------------------------------------------------------------
+# vmap rules: the vmapped dimension becomes more rows of one call (the losses
+# are per row), reduced per entry afterwards.
+
+
+def _batched(x, d, size):
+    if x is None:
+        return None
+    if d is None:
+        return x.unsqueeze(0).expand(size, *x.shape)
+    return x.movedim(d, 0)
+
+
+def _reduce_entries(rows, gs, gt, reduction, size, valid, count):
+    """Per vmap entry: rows [size, ...] of row losses (and the gradients of
+    their sum) → the entry's reduction, gradients scaled to match."""
+    if reduction == _lib.C_NONE:
+        return rows, gs, gt
+    total = rows.reshape(size, -1).sum(1)
+    if reduction == _lib.C_SUM:
+        return total, gs, gt
+    denom = valid.to(rows.dtype) * (count if reduction == _lib.C_MEAN else 1)
+    w = torch.where(denom > 0, 1.0 / denom.clamp_min(1), torch.zeros_like(denom))
+
+    def scale(g):
+        if g.numel() == 0:
+            return g
+        return (g * w.reshape((size,) + (1,) * (g.dim() - 1)).to(g.dtype)).to(g.dtype)
+
+    return total * w, scale(gs), scale(gt)
+
+
+@torch.library.register_vmap("kdfuse::dense_loss")
+def _dense_loss_vmap(info, in_dims, student, teacher, labels, row_weights, divergence, beta,
+                     temperature, alpha, reduction, ignore_index, t2_scaling, softcap,
+                     grad_student, grad_teacher):
+    n = info.batch_size
+    s, t = _batched(student, in_dims[0], n), _batched(teacher, in_dims[1], n)
+    lab, w = _batched(labels, in_dims[2], n), _batched(row_weights, in_dims[3], n)
+    rows, gs, gt = torch.ops.kdfuse.dense_loss(
+        s, t, lab, w, divergence, beta, temperature, alpha, _lib.C_NONE, ignore_index,
+        t2_scaling, softcap, grad_student, grad_teacher)
+    if lab is not None:
+        valid = (lab != ignore_index).reshape(n, -1).sum(1)
+    else:
+        valid = torch.full((n,), math.prod(s.shape[1:-1]), device=s.device)
+    out = _reduce_entries(rows, gs, gt, reduction, n, valid, s.shape[-1])
+    return out, (0, 0 if grad_student else None, 0 if grad_teacher else None)
+
+
+@torch.library.register_vmap("kdfuse::scale_grad")
+def _scale_grad_vmap(info, in_dims, grad, upstream, origin, per_row):
+    n = info.batch_size
+    g, up = _batched(grad, in_dims[0], n), _batched(upstream, in_dims[1], n)
+    return torch.ops.kdfuse.scale_grad(g, up, origin, True), 0
+
+
 class _DenseLoss(torch.autograd.Function):
     """The op under an autograd.Function with the same formulas: what the
     Python API calls, because ``torch.func`` transforms (grad, vjp, ...) take
     an autograd.Function with ``setup_context`` but not the Function that
     ``register_autograd`` generates. ``torch.compile`` traces either."""
+
+    generate_vmap_rule = True  # the ops' vmap rules (register_vmap)
 
     @staticmethod
     def forward(*args):

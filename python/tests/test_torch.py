@@ -237,6 +237,24 @@ class TestAutograd(unittest.TestCase):
         torch.testing.assert_close(gs, ws)
         torch.testing.assert_close(gt, wt)
 
+    def test_vmap_and_per_sample_gradients(self):
+        s_all, t_all = make((3, 2, 4, 9), torch.float64)
+        y_all = labels_for((3, 2, 4), 9)
+        y_all[1] = -100  # an entry with no token that counts
+        for reduction in ("batchmean", "token_mean", "mean", "sum", "none"):
+            with self.subTest(reduction=reduction):
+                def f(s, t, y):
+                    return kt.distill_loss(s, t, y, divergence="jsd", beta=0.3, alpha=0.2,
+                                           reduction=reduction).sum()
+
+                got = torch.vmap(f)(s_all, t_all, y_all)
+                grads_got = torch.vmap(torch.func.grad(f, argnums=(0, 1)))(s_all, t_all, y_all)
+                for i in range(3):
+                    torch.testing.assert_close(got[i], f(s_all[i], t_all[i], y_all[i]))
+                    want = torch.func.grad(f, argnums=(0, 1))(s_all[i], t_all[i], y_all[i])
+                    torch.testing.assert_close(grads_got[0][i], want[0])
+                    torch.testing.assert_close(grads_got[1][i], want[1])
+
     def test_teacher_gradient_only_when_asked(self):
         s, t = make((3, 8))
         s.requires_grad_(True)
