@@ -32,6 +32,9 @@ def built_library():
         return pathlib.Path(prebuilt)
     cargo = os.environ.get("CARGO") or shutil.which("cargo") or str(
         pathlib.Path.home() / ".cargo" / "bin" / "cargo")
+    if not pathlib.Path(cargo).exists():
+        raise RuntimeError("building kdfuse needs cargo (Rust ≥ 1.89, e.g. from rustup) on PATH "
+                           "or in $CARGO; or set KDFUSE_LIB_PREBUILT to a built libkdfuse.so")
     subprocess.run([cargo, "build", "--release", "--lib"], cwd=ROOT, check=True)
     target = pathlib.Path(os.environ.get("CARGO_TARGET_DIR") or ROOT / "target")
     if not target.is_absolute():
