@@ -49,6 +49,9 @@ typedef enum KdfuseDtype {
   KDFUSE_DTYPE_BF16 = 1,
   // IEEE half.
   KDFUSE_DTYPE_F16 = 2,
+  // IEEE double: `kdfuse_compute_host_f64` only (the f64 oracle, for
+  // gradient checks); every other function refuses it.
+  KDFUSE_DTYPE_F64 = 3,
 } KdfuseDtype;
 
 // Divergences (the `divergence` field).
@@ -94,6 +97,18 @@ typedef enum KdfuseIndexDtype {
   // int64 indices.
   KDFUSE_INDEX_DTYPE_I64 = 1,
 } KdfuseIndexDtype;
+
+// Feature losses (the `kind` field of [`KdfuseFeatureBatch`]; README,
+// "Feature distillation").
+typedef enum KdfuseFeatureKind {
+  // Σ_h (s_h − t_h)² per row; `mean` divides by N·H (`mse_loss`).
+  KDFUSE_FEATURE_KIND_MSE = 0,
+  // 1 − cos(s, t) per row, each norm clamped at ε; `mean` divides by N.
+  KDFUSE_FEATURE_KIND_COSINE = 1,
+  // Attention transfer between maps `[C, S]` (C may differ between
+  // student and teacher); `mean` divides by N·S.
+  KDFUSE_FEATURE_KIND_ATTENTION = 2,
+} KdfuseFeatureKind;
 
 // A CUDA device with the kdfuse kernels loaded (opaque to C).
 typedef struct KdfuseContext KdfuseContext;
@@ -205,6 +220,65 @@ typedef struct KdfuseBatch {
   int32_t validate_topk;
 } KdfuseBatch;
 
+// One feature-loss batch and its loss (`kdfuse_feature_compute_host`,
+// `kdfuse_feature_compute_cuda`). Fill with `kdfuse_feature_batch_init`,
+// then set the pointers. A sample (row) is `channels × width` elements,
+// channel c at offset c·width; mse and cosine take rows of `width` values
+// (channels 1). A new struct of ABI version 2: its `size` and `version`
+// are checked as those of the other structs.
+typedef struct KdfuseFeatureBatch {
+  // `sizeof(KdfuseFeatureBatch)` as the caller's header defines it.
+  uint32_t size;
+  // `KDFUSE_ABI_VERSION` of the caller's header (2).
+  uint32_t version;
+  // A `KdfuseFeatureKind`.
+  int32_t kind;
+  // A `KdfuseReduction` (default MEAN: the kind's mean, see
+  // `KdfuseFeatureKind`; BATCHMEAN Σ/N; SUM; NONE the per-row losses).
+  int32_t reduction;
+  // ε of the norm clamps (cosine, attention); 0 = the kind's default
+  // (1e-8 cosine, 1e-12 attention); must stay 0 for mse.
+  double eps;
+  // Upstream gradient scale: the gradients are those of `grad_scale · L`.
+  double grad_scale;
+  // Rows (samples) N ≥ 0.
+  int64_t rows;
+  // Elements per channel: H (mse, cosine) or S = H·W (attention), ≥ 1.
+  int64_t width;
+  // Channels C_s of a student sample (1 for mse and cosine).
+  int64_t student_channels;
+  // Channels C_t of a teacher sample (1 for mse and cosine).
+  int64_t teacher_channels;
+  // Elements between two student samples (≥ C_s·width).
+  int64_t student_stride;
+  // Elements between two teacher samples (≥ C_t·width).
+  int64_t teacher_stride;
+  // Elements between two rows of ∂L/∂student (≥ C_s·width).
+  int64_t grad_student_stride;
+  // Elements between two rows of ∂L/∂teacher (≥ C_t·width).
+  int64_t grad_teacher_stride;
+  // A `KdfuseDtype`: the student's and the teacher's (F64: host only).
+  int32_t dtype;
+  // A `KdfuseDtype`: the gradients', `dtype` or F32 (F64 with F64).
+  int32_t grad_dtype;
+  // Student features.
+  const void *student;
+  // Teacher features.
+  const void *teacher;
+  // ∂L/∂student output, or NULL.
+  void *grad_student;
+  // ∂L/∂teacher output, or NULL.
+  void *grad_teacher;
+  // Per-row losses r_i (N; float, double for F64): required on the
+  // device, optional on the host.
+  void *row_losses;
+  // The reduced loss (one float, double for F64): required.
+  void *loss;
+  // Device only, attention only: a float workspace of
+  // `kdfuse_feature_workspace_len` elements.
+  float *workspace;
+} KdfuseFeatureBatch;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -291,6 +365,73 @@ enum KdfuseStatus kdfuse_compute_cuda(const struct KdfuseContext *ctx,
 // shape and strides.
 enum KdfuseStatus kdfuse_compute_host(const struct KdfuseBatch *batch,
                                       const struct KdfuseParams *params);
+
+// The dense loss (and gradients) on host memory in double precision,
+// computed by the f64 oracle (the definitions evaluated directly, one row
+// at a time, no online tricks): for gradient checks, not for speed.
+// `batch.dtype` and `batch.grad_dtype` must be `KDFUSE_DTYPE_F64`, and
+// every floating-point buffer holds doubles: `student`, `teacher`, `grad`,
+// `grad_teacher`, `row_weights` (N), `row_losses` (N) and `loss` (one),
+// whatever their C type in `KdfuseBatch`. `labels` (int64) and
+// `valid_rows` (int32) are as for `kdfuse_compute_host`, as are the
+// params, the strides and the outputs' meaning; a dense teacher only (no
+// top-k). Every pointer must be aligned for its element type; otherwise
+// `INVALID_ARGUMENT` naming the field. Since ABI version 2 (an appended
+// function: the structs are unchanged).
+//
+// # Safety
+// Every non-NULL pointer must be host memory large enough for the batch's
+// shape and strides, in the element types above.
+enum KdfuseStatus kdfuse_compute_host_f64(const struct KdfuseBatch *batch,
+                                          const struct KdfuseParams *params);
+
+// Fills `*out` for a dense `[rows, width]` feature batch of `kind` (a
+// `KdfuseFeatureKind`) and `dtype` (a `KdfuseDtype`, F64 for the host's
+// f64 path): gradients in the same dtype, channels 1, every stride `width`,
+// the MEAN reduction, the kind's ε, scale 1, every pointer NULL. For
+// attention maps `[N, C, S]` set `width` = S, the channels and the strides.
+//
+// # Safety
+// `out` must be NULL or point to writable memory for one `KdfuseFeatureBatch`.
+enum KdfuseStatus kdfuse_feature_batch_init(struct KdfuseFeatureBatch *out,
+                                            int32_t kind,
+                                            int64_t rows,
+                                            int64_t width,
+                                            int32_t dtype);
+
+// `*out` = the floats of device workspace that `kdfuse_feature_compute_cuda`
+// needs for `batch` (`batch.workspace`; 0 unless attention). The batch is
+// checked as for a computation (its pointers set).
+//
+// # Safety
+// `batch` must be NULL or a readable struct of its own `size`; `out` NULL
+// or a writable int64.
+enum KdfuseStatus kdfuse_feature_workspace_len(const struct KdfuseFeatureBatch *batch,
+                                               int64_t *out);
+
+// The feature loss (and the gradients whose pointers are set) on host
+// memory: the CPU backend (f32, bf16, f16; fp32 math) or, for
+// `dtype = grad_dtype = KDFUSE_DTYPE_F64`, the f64 oracle with every
+// floating-point buffer in doubles (`loss` and `row_losses` too). `loss`
+// is required, `row_losses` optional; gradients must not overlap the
+// inputs. Errors name the field (`feature_batch.*`).
+//
+// # Safety
+// Every non-NULL pointer must be host memory large enough for the batch's
+// shape and strides.
+enum KdfuseStatus kdfuse_feature_compute_host(const struct KdfuseFeatureBatch *batch);
+
+// Enqueues the feature loss (and the gradients whose pointers are set) on
+// `stream` (as `kdfuse_compute_cuda`) and returns without waiting. Device
+// pointers; `row_losses` (float, N) and `loss` are required, `workspace`
+// too for attention (`kdfuse_feature_workspace_len` floats).
+//
+// # Safety
+// Every non-NULL pointer must be device memory of this device, large enough
+// for the batch's shape and strides, alive until the stream has run the work.
+enum KdfuseStatus kdfuse_feature_compute_cuda(const struct KdfuseContext *ctx,
+                                              const struct KdfuseFeatureBatch *batch,
+                                              void *stream);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -8,14 +8,20 @@ forward + backward of the distillation loss in:
   compile  torch.compile of the same function;
   liger    Liger Kernel when importable: LigerKLDIVLoss fed by torch's
            log_softmax (forward KL), LigerJSD (jsd);
-  kdfuse   python/kdfuse_torch.py (the fused CUDA kernel through the C ABI).
+  kdfuse   kdfuse.torch.distill_loss (the fused kernel through the C ABI; on the
+           CPU, kdfuse's CPU backend).
+On a CUDA GPU (the default when torch sees one) times are CUDA events; with
+--device cpu (the default otherwise) they are wall-clock times of the CPU
+backends, the peak memory is not measured, and the defaults shrink to a size
+that a CPU runs in seconds.
 All compute the same loss; the script checks that they agree with kdfuse
 (loss and gradient), and reports the median time (CUDA events, warm-up, input
 sets rotated), p10/p90, the peak extra memory of one step
 (torch.cuda.max_memory_allocated above what was allocated before it) and
 kdfuse's speed-up over each. Results go to --json (and --markdown).
 
-    KDFUSE_LIB=target/release/libkdfuse.so python3 scripts/compare_torch.py \\
+    pip install .   # or PYTHONPATH=python KDFUSE_LIB=target/release/libkdfuse.so
+    python3 scripts/compare_torch.py \\
         --rows 8192 --vocabs 32000,128256 --dtypes bf16,f32 --divergences forward-kl,jsd \\
         --json compare.json --markdown compare.md
 """
@@ -29,12 +35,17 @@ import pathlib
 import platform
 import subprocess
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "python"))
-import kdfuse_torch as kt  # noqa: E402
+try:
+    import kdfuse.torch as kt
+except ImportError:  # a source tree: python/ with KDFUSE_LIB or target/release
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "python"))
+    import kdfuse.torch as kt  # noqa: E402
+from kdfuse import _lib  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "f32": torch.float32, "f16": torch.float16}
 
@@ -94,12 +105,12 @@ def kdfuse_loss(divergence, beta, tau):
     return f
 
 
-def make_sets(n, v, dtype, count, seed):
-    g = torch.Generator(device="cuda").manual_seed(seed)
+def make_sets(n, v, dtype, count, seed, device):
+    g = torch.Generator(device=device).manual_seed(seed)
     sets = []
     for _ in range(count):
-        s = torch.randn(n, v, device="cuda", generator=g) * 2.0
-        t = 0.8 * s + 0.6 * 2.0 * torch.randn(n, v, device="cuda", generator=g)
+        s = torch.randn(n, v, device=device, generator=g) * 2.0
+        t = 0.8 * s + 0.6 * 2.0 * torch.randn(n, v, device=device, generator=g)
         sets.append((s.to(dtype).requires_grad_(True), t.to(dtype)))
     return sets
 
@@ -111,19 +122,27 @@ def step(fn, s, t):
     return loss
 
 
-def time_impl(fn, sets, warmup, runs):
+def time_impl(fn, sets, warmup, runs, device):
     for i in range(warmup):
         step(fn, *sets[i % len(sets)])
-    torch.cuda.synchronize()
-    events = []
-    for i in range(runs):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        step(fn, *sets[i % len(sets)])
-        b.record()
-        events.append((a, b))
-    torch.cuda.synchronize()
-    ms = sorted(a.elapsed_time(b) for a, b in events)
+    if device == "cpu":
+        ms = []
+        for i in range(runs):
+            t0 = time.perf_counter()
+            step(fn, *sets[i % len(sets)])
+            ms.append((time.perf_counter() - t0) * 1e3)
+        ms.sort()
+    else:
+        torch.cuda.synchronize()
+        events = []
+        for i in range(runs):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            step(fn, *sets[i % len(sets)])
+            b.record()
+            events.append((a, b))
+        torch.cuda.synchronize()
+        ms = sorted(a.elapsed_time(b) for a, b in events)
 
     def q(p):
         x = p * (len(ms) - 1)
@@ -133,13 +152,19 @@ def time_impl(fn, sets, warmup, runs):
     return {"median_ms": q(0.5), "p10_ms": q(0.1), "p90_ms": q(0.9), "runs": len(ms)}
 
 
-def peak_extra_bytes(fn, s, t):
+def peak_extra_bytes(fn, s, t, device):
+    if device == "cpu":
+        return None  # no allocator statistics on the CPU
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     step(fn, s, t)
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - base
+
+
+def mb(x):
+    return "—" if x is None else f"{x / 1e6:.0f}"
 
 
 def git_commit():
@@ -154,9 +179,11 @@ def git_commit():
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rows", type=int, default=8192)
-    ap.add_argument("--vocabs", default="32000,128256")
-    ap.add_argument("--dtypes", default="bf16,f32")
+    ap.add_argument("--device", choices=("cuda", "cpu"),
+                    default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--rows", type=int, help="default 8192 (cuda), 64 (cpu)")
+    ap.add_argument("--vocabs", help="default 32000,128256 (cuda), 4096 (cpu)")
+    ap.add_argument("--dtypes", help="default bf16,f32 (cuda), f32 (cpu)")
     ap.add_argument("--divergences", default="forward-kl,jsd")
     ap.add_argument("--beta", type=float, default=0.5)
     ap.add_argument("--temperature", type=float, default=1.0)
@@ -167,23 +194,33 @@ def main():
     ap.add_argument("--json", type=pathlib.Path)
     ap.add_argument("--markdown", type=pathlib.Path)
     a = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("compare_torch: no CUDA GPU visible to torch")
+    dev = a.device
+    if dev == "cuda" and not torch.cuda.is_available():
+        sys.exit("compare_torch: --device cuda but no CUDA GPU is visible to torch")
+    cpu = dev == "cpu"
+    a.rows = a.rows or (64 if cpu else 8192)
+    a.vocabs = a.vocabs or ("4096" if cpu else "32000,128256")
+    a.dtypes = a.dtypes or ("f32" if cpu else "bf16,f32")
     if a.runs < 20:
         sys.exit("compare_torch: --runs must be at least 20")
     impls = a.impls.split(",")
-    props = torch.cuda.get_device_properties(0)
-    l2 = getattr(props, "L2_cache_size", 50 << 20)
+    if cpu:
+        l2 = 32 << 20
+        device_name, capability = platform.processor() or platform.machine(), None
+    else:
+        props = torch.cuda.get_device_properties(0)
+        l2 = getattr(props, "L2_cache_size", 50 << 20)
+        device_name, capability = torch.cuda.get_device_name(0), f"{props.major}.{props.minor}"
     meta = {
         "tool": "scripts/compare_torch.py",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": git_commit(),
-        "device": torch.cuda.get_device_name(0),
-        "compute_capability": f"{props.major}.{props.minor}",
+        "device": f"{device_name} ({dev})",
+        "compute_capability": capability,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
-        "kdfuse": kt.load_library().kdfuse_version().decode(),
+        "kdfuse": _lib.version(),
         "runs": a.runs,
         "warmup": a.warmup,
     }
@@ -200,7 +237,7 @@ def main():
                 n, dtype = a.rows, DTYPES[dname]
                 set_bytes = 2 * n * v * dtype.itemsize
                 count = max(1, min(8, math.ceil(4 * l2 / set_bytes)))
-                sets = make_sets(n, v, dtype, count, a.seed)
+                sets = make_sets(n, v, dtype, count, a.seed, dev)
                 cfg = {"rows": n, "cols": v, "dtype": dname, "divergence": div, "beta": a.beta,
                        "temperature": a.temperature, "input_sets": count}
                 fns = {}
@@ -234,8 +271,8 @@ def main():
                             r["loss_rel_diff"] = abs(loss - ref_loss) / max(abs(ref_loss), 1e-30)
                             r["grad_rel_diff"] = ((g - ref_grad).norm() / ref_grad.norm()).item()
                             r["agrees"] = r["loss_rel_diff"] <= tol and r["grad_rel_diff"] <= tol
-                        r.update(time_impl(fn, sets, a.warmup, a.runs))
-                        r["peak_extra_bytes"] = peak_extra_bytes(fn, s0, t0)
+                        r.update(time_impl(fn, sets, a.warmup, a.runs, dev))
+                        r["peak_extra_bytes"] = peak_extra_bytes(fn, s0, t0, dev)
                     except Exception as e:  # an implementation that fails is reported, not fatal
                         r["error"] = f"{type(e).__name__}: {e}"
                     rows[name] = r
@@ -250,11 +287,13 @@ def main():
                 for name, why in skipped.items():
                     results.append({"impl": name, **cfg, "skipped": why})
                 del sets, s0, t0, ref_grad
-                torch.cuda.empty_cache()
+                if not cpu:
+                    torch.cuda.empty_cache()
     report = {**meta, "results": results}
     if a.json:
         a.json.write_text(json.dumps(report, indent=2))
-    lines = [f"#### {meta['device']} (sm_{props.major}{props.minor}), torch {meta['torch']}, "
+    where = meta["device"] + (f" (sm_{capability.replace('.', '')})" if capability else "")
+    lines = [f"#### {where}, torch {meta['torch']}, "
              f"Liger {meta['liger_kernel'] or 'not available'}, commit `{meta['commit']}`, "
              f"{meta['date']}",
              "",
@@ -267,7 +306,7 @@ def main():
             agrees = {True: "yes", False: "NO", None: "—"}[r.get("agrees")]
             bad += r.get("agrees") is False
             lines.append(f"| {name} | {r['impl']} | {r['median_ms']:.3f} ({r['p10_ms']:.3f}–"
-                         f"{r['p90_ms']:.3f}) | {r['peak_extra_bytes'] / 1e6:.0f} | "
+                         f"{r['p90_ms']:.3f}) | {mb(r['peak_extra_bytes'])} | "
                          f"{r.get('kdfuse_speedup', float('nan')):.2f}× | {agrees} |")
         else:
             lines.append(f"| {name} | {r['impl']} | {r.get('skipped') or r.get('error')} | | | |")

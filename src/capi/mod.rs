@@ -4,11 +4,14 @@
 //! through the CPU backend, integer status codes and a thread-local message.
 //! Every entry point catches panics: none crosses the boundary.
 
+mod f64;
+mod feature;
 mod types;
 
 pub use types::{
-    KdfuseBatch, KdfuseDivergence, KdfuseDtype, KdfuseIndexDtype, KdfuseParams, KdfuseReduction,
-    KdfuseStatus, KdfuseTopkMode, KDFUSE_ABI_VERSION,
+    KdfuseBatch, KdfuseDivergence, KdfuseDtype, KdfuseFeatureBatch, KdfuseFeatureKind,
+    KdfuseIndexDtype, KdfuseParams, KdfuseReduction, KdfuseStatus, KdfuseTopkMode,
+    KDFUSE_ABI_VERSION,
 };
 
 use crate::backend::Backend;
@@ -565,6 +568,126 @@ pub unsafe extern "C" fn kdfuse_compute_host(
             }
         }
         Ok(())
+    })
+}
+
+/// The dense loss (and gradients) on host memory in double precision,
+/// computed by the f64 oracle (the definitions evaluated directly, one row
+/// at a time, no online tricks): for gradient checks, not for speed.
+/// `batch.dtype` and `batch.grad_dtype` must be `KDFUSE_DTYPE_F64`, and
+/// every floating-point buffer holds doubles: `student`, `teacher`, `grad`,
+/// `grad_teacher`, `row_weights` (N), `row_losses` (N) and `loss` (one),
+/// whatever their C type in `KdfuseBatch`. `labels` (int64) and
+/// `valid_rows` (int32) are as for `kdfuse_compute_host`, as are the
+/// params, the strides and the outputs' meaning; a dense teacher only (no
+/// top-k). Every pointer must be aligned for its element type; otherwise
+/// `INVALID_ARGUMENT` naming the field. Since ABI version 2 (an appended
+/// function: the structs are unchanged).
+///
+/// # Safety
+/// Every non-NULL pointer must be host memory large enough for the batch's
+/// shape and strides, in the element types above.
+#[no_mangle]
+pub unsafe extern "C" fn kdfuse_compute_host_f64(
+    batch: *const KdfuseBatch,
+    params: *const KdfuseParams,
+) -> KdfuseStatus {
+    guard(|| {
+        // SAFETY: the caller's contract (readable structs of their own size).
+        let b = unsafe { KdfuseBatch::read(batch) }?;
+        // SAFETY: as above.
+        let spec = unsafe { read_spec(params) }?;
+        // SAFETY: the caller's contract (buffers of doubles).
+        unsafe { f64::compute(&b, &spec) }
+    })
+}
+
+/// Fills `*out` for a dense `[rows, width]` feature batch of `kind` (a
+/// `KdfuseFeatureKind`) and `dtype` (a `KdfuseDtype`, F64 for the host's
+/// f64 path): gradients in the same dtype, channels 1, every stride `width`,
+/// the MEAN reduction, the kind's ε, scale 1, every pointer NULL. For
+/// attention maps `[N, C, S]` set `width` = S, the channels and the strides.
+///
+/// # Safety
+/// `out` must be NULL or point to writable memory for one `KdfuseFeatureBatch`.
+#[no_mangle]
+pub unsafe extern "C" fn kdfuse_feature_batch_init(
+    out: *mut KdfuseFeatureBatch,
+    kind: i32,
+    rows: i64,
+    width: i64,
+    dtype: i32,
+) -> KdfuseStatus {
+    guard(|| {
+        let out = out_ref(out)?;
+        *out = KdfuseFeatureBatch::init(kind, rows, width, dtype);
+        Ok(())
+    })
+}
+
+/// `*out` = the floats of device workspace that `kdfuse_feature_compute_cuda`
+/// needs for `batch` (`batch.workspace`; 0 unless attention). The batch is
+/// checked as for a computation (its pointers set).
+///
+/// # Safety
+/// `batch` must be NULL or a readable struct of its own `size`; `out` NULL
+/// or a writable int64.
+#[no_mangle]
+pub unsafe extern "C" fn kdfuse_feature_workspace_len(
+    batch: *const KdfuseFeatureBatch,
+    out: *mut i64,
+) -> KdfuseStatus {
+    guard(|| {
+        let out = out_ref(out)?;
+        // SAFETY: the caller's contract.
+        let b = unsafe { KdfuseFeatureBatch::read(batch) }?;
+        *out = feature::workspace_len(&b)? as i64;
+        Ok(())
+    })
+}
+
+/// The feature loss (and the gradients whose pointers are set) on host
+/// memory: the CPU backend (f32, bf16, f16; fp32 math) or, for
+/// `dtype = grad_dtype = KDFUSE_DTYPE_F64`, the f64 oracle with every
+/// floating-point buffer in doubles (`loss` and `row_losses` too). `loss`
+/// is required, `row_losses` optional; gradients must not overlap the
+/// inputs. Errors name the field (`feature_batch.*`).
+///
+/// # Safety
+/// Every non-NULL pointer must be host memory large enough for the batch's
+/// shape and strides.
+#[no_mangle]
+pub unsafe extern "C" fn kdfuse_feature_compute_host(
+    batch: *const KdfuseFeatureBatch,
+) -> KdfuseStatus {
+    guard(|| {
+        // SAFETY: the caller's contract.
+        let b = unsafe { KdfuseFeatureBatch::read(batch) }?;
+        // SAFETY: as above.
+        unsafe { feature::compute_host(&b) }
+    })
+}
+
+/// Enqueues the feature loss (and the gradients whose pointers are set) on
+/// `stream` (as `kdfuse_compute_cuda`) and returns without waiting. Device
+/// pointers; `row_losses` (float, N) and `loss` are required, `workspace`
+/// too for attention (`kdfuse_feature_workspace_len` floats).
+///
+/// # Safety
+/// Every non-NULL pointer must be device memory of this device, large enough
+/// for the batch's shape and strides, alive until the stream has run the work.
+#[no_mangle]
+pub unsafe extern "C" fn kdfuse_feature_compute_cuda(
+    ctx: *const KdfuseContext,
+    batch: *const KdfuseFeatureBatch,
+    stream: *mut c_void,
+) -> KdfuseStatus {
+    guard(|| {
+        let ctx = non_null("ctx", ctx)?;
+        // SAFETY: the caller's contract.
+        let b = unsafe { KdfuseFeatureBatch::read(batch) }?;
+        // SAFETY: as above.
+        unsafe { feature::compute_cuda(ctx, &b, stream) }
     })
 }
 

@@ -40,6 +40,9 @@ pub enum KdfuseDtype {
     Bf16 = 1,
     /// IEEE half.
     F16 = 2,
+    /// IEEE double: `kdfuse_compute_host_f64` only (the f64 oracle, for
+    /// gradient checks); every other function refuses it.
+    F64 = 3,
 }
 
 /// Divergences (the `divergence` field).
@@ -205,6 +208,81 @@ pub struct KdfuseBatch {
     pub validate_topk: i32,
 }
 
+/// Feature losses (the `kind` field of [`KdfuseFeatureBatch`]; README,
+/// "Feature distillation").
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KdfuseFeatureKind {
+    /// Σ_h (s_h − t_h)² per row; `mean` divides by N·H (`mse_loss`).
+    Mse = 0,
+    /// 1 − cos(s, t) per row, each norm clamped at ε; `mean` divides by N.
+    Cosine = 1,
+    /// Attention transfer between maps `[C, S]` (C may differ between
+    /// student and teacher); `mean` divides by N·S.
+    Attention = 2,
+}
+
+/// One feature-loss batch and its loss (`kdfuse_feature_compute_host`,
+/// `kdfuse_feature_compute_cuda`). Fill with `kdfuse_feature_batch_init`,
+/// then set the pointers. A sample (row) is `channels × width` elements,
+/// channel c at offset c·width; mse and cosine take rows of `width` values
+/// (channels 1). A new struct of ABI version 2: its `size` and `version`
+/// are checked as those of the other structs.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct KdfuseFeatureBatch {
+    /// `sizeof(KdfuseFeatureBatch)` as the caller's header defines it.
+    pub size: u32,
+    /// `KDFUSE_ABI_VERSION` of the caller's header (2).
+    pub version: u32,
+    /// A `KdfuseFeatureKind`.
+    pub kind: i32,
+    /// A `KdfuseReduction` (default MEAN: the kind's mean, see
+    /// `KdfuseFeatureKind`; BATCHMEAN Σ/N; SUM; NONE the per-row losses).
+    pub reduction: i32,
+    /// ε of the norm clamps (cosine, attention); 0 = the kind's default
+    /// (1e-8 cosine, 1e-12 attention); must stay 0 for mse.
+    pub eps: f64,
+    /// Upstream gradient scale: the gradients are those of `grad_scale · L`.
+    pub grad_scale: f64,
+    /// Rows (samples) N ≥ 0.
+    pub rows: i64,
+    /// Elements per channel: H (mse, cosine) or S = H·W (attention), ≥ 1.
+    pub width: i64,
+    /// Channels C_s of a student sample (1 for mse and cosine).
+    pub student_channels: i64,
+    /// Channels C_t of a teacher sample (1 for mse and cosine).
+    pub teacher_channels: i64,
+    /// Elements between two student samples (≥ C_s·width).
+    pub student_stride: i64,
+    /// Elements between two teacher samples (≥ C_t·width).
+    pub teacher_stride: i64,
+    /// Elements between two rows of ∂L/∂student (≥ C_s·width).
+    pub grad_student_stride: i64,
+    /// Elements between two rows of ∂L/∂teacher (≥ C_t·width).
+    pub grad_teacher_stride: i64,
+    /// A `KdfuseDtype`: the student's and the teacher's (F64: host only).
+    pub dtype: i32,
+    /// A `KdfuseDtype`: the gradients', `dtype` or F32 (F64 with F64).
+    pub grad_dtype: i32,
+    /// Student features.
+    pub student: *const std::ffi::c_void,
+    /// Teacher features.
+    pub teacher: *const std::ffi::c_void,
+    /// ∂L/∂student output, or NULL.
+    pub grad_student: *mut std::ffi::c_void,
+    /// ∂L/∂teacher output, or NULL.
+    pub grad_teacher: *mut std::ffi::c_void,
+    /// Per-row losses r_i (N; float, double for F64): required on the
+    /// device, optional on the host.
+    pub row_losses: *mut std::ffi::c_void,
+    /// The reduced loss (one float, double for F64): required.
+    pub loss: *mut std::ffi::c_void,
+    /// Device only, attention only: a float workspace of
+    /// `kdfuse_feature_workspace_len` elements.
+    pub workspace: *mut f32,
+}
+
 /// `sizeof(KdfuseParams)` of version 1 (the fields before `softcap`).
 pub(crate) const PARAMS_V1_SIZE: usize = std::mem::offset_of!(KdfuseParams, softcap);
 /// `sizeof(KdfuseBatch)` of version 1 (the fields before `row_weights`).
@@ -309,6 +387,10 @@ pub(crate) fn dtype(arg: &'static str, code: i32) -> Result<Dtype> {
         0 => Ok(Dtype::F32),
         1 => Ok(Dtype::Bf16),
         2 => Ok(Dtype::F16),
+        3 => invalid(
+            arg,
+            "3 (f64) is for kdfuse_compute_host_f64 only (0 f32, 1 bf16, 2 f16 here)",
+        ),
         _ => invalid(
             arg,
             format!("{code} is not a KdfuseDtype (0 f32, 1 bf16, 2 f16)"),

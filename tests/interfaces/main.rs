@@ -5,6 +5,8 @@
 mod common;
 
 mod c_abi;
+mod c_abi_f64;
+mod c_abi_feature;
 mod cli;
 mod cli_bad_input;
 mod cli_demo;
