@@ -389,22 +389,32 @@ def _scale_grad_vmap(info, in_dims, grad, upstream, origin, per_row):
     return torch.ops.kdfuse.scale_grad(g, up, origin, True), 0
 
 
-class _DenseLoss(torch.autograd.Function):
-    """The op under an autograd.Function with the same formulas: what the
-    Python API calls, because ``torch.func`` transforms (grad, vjp, ...) take
-    an autograd.Function with ``setup_context`` but not the Function that
-    ``register_autograd`` generates. ``torch.compile`` traces either."""
+def _op_function(name, op, setup, backward, doc, vmap=False):
+    """An autograd.Function running ``op`` with the op's own setup and
+    backward: what the Python API calls, because ``torch.func`` transforms
+    (grad, vjp, ...) take an autograd.Function with ``setup_context`` but not
+    the Function that ``register_autograd`` generates. ``torch.compile``
+    traces either."""
 
-    generate_vmap_rule = True  # the ops' vmap rules (register_vmap)
-
-    @staticmethod
     def forward(*args):
         # The Function is the autograd here, not the op's registration.
         with torch.no_grad():
-            return torch.ops.kdfuse.dense_loss(*args)
+            return op(*args)
 
-    setup_context = staticmethod(_dense_setup)
-    backward = staticmethod(_dense_backward)
+    attrs = {
+        "__doc__": doc,
+        "forward": staticmethod(forward),
+        "setup_context": staticmethod(setup),
+        "backward": staticmethod(backward),
+    }
+    if vmap:
+        attrs["generate_vmap_rule"] = True  # the ops' vmap rules (register_vmap)
+    return type(name, (torch.autograd.Function,), attrs)
+
+
+_DenseLoss = _op_function("_DenseLoss", torch.ops.kdfuse.dense_loss, _dense_setup,
+                          _dense_backward, "The dense op under an autograd.Function.",
+                          vmap=True)
 
 
 def _topk_setup(ctx, inputs, output):
@@ -432,17 +442,8 @@ def _topk_backward(ctx, g_loss, _g_gs):
 _topk_loss.register_autograd(_topk_backward, setup_context=_topk_setup)
 
 
-class _TopkLoss(torch.autograd.Function):
-    """As _DenseLoss, for the top-k op."""
-
-    @staticmethod
-    def forward(*args):
-        # The Function is the autograd here, not the op's registration.
-        with torch.no_grad():
-            return torch.ops.kdfuse.topk_loss(*args)
-
-    setup_context = staticmethod(_topk_setup)
-    backward = staticmethod(_topk_backward)
+_TopkLoss = _op_function("_TopkLoss", torch.ops.kdfuse.topk_loss, _topk_setup,
+                         _topk_backward, "The top-k op under an autograd.Function.")
 
 
 # ---------------------------------------------------------------------------
@@ -811,16 +812,8 @@ def _feature_backward(ctx, g_loss, _g_gs, _g_gt):
 _feature_loss.register_autograd(_feature_backward, setup_context=_feature_setup)
 
 
-class _FeatureLoss(torch.autograd.Function):
-    """As _DenseLoss, for the feature op."""
-
-    @staticmethod
-    def forward(*args):
-        with torch.no_grad():
-            return torch.ops.kdfuse.feature_loss(*args)
-
-    setup_context = staticmethod(_feature_setup)
-    backward = staticmethod(_feature_backward)
+_FeatureLoss = _op_function("_FeatureLoss", torch.ops.kdfuse.feature_loss, _feature_setup,
+                            _feature_backward, "The feature op under an autograd.Function.")
 
 
 FEATURE_KINDS = tuple(_lib.FEATURE_KINDS)

@@ -14,7 +14,6 @@ use crate::feature::oracle::{attention_row, cosine_row, mse_row};
 use crate::feature::{
     FeatureBackend, FeatureGrads, FeatureInputs, FeatureKind, FeatureLayout, FeatureSpec, Features,
 };
-use crate::spec::Reduction;
 use crate::tensor::{Dtype, GradDtype};
 use std::ffi::c_void;
 use std::mem::size_of;
@@ -117,18 +116,7 @@ impl KdfuseFeatureBatch {
                 )
             }
         };
-        let reduction = match self.reduction {
-            0 => Reduction::BatchMean,
-            1 => Reduction::Sum,
-            2 => Reduction::Mean,
-            3 => Reduction::None,
-            r => {
-                return invalid(
-                    "feature_batch.reduction",
-                    format!("{r} is not a KdfuseReduction (0 batchmean, 1 sum, 2 mean, 3 none)"),
-                )
-            }
-        };
+        let reduction = super::types::reduction("feature_batch.reduction", self.reduction)?;
         let spec = FeatureSpec {
             kind,
             reduction,

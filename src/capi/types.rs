@@ -382,6 +382,20 @@ pub(crate) fn check_version(
     Ok(())
 }
 
+/// The `KdfuseReduction` code `code` of argument `arg`.
+pub(crate) fn reduction(arg: &'static str, code: i32) -> Result<Reduction> {
+    match code {
+        0 => Ok(Reduction::BatchMean),
+        1 => Ok(Reduction::Sum),
+        2 => Ok(Reduction::Mean),
+        3 => Ok(Reduction::None),
+        r => invalid(
+            arg,
+            format!("{r} is not a KdfuseReduction (0 batchmean, 1 sum, 2 mean, 3 none)"),
+        ),
+    }
+}
+
 pub(crate) fn dtype(arg: &'static str, code: i32) -> Result<Dtype> {
     match code {
         0 => Ok(Dtype::F32),
@@ -453,18 +467,7 @@ impl KdfuseParams {
                 )
             }
         };
-        let reduction = match self.reduction {
-            0 => Reduction::BatchMean,
-            1 => Reduction::Sum,
-            2 => Reduction::Mean,
-            3 => Reduction::None,
-            r => {
-                return invalid(
-                    "params.reduction",
-                    format!("{r} is not a KdfuseReduction (0 batchmean, 1 sum, 2 mean, 3 none)"),
-                )
-            }
-        };
+        let reduction = reduction("params.reduction", self.reduction)?;
         let topk_mode = match self.topk_mode {
             0 => TopkMode::Support,
             1 => TopkMode::Full,
