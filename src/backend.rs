@@ -121,16 +121,37 @@ impl FromStr for BackendKind {
     }
 }
 
-/// Creates a backend. `Auto` falls back to the CPU when CUDA is unusable.
+/// What `Auto` finds: the CUDA backend, or why CUDA is unavailable (the
+/// caller then runs on the CPU).
+pub enum CudaChoice {
+    /// CUDA is usable: its backend on the requested device.
+    Usable(crate::cuda::CudaBackend),
+    /// No driver, no device or no kernels: the reason, to report.
+    Unavailable(String),
+}
+
+/// The one "CUDA if usable, else the CPU" rule: the CUDA backend on
+/// `device`, or [`CudaChoice::Unavailable`] when CUDA cannot be used here.
+/// Any other failure (a usable driver that errs) is an error, never a
+/// silent fallback.
+pub fn select_cuda(device: usize) -> Result<CudaChoice> {
+    match crate::cuda::CudaBackend::new(device) {
+        Ok(b) => Ok(CudaChoice::Usable(b)),
+        Err(KdError::CudaUnavailable(why)) => Ok(CudaChoice::Unavailable(why)),
+        Err(e) => Err(e),
+    }
+}
+
+/// Creates a backend. `Auto` falls back to the CPU when CUDA is unusable
+/// ([`select_cuda`]).
 pub fn create(kind: BackendKind) -> Result<Box<dyn Backend>> {
     match kind {
         BackendKind::Oracle => Ok(Box::new(crate::oracle::Oracle)),
         BackendKind::Cpu => Ok(Box::new(crate::cpu::CpuBackend)),
         BackendKind::Cuda => Ok(Box::new(crate::cuda::CudaBackend::new(0)?)),
-        BackendKind::Auto => match crate::cuda::CudaBackend::new(0) {
-            Ok(b) => Ok(Box::new(b)),
-            Err(KdError::CudaUnavailable(_)) => Ok(Box::new(crate::cpu::CpuBackend)),
-            Err(e) => Err(e),
-        },
+        BackendKind::Auto => Ok(match select_cuda(0)? {
+            CudaChoice::Usable(b) => Box::new(b),
+            CudaChoice::Unavailable(_) => Box::new(crate::cpu::CpuBackend),
+        }),
     }
 }

@@ -57,7 +57,7 @@ pub mod kernels_meta {
     include!(concat!(env!("OUT_DIR"), "/kernels_meta.rs"));
 }
 
-pub use backend::{create, Backend, BackendKind, KdOutput};
+pub use backend::{create, select_cuda, Backend, BackendKind, CudaChoice, KdOutput};
 
 /// Σ xs in order, from +0: an empty sum is 0, not the −0 of `Iterator::sum`
 /// (which would print as a loss of `-0`).

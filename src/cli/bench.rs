@@ -136,13 +136,12 @@ fn use_cuda(backend: &str, device: usize) -> Result<bool, CliError> {
     match backend {
         "cpu" => Ok(false),
         "cuda" => Ok(true),
-        _ => match CudaBackend::new(device) {
-            Ok(_) => Ok(true),
-            Err(KdError::CudaUnavailable(why)) => {
+        _ => match kdfuse::backend::select_cuda(device)? {
+            kdfuse::backend::CudaChoice::Usable(_) => Ok(true),
+            kdfuse::backend::CudaChoice::Unavailable(why) => {
                 eprintln!("kdfuse: note: CUDA unavailable ({why}); benchmarking the CPU backend");
                 Ok(false)
             }
-            Err(e) => Err(e.into()),
         },
     }
 }

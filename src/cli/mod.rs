@@ -24,6 +24,7 @@ mod loss;
 mod npy;
 
 use clap::{Parser, Subcommand};
+use kdfuse::backend::CudaChoice;
 use kdfuse::{BackendKind, KdError};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -100,14 +101,13 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
 /// Creates the backend; `auto` says on stderr why it fell back to the CPU.
 pub(crate) fn make_backend(kind: BackendKind) -> Result<Box<dyn kdfuse::Backend>, CliError> {
     if kind == BackendKind::Auto {
-        return match kdfuse::cuda::CudaBackend::new(0) {
-            Ok(b) => Ok(Box::new(b)),
-            Err(KdError::CudaUnavailable(why)) => {
+        return Ok(match kdfuse::backend::select_cuda(0)? {
+            CudaChoice::Usable(b) => Box::new(b),
+            CudaChoice::Unavailable(why) => {
                 eprintln!("kdfuse: note: CUDA unavailable ({why}); using the CPU backend");
-                Ok(Box::new(kdfuse::CpuBackend))
+                Box::new(kdfuse::CpuBackend)
             }
-            Err(e) => Err(e.into()),
-        };
+        });
     }
     Ok(kdfuse::create(kind)?)
 }

@@ -42,7 +42,7 @@ pub(crate) mod params;
 pub use inputs::{FeatureInputs, FeatureLayout, Features};
 
 use crate::backend::BackendKind;
-use crate::error::{invalid, KdError, Result};
+use crate::error::{invalid, Result};
 use crate::spec::Reduction;
 use crate::tensor::{Dtype, GradDtype};
 use std::fmt;
@@ -303,10 +303,9 @@ pub fn create(kind: BackendKind) -> Result<Box<dyn FeatureBackend>> {
         BackendKind::Oracle => Ok(Box::new(crate::oracle::Oracle)),
         BackendKind::Cpu => Ok(Box::new(crate::cpu::CpuBackend)),
         BackendKind::Cuda => Ok(Box::new(crate::cuda::CudaBackend::new(0)?)),
-        BackendKind::Auto => match crate::cuda::CudaBackend::new(0) {
-            Ok(b) => Ok(Box::new(b)),
-            Err(KdError::CudaUnavailable(_)) => Ok(Box::new(crate::cpu::CpuBackend)),
-            Err(e) => Err(e),
-        },
+        BackendKind::Auto => Ok(match crate::backend::select_cuda(0)? {
+            crate::backend::CudaChoice::Usable(b) => Box::new(b),
+            crate::backend::CudaChoice::Unavailable(_) => Box::new(crate::cpu::CpuBackend),
+        }),
     }
 }
