@@ -7,7 +7,7 @@
 #include <cstddef>
 #include <vector>
 
-#include "feature_math.cuh"
+#include "feature_args.h"
 
 #define KD_FEAT_LANES 256
 
@@ -156,6 +156,18 @@ void kd_feat_host_params_layout(long long* out) {
   out[3] = (long long)offsetof(KdFeatParams, kind);
   out[4] = (long long)offsetof(KdFeatParams, w);
   out[5] = (long long)offsetof(KdFeatParams, eps);
+}
+
+// sizeof(KdFeatArgs) and the offsets of its fields after the first (the
+// launch contract, feature_args.h; src/feature/params.rs FeatureArgs).
+void kd_feat_host_args_layout(long long* out) {
+  out[0] = (long long)sizeof(KdFeatArgs);
+  out[1] = (long long)offsetof(KdFeatArgs, teacher);
+  out[2] = (long long)offsetof(KdFeatArgs, grad_student);
+  out[3] = (long long)offsetof(KdFeatArgs, grad_teacher);
+  out[4] = (long long)offsetof(KdFeatArgs, row_loss);
+  out[5] = (long long)offsetof(KdFeatArgs, workspace);
+  out[6] = (long long)offsetof(KdFeatArgs, params);
 }
 
 }  // extern "C"

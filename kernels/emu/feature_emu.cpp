@@ -15,46 +15,40 @@ extern "C" void kd_emu_reduce_loss(const float* row_loss, long long n, const int
 namespace {
 
 template <typename Tin, typename Tout>
-void launch(const void* s, const void* t, void* gs, void* gt, float* row_loss, float* work,
-            const KdFeatParams& P, unsigned grid, unsigned block) {
-  const Tin* sp = static_cast<const Tin*>(s);
-  const Tin* tp = static_cast<const Tin*>(t);
-  Tout* gsp = static_cast<Tout*>(gs);
-  Tout* gtp = static_cast<Tout*>(gt);
+void launch(const KdFeatArgs& a, unsigned grid, unsigned block) {
   kd_emu_launch(grid, block, [&] {
-    if (P.kind == KD_FEAT_MSE)
-      kd_feat_mse_body<Tin, Tout>(sp, tp, gsp, gtp, row_loss, P);
-    else if (P.kind == KD_FEAT_COS)
-      kd_feat_cos_body<Tin, Tout>(sp, tp, gsp, gtp, row_loss, P);
+    if (a.params.kind == KD_FEAT_MSE)
+      kd_feat_mse_body<Tin, Tout>(KD_FEAT_ARGS(Tin, Tout), a.params);
+    else if (a.params.kind == KD_FEAT_COS)
+      kd_feat_cos_body<Tin, Tout>(KD_FEAT_ARGS(Tin, Tout), a.params);
     else
-      kd_feat_at_body<Tin, Tout>(sp, tp, gsp, gtp, row_loss, work, P);
+      kd_feat_at_body<Tin, Tout>(KD_FEAT_ARGS(Tin, Tout), a.workspace, a.params);
   });
 }
 
 }  // namespace
 
-// dtype codes: 0 f32, 1 bf16, 2 f16. `work`: grid·2·S floats (attention).
-// `RP`: the reduction's parameters for kd_reduce_loss. Returns 0, or −1 for an
-// unsupported dtype pair.
-extern "C" int kd_emu_feature_run(int in_dtype, int out_dtype, const void* s, const void* t,
-                                  void* gs, void* gt, float* row_loss, float* work, float* loss,
-                                  const KdFeatParams* P, const KdParams* RP, unsigned grid,
-                                  unsigned block) {
+// The launch contract `a` (feature_args.h; its workspace: grid·2·S floats
+// for attention), then kd_reduce_loss with the reduction's parameters `RP`.
+// dtype codes: 0 f32, 1 bf16, 2 f16. Returns 0, or −1 for an unsupported
+// dtype pair.
+extern "C" int kd_emu_feature_run(int in_dtype, int out_dtype, const KdFeatArgs* a, float* loss,
+                                  const KdParams* RP, unsigned grid, unsigned block) {
   std::lock_guard<std::mutex> lock(kd_emu_mutex);
-  if (P->n_rows > 0) {
+  if (a->params.n_rows > 0) {
     if (in_dtype == 0 && out_dtype == 0)
-      launch<float, float>(s, t, gs, gt, row_loss, work, *P, grid, block);
+      launch<float, float>(*a, grid, block);
     else if (in_dtype == 1 && out_dtype == 1)
-      launch<kd_bf16, kd_bf16>(s, t, gs, gt, row_loss, work, *P, grid, block);
+      launch<kd_bf16, kd_bf16>(*a, grid, block);
     else if (in_dtype == 1 && out_dtype == 0)
-      launch<kd_bf16, float>(s, t, gs, gt, row_loss, work, *P, grid, block);
+      launch<kd_bf16, float>(*a, grid, block);
     else if (in_dtype == 2 && out_dtype == 2)
-      launch<kd_f16, kd_f16>(s, t, gs, gt, row_loss, work, *P, grid, block);
+      launch<kd_f16, kd_f16>(*a, grid, block);
     else if (in_dtype == 2 && out_dtype == 0)
-      launch<kd_f16, float>(s, t, gs, gt, row_loss, work, *P, grid, block);
+      launch<kd_f16, float>(*a, grid, block);
     else
       return -1;
   }
-  kd_emu_reduce_loss(row_loss, P->n_rows, nullptr, RP, loss);
+  kd_emu_reduce_loss(a->row_loss, a->params.n_rows, nullptr, RP, loss);
   return 0;
 }

@@ -7,7 +7,7 @@
 use super::launch::{check_len, KdElement};
 use super::CudaBackend;
 use crate::error::{invalid, Result};
-use crate::feature::params::{self, FeatureParams};
+use crate::feature::params::{self, FeatureArgs, FeatureParams};
 use crate::feature::{FeatureKind, FeatureLayout, FeatureSpec};
 use crate::tensor::Dtype;
 use cudarc::driver::{
@@ -110,16 +110,21 @@ impl CudaBackend {
                 FeatureKind::Attention => "at",
             };
             let f = self.function(&format!("kd_feat_{short}_{}_{}", raw.dtype, raw.grad_dtype))?;
+            let args = FeatureArgs {
+                student: raw.student,
+                teacher: raw.teacher,
+                grad_student: raw.grad_student,
+                grad_teacher: raw.grad_teacher,
+                row_loss: raw.row_losses,
+                workspace: if spec.kind == FeatureKind::Attention {
+                    raw.workspace
+                } else {
+                    0
+                },
+                params: p,
+            };
             let mut b = stream.launch_builder(&f);
-            b.arg(&raw.student)
-                .arg(&raw.teacher)
-                .arg(&raw.grad_student)
-                .arg(&raw.grad_teacher)
-                .arg(&raw.row_losses);
-            if spec.kind == FeatureKind::Attention {
-                b.arg(&raw.workspace);
-            }
-            b.arg(&p);
+            b.arg(&args);
             b.launch(LaunchConfig {
                 grid_dim: (params::grid(spec.kind, l.rows), 1, 1),
                 block_dim: (params::threads(spec.kind, p.cols as usize, raw.dtype), 1, 1),

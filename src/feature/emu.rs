@@ -5,7 +5,7 @@
 //! is tested against the oracle on machines without a GPU. Slow; not for real
 //! use.
 
-use super::params::{self, FeatureParams};
+use super::params::{self, FeatureArgs, FeatureParams};
 use super::{validate, FeatureBackend, FeatureGrads, FeatureInputs, FeatureOutput, FeatureSpec};
 use crate::error::{invalid, Result};
 use crate::params::KernelParams;
@@ -17,14 +17,8 @@ extern "C" {
     fn kd_emu_feature_run(
         in_dtype: i32,
         out_dtype: i32,
-        s: *const c_void,
-        t: *const c_void,
-        gs: *mut c_void,
-        gt: *mut c_void,
-        row_loss: *mut f32,
-        work: *mut f32,
+        args: *const FeatureArgs,
         loss: *mut f32,
-        p: *const FeatureParams,
         rp: *const KernelParams,
         grid: u32,
         block: u32,
@@ -117,17 +111,20 @@ impl FeatureBackend for FeatureEmuBackend {
         // SAFETY: every buffer holds what the launches touch (validated
         // layout, dense gradients, grid·2·S workspace floats).
         let rc = unsafe {
+            let args = FeatureArgs {
+                student: inputs.student.data.bytes().as_ptr() as u64,
+                teacher: inputs.teacher.data.bytes().as_ptr() as u64,
+                grad_student: ptr(&mut gs, grads.student) as u64,
+                grad_teacher: ptr(&mut gt, grads.teacher) as u64,
+                row_loss: row_loss.as_mut_ptr() as u64,
+                workspace: work.as_mut_ptr() as u64,
+                params: p,
+            };
             kd_emu_feature_run(
                 code(dtype),
                 code(out_dtype),
-                inputs.student.data.bytes().as_ptr().cast(),
-                inputs.teacher.data.bytes().as_ptr().cast(),
-                ptr(&mut gs, grads.student),
-                ptr(&mut gt, grads.teacher),
-                row_loss.as_mut_ptr(),
-                work.as_mut_ptr(),
+                &args,
                 &mut loss,
-                &p,
                 &rp,
                 grid,
                 params::threads(spec.kind, p.cols as usize, dtype),

@@ -26,6 +26,26 @@ pub(crate) struct FeatureParams {
 // SAFETY: plain-old-data with the C layout the kernels expect.
 unsafe impl cudarc::driver::DeviceRepr for FeatureParams {}
 
+/// The feature kernels' launch contract (`KdFeatArgs` in
+/// kernels/feature_args.h): same fields, same order, passed by value to
+/// every `kd_feat_*` kernel and by pointer to the emulator. Device pointers
+/// on the GPU, host addresses under emulation; 0 is null.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FeatureArgs {
+    pub student: u64,
+    pub teacher: u64,
+    pub grad_student: u64,
+    pub grad_teacher: u64,
+    pub row_loss: u64,
+    /// Attention: grid·2·S floats; 0 otherwise.
+    pub workspace: u64,
+    pub params: FeatureParams,
+}
+
+// SAFETY: as FeatureParams (checked by `args_layout_matches_rust`).
+unsafe impl cudarc::driver::DeviceRepr for FeatureArgs {}
+
 /// Blocks of the attention kernel at most: each holds a workspace of 2·S
 /// floats.
 pub(crate) const ATTENTION_MAX_GRID: usize = 1024;
@@ -95,6 +115,7 @@ mod tests {
 
     extern "C" {
         fn kd_feat_host_params_layout(out: *mut i64);
+        fn kd_feat_host_args_layout(out: *mut i64);
     }
 
     /// `[sizeof, offset of n_rows, cols, kind, w, eps]` of the C struct.
@@ -114,5 +135,22 @@ mod tests {
         assert_eq!(l[3] as usize, offset_of!(FeatureParams, kind));
         assert_eq!(l[4] as usize, offset_of!(FeatureParams, w));
         assert_eq!(l[5] as usize, offset_of!(FeatureParams, eps));
+    }
+
+    #[test]
+    fn args_layout_matches_rust() {
+        let mut l = [0i64; 7];
+        // SAFETY: writes seven values.
+        unsafe { kd_feat_host_args_layout(l.as_mut_ptr()) };
+        let want = [
+            size_of::<FeatureArgs>(),
+            offset_of!(FeatureArgs, teacher),
+            offset_of!(FeatureArgs, grad_student),
+            offset_of!(FeatureArgs, grad_teacher),
+            offset_of!(FeatureArgs, row_loss),
+            offset_of!(FeatureArgs, workspace),
+            offset_of!(FeatureArgs, params),
+        ];
+        assert_eq!(l.map(|x| x as usize), want);
     }
 }
