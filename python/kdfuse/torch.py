@@ -305,30 +305,36 @@ def _scale(grad, upstream, origin, per_row):
     return _ScaleGrad.apply(grad, upstream, origin, per_row)
 
 
-def _dense_setup(ctx, inputs, output):
-    _, gs, gt = output
-    ctx.mark_non_differentiable(gs, gt)
-    ctx.per_row = inputs[8] == _lib.C_NONE
-    ctx.flags = (inputs[12], inputs[13])
-    ctx.save_for_backward(gs, gt, inputs[0], inputs[1])
+def _two_sided_autograd(op, reduction_at, flags_at, n_inputs):
+    """setup_context and backward of an op returning (loss, ∂/∂student,
+    ∂/∂teacher) for inputs (student, teacher, ...): the gradients were made
+    by the forward call; the backward scales them by the upstream gradient
+    (out of place). `reduction_at`: the index of the reduction code among the
+    inputs (per-row losses when it is "none"); `flags_at`: of the
+    grad_student, grad_teacher flags."""
+
+    def setup(ctx, inputs, output):
+        _, gs, gt = output
+        ctx.mark_non_differentiable(gs, gt)
+        ctx.per_row = inputs[reduction_at] == _lib.C_NONE
+        ctx.flags = (inputs[flags_at], inputs[flags_at + 1])
+        ctx.save_for_backward(gs, gt, inputs[0], inputs[1])
+
+    def backward(ctx, g_loss, _g_gs, _g_gt):
+        gs, gt, student, teacher = ctx.saved_tensors
+        out = [None] * n_inputs
+        for i, (name, g, x) in enumerate((("student", gs, student), ("teacher", gt, teacher))):
+            if ctx.needs_input_grad[i]:
+                if not ctx.flags[i]:
+                    raise RuntimeError(f"kdfuse::{op}: called with grad_{name}=False, "
+                                       f"so it has no {name} gradient to give")
+                out[i] = _scale(g, g_loss, x, ctx.per_row)
+        return tuple(out)
+
+    return setup, backward
 
 
-def _dense_backward(ctx, g_loss, _g_gs, _g_gt):
-    gs, gt, student, teacher = ctx.saved_tensors
-    d_s = d_t = None
-    if ctx.needs_input_grad[0]:
-        if not ctx.flags[0]:
-            raise RuntimeError("kdfuse::dense_loss: called with grad_student=False, "
-                               "so it has no student gradient to give")
-        d_s = _scale(gs, g_loss, student, ctx.per_row)
-    if ctx.needs_input_grad[1]:
-        if not ctx.flags[1]:
-            raise RuntimeError("kdfuse::dense_loss: called with grad_teacher=False, "
-                               "so it has no teacher gradient to give")
-        d_t = _scale(gt, g_loss, teacher, ctx.per_row)
-    return (d_s, d_t) + (None,) * 12
-
-
+_dense_setup, _dense_backward = _two_sided_autograd("dense_loss", 8, 12, 14)
 _dense_loss.register_autograd(_dense_backward, setup_context=_dense_setup)
 
 
@@ -787,26 +793,7 @@ def _feature_loss_fake(student, teacher, kind, reduction, eps, grad_student, gra
     return loss, gs, gt
 
 
-def _feature_setup(ctx, inputs, output):
-    _, gs, gt = output
-    ctx.mark_non_differentiable(gs, gt)
-    ctx.per_row = inputs[3] == _lib.C_NONE
-    ctx.flags = (inputs[5], inputs[6])
-    ctx.save_for_backward(gs, gt, inputs[0], inputs[1])
-
-
-def _feature_backward(ctx, g_loss, _g_gs, _g_gt):
-    gs, gt, student, teacher = ctx.saved_tensors
-    d_s = d_t = None
-    if ctx.needs_input_grad[0]:
-        if not ctx.flags[0]:
-            raise RuntimeError("kdfuse::feature_loss: called with grad_student=False")
-        d_s = _scale(gs, g_loss, student, ctx.per_row)
-    if ctx.needs_input_grad[1]:
-        if not ctx.flags[1]:
-            raise RuntimeError("kdfuse::feature_loss: called with grad_teacher=False")
-        d_t = _scale(gt, g_loss, teacher, ctx.per_row)
-    return (d_s, d_t) + (None,) * 5
+_feature_setup, _feature_backward = _two_sided_autograd("feature_loss", 3, 5, 7)
 
 
 _feature_loss.register_autograd(_feature_backward, setup_context=_feature_setup)
