@@ -28,9 +28,8 @@ shuffles), CTRL (branches, barriers, convergence markers).
 
 The prediction: an H100/H200 SM issues 4 warp-instructions per clock (132 SMs,
 about 1.98 GHz: 33.5 T thread-instructions per second), its MUFU 16 lanes per
-clock. A kernel moving B bytes per element and issuing S slots per element
-reaches at most min(1, (BW_copy·floor_bytes/B) ...) of the copy bandwidth;
-see `predict`.
+clock. A kernel's fraction of copy bandwidth is the floor's time over the
+largest of its memory, issue and MUFU times (`predict`).
 """
 
 from __future__ import annotations
@@ -500,7 +499,6 @@ def report_kernel(name: str, code: list[Instr], registers: int | None) -> Kernel
 
 
 def load_budgets(path: str) -> list[dict]:
-    import fnmatch  # noqa: F401  (patterns are checked in match_budget)
     import tomllib
 
     with open(path, "rb") as f:
