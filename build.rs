@@ -80,6 +80,7 @@ fn build_host_math() {
     cc::Build::new()
         .cpp(true)
         .file("kernels/kd_host.cpp")
+        .file("kernels/kd_host_fast.cpp")
         .file("kernels/feature_host.cpp")
         .include("kernels")
         .flag_if_supported("-std=c++17")

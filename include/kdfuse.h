@@ -24,8 +24,9 @@
 // Version 2 appended soft-capping, teacher log-probs, the teacher gradient,
 // the top-k mode (params) and row weights, the teacher gradient's buffer and
 // the top-k teacher (batch); a version-1 struct (its smaller `size`) is still
-// accepted, the appended fields taking their defaults.
-#define KDFUSE_ABI_VERSION 2
+// accepted, the appended fields taking their defaults. Version 3 appended
+// the precision (params); its batch is version 2's.
+#define KDFUSE_ABI_VERSION 3
 
 // Status of every call: 0 is success; otherwise `kdfuse_last_error()` says why.
 typedef enum KdfuseStatus {
@@ -117,7 +118,7 @@ typedef struct KdfuseContext KdfuseContext;
 typedef struct KdfuseParams {
   // `sizeof(KdfuseParams)` as the caller's header defines it.
   uint32_t size;
-  // `KDFUSE_ABI_VERSION` of the caller's header: 1 or 2, the version
+  // `KDFUSE_ABI_VERSION` of the caller's header: 1, 2 or 3, the version
   // whose size `size` is; anything else is refused.
   uint32_t version;
   // A `KdfuseDivergence` value.
@@ -152,6 +153,11 @@ typedef struct KdfuseParams {
   int32_t topk_mode;
   // Reserved, zero. Since version 2.
   int32_t reserved2;
+  // A `KdfusePrecision` (default FAST): the dense kernels' arithmetic, on
+  // the GPU and in the CPU backend. Since version 3.
+  int32_t precision;
+  // Reserved, zero. Since version 3.
+  int32_t reserved3;
 } KdfuseParams;
 
 // One batch: pointers (device memory for `kdfuse_compute_cuda`, host memory
@@ -160,8 +166,8 @@ typedef struct KdfuseParams {
 typedef struct KdfuseBatch {
   // `sizeof(KdfuseBatch)` as the caller's header defines it.
   uint32_t size;
-  // `KDFUSE_ABI_VERSION` of the caller's header: 1 or 2, the version
-  // whose size `size` is; anything else is refused.
+  // `KDFUSE_ABI_VERSION` of the caller's header: 1, 2 or 3 (2 and 3 share
+  // a size); anything else is refused.
   uint32_t version;
   // Rows N (≥ 0).
   int64_t rows;

@@ -127,8 +127,20 @@ class Block:
 
 
 def _branch_target(ins: Instr) -> int | None:
-    m = _TARGET.search(ins.operands)
-    return int(m.group(1), 16) if m and ins.operands.strip().startswith(("0x", "`")) else None
+    """The address a branch jumps to: its last operand (`BRA 0x..`, `BRA P2,
+    0x..`, `BRA.DIV UR4, 0x..`); None for a register target."""
+    last = ins.operands.split(",")[-1].strip()
+    m = _TARGET.search(last)
+    return int(m.group(1), 16) if m and last.startswith(("0x", "`")) else None
+
+
+def _falls_through(ins: Instr) -> bool:
+    """Whether execution may continue after a branch: a predicated one, one
+    with a predicate operand (`BRA P2, x`), or `BRA.DIV` (taken only when the
+    warp has diverged)."""
+    if ins.pred and ins.pred != "@PT":
+        return True
+    return ".DIV" in ins.op or "," in ins.operands
 
 
 def build_cfg(code: list[Instr]) -> list[Block]:
@@ -157,7 +169,7 @@ def build_cfg(code: list[Instr]) -> list[Block]:
             t = _branch_target(last)
             if t is not None and t in index:
                 b.succ.append(block_of[index[t]])
-            falls = bool(last.pred) and last.pred not in ("@PT",)
+            falls = _falls_through(last)
         elif last.base in ("EXIT", "RET", "BRX", "JMX"):
             falls = bool(last.pred) and last.pred not in ("@PT",)
         if falls and b.end < len(code):
@@ -373,14 +385,20 @@ def _path_extremes(blocks: list[Block], lp: Loop, rare: set[int]) -> tuple[int, 
 
     # Depth-first over the acyclic body, memoised; iterative to spare the
     # recursion limit on large bodies.
+    # Each block is expanded once (a chain of diamonds would otherwise be
+    # walked once per path: exponentially often).
     def solve(start: int) -> None:
         stack = [(start, False)]
+        expanded: set[int] = set()
         while stack:
             b, done = stack.pop()
             if b in lo:
                 continue
             succ = [s for s in blocks[b].succ if s in lp.body and s != lp.header]
             if not done:
+                if b in expanded:
+                    continue
+                expanded.add(b)
                 stack.append((b, True))
                 stack.extend((s, False) for s in succ if s not in lo)
                 continue
@@ -423,7 +441,7 @@ def predict(slots: float, mufu: float, bytes_moved: float, floor_bytes: float, d
 
 # ---------------------------------------------------------------- kernels --
 
-_KERNEL = re.compile(r"^kd_(?:fused_(?P<div>[a-z]+)_|topk_)(?P<inp>f32|bf16|f16)_(?P<out>f32|bf16|f16)(?:_(?P<idx>i32|i64))?$")
+_KERNEL = re.compile(r"^kd_(?:fused_(?P<div>[a-z]+)_(?:(?P<var>fast|fastce)_)?|topk_)(?P<inp>f32|bf16|f16)_(?P<out>f32|bf16|f16)(?:_(?P<idx>i32|i64))?$")
 DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2}
 
 

@@ -128,6 +128,36 @@ class SassReport(unittest.TestCase):
         # 2 loads + FFMA + ISETP + BRA over 8 elements
         self.assertAlmostEqual(r.slots, 5 / 8)
 
+    def test_loop_after_a_divergence_branch_is_found(self):
+        # `BRA.DIV` (taken only when the warp diverged, as before a shuffle)
+        # and `BRA P1, x` fall through: the loop behind them is reachable.
+        body = [
+            "MOV R0, RZ",  # 0
+            "BRA.DIV UR4, L9>",  # 1
+            "@P0 BRA P1, L9>",  # 2
+            "LDG.E.128 R4, desc[UR4][R2.64]",  # 3: loop header
+            "LDG.E.128 R8, desc[UR4][R12.64]",  # 4
+            "FFMA R4, R4, R5, R6",  # 5
+            "ISETP.GE.AND P0, PT, R0, R1, PT",  # 6
+            "@!P0 BRA L3>",  # 7
+            "EXIT",  # 8
+            "SHFL.BFLY PT, R0, R0, 0x1, 0x1f",  # 9
+            "BRA L3>",  # 10
+        ]
+        loops = [lp for lp in self.analyse(body) if lp.vector]
+        self.assertEqual(len(loops), 1)
+        self.assertEqual(loops[0].slots, 5)
+
+    def test_a_long_chain_of_branches_is_walked_once(self):
+        # 40 diamonds in one loop body: 2^40 paths, one walk.
+        extra = []
+        for _ in range(40):
+            k = len(extra) + 3
+            extra += [f"@P1 BRA L{k + 2}>", "FADD R4, R4, R5", "FMUL R4, R4, R5"]
+        (lp,) = self.analyse(vector_kernel(extra))
+        self.assertEqual(lp.slots, 2 + 120 + 2)
+        self.assertEqual(lp.max_path, 2 + 120 + 2)
+
     def test_budget_check_fails_over_budget(self):
         code = sr.parse_sass(listing("kd_fused_fkl_bf16_bf16", vector_kernel(["FFMA R4, R4, R5, R6"] * 62)))
         r = sr.report_kernel("kd_fused_fkl_bf16_bf16", code["kd_fused_fkl_bf16_bf16"], 40)

@@ -1,7 +1,7 @@
 //! The one interface every backend implements, and backend selection.
 
 use crate::error::{KdError, Result};
-use crate::spec::LossSpec;
+use crate::spec::{LossSpec, Precision};
 use crate::tensor::{GradDtype, KdInputs, TopkInputs};
 use std::fmt;
 use std::str::FromStr;
@@ -28,6 +28,15 @@ pub struct KdOutput {
 pub trait Backend: Send + Sync {
     /// Short name (`oracle`, `cpu`, `cuda`).
     fn name(&self) -> &'static str;
+
+    /// The arithmetic this backend runs `spec` with on a dense teacher: the
+    /// GPU kernels, their emulation and the CPU backend follow
+    /// [`LossSpec::kernel_precision`]; the oracle is exact whatever
+    /// `spec.precision` says.
+    fn precision(&self, spec: &LossSpec) -> Precision {
+        let _ = spec;
+        Precision::Exact
+    }
 
     /// Loss and, when `grad` is `Some`, the gradient with respect to the
     /// student logits. Inputs and spec are validated first.

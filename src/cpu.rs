@@ -1,12 +1,14 @@
 //! The fast CPU backend: rayon over rows, each row through the kernels' own
-//! fp32 arithmetic (kernels/kd_math.cuh compiled for the host), so that it
+//! fp32 arithmetic compiled for the host — kernels/kd_fast_math.cuh,
+//! vectorized (kernels/kd_host_fast.cpp), in precision = fast;
+//! kernels/kd_math.cuh (kernels/kd_host.cpp) in precision = exact — so that it
 //! works everywhere and tests the kernels' math on every machine.
 
 use crate::backend::{validate, validate_topk, Backend, KdOutput};
 use crate::error::Result;
 use crate::hostmath::{self, RowData, TopkRow, TopkRowIndices};
 use crate::params::KernelParams;
-use crate::spec::LossSpec;
+use crate::spec::{LossSpec, Precision};
 use crate::tensor::{Dtype, GradDtype, HostData, KdInputs, TopkIndices, TopkInputs};
 use rayon::prelude::*;
 
@@ -130,6 +132,10 @@ impl Backend for CpuBackend {
         "cpu"
     }
 
+    fn precision(&self, spec: &LossSpec) -> Precision {
+        spec.kernel_precision()
+    }
+
     fn compute(
         &self,
         inputs: &KdInputs,
@@ -143,6 +149,8 @@ impl Backend for CpuBackend {
         let valid = inputs.valid_rows(spec.ignore_index);
         let w = hostmath::row_weight(&p, valid);
         let label = |r: usize| inputs.labels.map(|l| l[r]);
+        let fast = self.precision(spec) == Precision::Fast;
+        let ce = spec.alpha > 0.0;
         let (row_losses, g, gt) = run_rows(
             n,
             v,
@@ -151,7 +159,11 @@ impl Backend for CpuBackend {
             spec.grad_teacher,
             |r, gr, gtr, wr| {
                 let wr = if wr == 0.0 { 0.0 } else { w * wr };
-                hostmath::row(div, row_data(inputs, r), label(r), gr, gtr, &p, wr)
+                if fast {
+                    hostmath::fast_row(div, ce, row_data(inputs, r), label(r), gr, &p, wr)
+                } else {
+                    hostmath::row(div, row_data(inputs, r), label(r), gr, gtr, &p, wr)
+                }
             },
         );
         let loss = spec.reduction.row_weight(valid, v) * crate::sum(&row_losses);

@@ -17,6 +17,7 @@ use std::ffi::c_void;
 extern "C" {
     fn kd_emu_run(
         div: i32,
+        variant: i32,
         in_dtype: i32,
         out_dtype: i32,
         args: *const FusedArgs,
@@ -234,6 +235,10 @@ fn valid_addr(labels: bool, valid: &mut i32) -> u64 {
 }
 
 impl Backend for EmuBackend {
+    fn precision(&self, spec: &LossSpec) -> crate::spec::Precision {
+        spec.kernel_precision()
+    }
+
     fn name(&self) -> &'static str {
         "cuda-emulated"
     }
@@ -356,6 +361,7 @@ impl Backend for EmuBackend {
             };
             kd_emu_run(
                 spec.kernel_divergence().id(),
+                spec.kernel_variant(),
                 code(dtype),
                 code(out_dtype),
                 &args,

@@ -51,6 +51,18 @@ extern "C" {
         p: *const KernelParams,
         w: f32,
     ) -> f32;
+    fn kd_host_fast_row(
+        div: c_int,
+        ce: c_int,
+        dtype: c_int,
+        s: *const std::ffi::c_void,
+        t: *const std::ffi::c_void,
+        y: i64,
+        has_label: c_int,
+        grad: *mut f32,
+        p: *const KernelParams,
+        w: f32,
+    ) -> f32;
     fn kd_host_row_weight(p: *const KernelParams, valid_rows: i64) -> f32;
     fn kd_host_params_layout(out: *mut i64);
     #[cfg(test)]
@@ -103,6 +115,33 @@ pub(crate) fn row(
             }
         }
     }
+}
+
+/// [`row`] in precision = fast (kernels/kd_host_fast.cpp: the fast kernels'
+/// arithmetic, vectorized); `ce`: α > 0. No teacher gradient (the fast
+/// kernels have none).
+pub(crate) fn fast_row(
+    div: i32,
+    ce: bool,
+    data: RowData<'_>,
+    label: Option<i64>,
+    grad: Option<&mut [f32]>,
+    p: &KernelParams,
+    w: f32,
+) -> f32 {
+    let (y, has) = label_arg(label);
+    let gp = grad.map_or(std::ptr::null_mut(), |g| g.as_mut_ptr());
+    let (dtype, s, t) = match data {
+        RowData::F32(s, t) => (0, s.as_ptr().cast(), t.as_ptr().cast()),
+        RowData::Half16 { bf16, s, t } => (
+            if bf16 { 1 } else { 2 },
+            s.as_ptr().cast(),
+            t.as_ptr().cast(),
+        ),
+    };
+    // SAFETY: rows of V = p.vocab elements of `dtype` (checked by the
+    // caller), the gradient too.
+    unsafe { kd_host_fast_row(div, c_int::from(ce), dtype, s, t, y, has, gp, p, w) }
 }
 
 fn label_arg(label: Option<i64>) -> (i64, c_int) {

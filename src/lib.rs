@@ -41,6 +41,7 @@ pub mod cuda;
 pub mod demo;
 pub mod digits;
 pub mod distill;
+pub mod eager;
 #[doc(hidden)]
 pub mod emu;
 pub mod error;
@@ -71,7 +72,7 @@ pub use feature::{
     FeatureSpec, Features,
 };
 pub use oracle::Oracle;
-pub use spec::{Divergence, LossSpec, Reduction, TopkMode};
+pub use spec::{Divergence, LossSpec, Precision, Reduction, TopkMode};
 pub use tensor::{
     Dtype, GradDtype, HostData, KdInputs, Logits, OwnedData, TopkIndices, TopkInputs, TopkTeacher,
 };

@@ -137,6 +137,73 @@ impl FromStr for Reduction {
     }
 }
 
+/// The arithmetic of the dense kernels, on the GPU and in the CPU backend
+/// (docs/DESIGN.md §3).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Precision {
+    /// The fast kernels (kernels/kd_fast.cu): one exp2 per side and element,
+    /// within the instruction budget of docs/DESIGN.md §5; accurate to the
+    /// mixed bound of §3 (relative 1e-5 plus a few fp32 ulps of the row's
+    /// log-sum-exp). Every divergence without soft-capping or the teacher
+    /// gradient; those two run the exact kernels
+    /// ([`LossSpec::kernel_precision`] says which ran).
+    #[default]
+    Fast,
+    /// The exact kernels (kernels/kd_fused.cu): every term measured from a
+    /// reference, compensated sums, expm1/log1p where they matter; §3's
+    /// tight tolerances.
+    Exact,
+}
+
+impl Precision {
+    /// Both, in CLI order.
+    pub const ALL: [Precision; 2] = [Precision::Fast, Precision::Exact];
+
+    /// The CLI/API spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::Fast => "fast",
+            Precision::Exact => "exact",
+        }
+    }
+
+    /// The id of the C ABI and the Python binding (0 fast, 1 exact).
+    pub fn id(self) -> i32 {
+        match self {
+            Precision::Fast => 0,
+            Precision::Exact => 1,
+        }
+    }
+
+    /// The precision of a C ABI / Python id; `None` for any other value.
+    pub fn from_id(id: i32) -> Option<Precision> {
+        match id {
+            0 => Some(Precision::Fast),
+            1 => Some(Precision::Exact),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Precision::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| format!("unknown precision {s:?} (expected fast or exact)"))
+    }
+}
+
 /// How a top-k (sparse) teacher is compared with the student (docs/DESIGN.md §4).
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
@@ -230,6 +297,9 @@ pub struct LossSpec {
     pub grad_teacher: bool,
     /// How a top-k teacher is used (ignored for a dense teacher).
     pub topk_mode: TopkMode,
+    /// The dense kernels' arithmetic on the GPU and the CPU backend (default
+    /// fast); the oracle and the top-k kernels are exact either way.
+    pub precision: Precision,
 }
 
 impl Default for LossSpec {
@@ -247,6 +317,7 @@ impl Default for LossSpec {
             teacher_log_probs: false,
             grad_teacher: false,
             topk_mode: TopkMode::Full,
+            precision: Precision::Fast,
         }
     }
 }
@@ -438,6 +509,45 @@ impl LossSpec {
             1.0
         };
         (1.0 - self.alpha) * c
+    }
+
+    /// The precision the dense GPU kernels actually run: `Fast` only where a
+    /// fast kernel covers the loss (every divergence, without soft-capping
+    /// or the teacher gradient), `Exact` otherwise.
+    pub fn kernel_precision(&self) -> Precision {
+        let covered = self.softcap.is_none() && !self.grad_teacher;
+        if self.precision == Precision::Fast && covered {
+            Precision::Fast
+        } else {
+            Precision::Exact
+        }
+    }
+
+    /// The dense kernel's name for input dtype `inp` and gradient dtype
+    /// `out`: `kd_fused_<div>[_fast|_fastce]_<in>_<out>`.
+    pub(crate) fn dense_kernel_name(
+        &self,
+        inp: impl fmt::Display,
+        out: impl fmt::Display,
+    ) -> String {
+        let variant = match self.kernel_precision() {
+            Precision::Exact => "",
+            Precision::Fast if self.alpha > 0.0 => "_fastce",
+            Precision::Fast => "_fast",
+        };
+        format!(
+            "kd_fused_{}{variant}_{inp}_{out}",
+            self.kernel_divergence().name()
+        )
+    }
+
+    /// The emulator's kernel variant (0 exact, 1 fast, 2 fast with α > 0).
+    pub(crate) fn kernel_variant(&self) -> i32 {
+        match self.kernel_precision() {
+            Precision::Exact => 0,
+            Precision::Fast if self.alpha > 0.0 => 2,
+            Precision::Fast => 1,
+        }
     }
 
     pub(crate) fn kernel_divergence(&self) -> KernelDivergence {

@@ -5,24 +5,29 @@
 // the CUDA backend (count, fused, reduce), and kd_emu_topk_validate.
 #include "cuda_emu.h"
 
+#include "../kd_fast.cu"
 #include "../kd_fused.cu"
 #include "../kd_topk.cu"
 
 namespace {
 
+// variant: 0 the exact kernel (kd_fused.cu), 1 the fast one (kd_fast.cu),
+// 2 the fast one with α > 0.
 template <typename Tin, typename Tout, int DIV>
-void fused_div(const KdFusedArgs& a, unsigned grid, unsigned block) {
+void fused_div(int variant, const KdFusedArgs& a, unsigned grid, unsigned block) {
+  if (variant == 1) return kd_emu_launch(grid, block, [&] { kd_fast_body<Tin, Tout, DIV, false>(a); });
+  if (variant == 2) return kd_emu_launch(grid, block, [&] { kd_fast_body<Tin, Tout, DIV, true>(a); });
   kd_emu_launch(grid, block, [&] { kd_fused_body<Tin, Tout, DIV>(a); });
 }
 
 template <typename Tin, typename Tout>
-void fused(int div, const KdFusedArgs& a, unsigned grid, unsigned block) {
+void fused(int div, int variant, const KdFusedArgs& a, unsigned grid, unsigned block) {
   switch (div) {
-    case KD_DIV_FKL: fused_div<Tin, Tout, KD_DIV_FKL>(a, grid, block); break;
-    case KD_DIV_RKL: fused_div<Tin, Tout, KD_DIV_RKL>(a, grid, block); break;
-    case KD_DIV_JSD: fused_div<Tin, Tout, KD_DIV_JSD>(a, grid, block); break;
-    case KD_DIV_TVD: fused_div<Tin, Tout, KD_DIV_TVD>(a, grid, block); break;
-    default: fused_div<Tin, Tout, KD_DIV_SCE>(a, grid, block); break;
+    case KD_DIV_FKL: fused_div<Tin, Tout, KD_DIV_FKL>(variant, a, grid, block); break;
+    case KD_DIV_RKL: fused_div<Tin, Tout, KD_DIV_RKL>(variant, a, grid, block); break;
+    case KD_DIV_JSD: fused_div<Tin, Tout, KD_DIV_JSD>(variant, a, grid, block); break;
+    case KD_DIV_TVD: fused_div<Tin, Tout, KD_DIV_TVD>(variant, a, grid, block); break;
+    default: fused_div<Tin, Tout, KD_DIV_SCE>(variant, a, grid, block); break;
   }
 }
 
@@ -51,17 +56,17 @@ extern "C" void kd_emu_reduce_loss(const float* row_loss, long long n, const int
 }
 
 // The three launches of the CUDA backend (count, fused, reduce) on the
-// launch contract `a` (kd_args.h); with labels, the count is written to
+// launch contract `a` (kd_args.h), with the kernel `variant` (fused_div); with labels, the count is written to
 // a->valid_count first. dtype codes: 0 f32, 1 bf16, 2 f16. Returns 0, or −1
 // for an unsupported pair.
-extern "C" int kd_emu_run(int div, int in_dtype, int out_dtype, const KdFusedArgs* a, float* loss,
-                          unsigned grid, unsigned block) {
+extern "C" int kd_emu_run(int div, int variant, int in_dtype, int out_dtype, const KdFusedArgs* a,
+                          float* loss, unsigned grid, unsigned block) {
   std::lock_guard<std::mutex> lock(kd_emu_mutex);
   if (a->labels)
     kd_emu_count_valid(a->labels, a->n_rows, a->params.ignore_index,
                        const_cast<int*>(a->valid_count));
   if (a->n_rows > 0 && !with_dtypes(in_dtype, out_dtype, [&](auto tin, auto tout) {
-        fused<decltype(tin), decltype(tout)>(div, *a, grid, block);
+        fused<decltype(tin), decltype(tout)>(div, variant, *a, grid, block);
       }))
     return -1;
   kd_emu_reduce_loss(a->row_loss, a->n_rows, a->valid_count, &a->params, loss);

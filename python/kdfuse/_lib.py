@@ -10,8 +10,11 @@ import os
 import pathlib
 import threading
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 DIVERGENCES = {"forward-kl": 0, "reverse-kl": 1, "jsd": 2, "tvd": 3, "soft-ce": 4}
+# The C ABI's precision codes (KdfusePrecision): the GPU kernels' arithmetic.
+PRECISIONS = {"fast": 0, "exact": 1}
+
 # The C ABI's reduction codes (KdfuseReduction).
 C_BATCHMEAN, C_SUM, C_MEAN, C_NONE = 0, 1, 2, 3
 TOPK_MODES = {"support": 0, "full": 1, "tail": 2}
@@ -46,7 +49,7 @@ class KdfuseArgumentError(KdfuseError, ValueError):
 
 
 class Params(ctypes.Structure):
-    """``KdfuseParams`` of include/kdfuse.h (version 2)."""
+    """``KdfuseParams`` of include/kdfuse.h (version 3)."""
 
     _fields_ = [
         ("size", ctypes.c_uint32),
@@ -65,6 +68,8 @@ class Params(ctypes.Structure):
         ("grad_teacher", ctypes.c_int32),
         ("topk_mode", ctypes.c_int32),
         ("reserved2", ctypes.c_int32),
+        ("precision", ctypes.c_int32),
+        ("reserved3", ctypes.c_int32),
     ]
 
 
@@ -223,7 +228,7 @@ def check(status):
 
 def make_params(divergence, reduction, *, beta=0.5, temperature=1.0, alpha=0.0,
                 ignore_index=-100, t2_scaling=True, softcap=0.0, grad_teacher=False,
-                teacher_log_probs=False, topk_mode="full"):
+                teacher_log_probs=False, topk_mode="full", precision="fast"):
     """A filled ``Params``: the library's defaults, then these values (codes)."""
     lib = load_library()
     p = Params()
@@ -239,6 +244,10 @@ def make_params(divergence, reduction, *, beta=0.5, temperature=1.0, alpha=0.0,
     p.grad_teacher = 1 if grad_teacher else 0
     p.teacher_log_probs = 1 if teacher_log_probs else 0
     p.topk_mode = TOPK_MODES[topk_mode] if isinstance(topk_mode, str) else int(topk_mode)
+    if precision not in PRECISIONS:
+        raise KdfuseArgumentError(
+            f"precision: expected one of {sorted(PRECISIONS)}, got {precision!r}")
+    p.precision = PRECISIONS[precision]
     return p
 
 

@@ -167,6 +167,10 @@ def _call(student, teacher, topk_indices, labels, row_weights, params, grad_stud
 
 
 # ---------------------------------------------------------------------------
+# C ABI precision codes back to their names (make_params takes names).
+_PRECISION_NAMES = {v: k for k, v in _lib.PRECISIONS.items()}
+
+
 # The custom ops.
 
 
@@ -186,6 +190,7 @@ def _dense_loss(
     softcap: float,
     grad_student: bool,
     grad_teacher: bool,
+    precision: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, ∂loss/∂student or [0], ∂loss/∂teacher or [0]) of kdfuse's dense loss.
 
@@ -193,10 +198,12 @@ def _dense_loss(
     ``reduction``: a C ABI code (0 batchmean = Σ/valid rows, 1 sum, 2 mean =
     Σ/(valid·V), 3 none = the per-row losses, shape [...]). The loss is
     float32 (float64 for float64 inputs); the gradients have the inputs'
-    dtype and shape, contiguous."""
+    dtype and shape, contiguous. ``precision``: a C ABI code (0 fast, 1
+    exact: the kernels' arithmetic, on the GPU and the CPU backend)."""
     params = _lib.make_params(divergence, reduction, beta=beta, temperature=temperature,
                               alpha=alpha, ignore_index=ignore_index, t2_scaling=t2_scaling,
-                              softcap=softcap, grad_teacher=grad_teacher)
+                              softcap=softcap, grad_teacher=grad_teacher,
+                              precision=_PRECISION_NAMES.get(precision, precision))
     return _call(student, teacher, None, labels, row_weights, params, grad_student,
                  grad_teacher, reduction)
 
@@ -204,7 +211,7 @@ def _dense_loss(
 @_dense_loss.register_fake
 def _dense_loss_fake(student, teacher, labels, row_weights, divergence, beta, temperature,
                      alpha, reduction, ignore_index, t2_scaling, softcap, grad_student,
-                     grad_teacher):
+                     grad_teacher, precision):
     return _fake_outputs(student, teacher, reduction, grad_student, grad_teacher)
 
 
@@ -334,7 +341,7 @@ def _two_sided_autograd(op, reduction_at, flags_at, n_inputs):
     return setup, backward
 
 
-_dense_setup, _dense_backward = _two_sided_autograd("dense_loss", 8, 12, 14)
+_dense_setup, _dense_backward = _two_sided_autograd("dense_loss", 8, 12, 15)
 _dense_loss.register_autograd(_dense_backward, setup_context=_dense_setup)
 
 
@@ -373,13 +380,13 @@ def _reduce_entries(rows, gs, gt, reduction, size, valid, count):
 @torch.library.register_vmap("kdfuse::dense_loss")
 def _dense_loss_vmap(info, in_dims, student, teacher, labels, row_weights, divergence, beta,
                      temperature, alpha, reduction, ignore_index, t2_scaling, softcap,
-                     grad_student, grad_teacher):
+                     grad_student, grad_teacher, precision):
     n = info.batch_size
     s, t = _batched(student, in_dims[0], n), _batched(teacher, in_dims[1], n)
     lab, w = _batched(labels, in_dims[2], n), _batched(row_weights, in_dims[3], n)
     rows, gs, gt = torch.ops.kdfuse.dense_loss(
         s, t, lab, w, divergence, beta, temperature, alpha, _lib.C_NONE, ignore_index,
-        t2_scaling, softcap, grad_student, grad_teacher)
+        t2_scaling, softcap, grad_student, grad_teacher, precision)
     if lab is not None:
         valid = (lab != ignore_index).reshape(n, -1).sum(1)
     else:
@@ -531,7 +538,7 @@ def _reduce(fused, reduction, labels, num_items_in_batch, batch):
 def distill_loss(student_logits, teacher_logits, labels=None, *, divergence="forward-kl",
                  beta=None, temperature=1.0, alpha=0.0, reduction="batchmean",
                  ignore_index=-100, num_items_in_batch=None, t2_scaling=True, softcap=None,
-                 row_weights=None):
+                 row_weights=None, precision="fast"):
     """``α·CE(labels) + (1 − α)·c·D(teacher‖student)``, reduced (README, Python section).
 
     Args:
@@ -561,6 +568,9 @@ def distill_loss(student_logits, teacher_logits, labels=None, *, divergence="for
       softcap: None or C > 0: logits x ← C·tanh(x/C) first (both sides).
       row_weights: None or floats of the leading shape multiplying each
         token's loss (the denominators stay the same).
+      precision: "fast" (default) or "exact": the kernels' arithmetic, on
+        CUDA and the CPU (docs/DESIGN.md §3; fast covers every divergence
+        without softcap or a teacher gradient, exact runs elsewhere).
 
     Returns the loss in the promoted input dtype (0-dim, or [...] for none).
     Bad arguments raise ``ValueError`` / ``TypeError`` naming the argument.
@@ -585,11 +595,13 @@ def distill_loss(student_logits, teacher_logits, labels=None, *, divergence="for
     s, t = s.to(dtype), t.to(dtype)
     code, post = _reduce(None, reduction, labels, num_items_in_batch,
                          s.shape[0] if s.dim() > 1 else 1)
+    if precision not in _lib.PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(_lib.PRECISIONS)}, got {precision!r}")
     grad_on = torch.is_grad_enabled()
     loss, _, _ = _DenseLoss.apply(
         s, t, labels, row_weights, _lib.DIVERGENCES[divergence], beta, temperature, alpha,
         code, ignore_index, bool(t2_scaling), cap, grad_on and s.requires_grad,
-        grad_on and t.requires_grad)
+        grad_on and t.requires_grad, _lib.PRECISIONS[precision])
     loss = loss.to(dtype)
     return post(loss) if post is not None else loss
 
@@ -658,8 +670,13 @@ class DistillationLoss(torch.nn.Module):
     """
 
     def __init__(self, *, divergence="forward-kl", beta=None, temperature=1.0, alpha=0.0,
-                 reduction="batchmean", ignore_index=-100, t2_scaling=True, softcap=None):
+                 reduction="batchmean", ignore_index=-100, t2_scaling=True, softcap=None,
+                 precision="fast"):
         super().__init__()
+        if precision not in _lib.PRECISIONS:
+            raise ValueError(
+                f"precision must be one of {sorted(_lib.PRECISIONS)}, got {precision!r}")
+        self.precision = precision
         _options(divergence, beta, temperature, alpha, reduction, ignore_index, softcap, None,
                  0 if alpha > 0 else None)
         self.divergence, self.beta, self.temperature = divergence, beta, temperature
@@ -673,13 +690,14 @@ class DistillationLoss(torch.nn.Module):
                             temperature=self.temperature, alpha=self.alpha,
                             reduction=self.reduction, ignore_index=self.ignore_index,
                             num_items_in_batch=num_items_in_batch, t2_scaling=self.t2_scaling,
-                            softcap=self.softcap, row_weights=row_weights)
+                            softcap=self.softcap, row_weights=row_weights,
+                            precision=self.precision)
 
     def extra_repr(self):
         return (f"divergence={self.divergence!r}, beta={self.beta}, "
                 f"temperature={self.temperature}, alpha={self.alpha}, "
                 f"reduction={self.reduction!r}, t2_scaling={self.t2_scaling}, "
-                f"softcap={self.softcap}")
+                f"softcap={self.softcap}, precision={self.precision!r}")
 
 
 # ---------------------------------------------------------------------------

@@ -64,7 +64,7 @@ class TestLibrary(unittest.TestCase):
     def test_info(self):
         info = kdfuse.info()
         self.assertEqual(info["library"], kdfuse.__version__)
-        self.assertEqual(info["abi_version"], 2)
+        self.assertEqual(info["abi_version"], _lib.ABI_VERSION)
 
     def test_host_and_f64_losses_match_the_reference(self):
         rng = random.Random(4)

@@ -282,11 +282,11 @@ class TestCompileAndOpcheck(unittest.TestCase):
             y = labels_for((3,), 10)
             samples = [
                 (s.clone().requires_grad_(True), t, None, None, 0, 0.5, 1.0, 0.0, 0, -100,
-                 True, 0.0, True, False),
+                 True, 0.0, True, False, 0),
                 (s.clone().requires_grad_(True), t.clone().requires_grad_(True), y, None, 2,
-                 0.3, 2.0, 0.5, 3, -100, False, 0.0, True, True),
+                 0.3, 2.0, 0.5, 3, -100, False, 0.0, True, True, 1),
                 (s, t, y, torch.rand(3, dtype=dtype), 1, 0.5, 1.0, 0.0, 2, -100, True, 5.0,
-                 False, False),
+                 False, False, 0),
             ]
             for args in samples:
                 with self.subTest(dtype=dtype, reduction=args[8]):
@@ -404,6 +404,23 @@ class TestInputs(unittest.TestCase):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(gs, ws, rtol=1e-5, atol=1e-6)
 
+    def test_both_precisions_agree(self):
+        s, t = make((3, 300))
+        for div in ("forward-kl", "reverse-kl", "jsd", "tvd", "soft-ce"):
+            with self.subTest(divergence=div):
+                a = s.clone().requires_grad_(True)
+                b = s.clone().requires_grad_(True)
+                fast = kt.distill_loss(a, t, divergence=div)
+                exact = kt.distill_loss(b, t, divergence=div, precision="exact")
+                fast.backward()
+                exact.backward()
+                torch.testing.assert_close(fast, exact, rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+        crit = kt.DistillationLoss(precision="exact")
+        self.assertIn("precision='exact'", repr(crit))
+        with self.assertRaisesRegex(ValueError, "precision"):
+            kt.DistillationLoss(precision="half")
+
     def test_bad_inputs_raise_naming_the_argument(self):
         s, t = make((3, 8))
         y = labels_for((3,), 8)
@@ -436,6 +453,8 @@ class TestInputs(unittest.TestCase):
                   row_weights=torch.tensor([1.0, float("nan"), 1.0])), ValueError,
              "row_weights"),
             (dict(student_logits=s.tolist(), teacher_logits=t), TypeError, "student_logits"),
+            (dict(student_logits=s, teacher_logits=t, precision="fp8"), ValueError,
+             "precision"),
         ]
         for kwargs, exc, name in cases:
             with self.subTest(name=name, kwargs=sorted(kwargs)):
@@ -447,7 +466,7 @@ class TestInputs(unittest.TestCase):
     def test_the_ops_check_their_inputs_too(self):
         s, t = make((3, 8))
         op = torch.ops.kdfuse.dense_loss
-        tail = (0, 0.5, 1.0, 0.0, 0, -100, True, 0.0, False, False)
+        tail = (0, 0.5, 1.0, 0.0, 0, -100, True, 0.0, False, False, 0)
         for args, name in [((s, t[:2], None, None), "teacher_logits"),
                            ((s, t.double(), None, None), "teacher_logits"),
                            ((s, t, torch.zeros(2, dtype=torch.long), None), "labels"),

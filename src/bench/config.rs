@@ -1,7 +1,7 @@
 //! What one benchmark measures: a configuration, and the presets.
 
 use crate::error::{invalid, Result};
-use crate::spec::{Divergence, LossSpec};
+use crate::spec::{Divergence, LossSpec, Precision};
 use crate::tensor::Dtype;
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -26,6 +26,14 @@ pub struct BenchConfig {
     pub alpha: f64,
     /// Whether the gradient is computed (forward + backward) or the loss only.
     pub grad: bool,
+    /// The kernels' arithmetic (absent from results written before it
+    /// existed: those ran the exact kernels).
+    #[serde(default = "exact")]
+    pub precision: Precision,
+}
+
+fn exact() -> Precision {
+    Precision::Exact
 }
 
 impl BenchConfig {
@@ -41,6 +49,7 @@ impl BenchConfig {
             temperature: d.temperature,
             alpha: 0.0,
             grad: true,
+            precision: d.precision,
         }
     }
 
@@ -51,6 +60,7 @@ impl BenchConfig {
             beta: self.beta,
             temperature: self.temperature,
             alpha: self.alpha,
+            precision: self.precision,
             ..Default::default()
         }
     }
@@ -79,11 +89,12 @@ impl fmt::Display for BenchConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} {} {}x{}{}{}",
+            "{} {} {}x{} {}{}{}",
             self.divergence,
             self.dtype,
             self.rows,
             self.cols,
+            self.spec().kernel_precision(),
             if self.alpha > 0.0 {
                 format!(" α={}", self.alpha)
             } else {

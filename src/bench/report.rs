@@ -296,6 +296,7 @@ impl BenchReport {
                     alpha: r.config.alpha,
                     temperature: r.config.temperature,
                     grad: r.config.grad,
+                    precision: r.config.spec().kernel_precision().to_string(),
                     skipped: r.skipped.clone().unwrap_or_default(),
                     reference_gbs: self.reference_bandwidth_gbs,
                     bytes: f.map(|f| f.bytes),
@@ -396,6 +397,8 @@ pub struct CsvRow {
     pub alpha: f64,
     pub temperature: f64,
     pub grad: bool,
+    /// The kernels' arithmetic that ran (fast or exact).
+    pub precision: String,
     pub skipped: String,
     pub reference_gbs: f64,
     pub bytes: Option<u64>,

@@ -97,8 +97,10 @@ impl KdfuseFeatureBatch {
                 p.cast::<u32>().add(1).read_unaligned(),
             )
         };
-        check_size("feature_batch.size", size, ours, ours)?;
-        check_version("feature_batch.version", version, size, ours, ours)?;
+        // Version 2 introduced it; version 3 left it as it was.
+        let known = [(2, ours), (3, ours)];
+        check_size("feature_batch.size", size, &known)?;
+        check_version("feature_batch.version", version, size, &known)?;
         // SAFETY: `size` (checked) is ours: the whole struct is readable.
         Ok(unsafe { p.read_unaligned() })
     }

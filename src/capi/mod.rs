@@ -145,7 +145,7 @@ fn check_batch_alignment(b: &KdfuseBatch, sh: &types::BatchShape) -> Result<()> 
 /// `p` is NULL or a readable `KdfuseParams` of its own `size`.
 unsafe fn read_spec(p: *const KdfuseParams) -> Result<crate::spec::LossSpec> {
     // SAFETY: the caller's contract.
-    unsafe { types::read_sized("params", p, KdfuseParams::defaults(), types::PARAMS_V1_SIZE) }?
+    unsafe { types::read_sized("params", p, KdfuseParams::defaults(), &types::PARAMS_SIZES) }?
         .to_spec()
 }
 

@@ -2,7 +2,7 @@
 //! their conversion into the library's own.
 
 use crate::error::{invalid, Result};
-use crate::spec::{Divergence, LossSpec, Reduction, TopkMode};
+use crate::spec::{Divergence, LossSpec, Precision, Reduction, TopkMode};
 use crate::tensor::Dtype;
 use std::mem::size_of;
 
@@ -11,8 +11,9 @@ use std::mem::size_of;
 /// Version 2 appended soft-capping, teacher log-probs, the teacher gradient,
 /// the top-k mode (params) and row weights, the teacher gradient's buffer and
 /// the top-k teacher (batch); a version-1 struct (its smaller `size`) is still
-/// accepted, the appended fields taking their defaults.
-pub const KDFUSE_ABI_VERSION: u32 = 2;
+/// accepted, the appended fields taking their defaults. Version 3 appended
+/// the precision (params); its batch is version 2's.
+pub const KDFUSE_ABI_VERSION: u32 = 3;
 
 /// Status of every call: 0 is success; otherwise `kdfuse_last_error()` says why.
 #[repr(C)]
@@ -103,7 +104,7 @@ pub enum KdfuseIndexDtype {
 pub struct KdfuseParams {
     /// `sizeof(KdfuseParams)` as the caller's header defines it.
     pub size: u32,
-    /// `KDFUSE_ABI_VERSION` of the caller's header: 1 or 2, the version
+    /// `KDFUSE_ABI_VERSION` of the caller's header: 1, 2 or 3, the version
     /// whose size `size` is; anything else is refused.
     pub version: u32,
     /// A `KdfuseDivergence` value.
@@ -138,6 +139,21 @@ pub struct KdfuseParams {
     pub topk_mode: i32,
     /// Reserved, zero. Since version 2.
     pub reserved2: i32,
+    /// A `KdfusePrecision` (default FAST): the dense kernels' arithmetic, on
+    /// the GPU and in the CPU backend. Since version 3.
+    pub precision: i32,
+    /// Reserved, zero. Since version 3.
+    pub reserved3: i32,
+}
+
+/// The GPU kernels' arithmetic (the `precision` field; docs/DESIGN.md §3).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KdfusePrecision {
+    /// The fast kernels where they cover the loss (default).
+    Fast = 0,
+    /// The exact kernels.
+    Exact = 1,
 }
 
 /// One batch: pointers (device memory for `kdfuse_compute_cuda`, host memory
@@ -148,8 +164,8 @@ pub struct KdfuseParams {
 pub struct KdfuseBatch {
     /// `sizeof(KdfuseBatch)` as the caller's header defines it.
     pub size: u32,
-    /// `KDFUSE_ABI_VERSION` of the caller's header: 1 or 2, the version
-    /// whose size `size` is; anything else is refused.
+    /// `KDFUSE_ABI_VERSION` of the caller's header: 1, 2 or 3 (2 and 3 share
+    /// a size); anything else is refused.
     pub version: u32,
     /// Rows N (≥ 0).
     pub rows: i64,
@@ -285,12 +301,27 @@ pub struct KdfuseFeatureBatch {
 
 /// `sizeof(KdfuseParams)` of version 1 (the fields before `softcap`).
 pub(crate) const PARAMS_V1_SIZE: usize = std::mem::offset_of!(KdfuseParams, softcap);
+/// `sizeof(KdfuseParams)` of version 2 (the fields before `precision`).
+pub(crate) const PARAMS_V2_SIZE: usize = std::mem::offset_of!(KdfuseParams, precision);
 /// `sizeof(KdfuseBatch)` of version 1 (the fields before `row_weights`).
 pub(crate) const BATCH_V1_SIZE: usize = std::mem::offset_of!(KdfuseBatch, row_weights);
 
-/// Reads a caller's struct of either known size (`first`, the version-1
-/// size, or `size_of::<T>()`): the caller's prefix over `defaults`, which
-/// supplies the fields an older caller does not have.
+/// (version, size) of every `KdfuseParams` this library reads.
+pub(crate) const PARAMS_SIZES: [(u32, usize); 3] = [
+    (1, PARAMS_V1_SIZE),
+    (2, PARAMS_V2_SIZE),
+    (3, size_of::<KdfuseParams>()),
+];
+/// (version, size) of every `KdfuseBatch` this library reads.
+pub(crate) const BATCH_SIZES: [(u32, usize); 3] = [
+    (1, BATCH_V1_SIZE),
+    (2, size_of::<KdfuseBatch>()),
+    (3, size_of::<KdfuseBatch>()),
+];
+
+/// Reads a caller's struct of any known (version, size) in `known`: the
+/// caller's prefix over `defaults`, which supplies the fields an older caller
+/// does not have.
 ///
 /// # Safety
 /// `p` is NULL or points to at least its own leading `u32` size, and to that
@@ -299,7 +330,7 @@ pub(crate) unsafe fn read_sized<T: Copy>(
     arg: &'static str,
     p: *const T,
     defaults: T,
-    first: usize,
+    known: &[(u32, usize)],
 ) -> Result<T> {
     if p.is_null() {
         return invalid(arg, "must not be NULL");
@@ -311,7 +342,7 @@ pub(crate) unsafe fn read_sized<T: Copy>(
     } else {
         "batch.size"
     };
-    check_size(size_arg, size, size_of::<T>(), first)?;
+    check_size(size_arg, size, known)?;
     // SAFETY: every versioned struct has its u32 version after the size, and
     // `size` (checked) covers it.
     let version = unsafe { p.cast::<u32>().add(1).read_unaligned() };
@@ -320,7 +351,7 @@ pub(crate) unsafe fn read_sized<T: Copy>(
     } else {
         "batch.version"
     };
-    check_version(version_arg, version, size, size_of::<T>(), first)?;
+    check_version(version_arg, version, size, known)?;
     let mut out = defaults;
     // SAFETY: the caller's struct holds `size` bytes (checked ≤ ours), and
     // every prefix of these plain-data structs is a valid one.
@@ -334,15 +365,27 @@ pub(crate) unsafe fn read_sized<T: Copy>(
     Ok(out)
 }
 
-/// The caller's struct size: the first version's or ours (no other version
-/// exists yet, and a size between would cut a field).
-pub(crate) fn check_size(arg: &'static str, size: u32, ours: usize, first: usize) -> Result<()> {
+/// The caller's struct size: one of the known versions' (a size between
+/// would cut a field).
+pub(crate) fn check_size(arg: &'static str, size: u32, known: &[(u32, usize)]) -> Result<()> {
     let size = size as usize;
-    if size != first && size != ours {
+    let mut sizes: Vec<usize> = known.iter().map(|&(_, s)| s).collect();
+    sizes.dedup();
+    if !sizes.contains(&size) {
+        let list = match sizes.split_last() {
+            Some((last, rest)) if !rest.is_empty() => format!(
+                "{} or {last}",
+                rest.iter()
+                    .map(|s| s.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            _ => sizes.first().map_or(String::new(), |s| s.to_string()),
+        };
         return invalid(
             arg,
             format!(
-                "struct size {size} is not one this library knows ({first} or {ours}); \
+                "struct size {size} is not one this library knows ({list}); \
                  fill it with its kdfuse_*_init/default function"
             ),
         );
@@ -350,30 +393,38 @@ pub(crate) fn check_size(arg: &'static str, size: u32, ours: usize, first: usize
     Ok(())
 }
 
-/// The caller's struct version: 1 or 2 (this library's), the one its size
-/// says (a version-1 struct has the version-1 size).
+/// The caller's struct version: one this library knows, whose size is the
+/// struct's `size`.
 pub(crate) fn check_version(
     arg: &'static str,
     version: u32,
     size: u32,
-    ours: usize,
-    first: usize,
+    known: &[(u32, usize)],
 ) -> Result<()> {
-    let want = if size as usize == first && first != ours {
-        1
-    } else {
-        KDFUSE_ABI_VERSION
-    };
-    if !(1..=KDFUSE_ABI_VERSION).contains(&version) {
+    let (lo, hi) = (
+        known.iter().map(|k| k.0).min().unwrap_or(1),
+        known
+            .iter()
+            .map(|k| k.0)
+            .max()
+            .unwrap_or(KDFUSE_ABI_VERSION),
+    );
+    if !known.iter().any(|&(v, _)| v == version) {
         return invalid(
             arg,
             format!(
-                "{version} is not a version this library knows (1 to {KDFUSE_ABI_VERSION}); \
+                "{version} is not a version this library knows ({lo} to {hi}); \
                  fill the struct with its kdfuse_*_init/default function"
             ),
         );
     }
-    if version != want {
+    if !known.contains(&(version, size as usize)) {
+        let want = known
+            .iter()
+            .filter(|&&(_, s)| s == size as usize)
+            .map(|&(v, _)| v)
+            .max()
+            .unwrap_or(hi);
         return invalid(
             arg,
             format!("version {version} does not match the struct size {size} (version {want}'s)"),
@@ -434,24 +485,15 @@ impl KdfuseParams {
             grad_teacher: 0,
             topk_mode: KdfuseTopkMode::Full as i32,
             reserved2: 0,
+            precision: KdfusePrecision::Fast as i32,
+            reserved3: 0,
         }
     }
 
     /// The library's spec (validated later by the backend).
     pub fn to_spec(&self) -> Result<LossSpec> {
-        check_size(
-            "params.size",
-            self.size,
-            size_of::<KdfuseParams>(),
-            PARAMS_V1_SIZE,
-        )?;
-        check_version(
-            "params.version",
-            self.version,
-            self.size,
-            size_of::<KdfuseParams>(),
-            PARAMS_V1_SIZE,
-        )?;
+        check_size("params.size", self.size, &PARAMS_SIZES)?;
+        check_version("params.version", self.version, self.size, &PARAMS_SIZES)?;
         let divergence = match self.divergence {
             0 => Divergence::ForwardKl,
             1 => Divergence::ReverseKl,
@@ -479,6 +521,16 @@ impl KdfuseParams {
                 )
             }
         };
+        let precision = match self.precision {
+            x if x == KdfusePrecision::Fast as i32 => Precision::Fast,
+            x if x == KdfusePrecision::Exact as i32 => Precision::Exact,
+            x => {
+                return invalid(
+                    "params.precision",
+                    format!("{x} is not a KdfusePrecision (0 fast, 1 exact)"),
+                )
+            }
+        };
         // 0 = off; anything else (negative, NaN, inf) reaches the spec's
         // validation, which names `softcap`.
         let softcap = (self.softcap != 0.0).then_some(self.softcap);
@@ -495,6 +547,7 @@ impl KdfuseParams {
             teacher_log_probs: self.teacher_log_probs != 0,
             grad_teacher: self.grad_teacher != 0,
             topk_mode,
+            precision,
         })
     }
 }
@@ -563,7 +616,7 @@ impl KdfuseBatch {
     /// As [`read_sized`].
     pub(crate) unsafe fn read(p: *const KdfuseBatch) -> Result<KdfuseBatch> {
         // SAFETY: the caller's contract.
-        let mut b = unsafe { read_sized("batch", p, KdfuseBatch::init(0, 0, 0), BATCH_V1_SIZE) }?;
+        let mut b = unsafe { read_sized("batch", p, KdfuseBatch::init(0, 0, 0), &BATCH_SIZES) }?;
         if (b.size as usize) < size_of::<KdfuseBatch>() {
             b.grad_teacher_stride = b.cols;
         }
@@ -573,19 +626,8 @@ impl KdfuseBatch {
     /// Checks the batch against the spec it is computed with: shape, strides,
     /// dtypes, the required pointers, and which teacher (dense or top-k).
     pub(crate) fn shape(&self, spec: &LossSpec) -> Result<BatchShape> {
-        check_size(
-            "batch.size",
-            self.size,
-            size_of::<KdfuseBatch>(),
-            BATCH_V1_SIZE,
-        )?;
-        check_version(
-            "batch.version",
-            self.version,
-            self.size,
-            size_of::<KdfuseBatch>(),
-            BATCH_V1_SIZE,
-        )?;
+        check_size("batch.size", self.size, &BATCH_SIZES)?;
+        check_version("batch.version", self.version, self.size, &BATCH_SIZES)?;
         let nonneg = |arg: &'static str, x: i64| -> Result<usize> {
             usize::try_from(x).or_else(|_| invalid(arg, format!("must be ≥ 0, got {x}")))
         };
@@ -780,7 +822,7 @@ mod tests {
                 "params",
                 buf.as_ptr().cast::<KdfuseParams>(),
                 KdfuseParams::defaults(),
-                PARAMS_V1_SIZE,
+                &PARAMS_SIZES,
             )
         }
         .unwrap();
@@ -792,7 +834,34 @@ mod tests {
         let mut p = KdfuseParams::defaults();
         p.size = 72;
         let e = p.to_spec().unwrap_err().to_string();
-        assert!(e.contains("params.size") && e.contains("64 or 88"), "{e}");
+        assert!(
+            e.contains("params.size") && e.contains("64, 88 or 96"),
+            "{e}"
+        );
+        // A version-2 struct (88 bytes) reads as fast, the default; version 3
+        // carries the precision, and refuses anything but 0 and 1.
+        p = KdfuseParams::defaults();
+        p.size = PARAMS_V2_SIZE as u32;
+        p.version = 2;
+        p.precision = 1;
+        assert_eq!(p.to_spec().unwrap().precision, crate::Precision::Exact);
+        p = KdfuseParams::defaults();
+        assert_eq!(p.to_spec().unwrap().precision, crate::Precision::Fast);
+        p.precision = 1;
+        assert_eq!(p.to_spec().unwrap().precision, crate::Precision::Exact);
+        p.precision = 2;
+        let e = p.to_spec().unwrap_err().to_string();
+        assert!(
+            e.contains("params.precision") && e.contains("0 fast, 1 exact"),
+            "{e}"
+        );
+        p = KdfuseParams::defaults();
+        p.version = 2;
+        let e = p.to_spec().unwrap_err().to_string();
+        assert!(
+            e.contains("version 2 does not match the struct size 96 (version 3's)"),
+            "{e}"
+        );
         p = KdfuseParams::defaults();
         p.softcap = 30.0;
         p.topk_mode = KdfuseTopkMode::Tail as i32;

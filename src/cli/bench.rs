@@ -7,7 +7,7 @@ use clap::Args;
 use kdfuse::bench::cuda::{DeviceCase, Variant};
 use kdfuse::bench::{BenchConfig, BenchOptions, BenchReport, Preset, Timing, MIN_RUNS};
 use kdfuse::cuda::CudaBackend;
-use kdfuse::{Divergence, Dtype, KdError};
+use kdfuse::{Divergence, Dtype, KdError, Precision};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -39,6 +39,11 @@ pub struct ShapeArgs {
     /// Loss only (no gradient).
     #[arg(long)]
     loss_only: bool,
+    /// Kernel arithmetic: fast (default) or exact; both (`fast,exact`) to
+    /// compare them. Where no fast kernel covers the loss the exact one runs
+    /// (the report names the one that ran).
+    #[arg(long, value_delimiter = ',', default_value = "fast")]
+    precision: Vec<Precision>,
 }
 
 impl ShapeArgs {
@@ -57,8 +62,13 @@ impl ShapeArgs {
         for &rows in &self.rows {
             for &cols in &self.cols {
                 for &dtype in &self.dtype {
-                    for &divergence in &self.divergence {
+                    for (&divergence, &precision) in self
+                        .divergence
+                        .iter()
+                        .flat_map(|d| self.precision.iter().map(move |p| (d, p)))
+                    {
                         let c = BenchConfig {
+                            precision,
                             alpha: self.alpha,
                             beta: if divergence == Divergence::Jsd {
                                 self.beta.unwrap_or(0.5)

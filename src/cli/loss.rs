@@ -4,7 +4,7 @@ use super::{make_backend, npy, CliError};
 use clap::Args;
 use kdfuse::{
     BackendKind, Divergence, Dtype, GradDtype, KdError, KdInputs, Logits, LossSpec, OwnedData,
-    Reduction, TopkInputs, TopkMode, TopkTeacher,
+    Precision, Reduction, TopkInputs, TopkMode, TopkTeacher,
 };
 use serde_json::json;
 use std::path::PathBuf;
@@ -79,6 +79,11 @@ pub struct LossArgs {
     /// auto = CUDA when usable, else the fast CPU backend.
     #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda", "oracle"])]
     backend: String,
+    /// The kernels' arithmetic (GPU and CPU backend): fast (default;
+    /// docs/DESIGN.md §3's mixed bound) or exact. The oracle is exact either
+    /// way; the output's "precision" says what ran.
+    #[arg(long, default_value = "fast", value_parser = ["fast", "exact"])]
+    precision: String,
     /// Write ∂loss/∂student as float32 .npy [N, V].
     #[arg(long, value_name = "G.npy")]
     grad: Option<PathBuf>,
@@ -196,6 +201,7 @@ pub fn run(a: LossArgs) -> Result<ExitCode, CliError> {
         teacher_log_probs: a.teacher_logprobs,
         grad_teacher: a.grad_teacher.is_some(),
         topk_mode,
+        precision: a.precision.parse::<Precision>().map_err(CliError::Msg)?,
     };
     let dtype: Dtype = a.dtype.parse().map_err(CliError::Msg)?;
     let kind: BackendKind = a.backend.parse().map_err(CliError::Msg)?;
@@ -339,6 +345,8 @@ pub fn run(a: LossArgs) -> Result<ExitCode, CliError> {
         "cols": v,
         "valid_rows": out.valid_rows,
         "backend": backend.name(),
+        // What ran: the top-k kernels are exact.
+        "precision": if topk { Precision::Exact } else { backend.precision(&spec) }.as_str(),
         "dtype": dtype.as_str(),
         "divergence": spec.divergence.as_str(),
         "reduction": spec.reduction.as_str(),

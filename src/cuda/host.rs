@@ -276,6 +276,10 @@ macro_rules! by_dtype {
 }
 
 impl Backend for CudaBackend {
+    fn precision(&self, spec: &LossSpec) -> crate::spec::Precision {
+        spec.kernel_precision()
+    }
+
     fn name(&self) -> &'static str {
         "cuda"
     }

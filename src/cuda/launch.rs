@@ -261,12 +261,7 @@ impl CudaBackend {
         let valid_ptr =
             unsafe { self.count_valid_rows(stream, raw.labels, n, spec, raw.valid_rows) }?;
         if l.rows > 0 {
-            let name = format!(
-                "kd_fused_{}_{}_{}",
-                spec.kernel_divergence().name(),
-                raw.dtype,
-                raw.grad_dtype
-            );
+            let name = spec.dense_kernel_name(raw.dtype, raw.grad_dtype);
             let f = self.function(&name)?;
             let args = FusedArgs {
                 student: raw.student,

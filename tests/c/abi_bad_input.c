@@ -57,8 +57,8 @@ int main(void) {
   KdfuseStatus st = kdfuse_compute_host(&b, &p);
   CHECK(st == KDFUSE_STATUS_OK, "good batch: %d %s", (int)st, kdfuse_last_error());
 
-  /* Versions: 1 and 2 only, the one the size says. */
-  const uint32_t bad_versions[] = {0, 3, 99, 0xFFFFFFFFu};
+  /* Versions: 1 to 3 only, the one the size says. */
+  const uint32_t bad_versions[] = {0, 4, 99, 0xFFFFFFFFu};
   for (size_t i = 0; i < sizeof bad_versions / sizeof bad_versions[0]; i++) {
     KdfuseParams pv = p;
     pv.version = bad_versions[i];
@@ -69,8 +69,13 @@ int main(void) {
   }
   {
     KdfuseParams pv = p;
-    pv.version = 1; /* the version-1 number on a version-2 struct */
-    CHECK_INVALID(kdfuse_compute_host(&b, &pv), "params.version", "version 1, size 2");
+    pv.version = 1; /* the version-1 number on a version-3 struct */
+    CHECK_INVALID(kdfuse_compute_host(&b, &pv), "params.version", "version 1, size 3");
+    pv.version = 2; /* the version-2 number on a version-3 struct */
+    CHECK_INVALID(kdfuse_compute_host(&b, &pv), "params.version", "version 2, size 3");
+    pv = p;
+    pv.precision = 2; /* not a KdfusePrecision */
+    CHECK_INVALID(kdfuse_compute_host(&b, &pv), "params.precision", "precision 2");
     KdfuseBatch bv = b;
     bv.size = (uint32_t)offsetof(KdfuseBatch, row_weights); /* version-1 size, version 2 */
     CHECK_INVALID(kdfuse_compute_host(&bv, &p), "batch.version", "version 2, size 1");

@@ -424,7 +424,7 @@ fn bench_cpu_writes_table_json_csv_and_markdown() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("memory copy bandwidth"), "{stdout}");
-    assert!(stdout.contains("jsd f32 5x1000 α=0.5"), "{stdout}");
+    assert!(stdout.contains("jsd f32 5x1000 fast α=0.5"), "{stdout}");
 
     let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&j).unwrap()).unwrap();
     assert_eq!(r["backend"], "cpu");
@@ -461,7 +461,7 @@ fn bench_cpu_writes_table_json_csv_and_markdown() {
     assert_eq!(csv.lines().count(), 5);
     assert!(csv.starts_with("device,backend,commit,date,divergence"));
     let md = std::fs::read_to_string(&m).unwrap();
-    assert!(md.contains("| jsd bf16 3x1000 α=0.5 |"), "{md}");
+    assert!(md.contains("| jsd bf16 3x1000 fast α=0.5 |"), "{md}");
 
     // bench-report renders the same Markdown from the JSON.
     let rep = kdfuse(&["bench-report", j.to_str().unwrap()]);

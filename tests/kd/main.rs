@@ -4,6 +4,7 @@
 mod common;
 
 mod cpu_vs_oracle;
+mod fast_kernels;
 mod hostmath;
 mod kernel_emulation;
 mod loss_family;
