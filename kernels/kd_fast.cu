@@ -11,7 +11,8 @@
 //   pass 2: TVD and JSD only: a second sweep sums the divergence from the
 //           row's log-sum-exp values (kd_fast_term2; JSD: one lg2 more).
 //   grad:   re-reads the row and writes ∂L/∂s: q − p (two exp2), reverse
-//           KL's q·(a·(s − t) − k) (one), TVD's q·factor(side), JSD's
+//           KL's q·a·((s − t)·scale2 − Δ − k) (one; Δ = lse_s − lse_t as a
+//           hi + lo pair), TVD's q·factor(side), JSD's
 //           q·(a·log2(q/m) − k) (p on the FMA pipe), packed into 16-byte stores
 //           (cvt.rn.bf16x2 / f16x2); the label's entry (α > 0) is rewritten
 //           once per row by thread 0 (kd_fast_grad_label).
@@ -24,7 +25,7 @@
 // Issue slots per element (sm_90 SASS, scripts/sass-report: every branch
 // side of the vector loops, the vote-guarded rescale apart; bf16 in and out;
 // bench/results/sass-sm_90.md): forward KL 26.5 (pass 1 16, gradient 11),
-// reverse KL 28.5, soft CE 29.2, TVD 45.1 (13 + 19 + 14), JSD 62.4
+// reverse KL 29.5, soft CE 29.0, TVD 45.1 (13 + 19 + 14), JSD 62.4
 // (13 + 19 + 31); α > 0 adds 6.0–6.6; f32 4–6 fewer. MUFU per element: 4
 // (reverse KL 3, TVD 6, JSD 7), α > 0 adds 2. Budgets: kernels/budgets.toml
 // (≤ 40, TVD ≤ 55, JSD ≤ 70).

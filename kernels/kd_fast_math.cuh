@@ -12,15 +12,15 @@
 // Statistics: a side's base-2 logits x = logit·scale2 are summarised by a
 // reference m and z = Σ 2^(x − m), where m is not the running maximum but a
 // value that only moves when a chunk of 8 logits holds one above m + T
-// (T = 32, kd_fast_over): z then holds terms up to 2^T (no overflow: 2^32·V
+// (T = 8, kd_fast_over): z then holds terms up to 2^T (no overflow: 2^8·V
 // stays far below fp32's range), and the rescale is a branch the warp takes
 // together (a vote) a few times per row instead of per element.
 // The divergence's main side P (the teacher for forward KL and soft CE, the
 // student for reverse KL; logits x, the other side y) carries
 //   acc = Σ 2^(x − mx) · ((x − mx) − (y − my))
-// so that D(P‖Q) = acc/Zx − log2 Zx + log2 Zy in base 2: no difference of
-// two log-sum-exp values of magnitude ~max|logit|, only of log2 Z ≤ log2 V +
-// T. The difference inside acc is clamped below at −2^64: a masked main entry
+// so that D(P‖Q) = acc/Zx + log2(Zy/Zx) in base 2 (in double, per row): no
+// difference of two log-sum-exp values of magnitude ~max|logit|. The
+// difference inside acc is clamped below at −2^64: a masked main entry
 // (x = −inf, weight 0) then adds 0, not 0·(−inf). A masked other entry facing
 // a finite main one makes acc +inf, or NaN where the main weight underflowed
 // (0·inf); kd_fast_finish turns that NaN into the +inf it stands for when no
@@ -62,7 +62,7 @@
 // 1.5·2^23 shifter, a degree-7 Taylor polynomial on [−½, ½] (truncation
 // ≤ 5e-9: the result is within about an ulp), the integer part added to the
 // exponent; 0 below 2^−126 (flush to zero, as ex2.approx.ftz), NaN stays NaN;
-// for x ≤ 127 (the fast statistics' arguments are ≤ T = 32). JSD's gradient
+// for x ≤ 127 (the fast statistics' arguments are ≤ T = 8). JSD's gradient
 // sweep takes its p this way to stay within 7 MUFU; on the host it is every
 // exp2 (kd_ex2): no libm call, so the CPU loops vectorize.
 KD_FHD float kd_ex2_fma(float x) {
@@ -118,8 +118,9 @@ KD_FHD float kd_lg2(float x) {
   p = fmaf(p, t2, 0.33333334f);          // 1/3
   p = fmaf(p, t2, 1.0f);
   const float y = fmaf(2.8853900817779268f * t, p, e);  // 2/ln2 · atanh-series
-  if (x > 0.0f && x < -KD_NEG_INF) return y;
-  return x == 0.0f ? KD_NEG_INF : (x > 0.0f ? x : kd_nan());
+  // Selects, not branches: the loops that call it vectorize.
+  const float edge = x == 0.0f ? KD_NEG_INF : (x > 0.0f ? x : kd_nan());
+  return (x > 0.0f) & (x < -KD_NEG_INF) ? y : edge;
 #endif
 }
 
@@ -265,6 +266,8 @@ struct KdFastRow {
   float aw;            // gradient: w·α
   float k;             // reverse KL: D (base 2); JSD: Σ q log2(q/m)
   float kscale;        // reverse KL: cw; JSD: cw·ln2·(1 − β)
+  float dlt_hi, dlt_lo;  // reverse KL: lse_s − lse_t (base 2) as hi + lo
+  float ref_s, inv_zs;   // reverse KL: the student's reference and 1/Z_s
   float omb;           // JSD: 1 − β
   float f_up, f_dn, f_eq;  // TVD: the gradient's factor of q where q > p, q < p, q = p
 };
@@ -287,7 +290,11 @@ KD_FHD KdFastRow kd_fast_finish(const KdFast& st, float w, const KdParams& P) {
     poison += kd_fast_poison(st.mx, st.zx, true) + kd_fast_poison(st.my, st.zy, true);
   if (CE) poison += kd_fast_poison(st.m1, st.z1, true);
   r.poison = poison;
-  float d2 = KD_FAST_ACC(DIV) ? st.acc / st.zx - lx + ly : 0.0f;
+  // In double (once per row): acc/Zx and log2(Zy/Zx) can each be several
+  // times D, and fp32 would round each at its own size.
+  float d2 = KD_FAST_ACC(DIV)
+                 ? (float)((double)st.acc / (double)st.zx + log2((double)st.zy / (double)st.zx))
+                 : 0.0f;
   // NaN in acc with clean inputs is 0·inf: a masked other entry facing a
   // main entry whose weight underflowed; the divergence is +inf all the same.
   if (!(d2 == d2)) d2 = -KD_NEG_INF;
@@ -297,6 +304,16 @@ KD_FHD KdFastRow kd_fast_finish(const KdFast& st, float w, const KdParams& P) {
   const float lse_x = st.mx + lx, lse_y = st.my + ly;
   r.lse_s = rkl ? lse_x : lse_y;
   r.lse_t = rkl ? lse_y : lse_x;
+  if (rkl) {
+    // The references are exact floats: (mx − my) + log2(Zx/Zy) in double.
+    const double dl = ((double)st.mx - (double)st.my) + log2((double)st.zx / (double)st.zy);
+    r.dlt_hi = (float)dl;
+    r.dlt_lo = (float)(dl - (double)r.dlt_hi);
+    r.ref_s = st.mx;
+    r.inv_zs = 1.0f / st.zx;
+  } else {
+    r.dlt_hi = r.dlt_lo = r.ref_s = r.inv_zs = 0.0f;
+  }
   r.m_1 = CE ? st.m1 : 0.0f;
   r.l_1 = CE ? log2f(st.z1) : 0.0f;
   r.lse_1 = r.m_1 + r.l_1;
@@ -314,6 +331,9 @@ KD_FHD KdFastRow kd_fast_finish(const KdFast& st, float w, const KdParams& P) {
     r.lse_t = -KD_NEG_INF;
     r.k = 0.0f;
     r.kscale = 0.0f;
+    // A NaN difference: every log-ratio clamps to −2^64, and q = 0 makes it 0.
+    r.dlt_hi = r.dlt_lo = kd_nan();
+    r.inv_zs = 0.0f;
   }
   return r;
 }
@@ -321,6 +341,8 @@ KD_FHD KdFastRow kd_fast_finish(const KdFast& st, float w, const KdParams& P) {
 // Pass 2 (TVD, JSD): one element's pair of sums (see the top).
 struct KdFast2 {
   float a, b, c;  // c: TVD's Σ q where q < p (ties half)
+  float d;        // JSD: the element's clamped log2(q/m), not summed (the
+                  // CPU path keeps it for its gradient sweep)
 };
 
 template <int DIV>
@@ -329,12 +351,13 @@ KD_FHD KdFast2 kd_fast_term2(float s, float t, const KdFastRow& r, const KdParam
   const float q = kd_ex2(lq), p = kd_ex2(lp);
   if (DIV == KD_DIV_TVD) {
     const float tie = q == p ? 0.5f * q : 0.0f;
-    return KdFast2{fabsf(q - p), q > p ? q : tie, q < p ? q : tie};
+    return KdFast2{fabsf(q - p), q > p ? q : tie, q < p ? q : tie, 0.0f};
   }
   // m floored at 2^−126: where p and q both underflow, log2(q/m) stays
   // finite (≤ −log2(1−β) in exact arithmetic), never −600 + inf.
   const float lm = kd_lg2(kd_atleast(fmaf(P.beta, p, r.omb * q), 1.17549435e-38f));
-  return KdFast2{p * kd_atleast(lp - lm, -KD_FAST_BIG), q * kd_atleast(lq - lm, -KD_FAST_BIG), 0.0f};
+  const float d = kd_atleast(lq - lm, -KD_FAST_BIG);
+  return KdFast2{p * kd_atleast(lp - lm, -KD_FAST_BIG), q * d, 0.0f, d};
 }
 
 // The pass-2 sums into the row's divergence and gradient factors.
@@ -373,23 +396,29 @@ KD_FHD float kd_fast_loss(const KdFastRow& r, float s_y, const KdParams& P) {
   return loss;
 }
 
+// JSD's soft gradient entry from q and the clamped log2(q/m) (kd_fast_term2's d).
+KD_FHD float kd_fast_grad_jsd(float q, float d, const KdFastRow& r) { return (q * r.kscale) * (d - r.k); }
+
 // ∂ℓ/∂s_j·w off the label (the label's −α·w: kd_fast_grad_label).
 //   forward KL, soft CE: cw·(q − p) [+ aw·q¹]
-//   reverse KL: cw·ln2·q·(log2 q − log2 p − D) = (q·kscale)·((lq − lp) − D) [+ aw·q¹],
-//   the difference formed before the weight (its cancellation exact), lq − lp
-//   clamped below (a masked student entry: q = 0, not 0·inf);
+//   reverse KL: cw·ln2·q·(log2 q − log2 p − D) = (q·kscale)·(d − D) [+ aw·q¹],
+//   d = log2 q − log2 p = (s − t)·scale2 − Δ, Δ = lse_s − lse_t as hi + lo
+//   (s − t is exact for 16-bit logits and one fma rounds at |d|' size: not
+//   at that of log2 q, ≈ log2 V in a flat row), clamped below (a masked
+//   student entry: q = 0, not 0·inf);
 //   TVD: q·(f_up, f_dn or f_eq by the side of q against p);
 //   JSD: (q·kscale)·(log2(q/m) − Σ q log2(q/m)), p by kd_ex2_fma (no MUFU).
 template <int DIV, bool CE>
 KD_FHD float kd_fast_grad(float s, float t, const KdFastRow& r, const KdParams& P) {
-  const float q = kd_ex2(fmaf(s, P.scale2, -r.lse_s));
+  // Reverse KL's q from the student's reference and 1/Z (one multiply
+  // more): its exponent is rounded at |x − m| ≤ the row's spread, not at
+  // |log2 q| ≈ log2 V + |x − m| (a flat row's every q would carry that).
+  const float q = DIV == KD_DIV_RKL ? kd_ex2(fmaf(s, P.scale2, -r.ref_s)) * r.inv_zs
+                                    : kd_ex2(fmaf(s, P.scale2, -r.lse_s));
   float g;
   if (DIV == KD_DIV_RKL) {
-    // log2 q − log2 p from the two log-probabilities (each rounded at its
-    // own, small, magnitude where the weight is), not from s − t and the
-    // lse difference (rounded at theirs).
-    const float lq = fmaf(s, P.scale2, -r.lse_s), lp = fmaf(t, P.scale2, -r.lse_t);
-    g = (q * r.kscale) * (kd_atleast(lq - lp, -KD_FAST_BIG) - r.k);
+    const float d = fmaf(s - t, P.scale2, -r.dlt_hi) - r.dlt_lo;
+    g = (q * r.kscale) * (kd_atleast(d, -KD_FAST_BIG) - r.k);
   } else if (DIV == KD_DIV_TVD) {
     const float p = kd_ex2(fmaf(t, P.scale2, -r.lse_t));
     g = q * (q > p ? r.f_up : (q < p ? r.f_dn : r.f_eq));
@@ -397,7 +426,7 @@ KD_FHD float kd_fast_grad(float s, float t, const KdFastRow& r, const KdParams& 
     const float lq = fmaf(s, P.scale2, -r.lse_s);
     const float p = kd_ex2_fma(fmaf(t, P.scale2, -r.lse_t));
     const float lm = kd_lg2(kd_atleast(fmaf(P.beta, p, r.omb * q), 1.17549435e-38f));
-    g = (q * r.kscale) * (kd_atleast(lq - lm, -KD_FAST_BIG) - r.k);
+    g = kd_fast_grad_jsd(q, kd_atleast(lq - lm, -KD_FAST_BIG), r);
   } else {
     const float p = kd_ex2(fmaf(t, P.scale2, -r.lse_t));
     g = r.cw * (q - p);

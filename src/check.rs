@@ -606,20 +606,7 @@ pub fn fast_resolution(inputs: &KdInputs, spec: &LossSpec) -> (Vec<f64>, f64) {
     let tau = spec.temperature;
     let eps_of = |x: &[f64], t: f64| -> (f64, f64) {
         // (ε, ‖softmax(x/t)‖₂)
-        let lp = crate::oracle::log_softmax(x, t);
-        let lse = x
-            .iter()
-            .zip(&lp)
-            .find(|(a, l)| a.is_finite() && l.is_finite())
-            .map_or(0.0, |(a, l)| a / t - l);
-        let big = max_abs_finite(x.iter().map(|a| a / t)).max(lse.abs());
-        let lam = big + (v as f64).ln() + 16.0 * std::f64::consts::LN_2;
-        let norm = lp
-            .iter()
-            .map(|l| l.exp().powi(2))
-            .filter(|y| y.is_finite())
-            .sum::<f64>()
-            .sqrt();
+        let (lam, norm) = lambda_and_norm(x, t);
         (FAST_ULPS * lam / 16_777_216.0, norm)
     };
     let mut loss = vec![0.0; n];
@@ -647,6 +634,54 @@ pub fn fast_resolution(inputs: &KdInputs, spec: &LossSpec) -> (Vec<f64>, f64) {
         grad2 += g * g;
     }
     (loss, grad2.sqrt())
+}
+
+/// A row's Λ (the largest |log-sum-exp| or |logit|/t of `x` plus ln V +
+/// 16 ln 2, in nats) and ‖softmax(x/t)‖₂.
+fn lambda_and_norm(x: &[f64], t: f64) -> (f64, f64) {
+    let lp = crate::oracle::log_softmax(x, t);
+    let lse = x
+        .iter()
+        .zip(&lp)
+        .find(|(a, l)| a.is_finite() && l.is_finite())
+        .map_or(0.0, |(a, l)| a / t - l);
+    let big = max_abs_finite(x.iter().map(|a| a / t)).max(lse.abs());
+    let lam = big + (x.len() as f64).ln() + 16.0 * std::f64::consts::LN_2;
+    let norm = lp
+        .iter()
+        .map(|l| l.exp().powi(2))
+        .filter(|y| y.is_finite())
+        .sum::<f64>()
+        .sqrt();
+    (lam, norm)
+}
+
+/// Dense cases with the teacher gradient, exact precision: the teacher
+/// gradient fp32 cannot resolve (absolute, before the tolerance). Its
+/// entries are w·c·p_j·(h_j − ⟨p, h⟩)/τ with h formed from log-ratios of
+/// size up to Λ (as [`fast_resolution`]'s, the larger side's), each resolved
+/// to one fp32 ulp of Λ at best: w·c·2^-24·Λ·‖p‖/τ per row. Where h_j −
+/// ⟨p, h⟩ cancels to far below Λ (seen: V = 2, soft CE, nearly equal student
+/// logits at τ = 0.5, a teacher gradient 2e-3 of its parts, off by 2.8e-5
+/// relative) that floor shows.
+pub fn teacher_resolution(inputs: &KdInputs, spec: &LossSpec) -> f64 {
+    let (n, v) = (inputs.student.rows, inputs.student.cols);
+    let valid = inputs.valid_rows(spec.ignore_index);
+    let (c, tau) = (spec.soft_coef(), spec.temperature);
+    let mut grad2 = 0.0;
+    for r in 0..n {
+        let wrow = inputs.row_weights.map_or(1.0, |w| w[r] as f64);
+        if inputs.labels.map(|l| l[r]) == Some(spec.ignore_index) || wrow == 0.0 {
+            continue;
+        }
+        let row = |x: &Logits| -> Vec<f64> { (0..v).map(|j| x.get(r, j) as f64).collect() };
+        let (ls, _) = lambda_and_norm(&row(&inputs.student), tau);
+        let (lt, nt) = lambda_and_norm(&row(&inputs.teacher), tau);
+        let w = spec.grad_scale.abs() * spec.reduction.row_weight(valid, v) * wrow;
+        let g = w * c * ls.max(lt) / 16_777_216.0 * nt / tau;
+        grad2 += g * g;
+    }
+    grad2.sqrt()
 }
 
 /// Dense soft-capped cases: the gradient fp32 cannot resolve (absolute,
@@ -706,6 +741,22 @@ pub fn compare_with_grad_floor(
     grad_out: Dtype,
     grad_floor: f64,
 ) -> (f64, f64) {
+    compare_with_floors(
+        out, reference, scales, weight, grad_out, grad_floor, grad_floor,
+    )
+}
+
+/// [`compare_with_grad_floor`] with the teacher's gradient judged against
+/// at least `teacher_floor` (≥ `grad_floor`'s role for the student's).
+pub fn compare_with_floors(
+    out: &KdOutput,
+    reference: &KdOutput,
+    scales: &[f64],
+    weight: f64,
+    grad_out: Dtype,
+    grad_floor: f64,
+    teacher_floor: f64,
+) -> (f64, f64) {
     let floors = loss_floors(scales);
     let row_floor = l2(&floors);
     let total_floor = weight * floors.iter().sum::<f64>();
@@ -720,7 +771,7 @@ pub fn compare_with_grad_floor(
         (Dtype::F16, Some(g)) => 2f64.powi(-14) * (g.len() as f64).sqrt(),
         _ => 0.0,
     }
-    .max(grad_floor);
+    .max(teacher_floor);
     let grad_err = grad_error(&out.grad, &reference.grad, grad_floor).max(grad_error(
         &out.grad_teacher,
         &reference.grad_teacher,
@@ -886,8 +937,23 @@ pub fn run_case(backend: &dyn Backend, config: &CaseConfig) -> Result<CaseReport
         // (softcap_resolution).
         None => (scales, softcap_resolution(&inputs, &spec) / tolerance.grad),
     };
-    let (loss_err, grad_err) =
-        compare_with_grad_floor(&out, &reference, &scales, weight, grad_out, grad_floor);
+    // The exact kernels' teacher gradient: against at least one fp32 ulp of
+    // its log-ratios (teacher_resolution; the fast path has no teacher
+    // gradient: it runs the exact kernels).
+    let teacher_floor = if topk.is_none() && spec.grad_teacher {
+        grad_floor.max(teacher_resolution(&inputs, &spec) / tolerance.grad)
+    } else {
+        grad_floor
+    };
+    let (loss_err, grad_err) = compare_with_floors(
+        &out,
+        &reference,
+        &scales,
+        weight,
+        grad_out,
+        grad_floor,
+        teacher_floor,
+    );
     let eager = (topk.is_none() && backend.precision(&spec) == Precision::Fast).then(|| {
         let e = crate::eager::eager_f32(&inputs, &spec, config.grad_dtype);
         compare_with_grad_floor(&e, &reference, &scales, weight, grad_out, grad_floor)

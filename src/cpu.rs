@@ -1,4 +1,5 @@
-//! The fast CPU backend: rayon over rows, each row through the kernels' own
+//! The fast CPU backend: rayon over rows (and over a row's segments when
+//! there are fewer rows than threads), each row through the kernels' own
 //! fp32 arithmetic compiled for the host — kernels/kd_fast_math.cuh,
 //! vectorized (kernels/kd_host_fast.cpp), in precision = fast;
 //! kernels/kd_math.cuh (kernels/kd_host.cpp) in precision = exact — so that it
@@ -6,6 +7,7 @@
 
 use crate::backend::{validate, validate_topk, Backend, KdOutput};
 use crate::error::Result;
+use crate::fast_segments;
 use crate::hostmath::{self, RowData, TopkRow, TopkRowIndices};
 use crate::params::KernelParams;
 use crate::spec::{LossSpec, Precision};
@@ -151,6 +153,9 @@ impl Backend for CpuBackend {
         let label = |r: usize| inputs.labels.map(|l| l[r]);
         let fast = self.precision(spec) == Precision::Fast;
         let ce = spec.alpha > 0.0;
+        // Fewer rows than threads: each row's segments in parallel too (the
+        // same result as one thread per row).
+        let split = n < rayon::current_num_threads() && v >= 2 * fast_segments::segment();
         let (row_losses, g, gt) = run_rows(
             n,
             v,
@@ -159,7 +164,17 @@ impl Backend for CpuBackend {
             spec.grad_teacher,
             |r, gr, gtr, wr| {
                 let wr = if wr == 0.0 { 0.0 } else { w * wr };
-                if fast {
+                if fast && split {
+                    fast_segments::fast_row_split(
+                        div,
+                        ce,
+                        row_data(inputs, r),
+                        label(r),
+                        gr,
+                        &p,
+                        wr,
+                    )
+                } else if fast {
                     hostmath::fast_row(div, ce, row_data(inputs, r), label(r), gr, &p, wr)
                 } else {
                     hostmath::row(div, row_data(inputs, r), label(r), gr, gtr, &p, wr)

@@ -45,6 +45,7 @@ pub mod eager;
 #[doc(hidden)]
 pub mod emu;
 pub mod error;
+mod fast_segments;
 pub mod feature;
 pub mod hostmath;
 pub mod oracle;
