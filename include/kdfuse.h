@@ -50,8 +50,9 @@ typedef enum KdfuseDtype {
   KDFUSE_DTYPE_BF16 = 1,
   // IEEE half.
   KDFUSE_DTYPE_F16 = 2,
-  // IEEE double: `kdfuse_compute_host_f64` only (the f64 oracle, for
-  // gradient checks); every other function refuses it.
+  // IEEE double: `kdfuse_compute_host_f64`, `kdfuse_compute_topk_host_f64`
+  // and `kdfuse_feature_compute_host` only (the f64 oracle, for gradient
+  // checks); every other function refuses it.
   KDFUSE_DTYPE_F64 = 3,
 } KdfuseDtype;
 
@@ -380,16 +381,41 @@ enum KdfuseStatus kdfuse_compute_host(const struct KdfuseBatch *batch,
 // `grad_teacher`, `row_weights` (N), `row_losses` (N) and `loss` (one),
 // whatever their C type in `KdfuseBatch`. `labels` (int64) and
 // `valid_rows` (int32) are as for `kdfuse_compute_host`, as are the
-// params, the strides and the outputs' meaning; a dense teacher only (no
-// top-k). Every pointer must be aligned for its element type; otherwise
-// `INVALID_ARGUMENT` naming the field. Since ABI version 2 (an appended
-// function: the structs are unchanged).
+// params, the strides and the outputs' meaning; a dense teacher only (a
+// top-k teacher: `kdfuse_compute_topk_host_f64`). Every pointer must be
+// aligned for its element type; otherwise `INVALID_ARGUMENT` naming the
+// field. Since ABI version 2 (an appended function: the structs are
+// unchanged).
 //
 // # Safety
 // Every non-NULL pointer must be host memory large enough for the batch's
 // shape and strides, in the element types above.
 enum KdfuseStatus kdfuse_compute_host_f64(const struct KdfuseBatch *batch,
                                           const struct KdfuseParams *params);
+
+// The loss against a top-k teacher (and the student's gradient, when
+// `batch->grad` is not NULL) on host memory in double precision, computed
+// by the f64 oracle (the top-k definitions of docs/DESIGN.md §4 evaluated
+// directly, one row at a time): for gradient checks, not for speed. The
+// top-k counterpart of `kdfuse_compute_host_f64`: `batch.dtype` and
+// `batch.grad_dtype` must be `KDFUSE_DTYPE_F64`, and every floating-point
+// buffer holds doubles: `student`, `topk_values` (N·k), `grad`,
+// `row_weights` (N), `row_losses` (N) and `loss` (one), whatever their C
+// type in `KdfuseBatch`. `topk_indices` (int32 or int64 per
+// `topk_index_dtype`, N·k, distinct within a row, in `[0, V)`: always
+// checked, the first bad row named), `topk_k`, `labels` (int64) and
+// `valid_rows` (int32) are as for `kdfuse_compute_host`, as are the params
+// (forward KL only; `topk_mode`, `teacher_log_probs`), the strides and the
+// outputs' meaning. `teacher` must be NULL and there is no teacher gradient
+// (a top-k teacher is fixed data). Every pointer must be aligned for its
+// element type; otherwise `INVALID_ARGUMENT` naming the field. Appended in
+// ABI version 3 (the structs are unchanged).
+//
+// # Safety
+// Every non-NULL pointer must be host memory large enough for the batch's
+// shape, `topk_k` and strides, in the element types above.
+enum KdfuseStatus kdfuse_compute_topk_host_f64(const struct KdfuseBatch *batch,
+                                               const struct KdfuseParams *params);
 
 // Fills `*out` for a dense `[rows, width]` feature batch of `kind` (a
 // `KdfuseFeatureKind`) and `dtype` (a `KdfuseDtype`, F64 for the host's

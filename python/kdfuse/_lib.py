@@ -167,6 +167,7 @@ def _declare(lib):
                                 ctypes.c_void_p],
         "kdfuse_compute_host": [ctypes.POINTER(Batch), ctypes.POINTER(Params)],
         "kdfuse_compute_host_f64": [ctypes.POINTER(Batch), ctypes.POINTER(Params)],
+        "kdfuse_compute_topk_host_f64": [ctypes.POINTER(Batch), ctypes.POINTER(Params)],
         "kdfuse_feature_batch_init": [ctypes.POINTER(FeatureBatch), ctypes.c_int32,
                                       ctypes.c_int64, ctypes.c_int64, ctypes.c_int32],
         "kdfuse_feature_workspace_len": [ctypes.POINTER(FeatureBatch),
@@ -197,8 +198,9 @@ def load_library():
                 + "); install the package with `pip install .`, or build it with "
                 "`cargo build --release` and set KDFUSE_LIB")
         lib = ctypes.CDLL(str(where))
-        if not hasattr(lib, "kdfuse_feature_compute_host"):
-            raise KdfuseError(f"{where} is an older libkdfuse (no kdfuse_feature_compute_host); "
+        # The newest entry point: an older library lacks it.
+        if not hasattr(lib, "kdfuse_compute_topk_host_f64"):
+            raise KdfuseError(f"{where} is an older libkdfuse (no kdfuse_compute_topk_host_f64); "
                               "rebuild it")
         _declare(lib)
         _lib, _lib_path = lib, where

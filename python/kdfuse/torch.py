@@ -157,6 +157,8 @@ def _call(student, teacher, topk_indices, labels, row_weights, params, grad_stud
         stream = torch.cuda.current_stream(dev).cuda_stream
         _lib.check(lib.kdfuse_compute_cuda(_lib.context(dev.index or 0), ctypes.byref(b),
                                            ctypes.byref(params), ctypes.c_void_p(stream)))
+    elif f64 and topk_indices is not None:
+        _lib.check(lib.kdfuse_compute_topk_host_f64(ctypes.byref(b), ctypes.byref(params)))
     elif f64:
         _lib.check(lib.kdfuse_compute_host_f64(ctypes.byref(b), ctypes.byref(params)))
     else:
@@ -246,9 +248,8 @@ def _topk_loss(
     """(loss, ∂loss/∂student or [0]) of kdfuse's loss against a top-k teacher.
 
     ``topk_indices`` [..., k] (int32/int64) and ``topk_values`` [..., k]
-    (the student's dtype) for a student [..., V]; otherwise as dense_loss."""
-    if student.dtype == torch.float64:
-        raise ValueError("student_logits: the top-k loss has no float64 path; use float32")
+    (the student's dtype) for a student [..., V]; otherwise as dense_loss
+    (float64 on the CPU: the f64 oracle)."""
     params = _lib.make_params(divergence, reduction, beta=beta, temperature=temperature,
                               alpha=alpha, ignore_index=ignore_index, t2_scaling=t2_scaling,
                               softcap=softcap, teacher_log_probs=teacher_log_probs,
@@ -387,12 +388,33 @@ def _dense_loss_vmap(info, in_dims, student, teacher, labels, row_weights, diver
     rows, gs, gt = torch.ops.kdfuse.dense_loss(
         s, t, lab, w, divergence, beta, temperature, alpha, _lib.C_NONE, ignore_index,
         t2_scaling, softcap, grad_student, grad_teacher, precision)
-    if lab is not None:
-        valid = (lab != ignore_index).reshape(n, -1).sum(1)
-    else:
-        valid = torch.full((n,), math.prod(s.shape[1:-1]), device=s.device)
+    valid = _valid_per_entry(lab, ignore_index, s, n)
     out = _reduce_entries(rows, gs, gt, reduction, n, valid, s.shape[-1])
     return out, (0, 0 if grad_student else None, 0 if grad_teacher else None)
+
+
+def _valid_per_entry(labels, ignore_index, s, size):
+    """The rows that count in each vmap entry of logits ``s`` [size, ..., V]."""
+    if labels is not None:
+        return (labels != ignore_index).reshape(size, -1).sum(1)
+    return torch.full((size,), math.prod(s.shape[1:-1]), device=s.device)
+
+
+@torch.library.register_vmap("kdfuse::topk_loss")
+def _topk_loss_vmap(info, in_dims, student, topk_indices, topk_values, labels, row_weights,
+                    divergence, beta, temperature, alpha, reduction, ignore_index, t2_scaling,
+                    softcap, teacher_log_probs, topk_mode, grad_student):
+    n = info.batch_size
+    s = _batched(student, in_dims[0], n)
+    idx, vals = _batched(topk_indices, in_dims[1], n), _batched(topk_values, in_dims[2], n)
+    lab, w = _batched(labels, in_dims[3], n), _batched(row_weights, in_dims[4], n)
+    rows, gs = torch.ops.kdfuse.topk_loss(
+        s, idx, vals, lab, w, divergence, beta, temperature, alpha, _lib.C_NONE, ignore_index,
+        t2_scaling, softcap, teacher_log_probs, topk_mode, grad_student)
+    valid = _valid_per_entry(lab, ignore_index, s, n)
+    loss, gs, _ = _reduce_entries(rows, gs, gs.new_empty((0,)), reduction, n, valid,
+                                  s.shape[-1])
+    return (loss, gs), (0, 0 if grad_student else None)
 
 
 @torch.library.register_vmap("kdfuse::scale_grad")
@@ -456,7 +478,8 @@ _topk_loss.register_autograd(_topk_backward, setup_context=_topk_setup)
 
 
 _TopkLoss = _op_function("_TopkLoss", torch.ops.kdfuse.topk_loss, _topk_setup,
-                         _topk_backward, "The top-k op under an autograd.Function.")
+                         _topk_backward, "The top-k op under an autograd.Function.",
+                         vmap=True)
 
 
 # ---------------------------------------------------------------------------
@@ -616,7 +639,9 @@ def topk_distill_loss(student_logits, topk_indices, topk_values, labels=None, *,
     (logits, or log-probs with ``teacher_log_probs``). ``topk_mode``: full
     (the teacher is zero off its support; default), support (both
     renormalised over the k entries) or tail (k + 1 buckets; needs log-probs
-    and τ = 1). The values get no gradient. float32/bfloat16/float16 only."""
+    and τ = 1). The values get no gradient. float32/bfloat16/float16, and
+    float64 on the CPU (the library's f64 oracle, for ``gradcheck``); float64
+    CUDA tensors are computed in float32, as before the f64 path existed."""
     _check_logits(student_logits, "student_logits")
     _check_logits(topk_values, "topk_values")
     if not isinstance(topk_indices, torch.Tensor) or topk_indices.dtype not in (torch.int32,
@@ -638,7 +663,7 @@ def topk_distill_loss(student_logits, topk_indices, topk_values, labels=None, *,
     labels = _check_rows_arg(labels, "labels", lead, s.device, True)
     row_weights = _check_rows_arg(row_weights, "row_weights", lead, s.device, False)
     dtype = torch.promote_types(s.dtype, topk_values.dtype)
-    if dtype == torch.float64:
+    if dtype == torch.float64 and s.device.type != "cpu":
         dtype = torch.float32
     s, vals = s.to(dtype), topk_values.to(dtype)
     code, post = _reduce(None, reduction, labels, num_items_in_batch,
@@ -817,8 +842,36 @@ _feature_setup, _feature_backward = _two_sided_autograd("feature_loss", 3, 5, 7)
 _feature_loss.register_autograd(_feature_backward, setup_context=_feature_setup)
 
 
+@torch.library.register_vmap("kdfuse::feature_loss")
+def _feature_loss_vmap(info, in_dims, student, teacher, kind, reduction, eps, grad_student,
+                       grad_teacher):
+    n = info.batch_size
+    s, t = _batched(student, in_dims[0], n), _batched(teacher, in_dims[1], n)
+    # One entry's geometry, checked on shapes only (meta tensors).
+    rows_each, width, cs, _, none_shape = _feature_geometry(
+        torch.empty(s.shape[1:], device="meta"), torch.empty(t.shape[1:], device="meta"), kind)
+    attention = kind == _lib.FEATURE_KINDS["attention"]
+    # mse/cosine rows are every leading index, the vmapped one included;
+    # attention maps [n, N, C, ...] become [n·N, C, ...].
+    s2, t2 = (s.flatten(0, 1), t.flatten(0, 1)) if attention else (s, t)
+    rows, gs, gt = torch.ops.kdfuse.feature_loss(s2, t2, kind, _lib.C_NONE, eps, grad_student,
+                                                 grad_teacher)
+    rows = rows.reshape((n,) + tuple(none_shape))
+    if grad_student:
+        gs = gs.reshape(s.shape)
+    if grad_teacher:
+        gt = gt.reshape(t.shape)
+    valid = torch.full((n,), rows_each, device=s.device)
+    # The elements per row that the kind's mean averages over (as the library's).
+    count = {_lib.FEATURE_KINDS["mse"]: cs * width, _lib.FEATURE_KINDS["cosine"]: 1}.get(
+        kind, width)
+    out = _reduce_entries(rows, gs, gt, reduction, n, valid, count)
+    return out, (0, 0 if grad_student else None, 0 if grad_teacher else None)
+
+
 _FeatureLoss = _op_function("_FeatureLoss", torch.ops.kdfuse.feature_loss, _feature_setup,
-                            _feature_backward, "The feature op under an autograd.Function.")
+                            _feature_backward, "The feature op under an autograd.Function.",
+                            vmap=True)
 
 
 FEATURE_KINDS = tuple(_lib.FEATURE_KINDS)

@@ -91,6 +91,40 @@ class TestFeatureLosses(unittest.TestCase):
                         lambda a, b: kt.feature_loss(a, b, kind=kind, reduction=reduction),
                         (s.requires_grad_(True), t.requires_grad_(True))))
 
+    def test_vmap_and_per_sample_gradients(self):
+        g = torch.Generator().manual_seed(3)
+        shapes = {"mse": ((2, 3, 7), (2, 3, 7)), "cosine": ((2, 3, 7), (2, 3, 7)),
+                  "attention": ((2, 3, 4, 5), (2, 6, 4, 5))}
+        for kind in kt.FEATURE_KINDS:
+            for reduction in kt.FEATURE_REDUCTIONS:
+                with self.subTest(kind=kind, reduction=reduction):
+                    ss, ts = shapes[kind]
+                    s_all = torch.randn((3,) + ss, generator=g, dtype=torch.float64)
+                    t_all = torch.randn((3,) + ts, generator=g, dtype=torch.float64)
+
+                    def f(s, t):
+                        return kt.feature_loss(s, t, kind=kind, reduction=reduction).sum()
+
+                    got = torch.vmap(f)(s_all, t_all)
+                    grads_got = torch.vmap(torch.func.grad(f, argnums=(0, 1)))(s_all, t_all)
+                    # The module, the vmapped dimension not first.
+                    crit = kt.FeatureDistillationLoss(kind=kind, reduction=reduction)
+                    mod = torch.vmap(crit, in_dims=(1, 1))(s_all.movedim(0, 1),
+                                                          t_all.movedim(0, 1))
+                    for i in range(3):
+                        want = f(s_all[i], t_all[i])
+                        torch.testing.assert_close(got[i], want)
+                        torch.testing.assert_close(mod[i].sum(), want)
+                        ws, wt = torch.func.grad(f, argnums=(0, 1))(s_all[i], t_all[i])
+                        torch.testing.assert_close(grads_got[0][i], ws)
+                        torch.testing.assert_close(grads_got[1][i], wt)
+        # A teacher shared by every entry (not batched).
+        s_all = torch.randn(3, 2, 7, generator=g, dtype=torch.float64)
+        t = torch.randn(2, 7, generator=g, dtype=torch.float64)
+        got = torch.vmap(lambda s: kt.feature_loss(s, t, kind="cosine"))(s_all)
+        for i in range(3):
+            torch.testing.assert_close(got[i], kt.feature_loss(s_all[i], t, kind="cosine"))
+
     def test_module_compile_and_opcheck(self):
         crit = kt.FeatureDistillationLoss(kind="cosine", eps=1e-6)
         self.assertIn("cosine", repr(crit))

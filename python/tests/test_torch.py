@@ -80,6 +80,14 @@ def labels_for(lead, v, seed=1, ignore_every=3, device="cpu"):
     return y.to(device)
 
 
+def topk_teacher(t, k, log_probs=False):
+    """The top-k indices of teacher logits ``t`` and its values there (logits,
+    or log-probs of the full softmax)."""
+    idx = torch.topk(t, k, dim=-1).indices
+    src = F.log_softmax(t, dim=-1) if log_probs else t
+    return idx, torch.gather(src, -1, idx)
+
+
 def grads(loss_fn, *xs):
     xs = [x.detach().clone().requires_grad_(True) for x in xs]
     loss = loss_fn(*xs)
@@ -255,6 +263,84 @@ class TestAutograd(unittest.TestCase):
                     torch.testing.assert_close(grads_got[0][i], want[0])
                     torch.testing.assert_close(grads_got[1][i], want[1])
 
+    def topk_options(self):
+        y = labels_for((2, 3), 9, ignore_every=4)
+        w = torch.tensor([[1.0, 0.5, 2.0], [0.0, 1.5, 1.0]], dtype=torch.float64)
+        for mode in ("full", "support"):
+            yield dict(topk_mode=mode, temperature=1.7)
+        yield dict(topk_mode="tail", teacher_log_probs=True)
+        yield dict(topk_mode="full", labels=y, alpha=0.4, softcap=3.0, row_weights=w)
+        for red in ("sum", "mean", "none", "token_mean", "batchmean"):
+            yield dict(topk_mode="support", reduction=red, labels=y)
+        yield dict(topk_mode="full", num_items_in_batch=5)
+
+    def test_topk_gradcheck_float64(self):
+        s, t = make((2, 3, 9), torch.float64)
+        for opts in self.topk_options():
+            opts = dict(opts)
+            labels = opts.pop("labels", None)
+            idx, vals = topk_teacher(t, 4, opts.get("teacher_log_probs", False))
+            with self.subTest(**{k: v for k, v in opts.items() if k != "row_weights"}):
+                out = kt.topk_distill_loss(s, idx, vals, labels, **opts)
+                self.assertEqual(out.dtype, torch.float64)
+                ok = torch.autograd.gradcheck(
+                    lambda a: kt.topk_distill_loss(a, idx, vals, labels, **opts),
+                    (s.clone().requires_grad_(True),), eps=1e-6, atol=1e-7, rtol=1e-5)
+                self.assertTrue(ok)
+
+    def test_topk_float64_matches_float32_and_the_dense_oracle(self):
+        s, t = make((3, 2, 10), torch.float64)
+        y = labels_for((3, 2), 10)
+        idx, vals = topk_teacher(t, 4)
+        got, (gs,) = grads(lambda a: kt.topk_distill_loss(a, idx, vals, y, alpha=0.3,
+                                                          temperature=2.0), s)
+        masked = torch.full_like(t, float("-inf")).scatter(-1, idx, vals)
+        want, (ws,) = grads(lambda a: kt.distill_loss(a, masked, y, alpha=0.3,
+                                                      temperature=2.0), s)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(gs, ws, rtol=1e-12, atol=1e-12)
+        got32, (gs32,) = grads(lambda a: kt.topk_distill_loss(a, idx.int(), vals.float(), y,
+                                                              alpha=0.3, temperature=2.0),
+                               s.float())
+        torch.testing.assert_close(got32.double(), got, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gs32.double(), gs, rtol=1e-4, atol=1e-6)
+
+    def test_topk_gradgradcheck_raises_a_clear_error(self):
+        s, t = make((2, 6), torch.float64)
+        idx, vals = topk_teacher(t, 3)
+        with self.assertRaisesRegex(RuntimeError, "second derivatives are not implemented"):
+            torch.autograd.gradgradcheck(lambda a: kt.topk_distill_loss(a, idx, vals),
+                                         (s.requires_grad_(True),))
+
+    def test_topk_vmap_and_per_sample_gradients(self):
+        s_all, t_all = make((3, 2, 4, 9), torch.float64)
+        idx_all, vals_all = topk_teacher(t_all, 3)
+        y_all = labels_for((3, 2, 4), 9)
+        y_all[1] = -100  # an entry with no token that counts
+        for reduction in ("batchmean", "token_mean", "mean", "sum", "none"):
+            with self.subTest(reduction=reduction):
+                def f(s, idx, vals, y):
+                    return kt.topk_distill_loss(s, idx, vals, y, alpha=0.2, temperature=1.5,
+                                                topk_mode="support", reduction=reduction).sum()
+
+                args = (s_all, idx_all, vals_all, y_all)
+                got = torch.vmap(f)(*args)
+                grads_got = torch.vmap(torch.func.grad(f))(*args)
+                for i in range(3):
+                    one = tuple(x[i] for x in args)
+                    torch.testing.assert_close(got[i], f(*one))
+                    torch.testing.assert_close(grads_got[i], torch.func.grad(f)(*one))
+        # An unbatched teacher shared by every entry, float32 and int32 indices.
+        s32 = s_all.float()
+        idx, vals = idx_all[0].int(), vals_all[0].float()
+
+        def g(s):
+            return kt.topk_distill_loss(s, idx, vals)
+
+        got = torch.vmap(g)(s32)
+        for i in range(3):
+            torch.testing.assert_close(got[i], g(s32[i]))
+
     def test_teacher_gradient_only_when_asked(self):
         s, t = make((3, 8))
         s.requires_grad_(True)
@@ -298,6 +384,9 @@ class TestCompileAndOpcheck(unittest.TestCase):
         vals = torch.randn(4, 5)
         args = (s.requires_grad_(True), idx, vals, None, None, 0, 0.5, 1.0, 0.0, 0, -100, True,
                 0.0, False, 1, True)
+        torch.library.opcheck(torch.ops.kdfuse.topk_loss.default, args)
+        args = (s.detach().double().requires_grad_(True), idx, vals.double(), None, None, 0,
+                0.5, 1.0, 0.0, 3, -100, True, 0.0, False, 0, True)
         torch.library.opcheck(torch.ops.kdfuse.topk_loss.default, args)
 
     def test_compile_fullgraph_forward_and_backward(self):

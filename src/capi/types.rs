@@ -41,8 +41,9 @@ pub enum KdfuseDtype {
     Bf16 = 1,
     /// IEEE half.
     F16 = 2,
-    /// IEEE double: `kdfuse_compute_host_f64` only (the f64 oracle, for
-    /// gradient checks); every other function refuses it.
+    /// IEEE double: `kdfuse_compute_host_f64`, `kdfuse_compute_topk_host_f64`
+    /// and `kdfuse_feature_compute_host` only (the f64 oracle, for gradient
+    /// checks); every other function refuses it.
     F64 = 3,
 }
 
@@ -454,7 +455,8 @@ pub(crate) fn dtype(arg: &'static str, code: i32) -> Result<Dtype> {
         2 => Ok(Dtype::F16),
         3 => invalid(
             arg,
-            "3 (f64) is for kdfuse_compute_host_f64 only (0 f32, 1 bf16, 2 f16 here)",
+            "3 (f64) is for kdfuse_compute_host_f64 and kdfuse_compute_topk_host_f64 only \
+             (0 f32, 1 bf16, 2 f16 here)",
         ),
         _ => invalid(
             arg,

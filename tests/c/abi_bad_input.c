@@ -3,7 +3,9 @@
  * silently wrong value. Struct versions other than 1 and 2 (or not matching
  * the struct's size), misaligned output pointers, a row count whose element
  * count overflows, parameters beyond fp32 (temperature, soft-cap), a JSD beta
- * given to another divergence; and an empty batch's loss is +0. Prints
+ * given to another divergence; and an empty batch's loss is +0. Then
+ * kdfuse_compute_topk_host_f64: the dtype, the top-k teacher's presence,
+ * alignment and indices. Prints
  * "abi_bad_input: ok" and exits 0 when everything holds. */
 #include <math.h>
 #include <stddef.h>
@@ -153,6 +155,52 @@ int main(void) {
             "empty batch, reduction %d: status %d, loss %g (sign %d)", (int)reductions[i], (int)st,
             loss[0], signbit(loss[0]) != 0);
     }
+  }
+
+  /* kdfuse_compute_topk_host_f64: doubles, a checked top-k teacher. */
+  {
+    static double s64[N * V], vals64[N * 2], loss64[2], grad64[N * V];
+    static int32_t idx[N * 2];
+    for (int i = 0; i < N * V; i++) s64[i] = s[i];
+    for (int r = 0; r < N; r++) {
+      idx[2 * r] = r;
+      idx[2 * r + 1] = r + 1;
+      vals64[2 * r] = 1.0;
+      vals64[2 * r + 1] = -0.5;
+    }
+    KdfuseBatch bk;
+    CHECK(kdfuse_batch_init(&bk, N, V, KDFUSE_DTYPE_F32) == KDFUSE_STATUS_OK, "batch_init");
+    bk.dtype = bk.grad_dtype = KDFUSE_DTYPE_F64;
+    bk.student = s64;
+    bk.topk_indices = idx;
+    bk.topk_values = vals64;
+    bk.topk_k = 2;
+    bk.grad = grad64;
+    bk.loss = (float*)(void*)loss64; /* doubles on the f64 paths */
+    st = kdfuse_compute_topk_host_f64(&bk, &p);
+    CHECK(st == KDFUSE_STATUS_OK && isfinite(loss64[0]) && loss64[0] > 0.0,
+          "top-k f64: status %d, loss %g: %s", (int)st, loss64[0], kdfuse_last_error());
+    KdfuseBatch bad = bk;
+    bad.dtype = KDFUSE_DTYPE_F32;
+    CHECK_INVALID(kdfuse_compute_topk_host_f64(&bad, &p), "batch.dtype", "top-k f64, f32 dtype");
+    bad = bk;
+    bad.topk_indices = NULL;
+    bad.topk_values = NULL;
+    bad.teacher = s64;
+    CHECK_INVALID(kdfuse_compute_topk_host_f64(&bad, &p), "batch.topk_indices",
+                  "top-k f64, dense teacher");
+    bad = bk;
+    bad.topk_values = off_by_one(vals64);
+    CHECK_INVALID(kdfuse_compute_topk_host_f64(&bad, &p), "batch.topk_values",
+                  "top-k f64, misaligned values");
+    idx[3] = V;
+    CHECK_INVALID(kdfuse_compute_topk_host_f64(&bk, &p), "batch.topk_indices",
+                  "top-k f64, index out of range");
+    idx[3] = idx[2];
+    CHECK_INVALID(kdfuse_compute_topk_host_f64(&bk, &p), "batch.topk_indices",
+                  "top-k f64, repeated index");
+    CHECK_INVALID(kdfuse_compute_host_f64(&bk, &p), "batch.topk_indices",
+                  "the dense f64 path given a top-k teacher");
   }
 
   if (failures) return 1;

@@ -1,13 +1,17 @@
-//! `kdfuse_compute_host_f64` (the C ABI's double-precision path, the f64
-//! oracle): its loss and gradients against the oracle's backend on the same
-//! (fp32-exact) inputs, every option the Python package passes, and the
-//! errors that name the field.
+//! `kdfuse_compute_host_f64` and `kdfuse_compute_topk_host_f64` (the C
+//! ABI's double-precision paths, the f64 oracle): their loss and gradients
+//! against the oracle's backend on the same (fp32-exact) inputs, every
+//! option the Python package passes, and the errors that name the field.
 
 use kdfuse::capi::{
-    kdfuse_batch_init, kdfuse_compute_host, kdfuse_compute_host_f64, kdfuse_last_error,
-    kdfuse_params_default, KdfuseBatch, KdfuseDtype, KdfuseParams, KdfuseReduction, KdfuseStatus,
+    kdfuse_batch_init, kdfuse_compute_host, kdfuse_compute_host_f64, kdfuse_compute_topk_host_f64,
+    kdfuse_last_error, kdfuse_params_default, KdfuseBatch, KdfuseDtype, KdfuseParams,
+    KdfuseReduction, KdfuseStatus, KdfuseTopkMode,
 };
-use kdfuse::{Backend, Divergence, GradDtype, HostData, KdInputs, Logits, LossSpec, Oracle};
+use kdfuse::{
+    Backend, Divergence, GradDtype, HostData, KdInputs, Logits, LossSpec, Oracle, TopkIndices,
+    TopkInputs, TopkMode, TopkTeacher,
+};
 use std::ffi::{c_void, CStr};
 
 const N: usize = 4;
@@ -254,4 +258,249 @@ fn f64_path_errors_name_the_field() {
     // SAFETY: nothing is read for N = 0.
     assert_eq!(unsafe { kdfuse_compute_host_f64(&e, &p) }, KdfuseStatus::Ok);
     assert!(loss == 0.0 && loss.is_sign_positive());
+}
+
+const K: usize = 3;
+
+/// Distinct top-k indices per row (int32), in [0, V).
+fn topk_indices() -> Vec<i32> {
+    (0..N)
+        .flat_map(|r| (0..K).map(move |i| ((r + 2 * i) % V) as i32))
+        .collect()
+}
+
+/// Top-k values: fp32-exact logits, or (for the tail mode) fp32-exact
+/// log-probs whose mass stays below 1 (ln(1/8) each).
+fn topk_values(log_probs: bool) -> Vec<f32> {
+    if log_probs {
+        return (0..N * K).map(|i| -2.0 - (i % 4) as f32 / 8.0).collect();
+    }
+    data(3)[..N * K].to_vec()
+}
+
+fn run_topk_f64(b: &mut KdfuseBatch, p: &KdfuseParams, out: &mut F64Out) -> Result<(), String> {
+    b.grad = out.grad.as_mut_ptr().cast::<c_void>();
+    b.row_losses = out.rows.as_mut_ptr().cast();
+    b.loss = (&mut out.loss as *mut f64).cast();
+    b.valid_rows = &mut out.valid;
+    // SAFETY: every buffer the caller set is host memory of the batch's
+    // shape, in doubles; the outputs are set above.
+    match unsafe { kdfuse_compute_topk_host_f64(b, p) } {
+        KdfuseStatus::Ok => Ok(()),
+        _ => Err(last_error()),
+    }
+}
+
+fn f64_out() -> F64Out {
+    F64Out {
+        loss: f64::NAN,
+        rows: vec![f64::NAN; N],
+        grad: vec![f64::NAN; N * V],
+        grad_teacher: Vec::new(),
+        valid: -1,
+    }
+}
+
+#[test]
+fn topk_f64_path_matches_the_oracle_backend() {
+    let s = data(1);
+    let s64: Vec<f64> = s.iter().map(|&x| x as f64).collect();
+    let idx = topk_indices();
+    let labels = [1i64, -100, 5, 0];
+    let weights32 = [1.0f32, 0.5, 0.0, 2.0];
+    let weights64: Vec<f64> = weights32.iter().map(|&w| w as f64).collect();
+    let cases: Vec<(KdfuseParams, LossSpec, bool)> = vec![
+        (params(|_| {}), LossSpec::default(), false),
+        (
+            params(|p| {
+                p.topk_mode = KdfuseTopkMode::Support as i32;
+                p.temperature = 2.0;
+                p.alpha = 0.4;
+                p.reduction = KdfuseReduction::Mean as i32;
+                p.softcap = 2.5;
+            }),
+            LossSpec {
+                topk_mode: TopkMode::Support,
+                temperature: 2.0,
+                alpha: 0.4,
+                reduction: kdfuse::Reduction::Mean,
+                softcap: Some(2.5),
+                ..Default::default()
+            },
+            true,
+        ),
+        (
+            params(|p| {
+                p.topk_mode = KdfuseTopkMode::Tail as i32;
+                p.teacher_log_probs = 1;
+                p.reduction = KdfuseReduction::None as i32;
+                p.grad_scale = 3.0;
+            }),
+            LossSpec {
+                topk_mode: TopkMode::Tail,
+                teacher_log_probs: true,
+                reduction: kdfuse::Reduction::None,
+                grad_scale: 3.0,
+                ..Default::default()
+            },
+            true,
+        ),
+    ];
+    for (p, spec, with_labels) in cases {
+        let vals = topk_values(spec.teacher_log_probs);
+        let vals64: Vec<f64> = vals.iter().map(|&x| x as f64).collect();
+        let lab = with_labels.then_some(&labels[..]);
+        let mut b = batch(KdfuseDtype::F64);
+        b.student = s64.as_ptr().cast();
+        b.topk_indices = idx.as_ptr().cast();
+        b.topk_values = vals64.as_ptr().cast();
+        b.topk_k = K as i64;
+        b.labels = lab.map_or(std::ptr::null(), |l| l.as_ptr());
+        if with_labels {
+            b.row_weights = weights64.as_ptr().cast();
+        }
+        let mut got = f64_out();
+        run_topk_f64(&mut b, &p, &mut got).unwrap();
+        let inputs = TopkInputs {
+            student: Logits::new(HostData::F32(&s), N, V),
+            teacher: TopkTeacher {
+                indices: TopkIndices::I32(&idx),
+                values: HostData::F32(&vals),
+                k: K,
+            },
+            labels: lab,
+            row_weights: with_labels.then_some(&weights32[..]),
+        };
+        let want = Oracle
+            .compute_topk(&inputs, &spec, Some(GradDtype::F32))
+            .unwrap();
+        let what = format!("{spec:?}");
+        assert!(
+            (got.loss - want.loss).abs() <= 1e-12 * want.loss.abs().max(1.0),
+            "{what}: {} vs {}",
+            got.loss,
+            want.loss
+        );
+        assert_eq!(got.valid as usize, want.valid_rows, "{what}");
+        for (g, w) in got.rows.iter().zip(&want.row_losses) {
+            assert!(
+                (g - w).abs() <= 1e-12 * w.abs().max(1.0),
+                "{what}: {g} vs {w}"
+            );
+        }
+        // The oracle backend rounds its gradients to f32; the f64 path does not.
+        for (g, &w) in got.grad.iter().zip(want.grad.as_ref().unwrap()) {
+            assert!(
+                (g - w as f64).abs() <= 1e-6 * (w.abs() as f64).max(1e-3),
+                "{what}: {g} vs {w}"
+            );
+        }
+    }
+}
+
+#[test]
+fn topk_f64_path_errors_name_the_field() {
+    let s: Vec<f64> = data(1).iter().map(|&x| x as f64).collect();
+    let idx = topk_indices();
+    let idx64: Vec<i64> = idx.iter().map(|&i| i as i64).collect();
+    let vals: Vec<f64> = topk_values(false).iter().map(|&x| x as f64).collect();
+    let p = params(|_| {});
+    let good = || {
+        let mut b = batch(KdfuseDtype::F64);
+        b.student = s.as_ptr().cast();
+        b.topk_indices = idx.as_ptr().cast();
+        b.topk_values = vals.as_ptr().cast();
+        b.topk_k = K as i64;
+        b
+    };
+    let err = |b: &mut KdfuseBatch, p: &KdfuseParams| {
+        let mut out = f64_out();
+        run_topk_f64(b, p, &mut out).unwrap_err()
+    };
+    // The good batch works, with int64 indices too.
+    let mut out = f64_out();
+    run_topk_f64(&mut good(), &p, &mut out).unwrap();
+    let mut b = good();
+    b.topk_indices = idx64.as_ptr().cast();
+    b.topk_index_dtype = 1;
+    let mut out64 = f64_out();
+    run_topk_f64(&mut b, &p, &mut out64).unwrap();
+    assert_eq!(out.loss, out64.loss);
+
+    // A dense teacher (no indices), an f32 batch, a bad or repeated index.
+    let mut b = good();
+    b.topk_indices = std::ptr::null();
+    b.topk_values = std::ptr::null();
+    b.teacher = s.as_ptr().cast();
+    let e = err(&mut b, &p);
+    assert!(
+        e.contains("batch.topk_indices") && e.contains("kdfuse_compute_host_f64"),
+        "{e}"
+    );
+    let mut b = good();
+    b.dtype = KdfuseDtype::F32 as i32;
+    let e = err(&mut b, &p);
+    assert!(
+        e.contains("batch.dtype") && e.contains("kdfuse_compute_topk_host_f64"),
+        "{e}"
+    );
+    let mut bad = idx.clone();
+    bad[K + 1] = V as i32;
+    let mut b = good();
+    b.topk_indices = bad.as_ptr().cast();
+    let e = err(&mut b, &p);
+    assert!(
+        e.contains("batch.topk_indices") && e.contains("row 1"),
+        "{e}"
+    );
+    bad[K + 1] = bad[K];
+    let e = err(&mut b, &p);
+    assert!(
+        e.contains("batch.topk_indices") && e.contains("twice"),
+        "{e}"
+    );
+    // k out of range, another divergence, the tail mode without log-probs.
+    let mut b = good();
+    b.topk_k = V as i64 + 1;
+    assert!(err(&mut b, &p).contains("batch.topk_k"));
+    let e = err(&mut good(), &params(|p| p.divergence = 2));
+    assert!(e.contains("divergence"), "{e}");
+    let e = err(
+        &mut good(),
+        &params(|p| p.topk_mode = KdfuseTopkMode::Tail as i32),
+    );
+    assert!(e.contains("topk_mode"), "{e}");
+    // A teacher gradient, a dense teacher beside the top-k one.
+    let mut g = vec![0.0f64; N * V];
+    let e = err(&mut good(), &params(|p| p.grad_teacher = 1));
+    assert!(e.contains("grad_teacher"), "{e}");
+    let mut b = good();
+    b.grad_teacher = g.as_mut_ptr().cast();
+    assert!(err(&mut b, &p).contains("batch.grad_teacher"));
+    let mut b = good();
+    b.teacher = s.as_ptr().cast();
+    assert!(err(&mut b, &p).contains("batch.teacher"));
+    // Misaligned values and indices are refused before any read.
+    let mut b = good();
+    b.topk_values = vals.as_ptr().cast::<u8>().wrapping_add(4).cast();
+    assert!(err(&mut b, &p).contains("batch.topk_values"));
+    let mut b = good();
+    b.topk_indices = idx64.as_ptr().cast::<u8>().wrapping_add(4).cast();
+    b.topk_index_dtype = 1;
+    assert!(err(&mut b, &p).contains("batch.topk_indices"));
+    // Bad labels and row weights, as on the dense path.
+    let labels = [0i64, 1, 6, 2];
+    let mut b = good();
+    b.labels = labels.as_ptr();
+    assert!(err(&mut b, &p).contains("batch.labels"));
+    let w = [1.0f64, f64::INFINITY, 1.0, 1.0];
+    let mut b = good();
+    b.row_weights = w.as_ptr().cast();
+    assert!(err(&mut b, &p).contains("batch.row_weights"));
+    // An empty batch: loss +0.
+    let mut b = good();
+    b.rows = 0;
+    let mut out = f64_out();
+    run_topk_f64(&mut b, &p, &mut out).unwrap();
+    assert!(out.loss == 0.0 && out.loss.is_sign_positive());
 }
