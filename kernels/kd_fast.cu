@@ -25,7 +25,7 @@
 // Issue slots per element (sm_90 SASS, scripts/sass-report: every branch
 // side of the vector loops, the vote-guarded rescale apart; bf16 in and out;
 // bench/results/sass-sm_90.md): forward KL 26.5 (pass 1 16, gradient 11),
-// reverse KL 29.5, soft CE 29.0, TVD 45.1 (13 + 19 + 14), JSD 62.4
+// reverse KL 30.5, soft CE 29.0, TVD 45.1 (13 + 19 + 14), JSD 62.4
 // (13 + 19 + 31); α > 0 adds 6.0–6.6; f32 4–6 fewer. MUFU per element: 4
 // (reverse KL 3, TVD 6, JSD 7), α > 0 adds 2. Budgets: kernels/budgets.toml
 // (≤ 40, TVD ≤ 55, JSD ≤ 70).

@@ -641,7 +641,7 @@ def topk_distill_loss(student_logits, topk_indices, topk_values, labels=None, *,
     renormalised over the k entries) or tail (k + 1 buckets; needs log-probs
     and τ = 1). The values get no gradient. float32/bfloat16/float16, and
     float64 on the CPU (the library's f64 oracle, for ``gradcheck``); float64
-    CUDA tensors are computed in float32, as before the f64 path existed."""
+    CUDA tensors are an error, as for :func:`distill_loss`."""
     _check_logits(student_logits, "student_logits")
     _check_logits(topk_values, "topk_values")
     if not isinstance(topk_indices, torch.Tensor) or topk_indices.dtype not in (torch.int32,
@@ -664,7 +664,8 @@ def topk_distill_loss(student_logits, topk_indices, topk_values, labels=None, *,
     row_weights = _check_rows_arg(row_weights, "row_weights", lead, s.device, False)
     dtype = torch.promote_types(s.dtype, topk_values.dtype)
     if dtype == torch.float64 and s.device.type != "cpu":
-        dtype = torch.float32
+        raise ValueError("student_logits: float64 runs on the CPU only (the f64 oracle); "
+                         "use float32, bfloat16 or float16 on CUDA")
     s, vals = s.to(dtype), topk_values.to(dtype)
     code, post = _reduce(None, reduction, labels, num_items_in_batch,
                          s.shape[0] if s.dim() > 1 else 1)
