@@ -112,22 +112,6 @@ fn state_sizes_fit() -> bool {
     out.iter().all(|&b| b > 0 && b as usize <= STATE_BYTES)
 }
 
-/// The dtype code and the segment `[j0, j0 + n)` of both rows.
-fn seg(data: RowData<'_>, j0: usize, n: usize) -> (c_int, *const c_void, *const c_void) {
-    match data {
-        RowData::F32(s, t) => (
-            0,
-            s[j0..j0 + n].as_ptr().cast(),
-            t[j0..j0 + n].as_ptr().cast(),
-        ),
-        RowData::Half16 { bf16, s, t } => (
-            if bf16 { 1 } else { 2 },
-            s[j0..j0 + n].as_ptr().cast(),
-            t[j0..j0 + n].as_ptr().cast(),
-        ),
-    }
-}
-
 /// [`crate::hostmath::fast_row`] with the row's segments on the rayon pool:
 /// returns ℓ and writes the V gradient entries (× `w`) when given.
 pub(crate) fn fast_row_split(
@@ -163,7 +147,7 @@ pub(crate) fn fast_row_split(
     let stats: Vec<State> = segs
         .par_iter()
         .map(|&(j0, n)| {
-            let (dtype, s, t) = seg(data, j0, n);
+            let (dtype, s, t) = data.segment(j0, n);
             let mut st = State::new();
             unsafe { kd_host_fast_seg_stats(div, ce, dtype, s, t, n as c_int, p, st.mut_ptr()) };
             st
@@ -200,7 +184,7 @@ pub(crate) fn fast_row_split(
         g.par_chunks_mut(seg_len)
             .zip(segs.par_iter())
             .for_each(|(gs, &(j0, n))| {
-                let (dtype, s, t) = seg(data, j0, n);
+                let (dtype, s, t) = data.segment(j0, n);
                 unsafe {
                     kd_host_fast_seg_grad(
                         div,
@@ -216,7 +200,7 @@ pub(crate) fn fast_row_split(
                 };
             });
     }
-    let (dtype, s, t) = seg(data, 0, v);
+    let (dtype, s, t) = data.segment(0, v);
     let gp = grad.map_or(std::ptr::null_mut(), |g| g.as_mut_ptr());
     unsafe { kd_host_fast_row_end(div, ce, dtype, s, t, y, has, gp, row.ptr(), p) }
 }
@@ -230,7 +214,7 @@ fn sums2(
     p: &KernelParams,
     grad: *mut f32,
 ) -> [f32; 3] {
-    let (dtype, s, t) = seg(data, j0, n);
+    let (dtype, s, t) = data.segment(j0, n);
     let mut out = [0.0f32; 3];
     // SAFETY: as fast_row_split's calls; `grad` is the segment's or null.
     unsafe {

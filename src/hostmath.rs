@@ -85,6 +85,29 @@ pub(crate) enum RowData<'a> {
     },
 }
 
+impl RowData<'_> {
+    /// kd_host_fast.cpp's dtype code (0 f32, 1 bf16, 2 f16) and the
+    /// elements `[j0, j0 + n)` of the student and teacher rows.
+    pub(crate) fn segment(
+        self,
+        j0: usize,
+        n: usize,
+    ) -> (c_int, *const std::ffi::c_void, *const std::ffi::c_void) {
+        match self {
+            RowData::F32(s, t) => (
+                0,
+                s[j0..j0 + n].as_ptr().cast(),
+                t[j0..j0 + n].as_ptr().cast(),
+            ),
+            RowData::Half16 { bf16, s, t } => (
+                if bf16 { 1 } else { 2 },
+                s[j0..j0 + n].as_ptr().cast(),
+                t[j0..j0 + n].as_ptr().cast(),
+            ),
+        }
+    }
+}
+
 /// Runs one row through the kernels' math: returns ℓ and writes the gradient
 /// (× `w`) into `grad`, and the teacher gradient into `grad_t`, when given.
 /// `s`, `t`, `grad` and `grad_t` hold exactly V values.
@@ -131,14 +154,7 @@ pub(crate) fn fast_row(
 ) -> f32 {
     let (y, has) = label_arg(label);
     let gp = grad.map_or(std::ptr::null_mut(), |g| g.as_mut_ptr());
-    let (dtype, s, t) = match data {
-        RowData::F32(s, t) => (0, s.as_ptr().cast(), t.as_ptr().cast()),
-        RowData::Half16 { bf16, s, t } => (
-            if bf16 { 1 } else { 2 },
-            s.as_ptr().cast(),
-            t.as_ptr().cast(),
-        ),
-    };
+    let (dtype, s, t) = data.segment(0, p.vocab.max(0) as usize);
     // SAFETY: rows of V = p.vocab elements of `dtype` (checked by the
     // caller), the gradient too.
     unsafe { kd_host_fast_row(div, c_int::from(ce), dtype, s, t, y, has, gp, p, w) }

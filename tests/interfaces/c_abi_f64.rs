@@ -9,8 +9,8 @@ use kdfuse::capi::{
     KdfuseReduction, KdfuseStatus, KdfuseTopkMode,
 };
 use kdfuse::{
-    Backend, Divergence, GradDtype, HostData, KdInputs, Logits, LossSpec, Oracle, TopkIndices,
-    TopkInputs, TopkMode, TopkTeacher,
+    Backend, Divergence, GradDtype, HostData, KdInputs, KdOutput, Logits, LossSpec, Oracle,
+    TopkIndices, TopkInputs, TopkMode, TopkTeacher,
 };
 use std::ffi::{c_void, CStr};
 
@@ -65,6 +65,30 @@ struct F64Out {
     grad: Vec<f64>,
     grad_teacher: Vec<f64>,
     valid: i32,
+}
+
+/// The f64 path's loss, valid-row count, row losses and gradient against
+/// the oracle's (which rounds its gradient to f32; the f64 path does not).
+fn assert_matches_oracle(got: &F64Out, want: &KdOutput, what: &str) {
+    assert!(
+        (got.loss - want.loss).abs() <= 1e-12 * want.loss.abs().max(1.0),
+        "{what}: {} vs {}",
+        got.loss,
+        want.loss
+    );
+    assert_eq!(got.valid as usize, want.valid_rows, "{what}");
+    for (g, w) in got.rows.iter().zip(&want.row_losses) {
+        assert!(
+            (g - w).abs() <= 1e-12 * w.abs().max(1.0),
+            "{what}: {g} vs {w}"
+        );
+    }
+    for (g, &w) in got.grad.iter().zip(want.grad.as_ref().unwrap()) {
+        assert!(
+            (g - w as f64).abs() <= 1e-6 * (w.abs() as f64).max(1e-3),
+            "{what}: {g} vs {w}"
+        );
+    }
 }
 
 fn run_f64(
@@ -163,26 +187,7 @@ fn f64_path_matches_the_oracle_backend() {
             .compute(&inputs, &spec, Some(GradDtype::F32))
             .unwrap();
         let what = format!("{spec:?}");
-        assert!(
-            (got.loss - want.loss).abs() <= 1e-12 * want.loss.abs().max(1.0),
-            "{what}: {} vs {}",
-            got.loss,
-            want.loss
-        );
-        assert_eq!(got.valid as usize, want.valid_rows, "{what}");
-        for (g, w) in got.rows.iter().zip(&want.row_losses) {
-            assert!(
-                (g - w).abs() <= 1e-12 * w.abs().max(1.0),
-                "{what}: {g} vs {w}"
-            );
-        }
-        // The oracle backend rounds its gradients to f32; the f64 path does not.
-        for (g, &w) in got.grad.iter().zip(want.grad.as_ref().unwrap()) {
-            assert!(
-                (g - w as f64).abs() <= 1e-6 * (w.abs() as f64).max(1e-3),
-                "{what}"
-            );
-        }
+        assert_matches_oracle(&got, &want, &what);
         if let Some(wt) = want.grad_teacher {
             for (g, &w) in got.grad_teacher.iter().zip(&wt) {
                 assert!(
@@ -374,27 +379,7 @@ fn topk_f64_path_matches_the_oracle_backend() {
         let want = Oracle
             .compute_topk(&inputs, &spec, Some(GradDtype::F32))
             .unwrap();
-        let what = format!("{spec:?}");
-        assert!(
-            (got.loss - want.loss).abs() <= 1e-12 * want.loss.abs().max(1.0),
-            "{what}: {} vs {}",
-            got.loss,
-            want.loss
-        );
-        assert_eq!(got.valid as usize, want.valid_rows, "{what}");
-        for (g, w) in got.rows.iter().zip(&want.row_losses) {
-            assert!(
-                (g - w).abs() <= 1e-12 * w.abs().max(1.0),
-                "{what}: {g} vs {w}"
-            );
-        }
-        // The oracle backend rounds its gradients to f32; the f64 path does not.
-        for (g, &w) in got.grad.iter().zip(want.grad.as_ref().unwrap()) {
-            assert!(
-                (g - w as f64).abs() <= 1e-6 * (w.abs() as f64).max(1e-3),
-                "{what}: {g} vs {w}"
-            );
-        }
+        assert_matches_oracle(&got, &want, &format!("{spec:?}"));
     }
 }
 
