@@ -300,7 +300,8 @@ struct TypeTag {
 };
 
 // Calls fn(TypeTag<T>, integral_constant<DIV>, bool_constant<CE>) for the
-// runtime (dtype, div, ce): dtype 0 f32, 1 bf16, 2 f16.
+// runtime (dtype, div, ce): dtype 0 f32, 1 bf16, 2 f16; div a valid KD_DIV_*
+// (checked by the callers; an unknown one takes soft CE's branch).
 template <typename R, typename Fn>
 R dispatch(int dtype, int div, int ce, Fn&& fn) {
   auto by_ce = [&](auto tt, auto dv) -> R {
@@ -329,9 +330,10 @@ extern "C" {
 // One row in fast precision (α > 0 when `ce`): returns ℓ (0 for an ignored
 // row, NaN for a label out of range) and, when `grad` is not null, writes
 // the V gradient entries (already × w) as f32. dtype: 0 f32, 1 bf16, 2 f16;
-// div: KD_DIV_* (an unknown one is soft CE: the caller passes a valid id).
+// div: KD_DIV_* (an unknown one gives NaN).
 float kd_host_fast_row(int div, int ce, int dtype, const void* s, const void* t, long long y,
                        int has_label, float* grad, const KdParams* P, float w) {
+  if (div < KD_DIV_FKL || div > KD_DIV_SCE) return kd_nan();
   return dispatch<float>(dtype, div, ce, [&](auto tt, auto dv, auto c) {
     using T = typename decltype(tt)::type;
     return fast_row<T, decltype(dv)::value, decltype(c)::value>(

@@ -5,7 +5,7 @@
 //! [`crate::hostmath::fast_row`]'s bit for bit: the CPU backend takes this
 //! path when it has fewer rows than threads.
 
-use crate::hostmath::RowData;
+use crate::hostmath::{label_arg, RowData};
 use crate::params::KernelParams;
 use crate::spec::KernelDivergence;
 use rayon::prelude::*;
@@ -137,10 +137,7 @@ pub(crate) fn fast_row_split(
         .map(|j0| (j0, (v - j0).min(seg_len)))
         .collect();
     let ce = c_int::from(ce);
-    let (y, has) = match label {
-        Some(y) => (y, 1),
-        None => (-1, 0),
-    };
+    let (y, has) = label_arg(label);
     // SAFETY (every call below): segments of the V-element rows of `data`
     // (the caller checked V = p.vocab), the gradient's matching segment,
     // states of at least the C structs' sizes.

@@ -160,7 +160,8 @@ pub(crate) fn fast_row(
     unsafe { kd_host_fast_row(div, c_int::from(ce), dtype, s, t, y, has, gp, p, w) }
 }
 
-fn label_arg(label: Option<i64>) -> (i64, c_int) {
+/// The C side's (label, has_label) pair.
+pub(crate) fn label_arg(label: Option<i64>) -> (i64, c_int) {
     match label {
         Some(y) => (y, 1),
         None => (-1, 0),
