@@ -1,6 +1,6 @@
 //! criterion benches of the CPU backends: the fast CPU backend on a small
 //! (16 × 4096) and a medium (8 × 32000, 4 × 128256) shape, and the f64
-//! oracle on the small one. benches/cuda.rs has the GPU; `kdfuse bench` has
+//! oracle on the small one. cli/benches/cuda.rs has the GPU; `kdfuse bench` has
 //! the roofline (bytes, GB/s, fraction of the memory bandwidth).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};

@@ -23,7 +23,7 @@ pub enum KdError {
 pub type Result<T> = std::result::Result<T, KdError>;
 
 /// Shorthand for [`KdError::InvalidArgument`].
-pub(crate) fn invalid<T>(arg: &'static str, msg: impl Into<String>) -> Result<T> {
+pub fn invalid<T>(arg: &'static str, msg: impl Into<String>) -> Result<T> {
     Err(KdError::InvalidArgument {
         arg,
         msg: msg.into(),

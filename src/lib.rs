@@ -33,15 +33,16 @@
 //! ```
 
 pub mod backend;
-pub mod bench;
 pub mod capi;
 pub mod check;
 pub mod cpu;
 pub mod cuda;
-pub mod demo;
-pub mod digits;
 pub mod distill;
 pub mod eager;
+/// The CUDA kernels run on the CPU by a C++ emulation of CUDA
+/// (kernels/emu/): the tests' way to run the kernels' parallel code without a
+/// GPU. Behind the `emulation` feature.
+#[cfg(feature = "emulation")]
 #[doc(hidden)]
 pub mod emu;
 pub mod error;

@@ -8,22 +8,25 @@
 //! options' (top-k teacher, soft-capping, row weights, teacher gradient) in
 //! gpu_loss_family/.
 //!
-//! Own runner (harness = false): without a usable GPU every test prints
-//! "skipped" with the reason; with KDFUSE_REQUIRE_GPU=1 that is a failure.
+//! Own runner (harness = false, tests/common/gpu_runner.rs): without a
+//! usable GPU every test prints "skipped" with the reason; with
+//! KDFUSE_REQUIRE_GPU=1 that is a failure. The benchmark's and the demo's GPU
+//! tests are the CLI crate's (cli/tests/gpu.rs).
 
 mod gpu_features;
 mod gpu_loss_family;
 
 mod common;
+#[path = "common/gpu_runner.rs"]
+mod gpu_runner;
 
 use half::bf16;
 use kdfuse::check::{run_case, sweep, CaseConfig, NegInf};
 use kdfuse::cuda::{CudaBackend, LossBuffers, RowLayout};
-use kdfuse::{Backend, CpuBackend, Divergence, Dtype, GradDtype, KdError, LossSpec, Reduction};
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use kdfuse::{Backend, CpuBackend, Divergence, Dtype, GradDtype, LossSpec, Reduction};
 use std::process::ExitCode;
 
-type Test = fn(&CudaBackend);
+use gpu_runner::Test;
 
 fn main() -> ExitCode {
     let tests: &[(&str, Test)] = &[
@@ -38,13 +41,7 @@ fn main() -> ExitCode {
             "kernels_loaded_once_per_context",
             kernels_loaded_once_per_context,
         ),
-        (
-            "eager_baseline_agrees_with_fused",
-            eager_baseline_agrees_with_fused,
-        ),
-        ("bench_runs_and_checks_itself", bench_runs_and_checks_itself),
         ("distill_step_cpu_vs_cuda", distill_step_cpu_vs_cuda),
-        ("demo_on_cuda", demo_on_cuda),
         (
             "topk_llm_vocabularies_every_mode",
             gpu_loss_family::topk_llm_vocabularies_every_mode,
@@ -78,58 +75,7 @@ fn main() -> ExitCode {
             gpu_features::feature_device_api_on_caller_stream,
         ),
     ];
-    let filter: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    let selected: Vec<_> = tests
-        .iter()
-        .filter(|(n, _)| filter.is_empty() || filter.iter().any(|f| n.contains(f.as_str())))
-        .collect();
-    println!("\nrunning {} GPU tests", selected.len());
-    let require = std::env::var("KDFUSE_REQUIRE_GPU").is_ok_and(|v| v == "1");
-    let backend = match CudaBackend::new(0) {
-        Ok(b) => b,
-        Err(e) => {
-            let why = match &e {
-                KdError::CudaUnavailable(m) => m.clone(),
-                other => other.to_string(),
-            };
-            for (name, _) in &selected {
-                println!("test {name} ... skipped ({why})");
-            }
-            if require {
-                println!("KDFUSE_REQUIRE_GPU=1 but no usable GPU: {why}");
-                println!("0 passed, {} failed", selected.len());
-                return ExitCode::FAILURE;
-            }
-            println!(
-                "GPU tests: 0 passed, 0 failed, {} skipped (no GPU)",
-                selected.len()
-            );
-            return ExitCode::SUCCESS;
-        }
-    };
-    let (mut passed, mut failed) = (0, 0);
-    for (name, test) in &selected {
-        let t0 = std::time::Instant::now();
-        match catch_unwind(AssertUnwindSafe(|| test(&backend))) {
-            Ok(()) => {
-                passed += 1;
-                println!("test {name} ... ok ({:.1} s)", t0.elapsed().as_secs_f64());
-            }
-            Err(_) => {
-                failed += 1;
-                println!("test {name} ... FAILED");
-            }
-        }
-    }
-    println!("GPU tests: {passed} passed, {failed} failed");
-    if failed > 0 {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    }
+    gpu_runner::run(tests)
 }
 
 fn random_sweep_against_oracle(b: &CudaBackend) {
@@ -454,78 +400,6 @@ fn kernels_loaded_once_per_context(b: &CudaBackend) {
     assert!(std::sync::Arc::ptr_eq(b.context(), again.context()));
 }
 
-/// kernels/eager.cu (the benchmark's baseline) computes the fused kernel's
-/// loss and gradient on the benchmark's own device-made inputs.
-fn eager_baseline_agrees_with_fused(b: &CudaBackend) {
-    use kdfuse::bench::cuda::{DeviceCase, Variant};
-    use kdfuse::bench::BenchConfig;
-    for (i, (rows, cols)) in [(7usize, 1001usize), (33, 32_000), (5, 131_071)]
-        .into_iter()
-        .enumerate()
-    {
-        for divergence in Divergence::ALL {
-            for dtype in Dtype::ALL {
-                let c = BenchConfig {
-                    alpha: if i == 1 { 0.3 } else { 0.0 },
-                    temperature: 1.5,
-                    ..BenchConfig::new(rows, cols, dtype, divergence)
-                };
-                let mut case = DeviceCase::new(b, &c, 1, true, 9 + i as u64).unwrap();
-                case.enqueue(Variant::Fused, 0).unwrap();
-                let (lf, gf) = (case.loss().unwrap(), case.grad_f32().unwrap().unwrap());
-                case.enqueue(Variant::Eager, 0).unwrap();
-                let (le, ge) = (case.loss().unwrap(), case.grad_f32().unwrap().unwrap());
-                assert!(lf.is_finite() && lf != 0.0, "{c}: fused loss {lf}");
-                let dl = (le - lf).abs() / lf.abs();
-                let num: f64 = gf
-                    .iter()
-                    .zip(&ge)
-                    .map(|(a, b)| ((a - b) as f64).powi(2))
-                    .sum();
-                let den: f64 = gf.iter().map(|a| (*a as f64).powi(2)).sum();
-                let dg = (num / den).sqrt();
-                let gtol = if dtype == Dtype::F32 { 2e-3 } else { 1e-2 };
-                assert!(
-                    dl <= 2e-3 && dg <= gtol,
-                    "{c}: loss diff {dl:.2e}, grad diff {dg:.2e}"
-                );
-            }
-        }
-    }
-}
-
-/// `kdfuse bench`'s runner on small configurations: every measurement and
-/// check present, the copy bandwidth measured, the checks passed.
-fn bench_runs_and_checks_itself(_b: &CudaBackend) {
-    use kdfuse::bench::{BenchConfig, BenchOptions};
-    let configs = [
-        BenchConfig::new(256, 32_000, Dtype::Bf16, Divergence::ForwardKl),
-        BenchConfig {
-            alpha: 0.5,
-            ..BenchConfig::new(64, 50_257, Dtype::F32, Divergence::Jsd)
-        },
-    ];
-    let opts = BenchOptions {
-        cpu_rows: 2,
-        progress: false,
-        ..Default::default()
-    };
-    let r = kdfuse::bench::cuda::run(&configs, &opts).unwrap();
-    assert!(
-        r.reference_bandwidth_gbs > 100.0,
-        "{}",
-        r.reference_bandwidth_gbs
-    );
-    assert!(r.checks_passed(), "{}", r.table());
-    for res in &r.results {
-        let f = res.fused.as_ref().unwrap();
-        assert!(f.timing.runs >= 20 && f.gbs > 0.0);
-        assert!(res.eager.is_some() && res.cpu.is_some());
-        assert!(res.input_sets >= 2, "small inputs are rotated");
-    }
-    println!("{}", r.table());
-}
-
 /// `DistillStep` on CUDA (cuBLAS, kernels/mlp.cu, the fused kernel) against
 /// the CPU engine: the same steps from the same start agree within f32
 /// rounding (GEMM summation orders and FMA contraction differ).
@@ -608,32 +482,4 @@ fn distill_step_cpu_vs_cuda(_: &CudaBackend) {
         let big: Vec<f32> = x.iter().cycle().take(300 * inputs).copied().collect();
         assert_eq!(gpu.predict(&big).unwrap().len(), 300 * classes);
     }
-}
-
-/// The demo's experiment with its steps on CUDA (short, one seed): the
-/// teacher and the students learn as on the CPU.
-fn demo_on_cuda(_: &CudaBackend) {
-    use kdfuse::demo::{run, DemoConfig};
-    let cfg = DemoConfig {
-        device: kdfuse::distill::Device::Cuda,
-        seeds: 1,
-        student_epochs: 60,
-        omit_class: Some(3),
-        ..Default::default()
-    };
-    let t0 = std::time::Instant::now();
-    let r = run(&cfg, &mut |_| {}).unwrap();
-    println!(
-        "  demo on CUDA in {:.1} s: teacher {:.2}%, hard {:.2}%, distilled {:.2}%, digit 3: {:?} vs {:?} of {:?}",
-        t0.elapsed().as_secs_f64(),
-        100.0 * r.teacher().test_acc.mean,
-        100.0 * r.hard().test_acc.mean,
-        100.0 * r.distilled().test_acc.mean,
-        r.hard().omitted_correct,
-        r.distilled().omitted_correct,
-        r.omitted_test_images
-    );
-    assert_eq!(r.device, "cuda");
-    assert!(r.teacher().test_acc.mean > 0.97);
-    assert!(r.hard().test_acc.mean > 0.8 && r.distilled().test_acc.mean > r.hard().test_acc.mean);
 }

@@ -1,4 +1,4 @@
-// cuda_emu.h — just enough of CUDA to run kernels/kd_fused.cu on the CPU.
+// cuda_emu.h — just enough of CUDA to run kernels/kd/kd_fused.cu on the CPU.
 //
 // Every CUDA thread of a block is a std::thread; __syncthreads is a block
 // barrier and __shfl_xor_sync a per-warp exchange between two warp barriers,
@@ -8,7 +8,7 @@
 // it checks indexing and reductions without a GPU, not speed or races.
 #pragma once
 
-// Lets kernels/kd_math.cuh compile its device-only block helpers here.
+// Lets kernels/common/block.cuh and the kd/feature block helpers compile here.
 #define KD_EMU 1
 
 #include <atomic>

@@ -1,11 +1,11 @@
-// eager_emu.cpp — kernels/eager.cu compiled for the CPU under cuda_emu.h, so
+// eager_emu.cpp — kernels/app/eager.cu compiled for the CPU under cuda_emu.h, so
 // that `cargo test` checks the eager baseline against the f64 oracle: a
 // baseline that computed something else would make every speed-up a lie.
 // Test-only entry point: kd_emu_eager_run, the launch sequence of
 // src/cuda/eager.rs.
 #include "cuda_emu.h"
 
-#include "../eager.cu"
+#include "app/eager.cu"
 
 // kd_count_valid and kd_reduce_loss, emulated in kd_emu.cpp (kd_fused.cu's unit).
 extern "C" void kd_emu_count_valid(const long long* labels, long long n, long long ignore_index,

@@ -1,4 +1,4 @@
-// feature_emu.cpp — kernels/feature.cu compiled for the CPU under cuda_emu.h,
+// feature_emu.cpp — kernels/feature/feature.cu compiled for the CPU under cuda_emu.h,
 // so that `cargo test` runs the feature kernels' own parallel code (sweeps
 // with vector heads and tails, block sums, the attention workspace,
 // grid-stride rows) against the f64 oracle without a GPU. Test-only entry
@@ -6,7 +6,7 @@
 // kernel, then kd_reduce_loss).
 #include "cuda_emu.h"
 
-#include "../feature.cu"
+#include "feature/feature.cu"
 
 // kd_reduce_loss, emulated in kd_emu.cpp (kd_fused.cu's unit).
 extern "C" void kd_emu_reduce_loss(const float* row_loss, long long n, const int* valid,

@@ -1,13 +1,13 @@
-// kd_emu.cpp — kernels/kd_fused.cu and kernels/kd_topk.cu compiled for the
+// kd_emu.cpp — kernels/kd/kd_fused.cu and kernels/kd/kd_topk.cu compiled for the
 // CPU under cuda_emu.h, so that `cargo test` runs the kernels' own parallel
 // code (not only their row arithmetic) on machines without a GPU. Test-only
 // entry points: kd_emu_run and kd_emu_topk_run, the same three launches as
 // the CUDA backend (count, fused, reduce), and kd_emu_topk_validate.
 #include "cuda_emu.h"
 
-#include "../kd_fast.cu"
-#include "../kd_fused.cu"
-#include "../kd_topk.cu"
+#include "kd/kd_fast.cu"
+#include "kd/kd_fused.cu"
+#include "kd/kd_topk.cu"
 
 namespace {
 

@@ -1,4 +1,4 @@
-// mlp_emu.cpp — kernels/mlp.cu compiled for the CPU under cuda_emu.h, so that
+// mlp_emu.cpp — kernels/app/mlp.cu compiled for the CPU under cuda_emu.h, so that
 // `cargo test` runs the MLP kernels' own code (grid-stride loops, the dropout
 // hash, the optimizer arithmetic) on machines without a GPU. Test-only entry
 // points, one per kernel: mlp_emu_<kernel>(args…, grid, block).
@@ -6,7 +6,7 @@
 
 #include "cuda_emu.h"
 
-#include "../mlp.cu"
+#include "app/mlp.cu"
 
 extern "C" void mlp_emu_bias_act(float* z, const float* b, long long rows, int cols, int relu,
                                  int dropout, unsigned key, unsigned threshold, float scale,

@@ -32,6 +32,7 @@
 mod cpu;
 pub mod cuda;
 #[doc(hidden)]
+#[cfg(feature = "emulation")]
 pub mod emu;
 mod mlp;
 mod optim;

@@ -34,6 +34,7 @@
 pub mod check;
 mod cpu;
 #[doc(hidden)]
+#[cfg(feature = "emulation")]
 pub mod emu;
 mod inputs;
 pub mod oracle;

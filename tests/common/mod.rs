@@ -1,8 +1,6 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
-pub mod cli;
-
 use kdfuse::{HostData, KdInputs, Logits};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

@@ -1,8 +1,8 @@
-//! Training with the fused loss: DistillStep, the MLP kernels under emulation and the demo's claims.
+//! Training with the fused loss: DistillStep and the MLP kernels under
+//! emulation (the demo's claims are in cli/tests/cli/demo.rs).
 
 #[path = "../common/mod.rs"]
 mod common;
 
-mod demo;
 mod mlp_kernel_emulation;
 mod step;

@@ -1,8 +1,7 @@
 //! `DistillStep` on the CPU: gradients against finite differences, the
-//! optimizers against their formulas, validation errors, and the demo's
-//! real effects on the digits (fixed seeds, small settings).
+//! optimizers against their formulas and validation errors (the demo's
+//! effects on the digits are in cli/tests/cli/demo.rs).
 
-use kdfuse::digits::Digits;
 use kdfuse::distill::{Device, DistillConfig, DistillStep, Mlp, Optimizer};
 use kdfuse::{
     Backend, Divergence, GradDtype, HostData, KdError, KdInputs, Logits, LossSpec, Oracle,
@@ -394,19 +393,4 @@ fn bad_arguments_are_errors_naming_the_argument() {
         assert!(matches!(e, KdError::CudaUnavailable(_)), "{e}");
         assert!(DistillStep::new(&mlp, None, c, Device::Cuda).is_err());
     }
-}
-
-#[test]
-fn digits_load_and_split() {
-    let d = Digits::load();
-    assert_eq!(d.len(), 1797);
-    assert_eq!(d.x.len(), 1797 * 64);
-    assert!(d.x.iter().all(|&v| (0.0..=1.0).contains(&v)));
-    assert!(d.class_counts().iter().all(|&c| (170..=190).contains(&c)));
-    let (a, b) = d.split(1300, 1).unwrap();
-    let (a2, _) = d.split(1300, 1).unwrap();
-    assert_eq!((a.len(), b.len()), (1300, 497));
-    assert_eq!(a, a2);
-    assert!(d.split(1797, 1).is_err());
-    assert_eq!(a.without_class(3).class_counts()[3], 0);
 }

@@ -1,0 +1,338 @@
+//! `kdfuse bench` (fused vs eager vs copy bandwidth, or the CPU backend vs
+//! memory bandwidth), `kdfuse bench-report` (Markdown from results JSON) and
+//! `kdfuse profile` (one configuration under a profiler).
+
+use super::CliError;
+use clap::Args;
+use kdfuse::cuda::CudaBackend;
+use kdfuse::{Divergence, Dtype, KdError, Precision};
+use kdfuse_cli::bench::cuda::{DeviceCase, Variant};
+use kdfuse_cli::bench::{BenchConfig, BenchOptions, BenchReport, Preset, Timing, MIN_RUNS};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// The configurations to measure, from flags (each a comma-separated list;
+/// every combination is run).
+#[derive(Debug, Args)]
+pub struct ShapeArgs {
+    /// Rows N (tokens).
+    #[arg(long, value_delimiter = ',', value_name = "N,..")]
+    rows: Vec<usize>,
+    /// Vocabulary sizes V.
+    #[arg(long, value_delimiter = ',', value_name = "V,..")]
+    cols: Vec<usize>,
+    /// Logit dtypes (f32, bf16, f16); the gradient has the same dtype on the GPU (the CPU backend writes it in f32).
+    #[arg(long, value_delimiter = ',', default_value = "bf16")]
+    dtype: Vec<Dtype>,
+    /// Divergences (forward-kl, reverse-kl, jsd, tvd, soft-ce).
+    #[arg(long, value_delimiter = ',', default_value = "forward-kl")]
+    divergence: Vec<Divergence>,
+    /// Weight of the hard-label cross-entropy (random labels when > 0).
+    #[arg(long, default_value_t = 0.0)]
+    alpha: f64,
+    /// JSD β (jsd only) [default: 0.5].
+    #[arg(long)]
+    beta: Option<f64>,
+    /// Temperature τ.
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f64,
+    /// Loss only (no gradient).
+    #[arg(long)]
+    loss_only: bool,
+    /// Kernel arithmetic: fast (default) or exact; both (`fast,exact`) to
+    /// compare them. Where no fast kernel covers the loss the exact one runs
+    /// (the report names the one that ran).
+    #[arg(long, value_delimiter = ',', default_value = "fast")]
+    precision: Vec<Precision>,
+}
+
+impl ShapeArgs {
+    /// Every combination of the flags; `missing` says what to give when
+    /// --rows or --cols is missing (each command has its own flags).
+    fn configs(&self, missing: &str) -> Result<Vec<BenchConfig>, CliError> {
+        if self.rows.is_empty() || self.cols.is_empty() {
+            return Err(CliError::Msg(missing.into()));
+        }
+        if self.beta.is_some() && !self.divergence.contains(&Divergence::Jsd) {
+            return Err(CliError::Msg(
+                "--beta is the JSD weight: it needs --divergence jsd".into(),
+            ));
+        }
+        let mut out = Vec::new();
+        for &rows in &self.rows {
+            for &cols in &self.cols {
+                for &dtype in &self.dtype {
+                    for (&divergence, &precision) in self
+                        .divergence
+                        .iter()
+                        .flat_map(|d| self.precision.iter().map(move |p| (d, p)))
+                    {
+                        let c = BenchConfig {
+                            precision,
+                            alpha: self.alpha,
+                            beta: if divergence == Divergence::Jsd {
+                                self.beta.unwrap_or(0.5)
+                            } else {
+                                0.5
+                            },
+                            temperature: self.temperature,
+                            grad: !self.loss_only,
+                            ..BenchConfig::new(rows, cols, dtype, divergence)
+                        };
+                        c.validate()?;
+                        out.push(c);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Backend: cuda, cpu, or auto (CUDA when usable, else the CPU).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
+    backend: String,
+    /// A named sweep: quick (about a minute) or llm (N ∈ {4096, 16384} ×
+    /// V ∈ {32000, 128256, 151936, 262144} × {bf16, f32} × {forward-kl, jsd}).
+    /// On the CPU backend N is scaled down (quick 16, llm {16, 64}).
+    #[arg(long, value_parser = ["quick", "llm"], conflicts_with_all = ["rows", "cols"])]
+    preset: Option<String>,
+    #[command(flatten)]
+    shape: ShapeArgs,
+    /// Timed runs per variant (at least 20).
+    #[arg(long, default_value_t = MIN_RUNS)]
+    runs: usize,
+    /// Untimed warm-up runs.
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// Seed of the random inputs.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Skip the eager baseline (GPU).
+    #[arg(long)]
+    no_eager: bool,
+    /// Rows of each configuration the CPU backend is timed on in a GPU run
+    /// (0 = none).
+    #[arg(long, default_value_t = 16)]
+    cpu_rows: usize,
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    device: usize,
+    /// Commit to record (default: git rev-parse, or KDFUSE_COMMIT).
+    #[arg(long)]
+    commit: Option<String>,
+    /// Write the report as JSON.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Write one CSV row per configuration.
+    #[arg(long, value_name = "FILE")]
+    csv: Option<PathBuf>,
+    /// Write the Markdown table (as in BENCHMARKS.md).
+    #[arg(long, value_name = "FILE")]
+    markdown: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    no_progress: bool,
+}
+
+fn write_file(path: &Path, body: &[u8]) -> Result<(), CliError> {
+    std::fs::write(path, body)
+        .map_err(|e| CliError::Msg(format!("{}: cannot write: {e}", path.display())))
+}
+
+fn use_cuda(backend: &str, device: usize) -> Result<bool, CliError> {
+    match backend {
+        "cpu" => Ok(false),
+        "cuda" => Ok(true),
+        _ => match kdfuse::backend::select_cuda(device)? {
+            kdfuse::backend::CudaChoice::Usable(_) => Ok(true),
+            kdfuse::backend::CudaChoice::Unavailable(why) => {
+                eprintln!("kdfuse: note: CUDA unavailable ({why}); benchmarking the CPU backend");
+                Ok(false)
+            }
+        },
+    }
+}
+
+pub fn run(a: BenchArgs) -> Result<ExitCode, CliError> {
+    let cuda = use_cuda(&a.backend, a.device)?;
+    let configs = match &a.preset {
+        Some(p) => p.parse::<Preset>().map_err(CliError::Msg)?.configs(!cuda),
+        None => a
+            .shape
+            .configs("give --preset, or --rows and --cols (comma-separated lists)")?,
+    };
+    let opts = BenchOptions {
+        warmup: a.warmup,
+        runs: a.runs,
+        seed: a.seed,
+        eager: !a.no_eager,
+        cpu_rows: a.cpu_rows,
+        device: a.device,
+        commit: a.commit.clone(),
+        progress: !a.no_progress,
+    };
+    opts.validate()?;
+    let report = if cuda {
+        kdfuse_cli::bench::cuda::run(&configs, &opts)?
+    } else {
+        kdfuse_cli::bench::cpu::run(&configs, &opts)?
+    };
+    out!("{}", report.table())?;
+    if let Some(p) = &a.json {
+        let body = serde_json::to_vec_pretty(&report)
+            .map_err(|e| CliError::Msg(format!("cannot encode the report: {e}")))?;
+        write_file(p, &body)?;
+    }
+    if let Some(p) = &a.csv {
+        let mut w = csv::Writer::from_writer(Vec::new());
+        for row in report.csv_rows() {
+            w.serialize(row)
+                .map_err(|e| CliError::Msg(format!("cannot encode CSV: {e}")))?;
+        }
+        let body = w
+            .into_inner()
+            .map_err(|e| CliError::Msg(format!("cannot encode CSV: {e}")))?;
+        write_file(p, &body)?;
+    }
+    if let Some(p) = &a.markdown {
+        write_file(p, report.markdown().as_bytes())?;
+    }
+    if report.checks_passed() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        outln!("FAILED: a configuration's agreement checks failed (see `checks` in the JSON)")?;
+        Ok(ExitCode::from(1))
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// Results JSON written by `kdfuse bench --json`.
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+}
+
+/// Prints each results file as a Markdown section (BENCHMARKS.md's tables).
+pub fn report(a: ReportArgs) -> Result<ExitCode, CliError> {
+    for path in &a.files {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| CliError::Msg(format!("{}: cannot read: {e}", path.display())))?;
+        let r: BenchReport = serde_json::from_str(&text).map_err(|e| {
+            CliError::Msg(format!(
+                "{}: not a kdfuse bench report: {e}",
+                path.display()
+            ))
+        })?;
+        outln!("{}", r.markdown())?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, Args)]
+pub struct ProfileArgs {
+    /// Backend: cuda or cpu.
+    #[arg(long, default_value = "cuda", value_parser = ["cpu", "cuda"])]
+    backend: String,
+    #[command(flatten)]
+    shape: ShapeArgs,
+    /// What to run on the GPU: the fused kernel or the eager baseline.
+    #[arg(long, default_value = "fused", value_parser = ["fused", "eager"])]
+    variant: String,
+    /// Profiled iterations.
+    #[arg(long, default_value_t = 20)]
+    iters: usize,
+    /// Untimed iterations before the profiled range.
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// Seed of the random inputs.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    device: usize,
+}
+
+/// This invocation, for the profiler command lines.
+fn this_command() -> String {
+    std::env::args()
+        .map(|a| {
+            if a.contains(char::is_whitespace) {
+                format!("'{a}'")
+            } else {
+                a
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+pub fn profile(a: ProfileArgs) -> Result<ExitCode, CliError> {
+    if a.backend == "cpu" && a.variant == "eager" {
+        return Err(CliError::Msg(
+            "--variant eager is the GPU's unfused baseline: it needs --backend cuda".into(),
+        ));
+    }
+    let configs = a
+        .shape
+        .configs("give --rows and --cols (one value each: profile runs one configuration)")?;
+    let [c] = configs.as_slice() else {
+        return Err(CliError::Msg(format!(
+            "profile runs one configuration; the flags give {}",
+            configs.len()
+        )));
+    };
+    if a.iters == 0 {
+        return Err(CliError::Msg("--iters must be ≥ 1".into()));
+    }
+    let me = this_command();
+    if a.backend == "cpu" {
+        let opts = BenchOptions {
+            warmup: a.warmup,
+            runs: a.iters,
+            seed: a.seed,
+            ..Default::default()
+        };
+        let (t, _, _) = kdfuse_cli::bench::cpu::profile_rows(c, &opts)?;
+        print_timing(c, "cpu", &t)?;
+        outln!("profile with: perf record -g -- {me}")?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let variant = if a.variant == "eager" {
+        Variant::Eager
+    } else {
+        Variant::Fused
+    };
+    let backend = CudaBackend::new(a.device)?;
+    let mut case = DeviceCase::new(&backend, c, 1, variant == Variant::Eager, a.seed)?;
+    for i in 0..a.warmup {
+        case.enqueue(variant, i)?;
+    }
+    backend.stream().synchronize().map_err(KdError::from)?;
+    let t = kdfuse_cli::bench::cuda::profiled(&mut case, variant, a.iters)?;
+    print_timing(c, &a.variant, &t)?;
+    let kernels = if variant == Variant::Fused {
+        "regex:kd_fused"
+    } else {
+        "regex:kd_eager"
+    };
+    outln!(
+        "the {} iterations run between cuProfilerStart and cuProfilerStop; profile them with:",
+        a.iters
+    )?;
+    outln!("  ncu --profile-from-start off --set full --kernel-name {kernels} --launch-count 1 -o kdfuse-profile {me}")?;
+    outln!("  nsys profile --capture-range=cudaProfilerApi --trace=cuda -o kdfuse-profile {me}")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_timing(c: &BenchConfig, what: &str, t: &Timing) -> Result<(), CliError> {
+    outln!(
+        "{c} [{what}]: median {:.3} ms (p10 {:.3}, p90 {:.3}) over {} iterations",
+        t.median_ms,
+        t.p10_ms,
+        t.p90_ms,
+        t.runs
+    )
+}

@@ -1,0 +1,158 @@
+//! Command definitions and dispatch.
+
+/// `println!` that returns a [`CliError`] when stdout cannot be written
+/// (a full disk: `> /dev/full`) instead of panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::cmd::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` that returns a [`CliError`] when stdout cannot be written.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cmd::write_stdout(format_args!($($arg)*))
+    };
+}
+
+mod bench;
+mod check;
+mod demo;
+mod feature;
+mod info;
+mod loss;
+mod npy;
+
+use clap::{Parser, Subcommand};
+use kdfuse::backend::CudaChoice;
+use kdfuse::{BackendKind, KdError};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// Fused knowledge-distillation loss kernels: loss and gradient in one pass.
+#[derive(Debug, Parser)]
+#[command(name = "kdfuse", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Show the build (embedded architectures, toolchain) and the GPUs seen.
+    Info(info::InfoArgs),
+    /// Compute a distillation loss (and gradient) from .npy files; prints JSON.
+    Loss(loss::LossArgs),
+    /// Compute a feature distillation loss (mse, cosine, attention transfer)
+    /// and gradients from .npy files; prints JSON.
+    FeatureLoss(feature::FeatureLossArgs),
+    /// Sweep random cases of a backend against the f64 oracle.
+    Check(check::CheckArgs),
+    /// Benchmark: fused vs eager vs copy bandwidth (GPU), or the CPU backend
+    /// vs memory bandwidth; table, JSON, CSV, Markdown.
+    Bench(bench::BenchArgs),
+    /// Print results JSON of `kdfuse bench` as Markdown tables.
+    BenchReport(bench::ReportArgs),
+    /// Run one configuration repeatedly for a profiler (ncu, nsys, perf).
+    Profile(bench::ProfileArgs),
+    /// Train a teacher and distil a small student on the handwritten digits.
+    Demo(demo::DemoArgs),
+}
+
+/// A CLI failure: printed as one line, exit code 2.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{0}")]
+    Kd(#[from] KdError),
+    #[error("{0}")]
+    Msg(String),
+}
+
+/// Writes to stdout; a failure is an error naming stdout.
+pub(crate) fn write_stdout(args: std::fmt::Arguments<'_>) -> Result<(), CliError> {
+    use std::io::Write;
+    std::io::stdout()
+        .lock()
+        .write_fmt(args)
+        .map_err(|e| CliError::Msg(format!("cannot write to stdout: {e}")))
+}
+
+/// Flushes stdout (what `print!` left buffered); a failure is an error.
+pub fn flush_stdout() -> Result<(), CliError> {
+    use std::io::Write;
+    std::io::stdout()
+        .flush()
+        .map_err(|e| CliError::Msg(format!("cannot write to stdout: {e}")))
+}
+
+pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
+    match cli.command {
+        Command::Info(a) => info::run(a),
+        Command::Loss(a) => loss::run(a),
+        Command::FeatureLoss(a) => feature::run(a),
+        Command::Check(a) => check::run(a),
+        Command::Bench(a) => bench::run(a),
+        Command::BenchReport(a) => bench::report(a),
+        Command::Profile(a) => bench::profile(a),
+        Command::Demo(a) => demo::run(a),
+    }
+}
+
+/// Creates the backend; `auto` says on stderr why it fell back to the CPU.
+pub(crate) fn make_backend(kind: BackendKind) -> Result<Box<dyn kdfuse::Backend>, CliError> {
+    if kind == BackendKind::Auto {
+        return Ok(match kdfuse::backend::select_cuda(0)? {
+            CudaChoice::Usable(b) => Box::new(b),
+            CudaChoice::Unavailable(why) => {
+                eprintln!("kdfuse: note: CUDA unavailable ({why}); using the CPU backend");
+                Box::new(kdfuse::CpuBackend)
+            }
+        });
+    }
+    Ok(kdfuse::create(kind)?)
+}
+
+/// A path as it will be opened: the canonical form of the file or, when it
+/// does not exist yet, of its directory joined with its name.
+fn resolved(p: &Path) -> PathBuf {
+    if let Ok(c) = p.canonicalize() {
+        return c;
+    }
+    let dir = match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    match (dir.canonicalize(), p.file_name()) {
+        (Ok(d), Some(name)) => d.join(name),
+        _ => p.to_path_buf(),
+    }
+}
+
+/// Fails when two outputs are one file, or an output is one of the inputs
+/// (it would be overwritten while, or after, being read).
+pub(crate) fn check_paths(
+    inputs: &[(&str, Option<&PathBuf>)],
+    outputs: &[(&str, Option<&PathBuf>)],
+) -> Result<(), CliError> {
+    let outs: Vec<(&str, PathBuf)> = outputs
+        .iter()
+        .filter_map(|(f, p)| p.map(|p| (*f, resolved(p))))
+        .collect();
+    for (i, (flag, out)) in outs.iter().enumerate() {
+        if let Some((other, _)) = outs[..i].iter().find(|(_, o)| o == out) {
+            return Err(CliError::Msg(format!(
+                "{other} and {flag} are the same file ({}): give each output its own path",
+                out.display()
+            )));
+        }
+        for (input, p) in inputs {
+            if p.is_some_and(|p| resolved(p) == *out) {
+                return Err(CliError::Msg(format!(
+                    "{flag} would overwrite the input {input} ({}): give the output another path",
+                    out.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}

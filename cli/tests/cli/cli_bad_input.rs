@@ -1,0 +1,342 @@
+//! Bad input through the `kdfuse` binary: each must be one clean error line
+//! (exit 2, no panic), never a silently wrong or ignored value; and outputs
+//! that cannot be written leave nothing half-written behind.
+
+use crate::common;
+use crate::run;
+
+use run::{assert_clean_error, json, kdfuse, write};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+const N: usize = 4;
+const V: usize = 1000;
+
+/// A temporary directory with a student and a teacher `[N, V]`.
+struct Files {
+    dir: tempfile::TempDir,
+}
+
+impl Files {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let s = common::logits(1, N, V, 2.0);
+        let t = common::logits(2, N, V, 2.0);
+        write(&dir.path().join("s.npy"), &s, &[N as u64, V as u64]);
+        write(&dir.path().join("t.npy"), &t, &[N as u64, V as u64]);
+        Files { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn p(&self, name: &str) -> String {
+        self.path(name).to_str().unwrap().to_string()
+    }
+
+    /// `kdfuse loss` of s.npy and t.npy on the CPU, with `extra` flags.
+    fn loss(&self, extra: &[&str]) -> std::process::Output {
+        let (s, t) = (self.p("s.npy"), self.p("t.npy"));
+        let mut args = vec!["loss", "--student", &s, "--teacher", &t, "--backend", "cpu"];
+        args.extend_from_slice(extra);
+        kdfuse(&args)
+    }
+
+    /// The directory's file names.
+    fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+#[test]
+fn parameters_beyond_fp32_are_refused() {
+    let f = Files::new();
+    // 1e19 printed a loss of 9.05e10, 1e20 one of −inf.
+    for tau in ["1e19", "1e20", "1e-20"] {
+        assert_clean_error(&f.loss(&["--temperature", tau]), "temperature");
+    }
+    // 1e-50 ran uncapped (while the JSON said 1e-50); 1e39 gave NaN.
+    for cap in ["1e-50", "1e39"] {
+        assert_clean_error(&f.loss(&["--softcap", cap]), "--softcap");
+    }
+    let j = json(&f.loss(&["--temperature", "1e6", "--softcap", "1e30"]));
+    assert!(j["loss"].is_f64(), "{j}");
+}
+
+#[test]
+fn an_empty_batch_has_a_loss_of_zero() {
+    let f = Files::new();
+    let empty: [f32; 0] = [];
+    write(&f.path("s0.npy"), &empty, &[0, 7]);
+    for reduction in ["batchmean", "sum", "mean"] {
+        let out = kdfuse(&[
+            "loss",
+            "--student",
+            &f.p("s0.npy"),
+            "--teacher",
+            &f.p("s0.npy"),
+            "--backend",
+            "cpu",
+            "--reduction",
+            reduction,
+        ]);
+        let j = json(&out);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(!text.contains("-0"), "{reduction}: {text}");
+        assert_eq!(j["loss"].as_f64(), Some(0.0), "{reduction}: {text}");
+    }
+}
+
+#[test]
+fn attention_map_size_that_overflows_is_refused() {
+    let f = Files::new();
+    let empty: [f32; 0] = [];
+    // [0, 1, 2^32, 2^32]: no element, but H·W wraps u64 (the gradient file
+    // written from it could not be read back).
+    write(&f.path("a.npy"), &empty, &[0, 1, 1 << 32, 1 << 32]);
+    let out = kdfuse(&[
+        "feature-loss",
+        "--kind",
+        "attention",
+        "--student",
+        &f.p("a.npy"),
+        "--teacher",
+        &f.p("a.npy"),
+        "--backend",
+        "cpu",
+        "--grad",
+        &f.p("g.npy"),
+    ]);
+    assert_clean_error(&out, "overflows");
+    assert!(!f.path("g.npy").exists());
+}
+
+#[test]
+fn a_stdout_that_cannot_be_written_is_an_error() {
+    let f = Files::new();
+    for args in [
+        vec![
+            "loss".to_string(),
+            "--student".into(),
+            f.p("s.npy"),
+            "--teacher".into(),
+            f.p("t.npy"),
+            "--backend".into(),
+            "cpu".into(),
+        ],
+        vec!["info".to_string()],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_kdfuse"))
+            .args(&args)
+            .stdout(std::fs::File::create("/dev/full").unwrap())
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        assert_clean_error(&out, "stdout");
+    }
+}
+
+#[test]
+fn outputs_must_not_be_one_file_or_an_input() {
+    let f = Files::new();
+    let g = f.p("g.npy");
+    let same = format!("{}/./g.npy", f.dir.path().display());
+    assert_clean_error(
+        &f.loss(&["--grad", &g, "--grad-teacher", &same]),
+        "--grad and --grad-teacher",
+    );
+    assert!(!f.path("g.npy").exists());
+    let s = f.p("s.npy");
+    assert_clean_error(&f.loss(&["--grad", &s]), "--student");
+    let t = f.p("t.npy");
+    assert_clean_error(&f.loss(&["--grad-teacher", &t]), "--teacher");
+    let out = kdfuse(&[
+        "feature-loss",
+        "--kind",
+        "mse",
+        "--student",
+        &s,
+        "--teacher",
+        &t,
+        "--grad",
+        &g,
+        "--grad-teacher",
+        &g,
+    ]);
+    assert_clean_error(&out, "same file");
+}
+
+/// `kdfuse loss … --grad G` under a file-size limit below the gradient's
+/// size: the write fails; G keeps its old content and no temporary file is
+/// left (it was truncated before).
+#[test]
+fn a_failed_write_leaves_no_truncated_file() {
+    let f = Files::new();
+    let g = f.path("g.npy");
+    std::fs::write(&g, b"old content").unwrap();
+    let before = f.names();
+    let cmd = format!(
+        "trap '' XFSZ; ulimit -f 4; exec '{}' loss --student '{}' --teacher '{}' --backend cpu --grad '{}'",
+        env!("CARGO_BIN_EXE_kdfuse"),
+        f.p("s.npy"),
+        f.p("t.npy"),
+        g.display()
+    );
+    let out = Command::new("sh").arg("-c").arg(&cmd).output().unwrap();
+    assert_clean_error(&out, "g.npy");
+    assert_eq!(std::fs::read(&g).unwrap(), b"old content");
+    assert_eq!(f.names(), before, "a temporary file was left behind");
+    // Without the limit, the same command replaces the file.
+    let j = json(&f.loss(&["--grad", g.to_str().unwrap()]));
+    assert_eq!(j["grad"].as_str(), g.to_str());
+    assert_eq!(run::read_f32(&g).1, vec![N as u64, V as u64]);
+}
+
+#[test]
+fn check_with_no_case_is_an_error() {
+    assert_clean_error(&kdfuse(&["check", "--cases", "0"]), "--cases");
+    assert_clean_error(
+        &kdfuse(&["check", "--cases", "0", "--feature-cases", "0"]),
+        "--cases",
+    );
+}
+
+/// Progress on a terminal only: nothing on a piped stderr; the case count on
+/// a terminal (`script` gives the command one, where it is installed).
+#[test]
+fn check_shows_progress_on_a_terminal_only() {
+    let args = [
+        "check",
+        "--backend",
+        "cpu",
+        "--cases",
+        "3",
+        "--feature-cases",
+        "1",
+        "--max-vocab",
+        "64",
+    ];
+    let out = kdfuse(&args);
+    assert!(out.status.success());
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = format!("'{}' {}", env!("CARGO_BIN_EXE_kdfuse"), args.join(" "));
+    match Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .output()
+    {
+        Ok(out) if out.status.success() => {
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                text.contains("/4 cases"),
+                "no progress on a terminal: {text}"
+            );
+        }
+        _ => eprintln!("skipped the terminal half: `script` is not usable here"),
+    }
+}
+
+#[test]
+fn profile_names_its_own_flags() {
+    let out = kdfuse(&["profile", "--backend", "cpu"]);
+    assert_clean_error(&out, "--rows and --cols");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("--preset"));
+}
+
+#[test]
+fn flags_that_would_be_ignored_are_refused() {
+    let f = Files::new();
+    assert_clean_error(
+        &kdfuse(&[
+            "profile",
+            "--backend",
+            "cpu",
+            "--variant",
+            "eager",
+            "--rows",
+            "2",
+            "--cols",
+            "64",
+        ]),
+        "--variant eager",
+    );
+    for d in ["forward-kl", "reverse-kl", "tvd", "soft-ce"] {
+        assert_clean_error(&f.loss(&["--divergence", d, "--beta", "0.3"]), "--beta");
+        // Even the default value, given explicitly.
+        assert_clean_error(&f.loss(&["--divergence", d, "--beta", "0.5"]), "--beta");
+    }
+    json(&f.loss(&["--divergence", "jsd", "--beta", "0.3"]));
+    assert_clean_error(
+        &kdfuse(&[
+            "bench",
+            "--backend",
+            "cpu",
+            "--rows",
+            "2",
+            "--cols",
+            "64",
+            "--beta",
+            "0.3",
+        ]),
+        "--beta",
+    );
+    let (s, t) = (f.p("s.npy"), f.p("t.npy"));
+    assert_clean_error(
+        &kdfuse(&[
+            "feature-loss",
+            "--kind",
+            "mse",
+            "--student",
+            &s,
+            "--teacher",
+            &t,
+            "--eps",
+            "1e-6",
+        ]),
+        "--eps",
+    );
+}
+
+/// JSON has no NaN or inf: such a loss is `null`, its spelling in
+/// `nonfinite` (README, "JSON output").
+#[test]
+fn nonfinite_losses_are_null_with_their_spelling() {
+    let f = Files::new();
+    let mut s = common::logits(1, 2, 4, 1.0);
+    s[0] = f32::NAN;
+    write(&f.path("nan.npy"), &s, &[2, 4]);
+    let t = common::logits(2, 2, 4, 1.0);
+    write(&f.path("t4.npy"), &t, &[2, 4]);
+    let run = |reduction: &str| {
+        json(&kdfuse(&[
+            "loss",
+            "--student",
+            &f.p("nan.npy"),
+            "--teacher",
+            &f.p("t4.npy"),
+            "--backend",
+            "cpu",
+            "--reduction",
+            reduction,
+        ]))
+    };
+    let j = run("batchmean");
+    assert!(j["loss"].is_null(), "{j}");
+    assert_eq!(j["nonfinite"]["loss"], "nan", "{j}");
+    let j = run("none");
+    assert!(j["loss"][0].is_null() && j["loss"][1].is_f64(), "{j}");
+    assert_eq!(j["nonfinite"]["loss[0]"], "nan", "{j}");
+    assert!(j["nonfinite"].get("loss[1]").is_none(), "{j}");
+    // Finite losses: no `nonfinite` field.
+    let j = json(&f.loss(&[]));
+    assert!(j.get("nonfinite").is_none(), "{j}");
+}

@@ -1,0 +1,301 @@
+// kd_fast.cu — precision = fast: fused forward KL, reverse KL, soft CE, TVD
+// and JSD (loss + ∂L/∂student, one launch; docs/DESIGN.md §3 "fast", §5).
+//
+// One CTA per row (grid-stride over rows), as kd_fused.cu:
+//   pass 1: each thread sweeps its chunks of 8 elements (one 16-byte load per
+//           side for 16-bit logits, two for f32), takes each side's chunk
+//           maximum and, only when one passes its threshold (a warp vote),
+//           moves its references (kd_fast_rescale); then one exp2 per side
+//           per element and pairwise chunk sums (kd_fast_term, kd_fast_add);
+//           the block merges the threads' statistics (kd_fast_merge).
+//   pass 2: TVD and JSD only: a second sweep sums the divergence from the
+//           row's log-sum-exp values (kd_fast_term2; JSD: one lg2 more).
+//   grad:   re-reads the row and writes ∂L/∂s: q − p (two exp2), reverse
+//           KL's q·a·((s − t)·scale2 − Δ − k) (one; Δ = lse_s − lse_t as a
+//           hi + lo pair), TVD's q·factor(side), JSD's
+//           q·(a·log2(q/m) − k) (p on the FMA pipe), packed into 16-byte stores
+//           (cvt.rn.bf16x2 / f16x2); the label's entry (α > 0) is rewritten
+//           once per row by thread 0 (kd_fast_grad_label).
+// Bytes per element (in = input size, out = gradient size), when the re-reads
+// miss L2: 4·in + out (10 B in bf16; TVD, JSD 6·in + out); loss only 2·in
+// (TVD, JSD 4·in).
+// Uniform options are template parameters (α > 0: the `fastce` kernels); the
+// host takes the exact kernels (kd_fused.cu) for what these do not cover:
+// soft-capping and the teacher gradient.
+// Issue slots per element (sm_90 SASS, scripts/sass-report: every branch
+// side of the vector loops, the vote-guarded rescale apart; bf16 in and out;
+// bench/results/sass-sm_90.md): forward KL 26.5 (pass 1 16, gradient 11),
+// reverse KL 30.5, soft CE 29.0, TVD 45.1 (13 + 19 + 14), JSD 62.4
+// (13 + 19 + 31); α > 0 adds 6.0–6.6; f32 4–6 fewer. MUFU per element: 4
+// (reverse KL 3, TVD 6, JSD 7), α > 0 adds 2. Budgets: kernels/budgets.toml
+// (≤ 40, TVD ≤ 55, JSD ≤ 70).
+#include "kd/kd_args.h"
+#include "kd/kd_fast_math.cuh"
+
+#define KD_FAST_THREADS 256
+
+// True when some active lane of the warp asks: the warp takes the rare
+// rescale together (lanes that did not ask are unchanged by it). Lane-local
+// under the emulator, which gives the same results.
+__device__ __forceinline__ bool kd_fast_any(bool p) {
+#ifdef KD_EMU
+  return p;
+#else
+  return __any_sync(__activemask(), p);
+#endif
+}
+
+// 8 logits from a 16-byte-aligned address, as f32.
+__device__ __forceinline__ void kd_load8(const float* p, float (&v)[8]) {
+  const uint4 a = reinterpret_cast<const uint4*>(p)[0];
+  const uint4 b = reinterpret_cast<const uint4*>(p)[1];
+  const unsigned w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+  for (int i = 0; i < 8; ++i) v[i] = kd_bits_to_f32(w[i]);
+}
+__device__ __forceinline__ void kd_load8(const kd_bf16* p, float (&v)[8]) {
+  const uint4 a = *reinterpret_cast<const uint4*>(p);
+  const unsigned w[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    v[2 * i] = kd_bits_to_f32(w[i] << 16);
+    v[2 * i + 1] = kd_bits_to_f32(w[i] & 0xffff0000u);
+  }
+}
+__device__ __forceinline__ void kd_load8(const kd_f16* p, float (&v)[8]) {
+  const uint4 a = *reinterpret_cast<const uint4*>(p);
+  const unsigned w[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    v[2 * i] = kd_f16_to_f32((uint16_t)(w[i] & 0xffffu));
+    v[2 * i + 1] = kd_f16_to_f32((uint16_t)(w[i] >> 16));
+  }
+}
+
+// Two values rounded to 16 bits, lo in the low half (cvt.rn.*x2: one instruction).
+__device__ __forceinline__ unsigned kd_pack2(float lo, float hi, kd_bf16) {
+#ifdef __CUDA_ARCH__
+  unsigned d;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+  return d;
+#else
+  return (unsigned)kd_f32_to_bf16(lo) | ((unsigned)kd_f32_to_bf16(hi) << 16);
+#endif
+}
+__device__ __forceinline__ unsigned kd_pack2(float lo, float hi, kd_f16) {
+#ifdef __CUDA_ARCH__
+  unsigned d;
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+  return d;
+#else
+  return (unsigned)kd_f32_to_f16(lo) | ((unsigned)kd_f32_to_f16(hi) << 16);
+#endif
+}
+
+// 8 gradient values to a 16-byte-aligned address.
+__device__ __forceinline__ void kd_store8(float* p, const float (&g)[8]) {
+  uint4 a, b;
+  a.x = kd_f32_to_bits(g[0]);
+  a.y = kd_f32_to_bits(g[1]);
+  a.z = kd_f32_to_bits(g[2]);
+  a.w = kd_f32_to_bits(g[3]);
+  b.x = kd_f32_to_bits(g[4]);
+  b.y = kd_f32_to_bits(g[5]);
+  b.z = kd_f32_to_bits(g[6]);
+  b.w = kd_f32_to_bits(g[7]);
+  reinterpret_cast<uint4*>(p)[0] = a;
+  reinterpret_cast<uint4*>(p)[1] = b;
+}
+template <typename T>
+__device__ __forceinline__ void kd_store8(T* p, const float (&g)[8]) {
+  uint4 a;
+  a.x = kd_pack2(g[0], g[1], T{});
+  a.y = kd_pack2(g[2], g[3], T{});
+  a.z = kd_pack2(g[4], g[5], T{});
+  a.w = kd_pack2(g[6], g[7], T{});
+  *reinterpret_cast<uint4*>(p) = a;
+}
+
+__device__ __forceinline__ float kd_max8(const float (&v)[8]) {
+  return fmaxf(fmaxf(fmaxf(v[0], v[1]), fmaxf(v[2], v[3])),
+               fmaxf(fmaxf(v[4], v[5]), fmaxf(v[6], v[7])));
+}
+
+template <int DIV, bool CE>
+__device__ __forceinline__ KdFast kd_fast_shfl(const KdFast& a, int off) {
+  KdFast o;
+  o.mx = kd_shfl(a.mx, off);
+  o.zx = kd_shfl(a.zx, off);
+  o.my = kd_shfl(a.my, off);
+  o.zy = kd_shfl(a.zy, off);
+  o.acc = kd_shfl(a.acc, off);
+  o.ent = DIV == KD_DIV_SCE ? kd_shfl(a.ent, off) : 0.0f;
+  o.m1 = CE ? kd_shfl(a.m1, off) : KD_FAST_EMPTY;
+  o.z1 = CE ? kd_shfl(a.z1, off) : 0.0f;
+  o.tx = o.ty = 0.0f;
+  return o;
+}
+
+// Merges every thread's statistics; every thread gets the row's total.
+template <int DIV, bool CE>
+__device__ KdFast kd_fast_block_merge(KdFast st, KdFast* smem) {
+  return kd_block_reduce(
+      st, smem, kd_fast_init(), [](const KdFast& a, int off) { return kd_fast_shfl<DIV, CE>(a, off); },
+      [](KdFast& a, const KdFast& b) { kd_fast_merge<DIV, CE>(a, b); });
+}
+
+template <typename Tin, typename Tout, int DIV, bool CE>
+__device__ void kd_fast_body(const KdFusedArgs& a) {
+  constexpr bool RKL = DIV == KD_DIV_RKL;
+  const Tin* s = static_cast<const Tin*>(a.student);
+  const Tin* t = static_cast<const Tin*>(a.teacher);
+  Tout* grad = static_cast<Tout*>(a.grad);
+  const KdParams& P = a.params;
+  __shared__ KdFast red[KD_FAST_THREADS / 32];
+  __shared__ float2 red2[KD_FAST_THREADS / 32];
+  const int V = P.vocab;
+  const int tid = threadIdx.x, nt = blockDim.x;
+  const long long valid = a.valid_count ? (long long)*a.valid_count : a.n_rows;
+  const float w = kd_row_weight(P, valid);
+
+  for (long long row = blockIdx.x; row < a.n_rows; row += gridDim.x) {
+    const Tin* srow = s + row * a.student_stride;
+    const Tin* trow = t + row * a.teacher_stride;
+    Tout* grow = grad ? grad + row * a.grad_stride : nullptr;
+    const long long y = a.labels ? a.labels[row] : -1;
+    const float wrow = a.row_weights ? a.row_weights[row] : 1.0f;
+    if ((a.labels && y == P.ignore_index) || wrow == 0.0f) {
+      if (grow)
+        for (int j = tid; j < V; j += nt) grow[j] = kd_from_f32<Tout>(0.0f);
+      if (tid == 0) a.row_loss[row] = 0.0f;
+      continue;
+    }
+    const bool bad_label = a.labels && (y < 0 || y >= V);
+    const Tin* xrow = RKL ? srow : trow;  // the main side
+    const Tin* yrow = RKL ? trow : srow;
+
+    const uintptr_t sa = reinterpret_cast<uintptr_t>(srow) & 15u;
+    const bool vec = sa == (reinterpret_cast<uintptr_t>(trow) & 15u);
+    int head = vec ? (int)(((16u - sa) & 15u) / sizeof(Tin)) : V;
+    if (head > V) head = V;
+    const int nchunk = (V - head) / KD_FAST_CHUNK;
+    const int tail = head + nchunk * KD_FAST_CHUNK;
+
+    KdFast st = kd_fast_init();
+    for (int j = tid; j < head; j += nt) {
+      const float x = kd_to_f32(xrow[j]), yv = kd_to_f32(yrow[j]);
+      kd_fast_push1<DIV, CE>(st, x, yv, RKL ? x : yv, P);
+    }
+    for (int c = tid; c < nchunk; c += nt) {
+      float xs[8], ys[8];
+      kd_load8(xrow + head + c * KD_FAST_CHUNK, xs);
+      kd_load8(yrow + head + c * KD_FAST_CHUNK, ys);
+      const float cx = kd_max8(xs), cy = kd_max8(ys);
+      if (kd_fast_any(kd_fast_over(st, cx, cy))) kd_fast_rescale<DIV, CE>(st, cx, cy, P);
+      KdFastTerm terms[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) terms[e] = kd_fast_term<DIV, CE>(st, xs[e], ys[e], RKL ? xs[e] : ys[e], P);
+      kd_fast_add<DIV, CE, 8>(st, terms);
+    }
+    for (int j = tail + tid; j < V; j += nt) {
+      const float x = kd_to_f32(xrow[j]), yv = kd_to_f32(yrow[j]);
+      kd_fast_push1<DIV, CE>(st, x, yv, RKL ? x : yv, P);
+    }
+    // Read before the merge's barriers: an in-place gradient sweep may
+    // overwrite srow[y] right after them.
+    const bool fix = CE && grow && !bad_label && tid == 0;
+    const float s_y = (tid == 0 && CE && !bad_label) ? kd_to_f32(srow[y]) : 0.0f;
+    const float t_y = fix ? kd_to_f32(trow[y]) : 0.0f;
+    st = kd_fast_block_merge<DIV, CE>(st, red);
+    const float nan = __int_as_float(0x7fc00000);
+    KdFastRow r = kd_fast_finish<DIV, CE>(st, bad_label ? nan : w * wrow, P);
+    if (DIV == KD_DIV_TVD || DIV == KD_DIV_JSD) {
+      // Pass 2: the divergence's sums from the row's log-sum-exp values.
+      float sa2 = 0.0f, sb2 = 0.0f, sc2 = 0.0f;
+      for (int j = tid; j < head; j += nt) {
+        const KdFast2 e = kd_fast_term2<DIV>(kd_to_f32(srow[j]), kd_to_f32(trow[j]), r, P);
+        sa2 += e.a;
+        sb2 += e.b;
+        sc2 += e.c;
+      }
+      for (int c = tid; c < nchunk; c += nt) {
+        const int j0 = head + c * KD_FAST_CHUNK;
+        float ss[8], ts[8];
+        kd_load8(srow + j0, ss);
+        kd_load8(trow + j0, ts);
+        KdFast2 e[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) e[i] = kd_fast_term2<DIV>(ss[i], ts[i], r, P);
+#pragma unroll
+        for (int wd = 1; wd < 8; wd *= 2)
+#pragma unroll
+          for (int i = 0; i + wd < 8; i += 2 * wd) {
+            e[i].a += e[i + wd].a;
+            e[i].b += e[i + wd].b;
+            if (DIV == KD_DIV_TVD) e[i].c += e[i + wd].c;
+          }
+        sa2 += e[0].a;
+        sb2 += e[0].b;
+        sc2 += e[0].c;
+      }
+      for (int j = tail + tid; j < V; j += nt) {
+        const KdFast2 e = kd_fast_term2<DIV>(kd_to_f32(srow[j]), kd_to_f32(trow[j]), r, P);
+        sa2 += e.a;
+        sb2 += e.b;
+        sc2 += e.c;
+      }
+      const float2 tot = kd_block_sum2(make_float2(sa2, sb2), red2);
+      const float tot_c =
+          DIV == KD_DIV_TVD ? kd_block_sum2(make_float2(sc2, 0.0f), red2).x : 0.0f;
+      kd_fast_finish2<DIV>(r, tot.x, tot.y, tot_c, P);
+    }
+    if (tid == 0) a.row_loss[row] = bad_label ? nan : wrow * kd_fast_loss<CE>(r, s_y, P);
+
+    if (grow) {
+      const bool gvec = vec && ((reinterpret_cast<uintptr_t>(grow + head) & 15u) == 0);
+      const int gh = gvec ? head : V;
+      for (int j = tid; j < gh; j += nt)
+        grow[j] = kd_from_f32<Tout>(kd_fast_grad<DIV, CE>(kd_to_f32(srow[j]), kd_to_f32(trow[j]), r, P));
+      if (gvec) {
+        for (int c = tid; c < nchunk; c += nt) {
+          const int j0 = head + c * KD_FAST_CHUNK;
+          float ss[8], ts[8], g[8];
+          kd_load8(srow + j0, ss);
+          kd_load8(trow + j0, ts);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) g[e] = kd_fast_grad<DIV, CE>(ss[e], ts[e], r, P);
+          kd_store8(grow + j0, g);
+        }
+        for (int j = tail + tid; j < V; j += nt)
+          grow[j] = kd_from_f32<Tout>(kd_fast_grad<DIV, CE>(kd_to_f32(srow[j]), kd_to_f32(trow[j]), r, P));
+      }
+      if (CE) {
+        __syncthreads();
+        if (fix) grow[y] = kd_from_f32<Tout>(kd_fast_grad_label<DIV, CE>(s_y, t_y, r, P));
+      }
+    }
+    __syncthreads();
+  }
+}
+
+#define KD_FAST(NAME, TIN, TOUT, DIV, CE)                                              \
+  extern "C" __global__ void __launch_bounds__(KD_FAST_THREADS, 4) NAME(const KdFusedArgs a) { \
+    kd_fast_body<TIN, TOUT, DIV, CE>(a);                                               \
+  }
+
+#define KD_FAST_TYPES(DIVNAME, VAR, DIV, CE)                                  \
+  KD_FAST(kd_fused_##DIVNAME##_##VAR##_f32_f32, float, float, DIV, CE)        \
+  KD_FAST(kd_fused_##DIVNAME##_##VAR##_bf16_bf16, kd_bf16, kd_bf16, DIV, CE)  \
+  KD_FAST(kd_fused_##DIVNAME##_##VAR##_bf16_f32, kd_bf16, float, DIV, CE)     \
+  KD_FAST(kd_fused_##DIVNAME##_##VAR##_f16_f16, kd_f16, kd_f16, DIV, CE)      \
+  KD_FAST(kd_fused_##DIVNAME##_##VAR##_f16_f32, kd_f16, float, DIV, CE)
+
+#define KD_FAST_DIV(DIVNAME, DIV)                 \
+  KD_FAST_TYPES(DIVNAME, fast, DIV, false)        \
+  KD_FAST_TYPES(DIVNAME, fastce, DIV, true)
+
+KD_FAST_DIV(fkl, KD_DIV_FKL)
+KD_FAST_DIV(rkl, KD_DIV_RKL)
+KD_FAST_DIV(sce, KD_DIV_SCE)
+KD_FAST_DIV(tvd, KD_DIV_TVD)
+KD_FAST_DIV(jsd, KD_DIV_JSD)
