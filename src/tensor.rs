@@ -42,6 +42,23 @@ impl Dtype {
         }
     }
 
+    /// The code the C and CUDA sources use for it (0 f32, 1 bf16, 2 f16).
+    pub(crate) fn code(self) -> i32 {
+        match self {
+            Dtype::F32 => 0,
+            Dtype::Bf16 => 1,
+            Dtype::F16 => 2,
+        }
+    }
+
+    /// Little-endian bytes of elements of this dtype, as f32 values (a
+    /// trailing partial element is dropped).
+    pub(crate) fn decode(self, bytes: &[u8]) -> Vec<f32> {
+        let data = OwnedData::from_bytes(bytes, self);
+        let view = data.view();
+        (0..view.len()).map(|i| view.get(i)).collect()
+    }
+
     /// Rounds an f32 value to this dtype (nearest, ties to even) and back.
     pub fn round(self, x: f32) -> f32 {
         match self {
@@ -76,6 +93,16 @@ pub enum GradDtype {
     F32,
     /// The dtype of the logits (rounded once, from fp32).
     Input,
+}
+
+impl GradDtype {
+    /// The dtype the gradient is written in, for inputs of `input`.
+    pub fn dtype_for(self, input: Dtype) -> Dtype {
+        match self {
+            GradDtype::F32 => Dtype::F32,
+            GradDtype::Input => input,
+        }
+    }
 }
 
 /// Borrowed element data of one of the supported dtypes.

@@ -254,10 +254,7 @@ impl FeatureGrads {
 
     /// The dtype the gradients are written in, for inputs of `input`.
     pub fn out_dtype(&self, input: Dtype) -> Dtype {
-        match self.dtype {
-            GradDtype::F32 => Dtype::F32,
-            GradDtype::Input => input,
-        }
+        self.dtype.dtype_for(input)
     }
 }
 
@@ -275,10 +272,40 @@ pub struct FeatureOutput {
     pub grad_teacher: Option<Vec<f32>>,
 }
 
+/// The outputs of one feature batch: allocated by the driver for the call,
+/// filled by the backend's [`FeatureBackend::feature_batch`], then returned
+/// as a [`FeatureOutput`].
+#[derive(Debug)]
+pub struct FeatureBatch {
+    /// Per-row losses r_i (N); NaN until written.
+    pub row_losses: Vec<f64>,
+    /// ∂L/∂student, dense `[N, C_s·S]`, when asked for; NaN until written,
+    /// so that an entry a backend skipped cannot pass as a value.
+    pub grad_student: Option<Vec<f32>>,
+    /// ∂L/∂teacher, dense `[N, C_t·S]`, when asked for; NaN until written.
+    pub grad_teacher: Option<Vec<f32>>,
+    /// The dtype the gradients are rounded to.
+    pub grad_dtype: Dtype,
+    /// The reduced loss, when the backend reduces (the kernels do, on the
+    /// device); `None` leaves it to the driver:
+    /// [`FeatureSpec::loss_weight`] times the sum of the row losses.
+    pub loss: Option<f64>,
+}
+
 /// A way of computing the feature losses.
 pub trait FeatureBackend: Send + Sync {
     /// Short name (`oracle`, `cpu`, `cuda`).
     fn name(&self) -> &'static str;
+
+    /// One batch, `inputs` and `spec` already validated: the row losses,
+    /// the gradients `out` holds buffers for and, when the backend reduces,
+    /// the loss. Called by [`FeatureBackend::feature_loss`].
+    fn feature_batch(
+        &self,
+        inputs: &FeatureInputs,
+        spec: &FeatureSpec,
+        out: &mut FeatureBatch,
+    ) -> Result<()>;
 
     /// The loss and the gradients asked for. Inputs and spec are validated
     /// first.
@@ -287,13 +314,48 @@ pub trait FeatureBackend: Send + Sync {
         inputs: &FeatureInputs,
         spec: &FeatureSpec,
         grads: FeatureGrads,
-    ) -> Result<FeatureOutput>;
+    ) -> Result<FeatureOutput> {
+        drive(inputs, spec, grads, |out| {
+            self.feature_batch(inputs, spec, out)
+        })
+    }
 }
 
 /// Validation shared by every backend.
 pub(crate) fn validate(inputs: &FeatureInputs, spec: &FeatureSpec) -> Result<()> {
     spec.validate()?;
     inputs.validate(spec.kind)
+}
+
+/// The driver of one call: validates `inputs` and `spec`, allocates the
+/// outputs `grads` asks for, runs `batch` on them and assembles the
+/// [`FeatureOutput`].
+fn drive(
+    inputs: &FeatureInputs,
+    spec: &FeatureSpec,
+    grads: FeatureGrads,
+    batch: impl FnOnce(&mut FeatureBatch) -> Result<()>,
+) -> Result<FeatureOutput> {
+    validate(inputs, spec)?;
+    let layout = inputs.layout(spec.kind);
+    let n = layout.rows;
+    let poisoned = |want: bool, len: usize| want.then(|| vec![f32::NAN; n * len]);
+    let mut out = FeatureBatch {
+        row_losses: vec![f64::NAN; n],
+        grad_student: poisoned(grads.student, layout.student_len()),
+        grad_teacher: poisoned(grads.teacher, layout.teacher_len()),
+        grad_dtype: grads.out_dtype(inputs.student.dtype()),
+        loss: None,
+    };
+    batch(&mut out)?;
+    Ok(FeatureOutput {
+        loss: out
+            .loss
+            .unwrap_or_else(|| spec.loss_weight(&layout) * crate::sum(&out.row_losses)),
+        row_losses: out.row_losses,
+        grad_student: out.grad_student,
+        grad_teacher: out.grad_teacher,
+    })
 }
 
 /// Creates a feature backend. `Auto` falls back to the CPU when CUDA is
