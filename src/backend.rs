@@ -1,5 +1,5 @@
 //! Backend selection ([`create`], [`select_cuda`]), and the one interface
-//! every backend implements ([`Backend`], from [`driver`]).
+//! every backend implements ([`Backend`], from `driver`).
 //!
 //! The interface lives in `driver`, which depends on no backend; this module
 //! depends on all of them, so that the backends never import their selector.
@@ -10,8 +10,7 @@ pub(crate) use driver::validate_topk;
 pub use driver::{Backend, BatchOutput, KdOutput};
 
 use crate::error::{KdError, Result};
-use std::fmt;
-use std::str::FromStr;
+use crate::spec::spellings;
 
 /// Which backend to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -27,38 +26,12 @@ pub enum BackendKind {
     Oracle,
 }
 
-impl BackendKind {
-    /// The CLI spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BackendKind::Auto => "auto",
-            BackendKind::Cpu => "cpu",
-            BackendKind::Cuda => "cuda",
-            BackendKind::Oracle => "oracle",
-        }
-    }
-}
-
-impl fmt::Display for BackendKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for BackendKind {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        [
-            BackendKind::Auto,
-            BackendKind::Cpu,
-            BackendKind::Cuda,
-            BackendKind::Oracle,
-        ]
-        .into_iter()
-        .find(|b| b.as_str() == s)
-        .ok_or_else(|| format!("unknown backend `{s}` (expected auto, cpu, cuda or oracle)"))
-    }
-}
+spellings!(BackendKind, "backend",
+    Auto => "auto",
+    Cpu => "cpu",
+    Cuda => "cuda",
+    Oracle => "oracle",
+);
 
 /// What `Auto` finds: the CUDA backend, or why CUDA is unavailable (the
 /// caller then runs on the CPU).

@@ -2,9 +2,8 @@
 //! validation.
 
 use crate::error::{invalid, Result};
+use crate::spec::spellings;
 use half::{bf16, f16};
-use std::fmt;
-use std::str::FromStr;
 
 /// Element type of the logits (and of the gradient when it follows the input).
 #[derive(
@@ -21,19 +20,13 @@ pub enum Dtype {
     F16,
 }
 
+spellings!(Dtype, "dtype",
+    F32 => "f32",
+    Bf16 => "bf16",
+    F16 => "f16",
+);
+
 impl Dtype {
-    /// Every dtype.
-    pub const ALL: [Dtype; 3] = [Dtype::F32, Dtype::Bf16, Dtype::F16];
-
-    /// The CLI/API spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Dtype::F32 => "f32",
-            Dtype::Bf16 => "bf16",
-            Dtype::F16 => "f16",
-        }
-    }
-
     /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
@@ -66,22 +59,6 @@ impl Dtype {
             Dtype::Bf16 => bf16::from_f32(x).to_f32(),
             Dtype::F16 => f16::from_f32(x).to_f32(),
         }
-    }
-}
-
-impl fmt::Display for Dtype {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Dtype {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        Dtype::ALL
-            .into_iter()
-            .find(|d| d.as_str() == s)
-            .ok_or_else(|| format!("unknown dtype `{s}` (expected f32, bf16 or f16)"))
     }
 }
 
@@ -270,27 +247,40 @@ impl<'a> Logits<'a> {
                 format!("row stride {} is below V = {}", self.row_stride, self.cols),
             );
         }
-        if self.rows > 0 {
-            let needed = (self.rows - 1)
-                .checked_mul(self.row_stride)
-                .and_then(|x| x.checked_add(self.cols));
-            match needed {
-                Some(n) if n <= self.data.len() => {}
-                _ => {
-                    return invalid(
-                        arg,
-                        format!(
-                        "{} rows of stride {} and {} columns need more than the {} elements given",
-                        self.rows,
-                        self.row_stride,
-                        self.cols,
-                        self.data.len()
-                    ),
-                    )
-                }
-            }
-        }
-        Ok(())
+        let cols = format!("{} columns", self.cols);
+        rows_fit(
+            arg,
+            self.rows,
+            self.row_stride,
+            self.cols,
+            &cols,
+            self.data.len(),
+        )
+    }
+}
+
+/// Checks that `rows` rows of `len` elements, `stride` apart, fit in the
+/// `have` elements given; `what` names the row length in the error.
+pub(crate) fn rows_fit(
+    arg: &'static str,
+    rows: usize,
+    stride: usize,
+    len: usize,
+    what: &str,
+    have: usize,
+) -> Result<()> {
+    if rows == 0 {
+        return Ok(());
+    }
+    match (rows - 1)
+        .checked_mul(stride)
+        .and_then(|x| x.checked_add(len))
+    {
+        Some(n) if n <= have => Ok(()),
+        _ => invalid(
+            arg,
+            format!("{rows} rows of stride {stride} and {what} need more than the {have} elements given"),
+        ),
     }
 }
 

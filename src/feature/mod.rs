@@ -43,10 +43,8 @@ pub use inputs::{FeatureInputs, FeatureLayout, Features};
 
 use crate::backend::BackendKind;
 use crate::error::{invalid, Result};
-use crate::spec::Reduction;
+use crate::spec::{spellings, Reduction};
 use crate::tensor::{Dtype, GradDtype};
-use std::fmt;
-use std::str::FromStr;
 
 /// Which feature loss.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize)]
@@ -62,23 +60,13 @@ pub enum FeatureKind {
     Attention,
 }
 
+spellings!(FeatureKind, "feature loss",
+    Mse => "mse",
+    Cosine => "cosine",
+    Attention => "attention",
+);
+
 impl FeatureKind {
-    /// Every kind, in CLI order.
-    pub const ALL: [FeatureKind; 3] = [
-        FeatureKind::Mse,
-        FeatureKind::Cosine,
-        FeatureKind::Attention,
-    ];
-
-    /// The CLI/API spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FeatureKind::Mse => "mse",
-            FeatureKind::Cosine => "cosine",
-            FeatureKind::Attention => "attention",
-        }
-    }
-
     /// ε when the spec does not set one: 1e-8 for cosine (PyTorch's
     /// `cosine_similarity`), 1e-12 for attention (`F.normalize`); MSE has none
     /// (0).
@@ -97,24 +85,6 @@ impl FeatureKind {
             FeatureKind::Cosine => 1,
             FeatureKind::Attention => 2,
         }
-    }
-}
-
-impl fmt::Display for FeatureKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for FeatureKind {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        FeatureKind::ALL
-            .into_iter()
-            .find(|k| k.as_str() == s)
-            .ok_or_else(|| {
-                format!("unknown feature loss `{s}` (expected mse, cosine or attention)")
-            })
     }
 }
 
