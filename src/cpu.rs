@@ -106,10 +106,6 @@ impl Backend for CpuBackend {
         "cpu"
     }
 
-    fn precision(&self, spec: &LossSpec) -> Precision {
-        spec.kernel_precision()
-    }
-
     fn batch(&self, inputs: &KdInputs, spec: &LossSpec, out: &mut BatchOutput) -> Result<()> {
         let (n, v) = (inputs.student.rows, inputs.student.cols);
         let p = KernelParams::new(spec, v);

@@ -10,7 +10,7 @@ use crate::backend::driver::{Backend, BatchOutput};
 use crate::cuda::threads_for;
 use crate::error::{invalid, Result};
 use crate::params::{FusedArgs, KernelParams, TopkArgs};
-use crate::spec::LossSpec;
+use crate::spec::{LossSpec, Precision};
 use crate::tensor::{Dtype, KdInputs, Logits, TopkIndices, TopkInputs};
 use std::ffi::c_void;
 
@@ -261,10 +261,6 @@ fn ptr_if(buf: &mut [u8], want: bool) -> *mut c_void {
 }
 
 impl Backend for EmuBackend {
-    fn precision(&self, spec: &LossSpec) -> crate::spec::Precision {
-        spec.kernel_precision()
-    }
-
     fn name(&self) -> &'static str {
         "cuda-emulated"
     }
@@ -376,6 +372,10 @@ pub struct EagerEmuBackend;
 impl Backend for EagerEmuBackend {
     fn name(&self) -> &'static str {
         "eager-emulated"
+    }
+
+    fn precision(&self, _: &LossSpec) -> Precision {
+        Precision::Exact
     }
 
     fn batch_topk(&self, _: &TopkInputs, _: &LossSpec, _: &mut BatchOutput) -> Result<()> {

@@ -2,9 +2,9 @@
 //! directly (log-softmax, then the divergence and the closed-form gradients),
 //! with no online tricks. Every other backend is tested against it.
 
-use crate::backend::driver::{drive, store_row, Backend, BatchOutput, KdOutput};
+use crate::backend::driver::{drive, store_row, Backend, BatchOutput, CallInputs, KdOutput};
 use crate::error::Result;
-use crate::spec::{KernelDivergence, LossSpec, TopkMode};
+use crate::spec::{KernelDivergence, LossSpec, Precision, TopkMode};
 use crate::tensor::{Dtype, GradDtype, KdInputs, TopkInputs};
 
 /// The f64 reference backend.
@@ -521,24 +521,27 @@ type RowOut = (f64, Vec<f64>, Option<Vec<f64>>);
 /// NaN: such a row's inputs are not used), a NaN ℓ makes the row's
 /// gradients NaN and the reduced loss NaN,
 /// applies the row weights, the reduction's weight and `grad_scale`, and
-/// rounds the gradients. `row_fn(r, hint)` gets row `r`'s hint (the `hint`
-/// gradient row made unweighted, when given and the weight allows it).
+/// rounds the gradients. `row_fn(r, s, label, hint)` gets row `r`'s student
+/// after the soft-cap ([`precap`] with `round_cap`), its label and its hint
+/// (the `hint` gradient row made unweighted and taken to the capped logits,
+/// when given and the weight allows it), and returns ℓ, ∂ℓ/∂s of the capped
+/// student (taken back to the raw logits here), and ∂ℓ/∂t.
 fn run_rows(
-    v: usize,
-    labels: Option<&[i64]>,
-    row_weights: Option<&[f32]>,
+    inputs: &impl CallInputs,
     spec: &LossSpec,
     hint: Option<&[f32]>,
+    round_cap: bool,
     out: &mut BatchOutput,
-    mut row_fn: impl FnMut(usize, Option<Vec<f64>>) -> RowOut,
+    mut row_fn: impl FnMut(usize, &[f64], Option<usize>, Option<Vec<f64>>) -> RowOut,
 ) {
-    let n = out.row_losses.len();
+    let (n, v) = (out.row_losses.len(), inputs.student().cols);
     let w = spec.reduction.row_weight(out.valid_rows, v);
     let round = out.grad_dtype.unwrap_or(Dtype::F32);
     for r in 0..n {
-        let wr = row_weight_of(row_weights, r);
+        let label = inputs.labels().map(|l| l[r]);
+        let wr = row_weight_of(inputs.row_weights(), r);
         let grads = [out.grad.as_mut(), out.grad_teacher.as_mut()];
-        if labels.map(|l| l[r]) == Some(spec.ignore_index) || wr == 0.0 {
+        if label == Some(spec.ignore_index) || wr == 0.0 {
             out.row_losses[r] = 0.0;
             for g in grads.into_iter().flatten() {
                 g[r * v..(r + 1) * v].fill(0.0);
@@ -546,15 +549,24 @@ fn run_rows(
             continue;
         }
         let scale = spec.grad_scale * w * wr;
+        let (s, ds) = precap(&logits_row(inputs.student(), r), spec.softcap, round_cap);
+        // The hint is a gradient with respect to the raw logits.
         let h: Option<Vec<f64>> = hint
             .filter(|h| h.len() == n * v && scale != 0.0 && scale.is_finite())
             .map(|h| {
-                h[r * v..(r + 1) * v]
-                    .iter()
-                    .map(|&x| x as f64 / scale)
+                let h = &h[r * v..(r + 1) * v];
+                (0..v)
+                    .map(|j| {
+                        let x = h[j] as f64 / scale;
+                        match &ds {
+                            Some(d) if d[j] > 0.0 => x / d[j],
+                            _ => x,
+                        }
+                    })
                     .collect()
             });
-        let (l, mut gs, mut gtr) = row_fn(r, h);
+        let (l, mut gs, mut gtr) = row_fn(r, &s, label.map(|y| y as usize), h);
+        chain_cap(&mut gs, ds.as_deref());
         // After the soft-cap's chain rule (which zeroes masked entries).
         poison_nan_row(l, [Some(&mut gs), gtr.as_deref_mut()]);
         out.row_losses[r] = wr * l;
@@ -583,39 +595,42 @@ fn topk_teacher_row(inputs: &TopkInputs, r: usize) -> (Vec<usize>, Vec<f64>) {
     (idx, vals)
 }
 
+/// `scale(r, s, label)` of each row (`s` the student row) times the row's
+/// weight in absolute value; 0 for ignored rows and rows of weight 0.
+fn weighted_scales(
+    inputs: &impl CallInputs,
+    spec: &LossSpec,
+    scale: impl Fn(usize, &[f64], Option<usize>) -> f64,
+) -> Vec<f64> {
+    (0..inputs.student().rows)
+        .map(|r| {
+            let label = inputs.labels().map(|l| l[r]);
+            let wr = row_weight_of(inputs.row_weights(), r);
+            if label == Some(spec.ignore_index) || wr == 0.0 {
+                return 0.0;
+            }
+            let s = logits_row(inputs.student(), r);
+            wr.abs() * scale(r, &s, label.map(|y| y as usize))
+        })
+        .collect()
+}
+
 impl Oracle {
     /// Each row's first-order magnitude (see [`row_with_scale`]) times the
     /// row's weight in absolute value, like the row losses; 0 for ignored
     /// rows. Inputs must be valid.
     pub fn row_scales(&self, inputs: &KdInputs, spec: &LossSpec) -> Vec<f64> {
-        (0..inputs.student.rows)
-            .map(|r| {
-                let label = inputs.labels.map(|l| l[r]);
-                let wr = row_weight_of(inputs.row_weights, r);
-                if label == Some(spec.ignore_index) || wr == 0.0 {
-                    return 0.0;
-                }
-                let s = logits_row(&inputs.student, r);
-                let t = logits_row(&inputs.teacher, r);
-                wr.abs() * row_with_scale(&s, &t, label.map(|y| y as usize), spec).2
-            })
-            .collect()
+        weighted_scales(inputs, spec, |r, s, label| {
+            row_with_scale(s, &logits_row(&inputs.teacher, r), label, spec).2
+        })
     }
 
     /// As [`Oracle::row_scales`], for a top-k teacher ([`topk_row`]).
     pub fn row_scales_topk(&self, inputs: &TopkInputs, spec: &LossSpec) -> Vec<f64> {
-        (0..inputs.student.rows)
-            .map(|r| {
-                let label = inputs.labels.map(|l| l[r]);
-                let wr = row_weight_of(inputs.row_weights, r);
-                if label == Some(spec.ignore_index) || wr == 0.0 {
-                    return 0.0;
-                }
-                let s = logits_row(&inputs.student, r);
-                let (idx, vals) = topk_teacher_row(inputs, r);
-                wr.abs() * topk_row(&s, &idx, &vals, label.map(|y| y as usize), spec).2
-            })
-            .collect()
+        weighted_scales(inputs, spec, |r, s, label| {
+            let (idx, vals) = topk_teacher_row(inputs, r);
+            topk_row(s, &idx, &vals, label, spec).2
+        })
     }
 
     /// The reference a backend's output is compared with (`kdfuse check`):
@@ -659,23 +674,12 @@ fn topk_batch(
     round_cap: bool,
     out: &mut BatchOutput,
 ) -> Result<()> {
-    run_rows(
-        inputs.student.cols,
-        inputs.labels,
-        inputs.row_weights,
-        spec,
-        None,
-        out,
-        |r, _| {
-            let label = inputs.labels.map(|l| l[r] as usize);
-            let (s, ds) = precap(&logits_row(&inputs.student, r), spec.softcap, round_cap);
-            let (idx, vals) = topk_teacher_row(inputs, r);
-            let (vals, _) = precap(&vals, spec.softcap, round_cap);
-            let (l, mut g, _) = topk_row(&s, &idx, &vals, label, &uncapped(spec));
-            chain_cap(&mut g, ds.as_deref());
-            (l, g, None)
-        },
-    );
+    run_rows(inputs, spec, None, round_cap, out, |r, s, label, _| {
+        let (idx, vals) = topk_teacher_row(inputs, r);
+        let (vals, _) = precap(&vals, spec.softcap, round_cap);
+        let (l, g, _) = topk_row(s, &idx, &vals, label, &uncapped(spec));
+        (l, g, None)
+    });
     Ok(())
 }
 
@@ -687,38 +691,22 @@ fn dense_batch(
     round_cap: bool,
     out: &mut BatchOutput,
 ) -> Result<()> {
-    run_rows(
-        inputs.student.cols,
-        inputs.labels,
-        inputs.row_weights,
-        spec,
-        hint,
-        out,
-        |r, h| {
-            let label = inputs.labels.map(|l| l[r] as usize);
-            let (s, ds) = precap(&logits_row(&inputs.student, r), spec.softcap, round_cap);
-            let (t, dt) = precap(&logits_row(&inputs.teacher, r), spec.softcap, round_cap);
-            // The hint is a gradient with respect to the raw logits.
-            let h = h.map(|h| match &ds {
-                Some(d) => h
-                    .iter()
-                    .zip(d)
-                    .map(|(&x, &d)| if d > 0.0 { x / d } else { x })
-                    .collect(),
-                None => h,
-            });
-            let mut res = row_detailed(&s, &t, label, &uncapped(spec), h.as_deref());
-            chain_cap(&mut res.grad_s, ds.as_deref());
-            chain_cap(&mut res.grad_t, dt.as_deref());
-            (res.loss, res.grad_s, Some(res.grad_t))
-        },
-    );
+    run_rows(inputs, spec, hint, round_cap, out, |r, s, label, h| {
+        let (t, dt) = precap(&logits_row(&inputs.teacher, r), spec.softcap, round_cap);
+        let mut res = row_detailed(s, &t, label, &uncapped(spec), h.as_deref());
+        chain_cap(&mut res.grad_t, dt.as_deref());
+        (res.loss, res.grad_s, Some(res.grad_t))
+    });
     Ok(())
 }
 
 impl Backend for Oracle {
     fn name(&self) -> &'static str {
         "oracle"
+    }
+
+    fn precision(&self, _: &LossSpec) -> Precision {
+        Precision::Exact
     }
 
     fn batch(&self, inputs: &KdInputs, spec: &LossSpec, out: &mut BatchOutput) -> Result<()> {

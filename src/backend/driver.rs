@@ -57,11 +57,10 @@ pub trait Backend: Send + Sync {
 
     /// The arithmetic this backend runs `spec` with on a dense teacher: the
     /// GPU kernels, their emulation and the CPU backend follow
-    /// [`LossSpec::kernel_precision`]; the oracle is exact whatever
-    /// `spec.precision` says.
+    /// [`LossSpec::kernel_precision`] (the default); the oracle and the eager
+    /// baseline are exact whatever `spec.precision` says.
     fn precision(&self, spec: &LossSpec) -> Precision {
-        let _ = spec;
-        Precision::Exact
+        spec.kernel_precision()
     }
 
     /// One batch with a dense teacher, `inputs` and `spec` already
@@ -130,33 +129,38 @@ pub(crate) trait CallInputs {
     fn check(&self, spec: &LossSpec) -> Result<()>;
     /// The student logits, `[N, V]`.
     fn student(&self) -> &Logits<'_>;
+    /// The hard labels, if any.
+    fn labels(&self) -> Option<&[i64]>;
+    /// The row weights, if any.
+    fn row_weights(&self) -> Option<&[f32]>;
     /// The rows whose label is not `ignore_index`.
     fn count_valid(&self, ignore_index: i64) -> usize;
 }
 
-impl CallInputs for KdInputs<'_> {
-    fn check(&self, spec: &LossSpec) -> Result<()> {
-        validate(self, spec)
-    }
-    fn student(&self) -> &Logits<'_> {
-        &self.student
-    }
-    fn count_valid(&self, ignore_index: i64) -> usize {
-        self.valid_rows(ignore_index)
-    }
+/// [`CallInputs`] for input types with `student`, `labels`, `row_weights`
+/// and `valid_rows`, each checked by its validation function.
+macro_rules! call_inputs {
+    ($($t:ident: $check:ident),+) => {$(
+        impl CallInputs for $t<'_> {
+            fn check(&self, spec: &LossSpec) -> Result<()> {
+                $check(self, spec)
+            }
+            fn student(&self) -> &Logits<'_> {
+                &self.student
+            }
+            fn labels(&self) -> Option<&[i64]> {
+                self.labels
+            }
+            fn row_weights(&self) -> Option<&[f32]> {
+                self.row_weights
+            }
+            fn count_valid(&self, ignore_index: i64) -> usize {
+                self.valid_rows(ignore_index)
+            }
+        }
+    )+};
 }
-
-impl CallInputs for TopkInputs<'_> {
-    fn check(&self, spec: &LossSpec) -> Result<()> {
-        validate_topk(self, spec)
-    }
-    fn student(&self) -> &Logits<'_> {
-        &self.student
-    }
-    fn count_valid(&self, ignore_index: i64) -> usize {
-        self.valid_rows(ignore_index)
-    }
-}
+call_inputs!(KdInputs: validate, TopkInputs: validate_topk);
 
 /// The driver of one call: validates `inputs` and `spec`, allocates the
 /// outputs, runs `batch` on them and assembles the [`KdOutput`].

@@ -5,7 +5,6 @@
 
 use super::feature::FeatureBuffers;
 use super::host::{by_dtype, download, output, poison, upload, ToF32};
-use super::launch::KdElement;
 use super::CudaBackend;
 use crate::error::Result;
 use crate::feature::{FeatureBackend, FeatureBatch, FeatureInputs, FeatureSpec};
@@ -13,7 +12,7 @@ use crate::tensor::{Dtype, HostData};
 use half::{bf16, f16};
 
 impl CudaBackend {
-    fn run_feature<T: KdElement + Default + ToF32, G: KdElement + Default + ToF32>(
+    fn run_feature<T: ToF32, G: ToF32>(
         &self,
         s: &[T],
         t: &[T],

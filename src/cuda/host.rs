@@ -30,7 +30,9 @@ pub(super) fn poison<T>(stream: &Arc<CudaStream>, buf: &mut CudaSlice<T>) -> Res
     Ok(())
 }
 
-pub(super) trait ToF32: Copy {
+/// An element type of the host-array path: a kernel element, read back as
+/// f32.
+pub(super) trait ToF32: KdElement + Default {
     fn f(self) -> f32;
 }
 impl ToF32 for f32 {
@@ -70,7 +72,7 @@ pub(super) fn output<G: DeviceRepr>(
 }
 
 /// The first `dst.len()` elements of a device buffer into `dst`, as f32 values.
-fn download_into<G: DeviceRepr + ToF32 + Default>(
+fn download_into<G: ToF32>(
     stream: &Arc<CudaStream>,
     buf: &CudaSlice<G>,
     dst: &mut [f32],
@@ -82,7 +84,7 @@ fn download_into<G: DeviceRepr + ToF32 + Default>(
 }
 
 /// A gradient buffer, when asked for, into the driver's output.
-pub(super) fn download<G: DeviceRepr + ToF32 + Default>(
+pub(super) fn download<G: ToF32>(
     stream: &Arc<CudaStream>,
     buf: Option<CudaSlice<G>>,
     dst: Option<&mut Vec<f32>>,
@@ -140,7 +142,7 @@ impl Common {
 }
 
 impl CudaBackend {
-    fn run<T: KdElement + Default + ToF32, G: KdElement + Default + ToF32>(
+    fn run<T: ToF32, G: ToF32>(
         &self,
         s: &[T],
         t: &[T],
@@ -188,7 +190,7 @@ impl CudaBackend {
         Ok(())
     }
 
-    fn run_topk<T: KdElement + Default + ToF32, G: KdElement + Default + ToF32>(
+    fn run_topk<T: ToF32, G: ToF32>(
         &self,
         s: &[T],
         vals: &[T],
@@ -268,10 +270,6 @@ macro_rules! by_dtype {
 pub(super) use by_dtype;
 
 impl Backend for CudaBackend {
-    fn precision(&self, spec: &LossSpec) -> crate::spec::Precision {
-        spec.kernel_precision()
-    }
-
     fn name(&self) -> &'static str {
         "cuda"
     }

@@ -6,6 +6,7 @@ use super::params::FeatureParams;
 use super::{FeatureBackend, FeatureBatch, FeatureInputs, FeatureSpec};
 use crate::cpu::CpuBackend;
 use crate::error::Result;
+use crate::hostmath::out_ptr;
 use crate::tensor::Dtype;
 use rayon::prelude::*;
 use std::ffi::c_void;
@@ -60,12 +61,7 @@ impl FeatureBackend for CpuBackend {
                 let to = r * t.row_stride * size;
                 let srow = &sb[so..so + ls * size];
                 let trow = &tb[to..to + lt * size];
-                let gsp = g_s
-                    .as_mut()
-                    .map_or(std::ptr::null_mut(), |g| g.as_mut_ptr());
-                let gtp = g_t
-                    .as_mut()
-                    .map_or(std::ptr::null_mut(), |g| g.as_mut_ptr());
+                let (gsp, gtp) = (out_ptr(g_s.as_deref_mut()), out_ptr(g_t.as_deref_mut()));
                 // SAFETY: the row slices hold the row lengths the parameters
                 // describe; the gradient slices are this row's, exclusively.
                 let l = unsafe {
