@@ -7,7 +7,7 @@
 pub(crate) mod driver;
 
 pub(crate) use driver::validate_topk;
-pub use driver::{Backend, BatchOutput, KdOutput};
+pub use driver::{Backend, KdOutput, Outputs};
 
 use crate::error::{KdError, Result};
 use crate::spec::spellings;

@@ -5,7 +5,7 @@
 //! kernels/kd_math.cuh (kernels/kd_host.cpp) in precision = exact — so that it
 //! works everywhere and tests the kernels' math on every machine.
 
-use crate::backend::driver::{Backend, BatchOutput};
+use crate::backend::driver::{Backend, Outputs};
 use crate::error::Result;
 use crate::fast_segments;
 use crate::hostmath::{self, RowData, TopkRow, TopkRowIndices};
@@ -52,7 +52,7 @@ fn bytes_of<'a>(data: &HostData<'a>, start: usize, len: usize) -> &'a [u8] {
 /// skipped cannot pass as 0), and applies the row weights and the output
 /// rounding. A row of weight 0 is skipped as the kernels skip it (loss 0,
 /// zero gradients, whatever its inputs hold).
-fn run_rows<F>(v: usize, row_weights: Option<&[f32]>, out: &mut BatchOutput, row: F)
+fn run_rows<F>(v: usize, row_weights: Option<&[f32]>, out: &mut Outputs, row: F)
 where
     F: Fn(usize, Option<&mut [f32]>, Option<&mut [f32]>, f32) -> f32 + Sync,
 {
@@ -106,7 +106,7 @@ impl Backend for CpuBackend {
         "cpu"
     }
 
-    fn batch(&self, inputs: &KdInputs, spec: &LossSpec, out: &mut BatchOutput) -> Result<()> {
+    fn dense(&self, inputs: &KdInputs, spec: &LossSpec, out: &mut Outputs) -> Result<()> {
         let (n, v) = (inputs.student.rows, inputs.student.cols);
         let p = KernelParams::new(spec, v);
         let div = spec.kernel_divergence().id();
@@ -130,12 +130,7 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn batch_topk(
-        &self,
-        inputs: &TopkInputs,
-        spec: &LossSpec,
-        out: &mut BatchOutput,
-    ) -> Result<()> {
+    fn topk(&self, inputs: &TopkInputs, spec: &LossSpec, out: &mut Outputs) -> Result<()> {
         let (v, k) = (inputs.student.cols, inputs.teacher.k);
         let mut p = KernelParams::new(spec, v);
         p.topk_k = k as i32;

@@ -6,7 +6,7 @@
 //! same for the eager baseline of `kdfuse bench` (kernels/eager.cu). Slow; not
 //! for real use.
 
-use crate::backend::driver::{Backend, BatchOutput};
+use crate::backend::driver::{Backend, Outputs};
 use crate::cuda::threads_for;
 use crate::error::{invalid, Result};
 use crate::params::{FusedArgs, KernelParams, TopkArgs};
@@ -132,7 +132,7 @@ impl LaunchOutputs {
 
     /// The results into `out`: the row losses, the kernels' reduced loss
     /// and, with labels, their valid-row count.
-    fn finish(self, out: &mut BatchOutput, labels: bool) {
+    fn finish(self, out: &mut Outputs, labels: bool) {
         let n = out.row_losses.len();
         for (dst, &x) in out.row_losses.iter_mut().zip(&self.row_loss[..n]) {
             *dst = f64::from(x);
@@ -160,7 +160,7 @@ impl EmuBackend {
         &self,
         student: &Logits<'_>,
         labels: bool,
-        out: &mut BatchOutput,
+        out: &mut Outputs,
         launch: impl FnOnce(&mut GradBuffers, &mut LaunchOutputs) -> i32,
     ) -> Result<()> {
         if self.in_place && out.grad_dtype != Some(student.dtype()) {
@@ -265,12 +265,7 @@ impl Backend for EmuBackend {
         "cuda-emulated"
     }
 
-    fn batch_topk(
-        &self,
-        inputs: &TopkInputs,
-        spec: &LossSpec,
-        out: &mut BatchOutput,
-    ) -> Result<()> {
+    fn topk(&self, inputs: &TopkInputs, spec: &LossSpec, out: &mut Outputs) -> Result<()> {
         let (n, v, k) = (inputs.student.rows, inputs.student.cols, inputs.teacher.k);
         let dtype = inputs.student.dtype();
         let out_dtype = out.grad_dtype.unwrap_or(Dtype::F32);
@@ -312,7 +307,7 @@ impl Backend for EmuBackend {
         })
     }
 
-    fn batch(&self, inputs: &KdInputs, spec: &LossSpec, out: &mut BatchOutput) -> Result<()> {
+    fn dense(&self, inputs: &KdInputs, spec: &LossSpec, out: &mut Outputs) -> Result<()> {
         let (n, v) = (inputs.student.rows, inputs.student.cols);
         let dtype = inputs.student.dtype();
         let out_dtype = out.grad_dtype.unwrap_or(Dtype::F32);
@@ -378,11 +373,11 @@ impl Backend for EagerEmuBackend {
         Precision::Exact
     }
 
-    fn batch_topk(&self, _: &TopkInputs, _: &LossSpec, _: &mut BatchOutput) -> Result<()> {
+    fn topk(&self, _: &TopkInputs, _: &LossSpec, _: &mut Outputs) -> Result<()> {
         invalid("teacher", "top-k teacher: not implemented yet")
     }
 
-    fn batch(&self, inputs: &KdInputs, spec: &LossSpec, out: &mut BatchOutput) -> Result<()> {
+    fn dense(&self, inputs: &KdInputs, spec: &LossSpec, out: &mut Outputs) -> Result<()> {
         spec.validate_eager()?;
         if inputs.row_weights.is_some() {
             return invalid(

@@ -2,7 +2,7 @@
 //! directly (log-softmax, then the divergence and the closed-form gradients),
 //! with no online tricks. Every other backend is tested against it.
 
-use crate::backend::driver::{drive, store_row, Backend, BatchOutput, CallInputs, KdOutput};
+use crate::backend::driver::{drive, store_row, Backend, CallInputs, KdOutput, Outputs};
 use crate::error::Result;
 use crate::spec::{KernelDivergence, LossSpec, Precision, TopkMode};
 use crate::tensor::{Dtype, GradDtype, KdInputs, TopkInputs};
@@ -531,7 +531,7 @@ fn run_rows(
     spec: &LossSpec,
     hint: Option<&[f32]>,
     round_cap: bool,
-    out: &mut BatchOutput,
+    out: &mut Outputs,
     mut row_fn: impl FnMut(usize, &[f64], Option<usize>, Option<Vec<f64>>) -> RowOut,
 ) {
     let (n, v) = (out.row_losses.len(), inputs.student().cols);
@@ -672,7 +672,7 @@ fn topk_batch(
     inputs: &TopkInputs,
     spec: &LossSpec,
     round_cap: bool,
-    out: &mut BatchOutput,
+    out: &mut Outputs,
 ) -> Result<()> {
     run_rows(inputs, spec, None, round_cap, out, |r, s, label, _| {
         let (idx, vals) = topk_teacher_row(inputs, r);
@@ -689,7 +689,7 @@ fn dense_batch(
     spec: &LossSpec,
     hint: Option<&[f32]>,
     round_cap: bool,
-    out: &mut BatchOutput,
+    out: &mut Outputs,
 ) -> Result<()> {
     run_rows(inputs, spec, hint, round_cap, out, |r, s, label, h| {
         let (t, dt) = precap(&logits_row(&inputs.teacher, r), spec.softcap, round_cap);
@@ -709,16 +709,11 @@ impl Backend for Oracle {
         Precision::Exact
     }
 
-    fn batch(&self, inputs: &KdInputs, spec: &LossSpec, out: &mut BatchOutput) -> Result<()> {
+    fn dense(&self, inputs: &KdInputs, spec: &LossSpec, out: &mut Outputs) -> Result<()> {
         dense_batch(inputs, spec, None, false, out)
     }
 
-    fn batch_topk(
-        &self,
-        inputs: &TopkInputs,
-        spec: &LossSpec,
-        out: &mut BatchOutput,
-    ) -> Result<()> {
+    fn topk(&self, inputs: &TopkInputs, spec: &LossSpec, out: &mut Outputs) -> Result<()> {
         topk_batch(inputs, spec, false, out)
     }
 }

@@ -2,7 +2,7 @@
 //! The driver ([`Backend::compute`], [`Backend::compute_topk`]) validates the
 //! call, allocates the outputs, counts the valid rows and assembles the
 //! [`KdOutput`]; a backend computes one validated batch into the outputs it
-//! is handed ([`Backend::batch`], [`Backend::batch_topk`]).
+//! is handed ([`Backend::dense`], [`Backend::topk`]).
 
 use crate::error::Result;
 use crate::spec::{LossSpec, Precision};
@@ -27,10 +27,10 @@ pub struct KdOutput {
 }
 
 /// The outputs of one batch: allocated by the driver for the call, filled by
-/// the backend's [`Backend::batch`] (or [`Backend::batch_topk`]), then
+/// the backend's [`Backend::dense`] (or [`Backend::topk`]), then
 /// returned as a [`KdOutput`].
 #[derive(Debug)]
-pub struct BatchOutput {
+pub struct Outputs {
     /// Per-row losses (N), as [`KdOutput::row_losses`]; NaN until written.
     pub row_losses: Vec<f64>,
     /// ∂L/∂student, `[N, V]` dense, when a gradient was asked for; NaN until
@@ -66,12 +66,11 @@ pub trait Backend: Send + Sync {
     /// One batch with a dense teacher, `inputs` and `spec` already
     /// validated: the row losses, the gradients `out` holds buffers for and,
     /// when the backend reduces, the loss. Called by [`Backend::compute`].
-    fn batch(&self, inputs: &KdInputs, spec: &LossSpec, out: &mut BatchOutput) -> Result<()>;
+    fn dense(&self, inputs: &KdInputs, spec: &LossSpec, out: &mut Outputs) -> Result<()>;
 
-    /// As [`Backend::batch`], with a top-k teacher. Called by
+    /// As [`Backend::dense`], with a top-k teacher. Called by
     /// [`Backend::compute_topk`].
-    fn batch_topk(&self, inputs: &TopkInputs, spec: &LossSpec, out: &mut BatchOutput)
-        -> Result<()>;
+    fn topk(&self, inputs: &TopkInputs, spec: &LossSpec, out: &mut Outputs) -> Result<()>;
 
     /// Loss and, when `grad` is `Some`, the gradient with respect to the
     /// student logits. Inputs and spec are validated first.
@@ -88,7 +87,7 @@ pub trait Backend: Send + Sync {
         spec: &LossSpec,
         grad: Option<GradDtype>,
     ) -> Result<KdOutput> {
-        drive(inputs, spec, grad, |out| self.batch(inputs, spec, out))
+        drive(inputs, spec, grad, |out| self.dense(inputs, spec, out))
     }
 
     /// As [`Backend::compute`], with a top-k (sparse) teacher
@@ -105,7 +104,7 @@ pub trait Backend: Send + Sync {
         spec: &LossSpec,
         grad: Option<GradDtype>,
     ) -> Result<KdOutput> {
-        drive(inputs, spec, grad, |out| self.batch_topk(inputs, spec, out))
+        drive(inputs, spec, grad, |out| self.topk(inputs, spec, out))
     }
 }
 
@@ -168,13 +167,13 @@ pub(crate) fn drive(
     inputs: &impl CallInputs,
     spec: &LossSpec,
     grad: Option<GradDtype>,
-    batch: impl FnOnce(&mut BatchOutput) -> Result<()>,
+    batch: impl FnOnce(&mut Outputs) -> Result<()>,
 ) -> Result<KdOutput> {
     inputs.check(spec)?;
     let student = inputs.student();
     let (n, v) = (student.rows, student.cols);
     let poisoned = || vec![f32::NAN; n * v];
-    let mut out = BatchOutput {
+    let mut out = Outputs {
         row_losses: vec![f64::NAN; n],
         grad: grad.map(|_| poisoned()),
         grad_teacher: (grad.is_some() && spec.grad_teacher).then(poisoned),

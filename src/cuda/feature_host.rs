@@ -7,7 +7,7 @@ use super::feature::FeatureBuffers;
 use super::host::{by_dtype, download, output, poison, upload, ToF32};
 use super::CudaBackend;
 use crate::error::Result;
-use crate::feature::{FeatureBackend, FeatureBatch, FeatureInputs, FeatureSpec};
+use crate::feature::{FeatureBackend, FeatureInputs, FeatureSpec, Outputs};
 use crate::tensor::{Dtype, HostData};
 use half::{bf16, f16};
 
@@ -18,7 +18,7 @@ impl CudaBackend {
         t: &[T],
         inputs: &FeatureInputs,
         spec: &FeatureSpec,
-        out: &mut FeatureBatch,
+        out: &mut Outputs,
     ) -> Result<()> {
         let stream = &self.stream;
         let layout = inputs.layout(spec.kind);
@@ -61,12 +61,7 @@ impl FeatureBackend for CudaBackend {
         "cuda"
     }
 
-    fn feature_batch(
-        &self,
-        inputs: &FeatureInputs,
-        spec: &FeatureSpec,
-        out: &mut FeatureBatch,
-    ) -> Result<()> {
+    fn batch(&self, inputs: &FeatureInputs, spec: &FeatureSpec, out: &mut Outputs) -> Result<()> {
         let data = (inputs.student.data, inputs.teacher.data);
         let f32_grad = out.grad_dtype == Dtype::F32;
         by_dtype!(self.run_feature, data, f32_grad, inputs, spec, out)

@@ -4,7 +4,7 @@
 
 use super::launch::{KdElement, LossBuffers, RawFusedArgs, RawTopkArgs, RowLayout};
 use super::CudaBackend;
-use crate::backend::driver::{Backend, BatchOutput};
+use crate::backend::driver::{Backend, Outputs};
 use crate::error::Result;
 use crate::spec::LossSpec;
 use crate::tensor::{HostData, KdInputs, TopkIndices, TopkInputs};
@@ -131,7 +131,7 @@ impl Common {
     }
 
     /// The loss and row losses into `out`, after the stream ran the work.
-    fn finish(self, stream: &Arc<CudaStream>, out: &mut BatchOutput) -> Result<()> {
+    fn finish(self, stream: &Arc<CudaStream>, out: &mut Outputs) -> Result<()> {
         out.loss = Some(stream.clone_dtoh(&self.out.loss)?[0] as f64);
         let rows = stream.clone_dtoh(&self.out.row_losses)?;
         for (d, x) in out.row_losses.iter_mut().zip(rows) {
@@ -148,7 +148,7 @@ impl CudaBackend {
         t: &[T],
         inputs: &KdInputs,
         spec: &LossSpec,
-        out: &mut BatchOutput,
+        out: &mut Outputs,
     ) -> Result<()> {
         let stream = &self.stream;
         let (n, v) = (inputs.student.rows, inputs.student.cols);
@@ -196,7 +196,7 @@ impl CudaBackend {
         vals: &[T],
         inputs: &TopkInputs,
         spec: &LossSpec,
-        out: &mut BatchOutput,
+        out: &mut Outputs,
     ) -> Result<()> {
         let stream = &self.stream;
         let (n, v, k) = (inputs.student.rows, inputs.student.cols, inputs.teacher.k);
@@ -274,18 +274,13 @@ impl Backend for CudaBackend {
         "cuda"
     }
 
-    fn batch_topk(
-        &self,
-        inputs: &TopkInputs,
-        spec: &LossSpec,
-        out: &mut BatchOutput,
-    ) -> Result<()> {
+    fn topk(&self, inputs: &TopkInputs, spec: &LossSpec, out: &mut Outputs) -> Result<()> {
         let data = (inputs.student.data, inputs.teacher.values);
         let f32_grad = out.grad_dtype != Some(inputs.student.dtype());
         by_dtype!(self.run_topk, data, f32_grad, inputs, spec, out)
     }
 
-    fn batch(&self, inputs: &KdInputs, spec: &LossSpec, out: &mut BatchOutput) -> Result<()> {
+    fn dense(&self, inputs: &KdInputs, spec: &LossSpec, out: &mut Outputs) -> Result<()> {
         let data = (inputs.student.data, inputs.teacher.data);
         let f32_grad = out.grad_dtype != Some(inputs.student.dtype());
         by_dtype!(self.run, data, f32_grad, inputs, spec, out)

@@ -3,7 +3,7 @@
 //! compiled for the host in kernels/feature_host.cpp).
 
 use super::params::FeatureParams;
-use super::{FeatureBackend, FeatureBatch, FeatureInputs, FeatureSpec};
+use super::{FeatureBackend, FeatureInputs, FeatureSpec, Outputs};
 use crate::cpu::CpuBackend;
 use crate::error::Result;
 use crate::hostmath::out_ptr;
@@ -37,12 +37,7 @@ impl FeatureBackend for CpuBackend {
         "cpu"
     }
 
-    fn feature_batch(
-        &self,
-        inputs: &FeatureInputs,
-        spec: &FeatureSpec,
-        out: &mut FeatureBatch,
-    ) -> Result<()> {
+    fn batch(&self, inputs: &FeatureInputs, spec: &FeatureSpec, out: &mut Outputs) -> Result<()> {
         let (s, t) = (&inputs.student, &inputs.teacher);
         let n = s.rows;
         let (ls, lt) = (s.row_len(), t.row_len());

@@ -6,7 +6,7 @@
 //! use.
 
 use super::params::{self, FeatureArgs, FeatureParams};
-use super::{FeatureBackend, FeatureBatch, FeatureInputs, FeatureSpec};
+use super::{FeatureBackend, FeatureInputs, FeatureSpec, Outputs};
 use crate::error::{invalid, Result};
 use crate::params::KernelParams;
 use std::ffi::c_void;
@@ -35,12 +35,7 @@ impl FeatureBackend for FeatureEmuBackend {
         "cuda-emulated"
     }
 
-    fn feature_batch(
-        &self,
-        inputs: &FeatureInputs,
-        spec: &FeatureSpec,
-        out: &mut FeatureBatch,
-    ) -> Result<()> {
+    fn batch(&self, inputs: &FeatureInputs, spec: &FeatureSpec, out: &mut Outputs) -> Result<()> {
         let layout = inputs.layout(spec.kind);
         let n = layout.rows;
         let dtype = inputs.student.dtype();

@@ -243,10 +243,10 @@ pub struct FeatureOutput {
 }
 
 /// The outputs of one feature batch: allocated by the driver for the call,
-/// filled by the backend's [`FeatureBackend::feature_batch`], then returned
+/// filled by the backend's [`FeatureBackend::batch`], then returned
 /// as a [`FeatureOutput`].
 #[derive(Debug)]
-pub struct FeatureBatch {
+pub struct Outputs {
     /// Per-row losses r_i (N); NaN until written.
     pub row_losses: Vec<f64>,
     /// ∂L/∂student, dense `[N, C_s·S]`, when asked for; NaN until written,
@@ -270,12 +270,7 @@ pub trait FeatureBackend: Send + Sync {
     /// One batch, `inputs` and `spec` already validated: the row losses,
     /// the gradients `out` holds buffers for and, when the backend reduces,
     /// the loss. Called by [`FeatureBackend::feature_loss`].
-    fn feature_batch(
-        &self,
-        inputs: &FeatureInputs,
-        spec: &FeatureSpec,
-        out: &mut FeatureBatch,
-    ) -> Result<()>;
+    fn batch(&self, inputs: &FeatureInputs, spec: &FeatureSpec, out: &mut Outputs) -> Result<()>;
 
     /// The loss and the gradients asked for. Inputs and spec are validated
     /// first.
@@ -285,9 +280,7 @@ pub trait FeatureBackend: Send + Sync {
         spec: &FeatureSpec,
         grads: FeatureGrads,
     ) -> Result<FeatureOutput> {
-        drive(inputs, spec, grads, |out| {
-            self.feature_batch(inputs, spec, out)
-        })
+        drive(inputs, spec, grads, |out| self.batch(inputs, spec, out))
     }
 }
 
@@ -304,13 +297,13 @@ fn drive(
     inputs: &FeatureInputs,
     spec: &FeatureSpec,
     grads: FeatureGrads,
-    batch: impl FnOnce(&mut FeatureBatch) -> Result<()>,
+    batch: impl FnOnce(&mut Outputs) -> Result<()>,
 ) -> Result<FeatureOutput> {
     validate(inputs, spec)?;
     let layout = inputs.layout(spec.kind);
     let n = layout.rows;
     let poisoned = |want: bool, len: usize| want.then(|| vec![f32::NAN; n * len]);
-    let mut out = FeatureBatch {
+    let mut out = Outputs {
         row_losses: vec![f64::NAN; n],
         grad_student: poisoned(grads.student, layout.student_len()),
         grad_teacher: poisoned(grads.teacher, layout.teacher_len()),

@@ -3,7 +3,7 @@
 //! for student and teacher (checked against finite differences in
 //! tests/feature/oracle.rs).
 
-use super::{FeatureBackend, FeatureBatch, FeatureGrads, FeatureInputs, FeatureKind, FeatureSpec};
+use super::{FeatureBackend, FeatureGrads, FeatureInputs, FeatureKind, FeatureSpec, Outputs};
 use crate::backend::driver::store_row;
 use crate::error::Result;
 use crate::oracle::Oracle;
@@ -253,12 +253,7 @@ impl FeatureBackend for Oracle {
         "oracle"
     }
 
-    fn feature_batch(
-        &self,
-        inputs: &FeatureInputs,
-        spec: &FeatureSpec,
-        out: &mut FeatureBatch,
-    ) -> Result<()> {
+    fn batch(&self, inputs: &FeatureInputs, spec: &FeatureSpec, out: &mut Outputs) -> Result<()> {
         let (ls, lt) = (inputs.student.row_len(), inputs.teacher.row_len());
         let w = spec.grad_weight(&inputs.layout(spec.kind));
         for r in 0..out.row_losses.len() {
