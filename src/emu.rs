@@ -6,12 +6,12 @@
 //! same for the eager baseline of `kdfuse bench` (kernels/eager.cu). Slow; not
 //! for real use.
 
-use crate::backend::{validate, validate_topk, Backend, KdOutput};
+use crate::backend::driver::{Backend, Outputs};
 use crate::cuda::threads_for;
 use crate::error::{invalid, Result};
 use crate::params::{FusedArgs, KernelParams, TopkArgs};
-use crate::spec::LossSpec;
-use crate::tensor::{Dtype, GradDtype, KdInputs, Logits, OwnedData, TopkIndices, TopkInputs};
+use crate::spec::{LossSpec, Precision};
+use crate::tensor::{Dtype, KdInputs, Logits, TopkIndices, TopkInputs};
 use std::ffi::c_void;
 
 extern "C" {
@@ -103,48 +103,44 @@ pub struct EmuBackend {
     pub grid: u32,
 }
 
-fn code(d: Dtype) -> i32 {
-    match d {
-        Dtype::F32 => 0,
-        Dtype::Bf16 => 1,
-        Dtype::F16 => 2,
-    }
-}
-
-fn to_f32(bytes: &[u8], d: Dtype) -> Vec<f32> {
-    let data = OwnedData::from_bytes(bytes, d);
-    let view = data.view();
-    (0..view.len()).map(|i| view.get(i)).collect()
-}
-
-/// The first `len` elements of a dense output buffer, as f32.
-fn dense_f32(bytes: &[u8], d: Dtype, len: usize) -> Vec<f32> {
-    let mut x = to_f32(bytes, d);
-    x.truncate(len);
-    x
-}
-
-/// The emulated launch's results as a [`KdOutput`] (`n` rows).
-fn output(
-    mut row_loss: Vec<f32>,
-    loss: f32,
+/// What one emulated launch writes besides the gradients, poisoned: the row
+/// losses, the valid-row count and the loss.
+struct LaunchOutputs {
+    row_loss: Vec<f32>,
     valid: i32,
-    with_labels: bool,
-    n: usize,
-    grad: Option<Vec<f32>>,
-    grad_teacher: Option<Vec<f32>>,
-) -> KdOutput {
-    row_loss.truncate(n);
-    KdOutput {
-        loss: loss as f64,
-        row_losses: row_loss.into_iter().map(f64::from).collect(),
-        valid_rows: if with_labels {
-            valid.max(0) as usize
+    loss: f32,
+}
+
+impl LaunchOutputs {
+    fn new(n: usize) -> Self {
+        LaunchOutputs {
+            row_loss: vec![f32::NAN; n.max(1)],
+            valid: -1,
+            loss: f32::NAN,
+        }
+    }
+
+    /// Where the valid-row count goes: `valid` when there are labels, else
+    /// none (the kernels then count every row).
+    fn valid_addr(&mut self, labels: bool) -> u64 {
+        if labels {
+            &mut self.valid as *mut i32 as u64
         } else {
-            n
-        },
-        grad,
-        grad_teacher,
+            0
+        }
+    }
+
+    /// The results into `out`: the row losses, the kernels' reduced loss
+    /// and, with labels, their valid-row count.
+    fn finish(self, out: &mut Outputs, labels: bool) {
+        let n = out.row_losses.len();
+        for (dst, &x) in out.row_losses.iter_mut().zip(&self.row_loss[..n]) {
+            *dst = f64::from(x);
+        }
+        out.loss = Some(self.loss as f64);
+        if labels {
+            out.valid_rows = self.valid.max(0) as usize;
+        }
     }
 }
 
@@ -155,6 +151,30 @@ impl EmuBackend {
         } else {
             n.clamp(1, 3) as u32
         }
+    }
+
+    /// One emulated launch, dense or top-k: the student's gradient buffer
+    /// and the outputs for `launch`, whose status must be 0, then its
+    /// results into `out`.
+    fn run(
+        &self,
+        student: &Logits<'_>,
+        labels: bool,
+        out: &mut Outputs,
+        launch: impl FnOnce(&mut GradBuffers, &mut LaunchOutputs) -> i32,
+    ) -> Result<()> {
+        if self.in_place && out.grad_dtype != Some(student.dtype()) {
+            return invalid("grad", "the in-place emulation needs GradDtype::Input");
+        }
+        let mut bufs = GradBuffers::new(student, self.in_place, out.grad_dtype);
+        let mut outs = LaunchOutputs::new(student.rows);
+        let rc = launch(&mut bufs, &mut outs);
+        assert_eq!(rc, 0, "dtype pair supported");
+        if let Some(g) = out.grad.as_mut() {
+            bufs.write_grad(g, student.rows, student.cols);
+        }
+        outs.finish(out, labels);
+        Ok(())
     }
 }
 
@@ -180,7 +200,7 @@ impl GradBuffers {
             Some(dtype) => GradBuffers {
                 in_place,
                 dtype,
-                buf: vec![0xffu8; (n * v).max(1) * dtype.size()],
+                buf: poisoned(n * v, dtype),
                 grad_stride: v,
             },
             None => GradBuffers {
@@ -209,13 +229,20 @@ impl GradBuffers {
         }
     }
 
-    /// The gradient as dense `[n, v]` f32 values.
-    fn grad_values(&self, n: usize, v: usize) -> Vec<f32> {
-        let all = to_f32(&self.buf, self.dtype);
-        (0..n)
-            .flat_map(|r| all[r * self.grad_stride..r * self.grad_stride + v].to_vec())
-            .collect()
+    /// The gradient into `dst`, dense `[n, v]`.
+    fn write_grad(&self, dst: &mut [f32], n: usize, v: usize) {
+        let all = self.dtype.decode(&self.buf);
+        for r in 0..n {
+            dst[r * v..(r + 1) * v]
+                .copy_from_slice(&all[r * self.grad_stride..r * self.grad_stride + v]);
+        }
     }
+}
+
+/// A dense output buffer of `len` elements of `dtype` (at least one),
+/// poisoned: all bits set, NaN in every dtype.
+fn poisoned(len: usize, dtype: Dtype) -> Vec<u8> {
+    vec![0xffu8; len.max(1) * dtype.size()]
 }
 
 /// The address of an optional host slice (0: none), as the launch contract
@@ -224,54 +251,32 @@ fn addr<T>(x: Option<&[T]>) -> u64 {
     x.map_or(0, |x| x.as_ptr() as u64)
 }
 
-/// Where the valid-row count goes: `valid` when there are labels, else none
-/// (the kernels then count every row).
-fn valid_addr(labels: bool, valid: &mut i32) -> u64 {
-    if labels {
-        valid as *mut i32 as u64
+/// The pointer of a buffer when `want`, else null.
+fn ptr_if(buf: &mut [u8], want: bool) -> *mut c_void {
+    if want {
+        buf.as_mut_ptr().cast()
     } else {
-        0
+        std::ptr::null_mut()
     }
 }
 
 impl Backend for EmuBackend {
-    fn precision(&self, spec: &LossSpec) -> crate::spec::Precision {
-        spec.kernel_precision()
-    }
-
     fn name(&self) -> &'static str {
         "cuda-emulated"
     }
 
-    fn compute_topk(
-        &self,
-        inputs: &TopkInputs,
-        spec: &LossSpec,
-        grad: Option<GradDtype>,
-    ) -> Result<KdOutput> {
-        validate_topk(inputs, spec)?;
+    fn topk(&self, inputs: &TopkInputs, spec: &LossSpec, out: &mut Outputs) -> Result<()> {
         let (n, v, k) = (inputs.student.rows, inputs.student.cols, inputs.teacher.k);
         let dtype = inputs.student.dtype();
-        let out_dtype = match grad {
-            Some(GradDtype::Input) => dtype,
-            _ => Dtype::F32,
-        };
-        if self.in_place && (out_dtype != dtype || grad.is_none()) {
-            return invalid("grad", "the in-place emulation needs GradDtype::Input");
-        }
+        let out_dtype = out.grad_dtype.unwrap_or(Dtype::F32);
         let mut p = KernelParams::new(spec, v);
         p.topk_k = k as i32;
-        let mut bufs = GradBuffers::new(&inputs.student, self.in_place, grad.map(|_| out_dtype));
         let (ip, i64s) = match inputs.teacher.indices {
             TopkIndices::I32(i) => (i.as_ptr() as *const c_void, 0),
             TopkIndices::I64(i) => (i.as_ptr() as *const c_void, 1),
         };
-        let mut row_loss = vec![f32::NAN; n.max(1)];
-        let mut valid = -1i32;
-        let mut loss = f32::NAN;
-        // SAFETY: every buffer holds what the launch reads or writes (inputs
-        // validated, outputs sized above).
-        let rc = unsafe {
+        let labels = inputs.labels.is_some();
+        self.run(&inputs.student, labels, out, |bufs, outs| {
             let args = TopkArgs {
                 student: bufs.student_ptr(&inputs.student) as u64,
                 student_stride: inputs.student.row_stride as i64,
@@ -281,68 +286,41 @@ impl Backend for EmuBackend {
                 row_weights: addr(inputs.row_weights),
                 grad: bufs.grad_ptr() as u64,
                 grad_stride: bufs.grad_stride as i64,
-                row_loss: row_loss.as_mut_ptr() as u64,
-                valid_count: valid_addr(inputs.labels.is_some(), &mut valid),
+                row_loss: outs.row_loss.as_mut_ptr() as u64,
+                valid_count: outs.valid_addr(labels),
                 n_rows: n as i64,
                 params: p,
             };
-            kd_emu_topk_run(
-                code(dtype),
-                code(out_dtype),
-                i64s,
-                &args,
-                &mut loss,
-                self.grid_for(n),
-                crate::cuda::threads_for(v, dtype),
-            )
-        };
-        assert_eq!(rc, 0, "dtype pair supported");
-        let grad_out = grad.map(|_| bufs.grad_values(n, v));
-        Ok(output(
-            row_loss,
-            loss,
-            valid,
-            inputs.labels.is_some(),
-            n,
-            grad_out,
-            None,
-        ))
+            // SAFETY: every buffer holds what the launch reads or writes
+            // (inputs validated, outputs sized for them).
+            unsafe {
+                kd_emu_topk_run(
+                    dtype.code(),
+                    out_dtype.code(),
+                    i64s,
+                    &args,
+                    &mut outs.loss,
+                    self.grid_for(n),
+                    threads_for(v, dtype),
+                )
+            }
+        })
     }
 
-    fn compute(
-        &self,
-        inputs: &KdInputs,
-        spec: &LossSpec,
-        grad: Option<GradDtype>,
-    ) -> Result<KdOutput> {
-        validate(inputs, spec)?;
+    fn dense(&self, inputs: &KdInputs, spec: &LossSpec, out: &mut Outputs) -> Result<()> {
         let (n, v) = (inputs.student.rows, inputs.student.cols);
         let dtype = inputs.student.dtype();
-        let out_dtype = match grad {
-            Some(GradDtype::Input) => dtype,
-            _ => Dtype::F32,
-        };
-        if self.in_place && (out_dtype != dtype || grad.is_none()) {
-            return invalid("grad", "the in-place emulation needs GradDtype::Input");
-        }
+        let out_dtype = out.grad_dtype.unwrap_or(Dtype::F32);
         let p = KernelParams::new(spec, v);
-        let mut bufs = GradBuffers::new(&inputs.student, self.in_place, grad.map(|_| out_dtype));
         // The teacher gradient, poisoned like the student's.
-        let want_gt = spec.grad_teacher && grad.is_some();
-        let mut gt = vec![
-            0xffu8;
-            if want_gt {
-                (n * v).max(1) * out_dtype.size()
-            } else {
-                0
-            }
-        ];
-        let mut row_loss = vec![f32::NAN; n.max(1)];
-        let mut valid = -1i32;
-        let mut loss = f32::NAN;
-        // SAFETY: every buffer holds what the launch reads or writes (inputs
-        // validated, outputs sized above).
-        let rc = unsafe {
+        let want_gt = out.grad_teacher.is_some();
+        let mut gt = if want_gt {
+            poisoned(n * v, out_dtype)
+        } else {
+            Vec::new()
+        };
+        let labels = inputs.labels.is_some();
+        self.run(&inputs.student, labels, out, |bufs, outs| {
             let args = FusedArgs {
                 student: bufs.student_ptr(&inputs.student) as u64,
                 student_stride: inputs.student.row_stride as i64,
@@ -352,36 +330,32 @@ impl Backend for EmuBackend {
                 row_weights: addr(inputs.row_weights),
                 grad: bufs.grad_ptr() as u64,
                 grad_stride: bufs.grad_stride as i64,
-                grad_teacher: if want_gt { gt.as_mut_ptr() as u64 } else { 0 },
+                grad_teacher: ptr_if(&mut gt, want_gt) as u64,
                 grad_teacher_stride: v as i64,
-                row_loss: row_loss.as_mut_ptr() as u64,
-                valid_count: valid_addr(inputs.labels.is_some(), &mut valid),
+                row_loss: outs.row_loss.as_mut_ptr() as u64,
+                valid_count: outs.valid_addr(labels),
                 n_rows: n as i64,
                 params: p,
             };
-            kd_emu_run(
-                spec.kernel_divergence().id(),
-                spec.kernel_variant(),
-                code(dtype),
-                code(out_dtype),
-                &args,
-                &mut loss,
-                self.grid_for(n),
-                threads_for(v, dtype),
-            )
-        };
-        assert_eq!(rc, 0, "dtype pair supported");
-        let grad_out = grad.map(|_| bufs.grad_values(n, v));
-        let gt_out = want_gt.then(|| dense_f32(&gt, out_dtype, n * v));
-        Ok(output(
-            row_loss,
-            loss,
-            valid,
-            inputs.labels.is_some(),
-            n,
-            grad_out,
-            gt_out,
-        ))
+            // SAFETY: every buffer holds what the launch reads or writes
+            // (inputs validated, outputs sized for them).
+            unsafe {
+                kd_emu_run(
+                    spec.kernel_divergence().id(),
+                    spec.kernel_variant(),
+                    dtype.code(),
+                    out_dtype.code(),
+                    &args,
+                    &mut outs.loss,
+                    self.grid_for(n),
+                    threads_for(v, dtype),
+                )
+            }
+        })?;
+        if let Some(g) = out.grad_teacher.as_mut() {
+            g.copy_from_slice(&out_dtype.decode(&gt)[..n * v]);
+        }
+        Ok(())
     }
 }
 
@@ -395,22 +369,15 @@ impl Backend for EagerEmuBackend {
         "eager-emulated"
     }
 
-    fn compute_topk(
-        &self,
-        _inputs: &crate::tensor::TopkInputs,
-        _spec: &LossSpec,
-        _grad: Option<GradDtype>,
-    ) -> Result<KdOutput> {
-        crate::error::invalid("teacher", "top-k teacher: not implemented yet")
+    fn precision(&self, _: &LossSpec) -> Precision {
+        Precision::Exact
     }
 
-    fn compute(
-        &self,
-        inputs: &KdInputs,
-        spec: &LossSpec,
-        grad: Option<GradDtype>,
-    ) -> Result<KdOutput> {
-        validate(inputs, spec)?;
+    fn topk(&self, _: &TopkInputs, _: &LossSpec, _: &mut Outputs) -> Result<()> {
+        invalid("teacher", "top-k teacher: not implemented yet")
+    }
+
+    fn dense(&self, inputs: &KdInputs, spec: &LossSpec, out: &mut Outputs) -> Result<()> {
         spec.validate_eager()?;
         if inputs.row_weights.is_some() {
             return invalid(
@@ -420,46 +387,34 @@ impl Backend for EagerEmuBackend {
         }
         let (n, v) = (inputs.student.rows, inputs.student.cols);
         let dtype = inputs.student.dtype();
-        let out_dtype = match grad {
-            Some(GradDtype::Input) => dtype,
-            _ => Dtype::F32,
-        };
+        let out_dtype = out.grad_dtype.unwrap_or(Dtype::F32);
         let p = KernelParams::new(spec, v);
-        let nv = (n * v).max(1);
-        let scratch = || vec![f32::NAN; nv];
+        let scratch = || vec![f32::NAN; (n * v).max(1)];
         let (mut ls, mut lt, mut e, mut lm, mut ls1) =
             (scratch(), scratch(), scratch(), scratch(), scratch());
-        let mut g = vec![
-            0xffu8;
-            if grad.is_some() {
-                nv * out_dtype.size()
-            } else {
-                0
-            }
-        ];
-        let mut row_loss = vec![f32::NAN; n.max(1)];
-        let mut valid = -1i32;
-        let mut loss = f32::NAN;
+        let want_grad = out.grad.is_some();
+        let mut g = if want_grad {
+            poisoned(n * v, out_dtype)
+        } else {
+            Vec::new()
+        };
+        let mut outs = LaunchOutputs::new(n);
         // SAFETY: every buffer holds what the launch sequence touches.
         let rc = unsafe {
             kd_emu_eager_run(
                 spec.kernel_divergence().id(),
-                code(dtype),
-                code(out_dtype),
+                dtype.code(),
+                out_dtype.code(),
                 inputs.student.data.bytes().as_ptr().cast(),
                 inputs.student.row_stride as i64,
                 inputs.teacher.data.bytes().as_ptr().cast(),
                 inputs.teacher.row_stride as i64,
                 inputs.labels.map_or(std::ptr::null(), |l| l.as_ptr()),
-                if grad.is_some() {
-                    g.as_mut_ptr().cast()
-                } else {
-                    std::ptr::null_mut()
-                },
+                ptr_if(&mut g, want_grad),
                 v as i64,
-                row_loss.as_mut_ptr(),
-                &mut valid,
-                &mut loss,
+                outs.row_loss.as_mut_ptr(),
+                &mut outs.valid,
+                &mut outs.loss,
                 n as i64,
                 &p,
                 ls.as_mut_ptr(),
@@ -472,15 +427,10 @@ impl Backend for EagerEmuBackend {
         if rc != 0 {
             return invalid("grad", "unsupported dtype pair");
         }
-        let grad_out = grad.map(|_| dense_f32(&g, out_dtype, n * v));
-        Ok(output(
-            row_loss,
-            loss,
-            valid,
-            inputs.labels.is_some(),
-            n,
-            grad_out,
-            None,
-        ))
+        if let Some(dst) = out.grad.as_mut() {
+            dst.copy_from_slice(&out_dtype.decode(&g)[..n * v]);
+        }
+        outs.finish(out, inputs.labels.is_some());
+        Ok(())
     }
 }

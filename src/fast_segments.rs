@@ -5,7 +5,7 @@
 //! [`crate::hostmath::fast_row`]'s bit for bit: the CPU backend takes this
 //! path when it has fewer rows than threads.
 
-use crate::hostmath::{label_arg, RowData};
+use crate::hostmath::{label_arg, out_ptr, RowData};
 use crate::params::KernelParams;
 use crate::spec::KernelDivergence;
 use rayon::prelude::*;
@@ -198,7 +198,7 @@ pub(crate) fn fast_row_split(
             });
     }
     let (dtype, s, t) = data.segment(0, v);
-    let gp = grad.map_or(std::ptr::null_mut(), |g| g.as_mut_ptr());
+    let gp = out_ptr(grad);
     unsafe { kd_host_fast_row_end(div, ce, dtype, s, t, y, has, gp, row.ptr(), p) }
 }
 

@@ -5,40 +5,28 @@ use crate::params::KernelParams;
 use crate::tensor::Dtype;
 use std::os::raw::c_int;
 
+/// Declares the kernels' dense row entry points, one per input dtype, all
+/// with the same parameters.
+macro_rules! row_entry_points {
+    ($($name:ident: $elem:ty),+) => {
+        extern "C" {
+            $(fn $name(
+                div: c_int,
+                s: *const $elem,
+                t: *const $elem,
+                y: i64,
+                has_label: c_int,
+                grad: *mut f32,
+                grad_t: *mut f32,
+                p: *const KernelParams,
+                w: f32,
+            ) -> f32;)+
+        }
+    };
+}
+row_entry_points!(kd_host_row_f32: f32, kd_host_row_bf16: u16, kd_host_row_f16: u16);
+
 extern "C" {
-    fn kd_host_row_f32(
-        div: c_int,
-        s: *const f32,
-        t: *const f32,
-        y: i64,
-        has_label: c_int,
-        grad: *mut f32,
-        grad_t: *mut f32,
-        p: *const KernelParams,
-        w: f32,
-    ) -> f32;
-    fn kd_host_row_bf16(
-        div: c_int,
-        s: *const u16,
-        t: *const u16,
-        y: i64,
-        has_label: c_int,
-        grad: *mut f32,
-        grad_t: *mut f32,
-        p: *const KernelParams,
-        w: f32,
-    ) -> f32;
-    fn kd_host_row_f16(
-        div: c_int,
-        s: *const u16,
-        t: *const u16,
-        y: i64,
-        has_label: c_int,
-        grad: *mut f32,
-        grad_t: *mut f32,
-        p: *const KernelParams,
-        w: f32,
-    ) -> f32;
     fn kd_host_topk_row(
         dtype: c_int,
         s: *const std::ffi::c_void,
@@ -121,8 +109,7 @@ pub(crate) fn row(
     w: f32,
 ) -> f32 {
     let (y, has) = label_arg(label);
-    let gp = grad.map_or(std::ptr::null_mut(), |g| g.as_mut_ptr());
-    let gtp = grad_t.map_or(std::ptr::null_mut(), |g| g.as_mut_ptr());
+    let (gp, gtp) = (out_ptr(grad), out_ptr(grad_t));
     // SAFETY: slices of V = p.vocab elements (checked by the caller), the
     // gradients too.
     unsafe {
@@ -153,11 +140,16 @@ pub(crate) fn fast_row(
     w: f32,
 ) -> f32 {
     let (y, has) = label_arg(label);
-    let gp = grad.map_or(std::ptr::null_mut(), |g| g.as_mut_ptr());
+    let gp = out_ptr(grad);
     let (dtype, s, t) = data.segment(0, p.vocab.max(0) as usize);
     // SAFETY: rows of V = p.vocab elements of `dtype` (checked by the
     // caller), the gradient too.
     unsafe { kd_host_fast_row(div, c_int::from(ce), dtype, s, t, y, has, gp, p, w) }
+}
+
+/// An optional output slice as the C side takes it (null: none).
+pub(crate) fn out_ptr(out: Option<&mut [f32]>) -> *mut f32 {
+    out.map_or(std::ptr::null_mut(), |g| g.as_mut_ptr())
 }
 
 /// The C side's (label, has_label) pair.
@@ -194,21 +186,16 @@ pub(crate) fn topk_row(
     w: f32,
 ) -> f32 {
     let (y, has) = label_arg(label);
-    let gp = grad.map_or(std::ptr::null_mut(), |g| g.as_mut_ptr());
+    let gp = out_ptr(grad);
     let (ip, i64s) = match data.indices {
         TopkRowIndices::I32(i) => (i.as_ptr() as *const std::ffi::c_void, 0),
         TopkRowIndices::I64(i) => (i.as_ptr() as *const std::ffi::c_void, 1),
-    };
-    let dt = match data.dtype {
-        Dtype::F32 => 0,
-        Dtype::Bf16 => 1,
-        Dtype::F16 => 2,
     };
     // SAFETY: V student elements, k indices (validated) and k values, V
     // gradient entries (checked by the caller).
     unsafe {
         kd_host_topk_row(
-            dt,
+            data.dtype.code(),
             data.student.as_ptr() as *const std::ffi::c_void,
             ip,
             i64s,

@@ -2,9 +2,9 @@
 //! directly (log-softmax, then the divergence and the closed-form gradients),
 //! with no online tricks. Every other backend is tested against it.
 
-use crate::backend::{validate, validate_topk, Backend, KdOutput};
+use crate::backend::driver::{drive, store_row, Backend, CallInputs, KdOutput, Outputs};
 use crate::error::Result;
-use crate::spec::{KernelDivergence, LossSpec, TopkMode};
+use crate::spec::{KernelDivergence, LossSpec, Precision, TopkMode};
 use crate::tensor::{Dtype, GradDtype, KdInputs, TopkInputs};
 
 /// The f64 reference backend.
@@ -521,69 +521,60 @@ type RowOut = (f64, Vec<f64>, Option<Vec<f64>>);
 /// NaN: such a row's inputs are not used), a NaN ℓ makes the row's
 /// gradients NaN and the reduced loss NaN,
 /// applies the row weights, the reduction's weight and `grad_scale`, and
-/// rounds the gradients. `row_fn(r, hint)` gets row `r`'s hint (the `hint`
-/// gradient row made unweighted, when given and the weight allows it).
-#[allow(clippy::too_many_arguments)]
+/// rounds the gradients. `row_fn(r, s, label, hint)` gets row `r`'s student
+/// after the soft-cap ([`precap`] with `round_cap`), its label and its hint
+/// (the `hint` gradient row made unweighted and taken to the capped logits,
+/// when given and the weight allows it), and returns ℓ, ∂ℓ/∂s of the capped
+/// student (taken back to the raw logits here), and ∂ℓ/∂t.
 fn run_rows(
-    n: usize,
-    v: usize,
-    labels: Option<&[i64]>,
-    row_weights: Option<&[f32]>,
+    inputs: &impl CallInputs,
     spec: &LossSpec,
-    grad: Option<GradDtype>,
-    dtype: Dtype,
-    want_teacher: bool,
     hint: Option<&[f32]>,
-    mut row_fn: impl FnMut(usize, Option<Vec<f64>>) -> RowOut,
-) -> KdOutput {
-    let valid = match labels {
-        None => n,
-        Some(l) => l.iter().filter(|&&y| y != spec.ignore_index).count(),
-    };
-    let w = spec.reduction.row_weight(valid, v);
-    let mut row_losses = vec![0.0; n];
-    let mut g = grad.map(|_| vec![0.0f32; n * v]);
-    let mut gt = (grad.is_some() && want_teacher).then(|| vec![0.0f32; n * v]);
-    let round = match grad {
-        Some(GradDtype::Input) => dtype,
-        _ => Dtype::F32,
-    };
+    round_cap: bool,
+    out: &mut Outputs,
+    mut row_fn: impl FnMut(usize, &[f64], Option<usize>, Option<Vec<f64>>) -> RowOut,
+) {
+    let (n, v) = (out.row_losses.len(), inputs.student().cols);
+    let w = spec.reduction.row_weight(out.valid_rows, v);
+    let round = out.grad_dtype.unwrap_or(Dtype::F32);
     for r in 0..n {
-        if labels.map(|l| l[r]) == Some(spec.ignore_index) {
-            continue;
-        }
-        let wr = row_weight_of(row_weights, r);
-        if wr == 0.0 {
+        let label = inputs.labels().map(|l| l[r]);
+        let wr = row_weight_of(inputs.row_weights(), r);
+        let grads = [out.grad.as_mut(), out.grad_teacher.as_mut()];
+        if label == Some(spec.ignore_index) || wr == 0.0 {
+            out.row_losses[r] = 0.0;
+            for g in grads.into_iter().flatten() {
+                g[r * v..(r + 1) * v].fill(0.0);
+            }
             continue;
         }
         let scale = spec.grad_scale * w * wr;
+        let (s, ds) = precap(&logits_row(inputs.student(), r), spec.softcap, round_cap);
+        // The hint is a gradient with respect to the raw logits.
         let h: Option<Vec<f64>> = hint
             .filter(|h| h.len() == n * v && scale != 0.0 && scale.is_finite())
             .map(|h| {
-                h[r * v..(r + 1) * v]
-                    .iter()
-                    .map(|&x| x as f64 / scale)
+                let h = &h[r * v..(r + 1) * v];
+                (0..v)
+                    .map(|j| {
+                        let x = h[j] as f64 / scale;
+                        match &ds {
+                            Some(d) if d[j] > 0.0 => x / d[j],
+                            _ => x,
+                        }
+                    })
                     .collect()
             });
-        let (l, mut gs, mut gtr) = row_fn(r, h);
+        let (l, mut gs, mut gtr) = row_fn(r, &s, label.map(|y| y as usize), h);
+        chain_cap(&mut gs, ds.as_deref());
         // After the soft-cap's chain rule (which zeroes masked entries).
         poison_nan_row(l, [Some(&mut gs), gtr.as_deref_mut()]);
-        row_losses[r] = wr * l;
-        for (out, src) in [(g.as_mut(), Some(&gs)), (gt.as_mut(), gtr.as_ref())] {
-            if let (Some(out), Some(src)) = (out, src) {
-                for (dst, &x) in out[r * v..(r + 1) * v].iter_mut().zip(src) {
-                    *dst = round.round((scale * x) as f32);
-                }
+        out.row_losses[r] = wr * l;
+        for (g, src) in grads.into_iter().zip([Some(&gs), gtr.as_ref()]) {
+            if let (Some(g), Some(src)) = (g, src) {
+                store_row(&mut g[r * v..(r + 1) * v], src, scale, round);
             }
         }
-    }
-    let loss = w * crate::sum(&row_losses);
-    KdOutput {
-        loss,
-        row_losses,
-        valid_rows: valid,
-        grad: g,
-        grad_teacher: gt,
     }
 }
 
@@ -604,39 +595,42 @@ fn topk_teacher_row(inputs: &TopkInputs, r: usize) -> (Vec<usize>, Vec<f64>) {
     (idx, vals)
 }
 
+/// `scale(r, s, label)` of each row (`s` the student row) times the row's
+/// weight in absolute value; 0 for ignored rows and rows of weight 0.
+fn weighted_scales(
+    inputs: &impl CallInputs,
+    spec: &LossSpec,
+    scale: impl Fn(usize, &[f64], Option<usize>) -> f64,
+) -> Vec<f64> {
+    (0..inputs.student().rows)
+        .map(|r| {
+            let label = inputs.labels().map(|l| l[r]);
+            let wr = row_weight_of(inputs.row_weights(), r);
+            if label == Some(spec.ignore_index) || wr == 0.0 {
+                return 0.0;
+            }
+            let s = logits_row(inputs.student(), r);
+            wr.abs() * scale(r, &s, label.map(|y| y as usize))
+        })
+        .collect()
+}
+
 impl Oracle {
     /// Each row's first-order magnitude (see [`row_with_scale`]) times the
     /// row's weight in absolute value, like the row losses; 0 for ignored
     /// rows. Inputs must be valid.
     pub fn row_scales(&self, inputs: &KdInputs, spec: &LossSpec) -> Vec<f64> {
-        (0..inputs.student.rows)
-            .map(|r| {
-                let label = inputs.labels.map(|l| l[r]);
-                let wr = row_weight_of(inputs.row_weights, r);
-                if label == Some(spec.ignore_index) || wr == 0.0 {
-                    return 0.0;
-                }
-                let s = logits_row(&inputs.student, r);
-                let t = logits_row(&inputs.teacher, r);
-                wr.abs() * row_with_scale(&s, &t, label.map(|y| y as usize), spec).2
-            })
-            .collect()
+        weighted_scales(inputs, spec, |r, s, label| {
+            row_with_scale(s, &logits_row(&inputs.teacher, r), label, spec).2
+        })
     }
 
     /// As [`Oracle::row_scales`], for a top-k teacher ([`topk_row`]).
     pub fn row_scales_topk(&self, inputs: &TopkInputs, spec: &LossSpec) -> Vec<f64> {
-        (0..inputs.student.rows)
-            .map(|r| {
-                let label = inputs.labels.map(|l| l[r]);
-                let wr = row_weight_of(inputs.row_weights, r);
-                if label == Some(spec.ignore_index) || wr == 0.0 {
-                    return 0.0;
-                }
-                let s = logits_row(&inputs.student, r);
-                let (idx, vals) = topk_teacher_row(inputs, r);
-                wr.abs() * topk_row(&s, &idx, &vals, label.map(|y| y as usize), spec).2
-            })
-            .collect()
+        weighted_scales(inputs, spec, |r, s, label| {
+            let (idx, vals) = topk_teacher_row(inputs, r);
+            topk_row(s, &idx, &vals, label, spec).2
+        })
     }
 
     /// The reference a backend's output is compared with (`kdfuse check`):
@@ -653,7 +647,9 @@ impl Oracle {
         grad: Option<GradDtype>,
         other: &KdOutput,
     ) -> Result<KdOutput> {
-        self.compute_impl(inputs, spec, grad, other.grad.as_deref(), true)
+        drive(inputs, spec, grad, |out| {
+            dense_batch(inputs, spec, other.grad.as_deref(), true, out)
+        })
     }
 
     /// The reference for a top-k call: [`Backend::compute_topk`] with
@@ -665,78 +661,43 @@ impl Oracle {
         spec: &LossSpec,
         grad: Option<GradDtype>,
     ) -> Result<KdOutput> {
-        self.compute_topk_impl(inputs, spec, grad, true)
+        drive(inputs, spec, grad, |out| {
+            topk_batch(inputs, spec, true, out)
+        })
     }
+}
 
-    fn compute_topk_impl(
-        &self,
-        inputs: &TopkInputs,
-        spec: &LossSpec,
-        grad: Option<GradDtype>,
-        round_cap: bool,
-    ) -> Result<KdOutput> {
-        validate_topk(inputs, spec)?;
-        Ok(run_rows(
-            inputs.student.rows,
-            inputs.student.cols,
-            inputs.labels,
-            inputs.row_weights,
-            spec,
-            grad,
-            inputs.student.dtype(),
-            false,
-            None,
-            |r, _| {
-                let label = inputs.labels.map(|l| l[r] as usize);
-                let (s, ds) = precap(&logits_row(&inputs.student, r), spec.softcap, round_cap);
-                let (idx, vals) = topk_teacher_row(inputs, r);
-                let (vals, _) = precap(&vals, spec.softcap, round_cap);
-                let (l, mut g, _) = topk_row(&s, &idx, &vals, label, &uncapped(spec));
-                chain_cap(&mut g, ds.as_deref());
-                (l, g, None)
-            },
-        ))
-    }
+/// The top-k batch; `round_cap` as [`precap`].
+fn topk_batch(
+    inputs: &TopkInputs,
+    spec: &LossSpec,
+    round_cap: bool,
+    out: &mut Outputs,
+) -> Result<()> {
+    run_rows(inputs, spec, None, round_cap, out, |r, s, label, _| {
+        let (idx, vals) = topk_teacher_row(inputs, r);
+        let (vals, _) = precap(&vals, spec.softcap, round_cap);
+        let (l, g, _) = topk_row(s, &idx, &vals, label, &uncapped(spec));
+        (l, g, None)
+    });
+    Ok(())
+}
 
-    fn compute_impl(
-        &self,
-        inputs: &KdInputs,
-        spec: &LossSpec,
-        grad: Option<GradDtype>,
-        hint: Option<&[f32]>,
-        round_cap: bool,
-    ) -> Result<KdOutput> {
-        validate(inputs, spec)?;
-        Ok(run_rows(
-            inputs.student.rows,
-            inputs.student.cols,
-            inputs.labels,
-            inputs.row_weights,
-            spec,
-            grad,
-            inputs.student.dtype(),
-            spec.grad_teacher,
-            hint,
-            |r, h| {
-                let label = inputs.labels.map(|l| l[r] as usize);
-                let (s, ds) = precap(&logits_row(&inputs.student, r), spec.softcap, round_cap);
-                let (t, dt) = precap(&logits_row(&inputs.teacher, r), spec.softcap, round_cap);
-                // The hint is a gradient with respect to the raw logits.
-                let h = h.map(|h| match &ds {
-                    Some(d) => h
-                        .iter()
-                        .zip(d)
-                        .map(|(&x, &d)| if d > 0.0 { x / d } else { x })
-                        .collect(),
-                    None => h,
-                });
-                let mut res = row_detailed(&s, &t, label, &uncapped(spec), h.as_deref());
-                chain_cap(&mut res.grad_s, ds.as_deref());
-                chain_cap(&mut res.grad_t, dt.as_deref());
-                (res.loss, res.grad_s, Some(res.grad_t))
-            },
-        ))
-    }
+/// The dense batch; `hint` as [`run_rows`], `round_cap` as [`precap`].
+fn dense_batch(
+    inputs: &KdInputs,
+    spec: &LossSpec,
+    hint: Option<&[f32]>,
+    round_cap: bool,
+    out: &mut Outputs,
+) -> Result<()> {
+    run_rows(inputs, spec, hint, round_cap, out, |r, s, label, h| {
+        let (t, dt) = precap(&logits_row(&inputs.teacher, r), spec.softcap, round_cap);
+        let mut res = row_detailed(s, &t, label, &uncapped(spec), h.as_deref());
+        chain_cap(&mut res.grad_t, dt.as_deref());
+        (res.loss, res.grad_s, Some(res.grad_t))
+    });
+    Ok(())
 }
 
 impl Backend for Oracle {
@@ -744,21 +705,15 @@ impl Backend for Oracle {
         "oracle"
     }
 
-    fn compute(
-        &self,
-        inputs: &KdInputs,
-        spec: &LossSpec,
-        grad: Option<GradDtype>,
-    ) -> Result<KdOutput> {
-        self.compute_impl(inputs, spec, grad, None, false)
+    fn precision(&self, _: &LossSpec) -> Precision {
+        Precision::Exact
     }
 
-    fn compute_topk(
-        &self,
-        inputs: &TopkInputs,
-        spec: &LossSpec,
-        grad: Option<GradDtype>,
-    ) -> Result<KdOutput> {
-        self.compute_topk_impl(inputs, spec, grad, false)
+    fn dense(&self, inputs: &KdInputs, spec: &LossSpec, out: &mut Outputs) -> Result<()> {
+        dense_batch(inputs, spec, None, false, out)
+    }
+
+    fn topk(&self, inputs: &TopkInputs, spec: &LossSpec, out: &mut Outputs) -> Result<()> {
+        topk_batch(inputs, spec, false, out)
     }
 }

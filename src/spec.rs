@@ -3,7 +3,51 @@
 
 use crate::error::{invalid, Result};
 use std::fmt;
-use std::str::FromStr;
+
+/// The spellings of a fieldless enum, from its variants' spellings in CLI
+/// order: `ALL`, `as_str`, `Display`, and `FromStr`, whose error names the
+/// kind (`$kind`) and lists every spelling.
+macro_rules! spellings {
+    ($t:ident, $kind:literal, $($v:ident => $s:literal),+ $(,)?) => {
+        impl $t {
+            /// Every value, in CLI order.
+            pub const ALL: [$t; [$($s),+].len()] = [$($t::$v),+];
+
+            /// The CLI/API spelling.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($t::$v => $s),+
+                }
+            }
+        }
+
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl std::str::FromStr for $t {
+            type Err = String;
+            fn from_str(s: &str) -> std::result::Result<Self, String> {
+                $t::ALL
+                    .into_iter()
+                    .find(|x| x.as_str() == s)
+                    .ok_or_else(|| $crate::spec::unknown($kind, s, &[$($s),+]))
+            }
+        }
+    };
+}
+pub(crate) use spellings;
+
+/// "unknown `kind` `s` (expected a, b or c)".
+pub(crate) fn unknown(kind: &str, s: &str, names: &[&str]) -> String {
+    let expected = match names {
+        [rest @ .., last] if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+        _ => names.join(""),
+    };
+    format!("unknown {kind} `{s}` (expected {expected})")
+}
 
 /// The divergence `D(p, q)` between the softened teacher `p` and student `q`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -23,47 +67,13 @@ pub enum Divergence {
     SoftCe,
 }
 
-impl Divergence {
-    /// Every divergence, in CLI order.
-    pub const ALL: [Divergence; 5] = [
-        Divergence::ForwardKl,
-        Divergence::ReverseKl,
-        Divergence::Jsd,
-        Divergence::Tvd,
-        Divergence::SoftCe,
-    ];
-
-    /// The CLI/API spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Divergence::ForwardKl => "forward-kl",
-            Divergence::ReverseKl => "reverse-kl",
-            Divergence::Jsd => "jsd",
-            Divergence::Tvd => "tvd",
-            Divergence::SoftCe => "soft-ce",
-        }
-    }
-}
-
-impl fmt::Display for Divergence {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Divergence {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        Divergence::ALL
-            .into_iter()
-            .find(|d| d.as_str() == s)
-            .ok_or_else(|| {
-                format!(
-                    "unknown divergence `{s}` (expected forward-kl, reverse-kl, jsd, tvd or soft-ce)"
-                )
-            })
-    }
-}
+spellings!(Divergence, "divergence",
+    ForwardKl => "forward-kl",
+    ReverseKl => "reverse-kl",
+    Jsd => "jsd",
+    Tvd => "tvd",
+    SoftCe => "soft-ce",
+);
 
 /// How per-row losses become one number (TRL's `batchmean` by default).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -79,25 +89,14 @@ pub enum Reduction {
     None,
 }
 
+spellings!(Reduction, "reduction",
+    BatchMean => "batchmean",
+    Sum => "sum",
+    Mean => "mean",
+    None => "none",
+);
+
 impl Reduction {
-    /// Every reduction, in CLI order.
-    pub const ALL: [Reduction; 4] = [
-        Reduction::BatchMean,
-        Reduction::Sum,
-        Reduction::Mean,
-        Reduction::None,
-    ];
-
-    /// The CLI/API spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reduction::BatchMean => "batchmean",
-            Reduction::Sum => "sum",
-            Reduction::Mean => "mean",
-            Reduction::None => "none",
-        }
-    }
-
     /// The factor that turns Σ ℓ into the reduced loss (and the per-row
     /// gradient weight, before the upstream scale).
     pub fn row_weight(self, valid_rows: usize, vocab: usize) -> f64 {
@@ -116,24 +115,6 @@ impl Reduction {
             Reduction::Mean => 2,
             Reduction::None => 3,
         }
-    }
-}
-
-impl fmt::Display for Reduction {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Reduction {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        Reduction::ALL
-            .into_iter()
-            .find(|d| d.as_str() == s)
-            .ok_or_else(|| {
-                format!("unknown reduction `{s}` (expected batchmean, sum, mean or none)")
-            })
     }
 }
 
@@ -222,19 +203,13 @@ pub enum TopkMode {
     Tail,
 }
 
+spellings!(TopkMode, "top-k mode",
+    Support => "support",
+    Full => "full",
+    Tail => "tail",
+);
+
 impl TopkMode {
-    /// Every mode, in CLI order.
-    pub const ALL: [TopkMode; 3] = [TopkMode::Support, TopkMode::Full, TopkMode::Tail];
-
-    /// The CLI/API spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TopkMode::Support => "support",
-            TopkMode::Full => "full",
-            TopkMode::Tail => "tail",
-        }
-    }
-
     /// The id the kernels use (`KD_TOPK_*` in kernels/kd_math.cuh).
     pub(crate) fn kernel_id(self) -> i32 {
         match self {
@@ -242,22 +217,6 @@ impl TopkMode {
             TopkMode::Full => 1,
             TopkMode::Tail => 2,
         }
-    }
-}
-
-impl fmt::Display for TopkMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for TopkMode {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        TopkMode::ALL
-            .into_iter()
-            .find(|d| d.as_str() == s)
-            .ok_or_else(|| format!("unknown top-k mode `{s}` (expected support, full or tail)"))
     }
 }
 

@@ -2,9 +2,8 @@
 //! validation.
 
 use crate::error::{invalid, Result};
+use crate::spec::spellings;
 use half::{bf16, f16};
-use std::fmt;
-use std::str::FromStr;
 
 /// Element type of the logits (and of the gradient when it follows the input).
 #[derive(
@@ -21,25 +20,36 @@ pub enum Dtype {
     F16,
 }
 
+spellings!(Dtype, "dtype",
+    F32 => "f32",
+    Bf16 => "bf16",
+    F16 => "f16",
+);
+
 impl Dtype {
-    /// Every dtype.
-    pub const ALL: [Dtype; 3] = [Dtype::F32, Dtype::Bf16, Dtype::F16];
-
-    /// The CLI/API spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Dtype::F32 => "f32",
-            Dtype::Bf16 => "bf16",
-            Dtype::F16 => "f16",
-        }
-    }
-
     /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
             Dtype::F32 => 4,
             Dtype::Bf16 | Dtype::F16 => 2,
         }
+    }
+
+    /// The code the C and CUDA sources use for it (0 f32, 1 bf16, 2 f16).
+    pub(crate) fn code(self) -> i32 {
+        match self {
+            Dtype::F32 => 0,
+            Dtype::Bf16 => 1,
+            Dtype::F16 => 2,
+        }
+    }
+
+    /// Little-endian bytes of elements of this dtype, as f32 values (a
+    /// trailing partial element is dropped).
+    pub(crate) fn decode(self, bytes: &[u8]) -> Vec<f32> {
+        let data = OwnedData::from_bytes(bytes, self);
+        let view = data.view();
+        (0..view.len()).map(|i| view.get(i)).collect()
     }
 
     /// Rounds an f32 value to this dtype (nearest, ties to even) and back.
@@ -52,22 +62,6 @@ impl Dtype {
     }
 }
 
-impl fmt::Display for Dtype {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Dtype {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        Dtype::ALL
-            .into_iter()
-            .find(|d| d.as_str() == s)
-            .ok_or_else(|| format!("unknown dtype `{s}` (expected f32, bf16 or f16)"))
-    }
-}
-
 /// The dtype of the gradient a backend writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum GradDtype {
@@ -76,6 +70,16 @@ pub enum GradDtype {
     F32,
     /// The dtype of the logits (rounded once, from fp32).
     Input,
+}
+
+impl GradDtype {
+    /// The dtype the gradient is written in, for inputs of `input`.
+    pub fn dtype_for(self, input: Dtype) -> Dtype {
+        match self {
+            GradDtype::F32 => Dtype::F32,
+            GradDtype::Input => input,
+        }
+    }
 }
 
 /// Borrowed element data of one of the supported dtypes.
@@ -243,27 +247,40 @@ impl<'a> Logits<'a> {
                 format!("row stride {} is below V = {}", self.row_stride, self.cols),
             );
         }
-        if self.rows > 0 {
-            let needed = (self.rows - 1)
-                .checked_mul(self.row_stride)
-                .and_then(|x| x.checked_add(self.cols));
-            match needed {
-                Some(n) if n <= self.data.len() => {}
-                _ => {
-                    return invalid(
-                        arg,
-                        format!(
-                        "{} rows of stride {} and {} columns need more than the {} elements given",
-                        self.rows,
-                        self.row_stride,
-                        self.cols,
-                        self.data.len()
-                    ),
-                    )
-                }
-            }
-        }
-        Ok(())
+        let cols = format!("{} columns", self.cols);
+        rows_fit(
+            arg,
+            self.rows,
+            self.row_stride,
+            self.cols,
+            &cols,
+            self.data.len(),
+        )
+    }
+}
+
+/// Checks that `rows` rows of `len` elements, `stride` apart, fit in the
+/// `have` elements given; `what` names the row length in the error.
+pub(crate) fn rows_fit(
+    arg: &'static str,
+    rows: usize,
+    stride: usize,
+    len: usize,
+    what: &str,
+    have: usize,
+) -> Result<()> {
+    if rows == 0 {
+        return Ok(());
+    }
+    match (rows - 1)
+        .checked_mul(stride)
+        .and_then(|x| x.checked_add(len))
+    {
+        Some(n) if n <= have => Ok(()),
+        _ => invalid(
+            arg,
+            format!("{rows} rows of stride {stride} and {what} need more than the {have} elements given"),
+        ),
     }
 }
 

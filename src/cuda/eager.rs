@@ -161,18 +161,16 @@ impl CudaBackend {
             b.launch(rows_cfg(l.rows))?;
         }
         let ew = elementwise(l.rows * l.cols);
+        // An elementwise kernel over (log q, log p, e): the divergences' terms,
+        // and the backward of reverse KL and TVD.
+        let on_log_probs = |name: &str| -> Result<()> {
+            let f = self.function(name)?;
+            let mut b = stream.launch_builder(&f);
+            b.arg(&ls).arg(&lt).arg(&e).arg(&count);
+            b.launch(ew)?;
+            Ok(())
+        };
         match spec.kernel_divergence() {
-            KernelDivergence::ForwardKl | KernelDivergence::ReverseKl => {
-                let name = if spec.kernel_divergence() == KernelDivergence::ForwardKl {
-                    "kd_eager_fkl_terms"
-                } else {
-                    "kd_eager_rkl_terms"
-                };
-                let f = self.function(name)?;
-                let mut b = stream.launch_builder(&f);
-                b.arg(&ls).arg(&lt).arg(&e).arg(&count);
-                b.launch(ew)?;
-            }
             KernelDivergence::Jsd(_) => {
                 let f = self.function("kd_eager_log_mix")?;
                 let mut b = stream.launch_builder(&f);
@@ -183,17 +181,13 @@ impl CudaBackend {
                 b.arg(&ls).arg(&lt).arg(&lm).arg(&e).arg(&count).arg(&beta);
                 b.launch(ew)?;
             }
-            KernelDivergence::Tvd | KernelDivergence::SoftCe => {
-                let name = if spec.kernel_divergence() == KernelDivergence::Tvd {
-                    "kd_eager_tvd_terms"
-                } else {
-                    "kd_eager_sce_terms"
-                };
-                let f = self.function(name)?;
-                let mut b = stream.launch_builder(&f);
-                b.arg(&ls).arg(&lt).arg(&e).arg(&count);
-                b.launch(ew)?;
-            }
+            d => on_log_probs(match d {
+                KernelDivergence::ForwardKl => "kd_eager_fkl_terms",
+                KernelDivergence::ReverseKl => "kd_eager_rkl_terms",
+                KernelDivergence::Tvd => "kd_eager_tvd_terms",
+                KernelDivergence::SoftCe => "kd_eager_sce_terms",
+                KernelDivergence::Jsd(_) => unreachable!("JSD has its own launches"),
+            })?,
         }
         let f = self.function("kd_eager_row_loss")?;
         let mut b = stream.launch_builder(&f);
@@ -218,24 +212,14 @@ impl CudaBackend {
                 b.arg(&lt).arg(&e).arg(&count);
                 b.launch(ew)?;
             }
-            KernelDivergence::ReverseKl => {
-                let f = self.function("kd_eager_rkl_back")?;
-                let mut b = stream.launch_builder(&f);
-                b.arg(&ls).arg(&lt).arg(&e).arg(&count);
-                b.launch(ew)?;
-            }
             KernelDivergence::Jsd(_) => {
                 let f = self.function("kd_eager_jsd_back")?;
                 let mut b = stream.launch_builder(&f);
                 b.arg(&ls).arg(&lm).arg(&e).arg(&count).arg(&beta);
                 b.launch(ew)?;
             }
-            KernelDivergence::Tvd => {
-                let f = self.function("kd_eager_tvd_back")?;
-                let mut b = stream.launch_builder(&f);
-                b.arg(&ls).arg(&lt).arg(&e).arg(&count);
-                b.launch(ew)?;
-            }
+            KernelDivergence::ReverseKl => on_log_probs("kd_eager_rkl_back")?,
+            KernelDivergence::Tvd => on_log_probs("kd_eager_tvd_back")?,
         }
         let gs = l.grad_stride as i64;
         let f = self.function(&format!("kd_eager_lsm_back_{}", raw.grad_dtype))?;

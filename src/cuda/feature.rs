@@ -12,7 +12,7 @@ use crate::feature::{FeatureKind, FeatureLayout, FeatureSpec};
 use crate::tensor::Dtype;
 use cudarc::driver::{
     CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig,
-    PushKernelArg,
+    PushKernelArg, SyncOnDrop,
 };
 use std::sync::Arc;
 
@@ -183,30 +183,10 @@ impl CudaBackend {
         )?;
         let (sp, _g1) = student.device_ptr(stream);
         let (tp, _g2) = teacher.device_ptr(stream);
-        let (gsp, _g3) = match grad_student {
-            Some(g) => {
-                check_len(
-                    "grad_student",
-                    g.len(),
-                    l.needed(l.grad_student_stride, l.student_len()),
-                )?;
-                let (p, guard) = g.device_ptr_mut(stream);
-                (p, Some(guard))
-            }
-            None => (0, None),
-        };
-        let (gtp, _g4) = match grad_teacher {
-            Some(g) => {
-                check_len(
-                    "grad_teacher",
-                    g.len(),
-                    l.needed(l.grad_teacher_stride, l.teacher_len()),
-                )?;
-                let (p, guard) = g.device_ptr_mut(stream);
-                (p, Some(guard))
-            }
-            None => (0, None),
-        };
+        let student_grad = l.needed(l.grad_student_stride, l.student_len());
+        let teacher_grad = l.needed(l.grad_teacher_stride, l.teacher_len());
+        let (gsp, _g3) = grad_ptr(stream, grad_student, "grad_student", student_grad)?;
+        let (gtp, _g4) = grad_ptr(stream, grad_teacher, "grad_teacher", teacher_grad)?;
         let (rp, _g5) = out.row_losses.device_ptr_mut(stream);
         let (op, _g6) = out.loss.device_ptr_mut(stream);
         let (wp, _g7) = out.workspace.device_ptr_mut(stream);
@@ -226,4 +206,20 @@ impl CudaBackend {
         // the guards keep the buffers' events ordered with this stream.
         unsafe { self.feature_raw(stream, &raw, spec) }
     }
+}
+
+/// An optional gradient buffer's device pointer (0: none) and its guard,
+/// once it is checked to hold `needed` elements (`arg` names it).
+fn grad_ptr<'a, G>(
+    stream: &'a CudaStream,
+    grad: Option<&'a mut CudaViewMut<'_, G>>,
+    arg: &'static str,
+    needed: usize,
+) -> Result<(u64, Option<SyncOnDrop<'a>>)> {
+    let Some(g) = grad else {
+        return Ok((0, None));
+    };
+    check_len(arg, g.len(), needed)?;
+    let (p, guard) = g.device_ptr_mut(stream);
+    Ok((p, Some(guard)))
 }

@@ -4,46 +4,32 @@
 //! failed to write cannot pass as a value.
 
 use super::feature::FeatureBuffers;
-use super::host::{poison, upload, ToF32};
-use super::launch::KdElement;
+use super::host::{by_dtype, download, output, poison, upload, ToF32};
 use super::CudaBackend;
 use crate::error::Result;
-use crate::feature::{
-    validate, FeatureBackend, FeatureGrads, FeatureInputs, FeatureOutput, FeatureSpec,
-};
-use crate::tensor::{GradDtype, HostData};
-use cudarc::driver::CudaSlice;
+use crate::feature::{FeatureBackend, FeatureInputs, FeatureSpec, Outputs};
+use crate::tensor::{Dtype, HostData};
 use half::{bf16, f16};
 
 impl CudaBackend {
-    fn run_feature<T: KdElement + Default + ToF32, G: KdElement + Default + ToF32>(
+    fn run_feature<T: ToF32, G: ToF32>(
         &self,
         s: &[T],
         t: &[T],
         inputs: &FeatureInputs,
         spec: &FeatureSpec,
-        grads: FeatureGrads,
-    ) -> Result<FeatureOutput> {
+        out: &mut Outputs,
+    ) -> Result<()> {
         let stream = &self.stream;
         let layout = inputs.layout(spec.kind);
         let n = layout.rows;
-        let (ls, lt) = (layout.student_len(), layout.teacher_len());
         let ds = upload(stream, s)?;
         let dt = upload(stream, t)?;
-        let mut out = FeatureBuffers::new(stream, &layout, spec.kind)?;
-        poison(stream, &mut out.row_losses)?;
-        poison(stream, &mut out.loss)?;
-        let alloc = |want: bool, len: usize| -> Result<Option<CudaSlice<G>>> {
-            if !want {
-                return Ok(None);
-            }
-            // SAFETY: poisoned right after, before any read.
-            let mut g = unsafe { stream.alloc::<G>((n * len).max(1)) }?;
-            poison(stream, &mut g)?;
-            Ok(Some(g))
-        };
-        let mut gs = alloc(grads.student, ls)?;
-        let mut gt = alloc(grads.teacher, lt)?;
+        let mut bufs = FeatureBuffers::new(stream, &layout, spec.kind)?;
+        poison(stream, &mut bufs.row_losses)?;
+        poison(stream, &mut bufs.loss)?;
+        let mut gs = output::<G>(stream, out.grad_student.is_some(), n * layout.student_len())?;
+        let mut gt = output::<G>(stream, out.grad_teacher.is_some(), n * layout.teacher_len())?;
         {
             let mut gs_view = gs.as_mut().map(|g| g.as_view_mut());
             let mut gt_view = gt.as_mut().map(|g| g.as_view_mut());
@@ -54,32 +40,19 @@ impl CudaBackend {
                 gs_view.as_mut(),
                 gt_view.as_mut(),
                 layout,
-                &mut out,
+                &mut bufs,
                 spec,
             )?;
         }
-        let loss = stream.clone_dtoh(&out.loss)?[0] as f64;
-        let mut row_losses: Vec<f64> = stream
-            .clone_dtoh(&out.row_losses)?
-            .into_iter()
-            .map(f64::from)
-            .collect();
-        row_losses.truncate(n);
-        let download = |g: Option<CudaSlice<G>>, len: usize| -> Result<Option<Vec<f32>>> {
-            let Some(g) = g else { return Ok(None) };
-            let mut h: Vec<f32> = stream.clone_dtoh(&g)?.into_iter().map(ToF32::f).collect();
-            h.truncate(n * len);
-            Ok(Some(h))
-        };
-        let grad_student = download(gs, ls)?;
-        let grad_teacher = download(gt, lt)?;
+        out.loss = Some(stream.clone_dtoh(&bufs.loss)?[0] as f64);
+        let rows = stream.clone_dtoh(&bufs.row_losses)?;
+        for (d, x) in out.row_losses.iter_mut().zip(rows) {
+            *d = f64::from(x);
+        }
+        download(stream, gs, out.grad_student.as_mut())?;
+        download(stream, gt, out.grad_teacher.as_mut())?;
         stream.synchronize()?;
-        Ok(FeatureOutput {
-            loss,
-            row_losses,
-            grad_student,
-            grad_teacher,
-        })
+        Ok(())
     }
 }
 
@@ -88,32 +61,9 @@ impl FeatureBackend for CudaBackend {
         "cuda"
     }
 
-    fn feature_loss(
-        &self,
-        inputs: &FeatureInputs,
-        spec: &FeatureSpec,
-        grads: FeatureGrads,
-    ) -> Result<FeatureOutput> {
-        validate(inputs, spec)?;
-        let f32_grad = grads.dtype == GradDtype::F32;
-        let (a, b, g) = (inputs.student.data, inputs.teacher.data, grads);
-        match (a, b) {
-            (HostData::F32(s), HostData::F32(t)) => {
-                self.run_feature::<f32, f32>(s, t, inputs, spec, g)
-            }
-            (HostData::Bf16(s), HostData::Bf16(t)) if f32_grad => {
-                self.run_feature::<bf16, f32>(s, t, inputs, spec, g)
-            }
-            (HostData::Bf16(s), HostData::Bf16(t)) => {
-                self.run_feature::<bf16, bf16>(s, t, inputs, spec, g)
-            }
-            (HostData::F16(s), HostData::F16(t)) if f32_grad => {
-                self.run_feature::<f16, f32>(s, t, inputs, spec, g)
-            }
-            (HostData::F16(s), HostData::F16(t)) => {
-                self.run_feature::<f16, f16>(s, t, inputs, spec, g)
-            }
-            _ => unreachable!("dtypes checked by validate"),
-        }
+    fn batch(&self, inputs: &FeatureInputs, spec: &FeatureSpec, out: &mut Outputs) -> Result<()> {
+        let data = (inputs.student.data, inputs.teacher.data);
+        let f32_grad = out.grad_dtype == Dtype::F32;
+        by_dtype!(self.run_feature, data, f32_grad, inputs, spec, out)
     }
 }

@@ -4,10 +4,10 @@
 
 use super::launch::{KdElement, LossBuffers, RawFusedArgs, RawTopkArgs, RowLayout};
 use super::CudaBackend;
-use crate::backend::{validate, validate_topk, Backend, KdOutput};
+use crate::backend::driver::{Backend, Outputs};
 use crate::error::Result;
 use crate::spec::LossSpec;
-use crate::tensor::{GradDtype, HostData, KdInputs, TopkIndices, TopkInputs};
+use crate::tensor::{HostData, KdInputs, TopkIndices, TopkInputs};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut, DeviceRepr};
 use half::{bf16, f16};
 use std::sync::Arc;
@@ -30,7 +30,9 @@ pub(super) fn poison<T>(stream: &Arc<CudaStream>, buf: &mut CudaSlice<T>) -> Res
     Ok(())
 }
 
-pub(super) trait ToF32: Copy {
+/// An element type of the host-array path: a kernel element, read back as
+/// f32.
+pub(super) trait ToF32: KdElement + Default {
     fn f(self) -> f32;
 }
 impl ToF32 for f32 {
@@ -55,7 +57,7 @@ fn ptr<T>(stream: &Arc<CudaStream>, buf: &mut CudaSlice<T>) -> u64 {
 }
 
 /// A poisoned output buffer of `len` elements, or none.
-fn output<G: DeviceRepr>(
+pub(super) fn output<G: DeviceRepr>(
     stream: &Arc<CudaStream>,
     want: bool,
     len: usize,
@@ -69,17 +71,28 @@ fn output<G: DeviceRepr>(
     Ok(Some(g))
 }
 
-fn download<G: DeviceRepr + ToF32 + Default>(
+/// The first `dst.len()` elements of a device buffer into `dst`, as f32 values.
+fn download_into<G: ToF32>(
+    stream: &Arc<CudaStream>,
+    buf: &CudaSlice<G>,
+    dst: &mut [f32],
+) -> Result<()> {
+    for (d, x) in dst.iter_mut().zip(stream.clone_dtoh(buf)?) {
+        *d = x.f();
+    }
+    Ok(())
+}
+
+/// A gradient buffer, when asked for, into the driver's output.
+pub(super) fn download<G: ToF32>(
     stream: &Arc<CudaStream>,
     buf: Option<CudaSlice<G>>,
-    len: usize,
-) -> Result<Option<Vec<f32>>> {
-    buf.map(|g| {
-        let mut h: Vec<f32> = stream.clone_dtoh(&g)?.into_iter().map(ToF32::f).collect();
-        h.truncate(len);
-        Ok(h)
-    })
-    .transpose()
+    dst: Option<&mut Vec<f32>>,
+) -> Result<()> {
+    match (buf, dst) {
+        (Some(buf), Some(dst)) => download_into(stream, &buf, dst),
+        _ => Ok(()),
+    }
 }
 
 /// What one host call uploads besides the logits.
@@ -117,28 +130,26 @@ impl Common {
         )
     }
 
-    /// The loss and row losses, after the stream ran the work.
-    fn finish(self, stream: &Arc<CudaStream>, n: usize) -> Result<(f64, Vec<f64>)> {
-        let loss = stream.clone_dtoh(&self.out.loss)?[0] as f64;
-        let mut rows: Vec<f64> = stream
-            .clone_dtoh(&self.out.row_losses)?
-            .into_iter()
-            .map(f64::from)
-            .collect();
-        rows.truncate(n);
-        Ok((loss, rows))
+    /// The loss and row losses into `out`, after the stream ran the work.
+    fn finish(self, stream: &Arc<CudaStream>, out: &mut Outputs) -> Result<()> {
+        out.loss = Some(stream.clone_dtoh(&self.out.loss)?[0] as f64);
+        let rows = stream.clone_dtoh(&self.out.row_losses)?;
+        for (d, x) in out.row_losses.iter_mut().zip(rows) {
+            *d = f64::from(x);
+        }
+        Ok(())
     }
 }
 
 impl CudaBackend {
-    fn run<T: KdElement + Default + ToF32, G: KdElement + Default + ToF32>(
+    fn run<T: ToF32, G: ToF32>(
         &self,
         s: &[T],
         t: &[T],
         inputs: &KdInputs,
         spec: &LossSpec,
-        want_grad: bool,
-    ) -> Result<KdOutput> {
+        out: &mut Outputs,
+    ) -> Result<()> {
         let stream = &self.stream;
         let (n, v) = (inputs.student.rows, inputs.student.cols);
         let layout = RowLayout {
@@ -152,8 +163,8 @@ impl CudaBackend {
         let mut ds = upload(stream, s)?;
         let mut dt = upload(stream, t)?;
         let mut common = Common::new(stream, n, inputs.labels, inputs.row_weights)?;
-        let mut dg = output::<G>(stream, want_grad, n * v)?;
-        let mut dgt = output::<G>(stream, want_grad && spec.grad_teacher, n * v)?;
+        let mut dg = output::<G>(stream, out.grad.is_some(), n * v)?;
+        let mut dgt = output::<G>(stream, out.grad_teacher.is_some(), n * v)?;
         let (labels, row_weights, row_losses, loss, valid_rows) = common.ptrs(stream);
         let raw = RawFusedArgs {
             dtype: T::DTYPE,
@@ -172,27 +183,21 @@ impl CudaBackend {
         // SAFETY: every buffer was sized for this layout above and lives
         // until the stream is synchronised below.
         unsafe { self.launch_raw(stream, &raw, spec) }?;
-        let (loss, row_losses) = common.finish(stream, n)?;
-        let grad = download(stream, dg, n * v)?;
-        let grad_teacher = download(stream, dgt, n * v)?;
+        common.finish(stream, out)?;
+        download(stream, dg, out.grad.as_mut())?;
+        download(stream, dgt, out.grad_teacher.as_mut())?;
         stream.synchronize()?;
-        Ok(KdOutput {
-            loss,
-            row_losses,
-            valid_rows: inputs.valid_rows(spec.ignore_index),
-            grad,
-            grad_teacher,
-        })
+        Ok(())
     }
 
-    fn run_topk<T: KdElement + Default + ToF32, G: KdElement + Default + ToF32>(
+    fn run_topk<T: ToF32, G: ToF32>(
         &self,
         s: &[T],
         vals: &[T],
         inputs: &TopkInputs,
         spec: &LossSpec,
-        want_grad: bool,
-    ) -> Result<KdOutput> {
+        out: &mut Outputs,
+    ) -> Result<()> {
         let stream = &self.stream;
         let (n, v, k) = (inputs.student.rows, inputs.student.cols, inputs.teacher.k);
         let layout = RowLayout {
@@ -215,7 +220,7 @@ impl CudaBackend {
             _ => unreachable!("one index buffer"),
         };
         let mut common = Common::new(stream, n, inputs.labels, inputs.row_weights)?;
-        let mut dg = output::<G>(stream, want_grad, n * v)?;
+        let mut dg = output::<G>(stream, out.grad.is_some(), n * v)?;
         let (labels, row_weights, row_losses, loss, valid_rows) = common.ptrs(stream);
         let raw = RawTopkArgs {
             dtype: T::DTYPE,
@@ -235,84 +240,49 @@ impl CudaBackend {
         };
         // SAFETY: as in `run`.
         unsafe { self.launch_topk_raw(stream, &raw, spec) }?;
-        let (loss, row_losses) = common.finish(stream, n)?;
-        let grad = download(stream, dg, n * v)?;
+        common.finish(stream, out)?;
+        download(stream, dg, out.grad.as_mut())?;
         stream.synchronize()?;
-        Ok(KdOutput {
-            loss,
-            row_losses,
-            valid_rows: inputs.valid_rows(spec.ignore_index),
-            grad,
-            grad_teacher: None,
-        })
+        Ok(())
     }
 }
 
-/// Calls `$run::<T, G>(s, t, inputs, spec, want_grad)` with the element types
-/// of the (validated, equal) input dtypes and of the gradient.
+/// Calls `$self.$run::<T, G>(s, t, $args…)` with `T` the element type of
+/// the (validated, equal) input dtypes of `$data` (a pair of [`HostData`])
+/// and `G` the gradient's: f32 when `$f32_grad`, else `T`.
 macro_rules! by_dtype {
-    ($self:ident . $run:ident, $data:expr, $grad:expr, $inputs:expr, $spec:expr) => {{
-        let want = $grad.is_some();
-        let f32_grad = $grad != Some(GradDtype::Input);
+    ($self:ident . $run:ident, $data:expr, $f32_grad:expr, $($arg:expr),*) => {{
+        let f32_grad = $f32_grad;
         match $data {
-            (HostData::F32(s), HostData::F32(t)) => {
-                $self.$run::<f32, f32>(s, t, $inputs, $spec, want)
-            }
+            (HostData::F32(s), HostData::F32(t)) => $self.$run::<f32, f32>(s, t, $($arg),*),
             (HostData::Bf16(s), HostData::Bf16(t)) if f32_grad => {
-                $self.$run::<bf16, f32>(s, t, $inputs, $spec, want)
+                $self.$run::<bf16, f32>(s, t, $($arg),*)
             }
-            (HostData::Bf16(s), HostData::Bf16(t)) => {
-                $self.$run::<bf16, bf16>(s, t, $inputs, $spec, want)
-            }
+            (HostData::Bf16(s), HostData::Bf16(t)) => $self.$run::<bf16, bf16>(s, t, $($arg),*),
             (HostData::F16(s), HostData::F16(t)) if f32_grad => {
-                $self.$run::<f16, f32>(s, t, $inputs, $spec, want)
+                $self.$run::<f16, f32>(s, t, $($arg),*)
             }
-            (HostData::F16(s), HostData::F16(t)) => {
-                $self.$run::<f16, f16>(s, t, $inputs, $spec, want)
-            }
+            (HostData::F16(s), HostData::F16(t)) => $self.$run::<f16, f16>(s, t, $($arg),*),
             _ => unreachable!("dtypes checked by validation"),
         }
     }};
 }
+pub(super) use by_dtype;
 
 impl Backend for CudaBackend {
-    fn precision(&self, spec: &LossSpec) -> crate::spec::Precision {
-        spec.kernel_precision()
-    }
-
     fn name(&self) -> &'static str {
         "cuda"
     }
 
-    fn compute_topk(
-        &self,
-        inputs: &TopkInputs,
-        spec: &LossSpec,
-        grad: Option<GradDtype>,
-    ) -> Result<KdOutput> {
-        validate_topk(inputs, spec)?;
-        by_dtype!(
-            self.run_topk,
-            (inputs.student.data, inputs.teacher.values),
-            grad,
-            inputs,
-            spec
-        )
+    fn topk(&self, inputs: &TopkInputs, spec: &LossSpec, out: &mut Outputs) -> Result<()> {
+        let data = (inputs.student.data, inputs.teacher.values);
+        let f32_grad = out.grad_dtype != Some(inputs.student.dtype());
+        by_dtype!(self.run_topk, data, f32_grad, inputs, spec, out)
     }
 
-    fn compute(
-        &self,
-        inputs: &KdInputs,
-        spec: &LossSpec,
-        grad: Option<GradDtype>,
-    ) -> Result<KdOutput> {
-        validate(inputs, spec)?;
-        by_dtype!(
-            self.run,
-            (inputs.student.data, inputs.teacher.data),
-            grad,
-            inputs,
-            spec
-        )
+    fn dense(&self, inputs: &KdInputs, spec: &LossSpec, out: &mut Outputs) -> Result<()> {
+        let data = (inputs.student.data, inputs.teacher.data);
+        let f32_grad = out.grad_dtype != Some(inputs.student.dtype());
+        by_dtype!(self.run, data, f32_grad, inputs, spec, out)
     }
 }

@@ -6,11 +6,9 @@
 //! use.
 
 use super::params::{self, FeatureArgs, FeatureParams};
-use super::{validate, FeatureBackend, FeatureGrads, FeatureInputs, FeatureOutput, FeatureSpec};
+use super::{FeatureBackend, FeatureInputs, FeatureSpec, Outputs};
 use crate::error::{invalid, Result};
 use crate::params::KernelParams;
-use crate::tensor::Dtype;
-use half::{bf16, f16};
 use std::ffi::c_void;
 
 extern "C" {
@@ -32,47 +30,16 @@ pub struct FeatureEmuBackend {
     pub grid: u32,
 }
 
-fn code(d: Dtype) -> i32 {
-    match d {
-        Dtype::F32 => 0,
-        Dtype::Bf16 => 1,
-        Dtype::F16 => 2,
-    }
-}
-
-fn to_f32(bytes: &[u8], d: Dtype) -> Vec<f32> {
-    let u16s = || {
-        bytes
-            .chunks_exact(2)
-            .map(|c| u16::from_le_bytes([c[0], c[1]]))
-    };
-    match d {
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        Dtype::Bf16 => u16s().map(|b| bf16::from_bits(b).to_f32()).collect(),
-        Dtype::F16 => u16s().map(|b| f16::from_bits(b).to_f32()).collect(),
-    }
-}
-
 impl FeatureBackend for FeatureEmuBackend {
     fn name(&self) -> &'static str {
         "cuda-emulated"
     }
 
-    fn feature_loss(
-        &self,
-        inputs: &FeatureInputs,
-        spec: &FeatureSpec,
-        grads: FeatureGrads,
-    ) -> Result<FeatureOutput> {
-        validate(inputs, spec)?;
+    fn batch(&self, inputs: &FeatureInputs, spec: &FeatureSpec, out: &mut Outputs) -> Result<()> {
         let layout = inputs.layout(spec.kind);
         let n = layout.rows;
-        let (ls, lt) = (layout.student_len(), layout.teacher_len());
         let dtype = inputs.student.dtype();
-        let out_dtype = grads.out_dtype(dtype);
+        let out_dtype = out.grad_dtype;
         let p = FeatureParams::new(&layout, spec);
         let rp = params::reduce_params(spec, &layout);
         let grid = if self.grid > 0 {
@@ -82,22 +49,10 @@ impl FeatureBackend for FeatureEmuBackend {
         };
         // Outputs poisoned with all bits set (NaN in every dtype); the
         // workspace too, so a read before its write shows.
-        let mut gs = vec![
-            0xffu8;
-            if grads.student {
-                n * ls * out_dtype.size()
-            } else {
-                0
-            }
-        ];
-        let mut gt = vec![
-            0xffu8;
-            if grads.teacher {
-                n * lt * out_dtype.size()
-            } else {
-                0
-            }
-        ];
+        let poisoned =
+            |g: &Option<Vec<f32>>| vec![0xffu8; g.as_ref().map_or(0, Vec::len) * out_dtype.size()];
+        let mut gs = poisoned(&out.grad_student);
+        let mut gt = poisoned(&out.grad_teacher);
         let mut work = vec![f32::NAN; (grid as usize * 2 * layout.width).max(1)];
         let mut row_loss = vec![f32::NAN; n.max(1)];
         let mut loss = f32::NAN;
@@ -114,15 +69,15 @@ impl FeatureBackend for FeatureEmuBackend {
             let args = FeatureArgs {
                 student: inputs.student.data.bytes().as_ptr() as u64,
                 teacher: inputs.teacher.data.bytes().as_ptr() as u64,
-                grad_student: ptr(&mut gs, grads.student) as u64,
-                grad_teacher: ptr(&mut gt, grads.teacher) as u64,
+                grad_student: ptr(&mut gs, out.grad_student.is_some()) as u64,
+                grad_teacher: ptr(&mut gt, out.grad_teacher.is_some()) as u64,
                 row_loss: row_loss.as_mut_ptr() as u64,
                 workspace: work.as_mut_ptr() as u64,
                 params: p,
             };
             kd_emu_feature_run(
-                code(dtype),
-                code(out_dtype),
+                dtype.code(),
+                out_dtype.code(),
                 &args,
                 &mut loss,
                 &rp,
@@ -133,12 +88,18 @@ impl FeatureBackend for FeatureEmuBackend {
         if rc != 0 {
             return invalid("grads", "unsupported dtype pair");
         }
-        row_loss.truncate(n);
-        Ok(FeatureOutput {
-            loss: loss as f64,
-            row_losses: row_loss.into_iter().map(f64::from).collect(),
-            grad_student: grads.student.then(|| to_f32(&gs, out_dtype)),
-            grad_teacher: grads.teacher.then(|| to_f32(&gt, out_dtype)),
-        })
+        for (dst, x) in out.row_losses.iter_mut().zip(row_loss) {
+            *dst = f64::from(x);
+        }
+        out.loss = Some(loss as f64);
+        for (dst, src) in [
+            (out.grad_student.as_mut(), gs),
+            (out.grad_teacher.as_mut(), gt),
+        ] {
+            if let Some(dst) = dst {
+                dst.copy_from_slice(&out_dtype.decode(&src));
+            }
+        }
+        Ok(())
     }
 }

@@ -3,7 +3,7 @@
 
 use super::{params, FeatureKind};
 use crate::error::{invalid, Result};
-use crate::tensor::{Dtype, HostData};
+use crate::tensor::{rows_fit, Dtype, HostData};
 
 /// Checks that a row of `channels × width` elements is not empty and that
 /// its length fits the kernels' 32-bit in-row indexing.
@@ -230,26 +230,8 @@ impl<'a> Features<'a> {
                 ),
             );
         }
-        if self.rows > 0 {
-            let needed = (self.rows - 1)
-                .checked_mul(self.row_stride)
-                .and_then(|x| x.checked_add(len));
-            match needed {
-                Some(n) if n <= self.data.len() => {}
-                _ => {
-                    return invalid(
-                        arg,
-                        format!(
-                            "{} rows of stride {} and length {len} need more than the {} elements given",
-                            self.rows,
-                            self.row_stride,
-                            self.data.len()
-                        ),
-                    )
-                }
-            }
-        }
-        Ok(())
+        let what = format!("length {len}");
+        rows_fit(arg, self.rows, self.row_stride, len, &what, self.data.len())
     }
 }
 

@@ -44,10 +44,8 @@ pub use inputs::{FeatureInputs, FeatureLayout, Features};
 
 use crate::backend::BackendKind;
 use crate::error::{invalid, Result};
-use crate::spec::Reduction;
+use crate::spec::{spellings, Reduction};
 use crate::tensor::{Dtype, GradDtype};
-use std::fmt;
-use std::str::FromStr;
 
 /// Which feature loss.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize)]
@@ -63,23 +61,13 @@ pub enum FeatureKind {
     Attention,
 }
 
+spellings!(FeatureKind, "feature loss",
+    Mse => "mse",
+    Cosine => "cosine",
+    Attention => "attention",
+);
+
 impl FeatureKind {
-    /// Every kind, in CLI order.
-    pub const ALL: [FeatureKind; 3] = [
-        FeatureKind::Mse,
-        FeatureKind::Cosine,
-        FeatureKind::Attention,
-    ];
-
-    /// The CLI/API spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FeatureKind::Mse => "mse",
-            FeatureKind::Cosine => "cosine",
-            FeatureKind::Attention => "attention",
-        }
-    }
-
     /// ε when the spec does not set one: 1e-8 for cosine (PyTorch's
     /// `cosine_similarity`), 1e-12 for attention (`F.normalize`); MSE has none
     /// (0).
@@ -98,24 +86,6 @@ impl FeatureKind {
             FeatureKind::Cosine => 1,
             FeatureKind::Attention => 2,
         }
-    }
-}
-
-impl fmt::Display for FeatureKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for FeatureKind {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        FeatureKind::ALL
-            .into_iter()
-            .find(|k| k.as_str() == s)
-            .ok_or_else(|| {
-                format!("unknown feature loss `{s}` (expected mse, cosine or attention)")
-            })
     }
 }
 
@@ -255,10 +225,7 @@ impl FeatureGrads {
 
     /// The dtype the gradients are written in, for inputs of `input`.
     pub fn out_dtype(&self, input: Dtype) -> Dtype {
-        match self.dtype {
-            GradDtype::F32 => Dtype::F32,
-            GradDtype::Input => input,
-        }
+        self.dtype.dtype_for(input)
     }
 }
 
@@ -276,10 +243,35 @@ pub struct FeatureOutput {
     pub grad_teacher: Option<Vec<f32>>,
 }
 
+/// The outputs of one feature batch: allocated by the driver for the call,
+/// filled by the backend's [`FeatureBackend::batch`], then returned
+/// as a [`FeatureOutput`].
+#[derive(Debug)]
+pub struct Outputs {
+    /// Per-row losses r_i (N); NaN until written.
+    pub row_losses: Vec<f64>,
+    /// ∂L/∂student, dense `[N, C_s·S]`, when asked for; NaN until written,
+    /// so that an entry a backend skipped cannot pass as a value.
+    pub grad_student: Option<Vec<f32>>,
+    /// ∂L/∂teacher, dense `[N, C_t·S]`, when asked for; NaN until written.
+    pub grad_teacher: Option<Vec<f32>>,
+    /// The dtype the gradients are rounded to.
+    pub grad_dtype: Dtype,
+    /// The reduced loss, when the backend reduces (the kernels do, on the
+    /// device); `None` leaves it to the driver:
+    /// [`FeatureSpec::loss_weight`] times the sum of the row losses.
+    pub loss: Option<f64>,
+}
+
 /// A way of computing the feature losses.
 pub trait FeatureBackend: Send + Sync {
     /// Short name (`oracle`, `cpu`, `cuda`).
     fn name(&self) -> &'static str;
+
+    /// One batch, `inputs` and `spec` already validated: the row losses,
+    /// the gradients `out` holds buffers for and, when the backend reduces,
+    /// the loss. Called by [`FeatureBackend::feature_loss`].
+    fn batch(&self, inputs: &FeatureInputs, spec: &FeatureSpec, out: &mut Outputs) -> Result<()>;
 
     /// The loss and the gradients asked for. Inputs and spec are validated
     /// first.
@@ -288,13 +280,46 @@ pub trait FeatureBackend: Send + Sync {
         inputs: &FeatureInputs,
         spec: &FeatureSpec,
         grads: FeatureGrads,
-    ) -> Result<FeatureOutput>;
+    ) -> Result<FeatureOutput> {
+        drive(inputs, spec, grads, |out| self.batch(inputs, spec, out))
+    }
 }
 
 /// Validation shared by every backend.
 pub(crate) fn validate(inputs: &FeatureInputs, spec: &FeatureSpec) -> Result<()> {
     spec.validate()?;
     inputs.validate(spec.kind)
+}
+
+/// The driver of one call: validates `inputs` and `spec`, allocates the
+/// outputs `grads` asks for, runs `batch` on them and assembles the
+/// [`FeatureOutput`].
+fn drive(
+    inputs: &FeatureInputs,
+    spec: &FeatureSpec,
+    grads: FeatureGrads,
+    batch: impl FnOnce(&mut Outputs) -> Result<()>,
+) -> Result<FeatureOutput> {
+    validate(inputs, spec)?;
+    let layout = inputs.layout(spec.kind);
+    let n = layout.rows;
+    let poisoned = |want: bool, len: usize| want.then(|| vec![f32::NAN; n * len]);
+    let mut out = Outputs {
+        row_losses: vec![f64::NAN; n],
+        grad_student: poisoned(grads.student, layout.student_len()),
+        grad_teacher: poisoned(grads.teacher, layout.teacher_len()),
+        grad_dtype: grads.out_dtype(inputs.student.dtype()),
+        loss: None,
+    };
+    batch(&mut out)?;
+    Ok(FeatureOutput {
+        loss: out
+            .loss
+            .unwrap_or_else(|| spec.loss_weight(&layout) * crate::sum(&out.row_losses)),
+        row_losses: out.row_losses,
+        grad_student: out.grad_student,
+        grad_teacher: out.grad_teacher,
+    })
 }
 
 /// Creates a feature backend. `Auto` falls back to the CPU when CUDA is

@@ -3,9 +3,8 @@
 //! for student and teacher (checked against finite differences in
 //! tests/feature/oracle.rs).
 
-use super::{
-    validate, FeatureBackend, FeatureGrads, FeatureInputs, FeatureKind, FeatureOutput, FeatureSpec,
-};
+use super::{FeatureBackend, FeatureGrads, FeatureInputs, FeatureKind, FeatureSpec, Outputs};
+use crate::backend::driver::store_row;
 use crate::error::Result;
 use crate::oracle::Oracle;
 
@@ -254,40 +253,19 @@ impl FeatureBackend for Oracle {
         "oracle"
     }
 
-    fn feature_loss(
-        &self,
-        inputs: &FeatureInputs,
-        spec: &FeatureSpec,
-        grads: FeatureGrads,
-    ) -> Result<FeatureOutput> {
-        validate(inputs, spec)?;
-        let n = inputs.student.rows;
+    fn batch(&self, inputs: &FeatureInputs, spec: &FeatureSpec, out: &mut Outputs) -> Result<()> {
         let (ls, lt) = (inputs.student.row_len(), inputs.teacher.row_len());
-        let layout = inputs.layout(spec.kind);
-        let w = spec.grad_weight(&layout);
-        let round = grads.out_dtype(inputs.student.dtype());
-        let mut gs = grads.student.then(|| vec![0.0f32; n * ls]);
-        let mut gt = grads.teacher.then(|| vec![0.0f32; n * lt]);
-        let mut row_losses = vec![0.0; n];
-        for (r, loss) in row_losses.iter_mut().enumerate() {
+        let w = spec.grad_weight(&inputs.layout(spec.kind));
+        for r in 0..out.row_losses.len() {
             let (l, ds, dt) = feature_row(inputs, spec, r);
-            *loss = l;
-            if let Some(g) = gs.as_mut() {
-                for (dst, x) in g[r * ls..(r + 1) * ls].iter_mut().zip(ds) {
-                    *dst = round.round((w * x) as f32);
-                }
+            out.row_losses[r] = l;
+            if let Some(g) = out.grad_student.as_mut() {
+                store_row(&mut g[r * ls..(r + 1) * ls], &ds, w, out.grad_dtype);
             }
-            if let Some(g) = gt.as_mut() {
-                for (dst, x) in g[r * lt..(r + 1) * lt].iter_mut().zip(dt) {
-                    *dst = round.round((w * x) as f32);
-                }
+            if let Some(g) = out.grad_teacher.as_mut() {
+                store_row(&mut g[r * lt..(r + 1) * lt], &dt, w, out.grad_dtype);
             }
         }
-        Ok(FeatureOutput {
-            loss: spec.loss_weight(&layout) * crate::sum(&row_losses),
-            row_losses,
-            grad_student: gs,
-            grad_teacher: gt,
-        })
+        Ok(())
     }
 }
