@@ -16,7 +16,7 @@ pub use types::{
 
 use crate::backend::Backend;
 use crate::cpu::CpuBackend;
-use crate::cuda::{CudaBackend, RawFusedArgs, RawTopkArgs, RowLayout};
+use crate::cuda::{CudaBackend, PreparedCache, RawFusedArgs, RawTopkArgs, RowLayout};
 use crate::error::{invalid, KdError, Result};
 use crate::tensor::{
     Dtype, GradDtype, HostData, KdInputs, Logits, TopkIndices, TopkInputs, TopkTeacher,
@@ -29,6 +29,9 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 /// A CUDA device with the kdfuse kernels loaded (opaque to C).
 pub struct KdfuseContext {
     backend: CudaBackend,
+    /// The losses this context's calls prepared: a training loop passes the
+    /// same params every step, and such a call only fills in its pointers.
+    prepared: PreparedCache,
 }
 
 thread_local! {
@@ -254,7 +257,10 @@ pub unsafe extern "C" fn kdfuse_context_create(
             )
         })?;
         let backend = CudaBackend::new(ordinal)?;
-        *out = Box::into_raw(Box::new(KdfuseContext { backend }));
+        *out = Box::into_raw(Box::new(KdfuseContext {
+            backend,
+            prepared: PreparedCache::default(),
+        }));
         Ok(())
     })
 }
@@ -321,9 +327,17 @@ pub unsafe extern "C" fn kdfuse_compute_cuda(
             grad_stride: shape.grad_stride,
             grad_teacher_stride: shape.grad_teacher_stride,
         };
+        let dtypes = (shape.dtype, shape.grad_dtype);
+        let labels = !b.labels.is_null();
         if let Some(topk) = shape.topk {
-            spec.validate(!b.labels.is_null())?;
-            spec.validate_topk()?;
+            let prepared = ctx.prepared.get(
+                &ctx.backend,
+                &spec,
+                dtypes,
+                shape.cols,
+                labels,
+                Some(topk.indices_i64),
+            )?;
             if b.validate_topk != 0 {
                 // SAFETY: the caller's contract (indices: N·k on the device).
                 unsafe {
@@ -355,7 +369,7 @@ pub unsafe extern "C" fn kdfuse_compute_cuda(
                 layout,
             };
             // SAFETY: the caller's contract above.
-            return unsafe { ctx.backend.launch_topk_raw(&stream, &raw, &spec) };
+            return unsafe { ctx.backend.launch_topk_prepared(&stream, &prepared, &raw) };
         }
         if !b.grad_teacher.is_null()
             && b.grad_teacher.cast_const() == b.teacher
@@ -367,6 +381,9 @@ pub unsafe extern "C" fn kdfuse_compute_cuda(
                 "an in-place teacher gradient needs the teacher's dtype and row stride",
             );
         }
+        let prepared = ctx
+            .prepared
+            .get(&ctx.backend, &spec, dtypes, shape.cols, labels, None)?;
         let raw = RawFusedArgs {
             dtype: shape.dtype,
             grad_dtype: shape.grad_dtype,
@@ -382,7 +399,7 @@ pub unsafe extern "C" fn kdfuse_compute_cuda(
             layout,
         };
         // SAFETY: the caller's contract above.
-        unsafe { ctx.backend.launch_raw(&stream, &raw, &spec) }
+        unsafe { ctx.backend.launch_prepared(&stream, &prepared, &raw) }
     })
 }
 

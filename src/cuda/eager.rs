@@ -2,12 +2,12 @@
 //! and gradient computed as an unfused framework does, one kernel per
 //! operation with fp32 `[N, V]` intermediates. For `kdfuse bench` only.
 
-use super::launch::RawFusedArgs;
+use super::kernels::{EagerOp, EagerTyped, Kernel};
+use super::launch::{io, RawFusedArgs};
 use super::CudaBackend;
 use crate::error::{invalid, Result};
 use crate::params::KernelParams;
 use crate::spec::{KernelDivergence, LossSpec};
-use crate::tensor::Dtype;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut, LaunchConfig, PushKernelArg};
 use std::sync::Arc;
 
@@ -110,12 +110,7 @@ impl CudaBackend {
                 "student, teacher, row_losses and loss must be non-null",
             );
         }
-        if raw.grad_dtype != raw.dtype && raw.grad_dtype != Dtype::F32 {
-            return invalid(
-                "grad_dtype",
-                format!("must be {} or f32, got {}", raw.dtype, raw.grad_dtype),
-            );
-        }
+        io(raw.dtype, raw.grad_dtype)?;
         if scratch.elements < l.rows * l.cols
             || (spec.alpha > 0.0 && scratch.ls1.len() < l.rows * l.cols)
             || (matches!(spec.kernel_divergence(), KernelDivergence::Jsd(_))
@@ -131,20 +126,17 @@ impl CudaBackend {
         let v = l.cols as i32;
         let count = (l.rows * l.cols) as i64;
         let beta = p.beta;
-        let valid_ptr = if raw.labels != 0 { raw.valid_rows } else { 0 };
         let (ls, _g1) = scratch.ls.device_ptr_mut(stream);
         let (lt, _g2) = scratch.lt.device_ptr_mut(stream);
         let (e, _g3) = scratch.terms.device_ptr_mut(stream);
         let (lm, _g4) = scratch.log_mix.device_ptr_mut(stream);
         let (ls1, _g5) = scratch.ls1.device_ptr_mut(stream);
 
-        if raw.labels != 0 {
-            // SAFETY: the caller's contract (labels: N, valid_rows: 1).
-            unsafe {
-                self.launch_count_valid(stream, raw.labels, n, spec.ignore_index, raw.valid_rows)
-            }?;
-        }
-        let lsm = self.function(&format!("kd_eager_log_softmax_{}", raw.dtype))?;
+        // SAFETY: the caller's contract (labels: N, valid_rows: 1).
+        let valid_ptr = unsafe {
+            self.count_valid_rows(stream, raw.labels, n, spec.ignore_index, raw.valid_rows)
+        }?;
+        let lsm = self.kernel(Kernel::EagerTyped(EagerTyped::LogSoftmax, raw.dtype))?;
         let inv_tau = p.inv_tau;
         let with_ce = spec.alpha > 0.0;
         for (x, stride, out, scale, wanted) in [
@@ -156,47 +148,35 @@ impl CudaBackend {
                 continue;
             }
             let stride = stride as i64;
-            let mut b = stream.launch_builder(&lsm);
+            let mut b = stream.launch_builder(lsm);
             b.arg(&x).arg(&stride).arg(&out).arg(&n).arg(&v).arg(&scale);
             b.launch(rows_cfg(l.rows))?;
         }
         let ew = elementwise(l.rows * l.cols);
+        let eager = |op| self.kernel(Kernel::Eager(op));
+        // The element-wise kernels of (ls, lt, e, count).
+        let pointwise = |op| -> Result<()> {
+            let mut b = stream.launch_builder(eager(op)?);
+            b.arg(&ls).arg(&lt).arg(&e).arg(&count);
+            // SAFETY: the scratch buffers hold count elements.
+            unsafe { b.launch(ew) }?;
+            Ok(())
+        };
         match spec.kernel_divergence() {
-            KernelDivergence::ForwardKl | KernelDivergence::ReverseKl => {
-                let name = if spec.kernel_divergence() == KernelDivergence::ForwardKl {
-                    "kd_eager_fkl_terms"
-                } else {
-                    "kd_eager_rkl_terms"
-                };
-                let f = self.function(name)?;
-                let mut b = stream.launch_builder(&f);
-                b.arg(&ls).arg(&lt).arg(&e).arg(&count);
-                b.launch(ew)?;
-            }
+            KernelDivergence::ForwardKl => pointwise(EagerOp::FklTerms)?,
+            KernelDivergence::ReverseKl => pointwise(EagerOp::RklTerms)?,
+            KernelDivergence::Tvd => pointwise(EagerOp::TvdTerms)?,
+            KernelDivergence::SoftCe => pointwise(EagerOp::SceTerms)?,
             KernelDivergence::Jsd(_) => {
-                let f = self.function("kd_eager_log_mix")?;
-                let mut b = stream.launch_builder(&f);
+                let mut b = stream.launch_builder(eager(EagerOp::LogMix)?);
                 b.arg(&ls).arg(&lt).arg(&lm).arg(&count).arg(&beta);
                 b.launch(ew)?;
-                let f = self.function("kd_eager_jsd_terms")?;
-                let mut b = stream.launch_builder(&f);
+                let mut b = stream.launch_builder(eager(EagerOp::JsdTerms)?);
                 b.arg(&ls).arg(&lt).arg(&lm).arg(&e).arg(&count).arg(&beta);
                 b.launch(ew)?;
             }
-            KernelDivergence::Tvd | KernelDivergence::SoftCe => {
-                let name = if spec.kernel_divergence() == KernelDivergence::Tvd {
-                    "kd_eager_tvd_terms"
-                } else {
-                    "kd_eager_sce_terms"
-                };
-                let f = self.function(name)?;
-                let mut b = stream.launch_builder(&f);
-                b.arg(&ls).arg(&lt).arg(&e).arg(&count);
-                b.launch(ew)?;
-            }
         }
-        let f = self.function("kd_eager_row_loss")?;
-        let mut b = stream.launch_builder(&f);
+        let mut b = stream.launch_builder(eager(EagerOp::RowLoss)?);
         b.arg(&e)
             .arg(&ls1)
             .arg(&raw.labels)
@@ -213,33 +193,21 @@ impl CudaBackend {
         match spec.kernel_divergence() {
             // Soft CE's gradient is forward KL's.
             KernelDivergence::ForwardKl | KernelDivergence::SoftCe => {
-                let f = self.function("kd_eager_fkl_back")?;
-                let mut b = stream.launch_builder(&f);
+                let mut b = stream.launch_builder(eager(EagerOp::FklBack)?);
                 b.arg(&lt).arg(&e).arg(&count);
                 b.launch(ew)?;
             }
-            KernelDivergence::ReverseKl => {
-                let f = self.function("kd_eager_rkl_back")?;
-                let mut b = stream.launch_builder(&f);
-                b.arg(&ls).arg(&lt).arg(&e).arg(&count);
-                b.launch(ew)?;
-            }
+            KernelDivergence::ReverseKl => pointwise(EagerOp::RklBack)?,
+            KernelDivergence::Tvd => pointwise(EagerOp::TvdBack)?,
             KernelDivergence::Jsd(_) => {
-                let f = self.function("kd_eager_jsd_back")?;
-                let mut b = stream.launch_builder(&f);
+                let mut b = stream.launch_builder(eager(EagerOp::JsdBack)?);
                 b.arg(&ls).arg(&lm).arg(&e).arg(&count).arg(&beta);
-                b.launch(ew)?;
-            }
-            KernelDivergence::Tvd => {
-                let f = self.function("kd_eager_tvd_back")?;
-                let mut b = stream.launch_builder(&f);
-                b.arg(&ls).arg(&lt).arg(&e).arg(&count);
                 b.launch(ew)?;
             }
         }
         let gs = l.grad_stride as i64;
-        let f = self.function(&format!("kd_eager_lsm_back_{}", raw.grad_dtype))?;
-        let mut b = stream.launch_builder(&f);
+        let typed = |op| self.kernel(Kernel::EagerTyped(op, raw.grad_dtype));
+        let mut b = stream.launch_builder(typed(EagerTyped::LsmBack)?);
         b.arg(&e)
             .arg(&ls)
             .arg(&raw.labels)
@@ -250,8 +218,7 @@ impl CudaBackend {
             .arg(&gs);
         b.launch(rows_cfg(l.rows))?;
         if spec.alpha > 0.0 {
-            let f = self.function(&format!("kd_eager_ce_back_{}", raw.grad_dtype))?;
-            let mut b = stream.launch_builder(&f);
+            let mut b = stream.launch_builder(typed(EagerTyped::CeBack)?);
             b.arg(&ls1)
                 .arg(&raw.labels)
                 .arg(&valid_ptr)

@@ -8,9 +8,10 @@
 use super::mlp::{Layout, Mlp};
 use super::optim::Optimizer;
 use super::{Dropout, Engine, TeacherSource};
-use crate::cuda::{CudaBackend, LossBuffers, RowLayout};
+use crate::cuda::{CudaBackend, Kernel, LossBuffers, MlpOp, PreparedCache, RowLayout};
 use crate::error::{KdError, Result};
 use crate::spec::LossSpec;
+use crate::tensor::Dtype;
 use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{
@@ -199,6 +200,8 @@ pub(crate) struct CudaEngine {
     dz: CudaSlice<f32>,
     dh: CudaSlice<f32>,
     loss: LossBuffers,
+    /// The fused loss, prepared at the first step (with labels or without).
+    prepared: PreparedCache,
 }
 
 impl CudaEngine {
@@ -207,17 +210,13 @@ impl CudaEngine {
         let kd = CudaBackend::new(0)?;
         let stream = kd.stream().clone();
         let blas = CudaBlas::new(stream.clone()).map_err(blas_err)?;
-        let load = |name: &str| {
-            kd.module()
-                .load_function(name)
-                .map_err(|e| KdError::Cuda(format!("kernel {name}: {e}")))
-        };
+        let load = |op| kd.kernel(Kernel::Mlp(op)).cloned();
         let k = Kernels {
-            bias_act: load("mlp_bias_act")?,
-            relu_back: load("mlp_relu_back")?,
-            bias_grad: load("mlp_bias_grad")?,
-            sgd: load("mlp_sgd")?,
-            adam: load("mlp_adam")?,
+            bias_act: load(MlpOp::BiasAct)?,
+            relu_back: load(MlpOp::ReluBack)?,
+            bias_grad: load(MlpOp::BiasGrad)?,
+            sgd: load(MlpOp::Sgd)?,
+            adam: load(MlpOp::Adam)?,
         };
         let cap = 64;
         let n = student.num_params();
@@ -234,6 +233,7 @@ impl CudaEngine {
             dz: stream.alloc_zeros(cap * widest)?,
             dh: stream.alloc_zeros(cap * widest)?,
             loss: LossBuffers::new(&stream, cap)?,
+            prepared: PreparedCache::default(),
             cap,
             kd,
             stream,
@@ -381,15 +381,19 @@ impl Engine for CudaEngine {
             };
             let lab = self.labels.slice(0..rows);
             let mut dz = self.dz.slice_mut(0..rows * v);
-            self.kd.fused::<f32, f32>(
+            let f32s = (Dtype::F32, Dtype::F32);
+            let prepared = self
+                .prepared
+                .get(&self.kd, spec, f32s, v, labels.is_some(), None)?;
+            self.kd.fused_prepared::<f32, f32>(
                 &stream,
+                &prepared,
                 &logits,
                 &t_logits,
                 labels.map(|_| &lab),
                 Some(&mut dz),
                 RowLayout::dense(rows, v),
                 &mut self.loss,
-                spec,
             )?;
         }
 
