@@ -1,16 +1,16 @@
-//! The CUDA engine of [`super::DistillStep`]: cuBLAS GEMMs (through cudarc,
+//! The CUDA engine of `DistillStep`: cuBLAS GEMMs (through cudarc,
 //! the library loaded at run time), the kernels of kernels/mlp.cu and the
 //! fused loss kernel ([`CudaBackend::fused`]), all on the backend's stream.
 //!
 //! Matrices are row-major as on the CPU; cuBLAS is column-major, so a
 //! row-major `C = A·B` is issued as the column-major `Cᵀ = Bᵀ·Aᵀ`.
 
+use super::dropout::Dropout;
+use super::engine::{Engine, StepBatch, TeacherSource};
 use super::mlp::{Layout, Mlp};
-use super::optim::Optimizer;
-use super::{Dropout, Engine, TeacherSource};
+use super::optim::{Optimizer, Update};
 use crate::cuda::{CudaBackend, Kernel, LossBuffers, MlpOp, PreparedCache, RowLayout};
 use crate::error::{KdError, Result};
-use crate::spec::LossSpec;
 use crate::tensor::Dtype;
 use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
@@ -287,13 +287,8 @@ impl CudaEngine {
         let mut p = self.student.params.slice_mut(range.clone());
         let g = self.grads.slice(range.clone());
         let mut s1 = self.s1.slice_mut(range.clone());
-        match *opt {
-            Optimizer::Sgd {
-                lr,
-                momentum,
-                weight_decay,
-            } => {
-                let wd = if decay { weight_decay } else { 0.0 };
+        match opt.at(t, decay) {
+            Update::Sgd { lr, momentum, wd } => {
                 let mut b = s.launch_builder(&self.k.sgd);
                 b.arg(&mut p)
                     .arg(&g)
@@ -305,15 +300,7 @@ impl CudaEngine {
                 // SAFETY: matches mlp_sgd's signature; all views hold n.
                 unsafe { b.launch(grid(n)) }?;
             }
-            Optimizer::Adam {
-                lr,
-                beta1,
-                beta2,
-                eps,
-                weight_decay,
-            } => {
-                let wd = if decay { weight_decay } else { 0.0 };
-                let (c1, c2) = Optimizer::adam_corrections(beta1, beta2, t);
+            Update::Adam(h) => {
                 let mut s2 = self.s2.slice_mut(range);
                 let mut b = s.launch_builder(&self.k.adam);
                 b.arg(&mut p)
@@ -321,13 +308,13 @@ impl CudaEngine {
                     .arg(&mut s1)
                     .arg(&mut s2)
                     .arg(&n_i)
-                    .arg(&lr)
-                    .arg(&beta1)
-                    .arg(&beta2)
-                    .arg(&eps)
-                    .arg(&wd)
-                    .arg(&c1)
-                    .arg(&c2);
+                    .arg(&h.lr)
+                    .arg(&h.beta1)
+                    .arg(&h.beta2)
+                    .arg(&h.eps)
+                    .arg(&h.wd)
+                    .arg(&h.c1)
+                    .arg(&h.c2);
                 // SAFETY: matches mlp_adam's signature; all views hold n.
                 unsafe { b.launch(grid(n)) }?;
             }
@@ -337,15 +324,15 @@ impl CudaEngine {
 }
 
 impl Engine for CudaEngine {
-    fn forward_backward(
-        &mut self,
-        x: &[f32],
-        rows: usize,
-        labels: Option<&[i64]>,
-        teacher: TeacherSource<'_>,
-        spec: &LossSpec,
-        dropout: &dyn Fn(usize) -> Option<Dropout>,
-    ) -> Result<f64> {
+    fn forward_backward(&mut self, batch: &StepBatch<'_>) -> Result<f64> {
+        let StepBatch {
+            x,
+            rows,
+            labels,
+            teacher,
+            spec,
+            dropout,
+        } = *batch;
         self.ensure(rows)?;
         self.upload_x(x)?;
         let stream = self.stream.clone();

@@ -6,6 +6,7 @@
 //! `sizes[l+1]` outputs with `W_l` stored row-major `[in × out]`:
 //! `z = h·W_l + b_l` for a row-major batch `h` `[rows × in]`.
 
+use super::ops::{bias_act, gemm};
 use crate::error::{invalid, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -166,7 +167,7 @@ impl Mlp {
     /// on the CPU (inference: no dropout).
     pub fn forward(&self, x: &[f32]) -> Result<Vec<f32>> {
         let rows = check_batch(x, self.inputs(), "x")?;
-        Ok(super::cpu::forward(&self.layout, &self.params, x, rows))
+        Ok(forward(&self.layout, &self.params, x, rows))
     }
 
     pub(crate) fn layout(&self) -> &Layout {
@@ -186,4 +187,31 @@ pub(crate) fn check_batch(x: &[f32], width: usize, arg: &'static str) -> Result<
         );
     }
     Ok(x.len() / width)
+}
+
+/// Inference forward: logits for `rows` rows of `x`.
+pub(crate) fn forward(layout: &Layout, params: &[f32], x: &[f32], rows: usize) -> Vec<f32> {
+    let mut h = x.to_vec();
+    for l in 0..layout.layers() {
+        let (i, o) = (layout.sizes[l], layout.sizes[l + 1]);
+        let mut z = vec![0.0f32; rows * o];
+        gemm(
+            rows,
+            i,
+            o,
+            &h,
+            (i, 1),
+            &params[layout.w[l]..],
+            (o, 1),
+            &mut z,
+        );
+        bias_act(
+            &mut z,
+            &params[layout.b[l]..layout.b[l] + o],
+            l + 1 < layout.layers(),
+            None,
+        );
+        h = z;
+    }
+    h
 }

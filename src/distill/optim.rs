@@ -136,12 +136,47 @@ impl Optimizer {
 
     /// Adam's bias corrections `1/(1 − β₁ᵗ)`, `1/(1 − β₂ᵗ)` for step `t ≥ 1`
     /// (computed in f64, passed to the kernels as f32).
-    pub(crate) fn adam_corrections(beta1: f32, beta2: f32, t: u64) -> (f32, f32) {
+    fn adam_corrections(beta1: f32, beta2: f32, t: u64) -> (f32, f32) {
         let t = t.min(i32::MAX as u64) as i32;
         (
             (1.0 / (1.0 - (beta1 as f64).powi(t))) as f32,
             (1.0 / (1.0 - (beta2 as f64).powi(t))) as f32,
         )
+    }
+
+    /// The update at step `t ≥ 1` of a range with weight decay (`decay`)
+    /// or without, as the kernels take it.
+    pub(crate) fn at(&self, t: u64, decay: bool) -> Update {
+        let decayed = |wd: f32| if decay { wd } else { 0.0 };
+        match *self {
+            Optimizer::Sgd {
+                lr,
+                momentum,
+                weight_decay,
+            } => Update::Sgd {
+                lr,
+                momentum,
+                wd: decayed(weight_decay),
+            },
+            Optimizer::Adam {
+                lr,
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+            } => {
+                let (c1, c2) = Self::adam_corrections(beta1, beta2, t);
+                Update::Adam(AdamHyper {
+                    lr,
+                    beta1,
+                    beta2,
+                    eps,
+                    wd: decayed(weight_decay),
+                    c1,
+                    c2,
+                })
+            }
+        }
     }
 
     /// One update at step `t ≥ 1` of `p` from `g`, with optimizer state
@@ -157,37 +192,15 @@ impl Optimizer {
         decay: bool,
     ) {
         const MIN: usize = 4096;
-        match *self {
-            Optimizer::Sgd {
-                lr,
-                momentum,
-                weight_decay,
-            } => {
-                let wd = if decay { weight_decay } else { 0.0 };
+        match self.at(t, decay) {
+            Update::Sgd { lr, momentum, wd } => {
                 p.par_iter_mut()
                     .zip(g.par_iter())
                     .zip(s1.par_iter_mut())
                     .with_min_len(MIN)
                     .for_each(|((p, &g), v)| sgd(p, g, v, lr, momentum, wd));
             }
-            Optimizer::Adam {
-                lr,
-                beta1,
-                beta2,
-                eps,
-                weight_decay,
-            } => {
-                let wd = if decay { weight_decay } else { 0.0 };
-                let (c1, c2) = Self::adam_corrections(beta1, beta2, t);
-                let h = AdamHyper {
-                    lr,
-                    beta1,
-                    beta2,
-                    eps,
-                    wd,
-                    c1,
-                    c2,
-                };
+            Update::Adam(h) => {
                 p.par_iter_mut()
                     .zip(g.par_iter())
                     .zip(s1.par_iter_mut().zip(s2.par_iter_mut()))
@@ -198,6 +211,14 @@ impl Optimizer {
     }
 }
 
+/// One update's hyper-parameters (weight decay already 0 where it does not
+/// apply).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Update {
+    Sgd { lr: f32, momentum: f32, wd: f32 },
+    Adam(AdamHyper),
+}
+
 /// One SGD element, as `mlp_sgd` in kernels/mlp.cu.
 #[inline]
 pub(crate) fn sgd(p: &mut f32, g: f32, v: &mut f32, lr: f32, mu: f32, wd: f32) {
@@ -206,6 +227,7 @@ pub(crate) fn sgd(p: &mut f32, g: f32, v: &mut f32, lr: f32, mu: f32, wd: f32) {
     *p -= lr * *v;
 }
 
+#[derive(Debug, Clone, Copy)]
 pub(crate) struct AdamHyper {
     pub lr: f32,
     pub beta1: f32,
