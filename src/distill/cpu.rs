@@ -45,36 +45,22 @@ impl CpuEngine {
 
 impl Engine for CpuEngine {
     fn forward_backward(&mut self, batch: &StepBatch<'_>) -> Result<f64> {
-        let StepBatch {
-            x,
-            rows,
-            labels,
-            teacher,
-            spec,
-            dropout,
-        } = *batch;
+        let (x, rows, dropout) = (batch.x, batch.rows, batch.dropout);
         let lay = &self.layout;
         let layers = lay.layers();
         // Forward, keeping every layer's output.
-        for l in 0..layers {
-            let (i, o) = (lay.sizes[l], lay.sizes[l + 1]);
-            let (before, rest) = self.acts.split_at_mut(l);
-            let z = &mut rest[0];
+        let params = &self.params;
+        lay.forward_layers(x, &mut self.acts, |l, (i, o), hidden, h, z| {
             z.resize(rows * o, 0.0);
-            let h: &[f32] = if l == 0 { x } else { &before[l - 1] };
-            gemm(rows, i, o, h, (i, 1), &self.params[lay.w[l]..], (o, 1), z);
-            let hidden = l + 1 < layers;
-            bias_act(
-                z,
-                &self.params[lay.b[l]..lay.b[l] + o],
-                hidden,
-                if hidden { dropout(l) } else { None },
-            );
-        }
+            gemm(rows, i, o, h, (i, 1), &params[lay.w[l]..], (o, 1), z);
+            let d = if hidden { dropout(l) } else { None };
+            bias_act(z, &params[lay.b[l]..lay.b[l] + o], hidden, d);
+            Ok(())
+        })?;
         let v = lay.outputs();
         let logits = &self.acts[layers - 1];
         let owned_teacher;
-        let t_logits: &[f32] = match teacher {
+        let t_logits: &[f32] = match batch.teacher {
             TeacherSource::Logits(t) => t,
             TeacherSource::Model => {
                 owned_teacher = self.teacher.as_ref().expect("checked").forward(x)?;
@@ -85,10 +71,10 @@ impl Engine for CpuEngine {
         let inputs = KdInputs {
             student: Logits::new(HostData::F32(logits), rows, v),
             teacher: Logits::new(HostData::F32(t_logits), rows, v),
-            labels,
+            labels: batch.labels,
             row_weights: None,
         };
-        let out = CpuBackend.compute(&inputs, spec, Some(GradDtype::F32))?;
+        let out = CpuBackend.compute(&inputs, batch.spec, Some(GradDtype::F32))?;
         self.dz = out.grad.expect("asked for");
 
         // Backward.
@@ -135,8 +121,8 @@ impl Engine for CpuEngine {
         let (gw, gb) = self.grads.split_at(w);
         let (s1w, s1b) = self.s1.split_at_mut(w);
         let (s2w, s2b) = self.s2.split_at_mut(w);
-        opt.update_cpu(t, pw, gw, s1w, s2w, true);
-        opt.update_cpu(t, pb, gb, s1b, s2b, false);
+        opt.at(t, true).apply_cpu(pw, gw, s1w, s2w);
+        opt.at(t, false).apply_cpu(pb, gb, s1b, s2b);
         Ok(())
     }
 

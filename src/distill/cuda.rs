@@ -133,14 +133,9 @@ impl Net {
         rows: usize,
         dropout: &dyn Fn(usize) -> Option<Dropout>,
     ) -> Result<()> {
-        let lay = &self.layout;
-        let layers = lay.layers();
-        for l in 0..layers {
-            let (i, o) = (lay.sizes[l], lay.sizes[l + 1]);
-            let (before, rest) = self.acts.split_at_mut(l);
-            let z = &mut rest[0];
-            let h = if l == 0 { x } else { &before[l - 1] };
-            let w = self.params.slice(lay.w[l]..lay.w[l] + i * o);
+        let (lay, params) = (&self.layout, &self.params);
+        lay.forward_layers(x, &mut self.acts, |l, (i, o), hidden, h, z| {
+            let w = params.slice(lay.w[l]..lay.w[l] + i * o);
             gemm_forward(
                 blas,
                 (rows, i, o),
@@ -148,10 +143,9 @@ impl Net {
                 &w,
                 &mut z.slice_mut(0..rows * o),
             )?;
-            let hidden = l + 1 < layers;
             let d = if hidden { dropout(l) } else { None };
             let (key, threshold, scale) = d.map_or((0, 0, 1.0), |d| (d.key, d.threshold, d.scale));
-            let b = self.params.slice(lay.b[l]..lay.b[l] + o);
+            let b = params.slice(lay.b[l]..lay.b[l] + o);
             let (rows_i, cols, relu, drop) =
                 (rows as i64, o as i32, hidden as i32, d.is_some() as i32);
             let mut zv = z.slice_mut(0..rows * o);
@@ -167,8 +161,8 @@ impl Net {
                 .arg(&scale);
             // SAFETY: the argument list matches mlp_bias_act's signature.
             unsafe { lb.launch(grid(rows * o)) }?;
-        }
-        Ok(())
+            Ok(())
+        })
     }
 }
 

@@ -210,6 +210,6 @@ pub mod cpu {
         s2: &mut [f32],
         decay: bool,
     ) {
-        opt.update_cpu(t, p, g, s1, s2, decay)
+        opt.at(t, decay).apply_cpu(p, g, s1, s2)
     }
 }

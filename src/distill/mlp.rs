@@ -10,6 +10,7 @@ use super::ops::{bias_act, gemm};
 use crate::error::{invalid, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use std::borrow::Borrow;
 
 /// Where each layer's parameters sit in the flat vector.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,6 +60,26 @@ impl Layout {
 
     pub fn outputs(&self) -> usize {
         *self.sizes.last().unwrap()
+    }
+
+    /// A training forward pass: `layer(l, (in, out), hidden, h, z)` for each
+    /// layer in order, `h` its input (`x` for the first layer, else the
+    /// previous layer's output), `z` its output `acts[l]`, `hidden` whether
+    /// it is followed by another layer (ReLU and dropout) or gives the logits.
+    pub fn forward_layers<X: ?Sized, A: Borrow<X>>(
+        &self,
+        x: &X,
+        acts: &mut [A],
+        mut layer: impl FnMut(usize, (usize, usize), bool, &X, &mut A) -> Result<()>,
+    ) -> Result<()> {
+        let layers = self.layers();
+        for l in 0..layers {
+            let (before, rest) = acts.split_at_mut(l);
+            let h = if l == 0 { x } else { before[l - 1].borrow() };
+            let widths = (self.sizes[l], self.sizes[l + 1]);
+            layer(l, widths, l + 1 < layers, h, &mut rest[0])?;
+        }
+        Ok(())
     }
 }
 

@@ -96,33 +96,24 @@ impl Optimizer {
 
     /// Checks every hyper-parameter.
     pub fn validate(&self) -> Result<()> {
-        let (lr, wd) = match *self {
-            Optimizer::Sgd {
-                lr,
-                momentum,
-                weight_decay,
-            } => {
+        let (lr, wd) = match self.at(1, true) {
+            Update::Sgd { lr, momentum, wd } => {
                 if !(0.0..1.0).contains(&momentum) {
                     return invalid("momentum", format!("must be in [0, 1), got {momentum}"));
                 }
-                (lr, weight_decay)
+                (lr, wd)
             }
-            Optimizer::Adam {
-                lr,
-                beta1,
-                beta2,
-                eps,
-                weight_decay,
-            } => {
-                for (arg, b) in [("beta1", beta1), ("beta2", beta2)] {
+            Update::Adam(h) => {
+                for (arg, b) in [("beta1", h.beta1), ("beta2", h.beta2)] {
                     if !(0.0..1.0).contains(&b) {
                         return invalid(arg, format!("must be in [0, 1), got {b}"));
                     }
                 }
+                let eps = h.eps;
                 if !(eps.is_finite() && eps > 0.0) {
                     return invalid("eps", format!("must be finite and > 0, got {eps}"));
                 }
-                (lr, weight_decay)
+                (h.lr, h.wd)
             }
         };
         if !(lr.is_finite() && lr > 0.0) {
@@ -178,21 +169,22 @@ impl Optimizer {
             }
         }
     }
+}
 
-    /// One update at step `t ≥ 1` of `p` from `g`, with optimizer state
-    /// `s1`, `s2` (momentum; Adam's m and v). `decay` says whether weight
-    /// decay applies to this range.
-    pub(crate) fn update_cpu(
-        &self,
-        t: u64,
-        p: &mut [f32],
-        g: &[f32],
-        s1: &mut [f32],
-        s2: &mut [f32],
-        decay: bool,
-    ) {
+/// One update's hyper-parameters (weight decay already 0 where it does not
+/// apply).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Update {
+    Sgd { lr: f32, momentum: f32, wd: f32 },
+    Adam(AdamHyper),
+}
+
+impl Update {
+    /// Applies the update to `p` from `g` on the CPU, with optimizer state
+    /// `s1`, `s2` (momentum; Adam's m and v).
+    pub(crate) fn apply_cpu(&self, p: &mut [f32], g: &[f32], s1: &mut [f32], s2: &mut [f32]) {
         const MIN: usize = 4096;
-        match self.at(t, decay) {
+        match *self {
             Update::Sgd { lr, momentum, wd } => {
                 p.par_iter_mut()
                     .zip(g.par_iter())
@@ -209,14 +201,6 @@ impl Optimizer {
             }
         }
     }
-}
-
-/// One update's hyper-parameters (weight decay already 0 where it does not
-/// apply).
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Update {
-    Sgd { lr: f32, momentum: f32, wd: f32 },
-    Adam(AdamHyper),
 }
 
 /// One SGD element, as `mlp_sgd` in kernels/mlp.cu.
