@@ -153,58 +153,66 @@ impl CudaBackend {
             b.launch(rows_cfg(l.rows))?;
         }
         let ew = elementwise(l.rows * l.cols);
-        let eager = |op| self.kernel(Kernel::Eager(op));
-        // The element-wise kernels of (ls, lt, e, count).
-        let pointwise = |op| -> Result<()> {
-            let mut b = stream.launch_builder(eager(op)?);
-            b.arg(&ls).arg(&lt).arg(&e).arg(&count);
-            // SAFETY: the scratch buffers hold count elements.
-            unsafe { b.launch(ew) }?;
+        // Launches one f32 kernel of kernels/eager.cu with its argument list.
+        let launch = |op: EagerOp| -> Result<()> {
+            let mut b = stream.launch_builder(self.kernel(Kernel::Eager(op))?);
+            let mut cfg = ew;
+            match op {
+                EagerOp::FklTerms
+                | EagerOp::RklTerms
+                | EagerOp::SceTerms
+                | EagerOp::TvdTerms
+                | EagerOp::RklBack
+                | EagerOp::TvdBack => {
+                    b.arg(&ls).arg(&lt).arg(&e).arg(&count);
+                }
+                EagerOp::LogMix => {
+                    b.arg(&ls).arg(&lt).arg(&lm).arg(&count).arg(&beta);
+                }
+                EagerOp::JsdTerms => {
+                    b.arg(&ls).arg(&lt).arg(&lm).arg(&e).arg(&count).arg(&beta);
+                }
+                EagerOp::FklBack => {
+                    b.arg(&lt).arg(&e).arg(&count);
+                }
+                EagerOp::JsdBack => {
+                    b.arg(&ls).arg(&lm).arg(&e).arg(&count).arg(&beta);
+                }
+                EagerOp::RowLoss => {
+                    b.arg(&e)
+                        .arg(&ls1)
+                        .arg(&raw.labels)
+                        .arg(&n)
+                        .arg(&p)
+                        .arg(&raw.row_losses);
+                    cfg = rows_cfg(l.rows);
+                }
+            }
+            // SAFETY: the caller's contract and the scratch checked above:
+            // every buffer holds what the kernel reads and writes.
+            unsafe { b.launch(cfg) }?;
             Ok(())
         };
-        match spec.kernel_divergence() {
-            KernelDivergence::ForwardKl => pointwise(EagerOp::FklTerms)?,
-            KernelDivergence::ReverseKl => pointwise(EagerOp::RklTerms)?,
-            KernelDivergence::Tvd => pointwise(EagerOp::TvdTerms)?,
-            KernelDivergence::SoftCe => pointwise(EagerOp::SceTerms)?,
-            KernelDivergence::Jsd(_) => {
-                let mut b = stream.launch_builder(eager(EagerOp::LogMix)?);
-                b.arg(&ls).arg(&lt).arg(&lm).arg(&count).arg(&beta);
-                b.launch(ew)?;
-                let mut b = stream.launch_builder(eager(EagerOp::JsdTerms)?);
-                b.arg(&ls).arg(&lt).arg(&lm).arg(&e).arg(&count).arg(&beta);
-                b.launch(ew)?;
-            }
+        // Per divergence: its element-wise terms and their backward (soft
+        // CE's gradient is forward KL's; JSD's terms need the log-mixture).
+        let (terms, back) = match spec.kernel_divergence() {
+            KernelDivergence::ForwardKl => (EagerOp::FklTerms, EagerOp::FklBack),
+            KernelDivergence::ReverseKl => (EagerOp::RklTerms, EagerOp::RklBack),
+            KernelDivergence::Jsd(_) => (EagerOp::JsdTerms, EagerOp::JsdBack),
+            KernelDivergence::Tvd => (EagerOp::TvdTerms, EagerOp::TvdBack),
+            KernelDivergence::SoftCe => (EagerOp::SceTerms, EagerOp::FklBack),
+        };
+        if terms == EagerOp::JsdTerms {
+            launch(EagerOp::LogMix)?;
         }
-        let mut b = stream.launch_builder(eager(EagerOp::RowLoss)?);
-        b.arg(&e)
-            .arg(&ls1)
-            .arg(&raw.labels)
-            .arg(&n)
-            .arg(&p)
-            .arg(&raw.row_losses);
-        b.launch(rows_cfg(l.rows))?;
+        launch(terms)?;
+        launch(EagerOp::RowLoss)?;
         // SAFETY: the caller's contract (row_losses: N, loss: 1).
         unsafe { self.launch_reduce_loss(stream, raw.row_losses, n, valid_ptr, &p, raw.loss) }?;
         if raw.grad == 0 {
             return Ok(());
         }
-
-        match spec.kernel_divergence() {
-            // Soft CE's gradient is forward KL's.
-            KernelDivergence::ForwardKl | KernelDivergence::SoftCe => {
-                let mut b = stream.launch_builder(eager(EagerOp::FklBack)?);
-                b.arg(&lt).arg(&e).arg(&count);
-                b.launch(ew)?;
-            }
-            KernelDivergence::ReverseKl => pointwise(EagerOp::RklBack)?,
-            KernelDivergence::Tvd => pointwise(EagerOp::TvdBack)?,
-            KernelDivergence::Jsd(_) => {
-                let mut b = stream.launch_builder(eager(EagerOp::JsdBack)?);
-                b.arg(&ls).arg(&lm).arg(&e).arg(&count).arg(&beta);
-                b.launch(ew)?;
-            }
-        }
+        launch(back)?;
         let gs = l.grad_stride as i64;
         let typed = |op| self.kernel(Kernel::EagerTyped(op, raw.grad_dtype));
         let mut b = stream.launch_builder(typed(EagerTyped::LsmBack)?);
