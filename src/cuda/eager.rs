@@ -213,28 +213,29 @@ impl CudaBackend {
             return Ok(());
         }
         launch(back)?;
+        // The backward of log_softmax(s/τ) and of the hard-label term: both
+        // end with (labels, valid count, N, params, gradient, its stride).
         let gs = l.grad_stride as i64;
-        let typed = |op| self.kernel(Kernel::EagerTyped(op, raw.grad_dtype));
-        let mut b = stream.launch_builder(typed(EagerTyped::LsmBack)?);
-        b.arg(&e)
-            .arg(&ls)
-            .arg(&raw.labels)
-            .arg(&valid_ptr)
-            .arg(&n)
-            .arg(&p)
-            .arg(&raw.grad)
-            .arg(&gs);
-        b.launch(rows_cfg(l.rows))?;
-        if spec.alpha > 0.0 {
-            let mut b = stream.launch_builder(typed(EagerTyped::CeBack)?);
-            b.arg(&ls1)
-                .arg(&raw.labels)
+        let backward = |op: EagerTyped, cfg: LaunchConfig| -> Result<()> {
+            let mut b = stream.launch_builder(self.kernel(Kernel::EagerTyped(op, raw.grad_dtype))?);
+            if op == EagerTyped::LsmBack {
+                b.arg(&e).arg(&ls);
+            } else {
+                b.arg(&ls1);
+            }
+            b.arg(&raw.labels)
                 .arg(&valid_ptr)
                 .arg(&n)
                 .arg(&p)
                 .arg(&raw.grad)
                 .arg(&gs);
-            b.launch(ew)?;
+            // SAFETY: the caller's contract (grad: (N−1)·grad_stride + V).
+            unsafe { b.launch(cfg) }?;
+            Ok(())
+        };
+        backward(EagerTyped::LsmBack, rows_cfg(l.rows))?;
+        if spec.alpha > 0.0 {
+            backward(EagerTyped::CeBack, ew)?;
         }
         Ok(())
     }
