@@ -301,16 +301,6 @@ impl KernelDivergence {
             KernelDivergence::SoftCe => 4,
         }
     }
-
-    pub(crate) fn name(self) -> &'static str {
-        match self {
-            KernelDivergence::ForwardKl => "fkl",
-            KernelDivergence::ReverseKl => "rkl",
-            KernelDivergence::Jsd(_) => "jsd",
-            KernelDivergence::Tvd => "tvd",
-            KernelDivergence::SoftCe => "sce",
-        }
-    }
 }
 
 impl LossSpec {
@@ -480,24 +470,6 @@ impl LossSpec {
         } else {
             Precision::Exact
         }
-    }
-
-    /// The dense kernel's name for input dtype `inp` and gradient dtype
-    /// `out`: `kd_fused_<div>[_fast|_fastce]_<in>_<out>`.
-    pub(crate) fn dense_kernel_name(
-        &self,
-        inp: impl fmt::Display,
-        out: impl fmt::Display,
-    ) -> String {
-        let variant = match self.kernel_precision() {
-            Precision::Exact => "",
-            Precision::Fast if self.alpha > 0.0 => "_fastce",
-            Precision::Fast => "_fast",
-        };
-        format!(
-            "kd_fused_{}{variant}_{inp}_{out}",
-            self.kernel_divergence().name()
-        )
     }
 
     /// The emulator's kernel variant (0 exact, 1 fast, 2 fast with α > 0).

@@ -48,90 +48,58 @@ class KdfuseArgumentError(KdfuseError, ValueError):
     """The library refused an argument (status INVALID_ARGUMENT); also a ``ValueError``."""
 
 
+# The C types of the structs' fields, by the names the tables below use.
+_CTYPES = {"u32": ctypes.c_uint32, "i32": ctypes.c_int32, "i64": ctypes.c_int64,
+           "f64": ctypes.c_double, "ptr": ctypes.c_void_p}
+
+
+def _fields(*groups):
+    """ctypes ``_fields_`` from groups "TYPE name name ...", in declaration order."""
+    return [(name, _CTYPES[t]) for t, *names in map(str.split, groups) for name in names]
+
+
 class Params(ctypes.Structure):
     """``KdfuseParams`` of include/kdfuse.h (version 3)."""
 
-    _fields_ = [
-        ("size", ctypes.c_uint32),
-        ("version", ctypes.c_uint32),
-        ("divergence", ctypes.c_int32),
-        ("reduction", ctypes.c_int32),
-        ("beta", ctypes.c_double),
-        ("temperature", ctypes.c_double),
-        ("alpha", ctypes.c_double),
-        ("grad_scale", ctypes.c_double),
-        ("ignore_index", ctypes.c_int64),
-        ("t2_scaling", ctypes.c_int32),
-        ("reserved", ctypes.c_int32),
-        ("softcap", ctypes.c_double),
-        ("teacher_log_probs", ctypes.c_int32),
-        ("grad_teacher", ctypes.c_int32),
-        ("topk_mode", ctypes.c_int32),
-        ("reserved2", ctypes.c_int32),
-        ("precision", ctypes.c_int32),
-        ("reserved3", ctypes.c_int32),
-    ]
+    _fields_ = _fields(
+        "u32 size version",
+        "i32 divergence reduction",
+        "f64 beta temperature alpha grad_scale",
+        "i64 ignore_index",
+        "i32 t2_scaling reserved",
+        "f64 softcap",
+        "i32 teacher_log_probs grad_teacher topk_mode reserved2 precision reserved3",
+    )
 
 
 class Batch(ctypes.Structure):
     """``KdfuseBatch`` of include/kdfuse.h (version 2)."""
 
-    _fields_ = [
-        ("size", ctypes.c_uint32),
-        ("version", ctypes.c_uint32),
-        ("rows", ctypes.c_int64),
-        ("cols", ctypes.c_int64),
-        ("student_stride", ctypes.c_int64),
-        ("teacher_stride", ctypes.c_int64),
-        ("grad_stride", ctypes.c_int64),
-        ("dtype", ctypes.c_int32),
-        ("grad_dtype", ctypes.c_int32),
-        ("student", ctypes.c_void_p),
-        ("teacher", ctypes.c_void_p),
-        ("labels", ctypes.c_void_p),
-        ("grad", ctypes.c_void_p),
-        ("row_losses", ctypes.c_void_p),
-        ("loss", ctypes.c_void_p),
-        ("valid_rows", ctypes.c_void_p),
-        ("row_weights", ctypes.c_void_p),
-        ("grad_teacher", ctypes.c_void_p),
-        ("grad_teacher_stride", ctypes.c_int64),
-        ("topk_indices", ctypes.c_void_p),
-        ("topk_values", ctypes.c_void_p),
-        ("topk_k", ctypes.c_int64),
-        ("topk_index_dtype", ctypes.c_int32),
-        ("validate_topk", ctypes.c_int32),
-    ]
+    _fields_ = _fields(
+        "u32 size version",
+        "i64 rows cols student_stride teacher_stride grad_stride",
+        "i32 dtype grad_dtype",
+        "ptr student teacher labels grad row_losses loss valid_rows row_weights",
+        "ptr grad_teacher",
+        "i64 grad_teacher_stride",
+        "ptr topk_indices topk_values",
+        "i64 topk_k",
+        "i32 topk_index_dtype validate_topk",
+    )
 
 
 class FeatureBatch(ctypes.Structure):
     """``KdfuseFeatureBatch`` of include/kdfuse.h (version 2)."""
 
-    _fields_ = [
-        ("size", ctypes.c_uint32),
-        ("version", ctypes.c_uint32),
-        ("kind", ctypes.c_int32),
-        ("reduction", ctypes.c_int32),
-        ("eps", ctypes.c_double),
-        ("grad_scale", ctypes.c_double),
-        ("rows", ctypes.c_int64),
-        ("width", ctypes.c_int64),
-        ("student_channels", ctypes.c_int64),
-        ("teacher_channels", ctypes.c_int64),
-        ("student_stride", ctypes.c_int64),
-        ("teacher_stride", ctypes.c_int64),
-        ("grad_student_stride", ctypes.c_int64),
-        ("grad_teacher_stride", ctypes.c_int64),
-        ("dtype", ctypes.c_int32),
-        ("grad_dtype", ctypes.c_int32),
-        ("student", ctypes.c_void_p),
-        ("teacher", ctypes.c_void_p),
-        ("grad_student", ctypes.c_void_p),
-        ("grad_teacher", ctypes.c_void_p),
-        ("row_losses", ctypes.c_void_p),
-        ("loss", ctypes.c_void_p),
-        ("workspace", ctypes.c_void_p),
-    ]
+    _fields_ = _fields(
+        "u32 size version",
+        "i32 kind reduction",
+        "f64 eps grad_scale",
+        "i64 rows width student_channels teacher_channels",
+        "i64 student_stride teacher_stride grad_student_stride grad_teacher_stride",
+        "i32 dtype grad_dtype",
+        "ptr student teacher grad_student grad_teacher row_losses loss workspace",
+    )
 
 
 FEATURE_KINDS = {"mse": 0, "cosine": 1, "attention": 2}

@@ -203,17 +203,23 @@ class TestAutograd(unittest.TestCase):
         yield dict(divergence="forward-kl", softcap=3.0, row_weights=w, labels=y)
         yield dict(divergence="forward-kl", num_items_in_batch=5)
 
-    def test_gradcheck_float64_student_and_teacher(self):
-        s, t = make((2, 3, 7), torch.float64)
-        for opts in self.options():
+    def each_option(self, options, check):
+        """``check(opts, labels)`` for each option set, its labels taken out, in a subTest."""
+        for opts in options:
             opts = dict(opts)
             labels = opts.pop("labels", None)
             with self.subTest(**{k: v for k, v in opts.items() if k != "row_weights"}):
-                ok = torch.autograd.gradcheck(
-                    lambda a, b: kt.distill_loss(a, b, labels, **opts),
-                    (s.clone().requires_grad_(True), t.clone().requires_grad_(True)),
-                    eps=1e-6, atol=1e-7, rtol=1e-5)
-                self.assertTrue(ok)
+                check(opts, labels)
+
+    def assertGradcheck(self, loss_fn, *xs):
+        self.assertTrue(torch.autograd.gradcheck(
+            loss_fn, tuple(x.clone().requires_grad_(True) for x in xs),
+            eps=1e-6, atol=1e-7, rtol=1e-5))
+
+    def test_gradcheck_float64_student_and_teacher(self):
+        s, t = make((2, 3, 7), torch.float64)
+        self.each_option(self.options(), lambda opts, labels: self.assertGradcheck(
+            lambda a, b: kt.distill_loss(a, b, labels, **opts), s, t))
 
     def test_gradgradcheck_raises_a_clear_error(self):
         s, t = make((2, 5), torch.float64)
@@ -276,17 +282,13 @@ class TestAutograd(unittest.TestCase):
 
     def test_topk_gradcheck_float64(self):
         s, t = make((2, 3, 9), torch.float64)
-        for opts in self.topk_options():
-            opts = dict(opts)
-            labels = opts.pop("labels", None)
+
+        def check(opts, labels):
             idx, vals = topk_teacher(t, 4, opts.get("teacher_log_probs", False))
-            with self.subTest(**{k: v for k, v in opts.items() if k != "row_weights"}):
-                out = kt.topk_distill_loss(s, idx, vals, labels, **opts)
-                self.assertEqual(out.dtype, torch.float64)
-                ok = torch.autograd.gradcheck(
-                    lambda a: kt.topk_distill_loss(a, idx, vals, labels, **opts),
-                    (s.clone().requires_grad_(True),), eps=1e-6, atol=1e-7, rtol=1e-5)
-                self.assertTrue(ok)
+            out = kt.topk_distill_loss(s, idx, vals, labels, **opts)
+            self.assertEqual(out.dtype, torch.float64)
+            self.assertGradcheck(lambda a: kt.topk_distill_loss(a, idx, vals, labels, **opts), s)
+        self.each_option(self.topk_options(), check)
 
     def test_topk_float64_matches_float32_and_the_dense_oracle(self):
         s, t = make((3, 2, 10), torch.float64)

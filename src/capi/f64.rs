@@ -104,10 +104,14 @@ unsafe fn check<'a>(b: &KdfuseBatch, spec: &LossSpec, entry: &str) -> Result<Che
             "a gradient buffer must not overlap the inputs on the host",
         );
     }
-    let (n, v) = (sh.rows, sh.cols);
-    let s_len = sh.span("batch.student_stride", sh.student_stride, 8)?;
-    sh.span("batch.grad_stride", sh.grad_stride, 8)?;
-    sh.span("batch.grad_teacher_stride", sh.grad_teacher_stride, 8)?;
+    let (n, v) = (sh.layout.rows, sh.layout.cols);
+    let s_len = sh.span("batch.student_stride", sh.layout.student_stride, 8)?;
+    sh.span("batch.grad_stride", sh.layout.grad_stride, 8)?;
+    sh.span(
+        "batch.grad_teacher_stride",
+        sh.layout.grad_teacher_stride,
+        8,
+    )?;
     if n.checked_mul(8).is_none_or(|x| x > isize::MAX as usize) {
         return invalid("batch.rows", format!("N = {n} is too large"));
     }
@@ -167,7 +171,7 @@ unsafe fn run(
     mut row: impl FnMut(usize, &[f64], Option<usize>) -> RowOut,
 ) {
     let sh = &c.sh;
-    let (n, v) = (sh.rows, sh.cols);
+    let (n, v) = (sh.layout.rows, sh.layout.cols);
     let valid = c
         .labels
         .map_or(n, |l| l.iter().filter(|&&y| y != spec.ignore_index).count());
@@ -178,13 +182,13 @@ unsafe fn run(
         let wr = c.weights.map_or(1.0, |w| w[r]);
         let skip = label == Some(spec.ignore_index) || wr == 0.0;
         let res = (!skip).then(|| {
-            let s = &c.student[r * sh.student_stride..r * sh.student_stride + v];
+            let s = &c.student[r * sh.layout.student_stride..r * sh.layout.student_stride + v];
             row(r, s, label.map(|y| y as usize))
         });
         let scale = spec.grad_scale * w * wr;
         for (out, stride, pick) in [
-            (b.grad, sh.grad_stride, 0),
-            (b.grad_teacher, sh.grad_teacher_stride, 1),
+            (b.grad, sh.layout.grad_stride, 0),
+            (b.grad_teacher, sh.layout.grad_teacher_stride, 1),
         ] {
             if out.is_null() {
                 continue;
@@ -237,13 +241,14 @@ pub(crate) unsafe fn compute(b: &KdfuseBatch, spec: &LossSpec) -> Result<()> {
     // SAFETY: the caller's contract.
     let c = unsafe { check(b, spec, "kdfuse_compute_host_f64") }?;
     let sh = c.sh;
-    let t_len = sh.span("batch.teacher_stride", sh.teacher_stride, 8)?;
+    let t_len = sh.span("batch.teacher_stride", sh.layout.teacher_stride, 8)?;
     // SAFETY: the caller's contract: the teacher spans these many doubles.
     let teacher = unsafe { doubles(b.teacher, t_len) };
     // SAFETY: as above.
     unsafe {
         run(b, spec, &c, |r, s, label| {
-            let t = &teacher[r * sh.teacher_stride..r * sh.teacher_stride + sh.cols];
+            let t = &teacher
+                [r * sh.layout.teacher_stride..r * sh.layout.teacher_stride + sh.layout.cols];
             let res = row_detailed(s, t, label, spec, None);
             (res.loss, res.grad_s, Some(res.grad_t))
         })
@@ -267,7 +272,7 @@ pub(crate) unsafe fn compute_topk(b: &KdfuseBatch, spec: &LossSpec) -> Result<()
     // SAFETY: the caller's contract.
     let c = unsafe { check(b, spec, "kdfuse_compute_topk_host_f64") }?;
     spec.validate_topk()?;
-    let (n, v) = (c.sh.rows, c.sh.cols);
+    let (n, v) = (c.sh.layout.rows, c.sh.layout.cols);
     // shape() gives a top-k shape whenever topk_indices is set.
     let Some(TopkShape { k, indices_i64 }) = c.sh.topk else {
         return invalid("batch.topk_indices", "no top-k teacher");

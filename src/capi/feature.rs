@@ -276,23 +276,19 @@ fn span(
 
 /// A library error renamed to the struct's field.
 fn field(e: KdError) -> KdError {
-    match e {
-        KdError::InvalidArgument { arg, msg } => KdError::InvalidArgument {
-            arg: match arg {
-                "student" => "feature_batch.student",
-                "teacher" => "feature_batch.teacher",
-                "eps" => "feature_batch.eps",
-                "grad_scale" => "feature_batch.grad_scale",
-                "student_stride" => "feature_batch.student_stride",
-                "teacher_stride" => "feature_batch.teacher_stride",
-                "grad_student_stride" => "feature_batch.grad_student_stride",
-                "grad_teacher_stride" => "feature_batch.grad_teacher_stride",
-                a => a,
-            },
-            msg,
-        },
-        e => e,
-    }
+    super::renamed(
+        e,
+        &[
+            ("student", "feature_batch.student"),
+            ("teacher", "feature_batch.teacher"),
+            ("eps", "feature_batch.eps"),
+            ("grad_scale", "feature_batch.grad_scale"),
+            ("student_stride", "feature_batch.student_stride"),
+            ("teacher_stride", "feature_batch.teacher_stride"),
+            ("grad_student_stride", "feature_batch.grad_student_stride"),
+            ("grad_teacher_stride", "feature_batch.grad_teacher_stride"),
+        ],
+    )
 }
 
 /// Floats of device workspace that `b` needs (attention; 0 otherwise).
@@ -479,13 +475,8 @@ pub(crate) unsafe fn compute_cuda(
             "attention needs kdfuse_feature_workspace_len floats of device memory",
         );
     }
-    // SAFETY: the caller guarantees the stream belongs to this context and
-    // outlives the call's work; the wrapper does not own it.
-    let stream = unsafe {
-        ctx.backend
-            .context()
-            .wrap_borrowed_stream(stream as cudarc::driver::sys::CUstream)
-    };
+    // SAFETY: the caller's contract (a stream of this context).
+    let stream = unsafe { ctx.stream(stream) };
     let raw = RawFeatureArgs {
         dtype,
         grad_dtype,

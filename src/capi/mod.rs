@@ -16,7 +16,7 @@ pub use types::{
 
 use crate::backend::Backend;
 use crate::cpu::CpuBackend;
-use crate::cuda::{CudaBackend, RawFusedArgs, RawTopkArgs, RowLayout};
+use crate::cuda::{CudaBackend, PreparedCache, RawFusedArgs, RawTopkArgs};
 use crate::error::{invalid, KdError, Result};
 use crate::tensor::{
     Dtype, GradDtype, HostData, KdInputs, Logits, TopkIndices, TopkInputs, TopkTeacher,
@@ -29,6 +29,25 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 /// A CUDA device with the kdfuse kernels loaded (opaque to C).
 pub struct KdfuseContext {
     backend: CudaBackend,
+    /// The losses this context's calls prepared: a training loop passes the
+    /// same params every step, and such a call only fills in its pointers.
+    prepared: PreparedCache,
+}
+
+impl KdfuseContext {
+    /// The caller's stream, borrowed (never destroyed by kdfuse).
+    ///
+    /// # Safety
+    /// `stream` is a `CUstream` of this device's primary context (NULL: the
+    /// legacy default stream) that outlives the work enqueued on it.
+    unsafe fn stream(&self, stream: *mut c_void) -> std::sync::Arc<cudarc::driver::CudaStream> {
+        // SAFETY: the caller's contract.
+        unsafe {
+            self.backend
+                .context()
+                .wrap_borrowed_stream(stream as cudarc::driver::sys::CUstream)
+        }
+    }
 }
 
 thread_local! {
@@ -149,24 +168,53 @@ unsafe fn read_spec(p: *const KdfuseParams) -> Result<crate::spec::LossSpec> {
         .to_spec()
 }
 
-/// A library error about a top-k teacher, the argument renamed to the
-/// batch field the caller set.
-fn batch_field(e: KdError) -> KdError {
+/// A library error with its argument renamed to the C field the caller set
+/// (`names`: library argument, field); other errors unchanged.
+fn renamed(e: KdError, names: &[(&str, &'static str)]) -> KdError {
     match e {
         KdError::InvalidArgument { arg, msg } => KdError::InvalidArgument {
-            arg: match arg {
-                "teacher_topk_indices" => "batch.topk_indices",
-                "teacher_topk_values" => "batch.topk_values",
-                "k" => "batch.topk_k",
-                "row_weights" => "batch.row_weights",
-                "labels" => "batch.labels",
-                "student" => "batch.student",
-                a => a,
-            },
+            arg: names
+                .iter()
+                .find(|(from, _)| *from == arg)
+                .map_or(arg, |&(_, field)| field),
             msg,
         },
         e => e,
     }
+}
+
+/// A library error about a top-k teacher, the argument renamed to the
+/// batch field the caller set.
+fn batch_field(e: KdError) -> KdError {
+    renamed(
+        e,
+        &[
+            ("teacher_topk_indices", "batch.topk_indices"),
+            ("teacher_topk_values", "batch.topk_values"),
+            ("k", "batch.topk_k"),
+            ("row_weights", "batch.row_weights"),
+            ("labels", "batch.labels"),
+            ("student", "batch.student"),
+        ],
+    )
+}
+
+/// Reads the caller's batch and params, then runs `f` on them, as a status.
+///
+/// # Safety
+/// `batch` and `params` are NULL or readable structs of their own size.
+unsafe fn with_batch(
+    batch: *const KdfuseBatch,
+    params: *const KdfuseParams,
+    f: impl FnOnce(&KdfuseBatch, &crate::spec::LossSpec) -> Result<()>,
+) -> KdfuseStatus {
+    guard(|| {
+        // SAFETY: the caller's contract (readable structs of their own size).
+        let b = unsafe { KdfuseBatch::read(batch) }?;
+        // SAFETY: as above.
+        let spec = unsafe { read_spec(params) }?;
+        f(&b, &spec)
+    })
 }
 
 /// The library version, e.g. "0.1.0" (static storage).
@@ -254,7 +302,10 @@ pub unsafe extern "C" fn kdfuse_context_create(
             )
         })?;
         let backend = CudaBackend::new(ordinal)?;
-        *out = Box::into_raw(Box::new(KdfuseContext { backend }));
+        *out = Box::into_raw(Box::new(KdfuseContext {
+            backend,
+            prepared: PreparedCache::default(),
+        }));
         Ok(())
     })
 }
@@ -306,24 +357,20 @@ pub unsafe extern "C" fn kdfuse_compute_cuda(
         if b.row_losses.is_null() {
             return invalid("batch.row_losses", "required on the device (float, N)");
         }
-        // SAFETY: the caller guarantees the stream belongs to this context
-        // and outlives the call's work; the wrapper does not own it.
-        let stream = unsafe {
-            ctx.backend
-                .context()
-                .wrap_borrowed_stream(stream as cudarc::driver::sys::CUstream)
-        };
-        let layout = RowLayout {
-            rows: shape.rows,
-            cols: shape.cols,
-            student_stride: shape.student_stride,
-            teacher_stride: shape.teacher_stride,
-            grad_stride: shape.grad_stride,
-            grad_teacher_stride: shape.grad_teacher_stride,
-        };
+        // SAFETY: the caller's contract.
+        let stream = unsafe { ctx.stream(stream) };
+        let layout = shape.layout;
+        let dtypes = (shape.dtype, shape.grad_dtype);
+        let labels = !b.labels.is_null();
         if let Some(topk) = shape.topk {
-            spec.validate(!b.labels.is_null())?;
-            spec.validate_topk()?;
+            let prepared = ctx.prepared.get(
+                &ctx.backend,
+                &spec,
+                dtypes,
+                shape.layout.cols,
+                labels,
+                Some(topk.indices_i64),
+            )?;
             if b.validate_topk != 0 {
                 // SAFETY: the caller's contract (indices: N·k on the device).
                 unsafe {
@@ -331,9 +378,9 @@ pub unsafe extern "C" fn kdfuse_compute_cuda(
                         &stream,
                         b.topk_indices as u64,
                         topk.indices_i64,
-                        shape.rows,
+                        shape.layout.rows,
                         topk.k,
-                        shape.cols,
+                        shape.layout.cols,
                     )
                 }
                 .map_err(batch_field)?;
@@ -355,18 +402,21 @@ pub unsafe extern "C" fn kdfuse_compute_cuda(
                 layout,
             };
             // SAFETY: the caller's contract above.
-            return unsafe { ctx.backend.launch_topk_raw(&stream, &raw, &spec) };
+            return unsafe { ctx.backend.launch_topk_prepared(&stream, &prepared, &raw) };
         }
         if !b.grad_teacher.is_null()
             && b.grad_teacher.cast_const() == b.teacher
             && (shape.grad_dtype != shape.dtype
-                || shape.grad_teacher_stride != shape.teacher_stride)
+                || shape.layout.grad_teacher_stride != shape.layout.teacher_stride)
         {
             return invalid(
                 "batch.grad_teacher",
                 "an in-place teacher gradient needs the teacher's dtype and row stride",
             );
         }
+        let prepared =
+            ctx.prepared
+                .get(&ctx.backend, &spec, dtypes, shape.layout.cols, labels, None)?;
         let raw = RawFusedArgs {
             dtype: shape.dtype,
             grad_dtype: shape.grad_dtype,
@@ -382,7 +432,7 @@ pub unsafe extern "C" fn kdfuse_compute_cuda(
             layout,
         };
         // SAFETY: the caller's contract above.
-        unsafe { ctx.backend.launch_raw(&stream, &raw, &spec) }
+        unsafe { ctx.backend.launch_prepared(&stream, &prepared, &raw) }
     })
 }
 
@@ -428,147 +478,178 @@ pub unsafe extern "C" fn kdfuse_compute_host(
     batch: *const KdfuseBatch,
     params: *const KdfuseParams,
 ) -> KdfuseStatus {
-    guard(|| {
-        // SAFETY: the caller's contract (readable structs of their own size).
-        let b = unsafe { KdfuseBatch::read(batch) }?;
-        // SAFETY: as above.
-        let spec = unsafe { read_spec(params) }?;
-        let sh = b.shape(&spec)?;
-        if !b.grad.is_null() && b.grad.cast_const() == b.student {
-            return invalid(
-                "batch.grad",
-                "an in-place gradient is for device memory only",
-            );
-        }
-        if !b.grad_teacher.is_null() && b.grad_teacher.cast_const() == b.teacher {
-            return invalid(
-                "batch.grad_teacher",
-                "an in-place teacher gradient is for device memory only",
-            );
-        }
-        check_batch_alignment(&b, &sh)?;
-        let student_len = sh.span("batch.student_stride", sh.student_stride, sh.dtype.size())?;
-        let teacher_len = sh.span("batch.teacher_stride", sh.teacher_stride, sh.dtype.size())?;
-        sh.span("batch.grad_stride", sh.grad_stride, sh.grad_dtype.size())?;
-        sh.span(
-            "batch.grad_teacher_stride",
-            sh.grad_teacher_stride,
-            sh.grad_dtype.size(),
-        )?;
-        if sh
-            .rows
-            .checked_mul(8)
-            .is_none_or(|b| b > isize::MAX as usize)
-        {
-            return invalid("batch.rows", format!("N = {} is too large", sh.rows));
-        }
-        // SAFETY: the caller's contract: the student spans these elements.
-        let s = unsafe { host_data("batch.student", b.student, student_len, sh.dtype) }?;
-        let student = Logits::strided(s, sh.rows, sh.cols, sh.student_stride);
-        // SAFETY: N labels when not NULL.
-        let labels =
-            (!b.labels.is_null()).then(|| unsafe { std::slice::from_raw_parts(b.labels, sh.rows) });
-        // SAFETY: N weights when not NULL (alignment checked above).
-        let row_weights = (!b.row_weights.is_null())
-            .then(|| unsafe { std::slice::from_raw_parts(b.row_weights, sh.rows) });
-        let want_grad = !b.grad.is_null() || !b.grad_teacher.is_null();
-        let grad = want_grad.then_some(if sh.grad_dtype == sh.dtype {
-            GradDtype::Input
-        } else {
-            GradDtype::F32
-        });
-        let out = match sh.topk {
-            None => {
-                // SAFETY: the caller's contract: the teacher spans these elements.
-                let t = unsafe { host_data("batch.teacher", b.teacher, teacher_len, sh.dtype) }?;
-                let inputs = KdInputs {
-                    student,
-                    teacher: Logits::strided(t, sh.rows, sh.cols, sh.teacher_stride),
-                    labels,
-                    row_weights,
-                };
-                CpuBackend.compute(&inputs, &spec, grad)?
-            }
-            Some(topk) => {
-                let Some(len) = sh
-                    .rows
-                    .checked_mul(topk.k)
-                    .filter(|l| l.checked_mul(8).is_some_and(|b| b <= isize::MAX as usize))
-                else {
-                    return invalid("batch.topk_k", "N·k overflows");
-                };
-                // SAFETY: N·k indices (aligned, checked above).
-                let indices = unsafe {
-                    if topk.indices_i64 {
-                        TopkIndices::I64(std::slice::from_raw_parts(b.topk_indices.cast(), len))
-                    } else {
-                        TopkIndices::I32(std::slice::from_raw_parts(b.topk_indices.cast(), len))
-                    }
-                };
-                // SAFETY: N·k values of the batch's dtype.
-                let values =
-                    unsafe { host_data("batch.topk_values", b.topk_values, len, sh.dtype) }?;
-                let inputs = TopkInputs {
-                    student,
-                    teacher: TopkTeacher {
-                        indices,
-                        values,
-                        k: topk.k,
-                    },
-                    labels,
-                    row_weights,
-                };
-                crate::backend::validate_topk(&inputs, &spec).map_err(batch_field)?;
-                CpuBackend
-                    .compute_topk(&inputs, &spec, grad)
-                    .map_err(batch_field)?
-            }
-        };
-        if !b.grad.is_null() {
-            let g = out
-                .grad
-                .as_deref()
-                .ok_or_else(|| KdError::InvalidArgument {
-                    arg: "batch.grad",
-                    msg: "the backend returned no gradient".into(),
-                })?;
-            // SAFETY: the gradient spans (N−1)·grad_stride + V elements.
-            unsafe { write_rows(b.grad, sh.grad_stride, sh.grad_dtype, g, sh.rows, sh.cols) };
-        }
-        if !b.grad_teacher.is_null() {
-            let g = out
-                .grad_teacher
-                .as_deref()
-                .ok_or_else(|| KdError::InvalidArgument {
-                    arg: "batch.grad_teacher",
-                    msg: "the backend returned no teacher gradient".into(),
-                })?;
-            // SAFETY: the teacher gradient spans (N−1)·grad_teacher_stride + V elements.
-            unsafe {
-                write_rows(
-                    b.grad_teacher,
-                    sh.grad_teacher_stride,
-                    sh.grad_dtype,
-                    g,
-                    sh.rows,
-                    sh.cols,
-                )
+    // SAFETY: the caller's contract (readable structs of their own size).
+    unsafe { with_batch(batch, params, |b, spec| compute_host(b, spec)) }
+}
+
+/// `kdfuse_compute_host` on the caller's structs.
+///
+/// # Safety
+/// As `kdfuse_compute_host`: the batch's pointers are host memory large
+/// enough for its shape and strides.
+unsafe fn compute_host(b: &KdfuseBatch, spec: &crate::spec::LossSpec) -> Result<()> {
+    let sh = b.shape(spec)?;
+    if !b.grad.is_null() && b.grad.cast_const() == b.student {
+        return invalid(
+            "batch.grad",
+            "an in-place gradient is for device memory only",
+        );
+    }
+    if !b.grad_teacher.is_null() && b.grad_teacher.cast_const() == b.teacher {
+        return invalid(
+            "batch.grad_teacher",
+            "an in-place teacher gradient is for device memory only",
+        );
+    }
+    check_batch_alignment(b, &sh)?;
+    let student_len = sh.span(
+        "batch.student_stride",
+        sh.layout.student_stride,
+        sh.dtype.size(),
+    )?;
+    let teacher_len = sh.span(
+        "batch.teacher_stride",
+        sh.layout.teacher_stride,
+        sh.dtype.size(),
+    )?;
+    sh.span(
+        "batch.grad_stride",
+        sh.layout.grad_stride,
+        sh.grad_dtype.size(),
+    )?;
+    sh.span(
+        "batch.grad_teacher_stride",
+        sh.layout.grad_teacher_stride,
+        sh.grad_dtype.size(),
+    )?;
+    if sh
+        .layout
+        .rows
+        .checked_mul(8)
+        .is_none_or(|b| b > isize::MAX as usize)
+    {
+        return invalid("batch.rows", format!("N = {} is too large", sh.layout.rows));
+    }
+    // SAFETY: the caller's contract: the student spans these elements.
+    let s = unsafe { host_data("batch.student", b.student, student_len, sh.dtype) }?;
+    let student = Logits::strided(s, sh.layout.rows, sh.layout.cols, sh.layout.student_stride);
+    // SAFETY: N labels when not NULL.
+    let labels = (!b.labels.is_null())
+        .then(|| unsafe { std::slice::from_raw_parts(b.labels, sh.layout.rows) });
+    // SAFETY: N weights when not NULL (alignment checked above).
+    let row_weights = (!b.row_weights.is_null())
+        .then(|| unsafe { std::slice::from_raw_parts(b.row_weights, sh.layout.rows) });
+    let want_grad = !b.grad.is_null() || !b.grad_teacher.is_null();
+    let grad = want_grad.then_some(if sh.grad_dtype == sh.dtype {
+        GradDtype::Input
+    } else {
+        GradDtype::F32
+    });
+    let out = match sh.topk {
+        None => {
+            // SAFETY: the caller's contract: the teacher spans these elements.
+            let t = unsafe { host_data("batch.teacher", b.teacher, teacher_len, sh.dtype) }?;
+            let inputs = KdInputs {
+                student,
+                teacher: Logits::strided(
+                    t,
+                    sh.layout.rows,
+                    sh.layout.cols,
+                    sh.layout.teacher_stride,
+                ),
+                labels,
+                row_weights,
             };
+            CpuBackend.compute(&inputs, spec, grad)?
         }
-        // SAFETY: `loss` checked non-NULL by shape(); the others when not NULL.
-        unsafe {
-            *b.loss = out.loss as f32;
-            if !b.row_losses.is_null() {
-                for (r, l) in out.row_losses.iter().enumerate() {
-                    *b.row_losses.add(r) = *l as f32;
+        Some(topk) => {
+            let Some(len) = sh
+                .layout
+                .rows
+                .checked_mul(topk.k)
+                .filter(|l| l.checked_mul(8).is_some_and(|b| b <= isize::MAX as usize))
+            else {
+                return invalid("batch.topk_k", "N·k overflows");
+            };
+            // SAFETY: N·k indices (aligned, checked above).
+            let indices = unsafe {
+                if topk.indices_i64 {
+                    TopkIndices::I64(std::slice::from_raw_parts(b.topk_indices.cast(), len))
+                } else {
+                    TopkIndices::I32(std::slice::from_raw_parts(b.topk_indices.cast(), len))
                 }
-            }
-            if !b.valid_rows.is_null() {
-                *b.valid_rows = out.valid_rows as i32;
+            };
+            // SAFETY: N·k values of the batch's dtype.
+            let values = unsafe { host_data("batch.topk_values", b.topk_values, len, sh.dtype) }?;
+            let inputs = TopkInputs {
+                student,
+                teacher: TopkTeacher {
+                    indices,
+                    values,
+                    k: topk.k,
+                },
+                labels,
+                row_weights,
+            };
+            crate::backend::validate_topk(&inputs, spec).map_err(batch_field)?;
+            CpuBackend
+                .compute_topk(&inputs, spec, grad)
+                .map_err(batch_field)?
+        }
+    };
+    if !b.grad.is_null() {
+        let g = out
+            .grad
+            .as_deref()
+            .ok_or_else(|| KdError::InvalidArgument {
+                arg: "batch.grad",
+                msg: "the backend returned no gradient".into(),
+            })?;
+        // SAFETY: the gradient spans (N−1)·grad_stride + V elements.
+        unsafe {
+            write_rows(
+                b.grad,
+                sh.layout.grad_stride,
+                sh.grad_dtype,
+                g,
+                sh.layout.rows,
+                sh.layout.cols,
+            )
+        };
+    }
+    if !b.grad_teacher.is_null() {
+        let g = out
+            .grad_teacher
+            .as_deref()
+            .ok_or_else(|| KdError::InvalidArgument {
+                arg: "batch.grad_teacher",
+                msg: "the backend returned no teacher gradient".into(),
+            })?;
+        // SAFETY: the teacher gradient spans (N−1)·grad_teacher_stride + V elements.
+        unsafe {
+            write_rows(
+                b.grad_teacher,
+                sh.layout.grad_teacher_stride,
+                sh.grad_dtype,
+                g,
+                sh.layout.rows,
+                sh.layout.cols,
+            )
+        };
+    }
+    // SAFETY: `loss` checked non-NULL by shape(); the others when not NULL.
+    unsafe {
+        *b.loss = out.loss as f32;
+        if !b.row_losses.is_null() {
+            for (r, l) in out.row_losses.iter().enumerate() {
+                *b.row_losses.add(r) = *l as f32;
             }
         }
-        Ok(())
-    })
+        if !b.valid_rows.is_null() {
+            *b.valid_rows = out.valid_rows as i32;
+        }
+    }
+    Ok(())
 }
 
 /// The dense loss (and gradients) on host memory in double precision,
@@ -593,14 +674,8 @@ pub unsafe extern "C" fn kdfuse_compute_host_f64(
     batch: *const KdfuseBatch,
     params: *const KdfuseParams,
 ) -> KdfuseStatus {
-    guard(|| {
-        // SAFETY: the caller's contract (readable structs of their own size).
-        let b = unsafe { KdfuseBatch::read(batch) }?;
-        // SAFETY: as above.
-        let spec = unsafe { read_spec(params) }?;
-        // SAFETY: the caller's contract (buffers of doubles).
-        unsafe { f64::compute(&b, &spec) }
-    })
+    // SAFETY: the caller's contract (readable structs; buffers of doubles).
+    unsafe { with_batch(batch, params, |b, spec| f64::compute(b, spec)) }
 }
 
 /// The loss against a top-k teacher (and the student's gradient, when
@@ -629,14 +704,8 @@ pub unsafe extern "C" fn kdfuse_compute_topk_host_f64(
     batch: *const KdfuseBatch,
     params: *const KdfuseParams,
 ) -> KdfuseStatus {
-    guard(|| {
-        // SAFETY: the caller's contract (readable structs of their own size).
-        let b = unsafe { KdfuseBatch::read(batch) }?;
-        // SAFETY: as above.
-        let spec = unsafe { read_spec(params) }?;
-        // SAFETY: the caller's contract (buffers of doubles).
-        unsafe { f64::compute_topk(&b, &spec) }
-    })
+    // SAFETY: the caller's contract (readable structs; buffers of doubles).
+    unsafe { with_batch(batch, params, |b, spec| f64::compute_topk(b, spec)) }
 }
 
 /// Fills `*out` for a dense `[rows, width]` feature batch of `kind` (a

@@ -1,6 +1,7 @@
 //! The C ABI's data types (`#[repr(C)]`, mirrored by include/kdfuse.h) and
 //! their conversion into the library's own.
 
+use crate::cuda::RowLayout;
 use crate::error::{invalid, Result};
 use crate::spec::{Divergence, LossSpec, Precision, Reduction, TopkMode};
 use crate::tensor::Dtype;
@@ -566,12 +567,7 @@ pub(crate) struct TopkShape {
 /// A batch's shape and dtypes, checked.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct BatchShape {
-    pub rows: usize,
-    pub cols: usize,
-    pub student_stride: usize,
-    pub teacher_stride: usize,
-    pub grad_stride: usize,
-    pub grad_teacher_stride: usize,
+    pub layout: RowLayout,
     pub dtype: Dtype,
     pub grad_dtype: Dtype,
     /// `Some` for a top-k teacher.
@@ -736,12 +732,14 @@ impl KdfuseBatch {
             stride("batch.grad_teacher_stride", self.grad_teacher_stride)?
         };
         Ok(BatchShape {
-            rows,
-            cols,
-            student_stride: stride("batch.student_stride", self.student_stride)?,
-            teacher_stride,
-            grad_stride: stride("batch.grad_stride", self.grad_stride)?,
-            grad_teacher_stride,
+            layout: RowLayout {
+                rows,
+                cols,
+                student_stride: stride("batch.student_stride", self.student_stride)?,
+                teacher_stride,
+                grad_stride: stride("batch.grad_stride", self.grad_stride)?,
+                grad_teacher_stride,
+            },
             dtype: dt,
             grad_dtype: gd,
             topk,
@@ -754,12 +752,12 @@ impl BatchShape {
     /// an error naming `arg` when that overflows (or exceeds what one
     /// allocation can hold, `isize::MAX` bytes of `elem_size`-byte elements).
     pub(crate) fn span(&self, arg: &'static str, stride: usize, elem_size: usize) -> Result<usize> {
-        if self.rows == 0 {
+        if self.layout.rows == 0 {
             return Ok(0);
         }
-        match (self.rows - 1)
+        match (self.layout.rows - 1)
             .checked_mul(stride)
-            .and_then(|x| x.checked_add(self.cols))
+            .and_then(|x| x.checked_add(self.layout.cols))
             .filter(|&x| {
                 x.checked_mul(elem_size)
                     .is_some_and(|b| b <= isize::MAX as usize)
@@ -769,7 +767,7 @@ impl BatchShape {
                 arg,
                 format!(
                     "(N − 1)·stride + V = ({} − 1)·{stride} + {} elements overflows",
-                    self.rows, self.cols
+                    self.layout.rows, self.layout.cols
                 ),
             ),
         }

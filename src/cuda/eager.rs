@@ -2,12 +2,12 @@
 //! and gradient computed as an unfused framework does, one kernel per
 //! operation with fp32 `[N, V]` intermediates. For `kdfuse bench` only.
 
-use super::launch::RawFusedArgs;
+use super::kernels::{EagerOp, EagerTyped, Kernel};
+use super::launch::{io, RawFusedArgs};
 use super::CudaBackend;
 use crate::error::{invalid, Result};
 use crate::params::KernelParams;
 use crate::spec::{KernelDivergence, LossSpec};
-use crate::tensor::Dtype;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut, LaunchConfig, PushKernelArg};
 use std::sync::Arc;
 
@@ -110,12 +110,7 @@ impl CudaBackend {
                 "student, teacher, row_losses and loss must be non-null",
             );
         }
-        if raw.grad_dtype != raw.dtype && raw.grad_dtype != Dtype::F32 {
-            return invalid(
-                "grad_dtype",
-                format!("must be {} or f32, got {}", raw.dtype, raw.grad_dtype),
-            );
-        }
+        io(raw.dtype, raw.grad_dtype)?;
         if scratch.elements < l.rows * l.cols
             || (spec.alpha > 0.0 && scratch.ls1.len() < l.rows * l.cols)
             || (matches!(spec.kernel_divergence(), KernelDivergence::Jsd(_))
@@ -131,20 +126,17 @@ impl CudaBackend {
         let v = l.cols as i32;
         let count = (l.rows * l.cols) as i64;
         let beta = p.beta;
-        let valid_ptr = if raw.labels != 0 { raw.valid_rows } else { 0 };
         let (ls, _g1) = scratch.ls.device_ptr_mut(stream);
         let (lt, _g2) = scratch.lt.device_ptr_mut(stream);
         let (e, _g3) = scratch.terms.device_ptr_mut(stream);
         let (lm, _g4) = scratch.log_mix.device_ptr_mut(stream);
         let (ls1, _g5) = scratch.ls1.device_ptr_mut(stream);
 
-        if raw.labels != 0 {
-            // SAFETY: the caller's contract (labels: N, valid_rows: 1).
-            unsafe {
-                self.launch_count_valid(stream, raw.labels, n, spec.ignore_index, raw.valid_rows)
-            }?;
-        }
-        let lsm = self.function(&format!("kd_eager_log_softmax_{}", raw.dtype))?;
+        // SAFETY: the caller's contract (labels: N, valid_rows: 1).
+        let valid_ptr = unsafe {
+            self.count_valid_rows(stream, raw.labels, n, spec.ignore_index, raw.valid_rows)
+        }?;
+        let lsm = self.kernel(Kernel::EagerTyped(EagerTyped::LogSoftmax, raw.dtype))?;
         let inv_tau = p.inv_tau;
         let with_ce = spec.alpha > 0.0;
         for (x, stride, out, scale, wanted) in [
@@ -156,94 +148,94 @@ impl CudaBackend {
                 continue;
             }
             let stride = stride as i64;
-            let mut b = stream.launch_builder(&lsm);
+            let mut b = stream.launch_builder(lsm);
             b.arg(&x).arg(&stride).arg(&out).arg(&n).arg(&v).arg(&scale);
             b.launch(rows_cfg(l.rows))?;
         }
         let ew = elementwise(l.rows * l.cols);
-        // An elementwise kernel over (log q, log p, e): the divergences' terms,
-        // and the backward of reverse KL and TVD.
-        let on_log_probs = |name: &str| -> Result<()> {
-            let f = self.function(name)?;
-            let mut b = stream.launch_builder(&f);
-            b.arg(&ls).arg(&lt).arg(&e).arg(&count);
-            b.launch(ew)?;
+        // Launches one f32 kernel of kernels/eager.cu with its argument list.
+        let launch = |op: EagerOp| -> Result<()> {
+            let mut b = stream.launch_builder(self.kernel(Kernel::Eager(op))?);
+            let mut cfg = ew;
+            match op {
+                EagerOp::FklTerms
+                | EagerOp::RklTerms
+                | EagerOp::SceTerms
+                | EagerOp::TvdTerms
+                | EagerOp::RklBack
+                | EagerOp::TvdBack => {
+                    b.arg(&ls).arg(&lt).arg(&e).arg(&count);
+                }
+                EagerOp::LogMix => {
+                    b.arg(&ls).arg(&lt).arg(&lm).arg(&count).arg(&beta);
+                }
+                EagerOp::JsdTerms => {
+                    b.arg(&ls).arg(&lt).arg(&lm).arg(&e).arg(&count).arg(&beta);
+                }
+                EagerOp::FklBack => {
+                    b.arg(&lt).arg(&e).arg(&count);
+                }
+                EagerOp::JsdBack => {
+                    b.arg(&ls).arg(&lm).arg(&e).arg(&count).arg(&beta);
+                }
+                EagerOp::RowLoss => {
+                    b.arg(&e)
+                        .arg(&ls1)
+                        .arg(&raw.labels)
+                        .arg(&n)
+                        .arg(&p)
+                        .arg(&raw.row_losses);
+                    cfg = rows_cfg(l.rows);
+                }
+            }
+            // SAFETY: the caller's contract and the scratch checked above:
+            // every buffer holds what the kernel reads and writes.
+            unsafe { b.launch(cfg) }?;
             Ok(())
         };
-        match spec.kernel_divergence() {
-            KernelDivergence::Jsd(_) => {
-                let f = self.function("kd_eager_log_mix")?;
-                let mut b = stream.launch_builder(&f);
-                b.arg(&ls).arg(&lt).arg(&lm).arg(&count).arg(&beta);
-                b.launch(ew)?;
-                let f = self.function("kd_eager_jsd_terms")?;
-                let mut b = stream.launch_builder(&f);
-                b.arg(&ls).arg(&lt).arg(&lm).arg(&e).arg(&count).arg(&beta);
-                b.launch(ew)?;
-            }
-            d => on_log_probs(match d {
-                KernelDivergence::ForwardKl => "kd_eager_fkl_terms",
-                KernelDivergence::ReverseKl => "kd_eager_rkl_terms",
-                KernelDivergence::Tvd => "kd_eager_tvd_terms",
-                KernelDivergence::SoftCe => "kd_eager_sce_terms",
-                KernelDivergence::Jsd(_) => unreachable!("JSD has its own launches"),
-            })?,
+        // Per divergence: its element-wise terms and their backward (soft
+        // CE's gradient is forward KL's; JSD's terms need the log-mixture).
+        let (terms, back) = match spec.kernel_divergence() {
+            KernelDivergence::ForwardKl => (EagerOp::FklTerms, EagerOp::FklBack),
+            KernelDivergence::ReverseKl => (EagerOp::RklTerms, EagerOp::RklBack),
+            KernelDivergence::Jsd(_) => (EagerOp::JsdTerms, EagerOp::JsdBack),
+            KernelDivergence::Tvd => (EagerOp::TvdTerms, EagerOp::TvdBack),
+            KernelDivergence::SoftCe => (EagerOp::SceTerms, EagerOp::FklBack),
+        };
+        if terms == EagerOp::JsdTerms {
+            launch(EagerOp::LogMix)?;
         }
-        let f = self.function("kd_eager_row_loss")?;
-        let mut b = stream.launch_builder(&f);
-        b.arg(&e)
-            .arg(&ls1)
-            .arg(&raw.labels)
-            .arg(&n)
-            .arg(&p)
-            .arg(&raw.row_losses);
-        b.launch(rows_cfg(l.rows))?;
+        launch(terms)?;
+        launch(EagerOp::RowLoss)?;
         // SAFETY: the caller's contract (row_losses: N, loss: 1).
         unsafe { self.launch_reduce_loss(stream, raw.row_losses, n, valid_ptr, &p, raw.loss) }?;
         if raw.grad == 0 {
             return Ok(());
         }
-
-        match spec.kernel_divergence() {
-            // Soft CE's gradient is forward KL's.
-            KernelDivergence::ForwardKl | KernelDivergence::SoftCe => {
-                let f = self.function("kd_eager_fkl_back")?;
-                let mut b = stream.launch_builder(&f);
-                b.arg(&lt).arg(&e).arg(&count);
-                b.launch(ew)?;
-            }
-            KernelDivergence::Jsd(_) => {
-                let f = self.function("kd_eager_jsd_back")?;
-                let mut b = stream.launch_builder(&f);
-                b.arg(&ls).arg(&lm).arg(&e).arg(&count).arg(&beta);
-                b.launch(ew)?;
-            }
-            KernelDivergence::ReverseKl => on_log_probs("kd_eager_rkl_back")?,
-            KernelDivergence::Tvd => on_log_probs("kd_eager_tvd_back")?,
-        }
+        launch(back)?;
+        // The backward of log_softmax(s/τ) and of the hard-label term: both
+        // end with (labels, valid count, N, params, gradient, its stride).
         let gs = l.grad_stride as i64;
-        let f = self.function(&format!("kd_eager_lsm_back_{}", raw.grad_dtype))?;
-        let mut b = stream.launch_builder(&f);
-        b.arg(&e)
-            .arg(&ls)
-            .arg(&raw.labels)
-            .arg(&valid_ptr)
-            .arg(&n)
-            .arg(&p)
-            .arg(&raw.grad)
-            .arg(&gs);
-        b.launch(rows_cfg(l.rows))?;
-        if spec.alpha > 0.0 {
-            let f = self.function(&format!("kd_eager_ce_back_{}", raw.grad_dtype))?;
-            let mut b = stream.launch_builder(&f);
-            b.arg(&ls1)
-                .arg(&raw.labels)
+        let backward = |op: EagerTyped, cfg: LaunchConfig| -> Result<()> {
+            let mut b = stream.launch_builder(self.kernel(Kernel::EagerTyped(op, raw.grad_dtype))?);
+            if op == EagerTyped::LsmBack {
+                b.arg(&e).arg(&ls);
+            } else {
+                b.arg(&ls1);
+            }
+            b.arg(&raw.labels)
                 .arg(&valid_ptr)
                 .arg(&n)
                 .arg(&p)
                 .arg(&raw.grad)
                 .arg(&gs);
-            b.launch(ew)?;
+            // SAFETY: the caller's contract (grad: (N−1)·grad_stride + V).
+            unsafe { b.launch(cfg) }?;
+            Ok(())
+        };
+        backward(EagerTyped::LsmBack, rows_cfg(l.rows))?;
+        if spec.alpha > 0.0 {
+            backward(EagerTyped::CeBack, ew)?;
         }
         Ok(())
     }

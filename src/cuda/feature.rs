@@ -4,7 +4,8 @@
 //! `kd_reduce_loss` (the reduced loss, on the device). No host
 //! synchronisation inside.
 
-use super::launch::{check_len, KdElement};
+use super::kernels::Kernel;
+use super::launch::{check_len, io, KdElement};
 use super::CudaBackend;
 use crate::error::{invalid, Result};
 use crate::feature::params::{self, FeatureArgs, FeatureParams};
@@ -86,12 +87,7 @@ impl CudaBackend {
         spec.validate()?;
         let l = raw.layout;
         l.validate(spec.kind)?;
-        if raw.grad_dtype != raw.dtype && raw.grad_dtype != Dtype::F32 {
-            return invalid(
-                "grad_dtype",
-                format!("must be {} or f32, got {}", raw.dtype, raw.grad_dtype),
-            );
-        }
+        let io = io(raw.dtype, raw.grad_dtype)?;
         if raw.student == 0 || raw.teacher == 0 || raw.row_losses == 0 || raw.loss == 0 {
             return invalid(
                 "pointers",
@@ -104,12 +100,10 @@ impl CudaBackend {
         let p = FeatureParams::new(&l, spec);
         let n = l.rows as i64;
         if l.rows > 0 {
-            let short = match spec.kind {
-                FeatureKind::Mse => "mse",
-                FeatureKind::Cosine => "cos",
-                FeatureKind::Attention => "at",
-            };
-            let f = self.function(&format!("kd_feat_{short}_{}_{}", raw.dtype, raw.grad_dtype))?;
+            let f = self.kernel(Kernel::Feature {
+                kind: spec.kind,
+                io,
+            })?;
             let args = FeatureArgs {
                 student: raw.student,
                 teacher: raw.teacher,
@@ -123,7 +117,7 @@ impl CudaBackend {
                 },
                 params: p,
             };
-            let mut b = stream.launch_builder(&f);
+            let mut b = stream.launch_builder(f);
             b.arg(&args);
             b.launch(LaunchConfig {
                 grid_dim: (params::grid(spec.kind, l.rows), 1, 1),
@@ -132,20 +126,8 @@ impl CudaBackend {
             })?;
         }
         let rp = params::reduce_params(spec, &l);
-        let no_count = 0u64;
-        let f = self.function("kd_reduce_loss")?;
-        let mut b = stream.launch_builder(&f);
-        b.arg(&raw.row_losses)
-            .arg(&n)
-            .arg(&no_count)
-            .arg(&rp)
-            .arg(&raw.loss);
-        b.launch(LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (1024, 1, 1),
-            shared_mem_bytes: 0,
-        })?;
-        Ok(())
+        // SAFETY: the caller's contract (row_losses: N, loss: 1).
+        unsafe { self.launch_reduce_loss(stream, raw.row_losses, n, 0, &rp, raw.loss) }
     }
 
     /// The feature loss on device buffers, enqueued on `stream` (a stream of

@@ -5,17 +5,19 @@
 //! batchmean/mean weights need, kept on the device), one `kd_fused_*` launch
 //! for the whole batch, and `kd_reduce_loss` (the reduced loss, on the device).
 
+use super::kernels::{Io, Kernel, KernelTable};
 use super::CudaBackend;
 use crate::error::{invalid, Result};
 use crate::params::{FusedArgs, KernelParams, TopkArgs};
 use crate::spec::LossSpec;
 use crate::tensor::{Dtype, TopkIndices};
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{
-    CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr,
-    LaunchConfig, PushKernelArg,
+    CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
+    DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use half::{bf16, f16};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// Element types the kernels read and write.
 pub trait KdElement: DeviceRepr + Copy + Send + Sync + 'static {
@@ -63,12 +65,7 @@ impl RowLayout {
     }
 
     fn validate(&self) -> Result<()> {
-        if self.cols == 0 || self.cols > i32::MAX as usize {
-            return invalid(
-                "cols",
-                format!("V must be in [1, {}], got {}", i32::MAX, self.cols),
-            );
-        }
+        check_cols(self.cols)?;
         for (arg, s) in [
             ("student_stride", self.student_stride),
             ("teacher_stride", self.teacher_stride),
@@ -198,8 +195,240 @@ pub(crate) fn threads_for(cols: usize, dtype: Dtype) -> u32 {
     }
 }
 
+/// A loss launch prepared once for a spec, a dtype pair, a vocabulary V and
+/// whether labels come: the spec validated, the kernel resolved, the
+/// kernels' parameter block and the launch shape built. Each call then
+/// fills in only what changes, its pointers and N
+/// ([`CudaBackend::launch_prepared`], [`CudaBackend::launch_topk_prepared`],
+/// [`CudaBackend::fused_prepared`]); `launch_raw`, `launch_topk_raw` and
+/// `fused` prepare and launch in one. Made by [`CudaBackend::prepare`] (a
+/// dense teacher) or [`CudaBackend::prepare_topk`]; a call whose dtypes, V,
+/// labels or teacher kind differ from the prepared ones is an
+/// `InvalidArgument`, as is a call on another device.
+#[derive(Clone)]
+pub struct PreparedLoss {
+    spec: LossSpec,
+    dtype: Dtype,
+    grad_dtype: Dtype,
+    cols: usize,
+    labels: bool,
+    /// `Some(indices are int64)` for a top-k teacher.
+    topk: Option<bool>,
+    params: KernelParams,
+    kernel: CudaFunction,
+    threads: u32,
+    /// Dynamic shared memory of a launch (the top-k kernels' V-bit map).
+    smem: u32,
+    /// The table of the context the kernel belongs to.
+    table: Arc<KernelTable>,
+}
+
+impl std::fmt::Debug for PreparedLoss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedLoss")
+            .field("spec", &self.spec)
+            .field("dtype", &self.dtype)
+            .field("grad_dtype", &self.grad_dtype)
+            .field("cols", &self.cols)
+            .field("labels", &self.labels)
+            .field("topk", &self.topk)
+            .finish()
+    }
+}
+
+impl PreparedLoss {
+    /// The spec it was prepared for.
+    pub fn spec(&self) -> &LossSpec {
+        &self.spec
+    }
+
+    /// Whether it was prepared for exactly these call parameters.
+    pub(crate) fn is_for(
+        &self,
+        spec: &LossSpec,
+        (dtype, grad_dtype): (Dtype, Dtype),
+        cols: usize,
+        labels: bool,
+        topk: Option<bool>,
+    ) -> bool {
+        (
+            self.dtype,
+            self.grad_dtype,
+            self.cols,
+            self.labels,
+            self.topk,
+        ) == (dtype, grad_dtype, cols, labels, topk)
+            && self.spec == *spec
+    }
+
+    fn check_call(
+        &self,
+        backend: &CudaBackend,
+        dtypes: (Dtype, Dtype),
+        cols: usize,
+        labels: bool,
+        topk: Option<bool>,
+    ) -> Result<()> {
+        if !Arc::ptr_eq(&self.table, &backend.kernels) {
+            return invalid("prepared", "prepared on another device");
+        }
+        if !self.is_for(&self.spec, dtypes, cols, labels, topk) {
+            let describe = |(d, g): (Dtype, Dtype), v: usize, l: bool, t: Option<bool>| {
+                let teacher = match t {
+                    None => "dense teacher",
+                    Some(false) => "top-k teacher (int32)",
+                    Some(true) => "top-k teacher (int64)",
+                };
+                let labels = if l { "with" } else { "without" };
+                format!("{d} → {g}, V = {v}, {labels} labels, {teacher}")
+            };
+            return invalid(
+                "prepared",
+                format!(
+                    "prepared for {}, called with {}",
+                    describe(
+                        (self.dtype, self.grad_dtype),
+                        self.cols,
+                        self.labels,
+                        self.topk
+                    ),
+                    describe(dtypes, cols, labels, topk)
+                ),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The losses a caller that repeats its calls (a training loop, the C
+/// ABI's context) prepared, looked up by the call's parameters, the most
+/// recent few kept.
+#[derive(Default)]
+pub(crate) struct PreparedCache(Mutex<Vec<Arc<PreparedLoss>>>);
+
+impl PreparedCache {
+    const KEEP: usize = 8;
+
+    /// The loss prepared for these parameters on `backend` (`topk`: a top-k
+    /// teacher, its indices int64), prepared now if none is kept.
+    pub(crate) fn get(
+        &self,
+        backend: &CudaBackend,
+        spec: &LossSpec,
+        dtypes: (Dtype, Dtype),
+        cols: usize,
+        labels: bool,
+        topk: Option<bool>,
+    ) -> Result<Arc<PreparedLoss>> {
+        let mut kept = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = kept.iter().find(|p| {
+            p.is_for(spec, dtypes, cols, labels, topk) && Arc::ptr_eq(&p.table, &backend.kernels)
+        }) {
+            return Ok(p.clone());
+        }
+        let p = Arc::new(match topk {
+            None => backend.prepare(spec, dtypes, cols, labels)?,
+            Some(i64) => backend.prepare_topk(spec, dtypes, cols, labels, i64)?,
+        });
+        if kept.len() == Self::KEEP {
+            kept.remove(0);
+        }
+        kept.push(p.clone());
+        Ok(p)
+    }
+}
+
+/// The (input, gradient) dtype pair of a call, or the error naming
+/// `grad_dtype`.
+pub(super) fn io(dtype: Dtype, grad_dtype: Dtype) -> Result<Io> {
+    Io::new(dtype, grad_dtype).map_or_else(
+        || {
+            invalid(
+                "grad_dtype",
+                format!("must be {dtype} or f32, got {grad_dtype}"),
+            )
+        },
+        Ok,
+    )
+}
+
+/// Fails unless V fits the kernels' int32.
+fn check_cols(cols: usize) -> Result<()> {
+    if cols == 0 || cols > i32::MAX as usize {
+        return invalid(
+            "cols",
+            format!("V must be in [1, {}], got {cols}", i32::MAX),
+        );
+    }
+    Ok(())
+}
+
 impl CudaBackend {
-    /// Enqueues the fused loss (and gradient, when `raw.grad` ≠ 0) on `stream`.
+    /// Prepares the fused loss of `spec` with a dense teacher for inputs of
+    /// `dtype`, a gradient of `grad_dtype` (`dtype` or f32), rows of `cols`
+    /// elements, with or without labels: see [`PreparedLoss`].
+    pub fn prepare(
+        &self,
+        spec: &LossSpec,
+        (dtype, grad_dtype): (Dtype, Dtype),
+        cols: usize,
+        labels: bool,
+    ) -> Result<PreparedLoss> {
+        spec.validate(labels)?;
+        self.prepare_validated(spec, (dtype, grad_dtype), cols, labels, None)
+    }
+
+    /// As [`CudaBackend::prepare`], for a top-k teacher whose indices are
+    /// int64 (`indices_i64`) or int32.
+    pub fn prepare_topk(
+        &self,
+        spec: &LossSpec,
+        (dtype, grad_dtype): (Dtype, Dtype),
+        cols: usize,
+        labels: bool,
+        indices_i64: bool,
+    ) -> Result<PreparedLoss> {
+        spec.validate(labels)?;
+        spec.validate_topk()?;
+        self.prepare_validated(spec, (dtype, grad_dtype), cols, labels, Some(indices_i64))
+    }
+
+    fn prepare_validated(
+        &self,
+        spec: &LossSpec,
+        (dtype, grad_dtype): (Dtype, Dtype),
+        cols: usize,
+        labels: bool,
+        topk: Option<bool>,
+    ) -> Result<PreparedLoss> {
+        check_cols(cols)?;
+        let io = io(dtype, grad_dtype)?;
+        let key = match topk {
+            None => Kernel::fused(spec, io),
+            Some(indices_i64) => Kernel::Topk { io, indices_i64 },
+        };
+        let kernel = self.kernel(key)?.clone();
+        let smem = match topk {
+            None => 0,
+            Some(_) => self.bitmap_bytes(cols)?,
+        };
+        Ok(PreparedLoss {
+            spec: spec.clone(),
+            dtype,
+            grad_dtype,
+            cols,
+            labels,
+            topk,
+            params: KernelParams::new(spec, cols),
+            kernel,
+            threads: threads_for(cols, dtype),
+            smem,
+            table: self.kernels.clone(),
+        })
+    }
+
+    /// Enqueues the fused loss (and gradient, when `raw.grad` ≠ 0) on `stream`:
+    /// [`CudaBackend::prepare`], then [`CudaBackend::launch_prepared`].
     ///
     /// # Safety
     /// Every non-zero pointer must be valid device memory of this context,
@@ -213,8 +442,36 @@ impl CudaBackend {
         raw: &RawFusedArgs,
         spec: &LossSpec,
     ) -> Result<()> {
-        spec.validate(raw.labels != 0)?;
-        raw.layout.validate()?;
+        let prepared = self.prepare(
+            spec,
+            (raw.dtype, raw.grad_dtype),
+            raw.layout.cols,
+            raw.labels != 0,
+        )?;
+        // SAFETY: the caller's contract.
+        unsafe { self.launch_prepared(stream, &prepared, raw) }
+    }
+
+    /// Enqueues a prepared dense loss on `stream` with this call's pointers
+    /// and layout.
+    ///
+    /// # Safety
+    /// As [`CudaBackend::launch_raw`].
+    pub unsafe fn launch_prepared(
+        &self,
+        stream: &CudaStream,
+        prepared: &PreparedLoss,
+        raw: &RawFusedArgs,
+    ) -> Result<()> {
+        let l = raw.layout;
+        prepared.check_call(
+            self,
+            (raw.dtype, raw.grad_dtype),
+            l.cols,
+            raw.labels != 0,
+            None,
+        )?;
+        l.validate()?;
         if raw.student == 0 || raw.teacher == 0 || raw.row_losses == 0 || raw.loss == 0 {
             return invalid(
                 "pointers",
@@ -222,31 +479,29 @@ impl CudaBackend {
             );
         }
         check_outputs(
-            raw.dtype,
-            raw.grad_dtype,
+            prepared,
             (raw.labels, raw.valid_rows),
             (raw.student, raw.grad),
-            &raw.layout,
+            &l,
         )?;
         if raw.grad_teacher != 0 {
-            if !spec.grad_teacher {
+            if !prepared.spec.grad_teacher {
                 return invalid(
                     "grad_teacher",
                     "a teacher-gradient buffer needs LossSpec::grad_teacher",
                 );
             }
-            if raw.layout.grad_teacher_stride < raw.layout.cols {
+            if l.grad_teacher_stride < l.cols {
                 return invalid(
                     "grad_teacher_stride",
                     format!(
                         "row stride {} is below V = {}",
-                        raw.layout.grad_teacher_stride, raw.layout.cols
+                        l.grad_teacher_stride, l.cols
                     ),
                 );
             }
             if raw.grad_teacher == raw.teacher
-                && (raw.grad_dtype != raw.dtype
-                    || raw.layout.grad_teacher_stride != raw.layout.teacher_stride)
+                && (raw.grad_dtype != raw.dtype || l.grad_teacher_stride != l.teacher_stride)
             {
                 return invalid(
                     "grad_teacher",
@@ -254,47 +509,42 @@ impl CudaBackend {
                 );
             }
         }
-        let l = raw.layout;
-        let p = KernelParams::new(spec, l.cols);
-        let n = l.rows as i64;
-        // SAFETY: the caller's contract (labels: N, valid_rows: 1).
-        let valid_ptr =
-            unsafe { self.count_valid_rows(stream, raw.labels, n, spec, raw.valid_rows) }?;
-        if l.rows > 0 {
-            let name = spec.dense_kernel_name(raw.dtype, raw.grad_dtype);
-            let f = self.function(&name)?;
-            let args = FusedArgs {
-                student: raw.student,
-                student_stride: l.student_stride as i64,
-                teacher: raw.teacher,
-                teacher_stride: l.teacher_stride as i64,
-                labels: raw.labels,
-                row_weights: raw.row_weights,
-                grad: raw.grad,
-                grad_stride: l.grad_stride as i64,
-                grad_teacher: raw.grad_teacher,
-                grad_teacher_stride: l.grad_teacher_stride as i64,
-                row_loss: raw.row_losses,
-                valid_count: valid_ptr,
-                n_rows: n,
-                params: p,
-            };
-            let mut b = stream.launch_builder(&f);
-            b.arg(&args);
-            b.launch(LaunchConfig {
-                grid_dim: (l.rows.min(1 << 20) as u32, 1, 1),
-                block_dim: (threads_for(l.cols, raw.dtype), 1, 1),
-                shared_mem_bytes: 0,
-            })?;
+        let outputs = (raw.row_losses, raw.loss);
+        // SAFETY: the caller's contract.
+        unsafe {
+            self.enqueue(
+                stream,
+                prepared,
+                &prepared.params,
+                l.rows,
+                (raw.labels, raw.valid_rows),
+                outputs,
+                |valid_count| FusedArgs {
+                    student: raw.student,
+                    student_stride: l.student_stride as i64,
+                    teacher: raw.teacher,
+                    teacher_stride: l.teacher_stride as i64,
+                    labels: raw.labels,
+                    row_weights: raw.row_weights,
+                    grad: raw.grad,
+                    grad_stride: l.grad_stride as i64,
+                    grad_teacher: raw.grad_teacher,
+                    grad_teacher_stride: l.grad_teacher_stride as i64,
+                    row_loss: raw.row_losses,
+                    valid_count,
+                    n_rows: l.rows as i64,
+                    params: prepared.params,
+                },
+            )
         }
-        // SAFETY: the caller's contract (row_losses: N, loss: 1).
-        unsafe { self.launch_reduce_loss(stream, raw.row_losses, n, valid_ptr, &p, raw.loss) }
     }
 
     /// Enqueues the loss (and gradient, when `raw.grad` ≠ 0) with a top-k
-    /// teacher (docs/DESIGN.md §4, mode `spec.topk_mode`) on `stream`. Indices
-    /// out of range or repeated within a row give NaN rows, never
-    /// out-of-bounds accesses; [`CudaBackend::validate_topk_raw`] finds them.
+    /// teacher (docs/DESIGN.md §4, mode `spec.topk_mode`) on `stream`:
+    /// [`CudaBackend::prepare_topk`], then
+    /// [`CudaBackend::launch_topk_prepared`]. Indices out of range or
+    /// repeated within a row give NaN rows, never out-of-bounds accesses;
+    /// [`CudaBackend::validate_topk_raw`] finds them.
     ///
     /// # Safety
     /// As [`CudaBackend::launch_raw`]; `indices` and `values` hold N·k
@@ -305,11 +555,39 @@ impl CudaBackend {
         raw: &RawTopkArgs,
         spec: &LossSpec,
     ) -> Result<()> {
-        spec.validate(raw.labels != 0)?;
-        spec.validate_topk()?;
+        let prepared = self.prepare_topk(
+            spec,
+            (raw.dtype, raw.grad_dtype),
+            raw.layout.cols,
+            raw.labels != 0,
+            raw.indices_i64,
+        )?;
+        // SAFETY: the caller's contract.
+        unsafe { self.launch_topk_prepared(stream, &prepared, raw) }
+    }
+
+    /// Enqueues a prepared top-k loss on `stream` with this call's pointers,
+    /// k and layout.
+    ///
+    /// # Safety
+    /// As [`CudaBackend::launch_topk_raw`].
+    pub unsafe fn launch_topk_prepared(
+        &self,
+        stream: &CudaStream,
+        prepared: &PreparedLoss,
+        raw: &RawTopkArgs,
+    ) -> Result<()> {
+        prepared.check_call(
+            self,
+            (raw.dtype, raw.grad_dtype),
+            raw.layout.cols,
+            raw.labels != 0,
+            Some(raw.indices_i64),
+        )?;
+        // The dense-teacher strides are unused: V passes their checks.
         let l = RowLayout {
-            teacher_stride: l_cols(&raw.layout),
-            grad_teacher_stride: l_cols(&raw.layout),
+            teacher_stride: raw.layout.cols,
+            grad_teacher_stride: raw.layout.cols,
             ..raw.layout
         };
         l.validate()?;
@@ -331,57 +609,88 @@ impl CudaBackend {
             );
         }
         check_outputs(
-            raw.dtype,
-            raw.grad_dtype,
+            prepared,
             (raw.labels, raw.valid_rows),
             (raw.student, raw.grad),
             &l,
         )?;
-        let mut p = KernelParams::new(spec, l.cols);
-        p.topk_k = raw.k as i32;
-        let n = l.rows as i64;
-        // SAFETY: the caller's contract (labels: N, valid_rows: 1).
-        let valid_ptr =
-            unsafe { self.count_valid_rows(stream, raw.labels, n, spec, raw.valid_rows) }?;
-        if l.rows > 0 {
-            let name = format!(
-                "kd_topk_{}_{}_{}",
-                raw.dtype,
-                raw.grad_dtype,
-                if raw.indices_i64 { "i64" } else { "i32" }
-            );
-            let f = self.function(&name)?;
-            let smem = self.bitmap_bytes(&f, l.cols)?;
-            let args = TopkArgs {
-                student: raw.student,
-                student_stride: l.student_stride as i64,
-                indices: raw.indices,
-                values: raw.values,
-                labels: raw.labels,
-                row_weights: raw.row_weights,
-                grad: raw.grad,
-                grad_stride: l.grad_stride as i64,
-                row_loss: raw.row_losses,
-                valid_count: valid_ptr,
-                n_rows: n,
-                params: p,
-            };
-            let mut b = stream.launch_builder(&f);
-            b.arg(&args);
-            b.launch(LaunchConfig {
-                grid_dim: (l.rows.min(1 << 20) as u32, 1, 1),
-                block_dim: (threads_for(l.cols, raw.dtype), 1, 1),
-                shared_mem_bytes: smem,
-            })?;
+        let params = KernelParams {
+            topk_k: raw.k as i32,
+            ..prepared.params
+        };
+        // SAFETY: the caller's contract.
+        unsafe {
+            self.enqueue(
+                stream,
+                prepared,
+                &params,
+                l.rows,
+                (raw.labels, raw.valid_rows),
+                (raw.row_losses, raw.loss),
+                |valid_count| TopkArgs {
+                    student: raw.student,
+                    student_stride: l.student_stride as i64,
+                    indices: raw.indices,
+                    values: raw.values,
+                    labels: raw.labels,
+                    row_weights: raw.row_weights,
+                    grad: raw.grad,
+                    grad_stride: l.grad_stride as i64,
+                    row_loss: raw.row_losses,
+                    valid_count,
+                    n_rows: l.rows as i64,
+                    params,
+                },
+            )
         }
-        // SAFETY: the caller's contract (row_losses: N, loss: 1).
-        unsafe { self.launch_reduce_loss(stream, raw.row_losses, n, valid_ptr, &p, raw.loss) }
     }
 
-    /// Bytes of the top-k kernels' V-bit map, raising the function's dynamic
-    /// shared-memory limit when the map needs more than the default 48 KiB.
-    fn bitmap_bytes(&self, f: &cudarc::driver::CudaFunction, cols: usize) -> Result<u32> {
-        use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+    /// The launch sequence of a checked call: the valid-row count (with
+    /// labels), the prepared kernel on `args(valid_count)` with one CTA per
+    /// row (up to 2²⁰, grid-stride beyond), and the reduced loss.
+    ///
+    /// # Safety
+    /// The pointers are valid for the call (as [`CudaBackend::launch_raw`]),
+    /// and `args` builds the prepared kernel's argument struct.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn enqueue<A: DeviceRepr>(
+        &self,
+        stream: &CudaStream,
+        prepared: &PreparedLoss,
+        params: &KernelParams,
+        rows: usize,
+        (labels, valid_rows): (u64, u64),
+        (row_losses, loss): (u64, u64),
+        args: impl FnOnce(u64) -> A,
+    ) -> Result<()> {
+        let n = rows as i64;
+        let ignore_index = prepared.spec.ignore_index;
+        // SAFETY: the caller's contract (labels: N, valid_rows: 1).
+        let valid_ptr =
+            unsafe { self.count_valid_rows(stream, labels, n, ignore_index, valid_rows) }?;
+        if rows > 0 {
+            // Per launch: a loss prepared since for a smaller V may have
+            // lowered the kernel's limit.
+            allow_smem(&prepared.kernel, prepared.smem)?;
+            let args = args(valid_ptr);
+            let mut b = stream.launch_builder(&prepared.kernel);
+            b.arg(&args);
+            // SAFETY: the caller's contract; `args` matches the kernel.
+            unsafe {
+                b.launch(LaunchConfig {
+                    grid_dim: (rows.min(1 << 20) as u32, 1, 1),
+                    block_dim: (prepared.threads, 1, 1),
+                    shared_mem_bytes: prepared.smem,
+                })
+            }?;
+        }
+        // SAFETY: the caller's contract (row_losses: N, loss: 1).
+        unsafe { self.launch_reduce_loss(stream, row_losses, n, valid_ptr, params, loss) }
+    }
+
+    /// Bytes of the top-k kernels' V-bit map, or the error when the
+    /// device's shared memory cannot hold it.
+    fn bitmap_bytes(&self, cols: usize) -> Result<u32> {
         let bytes = cols.div_ceil(32) * 4;
         if bytes > 48 * 1024 {
             let max = self.context().attribute(
@@ -397,10 +706,6 @@ impl CudaBackend {
                     ),
                 );
             }
-            f.set_attribute(
-                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                bytes as i32,
-            )?;
         }
         Ok(bytes as u32)
     }
@@ -421,12 +726,7 @@ impl CudaBackend {
         k: usize,
         cols: usize,
     ) -> Result<()> {
-        if cols == 0 || cols > i32::MAX as usize {
-            return invalid(
-                "cols",
-                format!("V must be in [1, {}], got {cols}", i32::MAX),
-            );
-        }
+        check_cols(cols)?;
         if k == 0 || k > cols {
             return invalid("k", format!("must be in [1, V = {cols}], got {k}"));
         }
@@ -436,19 +736,15 @@ impl CudaBackend {
         if rows == 0 {
             return Ok(());
         }
-        let name = if indices_i64 {
-            "kd_topk_validate_i64"
-        } else {
-            "kd_topk_validate_i32"
-        };
-        let f = self.function(name)?;
-        let smem = self.bitmap_bytes(&f, cols)?;
+        let f = self.kernel(Kernel::TopkValidate { indices_i64 })?;
+        let smem = self.bitmap_bytes(cols)?;
+        allow_smem(f, smem)?;
         let mut first = self.stream().clone_htod(&[rows as u64])?;
         self.stream().synchronize()?;
         {
             let (fp, _g) = first.device_ptr_mut(stream);
             let (n, k32, v32) = (rows as i64, k as i32, cols as i32);
-            let mut b = stream.launch_builder(&f);
+            let mut b = stream.launch_builder(f);
             b.arg(&indices).arg(&n).arg(&k32).arg(&v32).arg(&fp);
             // SAFETY: the caller's contract; the kernel reads rows · k indices.
             unsafe {
@@ -486,46 +782,29 @@ impl CudaBackend {
         invalid("teacher_topk_indices", format!("row {bad}: {msg}"))
     }
 
-    /// With labels, enqueues the valid-row count into `valid_rows` and
-    /// returns that pointer (the kernels' `valid_count`); without, 0.
+    /// With labels, enqueues `kd_count_valid` (the rows of `labels` that
+    /// are not `ignore_index`, into `valid_rows`, on the device) and returns
+    /// that pointer (the kernels' `valid_count`); without, 0.
     ///
     /// # Safety
-    /// As [`CudaBackend::launch_count_valid`] when `labels` ≠ 0.
-    unsafe fn count_valid_rows(
-        &self,
-        stream: &CudaStream,
-        labels: u64,
-        n: i64,
-        spec: &LossSpec,
-        valid_rows: u64,
-    ) -> Result<u64> {
-        if labels == 0 {
-            return Ok(0);
-        }
-        // SAFETY: the caller's contract.
-        unsafe { self.launch_count_valid(stream, labels, n, spec.ignore_index, valid_rows) }?;
-        Ok(valid_rows)
-    }
-
-    /// Enqueues `kd_count_valid`: the rows of `labels` (N) that are not
-    /// `ignore_index`, into `out` (one i32), on the device.
-    ///
-    /// # Safety
-    /// Valid device pointers of this context: `labels` N i64, `out` one i32.
-    pub(crate) unsafe fn launch_count_valid(
+    /// When `labels` ≠ 0: valid device pointers of this context, `labels` N
+    /// i64 and `valid_rows` one i32.
+    pub(crate) unsafe fn count_valid_rows(
         &self,
         stream: &CudaStream,
         labels: u64,
         n: i64,
         ignore_index: i64,
-        out: u64,
-    ) -> Result<()> {
-        let f = self.function("kd_count_valid")?;
-        let mut b = stream.launch_builder(&f);
-        b.arg(&labels).arg(&n).arg(&ignore_index).arg(&out);
+        valid_rows: u64,
+    ) -> Result<u64> {
+        if labels == 0 {
+            return Ok(0);
+        }
+        let mut b = stream.launch_builder(self.kernel(Kernel::CountValid)?);
+        b.arg(&labels).arg(&n).arg(&ignore_index).arg(&valid_rows);
         // SAFETY: the caller's contract.
         unsafe { b.launch(ONE_BLOCK) }?;
-        Ok(())
+        Ok(valid_rows)
     }
 
     /// Enqueues `kd_reduce_loss`: the reduced loss of `row_losses` (N) into
@@ -543,8 +822,7 @@ impl CudaBackend {
         p: &KernelParams,
         loss: u64,
     ) -> Result<()> {
-        let f = self.function("kd_reduce_loss")?;
-        let mut b = stream.launch_builder(&f);
+        let mut b = stream.launch_builder(self.kernel(Kernel::ReduceLoss)?);
         b.arg(&row_losses).arg(&n).arg(&valid).arg(p).arg(&loss);
         // SAFETY: the caller's contract.
         unsafe { b.launch(ONE_BLOCK) }?;
@@ -566,50 +844,34 @@ impl CudaBackend {
         out: &mut LossBuffers,
         spec: &LossSpec,
     ) -> Result<()> {
-        check_buffers(
-            &layout,
-            student.len(),
-            teacher.len(),
-            labels.map(|l| l.len()),
-            out,
-        )?;
-        let (sp, _g1) = student.device_ptr(stream);
-        let (tp, _g2) = teacher.device_ptr(stream);
-        let (lp, _g3) = match labels {
-            Some(l) => {
-                let (p, g) = l.device_ptr(stream);
-                (p, Some(g))
-            }
-            None => (0, None),
-        };
-        let (gp, _g4) = match grad {
-            Some(g) => {
-                check_len("grad", g.len(), layout.needed(layout.grad_stride))?;
-                let (p, guard) = g.device_ptr_mut(stream);
-                (p, Some(guard))
-            }
-            None => (0, None),
-        };
-        let (rp, _g5) = out.row_losses.device_ptr_mut(stream);
-        let (op, _g6) = out.loss.device_ptr_mut(stream);
-        let (vp, _g7) = out.valid_rows.device_ptr_mut(stream);
-        let raw = RawFusedArgs {
-            dtype: T::DTYPE,
-            grad_dtype: G::DTYPE,
-            student: sp,
-            teacher: tp,
-            labels: lp,
-            grad: gp,
-            row_losses: rp,
-            loss: op,
-            valid_rows: vp,
-            row_weights: 0,
-            grad_teacher: 0,
-            layout,
-        };
-        // SAFETY: lengths checked above; the guards keep the buffers' events
-        // ordered with this stream.
-        unsafe { self.launch_raw(stream, &raw, spec) }
+        let lens = (student.len(), teacher.len(), labels.map(|l| l.len()));
+        check_buffers(&layout, lens, grad.as_ref().map(|g| g.len()), out)?;
+        let prepared = self.prepare(spec, (T::DTYPE, G::DTYPE), layout.cols, labels.is_some())?;
+        self.fused_checked(
+            stream, &prepared, student, teacher, labels, grad, layout, out,
+        )
+    }
+
+    /// As [`CudaBackend::fused`], with the loss prepared once
+    /// ([`CudaBackend::prepare`] for `(T, G)`, `layout.cols` and whether
+    /// labels are given): each call only passes its buffers.
+    #[allow(clippy::too_many_arguments)]
+    pub fn fused_prepared<T: KdElement, G: KdElement>(
+        &self,
+        stream: &CudaStream,
+        prepared: &PreparedLoss,
+        student: &CudaView<'_, T>,
+        teacher: &CudaView<'_, T>,
+        labels: Option<&CudaView<'_, i64>>,
+        grad: Option<&mut CudaViewMut<'_, G>>,
+        layout: RowLayout,
+        out: &mut LossBuffers,
+    ) -> Result<()> {
+        let lens = (student.len(), teacher.len(), labels.map(|l| l.len()));
+        check_buffers(&layout, lens, grad.as_ref().map(|g| g.len()), out)?;
+        self.fused_checked(
+            stream, prepared, student, teacher, labels, grad, layout, out,
+        )
     }
 
     /// As [`CudaBackend::fused`], with the gradient overwriting the student
@@ -629,32 +891,65 @@ impl CudaBackend {
             grad_stride: layout.student_stride,
             ..layout
         };
-        check_buffers(
-            &layout,
-            student.len(),
-            teacher.len(),
-            labels.map(|l| l.len()),
-            out,
-        )?;
+        let lens = (student.len(), teacher.len(), labels.map(|l| l.len()));
+        check_buffers(&layout, lens, None, out)?;
+        let prepared = self.prepare(spec, (T::DTYPE, T::DTYPE), layout.cols, labels.is_some())?;
         let (sp, _g1) = student.device_ptr_mut(stream);
+        // SAFETY: as in `fused_checked`; the gradient is the student buffer.
+        unsafe {
+            self.fused_ptrs::<T, T>(stream, &prepared, (sp, sp), teacher, labels, layout, out)
+        }
+    }
+
+    /// `fused` after the buffer checks.
+    #[allow(clippy::too_many_arguments)]
+    fn fused_checked<T: KdElement, G: KdElement>(
+        &self,
+        stream: &CudaStream,
+        prepared: &PreparedLoss,
+        student: &CudaView<'_, T>,
+        teacher: &CudaView<'_, T>,
+        labels: Option<&CudaView<'_, i64>>,
+        grad: Option<&mut CudaViewMut<'_, G>>,
+        layout: RowLayout,
+        out: &mut LossBuffers,
+    ) -> Result<()> {
+        let (sp, _g1) = student.device_ptr(stream);
+        let (gp, _g4) = grad.map(|g| g.device_ptr_mut(stream)).unzip();
+        let ptrs = (sp, gp.unwrap_or(0));
+        // SAFETY: lengths checked by the caller; the guards keep the
+        // buffers' events ordered with this stream.
+        unsafe { self.fused_ptrs::<T, G>(stream, prepared, ptrs, teacher, labels, layout, out) }
+    }
+
+    /// The typed calls' launch, from the student and gradient pointers.
+    ///
+    /// # Safety
+    /// The buffers hold what `layout` needs, and the guards of the student
+    /// and gradient pointers live until this returns.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn fused_ptrs<T: KdElement, G: KdElement>(
+        &self,
+        stream: &CudaStream,
+        prepared: &PreparedLoss,
+        (student, grad): (u64, u64),
+        teacher: &CudaView<'_, T>,
+        labels: Option<&CudaView<'_, i64>>,
+        layout: RowLayout,
+        out: &mut LossBuffers,
+    ) -> Result<()> {
         let (tp, _g2) = teacher.device_ptr(stream);
-        let (lp, _g3) = match labels {
-            Some(l) => {
-                let (p, g) = l.device_ptr(stream);
-                (p, Some(g))
-            }
-            None => (0, None),
-        };
+        let (lp, _g3) = labels.map(|l| l.device_ptr(stream)).unzip();
         let (rp, _g5) = out.row_losses.device_ptr_mut(stream);
         let (op, _g6) = out.loss.device_ptr_mut(stream);
         let (vp, _g7) = out.valid_rows.device_ptr_mut(stream);
         let raw = RawFusedArgs {
             dtype: T::DTYPE,
-            grad_dtype: T::DTYPE,
-            student: sp,
+            grad_dtype: G::DTYPE,
+            student,
             teacher: tp,
-            labels: lp,
-            grad: sp,
+            labels: lp.unwrap_or(0),
+            grad,
             row_losses: rp,
             loss: op,
             valid_rows: vp,
@@ -662,34 +957,27 @@ impl CudaBackend {
             grad_teacher: 0,
             layout,
         };
-        // SAFETY: as in `fused`.
-        unsafe { self.launch_raw(stream, &raw, spec) }
+        // SAFETY: the caller's contract.
+        unsafe { self.launch_prepared(stream, prepared, &raw) }
     }
 }
 
-/// Checks shared by the dense and the top-k launches: the gradient's dtype,
-/// the valid-row scratch that labels need, and an in-place gradient's
-/// dtype and stride (`ptrs`: student, gradient; `labels`: labels, scratch).
+/// Checks shared by the dense and the top-k launches: the valid-row scratch
+/// that labels need, and an in-place gradient's dtype and stride (`ptrs`:
+/// student, gradient; `labels`: labels, scratch).
 fn check_outputs(
-    dtype: Dtype,
-    grad_dtype: Dtype,
+    prepared: &PreparedLoss,
     labels: (u64, u64),
     ptrs: (u64, u64),
     layout: &RowLayout,
 ) -> Result<()> {
-    if grad_dtype != dtype && grad_dtype != Dtype::F32 {
-        return invalid(
-            "grad_dtype",
-            format!("must be {dtype} or f32, got {grad_dtype}"),
-        );
-    }
     if labels.0 != 0 && labels.1 == 0 {
         return invalid("valid_rows", "labels need the valid-row scratch buffer");
     }
     let (student, grad) = ptrs;
     if grad != 0
         && grad == student
-        && (grad_dtype != dtype || layout.grad_stride != layout.student_stride)
+        && (prepared.grad_dtype != prepared.dtype || layout.grad_stride != layout.student_stride)
     {
         return invalid(
             "grad",
@@ -699,9 +987,16 @@ fn check_outputs(
     Ok(())
 }
 
-/// V, as the stride of the top-k kernels' unused dense-teacher fields.
-fn l_cols(l: &RowLayout) -> usize {
-    l.cols
+/// Raises `f`'s dynamic shared-memory limit when a launch needs more than
+/// the default 48 KiB.
+fn allow_smem(f: &CudaFunction, bytes: u32) -> Result<()> {
+    if bytes > 48 * 1024 {
+        f.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes as i32,
+        )?;
+    }
+    Ok(())
 }
 
 /// A device buffer of `have` elements holds the `need` a layout asks for.
@@ -715,12 +1010,12 @@ pub(super) fn check_len(arg: &'static str, have: usize, need: usize) -> Result<(
     Ok(())
 }
 
-/// Checks the layout and that every buffer holds what it needs.
+/// Checks the layout and that every buffer holds what it needs (`lens`:
+/// student, teacher, labels).
 fn check_buffers(
     layout: &RowLayout,
-    student_len: usize,
-    teacher_len: usize,
-    labels_len: Option<usize>,
+    (student_len, teacher_len, labels_len): (usize, usize, Option<usize>),
+    grad_len: Option<usize>,
     out: &LossBuffers,
 ) -> Result<()> {
     layout.validate()?;
@@ -729,6 +1024,9 @@ fn check_buffers(
     check_len("out.row_losses", out.row_losses.len(), layout.rows)?;
     if let Some(n) = labels_len {
         check_len("labels", n, layout.rows)?;
+    }
+    if let Some(n) = grad_len {
+        check_len("grad", n, layout.needed(layout.grad_stride))?;
     }
     Ok(())
 }

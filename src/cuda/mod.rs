@@ -9,18 +9,21 @@ mod feature;
 mod feature_host;
 mod host;
 mod info;
+mod kernels;
 mod launch;
 
 pub use eager::EagerScratch;
 pub use feature::{FeatureBuffers, RawFeatureArgs};
 pub use info::{device_infos, driver_version, DeviceInfo};
-pub(crate) use launch::threads_for;
-pub use launch::{KdElement, LossBuffers, RawFusedArgs, RawTopkArgs, RowLayout};
+pub(crate) use launch::{threads_for, PreparedCache};
+pub use launch::{KdElement, LossBuffers, PreparedLoss, RawFusedArgs, RawTopkArgs, RowLayout};
 
 use crate::error::{KdError, Result};
 use crate::kernels_meta;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 use cudarc::nvrtc::Ptx;
+use kernels::KernelTable;
+pub(crate) use kernels::{Kernel, MlpOp};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -55,9 +58,10 @@ pub fn ensure_kernels() -> Result<()> {
     Ok(())
 }
 
-/// The device's primary context and the kernels loaded into it: once per
-/// context for the whole process, shared by every `CudaBackend` of the device.
-type Loaded = (Arc<CudaContext>, Arc<CudaModule>);
+/// The device's primary context and the kernels loaded into it (the module
+/// and its table of resolved kernels): once per context for the whole
+/// process, shared by every `CudaBackend` of the device.
+type Loaded = (Arc<CudaContext>, Arc<KernelTable>);
 
 fn context_and_module(ordinal: usize) -> Result<Loaded> {
     static LOADED: OnceLock<Mutex<HashMap<usize, Loaded>>> = OnceLock::new();
@@ -65,8 +69,8 @@ fn context_and_module(ordinal: usize) -> Result<Loaded> {
         .get_or_init(|| Mutex::new(HashMap::new()))
         .lock()
         .unwrap_or_else(|p| p.into_inner());
-    if let Some((ctx, module)) = map.get(&ordinal) {
-        return Ok((ctx.clone(), module.clone()));
+    if let Some((ctx, kernels)) = map.get(&ordinal) {
+        return Ok((ctx.clone(), kernels.clone()));
     }
     let ctx = CudaContext::new(ordinal)
         .map_err(|e| KdError::CudaUnavailable(format!("cannot open device {ordinal}: {e}")))?;
@@ -78,16 +82,16 @@ fn context_and_module(ordinal: usize) -> Result<Loaded> {
                 kernels_meta::ARCHES.join(", ")
             ))
         })?;
-    map.insert(ordinal, (ctx.clone(), module.clone()));
-    Ok((ctx, module))
+    let kernels = Arc::new(KernelTable::new(module));
+    map.insert(ordinal, (ctx.clone(), kernels.clone()));
+    Ok((ctx, kernels))
 }
 
 /// The CUDA backend for one device.
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    module: Arc<CudaModule>,
-    functions: Mutex<HashMap<String, CudaFunction>>,
+    kernels: Arc<KernelTable>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -114,13 +118,12 @@ impl CudaBackend {
                 msg: format!("ordinal {ordinal} but only {n} CUDA device(s)"),
             });
         }
-        let (ctx, module) = context_and_module(ordinal)?;
+        let (ctx, kernels) = context_and_module(ordinal)?;
         let stream = ctx.new_stream()?;
         Ok(CudaBackend {
             ctx,
             stream,
-            module,
-            functions: Mutex::new(HashMap::new()),
+            kernels,
         })
     }
 
@@ -131,7 +134,7 @@ impl CudaBackend {
 
     /// The loaded kernels (shared by every backend of this device).
     pub fn module(&self) -> &Arc<CudaModule> {
-        &self.module
+        self.kernels.module()
     }
 
     /// The backend's own stream (used by [`crate::Backend::compute`]).
@@ -139,16 +142,8 @@ impl CudaBackend {
         &self.stream
     }
 
-    pub(crate) fn function(&self, name: &str) -> Result<CudaFunction> {
-        let mut map = self.functions.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(f) = map.get(name) {
-            return Ok(f.clone());
-        }
-        let f = self
-            .module
-            .load_function(name)
-            .map_err(|e| KdError::Cuda(format!("kernel {name}: {e}")))?;
-        map.insert(name.to_string(), f.clone());
-        Ok(f)
+    /// A kernel, resolved in this context's table at its first use.
+    pub(crate) fn kernel(&self, k: Kernel) -> Result<&CudaFunction> {
+        self.kernels.get(k)
     }
 }

@@ -1,16 +1,17 @@
-//! The CUDA engine of [`super::DistillStep`]: cuBLAS GEMMs (through cudarc,
+//! The CUDA engine of `DistillStep`: cuBLAS GEMMs (through cudarc,
 //! the library loaded at run time), the kernels of kernels/mlp.cu and the
 //! fused loss kernel ([`CudaBackend::fused`]), all on the backend's stream.
 //!
 //! Matrices are row-major as on the CPU; cuBLAS is column-major, so a
 //! row-major `C = A·B` is issued as the column-major `Cᵀ = Bᵀ·Aᵀ`.
 
+use super::dropout::Dropout;
+use super::engine::{Engine, StepBatch, TeacherSource};
 use super::mlp::{Layout, Mlp};
-use super::optim::Optimizer;
-use super::{Dropout, Engine, TeacherSource};
-use crate::cuda::{CudaBackend, LossBuffers, RowLayout};
+use super::optim::{Optimizer, Update};
+use crate::cuda::{CudaBackend, Kernel, LossBuffers, MlpOp, PreparedCache, RowLayout};
 use crate::error::{KdError, Result};
-use crate::spec::LossSpec;
+use crate::tensor::Dtype;
 use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{
@@ -132,14 +133,9 @@ impl Net {
         rows: usize,
         dropout: &dyn Fn(usize) -> Option<Dropout>,
     ) -> Result<()> {
-        let lay = &self.layout;
-        let layers = lay.layers();
-        for l in 0..layers {
-            let (i, o) = (lay.sizes[l], lay.sizes[l + 1]);
-            let (before, rest) = self.acts.split_at_mut(l);
-            let z = &mut rest[0];
-            let h = if l == 0 { x } else { &before[l - 1] };
-            let w = self.params.slice(lay.w[l]..lay.w[l] + i * o);
+        let (lay, params) = (&self.layout, &self.params);
+        lay.forward_layers(x, &mut self.acts, |l, (i, o), hidden, h, z| {
+            let w = params.slice(lay.w[l]..lay.w[l] + i * o);
             gemm_forward(
                 blas,
                 (rows, i, o),
@@ -147,10 +143,9 @@ impl Net {
                 &w,
                 &mut z.slice_mut(0..rows * o),
             )?;
-            let hidden = l + 1 < layers;
             let d = if hidden { dropout(l) } else { None };
             let (key, threshold, scale) = d.map_or((0, 0, 1.0), |d| (d.key, d.threshold, d.scale));
-            let b = self.params.slice(lay.b[l]..lay.b[l] + o);
+            let b = params.slice(lay.b[l]..lay.b[l] + o);
             let (rows_i, cols, relu, drop) =
                 (rows as i64, o as i32, hidden as i32, d.is_some() as i32);
             let mut zv = z.slice_mut(0..rows * o);
@@ -166,8 +161,8 @@ impl Net {
                 .arg(&scale);
             // SAFETY: the argument list matches mlp_bias_act's signature.
             unsafe { lb.launch(grid(rows * o)) }?;
-        }
-        Ok(())
+            Ok(())
+        })
     }
 }
 
@@ -199,6 +194,8 @@ pub(crate) struct CudaEngine {
     dz: CudaSlice<f32>,
     dh: CudaSlice<f32>,
     loss: LossBuffers,
+    /// The fused loss, prepared at the first step (with labels or without).
+    prepared: PreparedCache,
 }
 
 impl CudaEngine {
@@ -207,17 +204,13 @@ impl CudaEngine {
         let kd = CudaBackend::new(0)?;
         let stream = kd.stream().clone();
         let blas = CudaBlas::new(stream.clone()).map_err(blas_err)?;
-        let load = |name: &str| {
-            kd.module()
-                .load_function(name)
-                .map_err(|e| KdError::Cuda(format!("kernel {name}: {e}")))
-        };
+        let load = |op| kd.kernel(Kernel::Mlp(op)).cloned();
         let k = Kernels {
-            bias_act: load("mlp_bias_act")?,
-            relu_back: load("mlp_relu_back")?,
-            bias_grad: load("mlp_bias_grad")?,
-            sgd: load("mlp_sgd")?,
-            adam: load("mlp_adam")?,
+            bias_act: load(MlpOp::BiasAct)?,
+            relu_back: load(MlpOp::ReluBack)?,
+            bias_grad: load(MlpOp::BiasGrad)?,
+            sgd: load(MlpOp::Sgd)?,
+            adam: load(MlpOp::Adam)?,
         };
         let cap = 64;
         let n = student.num_params();
@@ -234,6 +227,7 @@ impl CudaEngine {
             dz: stream.alloc_zeros(cap * widest)?,
             dh: stream.alloc_zeros(cap * widest)?,
             loss: LossBuffers::new(&stream, cap)?,
+            prepared: PreparedCache::default(),
             cap,
             kd,
             stream,
@@ -287,13 +281,8 @@ impl CudaEngine {
         let mut p = self.student.params.slice_mut(range.clone());
         let g = self.grads.slice(range.clone());
         let mut s1 = self.s1.slice_mut(range.clone());
-        match *opt {
-            Optimizer::Sgd {
-                lr,
-                momentum,
-                weight_decay,
-            } => {
-                let wd = if decay { weight_decay } else { 0.0 };
+        match opt.at(t, decay) {
+            Update::Sgd { lr, momentum, wd } => {
                 let mut b = s.launch_builder(&self.k.sgd);
                 b.arg(&mut p)
                     .arg(&g)
@@ -305,15 +294,7 @@ impl CudaEngine {
                 // SAFETY: matches mlp_sgd's signature; all views hold n.
                 unsafe { b.launch(grid(n)) }?;
             }
-            Optimizer::Adam {
-                lr,
-                beta1,
-                beta2,
-                eps,
-                weight_decay,
-            } => {
-                let wd = if decay { weight_decay } else { 0.0 };
-                let (c1, c2) = Optimizer::adam_corrections(beta1, beta2, t);
+            Update::Adam(h) => {
                 let mut s2 = self.s2.slice_mut(range);
                 let mut b = s.launch_builder(&self.k.adam);
                 b.arg(&mut p)
@@ -321,13 +302,13 @@ impl CudaEngine {
                     .arg(&mut s1)
                     .arg(&mut s2)
                     .arg(&n_i)
-                    .arg(&lr)
-                    .arg(&beta1)
-                    .arg(&beta2)
-                    .arg(&eps)
-                    .arg(&wd)
-                    .arg(&c1)
-                    .arg(&c2);
+                    .arg(&h.lr)
+                    .arg(&h.beta1)
+                    .arg(&h.beta2)
+                    .arg(&h.eps)
+                    .arg(&h.wd)
+                    .arg(&h.c1)
+                    .arg(&h.c2);
                 // SAFETY: matches mlp_adam's signature; all views hold n.
                 unsafe { b.launch(grid(n)) }?;
             }
@@ -337,15 +318,15 @@ impl CudaEngine {
 }
 
 impl Engine for CudaEngine {
-    fn forward_backward(
-        &mut self,
-        x: &[f32],
-        rows: usize,
-        labels: Option<&[i64]>,
-        teacher: TeacherSource<'_>,
-        spec: &LossSpec,
-        dropout: &dyn Fn(usize) -> Option<Dropout>,
-    ) -> Result<f64> {
+    fn forward_backward(&mut self, batch: &StepBatch<'_>) -> Result<f64> {
+        let StepBatch {
+            x,
+            rows,
+            labels,
+            teacher,
+            spec,
+            dropout,
+        } = *batch;
         self.ensure(rows)?;
         self.upload_x(x)?;
         let stream = self.stream.clone();
@@ -381,15 +362,19 @@ impl Engine for CudaEngine {
             };
             let lab = self.labels.slice(0..rows);
             let mut dz = self.dz.slice_mut(0..rows * v);
-            self.kd.fused::<f32, f32>(
+            let f32s = (Dtype::F32, Dtype::F32);
+            let prepared = self
+                .prepared
+                .get(&self.kd, spec, f32s, v, labels.is_some(), None)?;
+            self.kd.fused_prepared::<f32, f32>(
                 &stream,
+                &prepared,
                 &logits,
                 &t_logits,
                 labels.map(|_| &lab),
                 Some(&mut dz),
                 RowLayout::dense(rows, v),
                 &mut self.loss,
-                spec,
             )?;
         }
 

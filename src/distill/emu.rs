@@ -3,8 +3,8 @@
 //! same operations, so tests can hold one against the other. Slow; not for
 //! real use.
 
-use super::optim::Optimizer;
-use super::Dropout;
+use super::dropout::Dropout;
+use super::optim::{Optimizer, Update};
 
 extern "C" {
     fn mlp_emu_bias_act(
@@ -144,12 +144,8 @@ pub fn update(
     let n = p.len();
     assert!(g.len() == n && s1.len() == n && s2.len() == n);
     // SAFETY: all four hold n.
-    match *opt {
-        Optimizer::Sgd {
-            lr,
-            momentum,
-            weight_decay,
-        } => unsafe {
+    match opt.at(t, decay) {
+        Update::Sgd { lr, momentum, wd } => unsafe {
             mlp_emu_sgd(
                 p.as_mut_ptr(),
                 g.as_ptr(),
@@ -157,59 +153,51 @@ pub fn update(
                 n as i64,
                 lr,
                 momentum,
-                if decay { weight_decay } else { 0.0 },
+                wd,
                 l.grid,
                 l.block,
             )
         },
-        Optimizer::Adam {
-            lr,
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-        } => {
-            let (c1, c2) = Optimizer::adam_corrections(beta1, beta2, t);
-            unsafe {
-                mlp_emu_adam(
-                    p.as_mut_ptr(),
-                    g.as_ptr(),
-                    s1.as_mut_ptr(),
-                    s2.as_mut_ptr(),
-                    n as i64,
-                    lr,
-                    beta1,
-                    beta2,
-                    eps,
-                    if decay { weight_decay } else { 0.0 },
-                    c1,
-                    c2,
-                    l.grid,
-                    l.block,
-                )
-            }
-        }
+        Update::Adam(h) => unsafe {
+            mlp_emu_adam(
+                p.as_mut_ptr(),
+                g.as_ptr(),
+                s1.as_mut_ptr(),
+                s2.as_mut_ptr(),
+                n as i64,
+                h.lr,
+                h.beta1,
+                h.beta2,
+                h.eps,
+                h.wd,
+                h.c1,
+                h.c2,
+                l.grid,
+                l.block,
+            )
+        },
     }
 }
 
 /// The CPU engine's versions of the same operations.
 pub mod cpu {
+    use super::super::ops;
     use super::super::optim::Optimizer;
-    use super::super::Dropout;
+    use super::Dropout;
 
     /// As `mlp_bias_act`.
     pub fn bias_act(z: &mut [f32], b: &[f32], relu: bool, dropout: Option<Dropout>) {
-        super::super::cpu::bias_act(z, b, relu, dropout)
+        ops::bias_act(z, b, relu, dropout)
     }
 
     /// As `mlp_relu_back`.
     pub fn relu_back(dh: &[f32], h: &[f32], scale: f32, dz: &mut [f32]) {
-        super::super::cpu::relu_back(dh, h, scale, dz)
+        ops::relu_back(dh, h, scale, dz)
     }
 
     /// As `mlp_bias_grad`.
     pub fn bias_grad(dz: &[f32], db: &mut [f32]) {
-        super::super::cpu::bias_grad(dz, db)
+        ops::bias_grad(dz, db)
     }
 
     /// As `mlp_sgd` / `mlp_adam`.
@@ -222,6 +210,6 @@ pub mod cpu {
         s2: &mut [f32],
         decay: bool,
     ) {
-        opt.update_cpu(t, p, g, s1, s2, decay)
+        opt.at(t, decay).apply_cpu(p, g, s1, s2)
     }
 }

@@ -6,9 +6,11 @@
 //! `sizes[l+1]` outputs with `W_l` stored row-major `[in × out]`:
 //! `z = h·W_l + b_l` for a row-major batch `h` `[rows × in]`.
 
+use super::ops::{bias_act, gemm};
 use crate::error::{invalid, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use std::borrow::Borrow;
 
 /// Where each layer's parameters sit in the flat vector.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +60,26 @@ impl Layout {
 
     pub fn outputs(&self) -> usize {
         *self.sizes.last().unwrap()
+    }
+
+    /// A training forward pass: `layer(l, (in, out), hidden, h, z)` for each
+    /// layer in order, `h` its input (`x` for the first layer, else the
+    /// previous layer's output), `z` its output `acts[l]`, `hidden` whether
+    /// it is followed by another layer (ReLU and dropout) or gives the logits.
+    pub fn forward_layers<X: ?Sized, A: Borrow<X>>(
+        &self,
+        x: &X,
+        acts: &mut [A],
+        mut layer: impl FnMut(usize, (usize, usize), bool, &X, &mut A) -> Result<()>,
+    ) -> Result<()> {
+        let layers = self.layers();
+        for l in 0..layers {
+            let (before, rest) = acts.split_at_mut(l);
+            let h = if l == 0 { x } else { before[l - 1].borrow() };
+            let widths = (self.sizes[l], self.sizes[l + 1]);
+            layer(l, widths, l + 1 < layers, h, &mut rest[0])?;
+        }
+        Ok(())
     }
 }
 
@@ -166,7 +188,7 @@ impl Mlp {
     /// on the CPU (inference: no dropout).
     pub fn forward(&self, x: &[f32]) -> Result<Vec<f32>> {
         let rows = check_batch(x, self.inputs(), "x")?;
-        Ok(super::cpu::forward(&self.layout, &self.params, x, rows))
+        Ok(forward(&self.layout, &self.params, x, rows))
     }
 
     pub(crate) fn layout(&self) -> &Layout {
@@ -186,4 +208,31 @@ pub(crate) fn check_batch(x: &[f32], width: usize, arg: &'static str) -> Result<
         );
     }
     Ok(x.len() / width)
+}
+
+/// Inference forward: logits for `rows` rows of `x`.
+pub(crate) fn forward(layout: &Layout, params: &[f32], x: &[f32], rows: usize) -> Vec<f32> {
+    let mut h = x.to_vec();
+    for l in 0..layout.layers() {
+        let (i, o) = (layout.sizes[l], layout.sizes[l + 1]);
+        let mut z = vec![0.0f32; rows * o];
+        gemm(
+            rows,
+            i,
+            o,
+            &h,
+            (i, 1),
+            &params[layout.w[l]..],
+            (o, 1),
+            &mut z,
+        );
+        bias_act(
+            &mut z,
+            &params[layout.b[l]..layout.b[l] + o],
+            l + 1 < layout.layers(),
+            None,
+        );
+        h = z;
+    }
+    h
 }

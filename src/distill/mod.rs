@@ -29,19 +29,27 @@
 //! # Ok::<(), kdfuse::KdError>(())
 //! ```
 
+// The modules form a DAG, this one on top: dropout and optim at the
+// bottom, then ops, mlp and engine, then the cpu and cuda engines.
 mod cpu;
 pub mod cuda;
+mod dropout;
 #[doc(hidden)]
 #[cfg(feature = "emulation")]
 pub mod emu;
+mod engine;
 mod mlp;
+mod ops;
 mod optim;
 
+#[doc(hidden)]
+pub use dropout::Dropout;
 pub use mlp::Mlp;
 pub use optim::Optimizer;
 
 use crate::error::{invalid, KdError, Result};
 use crate::spec::LossSpec;
+use engine::{Engine, StepBatch, TeacherSource};
 use mlp::check_batch;
 use std::fmt;
 use std::str::FromStr;
@@ -145,87 +153,6 @@ impl DistillConfig {
         }
         Ok(())
     }
-}
-
-/// lowbias32 (Chris Wellons' integer hash); kernels/mlp.cu has the same.
-pub(crate) fn mix32(mut x: u32) -> u32 {
-    x ^= x >> 16;
-    x = x.wrapping_mul(0x7feb_352d);
-    x ^= x >> 15;
-    x = x.wrapping_mul(0x846c_a68b);
-    x ^= x >> 16;
-    x
-}
-
-/// The dropout of one layer at one step: element `i` of the layer's
-/// `[rows × width]` output is kept when `mix32(key ^ i·φ) ≥ threshold`.
-#[doc(hidden)]
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Dropout {
-    /// Per (seed, step, layer).
-    pub key: u32,
-    /// rate · 2³².
-    pub threshold: u32,
-    /// 1 / (1 − rate).
-    pub scale: f32,
-}
-
-impl Dropout {
-    /// The dropout of hidden layer `layer` at step `step`, or `None` at rate 0.
-    pub fn new(rate: f32, seed: u64, step: u64, layer: usize) -> Option<Dropout> {
-        if rate <= 0.0 {
-            return None;
-        }
-        let s = mix32(seed as u32) ^ mix32((seed >> 32) as u32 ^ 0x5bd1_e995);
-        let t = mix32(s ^ step as u32) ^ mix32((step >> 32) as u32 ^ 0x68e3_1da4);
-        Some(Dropout {
-            key: mix32(t ^ mix32(layer as u32 ^ 0x1b87_3593)),
-            threshold: (rate as f64 * 4_294_967_296.0).min(u32::MAX as f64) as u32,
-            scale: 1.0 / (1.0 - rate),
-        })
-    }
-
-    /// Whether element `i` is kept.
-    pub fn keep(&self, i: u32) -> bool {
-        mix32(self.key ^ i.wrapping_mul(0x9e37_79b9)) >= self.threshold
-    }
-}
-
-/// Where a step's teacher logits come from.
-#[derive(Clone, Copy)]
-pub(crate) enum TeacherSource<'a> {
-    /// The step's own teacher, run forward on the batch.
-    Model,
-    /// Given by the caller, `[rows × V]`.
-    Logits(&'a [f32]),
-    /// None (α = 1): the student's own logits stand in, with weight 0.
-    None,
-}
-
-/// The device-specific half of a step.
-pub(crate) trait Engine {
-    /// Forward, fused loss and gradient, backward: the gradient of every
-    /// parameter is left in the engine; returns the loss.
-    #[allow(clippy::too_many_arguments)]
-    fn forward_backward(
-        &mut self,
-        x: &[f32],
-        rows: usize,
-        labels: Option<&[i64]>,
-        teacher: TeacherSource<'_>,
-        spec: &LossSpec,
-        dropout: &dyn Fn(usize) -> Option<Dropout>,
-    ) -> Result<f64>;
-    /// One optimizer update at step `t ≥ 1` from the stored gradients.
-    fn update(&mut self, opt: &Optimizer, t: u64) -> Result<()>;
-    /// Student logits (inference).
-    fn predict(&mut self, x: &[f32], rows: usize) -> Result<Vec<f32>>;
-    /// Teacher logits (inference); only called when there is a teacher.
-    fn teacher_predict(&mut self, x: &[f32], rows: usize) -> Result<Vec<f32>>;
-    /// The student's parameters.
-    fn params(&self) -> Result<Vec<f32>>;
-    /// The last gradients.
-    fn grads(&self) -> Result<Vec<f32>>;
 }
 
 /// A student (and optionally a frozen teacher) being trained: each
@@ -397,9 +324,14 @@ impl DistillStep {
         let t = self.t + 1;
         let (rate, seed) = (self.cfg.dropout, self.cfg.seed);
         let dropout = move |layer: usize| Dropout::new(rate, seed, t, layer);
-        let loss =
-            self.engine
-                .forward_backward(x, rows, labels, source, &self.cfg.loss, &dropout)?;
+        let loss = self.engine.forward_backward(&StepBatch {
+            x,
+            rows,
+            labels,
+            teacher: source,
+            spec: &self.cfg.loss,
+            dropout: &dropout,
+        })?;
         if update {
             self.engine.update(&self.cfg.optimizer, t)?;
             self.t = t;

@@ -96,33 +96,24 @@ impl Optimizer {
 
     /// Checks every hyper-parameter.
     pub fn validate(&self) -> Result<()> {
-        let (lr, wd) = match *self {
-            Optimizer::Sgd {
-                lr,
-                momentum,
-                weight_decay,
-            } => {
+        let (lr, wd) = match self.at(1, true) {
+            Update::Sgd { lr, momentum, wd } => {
                 if !(0.0..1.0).contains(&momentum) {
                     return invalid("momentum", format!("must be in [0, 1), got {momentum}"));
                 }
-                (lr, weight_decay)
+                (lr, wd)
             }
-            Optimizer::Adam {
-                lr,
-                beta1,
-                beta2,
-                eps,
-                weight_decay,
-            } => {
-                for (arg, b) in [("beta1", beta1), ("beta2", beta2)] {
+            Update::Adam(h) => {
+                for (arg, b) in [("beta1", h.beta1), ("beta2", h.beta2)] {
                     if !(0.0..1.0).contains(&b) {
                         return invalid(arg, format!("must be in [0, 1), got {b}"));
                     }
                 }
+                let eps = h.eps;
                 if !(eps.is_finite() && eps > 0.0) {
                     return invalid("eps", format!("must be finite and > 0, got {eps}"));
                 }
-                (lr, weight_decay)
+                (h.lr, h.wd)
             }
         };
         if !(lr.is_finite() && lr > 0.0) {
@@ -136,7 +127,7 @@ impl Optimizer {
 
     /// Adam's bias corrections `1/(1 − β₁ᵗ)`, `1/(1 − β₂ᵗ)` for step `t ≥ 1`
     /// (computed in f64, passed to the kernels as f32).
-    pub(crate) fn adam_corrections(beta1: f32, beta2: f32, t: u64) -> (f32, f32) {
+    fn adam_corrections(beta1: f32, beta2: f32, t: u64) -> (f32, f32) {
         let t = t.min(i32::MAX as u64) as i32;
         (
             (1.0 / (1.0 - (beta1 as f64).powi(t))) as f32,
@@ -144,32 +135,20 @@ impl Optimizer {
         )
     }
 
-    /// One update at step `t ≥ 1` of `p` from `g`, with optimizer state
-    /// `s1`, `s2` (momentum; Adam's m and v). `decay` says whether weight
-    /// decay applies to this range.
-    pub(crate) fn update_cpu(
-        &self,
-        t: u64,
-        p: &mut [f32],
-        g: &[f32],
-        s1: &mut [f32],
-        s2: &mut [f32],
-        decay: bool,
-    ) {
-        const MIN: usize = 4096;
+    /// The update at step `t ≥ 1` of a range with weight decay (`decay`)
+    /// or without, as the kernels take it.
+    pub(crate) fn at(&self, t: u64, decay: bool) -> Update {
+        let decayed = |wd: f32| if decay { wd } else { 0.0 };
         match *self {
             Optimizer::Sgd {
                 lr,
                 momentum,
                 weight_decay,
-            } => {
-                let wd = if decay { weight_decay } else { 0.0 };
-                p.par_iter_mut()
-                    .zip(g.par_iter())
-                    .zip(s1.par_iter_mut())
-                    .with_min_len(MIN)
-                    .for_each(|((p, &g), v)| sgd(p, g, v, lr, momentum, wd));
-            }
+            } => Update::Sgd {
+                lr,
+                momentum,
+                wd: decayed(weight_decay),
+            },
             Optimizer::Adam {
                 lr,
                 beta1,
@@ -177,17 +156,43 @@ impl Optimizer {
                 eps,
                 weight_decay,
             } => {
-                let wd = if decay { weight_decay } else { 0.0 };
                 let (c1, c2) = Self::adam_corrections(beta1, beta2, t);
-                let h = AdamHyper {
+                Update::Adam(AdamHyper {
                     lr,
                     beta1,
                     beta2,
                     eps,
-                    wd,
+                    wd: decayed(weight_decay),
                     c1,
                     c2,
-                };
+                })
+            }
+        }
+    }
+}
+
+/// One update's hyper-parameters (weight decay already 0 where it does not
+/// apply).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Update {
+    Sgd { lr: f32, momentum: f32, wd: f32 },
+    Adam(AdamHyper),
+}
+
+impl Update {
+    /// Applies the update to `p` from `g` on the CPU, with optimizer state
+    /// `s1`, `s2` (momentum; Adam's m and v).
+    pub(crate) fn apply_cpu(&self, p: &mut [f32], g: &[f32], s1: &mut [f32], s2: &mut [f32]) {
+        const MIN: usize = 4096;
+        match *self {
+            Update::Sgd { lr, momentum, wd } => {
+                p.par_iter_mut()
+                    .zip(g.par_iter())
+                    .zip(s1.par_iter_mut())
+                    .with_min_len(MIN)
+                    .for_each(|((p, &g), v)| sgd(p, g, v, lr, momentum, wd));
+            }
+            Update::Adam(h) => {
                 p.par_iter_mut()
                     .zip(g.par_iter())
                     .zip(s1.par_iter_mut().zip(s2.par_iter_mut()))
@@ -206,6 +211,7 @@ pub(crate) fn sgd(p: &mut f32, g: f32, v: &mut f32, lr: f32, mu: f32, wd: f32) {
     *p -= lr * *v;
 }
 
+#[derive(Debug, Clone, Copy)]
 pub(crate) struct AdamHyper {
     pub lr: f32,
     pub beta1: f32,

@@ -13,30 +13,13 @@
 #include <stdio.h>
 #include <string.h>
 
+#define CHECK_NAME "abi_bad_input"
+#include "check.h"
 #include "kdfuse.h"
 
 #define N 3
 #define V 8
 
-static int failures = 0;
-
-#define CHECK(cond, ...)                            \
-  do {                                              \
-    if (!(cond)) {                                  \
-      fprintf(stderr, "abi_bad_input: FAILED: ");   \
-      fprintf(stderr, __VA_ARGS__);                 \
-      fprintf(stderr, "\n");                        \
-      failures++;                                   \
-    }                                               \
-  } while (0)
-
-/* The call failed with InvalidArgument and a message containing `field`. */
-#define CHECK_INVALID(call, field, what)                                                   \
-  do {                                                                                     \
-    KdfuseStatus st_ = (call);                                                             \
-    CHECK(st_ == KDFUSE_STATUS_INVALID_ARGUMENT && strstr(kdfuse_last_error(), (field)), \
-          "%s: status %d: %s", (what), (int)st_, kdfuse_last_error());                     \
-  } while (0)
 
 /* `p` moved by one byte: misaligned for any element wider than a byte. */
 static void* off_by_one(void* p) { return (void*)((uintptr_t)p + 1); }

@@ -15,6 +15,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#define CHECK_NAME "abi_test"
+#include "check.h"
 #include "kdfuse.h"
 
 #define N 5
@@ -59,17 +61,6 @@ typedef struct {
 _Static_assert(sizeof(ParamsV1) == offsetof(KdfuseParams, softcap), "params v1 is a prefix");
 _Static_assert(sizeof(BatchV1) == offsetof(KdfuseBatch, row_weights), "batch v1 is a prefix");
 
-static int failures = 0;
-
-#define CHECK(cond, ...)                      \
-  do {                                        \
-    if (!(cond)) {                            \
-      fprintf(stderr, "abi_test: FAILED: ");  \
-      fprintf(stderr, __VA_ARGS__);           \
-      fprintf(stderr, "\n");                  \
-      failures++;                             \
-    }                                         \
-  } while (0)
 
 /* The same generator as tests/interfaces/c_abi.rs. */
 static void lcg(uint64_t seed, float* out, int n) {
@@ -80,19 +71,22 @@ static void lcg(uint64_t seed, float* out, int n) {
   }
 }
 
+/* `b` with a top-k teacher instead of its dense one. */
+static KdfuseBatch with_topk(KdfuseBatch b, const void* indices, int32_t index_dtype,
+                             const float* values) {
+  b.teacher = NULL;
+  b.topk_indices = indices;
+  b.topk_index_dtype = index_dtype;
+  b.topk_values = values;
+  b.topk_k = K;
+  return b;
+}
+
 static double norm(const float* x, int n) {
   double s2 = 0.0;
   for (int i = 0; i < n; i++) s2 += (double)x[i] * x[i];
   return sqrt(s2);
 }
-
-/* The call failed with InvalidArgument and a message containing `field`. */
-#define CHECK_INVALID(call, field, what)                                                   \
-  do {                                                                                     \
-    KdfuseStatus st_ = (call);                                                             \
-    CHECK(st_ == KDFUSE_STATUS_INVALID_ARGUMENT && strstr(kdfuse_last_error(), (field)), \
-          "%s: status %d: %s", (what), (int)st_, kdfuse_last_error());                     \
-  } while (0)
 
 int main(int argc, char** argv) {
   if (argc != 3 && argc != 8) {
@@ -264,12 +258,7 @@ int main(int argc, char** argv) {
     bb.row_weights = short_weights;
     CHECK_INVALID(kdfuse_compute_host(&bb, &p), "row_weights", "NaN row weight");
 
-    KdfuseBatch tb = b;
-    tb.teacher = NULL;
-    tb.topk_indices = idx;
-    tb.topk_index_dtype = KDFUSE_INDEX_DTYPE_I64;
-    tb.topk_values = vals;
-    tb.topk_k = K;
+    KdfuseBatch tb = with_topk(b, idx, KDFUSE_INDEX_DTYPE_I64, vals);
     pp = p;
     pp.divergence = KDFUSE_DIVERGENCE_FORWARD_KL;
     pp.beta = 0.5; /* JSD's alone: any other divergence refuses a non-default beta */
@@ -344,12 +333,7 @@ int main(int argc, char** argv) {
     pk.divergence = KDFUSE_DIVERGENCE_FORWARD_KL;
     pk.beta = 0.5;
     pk.topk_mode = KDFUSE_TOPK_MODE_FULL;
-    KdfuseBatch bk = b;
-    bk.teacher = NULL;
-    bk.topk_indices = idx32;
-    bk.topk_index_dtype = KDFUSE_INDEX_DTYPE_I32;
-    bk.topk_values = vals;
-    bk.topk_k = K;
+    KdfuseBatch bk = with_topk(b, idx32, KDFUSE_INDEX_DTYPE_I32, vals);
     for (int i = 0; i < N * V; i++) grad[i] = NAN;
     float topk_loss = NAN;
     bk.loss = &topk_loss;

@@ -1,0 +1,369 @@
+//! Typed kernel handles: every kernel of the embedded fatbin is a [`Kernel`]
+//! value (what selects it: divergence × variant × dtypes, index width, …),
+//! resolved by name once per context into its slot of the context's
+//! [`KernelTable`]. A launch indexes the table; no name is built and no map
+//! is searched per call.
+
+use crate::error::{KdError, Result};
+use crate::feature::FeatureKind;
+use crate::spec::LossSpec;
+use crate::tensor::Dtype;
+use cudarc::driver::{CudaFunction, CudaModule};
+use std::sync::{Arc, OnceLock};
+
+/// An (input, gradient) dtype pair the typed kernel families are compiled
+/// for: the input's own dtype or f32 for the gradient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Io(u8);
+
+const IO_NAMES: [(&str, &str); 5] = [
+    ("f32", "f32"),
+    ("bf16", "bf16"),
+    ("bf16", "f32"),
+    ("f16", "f16"),
+    ("f16", "f32"),
+];
+
+impl Io {
+    /// The pair, or `None` when `grad` is neither `input` nor f32.
+    pub(crate) fn new(input: Dtype, grad: Dtype) -> Option<Io> {
+        let i = match (input, grad) {
+            (Dtype::F32, Dtype::F32) => 0,
+            (Dtype::Bf16, Dtype::Bf16) => 1,
+            (Dtype::Bf16, Dtype::F32) => 2,
+            (Dtype::F16, Dtype::F16) => 3,
+            (Dtype::F16, Dtype::F32) => 4,
+            _ => return None,
+        };
+        Some(Io(i))
+    }
+
+    fn suffix(self) -> String {
+        let (i, o) = IO_NAMES[self.0 as usize];
+        format!("{i}_{o}")
+    }
+}
+
+/// The kernels/eager.cu kernels compiled once per dtype (`kd_eager_<op>_<dtype>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum EagerTyped {
+    LogSoftmax,
+    LsmBack,
+    CeBack,
+}
+
+/// The kernels/eager.cu kernels on f32 intermediates (`kd_eager_<op>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum EagerOp {
+    FklTerms,
+    RklTerms,
+    LogMix,
+    JsdTerms,
+    SceTerms,
+    TvdTerms,
+    RowLoss,
+    FklBack,
+    RklBack,
+    JsdBack,
+    TvdBack,
+}
+
+const EAGER_OPS: [&str; 11] = [
+    "fkl_terms",
+    "rkl_terms",
+    "log_mix",
+    "jsd_terms",
+    "sce_terms",
+    "tvd_terms",
+    "row_loss",
+    "fkl_back",
+    "rkl_back",
+    "jsd_back",
+    "tvd_back",
+];
+
+/// The kernels/mlp.cu kernels (`mlp_<op>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MlpOp {
+    BiasAct,
+    ReluBack,
+    BiasGrad,
+    Sgd,
+    Adam,
+}
+
+const MLP_OPS: [&str; 5] = ["bias_act", "relu_back", "bias_grad", "sgd", "adam"];
+
+/// One kernel of the fatbin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kernel {
+    /// `kd_fused_<div>[_fast|_fastce]_<in>_<out>`; `div` is
+    /// `KernelDivergence::id`, `variant` `LossSpec::kernel_variant`.
+    Fused { div: u8, variant: u8, io: Io },
+    /// `kd_topk_<in>_<out>_<i32|i64>`.
+    Topk { io: Io, indices_i64: bool },
+    /// `kd_topk_validate_<i32|i64>`.
+    TopkValidate { indices_i64: bool },
+    /// `kd_count_valid`.
+    CountValid,
+    /// `kd_reduce_loss`.
+    ReduceLoss,
+    /// `kd_feat_<mse|cos|at>_<in>_<out>`.
+    Feature { kind: FeatureKind, io: Io },
+    /// `kd_eager_<op>_<dtype>`.
+    EagerTyped(EagerTyped, Dtype),
+    /// `kd_eager_<op>`.
+    Eager(EagerOp),
+    /// `mlp_<op>`.
+    Mlp(MlpOp),
+}
+
+// First slot of each family in the table.
+const DIVERGENCES: usize = 5;
+const VARIANTS: usize = 3;
+const TOPK: usize = DIVERGENCES * VARIANTS * IO_NAMES.len();
+const TOPK_VALIDATE: usize = TOPK + 2 * IO_NAMES.len();
+const COUNT_VALID: usize = TOPK_VALIDATE + 2;
+const REDUCE_LOSS: usize = COUNT_VALID + 1;
+const FEATURE: usize = REDUCE_LOSS + 1;
+const EAGER_TYPED: usize = FEATURE + 3 * IO_NAMES.len();
+const EAGER: usize = EAGER_TYPED + 3 * 3;
+const MLP: usize = EAGER + EAGER_OPS.len();
+const SLOTS: usize = MLP + MLP_OPS.len();
+
+fn dtype_index(d: Dtype) -> usize {
+    match d {
+        Dtype::F32 => 0,
+        Dtype::Bf16 => 1,
+        Dtype::F16 => 2,
+    }
+}
+
+fn feature_short(kind: FeatureKind) -> (usize, &'static str) {
+    match kind {
+        FeatureKind::Mse => (0, "mse"),
+        FeatureKind::Cosine => (1, "cos"),
+        FeatureKind::Attention => (2, "at"),
+    }
+}
+
+impl Kernel {
+    /// The dense kernel of a (validated) spec for the dtype pair `io`.
+    pub(crate) fn fused(spec: &LossSpec, io: Io) -> Kernel {
+        Kernel::Fused {
+            div: spec.kernel_divergence().id() as u8,
+            variant: spec.kernel_variant() as u8,
+            io,
+        }
+    }
+
+    fn slot(self) -> usize {
+        match self {
+            Kernel::Fused { div, variant, io } => {
+                (div as usize * VARIANTS + variant as usize) * IO_NAMES.len() + io.0 as usize
+            }
+            Kernel::Topk { io, indices_i64 } => TOPK + 2 * io.0 as usize + indices_i64 as usize,
+            Kernel::TopkValidate { indices_i64 } => TOPK_VALIDATE + indices_i64 as usize,
+            Kernel::CountValid => COUNT_VALID,
+            Kernel::ReduceLoss => REDUCE_LOSS,
+            Kernel::Feature { kind, io } => {
+                FEATURE + feature_short(kind).0 * IO_NAMES.len() + io.0 as usize
+            }
+            Kernel::EagerTyped(op, d) => EAGER_TYPED + op as usize * 3 + dtype_index(d),
+            Kernel::Eager(op) => EAGER + op as usize,
+            Kernel::Mlp(op) => MLP + op as usize,
+        }
+    }
+
+    /// The kernel's symbol in the fatbin.
+    pub(crate) fn name(self) -> String {
+        let index = |i64: bool| if i64 { "i64" } else { "i32" };
+        match self {
+            Kernel::Fused { div, variant, io } => {
+                let div = ["fkl", "rkl", "jsd", "tvd", "sce"][div as usize];
+                let variant = ["", "_fast", "_fastce"][variant as usize];
+                format!("kd_fused_{div}{variant}_{}", io.suffix())
+            }
+            Kernel::Topk { io, indices_i64 } => {
+                format!("kd_topk_{}_{}", io.suffix(), index(indices_i64))
+            }
+            Kernel::TopkValidate { indices_i64 } => {
+                format!("kd_topk_validate_{}", index(indices_i64))
+            }
+            Kernel::CountValid => "kd_count_valid".into(),
+            Kernel::ReduceLoss => "kd_reduce_loss".into(),
+            Kernel::Feature { kind, io } => {
+                format!("kd_feat_{}_{}", feature_short(kind).1, io.suffix())
+            }
+            Kernel::EagerTyped(op, d) => {
+                let op = ["log_softmax", "lsm_back", "ce_back"][op as usize];
+                format!("kd_eager_{op}_{d}")
+            }
+            Kernel::Eager(op) => format!("kd_eager_{}", EAGER_OPS[op as usize]),
+            Kernel::Mlp(op) => format!("mlp_{}", MLP_OPS[op as usize]),
+        }
+    }
+}
+
+/// The kernels of one context: the loaded module and a slot per [`Kernel`],
+/// filled at the kernel's first use and shared by every backend of the
+/// context.
+pub(crate) struct KernelTable {
+    module: Arc<CudaModule>,
+    slots: [OnceLock<CudaFunction>; SLOTS],
+}
+
+impl KernelTable {
+    pub(crate) fn new(module: Arc<CudaModule>) -> Self {
+        KernelTable {
+            module,
+            slots: std::array::from_fn(|_| OnceLock::new()),
+        }
+    }
+
+    pub(crate) fn module(&self) -> &Arc<CudaModule> {
+        &self.module
+    }
+
+    /// The kernel, looked up in the module the first time only.
+    pub(crate) fn get(&self, k: Kernel) -> Result<&CudaFunction> {
+        let slot = &self.slots[k.slot()];
+        if let Some(f) = slot.get() {
+            return Ok(f);
+        }
+        let name = k.name();
+        let f = self
+            .module
+            .load_function(&name)
+            .map_err(|e| KdError::Cuda(format!("kernel {name}: {e}")))?;
+        // Two threads may both load it; either function is the same kernel.
+        Ok(slot.get_or_init(|| f))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{Divergence, Precision};
+
+    fn every_kernel() -> Vec<Kernel> {
+        let ios: Vec<Io> = (0..IO_NAMES.len() as u8).map(Io).collect();
+        let mut all = vec![Kernel::CountValid, Kernel::ReduceLoss];
+        for div in 0..DIVERGENCES as u8 {
+            for variant in 0..VARIANTS as u8 {
+                all.extend(ios.iter().map(|&io| Kernel::Fused { div, variant, io }));
+            }
+        }
+        for indices_i64 in [false, true] {
+            all.push(Kernel::TopkValidate { indices_i64 });
+            all.extend(ios.iter().map(|&io| Kernel::Topk { io, indices_i64 }));
+        }
+        for kind in [
+            FeatureKind::Mse,
+            FeatureKind::Cosine,
+            FeatureKind::Attention,
+        ] {
+            all.extend(ios.iter().map(|&io| Kernel::Feature { kind, io }));
+        }
+        for op in [
+            EagerTyped::LogSoftmax,
+            EagerTyped::LsmBack,
+            EagerTyped::CeBack,
+        ] {
+            for d in [Dtype::F32, Dtype::Bf16, Dtype::F16] {
+                all.push(Kernel::EagerTyped(op, d));
+            }
+        }
+        use EagerOp::*;
+        for op in [
+            FklTerms, RklTerms, LogMix, JsdTerms, SceTerms, TvdTerms, RowLoss, FklBack, RklBack,
+            JsdBack, TvdBack,
+        ] {
+            all.push(Kernel::Eager(op));
+        }
+        use MlpOp::*;
+        for op in [BiasAct, ReluBack, BiasGrad, Sgd, Adam] {
+            all.push(Kernel::Mlp(op));
+        }
+        all
+    }
+
+    #[test]
+    fn every_kernel_has_its_own_slot_and_name() {
+        let all = every_kernel();
+        assert_eq!(all.len(), SLOTS);
+        let mut slots: Vec<usize> = all.iter().map(|k| k.slot()).collect();
+        slots.sort_unstable();
+        assert_eq!(slots, (0..SLOTS).collect::<Vec<_>>());
+        let mut names: Vec<String> = all.iter().map(|k| k.name()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), SLOTS);
+    }
+
+    #[test]
+    fn names_are_the_fatbin_symbols() {
+        let spec = |divergence, beta, precision, alpha| LossSpec {
+            divergence,
+            beta,
+            precision,
+            alpha,
+            ..Default::default()
+        };
+        let bf16_f32 = Io::new(Dtype::Bf16, Dtype::F32).unwrap();
+        let f16 = Io::new(Dtype::F16, Dtype::F16).unwrap();
+        for (s, io, name) in [
+            (
+                spec(Divergence::Jsd, 0.5, Precision::Exact, 0.0),
+                bf16_f32,
+                "kd_fused_jsd_bf16_f32",
+            ),
+            (
+                spec(Divergence::Jsd, 1.0, Precision::Fast, 0.0),
+                f16,
+                "kd_fused_rkl_fast_f16_f16",
+            ),
+            (
+                spec(Divergence::SoftCe, 0.5, Precision::Fast, 0.5),
+                bf16_f32,
+                "kd_fused_sce_fastce_bf16_f32",
+            ),
+            (
+                spec(Divergence::Tvd, 0.5, Precision::Exact, 0.5),
+                Io::new(Dtype::F32, Dtype::F32).unwrap(),
+                "kd_fused_tvd_f32_f32",
+            ),
+        ] {
+            assert_eq!(Kernel::fused(&s, io).name(), name);
+        }
+        assert_eq!(Io::new(Dtype::F32, Dtype::Bf16), None);
+        for (k, name) in [
+            (
+                Kernel::Topk {
+                    io: f16,
+                    indices_i64: true,
+                },
+                "kd_topk_f16_f16_i64",
+            ),
+            (
+                Kernel::TopkValidate { indices_i64: false },
+                "kd_topk_validate_i32",
+            ),
+            (
+                Kernel::Feature {
+                    kind: FeatureKind::Cosine,
+                    io: bf16_f32,
+                },
+                "kd_feat_cos_bf16_f32",
+            ),
+            (
+                Kernel::EagerTyped(EagerTyped::CeBack, Dtype::Bf16),
+                "kd_eager_ce_back_bf16",
+            ),
+            (Kernel::Eager(EagerOp::JsdBack), "kd_eager_jsd_back"),
+            (Kernel::Mlp(MlpOp::BiasAct), "mlp_bias_act"),
+        ] {
+            assert_eq!(k.name(), name);
+        }
+    }
+}
