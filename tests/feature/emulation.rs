@@ -5,6 +5,7 @@
 //! this is what checks the parallel decomposition; tests/gpu.rs checks the
 //! same on hardware.
 
+use crate::common::{assert_passed, assert_sweep_passed};
 use kdfuse::feature::check::{feature_sweep, run_feature_case, FeatureCaseConfig, Special};
 use kdfuse::feature::emu::FeatureEmuBackend;
 use kdfuse::{
@@ -14,15 +15,7 @@ use kdfuse::{
 #[test]
 fn random_cases_against_oracle() {
     let report = feature_sweep(&FeatureEmuBackend::default(), 90, 77, 6000, |_| {}).unwrap();
-    for f in &report.failures {
-        eprintln!(
-            "FAIL loss {:.2e} grad {:.2e} {}",
-            f.loss_err,
-            f.grad_err,
-            f.config.describe()
-        );
-    }
-    assert!(report.passed());
+    assert_sweep_passed!(report);
     assert_eq!(report.groups.len(), 9, "every dtype × loss drawn");
 }
 
@@ -59,13 +52,9 @@ fn long_rows_and_grid_stride() {
         ] {
             // Two blocks for five rows: the grid-stride loop runs, and the
             // attention workspace of a block is reused across its rows.
-            let r = run_feature_case(&FeatureEmuBackend { grid: 2 }, &c).unwrap();
-            assert!(
-                r.passed,
-                "loss {:.2e} grad {:.2e}: {}",
-                r.loss_err,
-                r.grad_err,
-                c.describe()
+            assert_passed!(
+                run_feature_case(&FeatureEmuBackend { grid: 2 }, &c).unwrap(),
+                c
             );
         }
     }
