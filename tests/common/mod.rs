@@ -54,6 +54,16 @@ pub fn topk_inputs<'a>(
     }
 }
 
+/// Dense inputs of any dtype, `rows × cols`, without labels or row weights.
+pub fn inputs_of<'a>(s: HostData<'a>, t: HostData<'a>, rows: usize, cols: usize) -> KdInputs<'a> {
+    KdInputs {
+        student: Logits::new(s, rows, cols),
+        teacher: Logits::new(t, rows, cols),
+        labels: None,
+        row_weights: None,
+    }
+}
+
 /// Largest |a − b| / max(|b|, floor).
 pub fn max_rel(a: &[f32], b: &[f32], floor: f32) -> f32 {
     a.iter()
@@ -264,3 +274,30 @@ macro_rules! assert_sweep_passed {
 }
 #[allow(unused_imports)]
 pub(crate) use assert_sweep_passed;
+
+/// The property test `random_cases_within_tolerance`: 96 random cases, each
+/// drawn by `random_config(rng, max_cols)` and passing `run_case` on the CPU
+/// backend (`kdfuse::check`'s or `kdfuse::feature::check`'s pair).
+#[allow(unused_macros)]
+macro_rules! cpu_random_cases_within_tolerance {
+    ($random_config:path, $run_case:path, $max_cols:expr) => {
+        proptest::proptest! {
+            #![proptest_config(proptest::prelude::ProptestConfig::with_cases(96))]
+            #[test]
+            fn random_cases_within_tolerance(seed in proptest::prelude::any::<u64>()) {
+                let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
+                let config = $random_config(&mut rng, $max_cols);
+                let r = $run_case(&kdfuse::CpuBackend, &config).unwrap();
+                proptest::prop_assert!(
+                    r.passed,
+                    "loss_err {:.2e} grad_err {:.2e}: {}",
+                    r.loss_err,
+                    r.grad_err,
+                    config.describe()
+                );
+            }
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use cpu_random_cases_within_tolerance;

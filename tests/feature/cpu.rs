@@ -11,20 +11,10 @@ use kdfuse::{
     CpuBackend, Dtype, FeatureBackend, FeatureGrads, FeatureInputs, FeatureKind, FeatureOutput,
     FeatureSpec, Features, GradDtype, HostData, Oracle, OwnedData, Reduction,
 };
-use proptest::prelude::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-proptest! {
-    #![proptest_config(ProptestConfig::with_cases(96))]
-    #[test]
-    fn random_cases_within_tolerance(seed in any::<u64>()) {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let config = random_feature_config(&mut rng, 70_000);
-        let r = run_feature_case(&CpuBackend, &config).unwrap();
-        prop_assert!(r.passed, "loss_err {:.2e} grad_err {:.2e}: {}", r.loss_err, r.grad_err, config.describe());
-    }
-}
+crate::common::cpu_random_cases_within_tolerance!(random_feature_config, run_feature_case, 70_000);
 
 #[test]
 fn sweep_with_large_rows() {
