@@ -41,6 +41,15 @@ fn fast_errors(inputs: &KdInputs, spec: &LossSpec) -> (f64, f64) {
     compare_with_grad_floor(&got, &want, &scales, weight, Dtype::F32, grad_res / 1e-5)
 }
 
+/// The emulated fast kernel is within 1e-5 of the oracle (loss and gradient).
+fn assert_fast_passes(inputs: &KdInputs, spec: &LossSpec, what: &str) {
+    let (le, ge) = fast_errors(inputs, spec);
+    assert!(
+        le <= 1e-5 && ge <= 1e-5,
+        "{what}: loss {le:.2e} grad {ge:.2e}"
+    );
+}
+
 #[test]
 fn the_rule_that_picks_the_fast_kernels() {
     let fast = |spec: LossSpec| spec.kernel_precision() == Precision::Fast;
@@ -173,11 +182,8 @@ fn references_that_move_all_along_the_row() {
                         alpha,
                         ..Default::default()
                     };
-                    let (le, ge) = fast_errors(&inputs, &spec);
-                    assert!(
-                        le <= 1e-5 && ge <= 1e-5,
-                        "{divergence} V={v} slope={slope} τ={tau} α={alpha}: loss {le:.2e} grad {ge:.2e}"
-                    );
+                    let what = format!("{divergence} V={v} slope={slope} τ={tau} α={alpha}");
+                    assert_fast_passes(&inputs, &spec, &what);
                 }
             }
         }
@@ -240,11 +246,8 @@ fn masks_labels_scales_strides_and_in_place() {
                     temperature: 1.5,
                     ..Default::default()
                 };
-                let (le, ge) = fast_errors(&inputs, &spec);
-                assert!(
-                    le <= 1e-5 && ge <= 1e-5,
-                    "{divergence} V={v} α={alpha} scale={grad_scale}: loss {le:.2e} grad {ge:.2e}"
-                );
+                let what = format!("{divergence} V={v} α={alpha} scale={grad_scale}");
+                assert_fast_passes(&inputs, &spec, &what);
             }
         }
     }
@@ -311,12 +314,7 @@ fn infinite_and_poisoned_rows() {
             t[3] = f32::NEG_INFINITY;
         }
         s[v + 10] = f32::NAN;
-        let inputs = KdInputs {
-            student: Logits::new(HostData::F32(&s), 3, v),
-            teacher: Logits::new(HostData::F32(&t), 3, v),
-            labels: None,
-            row_weights: None,
-        };
+        let inputs = crate::common::inputs(&s, &t, 3, v, None);
         let spec = LossSpec {
             divergence,
             reduction: Reduction::None,

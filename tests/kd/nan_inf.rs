@@ -206,6 +206,22 @@ fn dense<'a>(s: &'a [f32], t: &'a [f32], v: usize) -> KdInputs<'a> {
     common::inputs(s, t, N, v, None)
 }
 
+/// The oracle's result (the reference) and `b`'s, with f32 gradients.
+fn reference_and(b: &dyn Backend, inputs: &KdInputs, spec: &LossSpec) -> (KdOutput, KdOutput) {
+    let run = |b: &dyn Backend| b.compute(inputs, spec, Some(GradDtype::F32)).unwrap();
+    (run(&Oracle), run(b))
+}
+
+/// The same for a top-k teacher.
+fn reference_and_topk(
+    b: &dyn Backend,
+    inputs: &TopkInputs,
+    spec: &LossSpec,
+) -> (KdOutput, KdOutput) {
+    let run = |b: &dyn Backend| b.compute_topk(inputs, spec, Some(GradDtype::F32)).unwrap();
+    (run(&Oracle), run(b))
+}
+
 /// The divergence × side × position × value table (dense teacher) on `b`.
 fn dense_table(b: &dyn Backend, on: On, v: usize) {
     let labels: Vec<i64> = (0..N as i64).map(|r| (5 * r + 2) % v as i64).collect();
@@ -219,11 +235,8 @@ fn dense_table(b: &dyn Backend, on: On, v: usize) {
                             labels: with_labels.then_some(&labels[..]),
                             ..dense(&s, &t, v)
                         };
-                        let reference = Oracle
-                            .compute(&inputs, &spec, Some(GradDtype::F32))
-                            .unwrap();
+                        let (reference, out) = reference_and(b, &inputs, &spec);
                         let what = format!("{on} {div} {sname} V={v} {side:?} {pos:?} {value}");
-                        let out = b.compute(&inputs, &spec, Some(GradDtype::F32)).unwrap();
                         if value.is_nan() || value == f32::INFINITY {
                             assert_poisoned(&what, &out, &reference, v, true);
                         } else {
@@ -266,10 +279,7 @@ fn dense_long_rows_in_the_kernels(b: &dyn Backend, on: On) {
                 grad_teacher: true,
                 ..Default::default()
             };
-            let reference = Oracle
-                .compute(&inputs, &spec, Some(GradDtype::F32))
-                .unwrap();
-            let out = b.compute(&inputs, &spec, Some(GradDtype::F32)).unwrap();
+            let (reference, out) = reference_and(b, &inputs, &spec);
             let what = format!("{on} {div} {side:?} {pos:?} {value}");
             assert_poisoned(&what, &out, &reference, v, true);
         }
@@ -286,12 +296,7 @@ fn every_dtype_and_the_loss_only_path(b: &dyn Backend, on: On) {
             OwnedData::from_f32(&s, dtype),
             OwnedData::from_f32(&t, dtype),
         );
-        let inputs = KdInputs {
-            student: Logits::new(sd.view(), N, v),
-            teacher: Logits::new(td.view(), N, v),
-            labels: None,
-            row_weights: None,
-        };
+        let inputs = common::inputs_of(sd.view(), td.view(), N, v);
         let spec = LossSpec::default();
         let out = b.compute(&inputs, &spec, None).unwrap();
         assert!(
@@ -322,10 +327,8 @@ fn plus_inf_under_softcap_is_the_cap(b: &dyn Backend, on: On) {
                 softcap: Some(5.0),
                 ..Default::default()
             };
-            let [(reference, out), (reference2, out2)] = [&inputs, &inputs2].map(|i| {
-                let run = |b: &dyn Backend| b.compute(i, &spec, Some(GradDtype::F32)).unwrap();
-                (run(&Oracle), run(b))
-            });
+            let (reference, out) = reference_and(b, &inputs, &spec);
+            let (reference2, out2) = reference_and(b, &inputs2, &spec);
             let what = format!("{on} {div} softcap {side:?}");
             assert_matches(&format!("{what} +inf"), &out, &reference, v);
             assert_poisoned(&format!("{what} NaN"), &out2, &reference2, v, false);
@@ -351,10 +354,7 @@ fn an_all_masked_side_is_nan(b: &dyn Backend, on: On) {
                 divergence: div,
                 ..Default::default()
             };
-            let reference = Oracle
-                .compute(&inputs, &spec, Some(GradDtype::F32))
-                .unwrap();
-            let out = b.compute(&inputs, &spec, Some(GradDtype::F32)).unwrap();
+            let (reference, out) = reference_and(b, &inputs, &spec);
             let what = format!("{on} {div} all −inf {side:?}");
             assert_poisoned(&what, &out, &reference, v, false);
         }
@@ -521,17 +521,12 @@ fn topk_nan_and_inf_table(b: &dyn Backend, on: On) {
                     for value in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
                         let c = topk_case(v, k, pos, value);
                         let inputs = topk_inputs(&c, v, lab);
-                        let reference = Oracle
-                            .compute_topk(&inputs, &spec, Some(GradDtype::F32))
-                            .unwrap();
+                        let (reference, out) = reference_and_topk(b, &inputs, &spec);
                         // Support mode with α = 0 never reads the student off
                         // the support.
                         let unused =
                             mode == TopkMode::Support && alpha == 0.0 && pos == TopkPos::StudentOff;
                         let what = format!("{on} topk-{mode} α={alpha} V={v} {pos:?} {value}");
-                        let out = b
-                            .compute_topk(&inputs, &spec, Some(GradDtype::F32))
-                            .unwrap();
                         if (value.is_nan() || value == f32::INFINITY) && !unused {
                             assert_poisoned(&what, &out, &reference, v, false);
                         } else {
@@ -560,12 +555,7 @@ fn topk_all_values_masked(b: &dyn Backend, on: On) {
             teacher_log_probs: tail,
             ..Default::default()
         };
-        let reference = Oracle
-            .compute_topk(&inputs, &spec, Some(GradDtype::F32))
-            .unwrap();
-        let out = b
-            .compute_topk(&inputs, &spec, Some(GradDtype::F32))
-            .unwrap();
+        let (reference, out) = reference_and_topk(b, &inputs, &spec);
         let what = format!("{on} topk-{mode} all values −inf");
         if tail {
             assert_matches(&what, &out, &reference, v);
