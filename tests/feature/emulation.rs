@@ -5,7 +5,7 @@
 //! this is what checks the parallel decomposition; tests/gpu.rs checks the
 //! same on hardware.
 
-use crate::common::{assert_passed, assert_sweep_passed};
+use crate::common::{assert_passed, assert_sweep_passed, for_each_backend};
 use kdfuse::feature::check::{feature_sweep, run_feature_case, FeatureCaseConfig, Special};
 use kdfuse::feature::emu::FeatureEmuBackend;
 use kdfuse::{
@@ -60,11 +60,10 @@ fn long_rows_and_grid_stride() {
     }
 }
 
-#[test]
-fn aligned_and_misaligned_rows_match_the_cpu_backend() {
-    // The kernel's 16-byte path (rows sharing their alignment) and its scalar
-    // path compute the same sums as the CPU backend's lanes, up to summation
-    // order.
+/// The kernel's 16-byte path (rows sharing their alignment) and its scalar
+/// path compute the same sums as the CPU backend's lanes, up to summation
+/// order.
+fn aligned_and_misaligned_rows_match_the_cpu_backend(b: &dyn FeatureBackend) {
     for (sp, tp) in [(0, 0), (8, 8), (1, 0), (3, 5)] {
         let c = FeatureCaseConfig {
             student_pad: sp,
@@ -73,11 +72,9 @@ fn aligned_and_misaligned_rows_match_the_cpu_backend() {
         };
         let data = kdfuse::feature::check::generate_features(&c);
         let g = FeatureGrads::both(GradDtype::F32);
-        let a = FeatureEmuBackend::default()
-            .feature_loss(&data.inputs(), &c.spec, g)
-            .unwrap();
-        let b = CpuBackend.feature_loss(&data.inputs(), &c.spec, g).unwrap();
-        for (x, y) in a.row_losses.iter().zip(&b.row_losses) {
+        let a = b.feature_loss(&data.inputs(), &c.spec, g).unwrap();
+        let cpu = CpuBackend.feature_loss(&data.inputs(), &c.spec, g).unwrap();
+        for (x, y) in a.row_losses.iter().zip(&cpu.row_losses) {
             assert!((x - y).abs() <= 1e-6 * y.abs().max(1e-3), "{x} vs {y}");
         }
         let close = |p: &[f32], q: &[f32]| {
@@ -85,7 +82,8 @@ fn aligned_and_misaligned_rows_match_the_cpu_backend() {
                 .zip(q)
                 .all(|(x, y)| (x - y).abs() <= 1e-5 * y.abs().max(1e-2))
         };
-        assert!(close(&a.grad_student.unwrap(), &b.grad_student.unwrap()));
-        assert!(close(&a.grad_teacher.unwrap(), &b.grad_teacher.unwrap()));
+        assert!(close(&a.grad_student.unwrap(), &cpu.grad_student.unwrap()));
+        assert!(close(&a.grad_teacher.unwrap(), &cpu.grad_teacher.unwrap()));
     }
 }
+for_each_backend!([emu, cuda] aligned_and_misaligned_rows_match_the_cpu_backend(b));
