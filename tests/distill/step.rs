@@ -13,6 +13,14 @@ fn random(n: usize, scale: f32, rng: &mut StdRng) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(-scale..scale)).collect()
 }
 
+/// (α, τ, divergence) of the gradient checks.
+const GRADIENT_CASES: [(f64, f64, Divergence); 4] = [
+    (0.5, 4.0, Divergence::ForwardKl),
+    (0.0, 2.0, Divergence::ReverseKl),
+    (0.3, 1.5, Divergence::Jsd),
+    (1.0, 1.0, Divergence::ForwardKl),
+];
+
 fn cfg(alpha: f64, temperature: f64, divergence: Divergence) -> DistillConfig {
     DistillConfig {
         loss: LossSpec {
@@ -87,15 +95,7 @@ fn fd_check(sizes: &[usize], c: DistillConfig, seed: u64) -> f64 {
 #[test]
 fn gradients_match_finite_differences() {
     // A linear student (no ReLU kinks for ±ε to cross).
-    for (i, (alpha, tau, div)) in [
-        (0.5, 4.0, Divergence::ForwardKl),
-        (0.0, 2.0, Divergence::ReverseKl),
-        (0.3, 1.5, Divergence::Jsd),
-        (1.0, 1.0, Divergence::ForwardKl),
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    for (i, (alpha, tau, div)) in GRADIENT_CASES.into_iter().enumerate() {
         let err = fd_check(&[5, 3], cfg(alpha, tau, div), 10 + i as u64);
         assert!(
             err < 2e-3,
@@ -182,15 +182,7 @@ fn reference_gradients(mlp: &Mlp, x: &[f32], y: &[i64], t: &[f32], spec: &LossSp
 #[test]
 fn gradients_match_f64_backprop_from_the_oracle() {
     let mut rng = StdRng::seed_from_u64(21);
-    for (i, (alpha, tau, div)) in [
-        (0.5, 4.0, Divergence::ForwardKl),
-        (0.0, 2.0, Divergence::ReverseKl),
-        (0.3, 1.5, Divergence::Jsd),
-        (1.0, 1.0, Divergence::ForwardKl),
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    for (i, (alpha, tau, div)) in GRADIENT_CASES.into_iter().enumerate() {
         for sizes in [&[6usize, 8, 4][..], &[5, 7, 6, 3], &[64, 40, 30, 10]] {
             let mlp = Mlp::new(sizes, 30 + i as u64).unwrap();
             let params: Vec<f32> = mlp

@@ -2,6 +2,7 @@
 //! against the f64 oracle: property tests over random cases, shapes at the
 //! edges, special rows, strides, dtypes and reductions.
 
+use crate::common::{assert_passed, for_each_backend};
 use kdfuse::feature::check::{
     feature_sweep, generate_features, random_feature_config, run_feature_case, FeatureCaseConfig,
     Special,
@@ -10,20 +11,10 @@ use kdfuse::{
     CpuBackend, Dtype, FeatureBackend, FeatureGrads, FeatureInputs, FeatureKind, FeatureOutput,
     FeatureSpec, Features, GradDtype, HostData, Oracle, OwnedData, Reduction,
 };
-use proptest::prelude::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-proptest! {
-    #![proptest_config(ProptestConfig::with_cases(96))]
-    #[test]
-    fn random_cases_within_tolerance(seed in any::<u64>()) {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let config = random_feature_config(&mut rng, 70_000);
-        let r = run_feature_case(&CpuBackend, &config).unwrap();
-        prop_assert!(r.passed, "loss_err {:.2e} grad_err {:.2e}: {}", r.loss_err, r.grad_err, config.describe());
-    }
-}
+crate::common::cpu_random_cases_within_tolerance!(random_feature_config, run_feature_case, 70_000);
 
 #[test]
 fn sweep_with_large_rows() {
@@ -52,14 +43,7 @@ fn case(kind: FeatureKind, rows: usize, width: usize, cs: usize, ct: usize) -> F
 }
 
 fn assert_passes(c: &FeatureCaseConfig) {
-    let r = run_feature_case(&CpuBackend, c).unwrap();
-    assert!(
-        r.passed,
-        "loss {:.2e} grad {:.2e}: {}",
-        r.loss_err,
-        r.grad_err,
-        c.describe()
-    );
+    assert_passed!(run_feature_case(&CpuBackend, c).unwrap(), c);
 }
 
 #[test]
@@ -100,8 +84,9 @@ fn both(inputs: &FeatureInputs, spec: &FeatureSpec) -> (FeatureOutput, FeatureOu
     )
 }
 
-#[test]
-fn identical_rows_give_zero_loss_and_zero_gradients() {
+/// Identical rows: loss 0 and zero gradients; opposite rows (cosine): 2.
+fn identical_rows_give_zero_loss_and_zero_gradients(b: &dyn FeatureBackend) {
+    let g = FeatureGrads::both(GradDtype::F32);
     for kind in FeatureKind::ALL {
         for h in [1, 5, 1000] {
             let s = random(h as u64, 3 * h);
@@ -114,23 +99,23 @@ fn identical_rows_give_zero_loss_and_zero_gradients() {
             } else {
                 f32_inputs(&s, &s, 3, h)
             };
-            for out in [both(&inputs, &spec).0, both(&inputs, &spec).1] {
-                assert_eq!(out.loss, 0.0, "{kind} H={h}");
-                let grads = out.grad_student.iter().chain(&out.grad_teacher).flatten();
-                assert!(grads.into_iter().all(|&g| g == 0.0), "{kind} H={h}");
-            }
+            let out = b.feature_loss(&inputs, &spec, g).unwrap();
+            assert_eq!(out.loss, 0.0, "{kind} H={h}");
+            let grads = out.grad_student.iter().chain(&out.grad_teacher).flatten();
+            assert!(grads.into_iter().all(|&g| g == 0.0), "{kind} H={h}");
         }
     }
     // cos = −1 exactly for opposite rows: loss 2, zero gradients.
     let s = random(9, 64);
     let t: Vec<f32> = s.iter().map(|x| -x).collect();
-    let (cpu, _) = both(
-        &f32_inputs(&s, &t, 1, 64),
-        &FeatureSpec::new(FeatureKind::Cosine),
-    );
-    assert!((cpu.loss - 2.0).abs() < 1e-6, "{}", cpu.loss);
-    assert!(cpu.grad_student.unwrap().iter().all(|&g| g == 0.0));
+    let spec = FeatureSpec::new(FeatureKind::Cosine);
+    let out = b
+        .feature_loss(&f32_inputs(&s, &t, 1, 64), &spec, g)
+        .unwrap();
+    assert!((out.loss - 2.0).abs() < 1e-6, "{}", out.loss);
+    assert!(out.grad_student.unwrap().iter().all(|&g| g == 0.0));
 }
+for_each_backend!(identical_rows_give_zero_loss_and_zero_gradients(b));
 
 #[test]
 fn cosine_zero_rows() {

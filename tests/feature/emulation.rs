@@ -5,6 +5,7 @@
 //! this is what checks the parallel decomposition; tests/gpu.rs checks the
 //! same on hardware.
 
+use crate::common::{assert_passed, assert_sweep_passed, for_each_backend};
 use kdfuse::feature::check::{feature_sweep, run_feature_case, FeatureCaseConfig, Special};
 use kdfuse::feature::emu::FeatureEmuBackend;
 use kdfuse::{
@@ -14,15 +15,7 @@ use kdfuse::{
 #[test]
 fn random_cases_against_oracle() {
     let report = feature_sweep(&FeatureEmuBackend::default(), 90, 77, 6000, |_| {}).unwrap();
-    for f in &report.failures {
-        eprintln!(
-            "FAIL loss {:.2e} grad {:.2e} {}",
-            f.loss_err,
-            f.grad_err,
-            f.config.describe()
-        );
-    }
-    assert!(report.passed());
+    assert_sweep_passed!(report);
     assert_eq!(report.groups.len(), 9, "every dtype × loss drawn");
 }
 
@@ -59,23 +52,18 @@ fn long_rows_and_grid_stride() {
         ] {
             // Two blocks for five rows: the grid-stride loop runs, and the
             // attention workspace of a block is reused across its rows.
-            let r = run_feature_case(&FeatureEmuBackend { grid: 2 }, &c).unwrap();
-            assert!(
-                r.passed,
-                "loss {:.2e} grad {:.2e}: {}",
-                r.loss_err,
-                r.grad_err,
-                c.describe()
+            assert_passed!(
+                run_feature_case(&FeatureEmuBackend { grid: 2 }, &c).unwrap(),
+                c
             );
         }
     }
 }
 
-#[test]
-fn aligned_and_misaligned_rows_match_the_cpu_backend() {
-    // The kernel's 16-byte path (rows sharing their alignment) and its scalar
-    // path compute the same sums as the CPU backend's lanes, up to summation
-    // order.
+/// The kernel's 16-byte path (rows sharing their alignment) and its scalar
+/// path compute the same sums as the CPU backend's lanes, up to summation
+/// order.
+fn aligned_and_misaligned_rows_match_the_cpu_backend(b: &dyn FeatureBackend) {
     for (sp, tp) in [(0, 0), (8, 8), (1, 0), (3, 5)] {
         let c = FeatureCaseConfig {
             student_pad: sp,
@@ -84,11 +72,9 @@ fn aligned_and_misaligned_rows_match_the_cpu_backend() {
         };
         let data = kdfuse::feature::check::generate_features(&c);
         let g = FeatureGrads::both(GradDtype::F32);
-        let a = FeatureEmuBackend::default()
-            .feature_loss(&data.inputs(), &c.spec, g)
-            .unwrap();
-        let b = CpuBackend.feature_loss(&data.inputs(), &c.spec, g).unwrap();
-        for (x, y) in a.row_losses.iter().zip(&b.row_losses) {
+        let a = b.feature_loss(&data.inputs(), &c.spec, g).unwrap();
+        let cpu = CpuBackend.feature_loss(&data.inputs(), &c.spec, g).unwrap();
+        for (x, y) in a.row_losses.iter().zip(&cpu.row_losses) {
             assert!((x - y).abs() <= 1e-6 * y.abs().max(1e-3), "{x} vs {y}");
         }
         let close = |p: &[f32], q: &[f32]| {
@@ -96,7 +82,8 @@ fn aligned_and_misaligned_rows_match_the_cpu_backend() {
                 .zip(q)
                 .all(|(x, y)| (x - y).abs() <= 1e-5 * y.abs().max(1e-2))
         };
-        assert!(close(&a.grad_student.unwrap(), &b.grad_student.unwrap()));
-        assert!(close(&a.grad_teacher.unwrap(), &b.grad_teacher.unwrap()));
+        assert!(close(&a.grad_student.unwrap(), &cpu.grad_student.unwrap()));
+        assert!(close(&a.grad_teacher.unwrap(), &cpu.grad_teacher.unwrap()));
     }
 }
+for_each_backend!([emu, cuda] aligned_and_misaligned_rows_match_the_cpu_backend(b));

@@ -36,14 +36,7 @@ fn case(
 }
 
 fn assert_case(b: &CudaBackend, c: &CaseConfig) {
-    let r = run_case(b, c).unwrap();
-    assert!(
-        r.passed,
-        "loss {:.2e} grad {:.2e} {}",
-        r.loss_err,
-        r.grad_err,
-        c.describe()
-    );
+    crate::common::assert_passed!(run_case(b, c).unwrap(), c);
 }
 
 pub fn topk_llm_vocabularies_every_mode(b: &CudaBackend) {

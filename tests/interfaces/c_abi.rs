@@ -6,9 +6,10 @@
 //! row weights, teacher gradient, top-k teacher) are checked numerically by
 //! a second run.
 
+use crate::common::topk_inputs;
 use kdfuse::{
     Backend, Divergence, GradDtype, HostData, KdInputs, Logits, LossSpec, Oracle, TopkIndices,
-    TopkInputs, TopkMode, TopkTeacher,
+    TopkMode,
 };
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -76,6 +77,24 @@ fn compile(args: &[&str], out: &Path) {
         .status()
         .unwrap_or_else(|e| panic!("cannot run the C compiler `{cc}`: {e}"));
     assert!(status.success(), "{cc} {args:?} failed");
+}
+
+/// Runs a C program linked with this build's library: (success, its stdout
+/// and stderr). cargo puts target/release (an older copy, refreshed by
+/// `cargo build`) on LD_LIBRARY_PATH, which outranks the rpath: it is
+/// pointed at this build.
+fn run_program(exe: &Path, args: &[String]) -> (bool, String) {
+    let out = Command::new(exe)
+        .env("LD_LIBRARY_PATH", lib_dir())
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
 }
 
 fn norm(x: &[f32]) -> f64 {
@@ -150,17 +169,8 @@ fn run_c(expected: &[f64], marker: &str) {
     let (_dir, programs) = c_programs();
     let args: Vec<String> = expected.iter().map(|x| format!("{x:.17e}")).collect();
     for exe in &programs {
-        let out = Command::new(exe)
-            .env("LD_LIBRARY_PATH", lib_dir())
-            .args(&args)
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(out.status.success(), "{}: {text}", exe.display());
+        let (ok, text) = run_program(exe, &args);
+        assert!(ok, "{}: {text}", exe.display());
         assert!(text.contains("abi_test: ok"), "{text}");
         assert!(text.contains(marker), "{text}");
     }
@@ -224,16 +234,7 @@ fn c_program_version_2_fields_match_the_oracle() {
         topk_mode: TopkMode::Full,
         ..spec
     };
-    let topk_inputs = TopkInputs {
-        student: Logits::new(HostData::F32(&s), N, V),
-        teacher: TopkTeacher {
-            indices: TopkIndices::I32(&idx),
-            values: HostData::F32(&vals),
-            k: K,
-        },
-        labels: Some(&labels),
-        row_weights: None,
-    };
+    let topk_inputs = topk_inputs(&s, N, V, TopkIndices::I32(&idx), &vals, K, Some(&labels));
     let topk = Oracle
         .compute_topk(&topk_inputs, &topk_spec, Some(GradDtype::F32))
         .unwrap();
@@ -279,19 +280,6 @@ fn c_program_bad_input_is_refused() {
         ],
         &exe,
     );
-    // cargo puts target/release (an older copy, refreshed by `cargo build`)
-    // on LD_LIBRARY_PATH, which outranks the rpath: point it at this build.
-    let out = Command::new(&exe)
-        .env("LD_LIBRARY_PATH", &lib)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && text.contains("abi_bad_input: ok"),
-        "{text}"
-    );
+    let (ok, text) = run_program(&exe, &[]);
+    assert!(ok && text.contains("abi_bad_input: ok"), "{text}");
 }

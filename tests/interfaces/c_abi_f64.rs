@@ -3,6 +3,7 @@
 //! against the oracle's backend on the same (fp32-exact) inputs, every
 //! option the Python package passes, and the errors that name the field.
 
+use crate::common::topk_inputs;
 use kdfuse::capi::{
     kdfuse_batch_init, kdfuse_compute_host, kdfuse_compute_host_f64, kdfuse_compute_topk_host_f64,
     kdfuse_last_error, kdfuse_params_default, KdfuseBatch, KdfuseDtype, KdfuseParams,
@@ -10,7 +11,7 @@ use kdfuse::capi::{
 };
 use kdfuse::{
     Backend, Divergence, GradDtype, HostData, KdInputs, KdOutput, Logits, LossSpec, Oracle,
-    TopkIndices, TopkInputs, TopkMode, TopkTeacher,
+    TopkIndices, TopkInputs, TopkMode,
 };
 use std::ffi::{c_void, CStr};
 
@@ -56,6 +57,14 @@ fn batch(dtype: KdfuseDtype) -> KdfuseBatch {
     b.dtype = dtype as i32;
     b.grad_dtype = dtype as i32;
     b
+}
+
+/// The labels and row weights of the cases with labels.
+const LABELS: [i64; N] = [1, -100, 5, 0];
+const WEIGHTS: [f32; N] = [1.0, 0.5, 0.0, 2.0];
+
+fn weights64() -> Vec<f64> {
+    WEIGHTS.iter().map(|&w| w as f64).collect()
 }
 
 #[derive(Debug)]
@@ -128,9 +137,7 @@ fn run_f64(
 fn f64_path_matches_the_oracle_backend() {
     let s = data(1);
     let t = data(2);
-    let labels = [1i64, -100, 5, 0];
-    let weights32 = [1.0f32, 0.5, 0.0, 2.0];
-    let weights64: Vec<f64> = weights32.iter().map(|&w| w as f64).collect();
+    let (labels, weights32, weights64) = (LABELS, WEIGHTS, weights64());
     let cases: Vec<(KdfuseParams, LossSpec, bool)> = vec![
         (params(|_| {}), LossSpec::default(), false),
         (
@@ -201,60 +208,58 @@ fn f64_path_matches_the_oracle_backend() {
 
 #[test]
 fn f64_path_errors_name_the_field() {
-    let p = params(|p| p.temperature = -1.0);
-    assert!(run_f64(&p, None, None).unwrap_err().contains("temperature"));
     let p = params(|_| {});
-    let e = run_f64(&p, Some(&[0, 1, 6, 2]), None).unwrap_err();
-    assert!(e.contains("batch.labels"), "{e}");
-    let e = run_f64(&p, None, Some(&[1.0, f64::NAN, 1.0, 1.0])).unwrap_err();
-    assert!(e.contains("batch.row_weights"), "{e}");
+    for (needle, p, labels, weights) in [
+        ("temperature", params(|p| p.temperature = -1.0), None, None),
+        ("batch.labels", p, Some(&[0, 1, 6, 2][..]), None),
+        (
+            "batch.row_weights",
+            p,
+            None,
+            Some(&[1.0, f64::NAN, 1.0, 1.0][..]),
+        ),
+    ] {
+        let e = run_f64(&p, labels, weights).unwrap_err();
+        assert!(e.contains(needle), "{e}");
+    }
 
     let x = [0.0f64; N * V];
     let mut loss = 0.0f64;
-    // An f32 batch on the f64 path, and an f64 batch on the f32 path.
+    // An f32 batch on the f64 path, and an f64 batch on the f32 path; a
+    // top-k teacher has no f64 path; a misaligned pointer is named.
     let mut b = batch(KdfuseDtype::F32);
     b.student = x.as_ptr().cast();
     b.teacher = x.as_ptr().cast();
     b.loss = (&mut loss as *mut f64).cast();
-    // SAFETY: host buffers of the batch's shape.
-    assert_eq!(
-        unsafe { kdfuse_compute_host_f64(&b, &p) },
-        KdfuseStatus::InvalidArgument
-    );
-    assert!(last_error().contains("batch.dtype"), "{}", last_error());
-    b.dtype = KdfuseDtype::F64 as i32;
-    b.grad_dtype = KdfuseDtype::F64 as i32;
-    // SAFETY: as above.
-    assert_eq!(
-        unsafe { kdfuse_compute_host(&b, &p) },
-        KdfuseStatus::InvalidArgument
-    );
-    assert!(
-        last_error().contains("kdfuse_compute_host_f64"),
-        "{}",
-        last_error()
-    );
-    // A top-k teacher has no f64 path; a misaligned pointer is named.
+    let mut b64 = b;
+    b64.dtype = KdfuseDtype::F64 as i32;
+    b64.grad_dtype = KdfuseDtype::F64 as i32;
     let idx = [0i32; N];
-    let mut t = b;
+    let mut t = b64;
     t.teacher = std::ptr::null();
     t.topk_indices = idx.as_ptr().cast();
     t.topk_values = x.as_ptr().cast();
     t.topk_k = 1;
-    // SAFETY: as above.
-    assert_eq!(
-        unsafe { kdfuse_compute_host_f64(&t, &p) },
-        KdfuseStatus::InvalidArgument
-    );
-    assert!(last_error().contains("topk"), "{}", last_error());
-    let mut m = b;
+    let mut m = b64;
     m.student = x.as_ptr().cast::<u8>().wrapping_add(4).cast();
-    // SAFETY: the misaligned pointer is refused before any read.
-    assert_eq!(
-        unsafe { kdfuse_compute_host_f64(&m, &p) },
-        KdfuseStatus::InvalidArgument
-    );
-    assert!(last_error().contains("batch.student"), "{}", last_error());
+    type Entry = unsafe extern "C" fn(*const KdfuseBatch, *const KdfuseParams) -> KdfuseStatus;
+    let (host, host_f64): (Entry, Entry) = (kdfuse_compute_host, kdfuse_compute_host_f64);
+    for (batch, entry, needle) in [
+        (b, host_f64, "batch.dtype"),
+        (b64, host, "kdfuse_compute_host_f64"),
+        (t, host_f64, "topk"),
+        (m, host_f64, "batch.student"),
+    ] {
+        // SAFETY: host buffers of the batch's shape; the misaligned pointer
+        // is refused before any read.
+        assert_eq!(
+            unsafe { entry(&batch, &p) },
+            KdfuseStatus::InvalidArgument,
+            "{needle}"
+        );
+        assert!(last_error().contains(needle), "{}", last_error());
+    }
+    let b = b64;
     // An empty batch: loss +0.
     let mut e = b;
     e.rows = 0;
@@ -266,6 +271,9 @@ fn f64_path_errors_name_the_field() {
 }
 
 const K: usize = 3;
+
+/// A change to a good batch.
+type Change<'a> = &'a dyn Fn(&mut KdfuseBatch);
 
 /// Distinct top-k indices per row (int32), in [0, V).
 fn topk_indices() -> Vec<i32> {
@@ -311,9 +319,7 @@ fn topk_f64_path_matches_the_oracle_backend() {
     let s = data(1);
     let s64: Vec<f64> = s.iter().map(|&x| x as f64).collect();
     let idx = topk_indices();
-    let labels = [1i64, -100, 5, 0];
-    let weights32 = [1.0f32, 0.5, 0.0, 2.0];
-    let weights64: Vec<f64> = weights32.iter().map(|&w| w as f64).collect();
+    let (labels, weights32, weights64) = (LABELS, WEIGHTS, weights64());
     let cases: Vec<(KdfuseParams, LossSpec, bool)> = vec![
         (params(|_| {}), LossSpec::default(), false),
         (
@@ -367,14 +373,8 @@ fn topk_f64_path_matches_the_oracle_backend() {
         let mut got = f64_out();
         run_topk_f64(&mut b, &p, &mut got).unwrap();
         let inputs = TopkInputs {
-            student: Logits::new(HostData::F32(&s), N, V),
-            teacher: TopkTeacher {
-                indices: TopkIndices::I32(&idx),
-                values: HostData::F32(&vals),
-                k: K,
-            },
-            labels: lab,
             row_weights: with_labels.then_some(&weights32[..]),
+            ..topk_inputs(&s, N, V, TopkIndices::I32(&idx), &vals, K, lab)
         };
         let want = Oracle
             .compute_topk(&inputs, &spec, Some(GradDtype::F32))
@@ -412,76 +412,83 @@ fn topk_f64_path_errors_name_the_field() {
     run_topk_f64(&mut b, &p, &mut out64).unwrap();
     assert_eq!(out.loss, out64.loss);
 
-    // A dense teacher (no indices), an f32 batch, a bad or repeated index.
-    let mut b = good();
-    b.topk_indices = std::ptr::null();
-    b.topk_values = std::ptr::null();
-    b.teacher = s.as_ptr().cast();
-    let e = err(&mut b, &p);
-    assert!(
-        e.contains("batch.topk_indices") && e.contains("kdfuse_compute_host_f64"),
-        "{e}"
-    );
-    let mut b = good();
-    b.dtype = KdfuseDtype::F32 as i32;
-    let e = err(&mut b, &p);
-    assert!(
-        e.contains("batch.dtype") && e.contains("kdfuse_compute_topk_host_f64"),
-        "{e}"
-    );
-    let mut bad = idx.clone();
-    bad[K + 1] = V as i32;
-    let mut b = good();
-    b.topk_indices = bad.as_ptr().cast();
-    let e = err(&mut b, &p);
-    assert!(
-        e.contains("batch.topk_indices") && e.contains("row 1"),
-        "{e}"
-    );
-    bad[K + 1] = bad[K];
-    let e = err(&mut b, &p);
-    assert!(
-        e.contains("batch.topk_indices") && e.contains("twice"),
-        "{e}"
-    );
-    // k out of range, another divergence, the tail mode without log-probs.
-    let mut b = good();
-    b.topk_k = V as i64 + 1;
-    assert!(err(&mut b, &p).contains("batch.topk_k"));
-    let e = err(&mut good(), &params(|p| p.divergence = 2));
-    assert!(e.contains("divergence"), "{e}");
-    let e = err(
-        &mut good(),
-        &params(|p| p.topk_mode = KdfuseTopkMode::Tail as i32),
-    );
-    assert!(e.contains("topk_mode"), "{e}");
-    // A teacher gradient, a dense teacher beside the top-k one.
+    let mut out_of_range = idx.clone();
+    out_of_range[K + 1] = V as i32;
+    let mut twice = idx.clone();
+    twice[K + 1] = twice[K];
     let mut g = vec![0.0f64; N * V];
-    let e = err(&mut good(), &params(|p| p.grad_teacher = 1));
-    assert!(e.contains("grad_teacher"), "{e}");
-    let mut b = good();
-    b.grad_teacher = g.as_mut_ptr().cast();
-    assert!(err(&mut b, &p).contains("batch.grad_teacher"));
-    let mut b = good();
-    b.teacher = s.as_ptr().cast();
-    assert!(err(&mut b, &p).contains("batch.teacher"));
-    // Misaligned values and indices are refused before any read.
-    let mut b = good();
-    b.topk_values = vals.as_ptr().cast::<u8>().wrapping_add(4).cast();
-    assert!(err(&mut b, &p).contains("batch.topk_values"));
-    let mut b = good();
-    b.topk_indices = idx64.as_ptr().cast::<u8>().wrapping_add(4).cast();
-    b.topk_index_dtype = 1;
-    assert!(err(&mut b, &p).contains("batch.topk_indices"));
-    // Bad labels and row weights, as on the dense path.
+    let g = g.as_mut_ptr();
     let labels = [0i64, 1, 6, 2];
-    let mut b = good();
-    b.labels = labels.as_ptr();
-    assert!(err(&mut b, &p).contains("batch.labels"));
     let w = [1.0f64, f64::INFINITY, 1.0, 1.0];
-    let mut b = good();
-    b.row_weights = w.as_ptr().cast();
-    assert!(err(&mut b, &p).contains("batch.row_weights"));
+    let keep: Change = &|_| {};
+    let cases: [(&[&str], Change, KdfuseParams); 14] = [
+        // A dense teacher (no indices), an f32 batch, a bad or repeated index.
+        (
+            &["batch.topk_indices", "kdfuse_compute_host_f64"],
+            &|b| {
+                b.topk_indices = std::ptr::null();
+                b.topk_values = std::ptr::null();
+                b.teacher = s.as_ptr().cast();
+            },
+            p,
+        ),
+        (
+            &["batch.dtype", "kdfuse_compute_topk_host_f64"],
+            &|b| b.dtype = KdfuseDtype::F32 as i32,
+            p,
+        ),
+        (
+            &["batch.topk_indices", "row 1"],
+            &|b| b.topk_indices = out_of_range.as_ptr().cast(),
+            p,
+        ),
+        (
+            &["batch.topk_indices", "twice"],
+            &|b| b.topk_indices = twice.as_ptr().cast(),
+            p,
+        ),
+        // k out of range, another divergence, the tail mode without log-probs.
+        (&["batch.topk_k"], &|b| b.topk_k = V as i64 + 1, p),
+        (&["divergence"], keep, params(|p| p.divergence = 2)),
+        (
+            &["topk_mode"],
+            keep,
+            params(|p| p.topk_mode = KdfuseTopkMode::Tail as i32),
+        ),
+        // A teacher gradient, a dense teacher beside the top-k one.
+        (&["grad_teacher"], keep, params(|p| p.grad_teacher = 1)),
+        (&["batch.grad_teacher"], &|b| b.grad_teacher = g.cast(), p),
+        (&["batch.teacher"], &|b| b.teacher = s.as_ptr().cast(), p),
+        // Misaligned values and indices are refused before any read.
+        (
+            &["batch.topk_values"],
+            &|b| b.topk_values = vals.as_ptr().cast::<u8>().wrapping_add(4).cast(),
+            p,
+        ),
+        (
+            &["batch.topk_indices"],
+            &|b| {
+                b.topk_indices = idx64.as_ptr().cast::<u8>().wrapping_add(4).cast();
+                b.topk_index_dtype = 1;
+            },
+            p,
+        ),
+        // Bad labels and row weights, as on the dense path.
+        (&["batch.labels"], &|b| b.labels = labels.as_ptr(), p),
+        (
+            &["batch.row_weights"],
+            &|b| b.row_weights = w.as_ptr().cast(),
+            p,
+        ),
+    ];
+    for (needles, bad, p) in cases {
+        let mut b = good();
+        bad(&mut b);
+        let e = err(&mut b, &p);
+        for needle in needles {
+            assert!(e.contains(needle), "{needles:?}: {e}");
+        }
+    }
     // An empty batch: loss +0.
     let mut b = good();
     b.rows = 0;

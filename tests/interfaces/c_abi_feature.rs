@@ -38,6 +38,41 @@ fn init(kind: KdfuseFeatureKind, rows: i64, width: i64, dtype: KdfuseDtype) -> K
     unsafe { b.assume_init() }
 }
 
+/// The outputs of one `kdfuse_feature_compute_host` call.
+struct HostOut<T> {
+    gs: Vec<T>,
+    gt: Vec<T>,
+    rows: Vec<T>,
+    loss: T,
+}
+
+/// `b` on the inputs `s` and `t` (of `T`, as `b.dtype` says), into output
+/// buffers filled with `nan`: (rows, student row length, teacher row length).
+fn compute_host<T: Copy>(
+    mut b: KdfuseFeatureBatch,
+    s: &[T],
+    t: &[T],
+    (n, ls, lt): (usize, usize, usize),
+    nan: T,
+) -> HostOut<T> {
+    let mut o = HostOut {
+        gs: vec![nan; n * ls],
+        gt: vec![nan; n * lt],
+        rows: vec![nan; n],
+        loss: nan,
+    };
+    b.student = s.as_ptr().cast();
+    b.teacher = t.as_ptr().cast();
+    b.grad_student = o.gs.as_mut_ptr().cast::<c_void>();
+    b.grad_teacher = o.gt.as_mut_ptr().cast::<c_void>();
+    b.row_losses = o.rows.as_mut_ptr().cast::<c_void>();
+    b.loss = (&mut o.loss as *mut T).cast();
+    // SAFETY: host buffers of the batch's shape, in the batch's dtype.
+    let st = unsafe { kdfuse_feature_compute_host(&b) };
+    assert_eq!(st, KdfuseStatus::Ok, "{}", last_error());
+    o
+}
+
 /// (kind, rows, C_s, C_t, width, student row stride): the student rows are
 /// padded by 3 elements, to test strides.
 const CASES: [(KdfuseFeatureKind, FeatureKind, usize, usize, usize, usize); 3] = [
@@ -86,21 +121,11 @@ fn host_path_matches_the_backends() {
         b.teacher_stride = lt as i64;
         b.grad_student_stride = ls as i64;
         b.grad_teacher_stride = lt as i64;
-        let (mut gs, mut gt) = (vec![f32::NAN; n * ls], vec![f32::NAN; n * lt]);
-        let (mut rows, mut loss) = (vec![f32::NAN; n], f32::NAN);
-        b.student = s.as_ptr().cast();
-        b.teacher = t.as_ptr().cast();
-        b.grad_student = gs.as_mut_ptr().cast::<c_void>();
-        b.grad_teacher = gt.as_mut_ptr().cast::<c_void>();
-        b.row_losses = rows.as_mut_ptr().cast::<c_void>();
-        b.loss = (&mut loss as *mut f32).cast();
-        // SAFETY: host buffers of the batch's shape.
-        let st = unsafe { kdfuse_feature_compute_host(&b) };
-        assert_eq!(st, KdfuseStatus::Ok, "{kind:?}: {}", last_error());
-        assert_eq!(loss, want32.loss as f32, "{kind:?}");
-        assert_eq!(gs, want32.grad_student.clone().unwrap(), "{kind:?}");
-        assert_eq!(gt, want32.grad_teacher.clone().unwrap(), "{kind:?}");
-        for (g, w) in rows.iter().zip(&want32.row_losses) {
+        let got = compute_host(b, &s, &t, (n, ls, lt), f32::NAN);
+        assert_eq!(got.loss, want32.loss as f32, "{kind:?}");
+        assert_eq!(got.gs, want32.grad_student.clone().unwrap(), "{kind:?}");
+        assert_eq!(got.gt, want32.grad_teacher.clone().unwrap(), "{kind:?}");
+        for (g, w) in got.rows.iter().zip(&want32.row_losses) {
             assert_eq!(*g, *w as f32, "{kind:?}");
         }
 
@@ -110,17 +135,12 @@ fn host_path_matches_the_backends() {
         let mut b64 = b;
         b64.dtype = KdfuseDtype::F64 as i32;
         b64.grad_dtype = KdfuseDtype::F64 as i32;
-        let (mut gs64, mut gt64) = (vec![f64::NAN; n * ls], vec![f64::NAN; n * lt]);
-        let (mut rows64, mut loss64) = (vec![f64::NAN; n], f64::NAN);
-        b64.student = s64.as_ptr().cast();
-        b64.teacher = t64.as_ptr().cast();
-        b64.grad_student = gs64.as_mut_ptr().cast::<c_void>();
-        b64.grad_teacher = gt64.as_mut_ptr().cast::<c_void>();
-        b64.row_losses = rows64.as_mut_ptr().cast::<c_void>();
-        b64.loss = (&mut loss64 as *mut f64).cast();
-        // SAFETY: host buffers of doubles of the batch's shape.
-        let st = unsafe { kdfuse_feature_compute_host(&b64) };
-        assert_eq!(st, KdfuseStatus::Ok, "{kind:?}: {}", last_error());
+        let HostOut {
+            gs: gs64,
+            gt: gt64,
+            rows: rows64,
+            loss: loss64,
+        } = compute_host(b64, &s64, &t64, (n, ls, lt), f64::NAN);
         assert!((loss64 - want64.loss).abs() <= 1e-12 * want64.loss.abs().max(1.0));
         for (g, w) in rows64.iter().zip(&want64.row_losses) {
             assert!((g - w).abs() <= 1e-12 * w.abs().max(1.0), "{kind:?}");
@@ -158,30 +178,26 @@ fn feature_errors_name_the_field() {
         let e = last_error();
         assert!(e.contains(field), "{field}: {e}");
     };
-    let mut b = base;
-    b.kind = 7;
-    refused(b, "feature_batch.kind");
-    let mut b = base;
-    b.eps = 1e-3;
-    refused(b, "feature_batch.eps");
-    let mut b = base;
-    b.student_channels = 2;
-    refused(b, "channels");
-    let mut b = base;
-    b.size -= 8;
-    refused(b, "feature_batch.size");
-    let mut b = base;
-    b.student_stride = 3;
-    refused(b, "feature_batch.student_stride");
-    let mut b = base;
-    b.loss = std::ptr::null_mut();
-    refused(b, "feature_batch");
-    let mut b = base;
-    b.grad_dtype = KdfuseDtype::F64 as i32;
-    refused(b, "feature_batch.grad_dtype");
-    let mut b = base;
-    b.grad_student = s.as_ptr().cast_mut().cast();
-    refused(b, "overlap");
+    type Change<'a> = &'a dyn Fn(&mut KdfuseFeatureBatch);
+    let cases: [(&str, Change); 8] = [
+        ("feature_batch.kind", &|b| b.kind = 7),
+        ("feature_batch.eps", &|b| b.eps = 1e-3),
+        ("channels", &|b| b.student_channels = 2),
+        ("feature_batch.size", &|b| b.size -= 8),
+        ("feature_batch.student_stride", &|b| b.student_stride = 3),
+        ("feature_batch", &|b| b.loss = std::ptr::null_mut()),
+        ("feature_batch.grad_dtype", &|b| {
+            b.grad_dtype = KdfuseDtype::F64 as i32
+        }),
+        ("overlap", &|b| {
+            b.grad_student = s.as_ptr().cast_mut().cast()
+        }),
+    ];
+    for (field, bad) in cases {
+        let mut b = base;
+        bad(&mut b);
+        refused(b, field);
+    }
     // The workspace length: 0 for mse; the CUDA path needs a context.
     let mut len = -1i64;
     // SAFETY: a readable struct and a writable int64.

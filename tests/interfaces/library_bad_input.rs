@@ -3,6 +3,7 @@
 //! does not use are refused rather than ignored, shapes multiply without
 //! wrapping, and an empty batch has a loss of +0.
 
+use crate::common::invalid_arg;
 use kdfuse::{
     Backend, CpuBackend, Divergence, FeatureBackend, FeatureInputs, FeatureKind, FeatureSpec,
     Features, GradDtype, HostData, KdError, KdInputs, Logits, LossSpec, Oracle, Reduction,
@@ -38,13 +39,16 @@ fn refused(spec: &LossSpec, arg: &str, what: &str) {
         "{what}: {e}"
     );
     for b in backends() {
-        match b.compute(&inputs(N), spec, Some(GradDtype::F32)) {
-            Err(KdError::InvalidArgument { arg: a, msg }) => {
-                assert_eq!(a, arg, "{what} on {}: {msg}", b.name())
-            }
-            other => panic!("{what} on {}: {other:?}", b.name()),
-        }
+        let result = b.compute(&inputs(N), spec, Some(GradDtype::F32));
+        invalid_arg(result, arg, &format!("{what} on {}", b.name()));
     }
+}
+
+/// The default spec with one change.
+fn spec(change: impl FnOnce(&mut LossSpec)) -> LossSpec {
+    let mut spec = LossSpec::default();
+    change(&mut spec);
+    spec
 }
 
 #[test]
@@ -52,26 +56,13 @@ fn temperature_out_of_fp32_range_is_refused() {
     // 1e19: τ² fits fp32 but 1/τ² does not (the loss came out 9e10);
     // 1e20: τ² overflows (the loss came out −inf); 1e-20: τ² underflows.
     for tau in [1e19, 1e20, 1e39, 1e-20, 1e-39, 1e-46] {
-        let spec = LossSpec {
-            temperature: tau,
-            ..Default::default()
-        };
+        let spec = spec(|s| s.temperature = tau);
         refused(&spec, "temperature", &format!("temperature {tau:e}"));
     }
-    let e = LossSpec {
-        temperature: 1e20,
-        ..Default::default()
-    }
-    .validate(false)
-    .unwrap_err()
-    .to_string();
-    assert!(e.contains("overflows fp32"), "{e}");
+    let e = spec(|s| s.temperature = 1e20).validate(false).unwrap_err();
+    assert!(e.to_string().contains("overflows fp32"), "{e}");
     for tau in [1e-18, 0.05, 1.0, 4.0, 1e3, 1e18] {
-        let spec = LossSpec {
-            temperature: tau,
-            ..Default::default()
-        };
-        spec.validate(false).unwrap();
+        spec(|s| s.temperature = tau).validate(false).unwrap();
     }
 }
 
@@ -80,17 +71,11 @@ fn softcap_out_of_fp32_range_is_refused() {
     // 1e-50 rounded to fp32 0, which the kernels read as "off"; 1e39 to inf
     // (a NaN loss); 3e38 fits, its reciprocal does not.
     for cap in [1e-50, 1e-39, 1e39, 3e38] {
-        let spec = LossSpec {
-            softcap: Some(cap),
-            ..Default::default()
-        };
+        let spec = spec(|s| s.softcap = Some(cap));
         refused(&spec, "softcap", &format!("softcap {cap:e}"));
     }
     for cap in [1e-30, 1e30] {
-        let spec = LossSpec {
-            softcap: Some(cap),
-            ..Default::default()
-        };
+        let spec = spec(|s| s.softcap = Some(cap));
         spec.validate(false).unwrap();
         for b in backends() {
             let out = b.compute(&inputs(N), &spec, None).unwrap();
@@ -101,38 +86,34 @@ fn softcap_out_of_fp32_range_is_refused() {
 
 #[test]
 fn other_parameters_out_of_fp32_range_are_refused() {
-    for gs in [1e39, -1e39, 1e-50] {
-        let spec = LossSpec {
-            grad_scale: gs,
-            ..Default::default()
-        };
-        refused(&spec, "grad_scale", &format!("grad_scale {gs:e}"));
-    }
-    // α > 0 that fp32 flushes to 0 (labels: α > 0 needs them).
-    let spec = LossSpec {
-        alpha: 1e-50,
-        ..Default::default()
+    let jsd = |beta| {
+        spec(|s| {
+            s.divergence = Divergence::Jsd;
+            s.beta = beta;
+        })
     };
-    let e = spec.validate(true).unwrap_err().to_string();
-    assert!(e.contains("alpha") && e.contains("underflows"), "{e}");
+    let mut cases = Vec::new();
+    for gs in [1e39, -1e39, 1e-50] {
+        cases.push((
+            "grad_scale",
+            spec(|s| s.grad_scale = gs),
+            format!("grad_scale {gs:e}"),
+        ));
+    }
     // A JSD β strictly inside (0, 1) that fp32 rounds to an endpoint.
     for beta in [1e-50, 1.0 - 1e-10] {
-        let spec = LossSpec {
-            divergence: Divergence::Jsd,
-            beta,
-            ..Default::default()
-        };
-        refused(&spec, "beta", &format!("beta {beta:e}"));
+        cases.push(("beta", jsd(beta), format!("beta {beta:e}")));
     }
+    for (arg, spec, what) in &cases {
+        refused(spec, arg, what);
+    }
+    // α > 0 that fp32 flushes to 0 (labels: α > 0 needs them).
+    let e = spec(|s| s.alpha = 1e-50).validate(true).unwrap_err();
+    let e = e.to_string();
+    assert!(e.contains("alpha") && e.contains("underflows"), "{e}");
     // The endpoints themselves are exact.
     for beta in [0.0, 1.0] {
-        LossSpec {
-            divergence: Divergence::Jsd,
-            beta,
-            ..Default::default()
-        }
-        .validate(false)
-        .unwrap();
+        jsd(beta).validate(false).unwrap();
     }
     let fs = FeatureSpec {
         grad_scale: 1e39,
@@ -145,23 +126,17 @@ fn other_parameters_out_of_fp32_range_are_refused() {
 #[test]
 fn beta_with_another_divergence_is_refused() {
     for d in Divergence::ALL {
-        let spec = LossSpec {
-            divergence: d,
-            beta: 0.3,
-            ..Default::default()
-        };
+        let with_beta = spec(|s| {
+            s.divergence = d;
+            s.beta = 0.3;
+        });
         if d == Divergence::Jsd {
-            spec.validate(false).unwrap();
+            with_beta.validate(false).unwrap();
         } else {
-            refused(&spec, "beta", &format!("beta 0.3 with {d}"));
+            refused(&with_beta, "beta", &format!("beta 0.3 with {d}"));
         }
         // The default β is every divergence's.
-        LossSpec {
-            divergence: d,
-            ..Default::default()
-        }
-        .validate(false)
-        .unwrap();
+        spec(|s| s.divergence = d).validate(false).unwrap();
     }
 }
 

@@ -8,20 +8,8 @@ use kdfuse::{
     Backend, CpuBackend, Divergence, Dtype, GradDtype, HostData, KdInputs, Logits, LossSpec,
     Oracle, OwnedData, Precision, Reduction,
 };
-use proptest::prelude::*;
-use rand::rngs::StdRng;
-use rand::SeedableRng;
 
-proptest! {
-    #![proptest_config(ProptestConfig::with_cases(96))]
-    #[test]
-    fn random_cases_within_tolerance(seed in any::<u64>()) {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let config = random_config(&mut rng, 70_000);
-        let r = run_case(&CpuBackend, &config).unwrap();
-        prop_assert!(r.passed, "loss_err {:.2e} grad_err {:.2e}: {}", r.loss_err, r.grad_err, config.describe());
-    }
-}
+common::cpu_random_cases_within_tolerance!(random_config, run_case, 70_000);
 
 #[test]
 fn sweep_with_large_vocabularies() {
@@ -199,12 +187,7 @@ fn gradient_in_the_input_dtype_is_the_rounded_f32_gradient() {
     let (n, v) = (2, 1000);
     let s = OwnedData::from_f32(&logits(7, n, v, 2.0), Dtype::Bf16);
     let t = OwnedData::from_f32(&logits(8, n, v, 2.0), Dtype::Bf16);
-    let inp = KdInputs {
-        student: Logits::new(s.view(), n, v),
-        teacher: Logits::new(t.view(), n, v),
-        labels: None,
-        row_weights: None,
-    };
+    let inp = common::inputs_of(s.view(), t.view(), n, v);
     let spec = LossSpec::default();
     let g32 = CpuBackend
         .compute(&inp, &spec, Some(GradDtype::F32))
@@ -320,24 +303,32 @@ fn soft_ce_infinite_where_the_student_is_masked() {
     assert!((a.row_losses[1] - b.row_losses[1]).abs() < 1e-5 * b.row_losses[1]);
 }
 
+/// TVD unscaled (c = 1), row by row.
+fn tvd(temperature: f64) -> LossSpec {
+    LossSpec {
+        divergence: Divergence::Tvd,
+        temperature,
+        t2_scaling: false,
+        reduction: Reduction::None,
+        ..Default::default()
+    }
+}
+
 /// TVD is in [0, 1] (times c), 0 with a zero gradient for identical rows, and
 /// finite whichever side is masked.
 #[test]
 fn tvd_bounds_identical_rows_and_masks() {
     for v in [1usize, 2, 3, 17, 1001, 70_001] {
         let n = 3;
-        let spec = LossSpec {
-            divergence: Divergence::Tvd,
-            temperature: 1.3,
-            t2_scaling: false,
-            reduction: Reduction::None,
-            ..Default::default()
-        };
+        let spec = tvd(1.3);
         let s = logits(50 + v as u64, n, v, 4.0);
         let mut t = logits(60 + v as u64, n, v, 4.0);
-        let out = CpuBackend
-            .compute(&inputs(&s, &t, n, v, None), &spec, Some(GradDtype::F32))
-            .unwrap();
+        let cpu = |s: &[f32], t: &[f32]| {
+            CpuBackend
+                .compute(&inputs(s, t, n, v, None), &spec, Some(GradDtype::F32))
+                .unwrap()
+        };
+        let out = cpu(&s, &t);
         assert!(
             out.row_losses.iter().all(|l| (0.0..=1.0).contains(l)),
             "V={v}: {:?}",
@@ -348,13 +339,7 @@ fn tvd_bounds_identical_rows_and_masks() {
         if v > 2 {
             same[1] = f32::NEG_INFINITY;
         }
-        let out = CpuBackend
-            .compute(
-                &inputs(&same, &same, n, v, None),
-                &spec,
-                Some(GradDtype::F32),
-            )
-            .unwrap();
+        let out = cpu(&same, &same);
         assert!(
             out.row_losses.iter().all(|&l| l == 0.0),
             "V={v}: {:?}",
@@ -363,13 +348,7 @@ fn tvd_bounds_identical_rows_and_masks() {
         assert!(out.grad.unwrap().iter().all(|&g| g == 0.0), "V={v}");
         // A student shifted by a constant is the same distribution.
         let shifted: Vec<f32> = s.iter().map(|x| x + 3.0).collect();
-        let out = CpuBackend
-            .compute(
-                &inputs(&shifted, &s, n, v, None),
-                &spec,
-                Some(GradDtype::F32),
-            )
-            .unwrap();
+        let out = cpu(&shifted, &s);
         assert!(
             out.row_losses.iter().all(|&l| l.abs() < 1e-6),
             "V={v}: {:?}",
@@ -401,13 +380,7 @@ fn tvd_bounds_identical_rows_and_masks() {
     for j in (0..2 * v).step_by(3) {
         s[j] = f32::NEG_INFINITY;
     }
-    let spec = LossSpec {
-        divergence: Divergence::Tvd,
-        temperature: 6.0,
-        t2_scaling: false,
-        reduction: Reduction::None,
-        ..Default::default()
-    };
+    let spec = tvd(6.0);
     let (a, b) = both(&inputs(&s, &t, 2, v, None), &spec);
     assert!(a.grad.unwrap().iter().all(|&g| g == 0.0));
     assert!(b.grad.unwrap().iter().all(|&g| g == 0.0));

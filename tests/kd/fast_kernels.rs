@@ -1,5 +1,6 @@
 //! precision = fast: the fast kernels (kernels/kd_fast.cu) under the
-//! emulation, against the f64 oracle with their mixed bound
+//! emulation (and, where the same body runs per backend, the CPU backend's
+//! fast rows and the CUDA backend), against the f64 oracle with their mixed bound
 //! (check::fast_resolution, docs/DESIGN.md §3), and the rule that picks them.
 //!
 //! The random sweeps of kernel_emulation.rs run them too (fast is the
@@ -8,6 +9,7 @@
 //! the label's entry anywhere in the row, negative upstream scales, in-place
 //! gradients and unaligned rows.
 
+use crate::common::for_each_backend;
 use kdfuse::check::{
     compare_with_grad_floor, fast_resolution, random_config, run_case, sweep_precision,
 };
@@ -21,12 +23,11 @@ use rand::{Rng, SeedableRng};
 
 const FAST_DIVS: [Divergence; 5] = Divergence::ALL;
 
-/// (loss error, gradient error) of the emulated fast kernel against the
-/// oracle, judged as `kdfuse check` judges a fast case (f32 gradient).
-fn fast_errors(inputs: &KdInputs, spec: &LossSpec) -> (f64, f64) {
-    let emu = EmuBackend::default();
-    assert_eq!(emu.precision(spec), Precision::Fast, "{spec:?}");
-    let got = emu.compute(inputs, spec, Some(GradDtype::F32)).unwrap();
+/// (loss error, gradient error) of `b`'s fast kernel against the oracle,
+/// judged as `kdfuse check` judges a fast case (f32 gradient).
+fn fast_errors(b: &dyn Backend, inputs: &KdInputs, spec: &LossSpec) -> (f64, f64) {
+    assert_eq!(b.precision(spec), Precision::Fast, "{spec:?}");
+    let got = b.compute(inputs, spec, Some(GradDtype::F32)).unwrap();
     let want = Oracle.compute(inputs, spec, Some(GradDtype::F32)).unwrap();
     let (loss_res, grad_res) = fast_resolution(inputs, spec);
     let scales: Vec<f64> = Oracle
@@ -39,6 +40,15 @@ fn fast_errors(inputs: &KdInputs, spec: &LossSpec) -> (f64, f64) {
         .reduction
         .row_weight(want.valid_rows, inputs.student.cols);
     compare_with_grad_floor(&got, &want, &scales, weight, Dtype::F32, grad_res / 1e-5)
+}
+
+/// `b`'s fast kernel is within 1e-5 of the oracle (loss and gradient).
+fn assert_fast_passes(b: &dyn Backend, inputs: &KdInputs, spec: &LossSpec, what: &str) {
+    let (le, ge) = fast_errors(b, inputs, spec);
+    assert!(
+        le <= 1e-5 && ge <= 1e-5,
+        "{what}: loss {le:.2e} grad {ge:.2e}"
+    );
 }
 
 #[test]
@@ -99,8 +109,7 @@ fn both_precisions_pass_the_same_random_cases() {
     }
 }
 
-#[test]
-fn fast_and_exact_kernels_both_ran() {
+fn fast_and_exact_kernels_both_ran(b: &dyn Backend) {
     // Same inputs, both precisions: close, and not bit-identical (so the
     // variant switch reached the emulated kernels).
     let mut rng = StdRng::seed_from_u64(3);
@@ -125,9 +134,7 @@ fn fast_and_exact_kernels_both_ran() {
                 precision,
                 ..Default::default()
             };
-            EmuBackend::default()
-                .compute(&inputs, &spec, Some(GradDtype::F32))
-                .unwrap()
+            b.compute(&inputs, &spec, Some(GradDtype::F32)).unwrap()
         };
         let (f, e) = (run(Precision::Fast), run(Precision::Exact));
         assert!(
@@ -137,6 +144,7 @@ fn fast_and_exact_kernels_both_ran() {
         assert_ne!(f.grad, e.grad, "{divergence}: the fast kernel did not run");
     }
 }
+for_each_backend!([cpu, emu, cuda] fast_and_exact_kernels_both_ran(b));
 
 /// Logits rising along the row (every chunk moves the references), plus noise;
 /// optionally falling instead.
@@ -146,8 +154,7 @@ fn ramp(rng: &mut StdRng, v: usize, slope: f32, noise: f32) -> Vec<f32> {
         .collect()
 }
 
-#[test]
-fn references_that_move_all_along_the_row() {
+fn references_that_move_all_along_the_row(b: &dyn Backend) {
     let mut rng = StdRng::seed_from_u64(11);
     for divergence in FAST_DIVS {
         for (v, slope) in [
@@ -173,19 +180,16 @@ fn references_that_move_all_along_the_row() {
                         alpha,
                         ..Default::default()
                     };
-                    let (le, ge) = fast_errors(&inputs, &spec);
-                    assert!(
-                        le <= 1e-5 && ge <= 1e-5,
-                        "{divergence} V={v} slope={slope} τ={tau} α={alpha}: loss {le:.2e} grad {ge:.2e}"
-                    );
+                    let what = format!("{divergence} V={v} slope={slope} τ={tau} α={alpha}");
+                    assert_fast_passes(b, &inputs, &spec, &what);
                 }
             }
         }
     }
 }
+for_each_backend!([cpu, emu, cuda] references_that_move_all_along_the_row(b));
 
-#[test]
-fn masks_labels_scales_strides_and_in_place() {
+fn masks_labels_scales_strides_and_in_place(b: &dyn Backend) {
     let mut rng = StdRng::seed_from_u64(12);
     for divergence in FAST_DIVS {
         for v in [1usize, 7, 8, 9, 255, 2_057, 9_000] {
@@ -240,15 +244,13 @@ fn masks_labels_scales_strides_and_in_place() {
                     temperature: 1.5,
                     ..Default::default()
                 };
-                let (le, ge) = fast_errors(&inputs, &spec);
-                assert!(
-                    le <= 1e-5 && ge <= 1e-5,
-                    "{divergence} V={v} α={alpha} scale={grad_scale}: loss {le:.2e} grad {ge:.2e}"
-                );
+                let what = format!("{divergence} V={v} α={alpha} scale={grad_scale}");
+                assert_fast_passes(b, &inputs, &spec, &what);
             }
         }
     }
 }
+for_each_backend!([cpu, emu, cuda] masks_labels_scales_strides_and_in_place(b));
 
 #[test]
 fn in_place_and_16_bit_gradients() {
@@ -291,8 +293,7 @@ fn in_place_and_16_bit_gradients() {
     }
 }
 
-#[test]
-fn infinite_and_poisoned_rows() {
+fn infinite_and_poisoned_rows(b: &dyn Backend) {
     // Forward KL with a masked student entry facing a finite teacher entry
     // is +inf (also where that teacher probability underflows fp32); a NaN
     // anywhere makes the row NaN; the other rows keep their values.
@@ -311,20 +312,13 @@ fn infinite_and_poisoned_rows() {
             t[3] = f32::NEG_INFINITY;
         }
         s[v + 10] = f32::NAN;
-        let inputs = KdInputs {
-            student: Logits::new(HostData::F32(&s), 3, v),
-            teacher: Logits::new(HostData::F32(&t), 3, v),
-            labels: None,
-            row_weights: None,
-        };
+        let inputs = crate::common::inputs(&s, &t, 3, v, None);
         let spec = LossSpec {
             divergence,
             reduction: Reduction::None,
             ..Default::default()
         };
-        let got = EmuBackend::default()
-            .compute(&inputs, &spec, Some(GradDtype::F32))
-            .unwrap();
+        let got = b.compute(&inputs, &spec, Some(GradDtype::F32)).unwrap();
         let want = Oracle
             .compute(&inputs, &spec, Some(GradDtype::F32))
             .unwrap();
@@ -339,3 +333,4 @@ fn infinite_and_poisoned_rows() {
         );
     }
 }
+for_each_backend!([cpu, emu, cuda] infinite_and_poisoned_rows(b));

@@ -10,22 +10,23 @@ use rand::{Rng, SeedableRng};
 #[test]
 fn widening_matches_half_for_every_bit_pattern() {
     for bits in 0..=u16::MAX {
-        let (a, b) = (
-            hostmath::bf16_bits_to_f32(bits),
-            bf16::from_bits(bits).to_f32(),
-        );
-        assert!(
-            a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
-            "bf16 {bits:#06x}: {a} vs {b}"
-        );
-        let (a, b) = (
-            hostmath::f16_bits_to_f32(bits),
-            f16::from_bits(bits).to_f32(),
-        );
-        assert!(
-            a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
-            "f16 {bits:#06x}: {a} vs {b}"
-        );
+        for (name, a, b) in [
+            (
+                "bf16",
+                hostmath::bf16_bits_to_f32(bits),
+                bf16::from_bits(bits).to_f32(),
+            ),
+            (
+                "f16",
+                hostmath::f16_bits_to_f32(bits),
+                f16::from_bits(bits).to_f32(),
+            ),
+        ] {
+            assert!(
+                a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
+                "{name} {bits:#06x}: {a} vs {b}"
+            );
+        }
     }
 }
 

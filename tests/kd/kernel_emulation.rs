@@ -4,7 +4,7 @@
 //! f64 oracle. On a machine without a GPU this is what checks the parallel
 //! decomposition; tests/gpu.rs checks the same on hardware.
 
-use crate::common;
+use crate::common::{self, assert_passed, assert_sweep_passed};
 
 use kdfuse::check::{random_config, run_case, sweep, CaseConfig};
 use kdfuse::emu::EmuBackend;
@@ -15,15 +15,7 @@ use rand::SeedableRng;
 #[test]
 fn random_cases_against_oracle() {
     let report = sweep(&EmuBackend::default(), 120, 77, 6000, |_| {}).unwrap();
-    for f in &report.failures {
-        eprintln!(
-            "FAIL loss {:.2e} grad {:.2e} {}",
-            f.loss_err,
-            f.grad_err,
-            f.config.describe()
-        );
-    }
-    assert!(report.passed());
+    assert_sweep_passed!(report);
     common::assert_all_groups(&report);
 }
 
@@ -58,21 +50,11 @@ fn large_vocabulary_rows_and_grid_stride() {
                 ..base
             };
             // Two blocks for five rows: the grid-stride loop runs.
-            let r = run_case(
-                &EmuBackend {
-                    in_place: false,
-                    grid: 2,
-                },
-                &c,
-            )
-            .unwrap();
-            assert!(
-                r.passed,
-                "loss {:.2e} grad {:.2e}: {}",
-                r.loss_err,
-                r.grad_err,
-                c.describe()
-            );
+            let emu = EmuBackend {
+                in_place: false,
+                grid: 2,
+            };
+            assert_passed!(run_case(&emu, &c).unwrap(), c);
         }
     }
 }

@@ -3,18 +3,12 @@
 //! (a top-k teacher with k = V and the dense loss, a huge soft-cap and none,
 //! soft CE's gradient and forward KL's), and the top-k validation pass.
 
+use crate::common::{for_each_backend, inputs, topk_inputs};
 use kdfuse::check::rel_l2;
-use kdfuse::emu::{emu_validate_topk, EmuBackend};
-use kdfuse::{
-    Backend, CpuBackend, Divergence, GradDtype, HostData, KdInputs, KdOutput, Logits, LossSpec,
-    TopkIndices, TopkInputs, TopkMode, TopkTeacher,
-};
+use kdfuse::emu::emu_validate_topk;
+use kdfuse::{Backend, Divergence, GradDtype, KdInputs, KdOutput, LossSpec, TopkIndices, TopkMode};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-
-fn backends() -> Vec<Box<dyn Backend>> {
-    vec![Box::new(CpuBackend), Box::new(EmuBackend::default())]
-}
 
 fn random(seed: u64, n: usize, scale: f32) -> Vec<f32> {
     let mut rng = StdRng::seed_from_u64(seed);
@@ -49,8 +43,7 @@ fn log_softmax_rows(t: &[f32], v: usize) -> Vec<f32> {
         .collect()
 }
 
-#[test]
-fn topk_with_every_index_equals_the_dense_loss() {
+fn topk_with_every_index_equals_the_dense_loss(b: &dyn Backend) {
     let (n, v) = (5, 301);
     let s = random(1, n * v, 4.0);
     let logits = random(2, n * v, 4.0);
@@ -83,34 +76,18 @@ fn topk_with_every_index_equals_the_dense_loss() {
             topk_mode: mode,
             ..Default::default()
         };
-        let dense = KdInputs {
-            student: Logits::new(HostData::F32(&s), n, v),
-            teacher: Logits::new(HostData::F32(&t), n, v),
-            labels: Some(&labels),
-            row_weights: None,
-        };
-        let sparse = TopkInputs {
-            student: Logits::new(HostData::F32(&s), n, v),
-            teacher: TopkTeacher {
-                indices: TopkIndices::I32(&idx),
-                values: HostData::F32(&vals),
-                k: v,
-            },
-            labels: Some(&labels),
-            row_weights: None,
-        };
-        for b in backends() {
-            let d = b.compute(&dense, &spec, Some(GradDtype::F32)).unwrap();
-            let k = b
-                .compute_topk(&sparse, &spec, Some(GradDtype::F32))
-                .unwrap();
-            assert_close(&k, &d, 2e-5, &format!("{} {mode}", b.name()));
-        }
+        let dense = inputs(&s, &t, n, v, Some(&labels));
+        let sparse = topk_inputs(&s, n, v, TopkIndices::I32(&idx), &vals, v, Some(&labels));
+        let d = b.compute(&dense, &spec, Some(GradDtype::F32)).unwrap();
+        let k = b
+            .compute_topk(&sparse, &spec, Some(GradDtype::F32))
+            .unwrap();
+        assert_close(&k, &d, 2e-5, &format!("{} {mode}", b.name()));
     }
 }
+for_each_backend!([cpu, emu, cuda] topk_with_every_index_equals_the_dense_loss(b));
 
-#[test]
-fn a_huge_softcap_is_no_softcap() {
+fn a_huge_softcap_is_no_softcap(b: &dyn Backend) {
     let (n, v) = (4, 517);
     let s = random(4, n * v, 3.0);
     let t = random(5, n * v, 3.0);
@@ -125,64 +102,50 @@ fn a_huge_softcap_is_no_softcap() {
             softcap: Some(1e7),
             ..plain.clone()
         };
-        let inputs = kdfuse::KdInputs {
-            student: Logits::new(HostData::F32(&s), n, v),
-            teacher: Logits::new(HostData::F32(&t), n, v),
-            labels: None,
-            row_weights: None,
-        };
-        for b in backends() {
-            let a = b.compute(&inputs, &plain, Some(GradDtype::F32)).unwrap();
-            let c = b.compute(&inputs, &capped, Some(GradDtype::F32)).unwrap();
-            assert_close(&c, &a, 1e-5, &format!("{} {divergence}", b.name()));
-            let ge = rel_l2(
-                &f64s(a.grad_teacher.as_ref().unwrap()),
-                &f64s(c.grad_teacher.as_ref().unwrap()),
-            );
-            assert!(
-                ge <= 1e-5,
-                "{} {divergence}: teacher grad err {ge:.2e}",
-                b.name()
-            );
-        }
+        let inputs = inputs(&s, &t, n, v, None);
+        let a = b.compute(&inputs, &plain, Some(GradDtype::F32)).unwrap();
+        let c = b.compute(&inputs, &capped, Some(GradDtype::F32)).unwrap();
+        assert_close(&c, &a, 1e-5, &format!("{} {divergence}", b.name()));
+        let ge = rel_l2(
+            &f64s(a.grad_teacher.as_ref().unwrap()),
+            &f64s(c.grad_teacher.as_ref().unwrap()),
+        );
+        assert!(
+            ge <= 1e-5,
+            "{} {divergence}: teacher grad err {ge:.2e}",
+            b.name()
+        );
     }
 }
+for_each_backend!([cpu, emu, cuda] a_huge_softcap_is_no_softcap(b));
 
-#[test]
-fn soft_ce_has_forward_kl_student_gradient() {
+fn soft_ce_has_forward_kl_student_gradient(b: &dyn Backend) {
     let (n, v) = (3, 1000);
     let s = random(6, n * v, 3.0);
     let t = random(7, n * v, 3.0);
-    let inputs = KdInputs {
-        student: Logits::new(HostData::F32(&s), n, v),
-        teacher: Logits::new(HostData::F32(&t), n, v),
-        labels: None,
-        row_weights: None,
+    let inputs = inputs(&s, &t, n, v, None);
+    let spec = |divergence| LossSpec {
+        divergence,
+        temperature: 3.0,
+        softcap: Some(5.0),
+        ..Default::default()
     };
-    for b in backends() {
-        let spec = |divergence| LossSpec {
-            divergence,
-            temperature: 3.0,
-            softcap: Some(5.0),
-            ..Default::default()
-        };
-        let f = b
-            .compute(&inputs, &spec(Divergence::ForwardKl), Some(GradDtype::F32))
-            .unwrap();
-        let c = b
-            .compute(&inputs, &spec(Divergence::SoftCe), Some(GradDtype::F32))
-            .unwrap();
-        let ge = rel_l2(
-            &f64s(c.grad.as_ref().unwrap()),
-            &f64s(f.grad.as_ref().unwrap()),
-        );
-        assert!(ge <= 1e-6, "{}: {ge:.2e}", b.name());
-        assert!(c.loss > f.loss, "soft CE adds the teacher entropy");
-    }
+    let f = b
+        .compute(&inputs, &spec(Divergence::ForwardKl), Some(GradDtype::F32))
+        .unwrap();
+    let c = b
+        .compute(&inputs, &spec(Divergence::SoftCe), Some(GradDtype::F32))
+        .unwrap();
+    let ge = rel_l2(
+        &f64s(c.grad.as_ref().unwrap()),
+        &f64s(f.grad.as_ref().unwrap()),
+    );
+    assert!(ge <= 1e-6, "{}: {ge:.2e}", b.name());
+    assert!(c.loss > f.loss, "soft CE adds the teacher entropy");
 }
+for_each_backend!([cpu, emu, cuda] soft_ce_has_forward_kl_student_gradient(b));
 
-#[test]
-fn row_weights_scale_rows_and_zero_skips() {
+fn row_weights_scale_rows_and_zero_skips(b: &dyn Backend) {
     let (n, v) = (4, 333);
     let s = random(8, n * v, 3.0);
     let t = random(9, n * v, 3.0);
@@ -192,35 +155,29 @@ fn row_weights_scale_rows_and_zero_skips() {
         grad_teacher: true,
         ..Default::default()
     };
-    let base = KdInputs {
-        student: Logits::new(HostData::F32(&s), n, v),
-        teacher: Logits::new(HostData::F32(&t), n, v),
-        labels: None,
-        row_weights: None,
-    };
+    let base = inputs(&s, &t, n, v, None);
     let weighted = KdInputs {
         row_weights: Some(&w),
         ..base
     };
-    for b in backends() {
-        let a = b.compute(&base, &spec, Some(GradDtype::F32)).unwrap();
-        let c = b.compute(&weighted, &spec, Some(GradDtype::F32)).unwrap();
-        for r in 0..n {
-            let want = w[r] as f64 * a.row_losses[r];
-            assert!((c.row_losses[r] - want).abs() <= 1e-6 * want.abs().max(1e-3));
-            for (gw, ga) in [(&c.grad, &a.grad), (&c.grad_teacher, &a.grad_teacher)] {
-                let (gw, ga) = (gw.as_ref().unwrap(), ga.as_ref().unwrap());
-                for j in 0..v {
-                    let want = w[r] * ga[r * v + j];
-                    assert!((gw[r * v + j] - want).abs() <= 1e-6 * want.abs().max(1e-9));
-                }
+    let a = b.compute(&base, &spec, Some(GradDtype::F32)).unwrap();
+    let c = b.compute(&weighted, &spec, Some(GradDtype::F32)).unwrap();
+    for r in 0..n {
+        let want = w[r] as f64 * a.row_losses[r];
+        assert!((c.row_losses[r] - want).abs() <= 1e-6 * want.abs().max(1e-3));
+        for (gw, ga) in [(&c.grad, &a.grad), (&c.grad_teacher, &a.grad_teacher)] {
+            let (gw, ga) = (gw.as_ref().unwrap(), ga.as_ref().unwrap());
+            for j in 0..v {
+                let want = w[r] * ga[r * v + j];
+                assert!((gw[r * v + j] - want).abs() <= 1e-6 * want.abs().max(1e-9));
             }
         }
-        // batchmean divides by the rows, not by the weights' sum.
-        let want: f64 = c.row_losses.iter().sum::<f64>() / n as f64;
-        assert!((c.loss - want).abs() <= 1e-6 * want.abs());
     }
+    // batchmean divides by the rows, not by the weights' sum.
+    let want: f64 = c.row_losses.iter().sum::<f64>() / n as f64;
+    assert!((c.loss - want).abs() <= 1e-6 * want.abs());
 }
+for_each_backend!([cpu, emu, cuda] row_weights_scale_rows_and_zero_skips(b));
 
 #[test]
 fn validation_pass_reports_the_first_bad_row() {

@@ -11,12 +11,11 @@
 //! 2^−δ ≥ 2, a stream takes its first finite s − t as reference, and a merge
 //! keeps the reference of the side that has one.
 
+use crate::common::inputs;
 use kdfuse::check::rel_l2_floor;
 use kdfuse::emu::EmuBackend;
 use kdfuse::oracle::log_softmax;
-use kdfuse::{
-    Backend, CpuBackend, Divergence, GradDtype, HostData, KdInputs, Logits, LossSpec, Oracle,
-};
+use kdfuse::{Backend, CpuBackend, Divergence, GradDtype, LossSpec, Oracle};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -86,12 +85,7 @@ fn masked_entries_facing_a_far_reference() {
                 for tau in [1.0f64, 2.0] {
                     let (s, t) =
                         masked_row(&mut rng, v, offset, divergence == Divergence::ReverseKl);
-                    let inputs = KdInputs {
-                        student: Logits::new(HostData::F32(&s), 1, v),
-                        teacher: Logits::new(HostData::F32(&t), 1, v),
-                        labels: None,
-                        row_weights: None,
-                    };
+                    let inputs = inputs(&s, &t, 1, v, None);
                     let spec = LossSpec {
                         divergence,
                         temperature: tau,

@@ -3,37 +3,17 @@
 //! the CUDA kernels under the emulation (through `kdfuse loss`:
 //! cli/tests/cli/nan.rs).
 
-use kdfuse::emu::EmuBackend;
+use crate::common::{self, for_each_backend, On};
+
 use kdfuse::{
-    Backend, CpuBackend, Divergence, GradDtype, HostData, KdInputs, KdOutput, Logits, LossSpec,
-    Oracle, TopkIndices, TopkInputs, TopkMode, TopkTeacher,
+    Backend, Divergence, GradDtype, HostData, KdOutput, Logits, LossSpec, TopkIndices, TopkInputs,
+    TopkMode, TopkTeacher,
 };
 
-fn backends() -> [(&'static str, Box<dyn Backend>); 3] {
-    [
-        ("oracle", Box::new(Oracle)),
-        ("cpu", Box::new(CpuBackend)),
-        ("emu", Box::new(EmuBackend::default())),
-    ]
-}
-
-fn dense(s: &[f32], t: &[f32], spec: &LossSpec) -> Vec<(&'static str, KdOutput)> {
-    let v = s.len();
-    let inputs = KdInputs {
-        student: Logits::new(HostData::F32(s), 1, v),
-        teacher: Logits::new(HostData::F32(t), 1, v),
-        labels: None,
-        row_weights: None,
-    };
-    backends()
-        .into_iter()
-        .map(|(name, b)| {
-            (
-                name,
-                b.compute(&inputs, spec, Some(GradDtype::F32)).unwrap(),
-            )
-        })
-        .collect()
+/// One row through `b`.
+fn dense(b: &dyn Backend, s: &[f32], t: &[f32], spec: &LossSpec) -> KdOutput {
+    let inputs = common::inputs(s, t, 1, s.len(), None);
+    b.compute(&inputs, spec, Some(GradDtype::F32)).unwrap()
 }
 
 fn assert_nan_row(what: &str, out: &KdOutput) {
@@ -53,61 +33,56 @@ fn assert_nan_row(what: &str, out: &KdOutput) {
     }
 }
 
-#[test]
-fn teacher_nan_forward_kl_and_soft_ce() {
-    // Was: forward KL 0 and soft CE 0.3653.
+/// Was: forward KL 0 and soft CE 0.3653.
+fn teacher_nan_forward_kl_and_soft_ce(b: &dyn Backend, on: On) {
     for divergence in [Divergence::ForwardKl, Divergence::SoftCe] {
         let spec = LossSpec {
             divergence,
             ..Default::default()
         };
-        for (name, out) in dense(&[1.0, 2.0, 0.5], &[1.0, f32::NAN, 3.0], &spec) {
-            assert_nan_row(&format!("{name} {divergence}"), &out);
-        }
+        let out = dense(b, &[1.0, 2.0, 0.5], &[1.0, f32::NAN, 3.0], &spec);
+        assert_nan_row(&format!("{on} {divergence}"), &out);
     }
 }
+for_each_backend!(teacher_nan_forward_kl_and_soft_ce(b, on));
 
-#[test]
-fn student_nan_reverse_kl() {
+fn student_nan_reverse_kl(b: &dyn Backend, on: On) {
     let spec = LossSpec {
         divergence: Divergence::ReverseKl,
         ..Default::default()
     };
-    for (name, out) in dense(&[1.0, f32::NAN, 3.0], &[0.5, 2.0, 1.0], &spec) {
-        assert_nan_row(name, &out);
-    }
+    let out = dense(b, &[1.0, f32::NAN, 3.0], &[0.5, 2.0, 1.0], &spec);
+    assert_nan_row(&on.to_string(), &out);
 }
+for_each_backend!(student_nan_reverse_kl(b, on));
 
-#[test]
-fn the_whole_gradient_row_is_nan() {
-    // Was: one NaN entry in an otherwise finite gradient row.
+/// Was: one NaN entry in an otherwise finite gradient row.
+fn the_whole_gradient_row_is_nan(b: &dyn Backend, on: On) {
     for divergence in Divergence::ALL {
         let spec = LossSpec {
             divergence,
             grad_teacher: true,
             ..Default::default()
         };
-        for (name, out) in dense(&[1.0, f32::NAN, 3.0, -1.0], &[0.5, 2.0, 1.0, 0.0], &spec) {
-            assert_nan_row(&format!("{name} {divergence}"), &out);
-        }
+        let out = dense(b, &[1.0, f32::NAN, 3.0, -1.0], &[0.5, 2.0, 1.0, 0.0], &spec);
+        assert_nan_row(&format!("{on} {divergence}"), &out);
     }
 }
+for_each_backend!(the_whole_gradient_row_is_nan(b, on));
 
-#[test]
-fn student_plus_inf_is_nan_not_minus_inf() {
+fn student_plus_inf_is_nan_not_minus_inf(b: &dyn Backend, on: On) {
     for divergence in Divergence::ALL {
         let spec = LossSpec {
             divergence,
             ..Default::default()
         };
-        for (name, out) in dense(&[1.0, f32::INFINITY, 3.0], &[0.5, 2.0, 1.0], &spec) {
-            assert_nan_row(&format!("{name} {divergence}"), &out);
-        }
+        let out = dense(b, &[1.0, f32::INFINITY, 3.0], &[0.5, 2.0, 1.0], &spec);
+        assert_nan_row(&format!("{on} {divergence}"), &out);
     }
 }
+for_each_backend!(student_plus_inf_is_nan_not_minus_inf(b, on));
 
-#[test]
-fn topk_value_nan_in_full_and_support() {
+fn topk_value_nan_in_full_and_support(b: &dyn Backend, on: On) {
     let s = [0.3f32, 1.0, -0.5, 2.0, 0.1];
     let idx = [3i64, 1];
     let vals = [f32::NAN, 0.5];
@@ -126,11 +101,10 @@ fn topk_value_nan_in_full_and_support() {
             topk_mode: mode,
             ..Default::default()
         };
-        for (name, b) in backends() {
-            let out = b
-                .compute_topk(&inputs, &spec, Some(GradDtype::F32))
-                .unwrap();
-            assert_nan_row(&format!("{name} topk-{mode}"), &out);
-        }
+        let out = b
+            .compute_topk(&inputs, &spec, Some(GradDtype::F32))
+            .unwrap();
+        assert_nan_row(&format!("{on} topk-{mode}"), &out);
     }
 }
+for_each_backend!(topk_value_nan_in_full_and_support(b, on));

@@ -5,10 +5,7 @@
 //! precision = exact) against the f64 oracle; the numbers in README come from
 //! these cases.
 
-use kdfuse::{
-    Backend, CpuBackend, Divergence, GradDtype, HostData, KdInputs, KdOutput, Logits, LossSpec,
-    Oracle, Precision,
-};
+use kdfuse::{Backend, CpuBackend, Divergence, GradDtype, KdOutput, LossSpec, Oracle, Precision};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
@@ -36,12 +33,7 @@ fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
 /// worst over τ ∈ {1, 2}.
 fn errors(s: &[f32], t: &[f32], divergence: Divergence) -> (f64, f64) {
     let v = s.len();
-    let inputs = KdInputs {
-        student: Logits::new(HostData::F32(s), 1, v),
-        teacher: Logits::new(HostData::F32(t), 1, v),
-        labels: None,
-        row_weights: None,
-    };
+    let inputs = crate::common::inputs(s, t, 1, v, None);
     let (mut le, mut ge) = (0.0f64, 0.0f64);
     for temperature in [1.0, 2.0] {
         // The bounds README states are the exact arithmetic's.
