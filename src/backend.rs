@@ -1,13 +1,11 @@
 //! Backend selection ([`create`], [`select_cuda`]), and the one interface
-//! every backend implements ([`Backend`], from `driver`).
+//! every backend implements ([`Backend`], re-exported from [`crate::driver`]).
 //!
 //! The interface lives in `driver`, which depends on no backend; this module
 //! depends on all of them, so that the backends never import their selector.
 
-pub(crate) mod driver;
-
-pub(crate) use driver::validate_topk;
-pub use driver::{Backend, KdOutput, Outputs};
+pub(crate) use crate::driver::validate_topk;
+pub use crate::driver::{Backend, KdOutput, Outputs};
 
 use crate::error::{KdError, Result};
 use crate::spec::spellings;

@@ -7,7 +7,7 @@
 //! where the loss stays finite. The oracle runs on the same rounded inputs.
 //! Errors are relative L2 (docs/DESIGN.md §3); infinities must match exactly.
 
-use crate::backend::{Backend, KdOutput};
+use crate::driver::{Backend, KdOutput};
 use crate::error::Result;
 use crate::oracle::Oracle;
 use crate::spec::{Divergence, LossSpec, Precision, Reduction, TopkMode};

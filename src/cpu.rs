@@ -5,7 +5,7 @@
 //! kernels/kd_math.cuh (kernels/kd_host.cpp) in precision = exact — so that it
 //! works everywhere and tests the kernels' math on every machine.
 
-use crate::backend::driver::{Backend, Outputs};
+use crate::driver::{Backend, Outputs};
 use crate::error::Result;
 use crate::fast_segments;
 use crate::hostmath::{self, RowData, TopkRow, TopkRowIndices};

@@ -10,7 +10,7 @@
 //! Dense teachers without soft-capping or the teacher gradient (the fast
 //! kernels' cases); not a backend, only a yardstick.
 
-use crate::backend::driver::KdOutput;
+use crate::driver::KdOutput;
 use crate::spec::{KernelDivergence, LossSpec};
 use crate::tensor::{Dtype, GradDtype, KdInputs, Logits};
 

@@ -6,8 +6,8 @@
 //! same for the eager baseline of `kdfuse bench` (kernels/eager.cu). Slow; not
 //! for real use.
 
-use crate::backend::driver::{Backend, Outputs};
 use crate::cuda::threads_for;
+use crate::driver::{Backend, Outputs};
 use crate::error::{invalid, Result};
 use crate::params::{FusedArgs, KernelParams, TopkArgs};
 use crate::spec::{LossSpec, Precision};

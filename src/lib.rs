@@ -38,6 +38,7 @@ pub mod check;
 pub mod cpu;
 pub mod cuda;
 pub mod distill;
+pub mod driver;
 pub mod eager;
 /// The CUDA kernels run on the CPU by a C++ emulation of CUDA
 /// (kernels/emu/): the tests' way to run the kernels' parallel code without a

@@ -2,7 +2,7 @@
 //! directly (log-softmax, then the divergence and the closed-form gradients),
 //! with no online tricks. Every other backend is tested against it.
 
-use crate::backend::driver::{drive, store_row, Backend, CallInputs, KdOutput, Outputs};
+use crate::driver::{drive, store_row, Backend, CallInputs, KdOutput, Outputs};
 use crate::error::Result;
 use crate::spec::{KernelDivergence, LossSpec, Precision, TopkMode};
 use crate::tensor::{Dtype, GradDtype, KdInputs, TopkInputs};

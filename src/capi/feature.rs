@@ -8,9 +8,9 @@ use super::types::{
 };
 use super::KdfuseContext;
 use crate::cpu::CpuBackend;
-use crate::cuda::RawFeatureArgs;
 use crate::error::{invalid, KdError, Result};
 use crate::feature::oracle::{attention_row, cosine_row, mse_row};
+use crate::feature::RawFeatureArgs;
 use crate::feature::{
     FeatureBackend, FeatureGrads, FeatureInputs, FeatureKind, FeatureLayout, FeatureSpec, Features,
 };

@@ -14,9 +14,9 @@ pub use types::{
     KDFUSE_ABI_VERSION,
 };
 
-use crate::backend::Backend;
 use crate::cpu::CpuBackend;
 use crate::cuda::{CudaBackend, PreparedCache, RawFusedArgs, RawTopkArgs};
+use crate::driver::Backend;
 use crate::error::{invalid, KdError, Result};
 use crate::tensor::{
     Dtype, GradDtype, HostData, KdInputs, Logits, TopkIndices, TopkInputs, TopkTeacher,

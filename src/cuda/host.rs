@@ -4,7 +4,7 @@
 
 use super::launch::{KdElement, LossBuffers, RawFusedArgs, RawTopkArgs, RowLayout};
 use super::CudaBackend;
-use crate::backend::driver::{Backend, Outputs};
+use crate::driver::{Backend, Outputs};
 use crate::error::Result;
 use crate::spec::LossSpec;
 use crate::tensor::{HostData, KdInputs, TopkIndices, TopkInputs};
@@ -12,7 +12,7 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut, DeviceRepr};
 use half::{bf16, f16};
 use std::sync::Arc;
 
-pub(super) fn upload<T: DeviceRepr + Copy + Default>(
+pub(crate) fn upload<T: DeviceRepr + Copy + Default>(
     stream: &Arc<CudaStream>,
     data: &[T],
 ) -> Result<CudaSlice<T>> {
@@ -22,7 +22,7 @@ pub(super) fn upload<T: DeviceRepr + Copy + Default>(
     Ok(stream.clone_htod(data)?)
 }
 
-pub(super) fn poison<T>(stream: &Arc<CudaStream>, buf: &mut CudaSlice<T>) -> Result<()> {
+pub(crate) fn poison<T>(stream: &Arc<CudaStream>, buf: &mut CudaSlice<T>) -> Result<()> {
     let bytes = buf.num_bytes();
     let (ptr, _guard) = buf.device_ptr_mut(stream);
     // SAFETY: `bytes` bytes of a live allocation, on its stream.
@@ -32,7 +32,7 @@ pub(super) fn poison<T>(stream: &Arc<CudaStream>, buf: &mut CudaSlice<T>) -> Res
 
 /// An element type of the host-array path: a kernel element, read back as
 /// f32.
-pub(super) trait ToF32: KdElement + Default {
+pub(crate) trait ToF32: KdElement + Default {
     fn f(self) -> f32;
 }
 impl ToF32 for f32 {
@@ -57,7 +57,7 @@ fn ptr<T>(stream: &Arc<CudaStream>, buf: &mut CudaSlice<T>) -> u64 {
 }
 
 /// A poisoned output buffer of `len` elements, or none.
-pub(super) fn output<G: DeviceRepr>(
+pub(crate) fn output<G: DeviceRepr>(
     stream: &Arc<CudaStream>,
     want: bool,
     len: usize,
@@ -84,7 +84,7 @@ fn download_into<G: ToF32>(
 }
 
 /// A gradient buffer, when asked for, into the driver's output.
-pub(super) fn download<G: ToF32>(
+pub(crate) fn download<G: ToF32>(
     stream: &Arc<CudaStream>,
     buf: Option<CudaSlice<G>>,
     dst: Option<&mut Vec<f32>>,
@@ -267,7 +267,7 @@ macro_rules! by_dtype {
         }
     }};
 }
-pub(super) use by_dtype;
+pub(crate) use by_dtype;
 
 impl Backend for CudaBackend {
     fn name(&self) -> &'static str {

@@ -5,7 +5,6 @@
 //! is searched per call.
 
 use crate::error::{KdError, Result};
-use crate::feature::FeatureKind;
 use crate::spec::LossSpec;
 use crate::tensor::Dtype;
 use cudarc::driver::{CudaFunction, CudaModule};
@@ -108,8 +107,9 @@ pub(crate) enum Kernel {
     CountValid,
     /// `kd_reduce_loss`.
     ReduceLoss,
-    /// `kd_feat_<mse|cos|at>_<in>_<out>`.
-    Feature { kind: FeatureKind, io: Io },
+    /// `kd_feat_<mse|cos|at>_<in>_<out>`; `kind` is the feature family's
+    /// kernel id (`FeatureKind::id`: its index in [`FEATURE_KINDS`]).
+    Feature { kind: u8, io: Io },
     /// `kd_eager_<op>_<dtype>`.
     EagerTyped(EagerTyped, Dtype),
     /// `kd_eager_<op>`.
@@ -126,7 +126,7 @@ const TOPK_VALIDATE: usize = TOPK + 2 * IO_NAMES.len();
 const COUNT_VALID: usize = TOPK_VALIDATE + 2;
 const REDUCE_LOSS: usize = COUNT_VALID + 1;
 const FEATURE: usize = REDUCE_LOSS + 1;
-const EAGER_TYPED: usize = FEATURE + 3 * IO_NAMES.len();
+const EAGER_TYPED: usize = FEATURE + FEATURE_KINDS.len() * IO_NAMES.len();
 const EAGER: usize = EAGER_TYPED + 3 * 3;
 const MLP: usize = EAGER + EAGER_OPS.len();
 const SLOTS: usize = MLP + MLP_OPS.len();
@@ -139,13 +139,9 @@ fn dtype_index(d: Dtype) -> usize {
     }
 }
 
-fn feature_short(kind: FeatureKind) -> (usize, &'static str) {
-    match kind {
-        FeatureKind::Mse => (0, "mse"),
-        FeatureKind::Cosine => (1, "cos"),
-        FeatureKind::Attention => (2, "at"),
-    }
-}
+/// The feature kernels' names, by `FeatureKind::id` (kernels/feature/
+/// feature_math.cuh: KD_FEAT_MSE, KD_FEAT_COS, KD_FEAT_AT).
+pub(crate) const FEATURE_KINDS: [&str; 3] = ["mse", "cos", "at"];
 
 impl Kernel {
     /// The dense kernel of a (validated) spec for the dtype pair `io`.
@@ -167,7 +163,7 @@ impl Kernel {
             Kernel::CountValid => COUNT_VALID,
             Kernel::ReduceLoss => REDUCE_LOSS,
             Kernel::Feature { kind, io } => {
-                FEATURE + feature_short(kind).0 * IO_NAMES.len() + io.0 as usize
+                FEATURE + kind as usize * IO_NAMES.len() + io.0 as usize
             }
             Kernel::EagerTyped(op, d) => EAGER_TYPED + op as usize * 3 + dtype_index(d),
             Kernel::Eager(op) => EAGER + op as usize,
@@ -193,7 +189,7 @@ impl Kernel {
             Kernel::CountValid => "kd_count_valid".into(),
             Kernel::ReduceLoss => "kd_reduce_loss".into(),
             Kernel::Feature { kind, io } => {
-                format!("kd_feat_{}_{}", feature_short(kind).1, io.suffix())
+                format!("kd_feat_{}_{}", FEATURE_KINDS[kind as usize], io.suffix())
             }
             Kernel::EagerTyped(op, d) => {
                 let op = ["log_softmax", "lsm_back", "ce_back"][op as usize];
@@ -258,11 +254,7 @@ mod tests {
             all.push(Kernel::TopkValidate { indices_i64 });
             all.extend(ios.iter().map(|&io| Kernel::Topk { io, indices_i64 }));
         }
-        for kind in [
-            FeatureKind::Mse,
-            FeatureKind::Cosine,
-            FeatureKind::Attention,
-        ] {
+        for kind in 0..FEATURE_KINDS.len() as u8 {
             all.extend(ios.iter().map(|&io| Kernel::Feature { kind, io }));
         }
         for op in [
@@ -351,7 +343,7 @@ mod tests {
             ),
             (
                 Kernel::Feature {
-                    kind: FeatureKind::Cosine,
+                    kind: 1,
                     io: bf16_f32,
                 },
                 "kd_feat_cos_bf16_f32",

@@ -340,7 +340,7 @@ impl PreparedCache {
 
 /// The (input, gradient) dtype pair of a call, or the error naming
 /// `grad_dtype`.
-pub(super) fn io(dtype: Dtype, grad_dtype: Dtype) -> Result<Io> {
+pub(crate) fn io(dtype: Dtype, grad_dtype: Dtype) -> Result<Io> {
     Io::new(dtype, grad_dtype).map_or_else(
         || {
             invalid(
@@ -1000,7 +1000,7 @@ fn allow_smem(f: &CudaFunction, bytes: u32) -> Result<()> {
 }
 
 /// A device buffer of `have` elements holds the `need` a layout asks for.
-pub(super) fn check_len(arg: &'static str, have: usize, need: usize) -> Result<()> {
+pub(crate) fn check_len(arg: &'static str, have: usize, need: usize) -> Result<()> {
     if have < need {
         return invalid(
             arg,

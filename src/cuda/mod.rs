@@ -5,25 +5,28 @@
 //! the driver library is there, so a machine without a driver gets an `Err`.
 
 mod eager;
-mod feature;
-mod feature_host;
 mod host;
 mod info;
 mod kernels;
 mod launch;
 
 pub use eager::EagerScratch;
-pub use feature::{FeatureBuffers, RawFeatureArgs};
 pub use info::{device_infos, driver_version, DeviceInfo};
-pub(crate) use launch::{threads_for, PreparedCache};
 pub use launch::{KdElement, LossBuffers, PreparedLoss, RawFusedArgs, RawTopkArgs, RowLayout};
+
+// The plumbing the loss families' CUDA halves (feature::cuda) and the
+// distill engine build on.
+pub(crate) use host::{by_dtype, download, output, poison, upload, ToF32};
+#[cfg(test)]
+pub(crate) use kernels::FEATURE_KINDS;
+pub(crate) use kernels::{Kernel, MlpOp};
+pub(crate) use launch::{check_len, io, threads_for, PreparedCache};
 
 use crate::error::{KdError, Result};
 use crate::kernels_meta;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 use cudarc::nvrtc::Ptx;
 use kernels::KernelTable;
-pub(crate) use kernels::{Kernel, MlpOp};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -90,7 +93,7 @@ fn context_and_module(ordinal: usize) -> Result<Loaded> {
 /// The CUDA backend for one device.
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
+    pub(crate) stream: Arc<CudaStream>,
     kernels: Arc<KernelTable>,
 }
 

@@ -7,7 +7,7 @@ use super::engine::{Engine, StepBatch, TeacherSource};
 use super::mlp::{forward, Layout, Mlp};
 use super::ops::{bias_act, bias_grad, gemm, relu_back};
 use super::optim::Optimizer;
-use crate::backend::Backend;
+use crate::driver::Backend;
 use crate::error::Result;
 use crate::tensor::{GradDtype, HostData, KdInputs, Logits};
 use crate::CpuBackend;

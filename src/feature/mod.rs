@@ -33,6 +33,8 @@
 
 pub mod check;
 mod cpu;
+mod cuda;
+mod cuda_host;
 #[doc(hidden)]
 #[cfg(feature = "emulation")]
 pub mod emu;
@@ -40,6 +42,7 @@ mod inputs;
 pub mod oracle;
 pub(crate) mod params;
 
+pub use cuda::{FeatureBuffers, RawFeatureArgs};
 pub use inputs::{FeatureInputs, FeatureLayout, Features};
 
 use crate::backend::BackendKind;

@@ -4,7 +4,7 @@
 //! tests/feature/oracle.rs).
 
 use super::{FeatureBackend, FeatureGrads, FeatureInputs, FeatureKind, FeatureSpec, Outputs};
-use crate::backend::driver::store_row;
+use crate::driver::store_row;
 use crate::error::Result;
 use crate::oracle::Oracle;
 

@@ -5,8 +5,9 @@
 //! backend, and the device-buffer API on a caller stream.
 
 use half::bf16;
-use kdfuse::cuda::{CudaBackend, FeatureBuffers};
+use kdfuse::cuda::CudaBackend;
 use kdfuse::feature::check::{feature_sweep, run_feature_case, FeatureCaseConfig, Special};
+use kdfuse::feature::FeatureBuffers;
 use kdfuse::{
     CpuBackend, Dtype, FeatureBackend, FeatureGrads, FeatureKind, FeatureLayout, FeatureSpec,
     GradDtype, OwnedData, Reduction,

@@ -1,10 +1,23 @@
 //! Facts about the host for reports: CPU, cache, measured memory bandwidth,
 //! commit and date.
 
-use super::report::HostInfo;
 use super::stats::Timing;
 use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
 use std::time::Instant;
+
+/// The machine that ran the benchmark (the host).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HostInfo {
+    /// CPU model.
+    pub cpu: String,
+    /// Worker threads of the CPU backend.
+    pub threads: usize,
+    /// Last-level cache, bytes (0 if unknown).
+    pub llc_bytes: usize,
+    /// Host memory copy bandwidth measured in this run (bytes read + written), GB/s.
+    pub memory_bandwidth_gbs: f64,
+}
 
 fn read_trimmed(path: &str) -> Option<String> {
     std::fs::read_to_string(path)

@@ -16,7 +16,8 @@ mod report;
 mod stats;
 
 pub use config::{BenchConfig, Preset, LLM_VOCABS};
-pub use report::{BenchReport, BenchResult, Checks, CsvRow, DeviceMeta, HostInfo, Measured};
+pub use host::HostInfo;
+pub use report::{BenchReport, BenchResult, Checks, CsvRow, DeviceMeta, Measured};
 pub use stats::Timing;
 
 use indicatif::{ProgressBar, ProgressStyle};

@@ -2,22 +2,10 @@
 //! and Markdown (for BENCHMARKS.md).
 
 use super::config::BenchConfig;
+use super::host::HostInfo;
 use super::stats::Timing;
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
-
-/// The machine that ran the benchmark (the host).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct HostInfo {
-    /// CPU model.
-    pub cpu: String,
-    /// Worker threads of the CPU backend.
-    pub threads: usize,
-    /// Last-level cache, bytes (0 if unknown).
-    pub llc_bytes: usize,
-    /// Host memory copy bandwidth measured in this run (bytes read + written), GB/s.
-    pub memory_bandwidth_gbs: f64,
-}
 
 /// The GPU that ran the benchmark.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -4,9 +4,7 @@
 //! `kd_reduce_loss` (the reduced loss, on the device). No host
 //! synchronisation inside.
 
-use super::kernels::Kernel;
-use super::launch::{check_len, io, KdElement};
-use super::CudaBackend;
+use crate::cuda::{check_len, io, CudaBackend, KdElement, Kernel};
 use crate::error::{invalid, Result};
 use crate::feature::params::{self, FeatureArgs, FeatureParams};
 use crate::feature::{FeatureKind, FeatureLayout, FeatureSpec};
@@ -101,7 +99,7 @@ impl CudaBackend {
         let n = l.rows as i64;
         if l.rows > 0 {
             let f = self.kernel(Kernel::Feature {
-                kind: spec.kind,
+                kind: spec.kind.id() as u8,
                 io,
             })?;
             let args = FeatureArgs {
@@ -204,4 +202,22 @@ fn grad_ptr<'a, G>(
     check_len(arg, g.len(), needed)?;
     let (p, guard) = g.device_ptr_mut(stream);
     Ok((p, Some(guard)))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::cuda::FEATURE_KINDS;
+    use crate::feature::FeatureKind;
+
+    /// The kernel table names a feature kernel by `FeatureKind::id`.
+    #[test]
+    fn feature_kernel_ids_name_their_kernels() {
+        for (kind, short) in [
+            (FeatureKind::Mse, "mse"),
+            (FeatureKind::Cosine, "cos"),
+            (FeatureKind::Attention, "at"),
+        ] {
+            assert_eq!(FEATURE_KINDS[kind.id() as usize], short);
+        }
+    }
 }

@@ -3,9 +3,8 @@
 //! set: NaN in every dtype) before the launch, so an element the kernel
 //! failed to write cannot pass as a value.
 
-use super::feature::FeatureBuffers;
-use super::host::{by_dtype, download, output, poison, upload, ToF32};
-use super::CudaBackend;
+use super::cuda::FeatureBuffers;
+use crate::cuda::{by_dtype, download, output, poison, upload, CudaBackend, ToF32};
 use crate::error::Result;
 use crate::feature::{FeatureBackend, FeatureInputs, FeatureSpec, Outputs};
 use crate::tensor::{Dtype, HostData};
