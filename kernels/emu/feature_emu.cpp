@@ -2,7 +2,7 @@
 // so that `cargo test` runs the feature kernels' own parallel code (sweeps
 // with vector heads and tails, block sums, the attention workspace,
 // grid-stride rows) against the f64 oracle without a GPU. Test-only entry
-// point: kd_emu_feature_run, the launch sequence of src/cuda/feature.rs (the
+// point: kd_emu_feature_run, the launch sequence of src/feature/cuda.rs (the
 // kernel, then kd_reduce_loss).
 #include "cuda_emu.h"
 
