@@ -9,7 +9,7 @@
 use crate::cuda::threads_for;
 use crate::driver::{Backend, Outputs};
 use crate::error::{invalid, Result};
-use crate::params::{FusedArgs, KernelParams, TopkArgs};
+use crate::params::{FusedArgs, KernelParams, TopkArgs, TopkValidateArgs};
 use crate::spec::{LossSpec, Precision};
 use crate::tensor::{Dtype, KdInputs, Logits, TopkIndices, TopkInputs};
 use std::ffi::c_void;
@@ -34,15 +34,7 @@ extern "C" {
         grid: u32,
         block: u32,
     ) -> i32;
-    fn kd_emu_topk_validate(
-        idx: *const c_void,
-        idx64: i32,
-        n: i64,
-        k: i32,
-        v: i32,
-        grid: u32,
-        block: u32,
-    ) -> i64;
+    fn kd_emu_topk_validate(a: *const TopkValidateArgs, idx64: i32, grid: u32, block: u32);
 }
 
 /// The top-k validation pass (`kd_topk_validate`) under the emulation: the
@@ -53,19 +45,18 @@ pub fn emu_validate_topk(indices: &TopkIndices<'_>, n: usize, k: usize, v: usize
         TopkIndices::I64(i) => (i.as_ptr() as *const c_void, 1),
     };
     assert!(indices.len() >= n * k, "indices hold N·k entries");
-    // SAFETY: N·k indices (checked above); the kernel guards every access.
-    let first = unsafe {
-        kd_emu_topk_validate(
-            ptr,
-            i64s,
-            n as i64,
-            k as i32,
-            v as i32,
-            n.clamp(1, 3) as u32,
-            64,
-        )
+    let mut first = n as u64;
+    let args = TopkValidateArgs {
+        indices: ptr as u64,
+        n_rows: n as i64,
+        k: k as i32,
+        vocab: v as i32,
+        first_bad: &mut first as *mut u64 as u64,
     };
-    (first < n as i64).then_some(first as usize)
+    // SAFETY: N·k indices (checked above); the kernel guards every access
+    // and writes `first`.
+    unsafe { kd_emu_topk_validate(&args, i64s, n.clamp(1, 3) as u32, 64) };
+    (first < n as u64).then_some(first as usize)
 }
 
 extern "C" {

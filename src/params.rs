@@ -93,11 +93,49 @@ pub(crate) struct TopkArgs {
     pub params: KernelParams,
 }
 
+/// `kd_count_valid`'s launch contract (`KdCountArgs`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CountArgs {
+    pub labels: u64,
+    pub n_rows: i64,
+    pub ignore_index: i64,
+    pub out: u64,
+}
+
+/// `kd_reduce_loss`'s launch contract (`KdReduceArgs`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ReduceArgs {
+    pub row_loss: u64,
+    pub n_rows: i64,
+    pub valid_count: u64,
+    pub out: u64,
+    pub params: KernelParams,
+}
+
+/// `kd_topk_validate_*`'s launch contract (`KdTopkValidateArgs`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TopkValidateArgs {
+    pub indices: u64,
+    pub n_rows: i64,
+    pub k: i32,
+    pub vocab: i32,
+    pub first_bad: u64,
+}
+
 // SAFETY: plain-old-data with the C layout the kernels expect (checked by
 // tests/kd/hostmath.rs against kd_host_args_layout).
 unsafe impl cudarc::driver::DeviceRepr for FusedArgs {}
 // SAFETY: as above.
 unsafe impl cudarc::driver::DeviceRepr for TopkArgs {}
+// SAFETY: as above.
+unsafe impl cudarc::driver::DeviceRepr for CountArgs {}
+// SAFETY: as above.
+unsafe impl cudarc::driver::DeviceRepr for ReduceArgs {}
+// SAFETY: as above.
+unsafe impl cudarc::driver::DeviceRepr for TopkValidateArgs {}
 
 /// `size_of` and the field offsets of the two launch contracts, in the order
 /// of kd_host_args_layout (kernels/kd_host.cpp), for the layout test.
@@ -122,5 +160,16 @@ pub(crate) fn args_layout() -> Vec<usize> {
         offset_of!(TopkArgs, row_loss),
         offset_of!(TopkArgs, n_rows),
         offset_of!(TopkArgs, params),
+        size_of::<CountArgs>(),
+        offset_of!(CountArgs, ignore_index),
+        offset_of!(CountArgs, out),
+        size_of::<ReduceArgs>(),
+        offset_of!(ReduceArgs, valid_count),
+        offset_of!(ReduceArgs, out),
+        offset_of!(ReduceArgs, params),
+        size_of::<TopkValidateArgs>(),
+        offset_of!(TopkValidateArgs, k),
+        offset_of!(TopkValidateArgs, vocab),
+        offset_of!(TopkValidateArgs, first_bad),
     ]
 }

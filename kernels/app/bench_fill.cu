@@ -5,7 +5,8 @@
 // z ≈ N(0, 1) from a counter-based hash (splitmix64, four uniforms summed), so
 // a teacher filled with the student's shared seed and ρ < 1 is correlated with
 // it as real logits are; never zeros. One write of the buffer: in·N·V bytes.
-#include "kd/kd_math.cuh"
+// Takes its argument struct (app/app_args.h) by value.
+#include "app/app_args.h"
 
 __device__ __forceinline__ unsigned long long kd_splitmix64(unsigned long long x) {
   x += 0x9e3779b97f4a7c15ull;
@@ -34,11 +35,9 @@ __device__ void kd_fill_body(T* out, long long count, unsigned long long shared_
   }
 }
 
-#define KD_FILL(NAME, T)                                                                    \
-  extern "C" __global__ void __launch_bounds__(256)                                        \
-      NAME(T* out, long long count, unsigned long long shared_seed,                        \
-           unsigned long long own_seed, float rho, float sigma) {                          \
-    kd_fill_body<T>(out, count, shared_seed, own_seed, rho, sigma);                        \
+#define KD_FILL(NAME, T)                                                                      \
+  extern "C" __global__ void __launch_bounds__(256) NAME(const KdFillArgs a) {               \
+    kd_fill_body<T>(static_cast<T*>(a.out), a.count, a.shared_seed, a.own_seed, a.rho, a.sigma); \
   }
 KD_FILL(kd_fill_normal_f32, float)
 KD_FILL(kd_fill_normal_bf16, kd_bf16)

@@ -18,7 +18,8 @@
 // 4·in + out + 44 (54 B in bf16, 64 in f32, against 6 and 12 fused).
 // Reverse KL and TVD read ls too in the backward terms (+4); JSD adds lm (8 + 4
 // to make, +4 in the terms, +4 in the backward). Soft CE moves forward KL's. cli/src/bench/model.rs has the table.
-#include "kd/kd_math.cuh"
+// Every kernel takes its argument struct (app/app_args.h) by value.
+#include "app/app_args.h"
 
 #define KD_EAGER_THREADS 256
 
@@ -42,10 +43,10 @@ __device__ void kd_eager_log_softmax_body(const T* x, long long stride, float* o
   }
 }
 
-#define KD_EAGER_LSM(NAME, T)                                                              \
-  extern "C" __global__ void __launch_bounds__(KD_EAGER_THREADS)                          \
-      NAME(const T* x, long long stride, float* out, long long n, int V, float inv_tau) { \
-    kd_eager_log_softmax_body<T>(x, stride, out, n, V, inv_tau);                          \
+#define KD_EAGER_LSM(NAME, T)                                                                \
+  extern "C" __global__ void __launch_bounds__(KD_EAGER_THREADS) NAME(const KdEagerLsmArgs a) { \
+    kd_eager_log_softmax_body<T>(static_cast<const T*>(a.x), a.stride, a.out, a.n, a.vocab,      \
+                                 a.inv_tau);                                                     \
   }
 KD_EAGER_LSM(kd_eager_log_softmax_f32, float)
 KD_EAGER_LSM(kd_eager_log_softmax_bf16, kd_bf16)
@@ -59,8 +60,12 @@ __device__ __forceinline__ bool kd_eager_counts(const long long* labels, long lo
 
 // row_loss[r] = soft_coef·Σ_j e[r, j] + α·(−ls1[r, y_r]); 0 for ignored rows.
 extern "C" __global__ void __launch_bounds__(KD_EAGER_THREADS)
-    kd_eager_row_loss(const float* e, const float* ls1, const long long* labels, long long n,
-                      KdParams P, float* row_loss) {
+    kd_eager_row_loss(const KdEagerRowLossArgs a) {
+  const float *e = a.e, *ls1 = a.ls1;
+  const long long* labels = a.labels;
+  const long long n = a.n;
+  const KdParams& P = a.params;
+  float* row_loss = a.row_loss;
   __shared__ float2 red[KD_EAGER_THREADS / 32];
   const int V = P.vocab;
   for (long long row = blockIdx.x; row < n; row += gridDim.x) {
@@ -102,11 +107,10 @@ __device__ void kd_eager_lsm_back_body(const float* g, const float* ls, const lo
   }
 }
 
-#define KD_EAGER_BACK(NAME, TOUT)                                                             \
-  extern "C" __global__ void __launch_bounds__(KD_EAGER_THREADS)                             \
-      NAME(const float* g, const float* ls, const long long* labels, const int* valid_count, \
-           long long n, KdParams P, TOUT* grad, long long g_stride) {                        \
-    kd_eager_lsm_back_body<TOUT>(g, ls, labels, valid_count, n, P, grad, g_stride);          \
+#define KD_EAGER_BACK(NAME, TOUT)                                                            \
+  extern "C" __global__ void __launch_bounds__(KD_EAGER_THREADS) NAME(const KdEagerBackArgs a) { \
+    kd_eager_lsm_back_body<TOUT>(a.g, a.ls, a.labels, a.valid_count, a.n, a.params,              \
+                                 static_cast<TOUT*>(a.grad), a.grad_stride);                     \
   }
 KD_EAGER_BACK(kd_eager_lsm_back_f32, float)
 KD_EAGER_BACK(kd_eager_lsm_back_bf16, kd_bf16)
@@ -127,76 +131,78 @@ __device__ __forceinline__ float kd_eager_xlogy(float la, float lb) {
 
 // Forward KL terms: p·(lt − ls).
 extern "C" __global__ void __launch_bounds__(KD_EAGER_THREADS)
-    kd_eager_fkl_terms(const float* ls, const float* lt, float* e, long long count) {
-  KD_EAGER_FOR(i, count) e[i] = kd_eager_xlogy(lt[i], ls[i]);
+    kd_eager_fkl_terms(const KdEagerEwArgs a) {
+  KD_EAGER_FOR(i, a.count) a.out[i] = kd_eager_xlogy(a.lt[i], a.ls[i]);
 }
 
 // Reverse KL terms: q·(ls − lt).
 extern "C" __global__ void __launch_bounds__(KD_EAGER_THREADS)
-    kd_eager_rkl_terms(const float* ls, const float* lt, float* e, long long count) {
-  KD_EAGER_FOR(i, count) e[i] = kd_eager_xlogy(ls[i], lt[i]);
+    kd_eager_rkl_terms(const KdEagerEwArgs a) {
+  KD_EAGER_FOR(i, a.count) a.out[i] = kd_eager_xlogy(a.ls[i], a.lt[i]);
 }
 
 // lm = log(β·p + (1−β)·q).
 extern "C" __global__ void __launch_bounds__(KD_EAGER_THREADS)
-    kd_eager_log_mix(const float* ls, const float* lt, float* lm, long long count, float beta) {
-  KD_EAGER_FOR(i, count) lm[i] = logf(beta * expf(lt[i]) + (1.0f - beta) * expf(ls[i]));
+    kd_eager_log_mix(const KdEagerEwArgs a) {
+  KD_EAGER_FOR(i, a.count) {
+    a.out[i] = logf(a.beta * expf(a.lt[i]) + (1.0f - a.beta) * expf(a.ls[i]));
+  }
 }
 
 // JSD terms: β·p·(lt − lm) + (1−β)·q·(ls − lm).
 extern "C" __global__ void __launch_bounds__(KD_EAGER_THREADS)
-    kd_eager_jsd_terms(const float* ls, const float* lt, const float* lm, float* e, long long count,
-                       float beta) {
-  KD_EAGER_FOR(i, count) {
-    e[i] = beta * kd_eager_xlogy(lt[i], lm[i]) + (1.0f - beta) * kd_eager_xlogy(ls[i], lm[i]);
+    kd_eager_jsd_terms(const KdEagerEwArgs a) {
+  KD_EAGER_FOR(i, a.count) {
+    a.out[i] = a.beta * kd_eager_xlogy(a.lt[i], a.lm[i]) +
+               (1.0f - a.beta) * kd_eager_xlogy(a.ls[i], a.lm[i]);
   }
 }
 
 // Soft CE terms: −p·ls (0 where p = 0; +inf where p > 0 faces ls = −inf).
 extern "C" __global__ void __launch_bounds__(KD_EAGER_THREADS)
-    kd_eager_sce_terms(const float* ls, const float* lt, float* e, long long count) {
-  KD_EAGER_FOR(i, count) {
-    const float p = expf(lt[i]);
-    e[i] = p == 0.0f ? 0.0f : -p * ls[i];
+    kd_eager_sce_terms(const KdEagerEwArgs a) {
+  KD_EAGER_FOR(i, a.count) {
+    const float p = expf(a.lt[i]);
+    a.out[i] = p == 0.0f ? 0.0f : -p * a.ls[i];
   }
 }
 
 // TVD terms: ½|p − q|.
 extern "C" __global__ void __launch_bounds__(KD_EAGER_THREADS)
-    kd_eager_tvd_terms(const float* ls, const float* lt, float* e, long long count) {
-  KD_EAGER_FOR(i, count) e[i] = 0.5f * fabsf(expf(lt[i]) - expf(ls[i]));
+    kd_eager_tvd_terms(const KdEagerEwArgs a) {
+  KD_EAGER_FOR(i, a.count) a.out[i] = 0.5f * fabsf(expf(a.lt[i]) - expf(a.ls[i]));
 }
 
 // ∂TVD/∂ls = ½ sign(q − p)·q (sign 0 at a tie).
 extern "C" __global__ void __launch_bounds__(KD_EAGER_THREADS)
-    kd_eager_tvd_back(const float* ls, const float* lt, float* g, long long count) {
-  KD_EAGER_FOR(i, count) {
-    const float q = expf(ls[i]), p = expf(lt[i]);
-    g[i] = q > p ? 0.5f * q : (q < p ? -0.5f * q : 0.0f);
+    kd_eager_tvd_back(const KdEagerEwArgs a) {
+  KD_EAGER_FOR(i, a.count) {
+    const float q = expf(a.ls[i]), p = expf(a.lt[i]);
+    a.out[i] = q > p ? 0.5f * q : (q < p ? -0.5f * q : 0.0f);
   }
 }
 
 // ∂KL(p‖q)/∂ls = −p (also soft CE's: the same gradient).
 extern "C" __global__ void __launch_bounds__(KD_EAGER_THREADS)
-    kd_eager_fkl_back(const float* lt, float* g, long long count) {
-  KD_EAGER_FOR(i, count) g[i] = -expf(lt[i]);
+    kd_eager_fkl_back(const KdEagerEwArgs a) {
+  KD_EAGER_FOR(i, a.count) a.out[i] = -expf(a.lt[i]);
 }
 
 // ∂KL(q‖p)/∂ls = q·(ls − lt + 1).
 extern "C" __global__ void __launch_bounds__(KD_EAGER_THREADS)
-    kd_eager_rkl_back(const float* ls, const float* lt, float* g, long long count) {
-  KD_EAGER_FOR(i, count) {
-    const float q = expf(ls[i]);
-    g[i] = q == 0.0f ? 0.0f : q * (ls[i] - lt[i] + 1.0f);
+    kd_eager_rkl_back(const KdEagerEwArgs a) {
+  KD_EAGER_FOR(i, a.count) {
+    const float q = expf(a.ls[i]);
+    a.out[i] = q == 0.0f ? 0.0f : q * (a.ls[i] - a.lt[i] + 1.0f);
   }
 }
 
 // ∂JSD/∂ls = (1−β)·q·(ls − lm) (the other terms cancel).
 extern "C" __global__ void __launch_bounds__(KD_EAGER_THREADS)
-    kd_eager_jsd_back(const float* ls, const float* lm, float* g, long long count, float beta) {
-  KD_EAGER_FOR(i, count) {
-    const float q = expf(ls[i]);
-    g[i] = q == 0.0f ? 0.0f : (1.0f - beta) * q * (ls[i] - lm[i]);
+    kd_eager_jsd_back(const KdEagerEwArgs a) {
+  KD_EAGER_FOR(i, a.count) {
+    const float q = expf(a.ls[i]);
+    a.out[i] = q == 0.0f ? 0.0f : (1.0f - a.beta) * q * (a.ls[i] - a.lm[i]);
   }
 }
 
@@ -218,11 +224,10 @@ __device__ void kd_eager_ce_back_body(const float* ls1, const long long* labels,
   }
 }
 
-#define KD_EAGER_CE_BACK(NAME, TOUT)                                                          \
-  extern "C" __global__ void __launch_bounds__(KD_EAGER_THREADS)                             \
-      NAME(const float* ls1, const long long* labels, const int* valid_count, long long n,   \
-           KdParams P, TOUT* grad, long long g_stride) {                                     \
-    kd_eager_ce_back_body<TOUT>(ls1, labels, valid_count, n, P, grad, g_stride);             \
+#define KD_EAGER_CE_BACK(NAME, TOUT)                                                         \
+  extern "C" __global__ void __launch_bounds__(KD_EAGER_THREADS) NAME(const KdEagerBackArgs a) { \
+    kd_eager_ce_back_body<TOUT>(a.ls, a.labels, a.valid_count, a.n, a.params,                    \
+                                static_cast<TOUT*>(a.grad), a.grad_stride);                      \
   }
 KD_EAGER_CE_BACK(kd_eager_ce_back_f32, float)
 KD_EAGER_CE_BACK(kd_eager_ce_back_bf16, kd_bf16)

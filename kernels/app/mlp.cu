@@ -4,7 +4,7 @@
 //   mlp_bias_act   z ← act(z + b[col]): ReLU on hidden layers, then inverted
 //                  dropout (kept when lowbias32(key ^ i·φ) ≥ threshold, scaled
 //                  by 1/(1 − rate)); the mask is a pure function of (key, i),
-//                  so the CPU (src/distill/mod.rs, Dropout) draws the same one.
+//                  so the CPU (src/distill/dropout.rs) draws the same one.
 //                  Bytes per element: 8 (read z, write z; b stays in L1).
 //   mlp_relu_back  dz = h > 0 ? dh·scale : 0 — ReLU and dropout backward from
 //                  the layer's stored output h (h > 0 exactly where the unit
@@ -14,9 +14,11 @@
 //                  4 B/element, coalesced across the columns of a row.
 //   mlp_sgd        v ← μv + (g + λp), p ← p − lr·v.              16 B/element.
 //   mlp_adam       m, v moments, bias-corrected step, decoupled decay. 24 B.
-// All are grid-stride loops over 64-bit indices, one launch per call. Each
-// f32 step matches src/distill/{cpu.rs,optim.rs}; results agree with the CPU
-// up to FMA contraction (nvcc contracts, rustc does not).
+// All are grid-stride loops over 64-bit indices, one launch per call, each
+// taking its argument struct (app/app_args.h) by value. Each f32 step
+// matches src/distill/{ops.rs,optim.rs}; results agree with the CPU up to FMA
+// contraction (nvcc contracts, rustc does not).
+#include "app/app_args.h"
 
 #define MLP_THREADS 256
 
@@ -34,51 +36,50 @@ __device__ __forceinline__ unsigned mlp_mix32(unsigned x) {
        i += (long long)gridDim.x * blockDim.x)
 
 extern "C" __global__ void __launch_bounds__(MLP_THREADS)
-    mlp_bias_act(float* z, const float* b, long long rows, int cols, int relu, int dropout,
-                 unsigned key, unsigned threshold, float scale) {
-  const long long n = rows * cols;
+    mlp_bias_act(const MlpBiasActArgs a) {
+  const long long n = a.rows * a.cols;
   MLP_GRID_STRIDE(i, n) {
-    float v = z[i] + b[i % cols];
-    if (relu) v = fmaxf(v, 0.0f);
-    if (dropout) v = mlp_mix32(key ^ ((unsigned)i * 0x9e3779b9u)) >= threshold ? v * scale : 0.0f;
-    z[i] = v;
+    float v = a.z[i] + a.b[i % a.cols];
+    if (a.relu) v = fmaxf(v, 0.0f);
+    if (a.dropout)
+      v = mlp_mix32(a.key ^ ((unsigned)i * 0x9e3779b9u)) >= a.threshold ? v * a.scale : 0.0f;
+    a.z[i] = v;
   }
 }
 
 extern "C" __global__ void __launch_bounds__(MLP_THREADS)
-    mlp_relu_back(const float* dh, const float* h, float scale, float* dz, long long n) {
-  MLP_GRID_STRIDE(i, n) { dz[i] = h[i] > 0.0f ? dh[i] * scale : 0.0f; }
+    mlp_relu_back(const MlpReluBackArgs a) {
+  MLP_GRID_STRIDE(i, a.n) { a.dz[i] = a.h[i] > 0.0f ? a.dh[i] * a.scale : 0.0f; }
 }
 
 extern "C" __global__ void __launch_bounds__(MLP_THREADS)
-    mlp_bias_grad(const float* dz, long long rows, int cols, float* db) {
-  MLP_GRID_STRIDE(c, (long long)cols) {
+    mlp_bias_grad(const MlpBiasGradArgs a) {
+  MLP_GRID_STRIDE(c, (long long)a.cols) {
     float s = 0.0f;
-    for (long long r = 0; r < rows; ++r) s += dz[r * cols + c];
-    db[c] = s;
+    for (long long r = 0; r < a.rows; ++r) s += a.dz[r * a.cols + c];
+    a.db[c] = s;
   }
 }
 
 extern "C" __global__ void __launch_bounds__(MLP_THREADS)
-    mlp_sgd(float* p, const float* g, float* v, long long n, float lr, float mu, float wd) {
-  MLP_GRID_STRIDE(i, n) {
-    const float gi = g[i] + wd * p[i];
-    const float vi = mu * v[i] + gi;
-    v[i] = vi;
-    p[i] -= lr * vi;
+    mlp_sgd(const MlpSgdArgs a) {
+  MLP_GRID_STRIDE(i, a.n) {
+    const float gi = a.g[i] + a.wd * a.p[i];
+    const float vi = a.mu * a.v[i] + gi;
+    a.v[i] = vi;
+    a.p[i] -= a.lr * vi;
   }
 }
 
 extern "C" __global__ void __launch_bounds__(MLP_THREADS)
-    mlp_adam(float* p, const float* g, float* m, float* v, long long n, float lr, float beta1,
-             float beta2, float eps, float wd, float c1, float c2) {
-  MLP_GRID_STRIDE(i, n) {
-    const float gi = g[i];
-    const float mi = beta1 * m[i] + (1.0f - beta1) * gi;
-    const float vi = beta2 * v[i] + (1.0f - beta2) * (gi * gi);
-    m[i] = mi;
-    v[i] = vi;
-    const float step = (mi * c1) / (sqrtf(vi * c2) + eps);
-    p[i] -= lr * (step + wd * p[i]);
+    mlp_adam(const MlpAdamArgs a) {
+  MLP_GRID_STRIDE(i, a.n) {
+    const float gi = a.g[i];
+    const float mi = a.beta1 * a.m[i] + (1.0f - a.beta1) * gi;
+    const float vi = a.beta2 * a.v[i] + (1.0f - a.beta2) * (gi * gi);
+    a.m[i] = mi;
+    a.v[i] = vi;
+    const float step = (mi * a.c1) / (sqrtf(vi * a.c2) + a.eps);
+    a.p[i] -= a.lr * (step + a.wd * a.p[i]);
   }
 }

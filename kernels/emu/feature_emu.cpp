@@ -7,10 +7,10 @@
 #include "cuda_emu.h"
 
 #include "feature/feature.cu"
+#include "kd/kd_args.h"
 
 // kd_reduce_loss, emulated in kd_emu.cpp (kd_fused.cu's unit).
-extern "C" void kd_emu_reduce_loss(const float* row_loss, long long n, const int* valid,
-                                   const KdParams* P, float* loss);
+extern "C" void kd_emu_reduce_loss(const KdReduceArgs* a);
 
 namespace {
 
@@ -49,6 +49,7 @@ extern "C" int kd_emu_feature_run(int in_dtype, int out_dtype, const KdFeatArgs*
     else
       return -1;
   }
-  kd_emu_reduce_loss(a->row_loss, a->params.n_rows, nullptr, RP, loss);
+  const KdReduceArgs red{a->row_loss, a->params.n_rows, nullptr, loss, *RP};
+  kd_emu_reduce_loss(&red);
   return 0;
 }

@@ -45,15 +45,33 @@ bool with_dtypes(int in_dtype, int out_dtype, F&& f) {
 
 }  // namespace
 
-extern "C" void kd_emu_count_valid(const long long* labels, long long n, long long ignore_index,
-                                   int* valid) {
-  kd_emu_launch(1, 64, [&] { kd_count_valid(labels, n, ignore_index, valid); });
+// kd_count_valid and kd_reduce_loss on their launch contracts (kd_args.h);
+// also the eager and feature units' (eager_emu.cpp, feature_emu.cpp).
+extern "C" void kd_emu_count_valid(const KdCountArgs* a) {
+  kd_emu_launch(1, 64, [&] { kd_count_valid(*a); });
 }
 
-extern "C" void kd_emu_reduce_loss(const float* row_loss, long long n, const int* valid,
-                                   const KdParams* P, float* loss) {
-  kd_emu_launch(1, 64, [&] { kd_reduce_loss(row_loss, n, valid, *P, loss); });
+extern "C" void kd_emu_reduce_loss(const KdReduceArgs* a) {
+  kd_emu_launch(1, 64, [&] { kd_reduce_loss(*a); });
 }
+
+namespace {
+
+// With labels, the valid-row count into `valid` (the launch contracts' const
+// pointer is the count's output here, as on the GPU).
+void count_valid(const long long* labels, long long n, long long ignore_index, const int* valid) {
+  if (!labels) return;
+  const KdCountArgs c{labels, n, ignore_index, const_cast<int*>(valid)};
+  kd_emu_count_valid(&c);
+}
+
+void reduce_loss(const float* row_loss, long long n, const int* valid, const KdParams& P,
+                 float* loss) {
+  const KdReduceArgs r{row_loss, n, valid, loss, P};
+  kd_emu_reduce_loss(&r);
+}
+
+}  // namespace
 
 // The three launches of the CUDA backend (count, fused, reduce) on the
 // launch contract `a` (kd_args.h), with the kernel `variant` (fused_div); with labels, the count is written to
@@ -62,14 +80,12 @@ extern "C" void kd_emu_reduce_loss(const float* row_loss, long long n, const int
 extern "C" int kd_emu_run(int div, int variant, int in_dtype, int out_dtype, const KdFusedArgs* a,
                           float* loss, unsigned grid, unsigned block) {
   std::lock_guard<std::mutex> lock(kd_emu_mutex);
-  if (a->labels)
-    kd_emu_count_valid(a->labels, a->n_rows, a->params.ignore_index,
-                       const_cast<int*>(a->valid_count));
+  count_valid(a->labels, a->n_rows, a->params.ignore_index, a->valid_count);
   if (a->n_rows > 0 && !with_dtypes(in_dtype, out_dtype, [&](auto tin, auto tout) {
         fused<decltype(tin), decltype(tout)>(div, variant, *a, grid, block);
       }))
     return -1;
-  kd_emu_reduce_loss(a->row_loss, a->n_rows, a->valid_count, &a->params, loss);
+  reduce_loss(a->row_loss, a->n_rows, a->valid_count, a->params, loss);
   return 0;
 }
 
@@ -78,9 +94,7 @@ extern "C" int kd_emu_run(int div, int variant, int in_dtype, int out_dtype, con
 extern "C" int kd_emu_topk_run(int in_dtype, int out_dtype, int idx64, const KdTopkArgs* a,
                                float* loss, unsigned grid, unsigned block) {
   std::lock_guard<std::mutex> lock(kd_emu_mutex);
-  if (a->labels)
-    kd_emu_count_valid(a->labels, a->n_rows, a->params.ignore_index,
-                       const_cast<int*>(a->valid_count));
+  count_valid(a->labels, a->n_rows, a->params.ignore_index, a->valid_count);
   std::vector<uint32_t> bits(((size_t)a->params.vocab + 31) / 32);
   if (a->n_rows > 0 && !with_dtypes(in_dtype, out_dtype, [&](auto tin, auto tout) {
         using Tin = decltype(tin);
@@ -93,21 +107,22 @@ extern "C" int kd_emu_topk_run(int in_dtype, int out_dtype, int idx64, const KdT
         });
       }))
     return -1;
-  kd_emu_reduce_loss(a->row_loss, a->n_rows, a->valid_count, &a->params, loss);
+  reduce_loss(a->row_loss, a->n_rows, a->valid_count, a->params, loss);
   return 0;
 }
 
-// The validation pass; returns the first bad row, or n when every row is good.
-extern "C" long long kd_emu_topk_validate(const void* idx, int idx64, long long n, int k, int V,
-                                          unsigned grid, unsigned block) {
+// The validation pass on its launch contract (a->first_bad set to N by the
+// caller); `idx64`: the indices are int64.
+extern "C" void kd_emu_topk_validate(const KdTopkValidateArgs* a, int idx64, unsigned grid,
+                                     unsigned block) {
   std::lock_guard<std::mutex> lock(kd_emu_mutex);
-  unsigned long long first = (unsigned long long)n;
-  std::vector<uint32_t> bits(((size_t)V + 31) / 32);
+  std::vector<uint32_t> bits(((size_t)a->vocab + 31) / 32);
   kd_emu_launch(grid, block, [&] {
     if (idx64)
-      kd_topk_validate_body(static_cast<const long long*>(idx), n, k, V, &first, bits.data());
+      kd_topk_validate_body(static_cast<const long long*>(a->indices), a->n_rows, a->k, a->vocab,
+                            a->first_bad, bits.data());
     else
-      kd_topk_validate_body(static_cast<const int*>(idx), n, k, V, &first, bits.data());
+      kd_topk_validate_body(static_cast<const int*>(a->indices), a->n_rows, a->k, a->vocab,
+                            a->first_bad, bits.data());
   });
-  return (long long)first;
 }

@@ -43,3 +43,30 @@ struct KdTopkArgs {
   long long n_rows;
   KdParams params;                // params.topk_k = k
 };
+
+// kd_count_valid: the rows of `labels` that are not ignore_index, into *out.
+struct KdCountArgs {
+  const long long* labels;  // N labels
+  long long n_rows;
+  long long ignore_index;
+  int* out;                 // one int
+};
+
+// kd_reduce_loss: the reduced loss of the row losses, in a fixed order.
+struct KdReduceArgs {
+  const float* row_loss;    // N
+  long long n_rows;
+  const int* valid_count;   // or null: N
+  float* out;               // one float
+  KdParams params;          // reduction and V
+};
+
+// kd_topk_validate_<i32|i64>: *first_bad (set to N by the host) ends as the
+// smallest row with an index out of [0, V) or repeated.
+struct KdTopkValidateArgs {
+  const void* indices;      // N·k, int32 or int64 by the kernel's name
+  long long n_rows;
+  int k;
+  int vocab;
+  unsigned long long* first_bad;
+};

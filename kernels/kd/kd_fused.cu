@@ -175,7 +175,9 @@ KD_FUSED_DIV(sce, KD_DIV_SCE)
 
 // Number of rows whose label is not ignore_index; one block.
 extern "C" __global__ void __launch_bounds__(1024)
-    kd_count_valid(const long long* labels, long long n_rows, long long ignore_index, int* out) {
+    kd_count_valid(const KdCountArgs a) {
+  const long long* labels = a.labels;
+  const long long n_rows = a.n_rows, ignore_index = a.ignore_index;
   __shared__ int warp_counts[32];
   int c = 0;
   for (long long i = threadIdx.x; i < n_rows; i += blockDim.x) c += labels[i] != ignore_index;
@@ -187,15 +189,18 @@ extern "C" __global__ void __launch_bounds__(1024)
   if (threadIdx.x == 0) {
     int total = 0;
     for (int i = 0; i < (int)((blockDim.x + 31) >> 5); ++i) total += warp_counts[i];
-    *out = total;
+    *a.out = total;
   }
 }
 
 // The reduced loss from the per-row losses, in a fixed order (deterministic);
 // one block, f64 accumulation.
 extern "C" __global__ void __launch_bounds__(1024)
-    kd_reduce_loss(const float* row_loss, long long n_rows, const int* valid_count, KdParams P,
-                   float* out) {
+    kd_reduce_loss(const KdReduceArgs a) {
+  const float* row_loss = a.row_loss;
+  const long long n_rows = a.n_rows;
+  const int* valid_count = a.valid_count;
+  const KdParams& P = a.params;
   __shared__ double warp_sums[32];
   double acc = 0.0;
   for (long long i = threadIdx.x; i < n_rows; i += blockDim.x) acc += (double)row_loss[i];
@@ -212,6 +217,6 @@ extern "C" __global__ void __launch_bounds__(1024)
       total = valid > 0 ? total / (double)valid : 0.0;
     else if (P.reduction == KD_RED_MEAN)
       total = valid > 0 ? total / ((double)valid * (double)P.vocab) : 0.0;
-    *out = (float)total;
+    *a.out = (float)total;
   }
 }

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "kd/kd_args.h"
+#include "app/app_args.h"
 
 #define KD_LANES 256
 
@@ -259,9 +260,39 @@ void kd_host_args_layout(long long* out) {
       (long long)offsetof(KdTopkArgs, row_loss),
       (long long)offsetof(KdTopkArgs, n_rows),
       (long long)offsetof(KdTopkArgs, params),
+      (long long)sizeof(KdCountArgs),
+      (long long)offsetof(KdCountArgs, ignore_index),
+      (long long)offsetof(KdCountArgs, out),
+      (long long)sizeof(KdReduceArgs),
+      (long long)offsetof(KdReduceArgs, valid_count),
+      (long long)offsetof(KdReduceArgs, out),
+      (long long)offsetof(KdReduceArgs, params),
+      (long long)sizeof(KdTopkValidateArgs),
+      (long long)offsetof(KdTopkValidateArgs, k),
+      (long long)offsetof(KdTopkValidateArgs, vocab),
+      (long long)offsetof(KdTopkValidateArgs, first_bad),
   };
   for (size_t i = 0; i < sizeof(v) / sizeof(v[0]); ++i) out[i] = v[i];
 }
+
+// The same for the apps' launch contracts (app/app_args.h; src/cuda/args.rs):
+// each struct's size and the offsets of its last two fields. Returns the
+// number of entries written (at most 64).
+#define KD_TAIL(T, A, B) \
+  (long long)sizeof(T), (long long)offsetof(T, A), (long long)offsetof(T, B)
+int kd_host_app_args_layout(long long* out) {
+  const long long v[] = {
+      KD_TAIL(KdEagerLsmArgs, vocab, inv_tau),   KD_TAIL(KdEagerEwArgs, count, beta),
+      KD_TAIL(KdEagerRowLossArgs, row_loss, params), KD_TAIL(KdEagerBackArgs, grad_stride, params),
+      KD_TAIL(KdFillArgs, rho, sigma),           KD_TAIL(MlpBiasActArgs, threshold, scale),
+      KD_TAIL(MlpReluBackArgs, n, scale),        KD_TAIL(MlpBiasGradArgs, rows, cols),
+      KD_TAIL(MlpSgdArgs, mu, wd),               KD_TAIL(MlpAdamArgs, c1, c2),
+  };
+  const int len = (int)(sizeof(v) / sizeof(v[0]));
+  for (int i = 0; i < len; ++i) out[i] = v[i];
+  return len;
+}
+#undef KD_TAIL
 
 // The dtype conversions, exposed so that tests can compare them bit for bit
 // with the `half` crate.

@@ -205,11 +205,11 @@ __device__ void kd_topk_validate_body(const I* idx, long long n_rows, int k, int
   }
 }
 
-#define KD_TOPK_VALIDATE(NAME, I)                                                            \
-  extern "C" __global__ void __launch_bounds__(KD_TOPK_THREADS)                              \
-      NAME(const I* idx, long long n_rows, int k, int V, unsigned long long* first_bad) {    \
-    KD_TOPK_BITS;                                                                            \
-    kd_topk_validate_body<I>(idx, n_rows, k, V, first_bad, kd_topk_bits);                    \
+#define KD_TOPK_VALIDATE(NAME, I)                                                             \
+  extern "C" __global__ void __launch_bounds__(KD_TOPK_THREADS) NAME(const KdTopkValidateArgs a) { \
+    KD_TOPK_BITS;                                                                             \
+    kd_topk_validate_body<I>(static_cast<const I*>(a.indices), a.n_rows, a.k, a.vocab,         \
+                             a.first_bad, kd_topk_bits);                                      \
   }
 
 KD_TOPK_VALIDATE(kd_topk_validate_i32, int)

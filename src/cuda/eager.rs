@@ -1,7 +1,8 @@
-//! The eager baseline on the device (kernels/eager.cu): the fused call's loss
+//! The eager baseline on the device (kernels/app/eager.cu): the fused call's loss
 //! and gradient computed as an unfused framework does, one kernel per
 //! operation with fp32 `[N, V]` intermediates. For `kdfuse bench` only.
 
+use super::args::{EagerBackArgs, EagerEwArgs, EagerLsmArgs, EagerRowLossArgs};
 use super::kernels::{EagerOp, EagerTyped, Kernel};
 use super::launch::{io, RawFusedArgs};
 use super::CudaBackend;
@@ -139,7 +140,7 @@ impl CudaBackend {
         let lsm = self.kernel(Kernel::EagerTyped(EagerTyped::LogSoftmax, raw.dtype))?;
         let inv_tau = p.inv_tau;
         let with_ce = spec.alpha > 0.0;
-        for (x, stride, out, scale, wanted) in [
+        for (x, stride, out, inv_tau, wanted) in [
             (raw.student, l.student_stride, ls, inv_tau, true),
             (raw.teacher, l.teacher_stride, lt, inv_tau, true),
             (raw.student, l.student_stride, ls1, 1.0f32, with_ce),
@@ -147,47 +148,62 @@ impl CudaBackend {
             if !wanted {
                 continue;
             }
-            let stride = stride as i64;
+            let args = EagerLsmArgs {
+                x,
+                stride: stride as i64,
+                out,
+                n,
+                vocab: v,
+                inv_tau,
+            };
             let mut b = stream.launch_builder(lsm);
-            b.arg(&x).arg(&stride).arg(&out).arg(&n).arg(&v).arg(&scale);
+            b.arg(&args);
             b.launch(rows_cfg(l.rows))?;
         }
         let ew = elementwise(l.rows * l.cols);
-        // Launches one f32 kernel of kernels/eager.cu with its argument list.
+        // The element-wise kernels read what their formula names of
+        // (ls, lt, lm) and write `out`: the terms and the backward terms go to
+        // e, the log-mixture to lm.
+        let terms_args = EagerEwArgs {
+            ls,
+            lt,
+            lm,
+            out: e,
+            count,
+            beta,
+        };
         let launch = |op: EagerOp| -> Result<()> {
             let mut b = stream.launch_builder(self.kernel(Kernel::Eager(op))?);
-            let mut cfg = ew;
+            let (args, rows);
             match op {
-                EagerOp::FklTerms
-                | EagerOp::RklTerms
-                | EagerOp::SceTerms
-                | EagerOp::TvdTerms
-                | EagerOp::RklBack
-                | EagerOp::TvdBack => {
-                    b.arg(&ls).arg(&lt).arg(&e).arg(&count);
+                EagerOp::RowLoss => {
+                    rows = EagerRowLossArgs {
+                        e,
+                        ls1,
+                        labels: raw.labels,
+                        n,
+                        row_loss: raw.row_losses,
+                        params: p,
+                    };
+                    b.arg(&rows);
                 }
                 EagerOp::LogMix => {
-                    b.arg(&ls).arg(&lt).arg(&lm).arg(&count).arg(&beta);
+                    args = EagerEwArgs {
+                        lm: 0,
+                        out: lm,
+                        ..terms_args
+                    };
+                    b.arg(&args);
                 }
-                EagerOp::JsdTerms => {
-                    b.arg(&ls).arg(&lt).arg(&lm).arg(&e).arg(&count).arg(&beta);
-                }
-                EagerOp::FklBack => {
-                    b.arg(&lt).arg(&e).arg(&count);
-                }
-                EagerOp::JsdBack => {
-                    b.arg(&ls).arg(&lm).arg(&e).arg(&count).arg(&beta);
-                }
-                EagerOp::RowLoss => {
-                    b.arg(&e)
-                        .arg(&ls1)
-                        .arg(&raw.labels)
-                        .arg(&n)
-                        .arg(&p)
-                        .arg(&raw.row_losses);
-                    cfg = rows_cfg(l.rows);
+                _ => {
+                    b.arg(&terms_args);
                 }
             }
+            let cfg = if op == EagerOp::RowLoss {
+                rows_cfg(l.rows)
+            } else {
+                ew
+            };
             // SAFETY: the caller's contract and the scratch checked above:
             // every buffer holds what the kernel reads and writes.
             unsafe { b.launch(cfg) }?;
@@ -213,22 +229,26 @@ impl CudaBackend {
             return Ok(());
         }
         launch(back)?;
-        // The backward of log_softmax(s/τ) and of the hard-label term: both
-        // end with (labels, valid count, N, params, gradient, its stride).
-        let gs = l.grad_stride as i64;
+        // The backward of log_softmax(s/τ) (g = e, ls) and of the hard-label
+        // term (ls1), into the gradient's dtype.
         let backward = |op: EagerTyped, cfg: LaunchConfig| -> Result<()> {
-            let mut b = stream.launch_builder(self.kernel(Kernel::EagerTyped(op, raw.grad_dtype))?);
-            if op == EagerTyped::LsmBack {
-                b.arg(&e).arg(&ls);
+            let (g, ls) = if op == EagerTyped::LsmBack {
+                (e, ls)
             } else {
-                b.arg(&ls1);
-            }
-            b.arg(&raw.labels)
-                .arg(&valid_ptr)
-                .arg(&n)
-                .arg(&p)
-                .arg(&raw.grad)
-                .arg(&gs);
+                (0, ls1)
+            };
+            let args = EagerBackArgs {
+                g,
+                ls,
+                labels: raw.labels,
+                valid_count: valid_ptr,
+                n,
+                grad: raw.grad,
+                grad_stride: l.grad_stride as i64,
+                params: p,
+            };
+            let mut b = stream.launch_builder(self.kernel(Kernel::EagerTyped(op, raw.grad_dtype))?);
+            b.arg(&args);
             // SAFETY: the caller's contract (grad: (N−1)·grad_stride + V).
             unsafe { b.launch(cfg) }?;
             Ok(())

@@ -8,7 +8,7 @@
 use super::kernels::{Io, Kernel, KernelTable};
 use super::CudaBackend;
 use crate::error::{invalid, Result};
-use crate::params::{FusedArgs, KernelParams, TopkArgs};
+use crate::params::{CountArgs, FusedArgs, KernelParams, ReduceArgs, TopkArgs, TopkValidateArgs};
 use crate::spec::LossSpec;
 use crate::tensor::{Dtype, TopkIndices};
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
@@ -743,9 +743,15 @@ impl CudaBackend {
         self.stream().synchronize()?;
         {
             let (fp, _g) = first.device_ptr_mut(stream);
-            let (n, k32, v32) = (rows as i64, k as i32, cols as i32);
+            let args = TopkValidateArgs {
+                indices,
+                n_rows: rows as i64,
+                k: k as i32,
+                vocab: cols as i32,
+                first_bad: fp,
+            };
             let mut b = stream.launch_builder(f);
-            b.arg(&indices).arg(&n).arg(&k32).arg(&v32).arg(&fp);
+            b.arg(&args);
             // SAFETY: the caller's contract; the kernel reads rows · k indices.
             unsafe {
                 b.launch(LaunchConfig {
@@ -800,8 +806,14 @@ impl CudaBackend {
         if labels == 0 {
             return Ok(0);
         }
+        let args = CountArgs {
+            labels,
+            n_rows: n,
+            ignore_index,
+            out: valid_rows,
+        };
         let mut b = stream.launch_builder(self.kernel(Kernel::CountValid)?);
-        b.arg(&labels).arg(&n).arg(&ignore_index).arg(&valid_rows);
+        b.arg(&args);
         // SAFETY: the caller's contract.
         unsafe { b.launch(ONE_BLOCK) }?;
         Ok(valid_rows)
@@ -822,8 +834,15 @@ impl CudaBackend {
         p: &KernelParams,
         loss: u64,
     ) -> Result<()> {
+        let args = ReduceArgs {
+            row_loss: row_losses,
+            n_rows: n,
+            valid_count: valid,
+            out: loss,
+            params: *p,
+        };
         let mut b = stream.launch_builder(self.kernel(Kernel::ReduceLoss)?);
-        b.arg(&row_losses).arg(&n).arg(&valid).arg(p).arg(&loss);
+        b.arg(&args);
         // SAFETY: the caller's contract.
         unsafe { b.launch(ONE_BLOCK) }?;
         Ok(())

@@ -4,12 +4,15 @@
 //! No CUDA call is made before [`cudarc::driver::sys::is_culib_present`] says
 //! the driver library is there, so a machine without a driver gets an `Err`.
 
+mod args;
 mod eager;
 mod host;
 mod info;
 mod kernels;
 mod launch;
 
+pub use args::FillArgs;
+pub(crate) use args::{MlpAdamArgs, MlpBiasActArgs, MlpBiasGradArgs, MlpReluBackArgs, MlpSgdArgs};
 pub use eager::EagerScratch;
 pub use info::{device_infos, driver_version, DeviceInfo};
 pub use launch::{KdElement, LossBuffers, PreparedLoss, RawFusedArgs, RawTopkArgs, RowLayout};

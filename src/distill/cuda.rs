@@ -7,15 +7,17 @@
 
 use super::dropout::Dropout;
 use super::engine::{Engine, StepBatch, TeacherSource};
+use super::kernel_args::{self, UpdateArgs};
 use super::mlp::{Layout, Mlp};
-use super::optim::{Optimizer, Update};
+use super::optim::Optimizer;
 use crate::cuda::{CudaBackend, Kernel, LossBuffers, MlpOp, PreparedCache, RowLayout};
 use crate::error::{KdError, Result};
 use crate::tensor::Dtype;
 use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{
-    CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
+    LaunchConfig, PushKernelArg,
 };
 use std::sync::Arc;
 
@@ -144,22 +146,14 @@ impl Net {
                 &mut z.slice_mut(0..rows * o),
             )?;
             let d = if hidden { dropout(l) } else { None };
-            let (key, threshold, scale) = d.map_or((0, 0, 1.0), |d| (d.key, d.threshold, d.scale));
             let b = params.slice(lay.b[l]..lay.b[l] + o);
-            let (rows_i, cols, relu, drop) =
-                (rows as i64, o as i32, hidden as i32, d.is_some() as i32);
             let mut zv = z.slice_mut(0..rows * o);
+            let (zp, _zg) = zv.device_ptr_mut(stream);
+            let (bp, _bg) = b.device_ptr(stream);
+            let args = kernel_args::bias_act(zp, bp, (rows, o), hidden, d);
             let mut lb = stream.launch_builder(&k.bias_act);
-            lb.arg(&mut zv)
-                .arg(&b)
-                .arg(&rows_i)
-                .arg(&cols)
-                .arg(&relu)
-                .arg(&drop)
-                .arg(&key)
-                .arg(&threshold)
-                .arg(&scale);
-            // SAFETY: the argument list matches mlp_bias_act's signature.
+            lb.arg(&args);
+            // SAFETY: z holds rows × o, b o (the launch contract's buffers).
             unsafe { lb.launch(grid(rows * o)) }?;
             Ok(())
         })
@@ -276,43 +270,31 @@ impl CudaEngine {
         if n == 0 {
             return Ok(());
         }
-        let n_i = n as i64;
         let s = self.stream.clone();
         let mut p = self.student.params.slice_mut(range.clone());
         let g = self.grads.slice(range.clone());
         let mut s1 = self.s1.slice_mut(range.clone());
-        match opt.at(t, decay) {
-            Update::Sgd { lr, momentum, wd } => {
-                let mut b = s.launch_builder(&self.k.sgd);
-                b.arg(&mut p)
-                    .arg(&g)
-                    .arg(&mut s1)
-                    .arg(&n_i)
-                    .arg(&lr)
-                    .arg(&momentum)
-                    .arg(&wd);
-                // SAFETY: matches mlp_sgd's signature; all views hold n.
-                unsafe { b.launch(grid(n)) }?;
+        let mut s2 = self.s2.slice_mut(range);
+        let (pp, _pg) = p.device_ptr_mut(&s);
+        let (gp, _gg) = g.device_ptr(&s);
+        let (s1p, _s1g) = s1.device_ptr_mut(&s);
+        let (s2p, _s2g) = s2.device_ptr_mut(&s);
+        let mut b;
+        let (sgd, adam);
+        match kernel_args::update(opt.at(t, decay), [pp, gp, s1p, s2p], n) {
+            UpdateArgs::Sgd(a) => {
+                sgd = a;
+                b = s.launch_builder(&self.k.sgd);
+                b.arg(&sgd);
             }
-            Update::Adam(h) => {
-                let mut s2 = self.s2.slice_mut(range);
-                let mut b = s.launch_builder(&self.k.adam);
-                b.arg(&mut p)
-                    .arg(&g)
-                    .arg(&mut s1)
-                    .arg(&mut s2)
-                    .arg(&n_i)
-                    .arg(&h.lr)
-                    .arg(&h.beta1)
-                    .arg(&h.beta2)
-                    .arg(&h.eps)
-                    .arg(&h.wd)
-                    .arg(&h.c1)
-                    .arg(&h.c2);
-                // SAFETY: matches mlp_adam's signature; all views hold n.
-                unsafe { b.launch(grid(n)) }?;
+            UpdateArgs::Adam(a) => {
+                adam = a;
+                b = s.launch_builder(&self.k.adam);
+                b.arg(&adam);
             }
         }
+        // SAFETY: the launch contract's four views hold n each.
+        unsafe { b.launch(grid(n)) }?;
         Ok(())
     }
 }
@@ -401,10 +383,12 @@ impl Engine for CudaEngine {
                     o,
                 )?;
                 let mut db = self.grads.slice_mut(lay.b[l]..lay.b[l] + o);
-                let (rows_i, cols) = (rows as i64, o as i32);
+                let (dzp, _dzg) = dz.device_ptr(&stream);
+                let (dbp, _dbg) = db.device_ptr_mut(&stream);
+                let args = kernel_args::bias_grad(dzp, dbp, (rows, o));
                 let mut b = stream.launch_builder(&self.k.bias_grad);
-                b.arg(&dz).arg(&rows_i).arg(&cols).arg(&mut db);
-                // SAFETY: matches mlp_bias_grad's signature.
+                b.arg(&args);
+                // SAFETY: dz holds rows × o, db o.
                 unsafe { b.launch(grid(o)) }?;
             }
             if l > 0 {
@@ -426,13 +410,16 @@ impl Engine for CudaEngine {
                     )?;
                 }
                 let scale = dropout(l - 1).map_or(1.0f32, |d| d.scale);
-                let n = (rows * i) as i64;
                 let dh = self.dh.slice(0..rows * i);
                 let h = self.student.acts[l - 1].slice(0..rows * i);
                 let mut dz = self.dz.slice_mut(0..rows * i);
+                let (dhp, _dhg) = dh.device_ptr(&stream);
+                let (hp, _hg) = h.device_ptr(&stream);
+                let (dzp, _dzg) = dz.device_ptr_mut(&stream);
+                let args = kernel_args::relu_back(dhp, hp, dzp, rows * i, scale);
                 let mut b = stream.launch_builder(&self.k.relu_back);
-                b.arg(&dh).arg(&h).arg(&scale).arg(&mut dz).arg(&n);
-                // SAFETY: matches mlp_relu_back's signature.
+                b.arg(&args);
+                // SAFETY: dh, h and dz hold rows × i each.
                 unsafe { b.launch(grid(rows * i)) }?;
             }
         }

@@ -4,59 +4,20 @@
 //! real use.
 
 use super::dropout::Dropout;
-use super::optim::{Optimizer, Update};
+use super::kernel_args::{self, UpdateArgs};
+use super::optim::Optimizer;
+use crate::cuda::{MlpAdamArgs, MlpBiasActArgs, MlpBiasGradArgs, MlpReluBackArgs, MlpSgdArgs};
 
 extern "C" {
-    fn mlp_emu_bias_act(
-        z: *mut f32,
-        b: *const f32,
-        rows: i64,
-        cols: i32,
-        relu: i32,
-        dropout: i32,
-        key: u32,
-        threshold: u32,
-        scale: f32,
-        grid: u32,
-        block: u32,
-    );
-    fn mlp_emu_relu_back(
-        dh: *const f32,
-        h: *const f32,
-        scale: f32,
-        dz: *mut f32,
-        n: i64,
-        grid: u32,
-        block: u32,
-    );
-    fn mlp_emu_bias_grad(dz: *const f32, rows: i64, cols: i32, db: *mut f32, grid: u32, block: u32);
-    fn mlp_emu_sgd(
-        p: *mut f32,
-        g: *const f32,
-        v: *mut f32,
-        n: i64,
-        lr: f32,
-        mu: f32,
-        wd: f32,
-        grid: u32,
-        block: u32,
-    );
-    fn mlp_emu_adam(
-        p: *mut f32,
-        g: *const f32,
-        m: *mut f32,
-        v: *mut f32,
-        n: i64,
-        lr: f32,
-        beta1: f32,
-        beta2: f32,
-        eps: f32,
-        wd: f32,
-        c1: f32,
-        c2: f32,
-        grid: u32,
-        block: u32,
-    );
+    fn mlp_bias_act_emu(a: *const MlpBiasActArgs, grid: u32, block: u32);
+    fn mlp_relu_back_emu(a: *const MlpReluBackArgs, grid: u32, block: u32);
+    fn mlp_bias_grad_emu(a: *const MlpBiasGradArgs, grid: u32, block: u32);
+    fn mlp_sgd_emu(a: *const MlpSgdArgs, grid: u32, block: u32);
+    fn mlp_adam_emu(a: *const MlpAdamArgs, grid: u32, block: u32);
+}
+
+fn addr<T>(x: *const T) -> u64 {
+    x as u64
 }
 
 /// Grid and block of an emulated launch (block a multiple of 32).
@@ -72,61 +33,44 @@ pub struct Launch {
 pub fn bias_act(z: &mut [f32], b: &[f32], relu: bool, dropout: Option<Dropout>, l: Launch) {
     let cols = b.len();
     assert_eq!(z.len() % cols, 0);
-    let d = dropout.unwrap_or(Dropout {
-        key: 0,
-        threshold: 0,
-        scale: 1.0,
-    });
+    let rows = z.len() / cols;
+    let a = kernel_args::bias_act(
+        addr(z.as_mut_ptr()),
+        addr(b.as_ptr()),
+        (rows, cols),
+        relu,
+        dropout,
+    );
     // SAFETY: z holds rows × cols, b cols.
-    unsafe {
-        mlp_emu_bias_act(
-            z.as_mut_ptr(),
-            b.as_ptr(),
-            (z.len() / cols) as i64,
-            cols as i32,
-            relu as i32,
-            dropout.is_some() as i32,
-            d.key,
-            d.threshold,
-            d.scale,
-            l.grid,
-            l.block,
-        )
-    }
+    unsafe { mlp_bias_act_emu(&a, l.grid, l.block) }
 }
 
 /// `mlp_relu_back`.
 pub fn relu_back(dh: &[f32], h: &[f32], scale: f32, dz: &mut [f32], l: Launch) {
     assert!(dh.len() == dz.len() && h.len() == dz.len());
+    let n = dz.len();
+    let a = kernel_args::relu_back(
+        addr(dh.as_ptr()),
+        addr(h.as_ptr()),
+        addr(dz.as_mut_ptr()),
+        n,
+        scale,
+    );
     // SAFETY: all three hold n.
-    unsafe {
-        mlp_emu_relu_back(
-            dh.as_ptr(),
-            h.as_ptr(),
-            scale,
-            dz.as_mut_ptr(),
-            dz.len() as i64,
-            l.grid,
-            l.block,
-        )
-    }
+    unsafe { mlp_relu_back_emu(&a, l.grid, l.block) }
 }
 
 /// `mlp_bias_grad` of `dz` `[rows × db.len()]`.
 pub fn bias_grad(dz: &[f32], db: &mut [f32], l: Launch) {
     let cols = db.len();
     assert_eq!(dz.len() % cols, 0);
+    let a = kernel_args::bias_grad(
+        addr(dz.as_ptr()),
+        addr(db.as_mut_ptr()),
+        (dz.len() / cols, cols),
+    );
     // SAFETY: dz holds rows × cols, db cols.
-    unsafe {
-        mlp_emu_bias_grad(
-            dz.as_ptr(),
-            (dz.len() / cols) as i64,
-            cols as i32,
-            db.as_mut_ptr(),
-            l.grid,
-            l.block,
-        )
-    }
+    unsafe { mlp_bias_grad_emu(&a, l.grid, l.block) }
 }
 
 /// `mlp_sgd` or `mlp_adam` at step `t` (`decay`: weight decay applies).
@@ -143,39 +87,16 @@ pub fn update(
 ) {
     let n = p.len();
     assert!(g.len() == n && s1.len() == n && s2.len() == n);
+    let ptrs = [
+        addr(p.as_mut_ptr()),
+        addr(g.as_ptr()),
+        addr(s1.as_mut_ptr()),
+        addr(s2.as_mut_ptr()),
+    ];
     // SAFETY: all four hold n.
-    match opt.at(t, decay) {
-        Update::Sgd { lr, momentum, wd } => unsafe {
-            mlp_emu_sgd(
-                p.as_mut_ptr(),
-                g.as_ptr(),
-                s1.as_mut_ptr(),
-                n as i64,
-                lr,
-                momentum,
-                wd,
-                l.grid,
-                l.block,
-            )
-        },
-        Update::Adam(h) => unsafe {
-            mlp_emu_adam(
-                p.as_mut_ptr(),
-                g.as_ptr(),
-                s1.as_mut_ptr(),
-                s2.as_mut_ptr(),
-                n as i64,
-                h.lr,
-                h.beta1,
-                h.beta2,
-                h.eps,
-                h.wd,
-                h.c1,
-                h.c2,
-                l.grid,
-                l.block,
-            )
-        },
+    match kernel_args::update(opt.at(t, decay), ptrs, n) {
+        UpdateArgs::Sgd(a) => unsafe { mlp_sgd_emu(&a, l.grid, l.block) },
+        UpdateArgs::Adam(a) => unsafe { mlp_adam_emu(&a, l.grid, l.block) },
     }
 }
 

@@ -38,6 +38,7 @@ mod dropout;
 #[cfg(feature = "emulation")]
 pub mod emu;
 mod engine;
+mod kernel_args;
 mod mlp;
 mod ops;
 mod optim;

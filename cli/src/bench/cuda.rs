@@ -13,7 +13,7 @@ use cudarc::driver::sys::{CUdevice_attribute as A, CUevent_flags};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use kdfuse::backend::Backend;
 use kdfuse::cpu::CpuBackend;
-use kdfuse::cuda::{CudaBackend, EagerScratch, LossBuffers, RawFusedArgs, RowLayout};
+use kdfuse::cuda::{CudaBackend, EagerScratch, FillArgs, LossBuffers, RawFusedArgs, RowLayout};
 use kdfuse::error::{invalid, KdError, Result};
 use kdfuse::spec::LossSpec;
 use kdfuse::tensor::{Dtype, KdInputs, Logits, OwnedData};
@@ -58,14 +58,16 @@ fn fill(
         .load_function(&name)
         .map_err(|e| KdError::Cuda(format!("kernel {name}: {e}")))?;
     let stream = backend.stream();
-    let (n, sigma) = (count as i64, 2.0f32);
+    let args = FillArgs {
+        out: ptr,
+        count: count as i64,
+        shared_seed: seeds.0,
+        own_seed: seeds.1,
+        rho,
+        sigma: 2.0,
+    };
     let mut b = stream.launch_builder(&f);
-    b.arg(&ptr)
-        .arg(&n)
-        .arg(&seeds.0)
-        .arg(&seeds.1)
-        .arg(&rho)
-        .arg(&sigma);
+    b.arg(&args);
     // SAFETY: `ptr` holds `count` elements of `dtype`.
     unsafe {
         b.launch(LaunchConfig {
