@@ -23,7 +23,7 @@ mod gpu_runner;
 use half::bf16;
 use kdfuse::check::{run_case, sweep, CaseConfig, NegInf};
 use kdfuse::cuda::{CudaBackend, LossBuffers, RowLayout};
-use kdfuse::{Backend, CpuBackend, Divergence, Dtype, GradDtype, LossSpec, Reduction};
+use kdfuse::{Backend, CpuBackend, Divergence, Dtype, GradDtype, LossSpec, OwnedData, Reduction};
 use std::process::ExitCode;
 
 use gpu_runner::Test;
@@ -81,19 +81,7 @@ fn main() -> ExitCode {
 fn random_sweep_against_oracle(b: &CudaBackend) {
     for seed in [1u64, 2, 3] {
         let report = sweep(b, 400, seed, 262_144, |_| {}).unwrap();
-        for f in &report.failures {
-            println!(
-                "  FAIL loss {:.2e} grad {:.2e} {}",
-                f.loss_err,
-                f.grad_err,
-                f.config.describe()
-            );
-        }
-        assert!(
-            report.passed(),
-            "seed {seed}: {} failures",
-            report.failures.len()
-        );
+        common::assert_sweep_passed!(report, format!("seed {seed}"));
         common::assert_all_groups(&report);
     }
 }
@@ -140,6 +128,35 @@ fn fixed_case(
     }
 }
 
+/// [`fixed_case`] in bf16 without student padding (for the device-buffer
+/// API, which takes dense rows).
+fn unpadded_bf16(
+    cols: usize,
+    rows: usize,
+    grad: GradDtype,
+    divergence: Divergence,
+    seed: u64,
+) -> CaseConfig {
+    CaseConfig {
+        student_pad: 0,
+        ..fixed_case(cols, rows, Dtype::Bf16, grad, divergence, seed)
+    }
+}
+
+/// The bf16 student and teacher of a generated case.
+pub fn bf16_pair<'a>(student: &'a OwnedData, teacher: &'a OwnedData) -> (&'a [bf16], &'a [bf16]) {
+    let (OwnedData::Bf16(s), OwnedData::Bf16(t)) = (student, teacher) else {
+        panic!("not a bf16 case")
+    };
+    (s, t)
+}
+
+/// [`kdfuse::check::rel_l2`] of f32 values.
+pub fn rel_l2_f32(a: &[f32], b: &[f32]) -> f64 {
+    let wide = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<_>>();
+    kdfuse::check::rel_l2(&wide(a), &wide(b))
+}
+
 fn llm_vocabularies_every_dtype(b: &CudaBackend) {
     let mut seed = 100;
     for cols in [32_000, 128_256, 151_936, 262_144] {
@@ -178,18 +195,7 @@ fn agrees_with_cpu_backend(b: &CudaBackend) {
         let h = CpuBackend
             .compute(&inputs, &c.spec, Some(GradDtype::F32))
             .unwrap();
-        let err = kdfuse::check::rel_l2(
-            &g.grad
-                .unwrap()
-                .iter()
-                .map(|&x| x as f64)
-                .collect::<Vec<_>>(),
-            &h.grad
-                .unwrap()
-                .iter()
-                .map(|&x| x as f64)
-                .collect::<Vec<_>>(),
-        );
+        let err = rel_l2_f32(&g.grad.unwrap(), &h.grad.unwrap());
         // TVD's gradient jumps at q = p: an element at a near-tie (below
         // fp32's resolution) may fall on either side in the two backends'
         // different summation orders. Both are held to the oracle with
@@ -211,16 +217,9 @@ fn agrees_with_cpu_backend(b: &CudaBackend) {
 
 fn device_api_on_caller_stream(b: &CudaBackend) {
     let (n, v) = (8, 4099);
-    let c = fixed_case(v, n, Dtype::Bf16, GradDtype::F32, Divergence::Jsd, 21);
-    let c = CaseConfig {
-        student_pad: 0,
-        ..c
-    };
+    let c = unpadded_bf16(v, n, GradDtype::F32, Divergence::Jsd, 21);
     let data = kdfuse::check::generate(&c);
-    let (kdfuse::OwnedData::Bf16(s), kdfuse::OwnedData::Bf16(t)) = (&data.student, &data.teacher)
-    else {
-        panic!()
-    };
+    let (s, t) = bf16_pair(&data.student, &data.teacher);
     let stream = b.context().new_stream().unwrap();
     let ds = stream.clone_htod(s).unwrap();
     let dt = stream.clone_htod(t).unwrap();
@@ -234,29 +233,16 @@ fn device_api_on_caller_stream(b: &CudaBackend) {
         beta: 0.5, // JSD's alone
         ..c.spec.clone()
     };
-    b.fused(
-        &stream,
-        &ds.as_view(),
-        &dt.as_view(),
-        Some(&dl.as_view()),
-        Some(&mut dg.as_view_mut()),
-        layout,
-        &mut out,
-        &other,
-    )
-    .unwrap();
+    let mut launch = |spec: &LossSpec, out: &mut LossBuffers| {
+        let (student, teacher, labels) = (ds.as_view(), dt.as_view(), dl.as_view());
+        let mut grad = dg.as_view_mut();
+        let (labels, grad) = (Some(&labels), Some(&mut grad));
+        b.fused(&stream, &student, &teacher, labels, grad, layout, out, spec)
+            .unwrap()
+    };
+    launch(&other, &mut out);
     let first = stream.clone_dtoh(&out.loss).unwrap()[0];
-    b.fused(
-        &stream,
-        &ds.as_view(),
-        &dt.as_view(),
-        Some(&dl.as_view()),
-        Some(&mut dg.as_view_mut()),
-        layout,
-        &mut out,
-        &c.spec,
-    )
-    .unwrap();
+    launch(&c.spec, &mut out);
     let loss = stream.clone_dtoh(&out.loss).unwrap()[0] as f64;
     let grad = stream.clone_dtoh(&dg).unwrap();
     let reference = CpuBackend
@@ -270,10 +256,7 @@ fn device_api_on_caller_stream(b: &CudaBackend) {
         reference.loss
     );
     let rg = reference.grad.unwrap();
-    let err = kdfuse::check::rel_l2(
-        &grad.iter().map(|&x| x as f64).collect::<Vec<_>>(),
-        &rg.iter().map(|&x| x as f64).collect::<Vec<_>>(),
-    );
+    let err = rel_l2_f32(&grad, &rg);
     assert!(err < 1e-5, "{err}");
     // Too-short buffers are an error, not a launch.
     let short = stream.alloc_zeros::<bf16>(10).unwrap();
@@ -293,23 +276,9 @@ fn device_api_on_caller_stream(b: &CudaBackend) {
 
 fn in_place_gradient(b: &CudaBackend) {
     let (n, v) = (5, 10_007);
-    let c = fixed_case(
-        v,
-        n,
-        Dtype::Bf16,
-        GradDtype::Input,
-        Divergence::ReverseKl,
-        31,
-    );
-    let c = CaseConfig {
-        student_pad: 0,
-        ..c
-    };
+    let c = unpadded_bf16(v, n, GradDtype::Input, Divergence::ReverseKl, 31);
     let data = kdfuse::check::generate(&c);
-    let (kdfuse::OwnedData::Bf16(s), kdfuse::OwnedData::Bf16(t)) = (&data.student, &data.teacher)
-    else {
-        panic!()
-    };
+    let (s, t) = bf16_pair(&data.student, &data.teacher);
     let stream = b.stream();
     let mut ds = stream.clone_htod(s).unwrap();
     let dt = stream.clone_htod(t).unwrap();
@@ -405,12 +374,7 @@ fn kernels_loaded_once_per_context(b: &CudaBackend) {
 /// rounding (GEMM summation orders and FMA contraction differ).
 fn distill_step_cpu_vs_cuda(_: &CudaBackend) {
     use kdfuse::distill::{Device, DistillConfig, DistillStep, Mlp, Optimizer};
-    let rel = |a: &[f32], b: &[f32]| {
-        kdfuse::check::rel_l2(
-            &a.iter().map(|&x| x as f64).collect::<Vec<_>>(),
-            &b.iter().map(|&x| x as f64).collect::<Vec<_>>(),
-        )
-    };
+    let rel = rel_l2_f32;
     let (rows, inputs, classes) = (48, 64, 10);
     let x: Vec<f32> = (0..rows * inputs)
         .map(|i| ((i * 7919) % 17) as f32 / 16.0)

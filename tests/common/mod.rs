@@ -266,10 +266,11 @@ macro_rules! assert_passed {
 #[allow(unused_imports)]
 pub(crate) use assert_passed;
 
-/// A sweep report passed; each failure is printed first.
+/// A sweep report passed; each failure is printed first. With `what`, the
+/// assertion's message is `what: N failures`.
 #[allow(unused_macros)]
 macro_rules! assert_sweep_passed {
-    ($report:expr) => {{
+    ($report:expr $(, $what:expr)?) => {{
         let report = &$report;
         for f in &report.failures {
             eprintln!(
@@ -279,7 +280,10 @@ macro_rules! assert_sweep_passed {
                 f.config.describe()
             );
         }
-        assert!(report.passed());
+        assert!(
+            report.passed()
+            $(, "{}: {} failures", $what, report.failures.len())?
+        );
     }};
 }
 #[allow(unused_imports)]

@@ -10,25 +10,13 @@ use kdfuse::feature::check::{feature_sweep, run_feature_case, FeatureCaseConfig,
 use kdfuse::feature::FeatureBuffers;
 use kdfuse::{
     CpuBackend, Dtype, FeatureBackend, FeatureGrads, FeatureKind, FeatureLayout, FeatureSpec,
-    GradDtype, OwnedData, Reduction,
+    GradDtype, Reduction,
 };
 
 pub fn feature_sweep_against_oracle(b: &CudaBackend) {
     for seed in [1u64, 2, 3] {
         let report = feature_sweep(b, 300, seed, 262_144, |_| {}).unwrap();
-        for f in &report.failures {
-            println!(
-                "  FAIL loss {:.2e} grad {:.2e} {}",
-                f.loss_err,
-                f.grad_err,
-                f.config.describe()
-            );
-        }
-        assert!(
-            report.passed(),
-            "seed {seed}: {} failures",
-            report.failures.len()
-        );
+        crate::common::assert_sweep_passed!(report, format!("seed {seed}"));
         assert_eq!(report.groups.len(), 9);
     }
 }
@@ -159,9 +147,7 @@ pub fn feature_device_api_on_caller_stream(b: &CudaBackend) {
         )
     };
     let data = kdfuse::feature::check::generate_features(&c);
-    let (OwnedData::Bf16(s), OwnedData::Bf16(t)) = (&data.student, &data.teacher) else {
-        panic!()
-    };
+    let (s, t) = crate::bf16_pair(&data.student, &data.teacher);
     let stream = b.context().new_stream().unwrap();
     let ds = stream.clone_htod(s).unwrap();
     let dt = stream.clone_htod(t).unwrap();
@@ -213,14 +199,7 @@ pub fn feature_device_api_on_caller_stream(b: &CudaBackend) {
         "{loss} vs {}",
         reference.loss
     );
-    let rg: Vec<f64> = reference
-        .grad_student
-        .unwrap()
-        .iter()
-        .map(|&x| x as f64)
-        .collect();
-    let g: Vec<f64> = grad_s.iter().map(|&x| x as f64).collect();
-    let err = kdfuse::check::rel_l2(&g, &rg);
+    let err = crate::rel_l2_f32(&grad_s, &reference.grad_student.unwrap());
     assert!(err < 1e-5, "{err}");
     // Too-short buffers are an error, not a launch.
     let loss_only = |student: &cudarc::driver::CudaSlice<bf16>, out: &mut FeatureBuffers| {

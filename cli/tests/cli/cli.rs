@@ -7,9 +7,8 @@ use common::logits;
 use kdfuse::{
     Backend, Divergence, GradDtype, HostData, KdInputs, Logits, LossSpec, Oracle, Reduction,
 };
-use run::{assert_clean_error, json, kdfuse, read_f32, write};
+use run::{assert_clean_error, json, kdfuse, read_f32, temp_paths, write, Cli};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 struct Files {
     _dir: tempfile::TempDir,
@@ -59,28 +58,18 @@ fn cli_loss_against_oracle(divergence: Divergence) {
     let f = files(n, v, v);
     // β is JSD's alone (the CLI refuses it with another divergence).
     let jsd = divergence == Divergence::Jsd;
-    let out = kdfuse(&[
-        "loss",
-        "--student",
-        p(&f.s),
-        "--teacher",
-        p(&f.t),
-        "--labels",
-        p(&f.l),
-        "--divergence",
-        divergence.as_str(),
-        if jsd { "--beta" } else { "--reduction" },
-        if jsd { "0.3" } else { "batchmean" },
-        "--temperature",
-        "2",
-        "--alpha",
-        "0.25",
-        "--grad",
-        p(&f.g),
-        "--backend",
-        "cpu",
-    ]);
-    let j = json(&out);
+    let j = Cli::loss(&f.s, &f.t)
+        .path("--labels", &f.l)
+        .args(&["--divergence", divergence.as_str()])
+        .args(if jsd {
+            &["--beta", "0.3"]
+        } else {
+            &["--reduction", "batchmean"]
+        })
+        .args(&["--temperature", "2", "--alpha", "0.25"])
+        .path("--grad", &f.g)
+        .args(&["--backend", "cpu"])
+        .json();
     let spec = LossSpec {
         divergence,
         beta: if jsd { 0.3 } else { 0.5 },
@@ -125,21 +114,14 @@ fn cli_loss_against_oracle(divergence: Divergence) {
 #[test]
 fn auto_backend_falls_back_to_cpu_and_says_so() {
     let f = files(3, 20, 20);
-    let out = kdfuse(&["loss", "--student", p(&f.s), "--teacher", p(&f.t)]);
+    let out = Cli::loss(&f.s, &f.t).output();
     let j = json(&out);
     if kdfuse::cuda::CudaBackend::new(0).is_err() {
         assert_eq!(j["backend"], "cpu");
         assert!(String::from_utf8_lossy(&out.stderr).contains("using the CPU backend"));
-        let cuda = kdfuse(&[
-            "loss",
-            "--student",
-            p(&f.s),
-            "--teacher",
-            p(&f.t),
-            "--backend",
-            "cuda",
-        ]);
-        assert_clean_error(&cuda, "CUDA");
+        Cli::loss(&f.s, &f.t)
+            .args(&["--backend", "cuda"])
+            .fails_with("CUDA");
     } else {
         assert_eq!(j["backend"], "cuda");
     }
@@ -149,29 +131,13 @@ fn auto_backend_falls_back_to_cpu_and_says_so() {
 fn padded_teacher_uses_the_first_columns() {
     let (n, v, tv) = (3, 40, 48);
     let f = files(n, v, tv);
-    let wide = json(&kdfuse(&[
-        "loss",
-        "--student",
-        p(&f.s),
-        "--teacher",
-        p(&f.t),
-        "--backend",
-        "cpu",
-    ]));
+    let wide = Cli::loss(&f.s, &f.t).args(&["--backend", "cpu"]).json();
     let sliced: Vec<f32> = (0..n)
         .flat_map(|r| f.data.1[r * tv..r * tv + v].to_vec())
         .collect();
     let t2 = f.s.with_file_name("t2.npy");
     write(&t2, &sliced, &[n as u64, v as u64]);
-    let narrow = json(&kdfuse(&[
-        "loss",
-        "--student",
-        p(&f.s),
-        "--teacher",
-        p(&t2),
-        "--backend",
-        "cpu",
-    ]));
+    let narrow = Cli::loss(&f.s, &t2).args(&["--backend", "cpu"]).json();
     assert_eq!(wide["loss"], narrow["loss"]);
 }
 
@@ -179,17 +145,9 @@ fn padded_teacher_uses_the_first_columns() {
 fn reduction_none_dtypes_and_input_formats() {
     let (n, v) = (3, 30);
     let f = files(n, v, v);
-    let j = json(&kdfuse(&[
-        "loss",
-        "--student",
-        p(&f.s),
-        "--teacher",
-        p(&f.t),
-        "--reduction",
-        "none",
-        "--backend",
-        "oracle",
-    ]));
+    let j = Cli::loss(&f.s, &f.t)
+        .args(&["--reduction", "none", "--backend", "oracle"])
+        .json();
     assert_eq!(j["loss"].as_array().unwrap().len(), n);
     // f16 and f64 files, int32 labels, bf16 compute.
     let s16: Vec<half::f16> = f.data.0.iter().map(|&x| half::f16::from_f32(x)).collect();
@@ -204,23 +162,11 @@ fn reduction_none_dtypes_and_input_formats() {
     write(&t64p, &t64, &[n as u64, v as u64]);
     write(&l32p, &l32, &[n as u64]);
     for dtype in ["f32", "bf16", "f16"] {
-        let j = json(&kdfuse(&[
-            "loss",
-            "--student",
-            p(&s16p),
-            "--teacher",
-            p(&t64p),
-            "--labels",
-            p(&l32p),
-            "--alpha",
-            "0.5",
-            "--dtype",
-            dtype,
-            "--backend",
-            "cpu",
-            "--reduction",
-            "sum",
-        ]));
+        let j = Cli::loss(&s16p, &t64p)
+            .path("--labels", &l32p)
+            .args(&["--alpha", "0.5", "--dtype", dtype])
+            .args(&["--backend", "cpu", "--reduction", "sum"])
+            .json();
         assert_eq!(j["dtype"], dtype);
         assert_eq!(j["reduction"], Reduction::Sum.as_str());
         assert!(j["loss"].as_f64().unwrap() > 0.0);
@@ -231,103 +177,35 @@ fn reduction_none_dtypes_and_input_formats() {
 fn errors_are_one_line_with_exit_code_2() {
     let f = files(3, 10, 10);
     let missing = f.s.with_file_name("nope.npy");
-    assert_clean_error(
-        &kdfuse(&["loss", "--student", p(&missing), "--teacher", p(&f.t)]),
-        "nope.npy",
-    );
-    assert_clean_error(
-        &kdfuse(&["loss", "--student", p(&f.l), "--teacher", p(&f.t)]),
-        "--student",
-    );
-    assert_clean_error(
-        &kdfuse(&["loss", "--student", p(&f.s), "--teacher", p(&f.l)]),
-        "--teacher",
-    );
     let other = files(4, 10, 10);
-    assert_clean_error(
-        &kdfuse(&["loss", "--student", p(&f.s), "--teacher", p(&other.t)]),
-        "shape mismatch",
-    );
     let narrow = files(3, 8, 8);
-    assert_clean_error(
-        &kdfuse(&["loss", "--student", p(&f.s), "--teacher", p(&narrow.t)]),
-        "fewer than",
-    );
-    assert_clean_error(
-        &kdfuse(&[
-            "loss",
-            "--student",
-            p(&f.s),
-            "--teacher",
-            p(&f.t),
-            "--labels",
-            p(&other.l),
-        ]),
-        "--labels",
-    );
-    assert_clean_error(
-        &kdfuse(&[
-            "loss",
-            "--student",
-            p(&f.s),
-            "--teacher",
-            p(&f.t),
-            "--temperature",
-            "-1",
-        ]),
-        "temperature",
-    );
-    assert_clean_error(
-        &kdfuse(&[
-            "loss",
-            "--student",
-            p(&f.s),
-            "--teacher",
-            p(&f.t),
-            "--alpha",
-            "0.5",
-        ]),
-        "labels",
-    );
-    assert_clean_error(
-        &kdfuse(&[
-            "loss",
-            "--student",
-            p(&f.s),
-            "--teacher",
-            p(&f.t),
-            "--divergence",
-            "kl",
-        ]),
-        "kl",
-    );
-    assert_clean_error(
-        &kdfuse(&[
-            "loss",
-            "--student",
-            p(&f.s),
-            "--teacher",
-            p(&f.t),
-            "--beta",
-            "x",
-        ]),
-        "beta",
-    );
-    assert_clean_error(&kdfuse(&["loss", "--student", p(&f.s)]), "--teacher");
+    // Bad inputs.
+    for (student, teacher, needle) in [
+        (&missing, &f.t, "nope.npy"),
+        (&f.l, &f.t, "--student"),
+        (&f.s, &f.l, "--teacher"),
+        (&f.s, &other.t, "shape mismatch"),
+        (&f.s, &narrow.t, "fewer than"),
+    ] {
+        Cli::loss(student, teacher).fails_with(needle);
+    }
+    // Bad options on good inputs.
     let bad_label = f.s.with_file_name("bad.npy");
     write(&bad_label, &[0i64, 99, 1], &[3]);
-    assert_clean_error(
-        &kdfuse(&[
-            "loss",
-            "--student",
-            p(&f.s),
-            "--teacher",
-            p(&f.t),
-            "--labels",
-            p(&bad_label),
-        ]),
-        "labels",
-    );
+    let cases: [(&[&str], &str); 6] = [
+        (&["--labels", p(&other.l)], "--labels"),
+        (&["--temperature", "-1"], "temperature"),
+        (&["--alpha", "0.5"], "labels"),
+        (&["--divergence", "kl"], "kl"),
+        (&["--beta", "x"], "beta"),
+        (&["--labels", p(&bad_label)], "labels"),
+    ];
+    for (extra, needle) in cases {
+        Cli::loss(&f.s, &f.t).args(extra).fails_with(needle);
+    }
+    Cli::new(&["loss"])
+        .path("--student", &f.s)
+        .fails_with("--teacher");
     let empty = kdfuse(&[]);
     assert_eq!(empty.status.code(), Some(2));
 }
@@ -348,19 +226,8 @@ fn info_check_and_help() {
     );
     assert!(String::from_utf8_lossy(&check.stdout).contains("passed"));
     // Every dtype × divergence group, tvd and soft-ce included.
-    let check = kdfuse(&[
-        "check",
-        "--backend",
-        "cpu",
-        "--cases",
-        "150",
-        "--seed",
-        "4",
-        "--max-vocab",
-        "3000",
-    ]);
-    let text = String::from_utf8_lossy(&check.stdout);
-    assert!(check.status.success() && text.contains("passed"), "{text}");
+    let text = Cli::line("check --backend cpu --cases 150 --seed 4 --max-vocab 3000").stdout();
+    assert!(text.contains("passed"), "{text}");
     for dtype in ["f32", "bf16", "f16"] {
         for div in ["forward-kl", "reverse-kl", "jsd", "tvd", "soft-ce"] {
             assert!(
@@ -390,40 +257,14 @@ fn info_check_and_help() {
 
 #[test]
 fn bench_cpu_writes_table_json_csv_and_markdown() {
-    let dir = tempfile::tempdir().unwrap();
-    let (j, c, m) = (
-        dir.path().join("b.json"),
-        dir.path().join("b.csv"),
-        dir.path().join("b.md"),
-    );
-    let out = kdfuse(&[
-        "bench",
-        "--backend",
-        "cpu",
-        "--rows",
-        "3,5",
-        "--cols",
-        "1000",
-        "--dtype",
-        "bf16,f32",
-        "--divergence",
-        "jsd",
-        "--alpha",
-        "0.5",
-        "--json",
-        j.to_str().unwrap(),
-        "--csv",
-        c.to_str().unwrap(),
-        "--markdown",
-        m.to_str().unwrap(),
-        "--no-progress",
-    ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (_dir, [j, c, m]) = temp_paths(["b.json", "b.csv", "b.md"]);
+    let stdout = Cli::line("bench --backend cpu --rows 3,5 --cols 1000 --dtype bf16,f32")
+        .args(&["--divergence", "jsd", "--alpha", "0.5"])
+        .path("--json", &j)
+        .path("--csv", &c)
+        .path("--markdown", &m)
+        .args(&["--no-progress"])
+        .stdout();
     assert!(stdout.contains("memory copy bandwidth"), "{stdout}");
     assert!(stdout.contains("jsd f32 5x1000 fast α=0.5"), "{stdout}");
 
@@ -472,62 +313,23 @@ fn bench_cpu_writes_table_json_csv_and_markdown() {
 
 #[test]
 fn bench_and_profile_reject_bad_input_cleanly() {
-    assert_clean_error(
-        &kdfuse(&["bench", "--backend", "cpu", "--rows", "4"]),
-        "--rows and --cols",
-    );
-    assert_clean_error(
-        &kdfuse(&[
-            "bench",
-            "--backend",
-            "cpu",
-            "--rows",
-            "4",
-            "--cols",
-            "9",
-            "--runs",
-            "5",
-        ]),
-        "runs",
-    );
-    assert_clean_error(
-        &kdfuse(&["bench", "--backend", "cpu", "--preset", "huge"]),
-        "huge",
-    );
-    assert_clean_error(
-        &kdfuse(&["bench", "--preset", "quick", "--rows", "4"]),
-        "--rows",
-    );
-    assert_clean_error(
-        &kdfuse(&[
-            "bench",
-            "--backend",
-            "cpu",
-            "--rows",
-            "4",
-            "--cols",
-            "9",
-            "--temperature",
-            "0",
-        ]),
-        "temperature",
-    );
-    assert_clean_error(
-        &kdfuse(&["bench", "--backend", "cpu", "--rows", "0", "--cols", "9"]),
-        "rows",
-    );
-    assert_clean_error(
-        &kdfuse(&[
-            "profile",
-            "--backend",
-            "cpu",
-            "--rows",
-            "4,8",
-            "--cols",
-            "9",
-        ]),
-        "one configuration",
-    );
+    for (line, needle) in [
+        ("bench --backend cpu --rows 4", "--rows and --cols"),
+        ("bench --backend cpu --rows 4 --cols 9 --runs 5", "runs"),
+        ("bench --backend cpu --preset huge", "huge"),
+        ("bench --preset quick --rows 4", "--rows"),
+        (
+            "bench --backend cpu --rows 4 --cols 9 --temperature 0",
+            "temperature",
+        ),
+        ("bench --backend cpu --rows 0 --cols 9", "rows"),
+        (
+            "profile --backend cpu --rows 4,8 --cols 9",
+            "one configuration",
+        ),
+    ] {
+        Cli::line(line).fails_with(needle);
+    }
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("x.json");
     std::fs::write(&bad, "{}").unwrap();
@@ -539,19 +341,7 @@ fn bench_and_profile_reject_bad_input_cleanly() {
 
 #[test]
 fn profile_cpu_prints_timing_and_the_profiler_command() {
-    let out = kdfuse(&[
-        "profile",
-        "--backend",
-        "cpu",
-        "--rows",
-        "4",
-        "--cols",
-        "2000",
-        "--iters",
-        "3",
-    ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}");
+    let stdout = Cli::line("profile --backend cpu --rows 4 --cols 2000 --iters 3").stdout();
     assert!(stdout.contains("median"), "{stdout}");
     assert!(stdout.contains("perf record"), "{stdout}");
 }
@@ -564,11 +354,8 @@ fn bench_cuda_without_gpu_is_a_clean_error() {
         eprintln!("skipped: a GPU is present");
         return;
     }
-    assert_clean_error(
-        &kdfuse(&["bench", "--backend", "cuda", "--rows", "2", "--cols", "9"]),
-        "CUDA",
-    );
-    assert_clean_error(&kdfuse(&["profile", "--rows", "2", "--cols", "9"]), "CUDA");
+    Cli::line("bench --backend cuda --rows 2 --cols 9").fails_with("CUDA");
+    Cli::line("profile --rows 2 --cols 9").fails_with("CUDA");
 }
 
 /// A reader that goes away (`kdfuse … | head`) ends the command quietly, not
@@ -576,17 +363,8 @@ fn bench_cuda_without_gpu_is_a_clean_error() {
 #[test]
 fn closed_stdout_is_not_a_panic() {
     use std::process::Stdio;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kdfuse"))
-        .args([
-            "check",
-            "--backend",
-            "cpu",
-            "--cases",
-            "400",
-            "--verbose",
-            "--max-vocab",
-            "50",
-        ])
+    let mut child = Cli::line("check --backend cpu --cases 400 --verbose --max-vocab 50")
+        .command()
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -5,7 +5,7 @@
 use crate::common;
 use crate::run;
 
-use run::{assert_clean_error, json, kdfuse, write};
+use run::{assert_clean_error, json, kdfuse, write, Cli};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
@@ -35,12 +35,14 @@ impl Files {
         self.path(name).to_str().unwrap().to_string()
     }
 
+    /// `kdfuse loss` of s.npy and t.npy on the CPU.
+    fn cpu_loss(&self) -> Cli {
+        Cli::loss(self.path("s.npy"), self.path("t.npy")).args(&["--backend", "cpu"])
+    }
+
     /// `kdfuse loss` of s.npy and t.npy on the CPU, with `extra` flags.
     fn loss(&self, extra: &[&str]) -> std::process::Output {
-        let (s, t) = (self.p("s.npy"), self.p("t.npy"));
-        let mut args = vec!["loss", "--student", &s, "--teacher", &t, "--backend", "cpu"];
-        args.extend_from_slice(extra);
-        kdfuse(&args)
+        self.cpu_loss().args(extra).output()
     }
 
     /// The directory's file names.
@@ -75,17 +77,9 @@ fn an_empty_batch_has_a_loss_of_zero() {
     let empty: [f32; 0] = [];
     write(&f.path("s0.npy"), &empty, &[0, 7]);
     for reduction in ["batchmean", "sum", "mean"] {
-        let out = kdfuse(&[
-            "loss",
-            "--student",
-            &f.p("s0.npy"),
-            "--teacher",
-            &f.p("s0.npy"),
-            "--backend",
-            "cpu",
-            "--reduction",
-            reduction,
-        ]);
+        let out = Cli::loss(f.path("s0.npy"), f.path("s0.npy"))
+            .args(&["--backend", "cpu", "--reduction", reduction])
+            .output();
         let j = json(&out);
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(!text.contains("-0"), "{reduction}: {text}");
@@ -100,40 +94,19 @@ fn attention_map_size_that_overflows_is_refused() {
     // [0, 1, 2^32, 2^32]: no element, but H·W wraps u64 (the gradient file
     // written from it could not be read back).
     write(&f.path("a.npy"), &empty, &[0, 1, 1 << 32, 1 << 32]);
-    let out = kdfuse(&[
-        "feature-loss",
-        "--kind",
-        "attention",
-        "--student",
-        &f.p("a.npy"),
-        "--teacher",
-        &f.p("a.npy"),
-        "--backend",
-        "cpu",
-        "--grad",
-        &f.p("g.npy"),
-    ]);
-    assert_clean_error(&out, "overflows");
+    Cli::feature_loss(f.path("a.npy"), f.path("a.npy"), "attention")
+        .args(&["--backend", "cpu"])
+        .path("--grad", f.path("g.npy"))
+        .fails_with("overflows");
     assert!(!f.path("g.npy").exists());
 }
 
 #[test]
 fn a_stdout_that_cannot_be_written_is_an_error() {
     let f = Files::new();
-    for args in [
-        vec![
-            "loss".to_string(),
-            "--student".into(),
-            f.p("s.npy"),
-            "--teacher".into(),
-            f.p("t.npy"),
-            "--backend".into(),
-            "cpu".into(),
-        ],
-        vec!["info".to_string()],
-    ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_kdfuse"))
-            .args(&args)
+    for cli in [f.cpu_loss(), Cli::line("info")] {
+        let out = cli
+            .command()
             .stdout(std::fs::File::create("/dev/full").unwrap())
             .stderr(Stdio::piped())
             .output()
@@ -156,20 +129,9 @@ fn outputs_must_not_be_one_file_or_an_input() {
     assert_clean_error(&f.loss(&["--grad", &s]), "--student");
     let t = f.p("t.npy");
     assert_clean_error(&f.loss(&["--grad-teacher", &t]), "--teacher");
-    let out = kdfuse(&[
-        "feature-loss",
-        "--kind",
-        "mse",
-        "--student",
-        &s,
-        "--teacher",
-        &t,
-        "--grad",
-        &g,
-        "--grad-teacher",
-        &g,
-    ]);
-    assert_clean_error(&out, "same file");
+    Cli::feature_loss(&s, &t, "mse")
+        .args(&["--grad", &g, "--grad-teacher", &g])
+        .fails_with("same file");
 }
 
 /// `kdfuse loss … --grad G` under a file-size limit below the gradient's
@@ -211,25 +173,15 @@ fn check_with_no_case_is_an_error() {
 /// a terminal (`script` gives the command one, where it is installed).
 #[test]
 fn check_shows_progress_on_a_terminal_only() {
-    let args = [
-        "check",
-        "--backend",
-        "cpu",
-        "--cases",
-        "3",
-        "--feature-cases",
-        "1",
-        "--max-vocab",
-        "64",
-    ];
-    let out = kdfuse(&args);
+    let args = "check --backend cpu --cases 3 --feature-cases 1 --max-vocab 64";
+    let out = Cli::line(args).output();
     assert!(out.status.success());
     assert!(
         out.stderr.is_empty(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let line = format!("'{}' {}", env!("CARGO_BIN_EXE_kdfuse"), args.join(" "));
+    let line = format!("'{}' {args}", env!("CARGO_BIN_EXE_kdfuse"));
     match Command::new("script")
         .args(["-qec", &line, "/dev/null"])
         .output()
@@ -255,55 +207,18 @@ fn profile_names_its_own_flags() {
 #[test]
 fn flags_that_would_be_ignored_are_refused() {
     let f = Files::new();
-    assert_clean_error(
-        &kdfuse(&[
-            "profile",
-            "--backend",
-            "cpu",
-            "--variant",
-            "eager",
-            "--rows",
-            "2",
-            "--cols",
-            "64",
-        ]),
-        "--variant eager",
-    );
+    Cli::line("profile --backend cpu --variant eager --rows 2 --cols 64")
+        .fails_with("--variant eager");
     for d in ["forward-kl", "reverse-kl", "tvd", "soft-ce"] {
         assert_clean_error(&f.loss(&["--divergence", d, "--beta", "0.3"]), "--beta");
         // Even the default value, given explicitly.
         assert_clean_error(&f.loss(&["--divergence", d, "--beta", "0.5"]), "--beta");
     }
     json(&f.loss(&["--divergence", "jsd", "--beta", "0.3"]));
-    assert_clean_error(
-        &kdfuse(&[
-            "bench",
-            "--backend",
-            "cpu",
-            "--rows",
-            "2",
-            "--cols",
-            "64",
-            "--beta",
-            "0.3",
-        ]),
-        "--beta",
-    );
-    let (s, t) = (f.p("s.npy"), f.p("t.npy"));
-    assert_clean_error(
-        &kdfuse(&[
-            "feature-loss",
-            "--kind",
-            "mse",
-            "--student",
-            &s,
-            "--teacher",
-            &t,
-            "--eps",
-            "1e-6",
-        ]),
-        "--eps",
-    );
+    Cli::line("bench --backend cpu --rows 2 --cols 64 --beta 0.3").fails_with("--beta");
+    Cli::feature_loss(f.path("s.npy"), f.path("t.npy"), "mse")
+        .args(&["--eps", "1e-6"])
+        .fails_with("--eps");
 }
 
 /// JSON has no NaN or inf: such a loss is `null`, its spelling in
@@ -317,17 +232,9 @@ fn nonfinite_losses_are_null_with_their_spelling() {
     let t = common::logits(2, 2, 4, 1.0);
     write(&f.path("t4.npy"), &t, &[2, 4]);
     let run = |reduction: &str| {
-        json(&kdfuse(&[
-            "loss",
-            "--student",
-            &f.p("nan.npy"),
-            "--teacher",
-            &f.p("t4.npy"),
-            "--backend",
-            "cpu",
-            "--reduction",
-            reduction,
-        ]))
+        Cli::loss(f.path("nan.npy"), f.path("t4.npy"))
+            .args(&["--backend", "cpu", "--reduction", reduction])
+            .json()
     };
     let j = run("batchmean");
     assert!(j["loss"].is_null(), "{j}");

@@ -14,7 +14,7 @@ use kdfuse::{
     Backend, Divergence, GradDtype, HostData, KdInputs, KdOutput, Logits, LossSpec, Oracle,
     TopkIndices, TopkInputs, TopkMode, TopkTeacher,
 };
-use run::{assert_clean_error, json, kdfuse, read_f32, write};
+use run::{read_f32, row_losses, write, Cli};
 use std::path::{Path, PathBuf};
 
 const N: usize = 5;
@@ -42,6 +42,19 @@ struct Files {
 impl Files {
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
+    }
+
+    /// `kdfuse loss` of s.npy and the dense teacher `teacher`.
+    fn loss(&self, teacher: &str) -> Cli {
+        Cli::loss(self.path("s.npy"), self.path(teacher))
+    }
+
+    /// `kdfuse loss` of s.npy and the top-k teacher in `indices` and `values`.
+    fn topk(&self, indices: &str, values: &str) -> Cli {
+        Cli::new(&["loss"])
+            .path("--student", self.path("s.npy"))
+            .path("--teacher-topk-indices", self.path(indices))
+            .path("--teacher-topk-values", self.path(values))
     }
 }
 
@@ -140,15 +153,6 @@ fn assert_matches(what: &str, j: &serde_json::Value, grad: Option<&Path>, want: 
     }
 }
 
-fn run(args: &[String]) -> serde_json::Value {
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    json(&kdfuse(&args))
-}
-
-fn strs(args: &[&str]) -> Vec<String> {
-    args.iter().map(|s| s.to_string()).collect()
-}
-
 // ----------------------------------------------------------------- top-k --
 
 #[test]
@@ -191,35 +195,22 @@ fn topk_teacher_matches_the_library() {
                 .compute_topk(&inputs, &spec, Some(GradDtype::F32))
                 .unwrap();
             for backend in BACKENDS {
-                let mut args = strs(&[
-                    "loss",
-                    "--student",
-                    &p(&f.path("s.npy")),
-                    "--teacher-topk-indices",
-                    &p(&f.path(if i64_indices {
-                        "idx64.npy"
-                    } else {
-                        "idx32.npy"
-                    })),
-                    "--teacher-topk-values",
-                    &p(&f.path(vals_file)),
-                    "--topk-mode",
-                    mode.as_str(),
-                    "--labels",
-                    &p(&f.path("l.npy")),
-                    "--alpha",
-                    "0.25",
-                    "--temperature",
-                    &temperature.to_string(),
-                    "--grad",
-                    &p(&g),
-                    "--backend",
-                    backend,
-                ]);
+                let idx_file = if i64_indices {
+                    "idx64.npy"
+                } else {
+                    "idx32.npy"
+                };
+                let mut cli = f
+                    .topk(idx_file, vals_file)
+                    .args(&["--topk-mode", mode.as_str()])
+                    .path("--labels", f.path("l.npy"))
+                    .args(&["--alpha", "0.25", "--temperature", &temperature.to_string()])
+                    .path("--grad", &g)
+                    .args(&["--backend", backend]);
                 if tail {
-                    args.push("--teacher-logprobs".into());
+                    cli = cli.args(&["--teacher-logprobs"]);
                 }
-                let j = run(&args);
+                let j = cli.json();
                 let what = format!("top-k {mode} i64={i64_indices} on {backend}");
                 assert_matches(&what, &j, Some(&g), &want);
                 assert_eq!(j["teacher"], "topk", "{what}");
@@ -252,29 +243,13 @@ fn topk_with_row_weights_and_reduction_none() {
     };
     let want = Oracle.compute_topk(&inputs, &spec, None).unwrap();
     for backend in BACKENDS {
-        let j = run(&strs(&[
-            "loss",
-            "--student",
-            &p(&f.path("s.npy")),
-            "--teacher-topk-indices",
-            &p(&f.path("idx64.npy")),
-            "--teacher-topk-values",
-            &p(&f.path("vals.npy")),
-            "--topk-mode",
-            "support",
-            "--row-weights",
-            &p(&f.path("w.npy")),
-            "--reduction",
-            "none",
-            "--backend",
-            backend,
-        ]));
-        let rows: Vec<f64> = j["loss"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap())
-            .collect();
+        let j = f
+            .topk("idx64.npy", "vals.npy")
+            .args(&["--topk-mode", "support"])
+            .path("--row-weights", f.path("w.npy"))
+            .args(&["--reduction", "none", "--backend", backend])
+            .json();
+        let rows = row_losses(&j);
         assert_eq!(rows.len(), N);
         for (r, (a, b)) in rows.iter().zip(&want.row_losses).enumerate() {
             assert!(
@@ -313,27 +288,16 @@ fn dense_case(
         "t.npy"
     };
     for backend in BACKENDS {
-        let mut args = strs(&[
-            "loss",
-            "--student",
-            &p(&f.path("s.npy")),
-            "--teacher",
-            &p(&f.path(teacher_file)),
-            "--labels",
-            &p(&f.path("l.npy")),
-            "--divergence",
-            spec.divergence.as_str(),
-            "--temperature",
-            &spec.temperature.to_string(),
-            "--alpha",
-            &spec.alpha.to_string(),
-            "--grad",
-            &p(&g),
-            "--backend",
-            backend,
-        ]);
-        args.extend(strs(extra));
-        let j = run(&args);
+        let j = f
+            .loss(teacher_file)
+            .path("--labels", f.path("l.npy"))
+            .args(&["--divergence", spec.divergence.as_str()])
+            .args(&["--temperature", &spec.temperature.to_string()])
+            .args(&["--alpha", &spec.alpha.to_string()])
+            .path("--grad", &g)
+            .args(&["--backend", backend])
+            .args(extra)
+            .json();
         let what = format!("{what} on {backend}");
         assert_matches(&what, &j, Some(&g), &want);
         assert_eq!(j["teacher"], "dense", "{what}");
@@ -364,19 +328,10 @@ fn teacher_logprobs_match_the_library_and_the_logits() {
     // A dense row of log-probs is a logit row shifted by a constant
     // (docs/DESIGN.md §1): the same loss as from the logits.
     let base = |teacher: &str, extra: &[&str]| {
-        let mut a = strs(&[
-            "loss",
-            "--student",
-            &p(&f.path("s.npy")),
-            "--teacher",
-            &p(&f.path(teacher)),
-            "--temperature",
-            "2",
-            "--backend",
-            "oracle",
-        ]);
-        a.extend(strs(extra));
-        run(&a)
+        f.loss(teacher)
+            .args(&["--temperature", "2", "--backend", "oracle"])
+            .args(extra)
+            .json()
     };
     let from_logits = base("t.npy", &[]);
     let from_logp = base("tlogp.npy", &["--teacher-logprobs"]);
@@ -413,28 +368,13 @@ fn softcap_matches_the_library() {
             false,
         );
     }
-    let j = run(&strs(&[
-        "loss",
-        "--student",
-        &p(&f.path("s.npy")),
-        "--teacher",
-        &p(&f.path("t.npy")),
-        "--softcap",
-        "3",
-        "--backend",
-        "oracle",
-    ]));
+    let j = f
+        .loss("t.npy")
+        .args(&["--softcap", "3", "--backend", "oracle"])
+        .json();
     assert_eq!(j["softcap"], 3.0);
     // The cap is not a no-op (logits up to ±5.1 here).
-    let plain = run(&strs(&[
-        "loss",
-        "--student",
-        &p(&f.path("s.npy")),
-        "--teacher",
-        &p(&f.path("t.npy")),
-        "--backend",
-        "oracle",
-    ]));
+    let plain = f.loss("t.npy").args(&["--backend", "oracle"]).json();
     assert_ne!(j["loss"], plain["loss"], "softcap changed nothing");
 }
 
@@ -475,17 +415,11 @@ fn row_weights_match_the_library() {
         .sum::<f64>()
         / N as f64;
     for backend in BACKENDS {
-        let j = run(&strs(&[
-            "loss",
-            "--student",
-            &p(&f.path("s.npy")),
-            "--teacher",
-            &p(&f.path("t.npy")),
-            "--row-weights",
-            &p(&f.path("w.npy")),
-            "--backend",
-            backend,
-        ]));
+        let j = f
+            .loss("t.npy")
+            .path("--row-weights", f.path("w.npy"))
+            .args(&["--backend", backend])
+            .json();
         let loss = j["loss"].as_f64().unwrap();
         assert!(
             (loss - weighted).abs() <= 1e-5 * weighted,
@@ -523,35 +457,27 @@ fn teacher_gradient_matches_the_library() {
             .compute(&inputs, &spec, Some(GradDtype::F32))
             .unwrap();
         let want_gt = want.grad_teacher.clone().expect("oracle teacher gradient");
+        let beta_or_reduction: &[&str] = if jsd {
+            &["--beta", "0.3"]
+        } else {
+            &["--reduction", "batchmean"]
+        };
         for backend in BACKENDS {
             // With --grad and alone: either one asks the backend for gradients.
             for with_grad in [true, false] {
                 let _ = std::fs::remove_file(&gt);
-                let mut args = strs(&[
-                    "loss",
-                    "--student",
-                    &p(&f.path("s.npy")),
-                    "--teacher",
-                    &p(&f.path("t.npy")),
-                    "--labels",
-                    &p(&f.path("l.npy")),
-                    "--divergence",
-                    divergence.as_str(),
-                    if jsd { "--beta" } else { "--reduction" },
-                    if jsd { "0.3" } else { "batchmean" },
-                    "--temperature",
-                    "2",
-                    "--alpha",
-                    "0.25",
-                    "--grad-teacher",
-                    &p(&gt),
-                    "--backend",
-                    backend,
-                ]);
+                let mut cli = f
+                    .loss("t.npy")
+                    .path("--labels", f.path("l.npy"))
+                    .args(&["--divergence", divergence.as_str()])
+                    .args(beta_or_reduction)
+                    .args(&["--temperature", "2", "--alpha", "0.25"])
+                    .path("--grad-teacher", &gt)
+                    .args(&["--backend", backend]);
                 if with_grad {
-                    args.extend(strs(&["--grad", &p(&g)]));
+                    cli = cli.path("--grad", &g);
                 }
-                let j = run(&args);
+                let j = cli.json();
                 let what = format!("{divergence} teacher gradient on {backend} grad={with_grad}");
                 assert_matches(&what, &j, with_grad.then_some(g.as_path()), &want);
                 let (got, shape) = read_f32(&gt);
@@ -570,15 +496,7 @@ fn teacher_gradient_matches_the_library() {
 #[test]
 fn new_json_fields_default_to_off() {
     let f = files();
-    let j = run(&strs(&[
-        "loss",
-        "--student",
-        &p(&f.path("s.npy")),
-        "--teacher",
-        &p(&f.path("t.npy")),
-        "--backend",
-        "cpu",
-    ]));
+    let j = f.loss("t.npy").args(&["--backend", "cpu"]).json();
     assert_eq!(j["teacher"], "dense");
     assert!(j["softcap"].is_null());
     assert_eq!(j["teacher_logprobs"], false);
@@ -594,211 +512,96 @@ fn new_json_fields_default_to_off() {
 fn bad_input_is_one_clean_line() {
     let f = files();
     let (n, k) = (N as u64, K as u64);
-    let s = p(&f.path("s.npy"));
-    let t = p(&f.path("t.npy"));
-    let idx = p(&f.path("idx64.npy"));
-    let vals = p(&f.path("vals.npy"));
     let extra = |name: &str, data: &[f32], shape: &[u64]| {
         let path = f.path(name);
         write(&path, data, shape);
         p(&path)
     };
-    let topk = |extra_args: &[&str]| {
-        let mut a = vec![
-            "loss",
-            "--student",
-            &s,
-            "--teacher-topk-indices",
-            &idx,
-            "--teacher-topk-values",
-            &vals,
-            "--backend",
-            "cpu",
-        ];
-        a.extend_from_slice(extra_args);
-        a.iter().map(|x| x.to_string()).collect::<Vec<_>>()
-    };
-    let err = |args: Vec<String>, needle: &str| {
-        let a: Vec<&str> = args.iter().map(String::as_str).collect();
-        assert_clean_error(&kdfuse(&a), needle);
-    };
-    let dense = |extra_args: &[&str]| {
-        let mut a = vec!["loss", "--student", &s, "--teacher", &t, "--backend", "cpu"];
-        a.extend_from_slice(extra_args);
-        a.iter().map(|x| x.to_string()).collect::<Vec<_>>()
-    };
+    let dense = || f.loss("t.npy").args(&["--backend", "cpu"]);
+    let topk = || f.topk("idx64.npy", "vals.npy").args(&["--backend", "cpu"]);
+    let student = || Cli::new(&["loss"]).path("--student", f.path("s.npy"));
 
     // Which teacher.
-    err(
-        strs(&["loss", "--student", &s, "--teacher-topk-values", &vals]),
-        "--teacher-topk-indices",
-    );
-    err(
-        strs(&["loss", "--student", &s, "--teacher-topk-indices", &idx]),
-        "--teacher-topk-values",
-    );
-    err(
-        strs(&[
-            "loss",
-            "--student",
-            &s,
-            "--teacher",
-            &t,
-            "--teacher-topk-indices",
-            &idx,
-            "--teacher-topk-values",
-            &vals,
-        ]),
-        "--teacher",
-    );
-    err(strs(&["loss", "--student", &s]), "--teacher");
+    student()
+        .path("--teacher-topk-values", f.path("vals.npy"))
+        .fails_with("--teacher-topk-indices");
+    student()
+        .path("--teacher-topk-indices", f.path("idx64.npy"))
+        .fails_with("--teacher-topk-values");
+    f.topk("idx64.npy", "vals.npy")
+        .path("--teacher", f.path("t.npy"))
+        .fails_with("--teacher");
+    student().fails_with("--teacher");
 
-    // Shapes.
-    let vals_k4 = extra("vals_k4.npy", &[0.0; N * 4], &[n, 4]);
-    err(
-        strs(&[
-            "loss",
-            "--student",
-            &s,
-            "--teacher-topk-indices",
-            &idx,
-            "--teacher-topk-values",
-            &vals_k4,
-        ]),
-        "shape mismatch",
-    );
-    let idx_n1 = f.path("idx_n1.npy");
-    write(&idx_n1, &vec![0i64; (N + 1) * K], &[n + 1, k]);
-    let vals_n1 = extra("vals_n1.npy", &[0.0; (N + 1) * K], &[n + 1, k]);
-    err(
-        strs(&[
-            "loss",
-            "--student",
-            &s,
-            "--teacher-topk-indices",
-            &p(&idx_n1),
-            "--teacher-topk-values",
-            &vals_n1,
-        ]),
-        "--teacher-topk-indices",
-    );
-    let idx_1d = f.path("idx_1d.npy");
-    write(&idx_1d, &f.idx, &[n * k]);
-    err(
-        strs(&[
-            "loss",
-            "--student",
-            &s,
-            "--teacher-topk-indices",
-            &p(&idx_1d),
-            "--teacher-topk-values",
-            &vals,
-        ]),
-        "2-D",
-    );
-    let idx_f = extra(
-        "idx_f.npy",
-        &f.idx.iter().map(|&x| x as f32).collect::<Vec<_>>(),
-        &[n, k],
-    );
-    err(
-        strs(&[
-            "loss",
-            "--student",
-            &s,
-            "--teacher-topk-indices",
-            &idx_f,
-            "--teacher-topk-values",
-            &vals,
-        ]),
-        "int32 or int64",
-    );
+    // Shapes: files `idx_*.npy` and `vals_*.npy` of one fault each.
+    extra("vals_k4.npy", &[0.0; N * 4], &[n, 4]);
+    write(&f.path("idx_n1.npy"), &vec![0i64; (N + 1) * K], &[n + 1, k]);
+    extra("vals_n1.npy", &[0.0; (N + 1) * K], &[n + 1, k]);
+    write(&f.path("idx_1d.npy"), &f.idx, &[n * k]);
+    let idx_f: Vec<f32> = f.idx.iter().map(|&x| x as f32).collect();
+    extra("idx_f.npy", &idx_f, &[n, k]);
     let mut dup = f.idx.clone();
     dup[2 * K + 3] = dup[2 * K];
-    let idx_dup = f.path("idx_dup.npy");
-    write(&idx_dup, &dup, &[n, k]);
-    err(
-        strs(&[
-            "loss",
-            "--student",
-            &s,
-            "--teacher-topk-indices",
-            &p(&idx_dup),
-            "--teacher-topk-values",
-            &vals,
-        ]),
-        "row 2",
-    );
+    write(&f.path("idx_dup.npy"), &dup, &[n, k]);
     let mut out_of_range = f.idx.clone();
     out_of_range[3 * K + 1] = V as i64;
-    let idx_oor = f.path("idx_oor.npy");
-    write(&idx_oor, &out_of_range, &[n, k]);
-    err(
-        strs(&[
-            "loss",
-            "--student",
-            &s,
-            "--teacher-topk-indices",
-            &p(&idx_oor),
-            "--teacher-topk-values",
-            &vals,
-        ]),
-        "row 3",
-    );
+    write(&f.path("idx_oor.npy"), &out_of_range, &[n, k]);
     // k > V.
     let wide = V as u64 + 1;
-    let idx_wide = f.path("idx_wide.npy");
-    write(
-        &idx_wide,
-        &(0..N * (V + 1)).map(|i| i as i64).collect::<Vec<_>>(),
-        &[n, wide],
-    );
-    let vals_wide = extra("vals_wide.npy", &vec![0.0; N * (V + 1)], &[n, wide]);
-    err(
-        strs(&[
-            "loss",
-            "--student",
-            &s,
-            "--teacher-topk-indices",
-            &p(&idx_wide),
-            "--teacher-topk-values",
-            &vals_wide,
-        ]),
-        "k = 41",
-    );
+    let idx_wide: Vec<i64> = (0..N * (V + 1)).map(|i| i as i64).collect();
+    write(&f.path("idx_wide.npy"), &idx_wide, &[n, wide]);
+    extra("vals_wide.npy", &vec![0.0; N * (V + 1)], &[n, wide]);
+    for (indices, values, needle) in [
+        ("idx64.npy", "vals_k4.npy", "shape mismatch"),
+        ("idx_n1.npy", "vals_n1.npy", "--teacher-topk-indices"),
+        ("idx_1d.npy", "vals.npy", "2-D"),
+        ("idx_f.npy", "vals.npy", "int32 or int64"),
+        ("idx_dup.npy", "vals.npy", "row 2"),
+        ("idx_oor.npy", "vals.npy", "row 3"),
+        ("idx_wide.npy", "vals_wide.npy", "k = 41"),
+    ] {
+        f.topk(indices, values).fails_with(needle);
+    }
 
     // Options.
     for cap in ["0", "-1", "nan", "inf"] {
-        err(dense(&["--softcap", cap]), "--softcap");
+        dense().args(&["--softcap", cap]).fails_with("--softcap");
     }
-    err(
-        dense(&["--softcap", "2", "--teacher-logprobs"]),
-        "--softcap",
-    );
+    dense()
+        .args(&["--softcap", "2", "--teacher-logprobs"])
+        .fails_with("--softcap");
     let w_short = extra("w_short.npy", &[1.0; N - 1], &[n - 1]);
-    err(dense(&["--row-weights", &w_short]), "--row-weights");
     let w_2d = extra("w_2d.npy", &[1.0; N], &[n, 1]);
-    err(dense(&["--row-weights", &w_2d]), "--row-weights");
     let mut w_nan = f.weights.clone();
     w_nan[2] = f32::NAN;
     let w_nan = extra("w_nan.npy", &w_nan, &[n]);
-    err(dense(&["--row-weights", &w_nan]), "--row-weights");
-    err(topk(&["--topk-mode", "tail"]), "--teacher-logprobs");
-    err(
-        topk(&[
-            "--topk-mode",
-            "tail",
-            "--teacher-logprobs",
-            "--temperature",
-            "2",
-        ]),
-        "temperature",
-    );
-    err(
-        topk(&["--grad-teacher", &p(&f.path("gt.npy"))]),
-        "--grad-teacher",
-    );
-    err(topk(&["--topk-mode", "bogus"]), "--topk-mode");
-    err(dense(&["--topk-mode", "support"]), "--topk-mode");
-    err(topk(&["--divergence", "jsd"]), "forward-kl");
+    for weights in [w_short, w_2d, w_nan] {
+        dense()
+            .args(&["--row-weights", &weights])
+            .fails_with("--row-weights");
+    }
+    let cases: [(&[&str], &str); 4] = [
+        (&["--topk-mode", "tail"], "--teacher-logprobs"),
+        (
+            &[
+                "--topk-mode",
+                "tail",
+                "--teacher-logprobs",
+                "--temperature",
+                "2",
+            ],
+            "temperature",
+        ),
+        (&["--topk-mode", "bogus"], "--topk-mode"),
+        (&["--divergence", "jsd"], "forward-kl"),
+    ];
+    for (flags, needle) in cases {
+        topk().args(flags).fails_with(needle);
+    }
+    topk()
+        .path("--grad-teacher", f.path("gt.npy"))
+        .fails_with("--grad-teacher");
+    dense()
+        .args(&["--topk-mode", "support"])
+        .fails_with("--topk-mode");
 }

@@ -3,7 +3,7 @@
 
 use crate::run;
 
-use run::{assert_clean_error, json, kdfuse, read_f32, write};
+use run::{assert_clean_error, json, kdfuse, read_f32, row_losses, write, Cli};
 
 use kdfuse::{
     FeatureBackend, FeatureGrads, FeatureInputs, FeatureKind, FeatureSpec, Features, GradDtype,
@@ -40,10 +40,6 @@ impl Dir {
     }
 }
 
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
 fn rel_l2(a: &[f32], b: &[f32]) -> f32 {
     let num: f32 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum();
     let den: f32 = b.iter().map(|y| y * y).sum();
@@ -58,21 +54,11 @@ fn rows_losses_and_both_gradients_match_the_oracle() {
     let (ft, t) = d.features("t.npy", &[n as u64, h as u64], 2);
     let (g, gt) = (d.path("g.npy"), d.path("gt.npy"));
     for kind in [FeatureKind::Mse, FeatureKind::Cosine] {
-        let j = json(&kdfuse(&[
-            "feature-loss",
-            "--student",
-            p(&fs),
-            "--teacher",
-            p(&ft),
-            "--kind",
-            kind.as_str(),
-            "--grad",
-            p(&g),
-            "--grad-teacher",
-            p(&gt),
-            "--backend",
-            "cpu",
-        ]));
+        let j = Cli::feature_loss(&fs, &ft, kind.as_str())
+            .path("--grad", &g)
+            .path("--grad-teacher", &gt)
+            .args(&["--backend", "cpu"])
+            .json();
         let inputs = FeatureInputs {
             student: Features::new(HostData::F32(&s), n, h),
             teacher: Features::new(HostData::F32(&t), n, h),
@@ -109,23 +95,12 @@ fn attention_maps_of_rank_three_and_four() {
     let (fs, s) = d.features("s.npy", &[2, 3, 4, 5], 3);
     let (ft, t) = d.features("t.npy", &[2, 6, 20], 4);
     let (g, gt) = (d.path("g.npy"), d.path("gt.npy"));
-    let j = json(&kdfuse(&[
-        "feature-loss",
-        "--student",
-        p(&fs),
-        "--teacher",
-        p(&ft),
-        "--kind",
-        "attention",
-        "--reduction",
-        "none",
-        "--grad",
-        p(&g),
-        "--grad-teacher",
-        p(&gt),
-        "--backend",
-        "oracle",
-    ]));
+    let j = Cli::feature_loss(&fs, &ft, "attention")
+        .args(&["--reduction", "none"])
+        .path("--grad", &g)
+        .path("--grad-teacher", &gt)
+        .args(&["--backend", "oracle"])
+        .json();
     let inputs = FeatureInputs {
         student: Features::maps(HostData::F32(&s), 2, 3, 20),
         teacher: Features::maps(HostData::F32(&t), 2, 6, 20),
@@ -137,13 +112,7 @@ fn attention_maps_of_rank_three_and_four() {
     let reference = Oracle
         .feature_loss(&inputs, &spec, FeatureGrads::both(GradDtype::F32))
         .unwrap();
-    let rows: Vec<f64> = j["loss"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect();
-    assert_eq!(rows, reference.row_losses);
+    assert_eq!(row_losses(&j), reference.row_losses);
     assert_eq!(j["eps"], 1e-12);
     assert_eq!(j["student_shape"], serde_json::json!([2, 3, 4, 5]));
     let (gs, shape) = read_f32(&g);
@@ -161,19 +130,7 @@ fn dtype_eps_and_auto_backend() {
     let d = Dir::new();
     let (fs, _) = d.features("s.npy", &[3, 16], 5);
     let (ft, _) = d.features("t.npy", &[3, 16], 6);
-    let run = |extra: &[&str]| {
-        let mut args = vec![
-            "feature-loss",
-            "--student",
-            p(&fs),
-            "--teacher",
-            p(&ft),
-            "--kind",
-            "cosine",
-        ];
-        args.extend_from_slice(extra);
-        kdfuse(&args)
-    };
+    let run = |extra: &[&str]| Cli::feature_loss(&fs, &ft, "cosine").args(extra).output();
     let auto = run(&[]);
     let j = json(&auto);
     if kdfuse::cuda::CudaBackend::new(0).is_err() {
@@ -203,19 +160,10 @@ fn error_lines() {
     let labels = d.path("l.npy");
     write(&labels, &[1i64, 2, 3], &[3]);
     let run = |s: &Path, t: &Path, kind: &str, extra: &[&str]| {
-        let mut args = vec![
-            "feature-loss",
-            "--student",
-            p(s),
-            "--teacher",
-            p(t),
-            "--kind",
-            kind,
-            "--backend",
-            "cpu",
-        ];
-        args.extend_from_slice(extra);
-        kdfuse(&args)
+        Cli::feature_loss(s, t, kind)
+            .args(&["--backend", "cpu"])
+            .args(extra)
+            .output()
     };
     assert_clean_error(&run(&s2, &t2, "mse", &[]), "shape mismatch");
     assert_clean_error(&run(&s2, &t4, "cosine", &[]), "shape mismatch");
@@ -242,21 +190,9 @@ fn error_lines() {
 
 #[test]
 fn check_covers_the_feature_losses() {
-    let out = kdfuse(&[
-        "check",
-        "--backend",
-        "cpu",
-        "--cases",
-        "6",
-        "--feature-cases",
-        "40",
-        "--seed",
-        "4",
-        "--max-vocab",
-        "5000",
-    ]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}");
+    let text =
+        Cli::line("check --backend cpu --cases 6 --feature-cases 40 --seed 4 --max-vocab 5000")
+            .stdout();
     assert!(text.contains("feature losses, backend cpu vs oracle: 40 cases"));
     for group in ["f32/mse", "bf16/cosine", "f16/attention"] {
         assert!(text.contains(group), "{group} missing: {text}");

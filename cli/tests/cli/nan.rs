@@ -3,36 +3,20 @@
 //! gradient rows, never a number. The library-level cases are in the
 //! library's tests/kd/nan_regressions.rs.
 
-use crate::run::{json, kdfuse, read_f32, write};
+use crate::run::{read_f32, temp_paths, write, Cli};
 
 /// `kdfuse loss` on a one-row batch with a NaN teacher logit.
 #[test]
 fn cli_loss_with_a_nan_teacher_is_nan() {
-    let dir = tempfile::tempdir().unwrap();
-    let (s, t, g) = (
-        dir.path().join("s.npy"),
-        dir.path().join("t.npy"),
-        dir.path().join("g.npy"),
-    );
+    let (_dir, [s, t, g]) = temp_paths(["s.npy", "t.npy", "g.npy"]);
     write(&s, &[1.0f32, 2.0, 0.5], &[1, 3]);
     write(&t, &[1.0f32, f32::NAN, 3.0], &[1, 3]);
-    let p = |x: &std::path::Path| x.to_str().unwrap().to_string();
     for backend in ["oracle", "cpu"] {
         for divergence in ["forward-kl", "soft-ce", "reverse-kl", "jsd", "tvd"] {
-            let out = kdfuse(&[
-                "loss",
-                "--student",
-                &p(&s),
-                "--teacher",
-                &p(&t),
-                "--divergence",
-                divergence,
-                "--backend",
-                backend,
-                "--grad",
-                &p(&g),
-            ]);
-            let j = json(&out);
+            let j = Cli::loss(&s, &t)
+                .args(&["--divergence", divergence, "--backend", backend])
+                .path("--grad", &g)
+                .json();
             // A non-finite loss is JSON null, spelled in `nonfinite`.
             assert!(j["loss"].is_null(), "{backend} {divergence}: {j}");
             assert_eq!(j["nonfinite"]["loss"], "nan", "{backend} {divergence}: {j}");
