@@ -1,9 +1,9 @@
 // app_args.h — the launch contracts of the apps' kernels (app/): one argument
 // struct per kernel, passed by value, as kd/kd_args.h does for the loss.
 //
-// Written once here; src/params.rs mirrors each as a #[repr(C)] struct (the
-// CUDA launchers pass them; the emulation bridges, kernels/emu/, hand them
-// over by pointer) and a test holds the mirrors to this layout
+// Written once here; src/cuda/args.rs mirrors each as a #[repr(C)] struct
+// (the CUDA launchers pass them; the emulation bridges, kernels/emu/, hand
+// them over by pointer) and a test holds the mirrors to this layout
 // (kd_host_app_args_layout in kd/kd_host.cpp). Pointers are device pointers
 // on the GPU, host pointers under emulation. No per-element cost: kernel
 // parameters live in constant memory, as the separate arguments did.

@@ -135,6 +135,15 @@ pub(crate) struct MlpAdamArgs {
     pub m: u64,
     pub v: u64,
     pub n: i64,
+    /// The C struct's seven floats from `lr` to `c2`, in the same order.
+    pub h: AdamHyper,
+}
+
+/// Adam's hyper-parameters of one step (`distill`'s optimizer computes
+/// them): the floats of `MlpAdamArgs`, in order.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AdamHyper {
     pub lr: f32,
     pub beta1: f32,
     pub beta2: f32,
@@ -184,6 +193,7 @@ mod tests {
                 [size_of::<$t>(), offset_of!($t, $a), offset_of!($t, $b)]
             };
         }
+        let h = offset_of!(MlpAdamArgs, h);
         [
             tail!(EagerLsmArgs, vocab, inv_tau),
             tail!(EagerEwArgs, count, beta),
@@ -194,7 +204,11 @@ mod tests {
             tail!(MlpReluBackArgs, n, scale),
             tail!(MlpBiasGradArgs, rows, cols),
             tail!(MlpSgdArgs, mu, wd),
-            tail!(MlpAdamArgs, c1, c2),
+            [
+                size_of::<MlpAdamArgs>(),
+                h + offset_of!(AdamHyper, c1),
+                h + offset_of!(AdamHyper, c2),
+            ],
         ]
         .concat()
     }

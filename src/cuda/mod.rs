@@ -12,7 +12,9 @@ mod kernels;
 mod launch;
 
 pub use args::FillArgs;
-pub(crate) use args::{MlpAdamArgs, MlpBiasActArgs, MlpBiasGradArgs, MlpReluBackArgs, MlpSgdArgs};
+pub(crate) use args::{
+    AdamHyper, MlpAdamArgs, MlpBiasActArgs, MlpBiasGradArgs, MlpReluBackArgs, MlpSgdArgs,
+};
 pub use eager::EagerScratch;
 pub use info::{device_infos, driver_version, DeviceInfo};
 pub use launch::{KdElement, LossBuffers, PreparedLoss, RawFusedArgs, RawTopkArgs, RowLayout};

@@ -83,13 +83,7 @@ pub(crate) fn update(u: Update, [p, g, s1, s2]: [u64; 4], n: usize) -> UpdateArg
             m: s1,
             v: s2,
             n,
-            lr: h.lr,
-            beta1: h.beta1,
-            beta2: h.beta2,
-            eps: h.eps,
-            wd: h.wd,
-            c1: h.c1,
-            c2: h.c2,
+            h,
         }),
     }
 }

@@ -211,16 +211,9 @@ pub(crate) fn sgd(p: &mut f32, g: f32, v: &mut f32, lr: f32, mu: f32, wd: f32) {
     *p -= lr * *v;
 }
 
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct AdamHyper {
-    pub lr: f32,
-    pub beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
-    pub wd: f32,
-    pub c1: f32,
-    pub c2: f32,
-}
+/// Adam's hyper-parameters of one step: the block `mlp_adam` takes in its
+/// launch contract, so the CUDA engine passes it as it is.
+pub(crate) use crate::cuda::AdamHyper;
 
 /// One Adam element, as `mlp_adam` in kernels/mlp.cu.
 #[inline]
