@@ -24,7 +24,7 @@ pub fn log_softmax(x: &[f64], tau: f64) -> Vec<f64> {
     x.iter().map(|&v| v / tau - lse).collect()
 }
 
-fn logaddexp(a: f64, b: f64) -> f64 {
+pub(crate) fn logaddexp(a: f64, b: f64) -> f64 {
     let m = a.max(b);
     if m == f64::NEG_INFINITY {
         return m;
@@ -44,7 +44,7 @@ fn poison_nan_row(loss: f64, grads: [Option<&mut [f64]>; 2]) {
 }
 
 /// x · y with 0 · anything = 0 (a zero probability contributes nothing).
-fn xmul(x: f64, y: f64) -> f64 {
+pub(crate) fn xmul(x: f64, y: f64) -> f64 {
     if x == 0.0 {
         0.0
     } else {

@@ -126,6 +126,19 @@ impl HostData<'_> {
         }
     }
 
+    /// The elements from `from` on (empty past the end): a column offset
+    /// into row-major data, e.g. one vocabulary shard of wider rows.
+    pub fn offset(&self, from: usize) -> Self {
+        fn tail<T>(d: &[T], from: usize) -> &[T] {
+            &d[from.min(d.len())..]
+        }
+        match self {
+            HostData::F32(d) => HostData::F32(tail(*d, from)),
+            HostData::Bf16(d) => HostData::Bf16(tail(*d, from)),
+            HostData::F16(d) => HostData::F16(tail(*d, from)),
+        }
+    }
+
     /// The raw bytes.
     pub fn bytes(&self) -> &[u8] {
         match self {
@@ -355,7 +368,7 @@ fn valid_rows(labels: Option<&[i64]>, rows: usize, ignore_index: i64) -> usize {
 }
 
 /// Labels (N, in `[0, V)` or `ignore_index`) and row weights (N, finite).
-fn validate_labels(
+pub(crate) fn validate_labels(
     labels: Option<&[i64]>,
     row_weights: Option<&[f32]>,
     rows: usize,
