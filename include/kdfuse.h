@@ -25,8 +25,17 @@
 // the top-k mode (params) and row weights, the teacher gradient's buffer and
 // the top-k teacher (batch); a version-1 struct (its smaller `size`) is still
 // accepted, the appended fields taking their defaults. Version 3 appended
-// the precision (params); its batch is version 2's.
-#define KDFUSE_ABI_VERSION 3
+// the precision (params); its batch is version 2's. Version 4 appended the
+// vocab-parallel functions and `KdfuseShard`; its params and batch are
+// version 3's.
+#define KDFUSE_ABI_VERSION 4
+
+// f64 values per row in a vocab-parallel statistics record (both rounds).
+#define KDFUSE_VP_STATS_WIDTH 20
+
+// The layout version of the statistics records this library writes and
+// reads (slot 0 of every record).
+#define KDFUSE_VP_STATS_VERSION 1
 
 // Status of every call: 0 is success; otherwise `kdfuse_last_error()` says why.
 typedef enum KdfuseStatus {
@@ -119,8 +128,8 @@ typedef struct KdfuseContext KdfuseContext;
 typedef struct KdfuseParams {
   // `sizeof(KdfuseParams)` as the caller's header defines it.
   uint32_t size;
-  // `KDFUSE_ABI_VERSION` of the caller's header: 1, 2 or 3, the version
-  // whose size `size` is; anything else is refused.
+  // `KDFUSE_ABI_VERSION` of the caller's header: 1 to 4, the version
+  // whose size `size` is (3 and 4 share a size); anything else is refused.
   uint32_t version;
   // A `KdfuseDivergence` value.
   int32_t divergence;
@@ -167,7 +176,7 @@ typedef struct KdfuseParams {
 typedef struct KdfuseBatch {
   // `sizeof(KdfuseBatch)` as the caller's header defines it.
   uint32_t size;
-  // `KDFUSE_ABI_VERSION` of the caller's header: 1, 2 or 3 (2 and 3 share
+  // `KDFUSE_ABI_VERSION` of the caller's header: 1 to 4 (2, 3 and 4 share
   // a size); anything else is refused.
   uint32_t version;
   // Rows N (≥ 0).
@@ -285,6 +294,19 @@ typedef struct KdfuseFeatureBatch {
   // `kdfuse_feature_workspace_len` elements.
   float *workspace;
 } KdfuseFeatureBatch;
+
+// Where a rank's vocabulary shard sits. Fill it with `kdfuse_shard_init`.
+typedef struct KdfuseShard {
+  // `sizeof(KdfuseShard)`.
+  uint32_t size;
+  // 1.
+  uint32_t version;
+  // The global index of the shard's first column (≥ 0).
+  int64_t vocab_start;
+  // The real vocabulary size V (≥ 1): columns at global index ≥ V are
+  // padding (not read, gradient 0).
+  int64_t vocab_size;
+} KdfuseShard;
 
 #ifdef __cplusplus
 extern "C" {
@@ -464,6 +486,66 @@ enum KdfuseStatus kdfuse_feature_compute_host(const struct KdfuseFeatureBatch *b
 enum KdfuseStatus kdfuse_feature_compute_cuda(const struct KdfuseContext *ctx,
                                               const struct KdfuseFeatureBatch *batch,
                                               void *stream);
+
+// Fills `*out` for the shard starting at global column `vocab_start` of a
+// vocabulary of `vocab_size` real columns.
+//
+// # Safety
+// `out` must be NULL or point to writable memory for one `KdfuseShard`.
+enum KdfuseStatus kdfuse_shard_init(struct KdfuseShard *out,
+                                    int64_t vocab_start,
+                                    int64_t vocab_size);
+
+// `*out` = the all-gathers one step of `params` needs: 1 (forward and
+// reverse KL, soft CE, top-k teachers, α = 1) or 2 (JSD with 0 < β < 1,
+// TVD).
+//
+// # Safety
+// `params` is NULL or a readable `KdfuseParams` of its own size; `out` is
+// NULL or writable.
+enum KdfuseStatus kdfuse_vp_collectives(const struct KdfuseParams *params, int32_t *out);
+
+// Round `round` (1 or 2) of the protocol on this rank's shard: writes
+// `[N, KDFUSE_VP_STATS_WIDTH]` doubles to `stats`, which the caller
+// all-gathers (rank order) into `[world, N, KDFUSE_VP_STATS_WIDTH]`.
+// Round 2 (when `kdfuse_vp_collectives` says 2) takes the gathered round
+// 1 as `round1` (`world` records per row); round 1 takes NULL. The batch
+// is this rank's shard: `cols` = V_local (padding included), the student
+// (and a dense teacher) `[N, V_local]`, `labels` global (in `[0, V)` or
+// `ignore_index`), a top-k teacher whole (`[N, k]` global indices, the
+// same on every rank); `loss` and the gradients are not used and may be
+// NULL. Arithmetic in f64 on the host.
+//
+// # Safety
+// As `kdfuse_compute_host` for the batch's inputs; `stats` writable for
+// N·KDFUSE_VP_STATS_WIDTH doubles; `round1` NULL or readable for
+// world·N·KDFUSE_VP_STATS_WIDTH doubles.
+enum KdfuseStatus kdfuse_vp_round_stats_host(const struct KdfuseBatch *batch,
+                                             const struct KdfuseParams *params,
+                                             const struct KdfuseShard *shard,
+                                             int32_t round,
+                                             const double *round1,
+                                             int64_t world,
+                                             double *stats);
+
+// The step's results on this rank from the gathered statistics: `round1`
+// and, for two-collective losses, `round2` (else NULL), each `[world, N,
+// KDFUSE_VP_STATS_WIDTH]` doubles in rank order. Writes the batch's
+// outputs as `kdfuse_compute_host` does: `loss` (required; the same on
+// every rank), `row_losses` and `valid_rows` when set, and the gradient of
+// this shard `[N, V_local]` (padding columns 0) when `grad` is set (and
+// the teacher's with `params.grad_teacher` on a dense teacher). The batch
+// is the one of `kdfuse_vp_round_stats_host`.
+//
+// # Safety
+// As `kdfuse_compute_host` for the batch; `round1` (and `round2` when not
+// NULL) readable for world·N·KDFUSE_VP_STATS_WIDTH doubles.
+enum KdfuseStatus kdfuse_vp_finish_host(const struct KdfuseBatch *batch,
+                                        const struct KdfuseParams *params,
+                                        const struct KdfuseShard *shard,
+                                        const double *round1,
+                                        const double *round2,
+                                        int64_t world);
 
 #ifdef __cplusplus
 }  // extern "C"

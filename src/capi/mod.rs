@@ -7,12 +7,14 @@
 mod f64;
 mod feature;
 mod types;
+mod vocab_parallel;
 
 pub use types::{
     KdfuseBatch, KdfuseDivergence, KdfuseDtype, KdfuseFeatureBatch, KdfuseFeatureKind,
     KdfuseIndexDtype, KdfuseParams, KdfuseReduction, KdfuseStatus, KdfuseTopkMode,
     KDFUSE_ABI_VERSION,
 };
+pub use vocab_parallel::{KdfuseShard, KDFUSE_VP_STATS_VERSION, KDFUSE_VP_STATS_WIDTH};
 
 use crate::cpu::CpuBackend;
 use crate::cuda::{CudaBackend, PreparedCache, RawFusedArgs, RawTopkArgs};
@@ -482,13 +484,37 @@ pub unsafe extern "C" fn kdfuse_compute_host(
     unsafe { with_batch(batch, params, |b, spec| compute_host(b, spec)) }
 }
 
-/// `kdfuse_compute_host` on the caller's structs.
+/// A host batch's inputs, read and checked (not yet validated against the
+/// loss: the backends do that).
+pub(crate) struct HostBatch<'a> {
+    pub shape: types::BatchShape,
+    pub student: Logits<'a>,
+    pub teacher: HostTeacher<'a>,
+    pub labels: Option<&'a [i64]>,
+    pub row_weights: Option<&'a [f32]>,
+    /// The gradient's dtype, when a gradient pointer is set.
+    pub grad: Option<GradDtype>,
+}
+
+/// A host batch's teacher.
+pub(crate) enum HostTeacher<'a> {
+    Dense(Logits<'a>),
+    Topk(TopkTeacher<'a>),
+}
+
+/// Reads the buffers of a host batch (`k_limit`, `need_loss` as
+/// [`KdfuseBatch::shape_with`]).
 ///
 /// # Safety
 /// As `kdfuse_compute_host`: the batch's pointers are host memory large
 /// enough for its shape and strides.
-unsafe fn compute_host(b: &KdfuseBatch, spec: &crate::spec::LossSpec) -> Result<()> {
-    let sh = b.shape(spec)?;
+pub(crate) unsafe fn host_batch<'a>(
+    b: &KdfuseBatch,
+    spec: &crate::spec::LossSpec,
+    k_limit: Option<usize>,
+    need_loss: bool,
+) -> Result<HostBatch<'a>> {
+    let sh = b.shape_with(spec, k_limit, need_loss)?;
     if !b.grad.is_null() && b.grad.cast_const() == b.student {
         return invalid(
             "batch.grad",
@@ -545,22 +571,16 @@ unsafe fn compute_host(b: &KdfuseBatch, spec: &crate::spec::LossSpec) -> Result<
     } else {
         GradDtype::F32
     });
-    let out = match sh.topk {
+    let teacher = match sh.topk {
         None => {
             // SAFETY: the caller's contract: the teacher spans these elements.
             let t = unsafe { host_data("batch.teacher", b.teacher, teacher_len, sh.dtype) }?;
-            let inputs = KdInputs {
-                student,
-                teacher: Logits::strided(
-                    t,
-                    sh.layout.rows,
-                    sh.layout.cols,
-                    sh.layout.teacher_stride,
-                ),
-                labels,
-                row_weights,
-            };
-            CpuBackend.compute(&inputs, spec, grad)?
+            HostTeacher::Dense(Logits::strided(
+                t,
+                sh.layout.rows,
+                sh.layout.cols,
+                sh.layout.teacher_stride,
+            ))
         }
         Some(topk) => {
             let Some(len) = sh
@@ -581,63 +601,95 @@ unsafe fn compute_host(b: &KdfuseBatch, spec: &crate::spec::LossSpec) -> Result<
             };
             // SAFETY: N·k values of the batch's dtype.
             let values = unsafe { host_data("batch.topk_values", b.topk_values, len, sh.dtype) }?;
+            HostTeacher::Topk(TopkTeacher {
+                indices,
+                values,
+                k: topk.k,
+            })
+        }
+    };
+    Ok(HostBatch {
+        shape: sh,
+        student,
+        teacher,
+        labels,
+        row_weights,
+        grad,
+    })
+}
+
+/// `kdfuse_compute_host` on the caller's structs.
+///
+/// # Safety
+/// As `kdfuse_compute_host`: the batch's pointers are host memory large
+/// enough for its shape and strides.
+unsafe fn compute_host(b: &KdfuseBatch, spec: &crate::spec::LossSpec) -> Result<()> {
+    // SAFETY: the caller's contract.
+    let hb = unsafe { host_batch(b, spec, None, true) }?;
+    let out = match hb.teacher {
+        HostTeacher::Dense(teacher) => {
+            let inputs = KdInputs {
+                student: hb.student,
+                teacher,
+                labels: hb.labels,
+                row_weights: hb.row_weights,
+            };
+            CpuBackend.compute(&inputs, spec, hb.grad)?
+        }
+        HostTeacher::Topk(teacher) => {
             let inputs = TopkInputs {
-                student,
-                teacher: TopkTeacher {
-                    indices,
-                    values,
-                    k: topk.k,
-                },
-                labels,
-                row_weights,
+                student: hb.student,
+                teacher,
+                labels: hb.labels,
+                row_weights: hb.row_weights,
             };
             crate::backend::validate_topk(&inputs, spec).map_err(batch_field)?;
             CpuBackend
-                .compute_topk(&inputs, spec, grad)
+                .compute_topk(&inputs, spec, hb.grad)
                 .map_err(batch_field)?
         }
     };
-    if !b.grad.is_null() {
-        let g = out
-            .grad
-            .as_deref()
-            .ok_or_else(|| KdError::InvalidArgument {
-                arg: "batch.grad",
-                msg: "the backend returned no gradient".into(),
-            })?;
-        // SAFETY: the gradient spans (N−1)·grad_stride + V elements.
-        unsafe {
-            write_rows(
-                b.grad,
-                sh.layout.grad_stride,
-                sh.grad_dtype,
-                g,
-                sh.layout.rows,
-                sh.layout.cols,
-            )
-        };
+    // SAFETY: the caller's contract, as above.
+    unsafe { write_host_outputs(b, &hb.shape, &out) }
+}
+
+/// Writes a result into a host batch's outputs: the gradients where their
+/// pointers are set, the loss (`loss` must be set), and the row losses and
+/// valid rows where set.
+///
+/// # Safety
+/// The batch's output pointers are host memory large enough for its shape
+/// and strides.
+pub(crate) unsafe fn write_host_outputs(
+    b: &KdfuseBatch,
+    sh: &types::BatchShape,
+    out: &crate::KdOutput,
+) -> Result<()> {
+    for (p, g, arg, stride) in [
+        (
+            b.grad,
+            out.grad.as_deref(),
+            "batch.grad",
+            sh.layout.grad_stride,
+        ),
+        (
+            b.grad_teacher,
+            out.grad_teacher.as_deref(),
+            "batch.grad_teacher",
+            sh.layout.grad_teacher_stride,
+        ),
+    ] {
+        if p.is_null() {
+            continue;
+        }
+        let g = g.ok_or_else(|| KdError::InvalidArgument {
+            arg,
+            msg: "the backend returned no gradient".into(),
+        })?;
+        // SAFETY: the gradient spans (N−1)·stride + V elements.
+        unsafe { write_rows(p, stride, sh.grad_dtype, g, sh.layout.rows, sh.layout.cols) };
     }
-    if !b.grad_teacher.is_null() {
-        let g = out
-            .grad_teacher
-            .as_deref()
-            .ok_or_else(|| KdError::InvalidArgument {
-                arg: "batch.grad_teacher",
-                msg: "the backend returned no teacher gradient".into(),
-            })?;
-        // SAFETY: the teacher gradient spans (N−1)·grad_teacher_stride + V elements.
-        unsafe {
-            write_rows(
-                b.grad_teacher,
-                sh.layout.grad_teacher_stride,
-                sh.grad_dtype,
-                g,
-                sh.layout.rows,
-                sh.layout.cols,
-            )
-        };
-    }
-    // SAFETY: `loss` checked non-NULL by shape(); the others when not NULL.
+    // SAFETY: `loss` checked non-NULL by the caller; the others when not NULL.
     unsafe {
         *b.loss = out.loss as f32;
         if !b.row_losses.is_null() {

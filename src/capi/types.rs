@@ -13,8 +13,10 @@ use std::mem::size_of;
 /// the top-k mode (params) and row weights, the teacher gradient's buffer and
 /// the top-k teacher (batch); a version-1 struct (its smaller `size`) is still
 /// accepted, the appended fields taking their defaults. Version 3 appended
-/// the precision (params); its batch is version 2's.
-pub const KDFUSE_ABI_VERSION: u32 = 3;
+/// the precision (params); its batch is version 2's. Version 4 appended the
+/// vocab-parallel functions and `KdfuseShard`; its params and batch are
+/// version 3's.
+pub const KDFUSE_ABI_VERSION: u32 = 4;
 
 /// Status of every call: 0 is success; otherwise `kdfuse_last_error()` says why.
 #[repr(C)]
@@ -106,8 +108,8 @@ pub enum KdfuseIndexDtype {
 pub struct KdfuseParams {
     /// `sizeof(KdfuseParams)` as the caller's header defines it.
     pub size: u32,
-    /// `KDFUSE_ABI_VERSION` of the caller's header: 1, 2 or 3, the version
-    /// whose size `size` is; anything else is refused.
+    /// `KDFUSE_ABI_VERSION` of the caller's header: 1 to 4, the version
+    /// whose size `size` is (3 and 4 share a size); anything else is refused.
     pub version: u32,
     /// A `KdfuseDivergence` value.
     pub divergence: i32,
@@ -166,7 +168,7 @@ pub enum KdfusePrecision {
 pub struct KdfuseBatch {
     /// `sizeof(KdfuseBatch)` as the caller's header defines it.
     pub size: u32,
-    /// `KDFUSE_ABI_VERSION` of the caller's header: 1, 2 or 3 (2 and 3 share
+    /// `KDFUSE_ABI_VERSION` of the caller's header: 1 to 4 (2, 3 and 4 share
     /// a size); anything else is refused.
     pub version: u32,
     /// Rows N (≥ 0).
@@ -309,16 +311,18 @@ pub(crate) const PARAMS_V2_SIZE: usize = std::mem::offset_of!(KdfuseParams, prec
 pub(crate) const BATCH_V1_SIZE: usize = std::mem::offset_of!(KdfuseBatch, row_weights);
 
 /// (version, size) of every `KdfuseParams` this library reads.
-pub(crate) const PARAMS_SIZES: [(u32, usize); 3] = [
+pub(crate) const PARAMS_SIZES: [(u32, usize); 4] = [
     (1, PARAMS_V1_SIZE),
     (2, PARAMS_V2_SIZE),
     (3, size_of::<KdfuseParams>()),
+    (4, size_of::<KdfuseParams>()),
 ];
 /// (version, size) of every `KdfuseBatch` this library reads.
-pub(crate) const BATCH_SIZES: [(u32, usize); 3] = [
+pub(crate) const BATCH_SIZES: [(u32, usize); 4] = [
     (1, BATCH_V1_SIZE),
     (2, size_of::<KdfuseBatch>()),
     (3, size_of::<KdfuseBatch>()),
+    (4, size_of::<KdfuseBatch>()),
 ];
 
 /// Reads a caller's struct of any known (version, size) in `known`: the
@@ -339,19 +343,19 @@ pub(crate) unsafe fn read_sized<T: Copy>(
     }
     // SAFETY: every versioned struct starts with its u32 size.
     let size = unsafe { p.cast::<u32>().read_unaligned() };
-    let size_arg = if arg == "params" {
-        "params.size"
-    } else {
-        "batch.size"
+    let size_arg = match arg {
+        "params" => "params.size",
+        "shard" => "shard.size",
+        _ => "batch.size",
     };
     check_size(size_arg, size, known)?;
     // SAFETY: every versioned struct has its u32 version after the size, and
     // `size` (checked) covers it.
     let version = unsafe { p.cast::<u32>().add(1).read_unaligned() };
-    let version_arg = if arg == "params" {
-        "params.version"
-    } else {
-        "batch.version"
+    let version_arg = match arg {
+        "params" => "params.version",
+        "shard" => "shard.version",
+        _ => "batch.version",
     };
     check_version(version_arg, version, size, known)?;
     let mut out = defaults;
@@ -624,6 +628,18 @@ impl KdfuseBatch {
     /// Checks the batch against the spec it is computed with: shape, strides,
     /// dtypes, the required pointers, and which teacher (dense or top-k).
     pub(crate) fn shape(&self, spec: &LossSpec) -> Result<BatchShape> {
+        self.shape_with(spec, None, true)
+    }
+
+    /// [`KdfuseBatch::shape`] with a top-k `k` of up to `k_limit` (default
+    /// V = `cols`: a vocabulary shard's teacher spans the whole vocabulary)
+    /// and, when `need_loss` is false, no `loss` pointer required.
+    pub(crate) fn shape_with(
+        &self,
+        spec: &LossSpec,
+        k_limit: Option<usize>,
+        need_loss: bool,
+    ) -> Result<BatchShape> {
         check_size("batch.size", self.size, &BATCH_SIZES)?;
         check_version("batch.version", self.version, self.size, &BATCH_SIZES)?;
         let nonneg = |arg: &'static str, x: i64| -> Result<usize> {
@@ -673,10 +689,11 @@ impl KdfuseBatch {
                     "must be NULL with a top-k teacher (batch.topk_indices): give one teacher",
                 );
             }
-            if self.topk_k < 1 || self.topk_k > cols as i64 {
+            let k_max = k_limit.unwrap_or(cols);
+            if self.topk_k < 1 || self.topk_k > k_max as i64 {
                 return invalid(
                     "batch.topk_k",
-                    format!("must be in [1, V = {cols}], got {}", self.topk_k),
+                    format!("must be in [1, V = {k_max}], got {}", self.topk_k),
                 );
             }
             let indices_i64 = match self.topk_index_dtype {
@@ -700,7 +717,7 @@ impl KdfuseBatch {
                 indices_i64,
             })
         };
-        if self.student.is_null() || self.loss.is_null() {
+        if self.student.is_null() || (need_loss && self.loss.is_null()) {
             return invalid("batch", "student and loss pointers must not be NULL");
         }
         if topk.is_none() && self.teacher.is_null() {

@@ -283,3 +283,34 @@ fn c_program_bad_input_is_refused() {
     let (ok, text) = run_program(&exe, &[]);
     assert!(ok && text.contains("abi_bad_input: ok"), "{text}");
 }
+
+/// Vocab-parallel distillation through the C ABI (tests/c/abi_vp.c): two
+/// shards (one padded), JSD in two rounds with α > 0, against the unsharded
+/// f64 entry point; the three calls' errors.
+#[test]
+fn c_program_vocab_parallel_matches_the_unsharded_loss() {
+    let lib = lib_dir();
+    assert!(
+        lib.join("libkdfuse.so").exists(),
+        "build the library with the tests (cargo test --release)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("abi_vp");
+    compile(
+        &[
+            "-std=c11",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            &format!("-I{}", root().join("include").display()),
+            root().join("tests/c/abi_vp.c").to_str().unwrap(),
+            &format!("-L{}", lib.display()),
+            &format!("-Wl,-rpath,{}", lib.display()),
+            "-lkdfuse",
+            "-lm",
+        ],
+        &exe,
+    );
+    let (ok, text) = run_program(&exe, &[]);
+    assert!(ok && text.contains("abi_vp: ok"), "{text}");
+}
