@@ -10,7 +10,7 @@ import os
 import pathlib
 import threading
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 DIVERGENCES = {"forward-kl": 0, "reverse-kl": 1, "jsd": 2, "tvd": 3, "soft-ce": 4}
 # The C ABI's precision codes (KdfusePrecision): the GPU kernels' arithmetic.
 PRECISIONS = {"fast": 0, "exact": 1}
@@ -36,6 +36,8 @@ _ARG_NAMES = [
     ("batch.student", "student_logits"),
     ("batch.teacher", "teacher_logits"),
     ("batch.labels", "labels"),
+    ("shard.vocab_start", "vocab_start"),
+    ("shard.vocab_size", "vocab_size"),
     ("params.", ""),
 ]
 
@@ -104,6 +106,15 @@ class FeatureBatch(ctypes.Structure):
 
 FEATURE_KINDS = {"mse": 0, "cosine": 1, "attention": 2}
 
+# Vocab-parallel statistics records (KDFUSE_VP_STATS_WIDTH doubles per row).
+VP_STATS_WIDTH = 20
+
+
+class Shard(ctypes.Structure):
+    """``KdfuseShard`` of include/kdfuse.h (version 1)."""
+
+    _fields_ = _fields("u32 size version", "i64 vocab_start vocab_size")
+
 _lib = None
 _lib_path = None
 _lock = threading.Lock()
@@ -143,7 +154,22 @@ def _declare(lib):
         "kdfuse_feature_compute_host": [ctypes.POINTER(FeatureBatch)],
         "kdfuse_feature_compute_cuda": [ctypes.c_void_p, ctypes.POINTER(FeatureBatch),
                                         ctypes.c_void_p],
+        "kdfuse_shard_init": [ctypes.POINTER(Shard), ctypes.c_int64, ctypes.c_int64],
+        "kdfuse_vp_collectives": [ctypes.POINTER(Params), ctypes.POINTER(ctypes.c_int32)],
+        "kdfuse_vp_round_stats_host": [ctypes.POINTER(Batch), ctypes.POINTER(Params),
+                                       ctypes.POINTER(Shard), ctypes.c_int32, ctypes.c_void_p,
+                                       ctypes.c_int64, ctypes.c_void_p],
+        "kdfuse_vp_finish_host": [ctypes.POINTER(Batch), ctypes.POINTER(Params),
+                                  ctypes.POINTER(Shard), ctypes.c_void_p, ctypes.c_void_p,
+                                  ctypes.c_int64],
     }
+    if hasattr(lib, "kdfuse_vp_round_stats_cuda"):
+        sigs["kdfuse_vp_round_stats_cuda"] = [
+            ctypes.c_void_p, ctypes.POINTER(Batch), ctypes.POINTER(Params), ctypes.POINTER(Shard),
+            ctypes.c_int32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+        sigs["kdfuse_vp_finish_cuda"] = [
+            ctypes.c_void_p, ctypes.POINTER(Batch), ctypes.POINTER(Params), ctypes.POINTER(Shard),
+            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     for name, args in sigs.items():
         f = getattr(lib, name)
         f.argtypes = args
@@ -167,8 +193,8 @@ def load_library():
                 "`cargo build --release` and set KDFUSE_LIB")
         lib = ctypes.CDLL(str(where))
         # The newest entry point: an older library lacks it.
-        if not hasattr(lib, "kdfuse_compute_topk_host_f64"):
-            raise KdfuseError(f"{where} is an older libkdfuse (no kdfuse_compute_topk_host_f64); "
+        if not hasattr(lib, "kdfuse_vp_finish_host"):
+            raise KdfuseError(f"{where} is an older libkdfuse (no kdfuse_vp_finish_host); "
                               "rebuild it")
         _declare(lib)
         _lib, _lib_path = lib, where

@@ -36,6 +36,8 @@ __all__ = [
     "DistillationLoss",
     "feature_loss",
     "FeatureDistillationLoss",
+    "vocab_parallel_distill_loss",
+    "vocab_parallel_collectives",
     "REDUCTIONS",
     "DIVERGENCES",
 ]
@@ -949,3 +951,8 @@ class FeatureDistillationLoss(torch.nn.Module):
 
     def extra_repr(self):
         return f"kind={self.kind!r}, reduction={self.reduction!r}, eps={self.eps}"
+
+
+# Vocab-parallel distillation (kdfuse/vocab_parallel.py), at the end: it uses
+# this module's argument checks.
+from .vocab_parallel import vocab_parallel_collectives, vocab_parallel_distill_loss  # noqa: E402
