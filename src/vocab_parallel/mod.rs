@@ -336,7 +336,7 @@ pub fn finish(
     let dtype = grad.map(|g| g.dtype_for(inputs.student.dtype()));
     let want_t = dtype.is_some() && spec.grad_teacher && !topk;
     let cols = sh.real_columns(vl);
-    let rows: Vec<(f64, Vec<f32>, Vec<f32>)> = (0..n)
+    let rows: Vec<RowOut> = (0..n)
         .into_par_iter()
         .map(|r| {
             let mut gs = vec![0.0f32; if dtype.is_some() { vl } else { 0 }];
@@ -357,7 +357,7 @@ pub fn finish(
         })
         .collect();
     let row_losses: Vec<f64> = rows.iter().map(|r| r.0).collect();
-    let flat = |pick: fn(&(f64, Vec<f32>, Vec<f32>)) -> &Vec<f32>| -> Vec<f32> {
+    let flat = |pick: fn(&RowOut) -> &Vec<f32>| -> Vec<f32> {
         rows.iter().flat_map(|r| pick(r).iter().copied()).collect()
     };
     Ok(KdOutput {
@@ -368,6 +368,10 @@ pub fn finish(
         row_losses,
     })
 }
+
+/// One row's results in `finish`: the weighted loss, the student's and the
+/// teacher's gradient rows (empty when not asked for).
+type RowOut = (f64, Vec<f32>, Vec<f32>);
 
 /// `scale·src` rounded to f32, then to `dtype`.
 fn store(dst: &mut [f32], src: &[f64], scale: f64, dtype: Dtype) {
