@@ -24,11 +24,13 @@ ROOT = HERE.parent.parent
 RUN_TIMEOUT = 240
 
 
-def spawn(world, *extra):
-    """Runs `world` ranks of vp_worker.py; returns (exit codes, outputs, seconds)."""
+def spawn(world, *extra, limit=RUN_TIMEOUT, pg_timeout=30):
+    """Runs `world` ranks of vp_worker.py, killing what is left after `limit`
+    seconds; returns (exit codes, outputs, seconds)."""
     with tempfile.TemporaryDirectory() as tmp:
         rdzv = os.path.join(tmp, "rendezvous")
-        env = dict(os.environ, OMP_NUM_THREADS="1", RAYON_NUM_THREADS="1")
+        env = dict(os.environ, OMP_NUM_THREADS="1", RAYON_NUM_THREADS="1",
+                   VP_TIMEOUT=str(pg_timeout))
         procs = [subprocess.Popen([sys.executable, str(HERE / "vp_worker.py"), str(r),
                                    str(world), rdzv, *extra],
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -36,17 +38,16 @@ def spawn(world, *extra):
                  for r in range(world)]
         start = time.monotonic()
         outs, codes = [], []
-        try:
-            for p in procs:
-                left = max(1.0, RUN_TIMEOUT - (time.monotonic() - start))
+        for p in procs:
+            left = max(0.1, limit - (time.monotonic() - start))
+            try:
                 out, _ = p.communicate(timeout=left)
-                outs.append(out)
-                codes.append(p.returncode)
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
+            except subprocess.TimeoutExpired:
+                p.kill()
+                out, _ = p.communicate()
+                out += "\n[killed: still running after the time limit]"
+            outs.append(out)
+            codes.append(p.returncode)
         return codes, outs, time.monotonic() - start
 
 
@@ -81,6 +82,18 @@ class VocabParallelGloo(unittest.TestCase):
         self.assertTrue(all(c != 0 for c in codes), codes)
         self.assertLess(secs, RUN_TIMEOUT)
         print(f"\n  a failing rank ended the run in {secs:.1f} s: exit codes {codes}",
+              file=sys.stderr)
+
+
+    def test_a_hung_rank_ends_the_run(self):
+        # Rank 1 sleeps; the others give up at the process group's timeout
+        # (5 s here), the sleeper is killed at the limit: the run fails in
+        # bounded time.
+        codes, outs, secs = spawn(3, "hang", limit=25, pg_timeout=5)
+        self.assertTrue(all(c != 0 for c in codes), codes)
+        self.assertIn("killed", outs[1])
+        self.assertLess(secs, 40)
+        print(f"\n  a hung rank ended the run in {secs:.1f} s: exit codes {codes}",
               file=sys.stderr)
 
 

@@ -4,15 +4,19 @@ of the same random batch, and compares the loss and its shard's gradients
 with the unsharded f64 loss (kdfuse.torch.distill_loss / topk_distill_loss
 on float64, the library's oracle) computed on every rank.
 
-    python vp_worker.py RANK WORLD RENDEZVOUS_FILE [fail]
+    python vp_worker.py RANK WORLD RENDEZVOUS_FILE [fail|hang]
 
-``fail`` makes rank 1 pass a bad argument after the first case, so that the
-test can check that a failing rank ends the run instead of hanging it.
+``fail`` makes rank 1 pass a bad argument after the first case, ``hang``
+makes it stop answering (a sleep), so that the test can check that a failing
+or hung rank ends the run instead of hanging it. The process group's
+timeout is ``VP_TIMEOUT`` seconds (default 30).
 Prints one line per rank: "rank R/W: C cases ok".
 """
 
 import datetime
+import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -144,14 +148,17 @@ def cases():
 
 def main():
     rank, world, rdzv = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-    fail = len(sys.argv) > 4 and sys.argv[4] == "fail"
+    mode = sys.argv[4] if len(sys.argv) > 4 else ""
+    timeout = datetime.timedelta(seconds=float(os.environ.get("VP_TIMEOUT", "30")))
     dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=30))
+                            timeout=timeout)
     gen = torch.Generator().manual_seed(1234)
     todo = cases()
     for i, case in enumerate(todo):
-        if fail and rank == 1 and i == 1:
+        if mode == "fail" and rank == 1 and i == 1:
             kt.vocab_parallel_distill_loss(torch.zeros(2, 4), torch.zeros(2, 4), None, -1)
+        if mode == "hang" and rank == 1 and i == 1:
+            time.sleep(3600)
         run_case(rank, world, case, gen)
     dist.barrier()
     print(f"rank {rank}/{world}: {len(todo)} cases ok", flush=True)
