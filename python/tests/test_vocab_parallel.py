@@ -24,13 +24,13 @@ ROOT = HERE.parent.parent
 RUN_TIMEOUT = 240
 
 
-def spawn(world, *extra, limit=RUN_TIMEOUT, pg_timeout=30):
+def spawn(world, *extra, limit=RUN_TIMEOUT, pg_timeout=30, device="cpu"):
     """Runs `world` ranks of vp_worker.py, killing what is left after `limit`
     seconds; returns (exit codes, outputs, seconds)."""
     with tempfile.TemporaryDirectory() as tmp:
         rdzv = os.path.join(tmp, "rendezvous")
         env = dict(os.environ, OMP_NUM_THREADS="1", RAYON_NUM_THREADS="1",
-                   VP_TIMEOUT=str(pg_timeout))
+                   VP_TIMEOUT=str(pg_timeout), VP_DEVICE=device)
         procs = [subprocess.Popen([sys.executable, str(HERE / "vp_worker.py"), str(r),
                                    str(world), rdzv, *extra],
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -95,6 +95,26 @@ class VocabParallelGloo(unittest.TestCase):
         self.assertLess(secs, 40)
         print(f"\n  a hung rank ended the run in {secs:.1f} s: exit codes {codes}",
               file=sys.stderr)
+
+
+REQUIRE_GPU = os.environ.get("KDFUSE_REQUIRE_GPU") == "1"
+GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@unittest.skipUnless(GPUS or REQUIRE_GPU, "no CUDA GPU visible to torch: the NCCL path of "
+                     "vocab_parallel_distill_loss is not tested here")
+class VocabParallelNccl(unittest.TestCase):
+    """The same cases on CUDA tensors over NCCL: world 1, and every GPU of the
+    machine (up to 4) when it has more than one."""
+
+    def test_nccl(self):
+        self.assertGreater(GPUS, 0, "KDFUSE_REQUIRE_GPU=1 but torch sees no GPU")
+        for world in sorted({1, min(GPUS, 4)}):
+            codes, outs, secs = spawn(world, device="cuda")
+            text = "\n".join(outs)
+            self.assertEqual(codes, [0] * world, text[-4000:])
+            ok = [line for line in text.splitlines() if "cases ok" in line]
+            print(f"\n  nccl world {world}: {'; '.join(ok)} ({secs:.1f} s)", file=sys.stderr)
 
 
 class VocabParallelSingleProcess(unittest.TestCase):

@@ -9,7 +9,9 @@ on float64, the library's oracle) computed on every rank.
 ``fail`` makes rank 1 pass a bad argument after the first case, ``hang``
 makes it stop answering (a sleep), so that the test can check that a failing
 or hung rank ends the run instead of hanging it. The process group's
-timeout is ``VP_TIMEOUT`` seconds (default 30).
+timeout is ``VP_TIMEOUT`` seconds (default 30). ``VP_DEVICE=cuda`` runs the
+shards on CUDA (rank r on GPU r) over NCCL instead of gloo on the CPU; the
+references stay on the CPU.
 Prints one line per rank: "rank R/W: C cases ok".
 """
 
@@ -43,6 +45,9 @@ def rel(a, b):
     return ((a - b).norm() / max(b.norm().item(), 1e-30)).item()
 
 
+DEVICE = torch.device("cpu")
+
+
 def run_case(rank, world, case, gen):
     dtype = case.get("dtype", torch.float32)
     lead = case.get("lead", (2, 3))
@@ -65,20 +70,25 @@ def run_case(rank, world, case, gen):
     lo, hi = b[rank], b[rank + 1]
     # The padded columns hold NaN: reading one would poison the loss.
     pad = torch.full((*lead, width - v), float("nan"), dtype=dtype)
-    s_shard = torch.cat([s, pad], -1)[..., lo:hi].clone().requires_grad_()
-    t_shard = torch.cat([t, pad], -1)[..., lo:hi].clone()
+    s_shard = torch.cat([s, pad], -1)[..., lo:hi].to(DEVICE).requires_grad_()
+    t_shard = torch.cat([t, pad], -1)[..., lo:hi].to(DEVICE)
+    on = labels.to(DEVICE)
     opts = dict(divergence=case["divergence"], temperature=case.get("tau", 2.0),
                 alpha=case.get("alpha", 0.0), reduction=case.get("reduction", "batchmean"),
-                softcap=case.get("softcap"), row_weights=weights)
+                softcap=case.get("softcap"))
     if case["divergence"] == "jsd":
         opts["beta"] = case.get("beta", 0.3)
-    use_labels = labels if opts["alpha"] > 0 or case.get("labels") else None
+    ref_opts = dict(opts, row_weights=weights)
+    opts["row_weights"] = None if weights is None else weights.to(DEVICE)
+    with_labels = opts["alpha"] > 0 or case.get("labels")
+    use_labels = labels if with_labels else None
+    dev_labels = on if with_labels else None
     sd = s.double().requires_grad_()
     if case.get("topk"):
         k, mode = case["topk"]
         tail = mode == "tail"
         if tail:
-            opts["temperature"] = 1.0
+            opts["temperature"] = ref_opts["temperature"] = 1.0
         vals, idx = t.double().topk(k, -1)
         if tail:
             vals = torch.log_softmax(t.double(), -1).gather(-1, idx)
@@ -86,16 +96,17 @@ def run_case(rank, world, case, gen):
         # Values as the shards hold them (rounded to the dtype).
         idx, vals = idx[..., perm], vals[..., perm].to(dtype).double()
         ref = kt.topk_distill_loss(sd, idx, vals, use_labels, topk_mode=mode,
-                                   teacher_log_probs=tail, **opts)
+                                   teacher_log_probs=tail, **ref_opts)
         got = kt.vocab_parallel_distill_loss(
-            s_shard, None, use_labels, lo, topk_indices=idx, topk_values=vals.to(dtype),
-            topk_mode=mode, teacher_log_probs=tail, vocab_size=v if padded else None, **opts)
+            s_shard, None, dev_labels, lo, topk_indices=idx.to(DEVICE),
+            topk_values=vals.to(dtype).to(DEVICE), topk_mode=mode, teacher_log_probs=tail,
+            vocab_size=v if padded else None, **opts)
     else:
         grad_t = case.get("grad_teacher", False)
         td = t.double().requires_grad_(grad_t)
         t_shard.requires_grad_(grad_t)
-        ref = kt.distill_loss(sd, td, use_labels, precision="exact", **opts)
-        got = kt.vocab_parallel_distill_loss(s_shard, t_shard, use_labels, lo,
+        ref = kt.distill_loss(sd, td, use_labels, precision="exact", **ref_opts)
+        got = kt.vocab_parallel_distill_loss(s_shard, t_shard, dev_labels, lo,
                                              vocab_size=v if padded else None, **opts)
     upstream = torch.rand(ref.shape, generator=gen, dtype=torch.float64) + 0.5
     if dtype != torch.float32:
@@ -103,7 +114,10 @@ def run_case(rank, world, case, gen):
         # upstream scale.
         upstream = torch.ones_like(upstream)
     (ref * upstream).sum().backward()
-    (got.double() * upstream).sum().backward()
+    (got.double() * upstream.to(DEVICE)).sum().backward()
+    got = got.detach().cpu()
+    gs_all = s_shard.grad.cpu()
+    gt_all = t_shard.grad.cpu() if t_shard.grad is not None else None
     ltol, gtol = TOL[dtype]
     what = f"rank {rank}/{world} {case}"
     assert got.shape == ref.shape, f"{what}: shape {got.shape} vs {ref.shape}"
@@ -113,14 +127,14 @@ def run_case(rank, world, case, gen):
     ltol = max(ltol, torch.finfo(dtype).eps / 2)
     assert err <= ltol, f"{what}: loss {got} vs {ref} (rel {err:.2e})"
     real = min(hi, v) - lo
-    ge = rel(s_shard.grad[..., :max(real, 0)], sd.grad[..., lo:lo + max(real, 0)])
+    ge = rel(gs_all[..., :max(real, 0)], sd.grad[..., lo:lo + max(real, 0)])
     assert ge <= gtol, f"{what}: student gradient rel {ge:.2e}"
-    assert (s_shard.grad[..., max(real, 0):] == 0).all(), f"{what}: padding gradient"
+    assert (gs_all[..., max(real, 0):] == 0).all(), f"{what}: padding gradient"
     if not case.get("topk") and case.get("grad_teacher"):
-        te = rel(t_shard.grad[..., :max(real, 0)], td.grad[..., lo:lo + max(real, 0)])
+        te = rel(gt_all[..., :max(real, 0)], td.grad[..., lo:lo + max(real, 0)])
         assert te <= gtol, f"{what}: teacher gradient rel {te:.2e}"
     # Every rank holds the same loss, bit for bit.
-    mine = got.detach().double().reshape(-1)
+    mine = got.double().reshape(-1).to(DEVICE)
     if mine.numel():
         all_losses = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(all_losses, mine)
@@ -150,7 +164,13 @@ def main():
     rank, world, rdzv = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     mode = sys.argv[4] if len(sys.argv) > 4 else ""
     timeout = datetime.timedelta(seconds=float(os.environ.get("VP_TIMEOUT", "30")))
-    dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world,
+    backend = "gloo"
+    if os.environ.get("VP_DEVICE") == "cuda":
+        global DEVICE
+        DEVICE = torch.device("cuda", rank)
+        torch.cuda.set_device(DEVICE)
+        backend = "nccl"
+    dist.init_process_group(backend, init_method=f"file://{rdzv}", rank=rank, world_size=world,
                             timeout=timeout)
     gen = torch.Generator().manual_seed(1234)
     todo = cases()
