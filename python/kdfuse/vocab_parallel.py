@@ -85,8 +85,8 @@ def _step(s, t, idx, vals, labels, weights, params, shard, group, world, want_gs
     if n == 0:
         # No rows on any rank (N is the same on every rank): nothing to gather.
         zeros = s.new_zeros((0, vl))
-        return (torch.zeros((), dtype=torch.float32, device=dev),
-                torch.zeros(0, dtype=torch.float32, device=dev),
+        return (torch.zeros((), dtype=torch.float64, device=dev),
+                torch.zeros(0, dtype=torch.float64, device=dev),
                 zeros if want_gs else None, zeros.clone() if want_gt else None)
     b = _lib.new_batch(n, vl, _lib.DTYPE_CODES[str(s.dtype).removeprefix("torch.")])
     b.student, b.student_stride = s.data_ptr(), s.stride(0) if n > 1 else vl
@@ -106,9 +106,11 @@ def _step(s, t, idx, vals, labels, weights, params, shard, group, world, want_gs
         b.grad, b.grad_stride = gs.data_ptr(), vl
     if gt is not None:
         b.grad_teacher, b.grad_teacher_stride = gt.data_ptr(), vl
-    row_losses = torch.empty(n, dtype=torch.float32, device=dev)
-    loss = torch.empty(1, dtype=torch.float32, device=dev)
-    b.row_losses, b.loss = row_losses.data_ptr(), loss.data_ptr()
+    # The vocab-parallel finish writes its losses as doubles.
+    row_losses = torch.empty(n, dtype=torch.float64, device=dev)
+    loss = torch.empty(1, dtype=torch.float64, device=dev)
+    valid = torch.empty(1, dtype=torch.int32, device=dev)
+    b.row_losses, b.loss, b.valid_rows = row_losses.data_ptr(), loss.data_ptr(), valid.data_ptr()
     rounds = ctypes.c_int32(0)
     _lib.check(lib.kdfuse_vp_collectives(ctypes.byref(params), ctypes.byref(rounds)))
     stats = torch.empty((n, _lib.VP_STATS_WIDTH), dtype=torch.float64, device=dev)
@@ -167,7 +169,7 @@ class _VocabParallelLoss(torch.autograd.Function):
         def scaled(x, shape):
             if x is None:
                 return None
-            return (x.to(torch.float32) * scale).to(x.dtype).reshape(shape)
+            return (x.to(torch.float64) * scale).to(x.dtype).reshape(shape)
 
         return scaled(gs, ctx.shapes[0]), scaled(gt, ctx.shapes[1]), None, None
 

@@ -650,20 +650,22 @@ unsafe fn compute_host(b: &KdfuseBatch, spec: &crate::spec::LossSpec) -> Result<
         }
     };
     // SAFETY: the caller's contract, as above.
-    unsafe { write_host_outputs(b, &hb.shape, &out) }
+    unsafe { write_host_outputs(b, &hb.shape, &out, false) }
 }
 
 /// Writes a result into a host batch's outputs: the gradients where their
 /// pointers are set, the loss (`loss` must be set), and the row losses and
-/// valid rows where set.
+/// valid rows where set; the losses as floats, or as doubles with
+/// `f64_losses`.
 ///
 /// # Safety
 /// The batch's output pointers are host memory large enough for its shape
-/// and strides.
+/// and strides (and doubles where `f64_losses` says so).
 pub(crate) unsafe fn write_host_outputs(
     b: &KdfuseBatch,
     sh: &types::BatchShape,
     out: &crate::KdOutput,
+    f64_losses: bool,
 ) -> Result<()> {
     for (p, g, arg, stride) in [
         (
@@ -689,12 +691,24 @@ pub(crate) unsafe fn write_host_outputs(
         // SAFETY: the gradient spans (N−1)·stride + V elements.
         unsafe { write_rows(p, stride, sh.grad_dtype, g, sh.layout.rows, sh.layout.cols) };
     }
+    if f64_losses {
+        aligned("batch.loss", b.loss.cast_const().cast::<f64>())?;
+        aligned("batch.row_losses", b.row_losses.cast_const().cast::<f64>())?;
+    }
     // SAFETY: `loss` checked non-NULL by the caller; the others when not NULL.
     unsafe {
-        *b.loss = out.loss as f32;
+        if f64_losses {
+            *b.loss.cast::<f64>() = out.loss;
+        } else {
+            *b.loss = out.loss as f32;
+        }
         if !b.row_losses.is_null() {
             for (r, l) in out.row_losses.iter().enumerate() {
-                *b.row_losses.add(r) = *l as f32;
+                if f64_losses {
+                    *b.row_losses.cast::<f64>().add(r) = *l;
+                } else {
+                    *b.row_losses.add(r) = *l as f32;
+                }
             }
         }
         if !b.valid_rows.is_null() {

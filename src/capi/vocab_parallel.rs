@@ -231,8 +231,10 @@ pub unsafe extern "C" fn kdfuse_vp_round_stats_host(
 /// The step's results on this rank from the gathered statistics: `round1`
 /// and, for two-collective losses, `round2` (else NULL), each `[world, N,
 /// KDFUSE_VP_STATS_WIDTH]` doubles in rank order. Writes the batch's
-/// outputs as `kdfuse_compute_host` does: `loss` (required; the same on
-/// every rank), `row_losses` and `valid_rows` when set, and the gradient of
+/// outputs as `kdfuse_compute_host` does, except that `loss` and
+/// `row_losses` hold **doubles** (whatever their C type in `KdfuseBatch`):
+/// `loss` (required; the same on every rank), `row_losses` (N) and
+/// `valid_rows` when set, and the gradient of
 /// this shard `[N, V_local]` (padding columns 0) when `grad` is set (and
 /// the teacher's with `params.grad_teacher` on a dense teacher). The batch
 /// is the one of `kdfuse_vp_round_stats_host`.
@@ -268,7 +270,7 @@ pub unsafe extern "C" fn kdfuse_vp_finish_host(
                 },
             );
             let out = vp::finish(inputs, spec, &g1, g2.as_ref(), grad)?;
-            write_host_outputs(b, sh, &out)
+            write_host_outputs(b, sh, &out, true)
         })
     }
 }
