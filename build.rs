@@ -1,5 +1,5 @@
 //! Build script: compiles the kernels' shared math for the host (cc) and every
-//! `kernels/{kd,feature,app}/*.cu` into one fatbin (nvcc), embedded in the library.
+//! `kernels/{kd,feature,app,vocab_parallel}/*.cu` into one fatbin (nvcc), embedded in the library.
 //!
 //! nvcc is looked for, in order: `KDFUSE_NVCC` / `NVCC` (taken as given),
 //! `CUDA_HOME/bin/nvcc`, `CUDA_PATH/bin/nvcc`, `nvcc` on `PATH`, then the
@@ -75,13 +75,14 @@ fn main() {
 }
 
 /// kd/kd_host*.cpp and feature/feature_host.cpp: the kernels' row arithmetic, compiled for
-/// the CPU; and the kernels under a CPU emulation of CUDA, for the tests.
+/// the CPU (and vocab_parallel/vp_host.cpp, the vocab-parallel launch contract's layout); and the kernels under a CPU emulation of CUDA, for the tests.
 fn build_host_math() {
     cc::Build::new()
         .cpp(true)
         .file("kernels/kd/kd_host.cpp")
         .file("kernels/kd/kd_host_fast.cpp")
         .file("kernels/feature/feature_host.cpp")
+        .file("kernels/vocab_parallel/vp_host.cpp")
         .include("kernels")
         .flag_if_supported("-std=c++17")
         .flag_if_supported("-fno-fast-math")
@@ -106,6 +107,7 @@ fn build_host_math() {
         .file("kernels/emu/eager_emu.cpp")
         .file("kernels/emu/mlp_emu.cpp")
         .file("kernels/emu/feature_emu.cpp")
+        .file("kernels/emu/vp_emu.cpp")
         .include("kernels")
         .std("c++20")
         .flag_if_supported("-fno-strict-aliasing")
