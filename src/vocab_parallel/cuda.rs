@@ -21,13 +21,16 @@
 
 use super::params::{self, VpDims, VpFinishArgs, VpParams, VpReduceArgs, VpStatsArgs};
 use super::{
-    collectives, validate_dense_teacher, validate_head, validate_topk_head, VocabShard, STATS_WIDTH,
+    collectives, validate_dense_teacher, validate_finish, validate_head, validate_round,
+    validate_topk_head, Gathered, ShardInputs, ShardTeacher, VocabShard, STATS_WIDTH,
 };
-use crate::cuda::{allow_smem, io, CudaBackend, Kernel};
+use crate::cuda::{allow_smem, io, upload, CudaBackend, Kernel};
+use crate::driver::KdOutput;
 use crate::error::{invalid, Result};
 use crate::spec::LossSpec;
-use crate::tensor::Dtype;
-use cudarc::driver::{CudaStream, LaunchConfig, PushKernelArg};
+use crate::tensor::{Dtype, GradDtype, TopkIndices};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use std::sync::Arc;
 
 /// One rank's inputs on the device: pointers (0 = absent) and shape.
 #[derive(Debug, Clone, Copy)]
@@ -375,4 +378,225 @@ fn check_world(arg: &'static str, world: usize) -> Result<()> {
 /// Elements of one rank's records for `rows` rows.
 pub fn stats_len(rows: usize) -> usize {
     rows * STATS_WIDTH
+}
+
+/// Host copies of one shard uploaded for [`CudaBackend::vp_round_stats`]
+/// and [`CudaBackend::vp_finish`]: the buffers (kept alive) and the raw
+/// arguments pointing at them.
+struct Uploaded {
+    _bufs: Vec<CudaSlice<u8>>,
+    raw: RawVpShard,
+}
+
+/// Uploads `bytes` (one element at least) and returns its device pointer.
+fn put(stream: &Arc<CudaStream>, bufs: &mut Vec<CudaSlice<u8>>, bytes: &[u8]) -> Result<u64> {
+    let b = upload(stream, bytes)?;
+    let p = b.device_ptr(stream).0;
+    bufs.push(b);
+    Ok(p)
+}
+
+fn upload_shard(stream: &Arc<CudaStream>, inputs: &ShardInputs) -> Result<Uploaded> {
+    let mut bufs = Vec::new();
+    let s = inputs.student;
+    let student = put(stream, &mut bufs, s.data.bytes())?;
+    let mut raw = RawVpShard {
+        dtype: s.dtype(),
+        student,
+        rows: s.rows,
+        cols: s.cols,
+        student_stride: s.row_stride,
+        teacher: 0,
+        teacher_stride: s.cols,
+        topk_indices: 0,
+        indices_i64: false,
+        topk_values: 0,
+        k: 0,
+        labels: 0,
+        row_weights: 0,
+        shard: inputs.shard,
+    };
+    match inputs.teacher {
+        ShardTeacher::Dense(t) => {
+            raw.teacher = put(stream, &mut bufs, t.data.bytes())?;
+            raw.teacher_stride = t.row_stride;
+        }
+        ShardTeacher::Topk(t) => {
+            let (bytes, i64): (&[u8], bool) = match t.indices {
+                TopkIndices::I32(x) => (bytemuck::cast_slice(x), false),
+                TopkIndices::I64(x) => (bytemuck::cast_slice(x), true),
+            };
+            raw.topk_indices = put(stream, &mut bufs, bytes)?;
+            raw.indices_i64 = i64;
+            raw.topk_values = put(stream, &mut bufs, t.values.bytes())?;
+            raw.k = t.k;
+        }
+    }
+    if let Some(l) = inputs.labels {
+        raw.labels = put(stream, &mut bufs, bytemuck::cast_slice(l))?;
+    }
+    if let Some(w) = inputs.row_weights {
+        raw.row_weights = put(stream, &mut bufs, bytemuck::cast_slice(w))?;
+    }
+    Ok(Uploaded { _bufs: bufs, raw })
+}
+
+/// f64 values to the device.
+fn put_f64(stream: &Arc<CudaStream>, x: &[f64]) -> Result<CudaSlice<f64>> {
+    upload(stream, x)
+}
+
+impl CudaBackend {
+    /// [`super::round_stats`] on the device, from and to host memory (the
+    /// same checks; the inputs uploaded, the records poisoned with NaN
+    /// before the launch and downloaded after it), on this backend's
+    /// stream. For tests and for mixing GPU and CPU ranks; a trainer keeps
+    /// its buffers on the device and calls
+    /// [`CudaBackend::vp_round_stats_raw`].
+    pub fn vp_round_stats(
+        &self,
+        inputs: &ShardInputs,
+        spec: &LossSpec,
+        round: usize,
+        round1: Option<&Gathered>,
+    ) -> Result<Vec<f64>> {
+        validate_round(inputs, spec, round, round1)?;
+        let stream = &self.stream;
+        let up = upload_shard(stream, inputs)?;
+        let n = up.raw.rows;
+        let g1 = round1.map(|g| put_f64(stream, g.stats)).transpose()?;
+        let out = put_f64(stream, &vec![f64::NAN; stats_len(n)])?;
+        {
+            let g1p = g1.as_ref().map(|g| g.device_ptr(stream));
+            let (op, _g) = out.device_ptr(stream);
+            // SAFETY: every buffer was uploaded at its validated size.
+            unsafe {
+                self.vp_round_stats_raw(
+                    stream,
+                    &up.raw,
+                    spec,
+                    round,
+                    g1p.as_ref().map_or(0, |p| p.0),
+                    round1.map_or(0, |g| g.world),
+                    op,
+                )?;
+            }
+        }
+        let mut v = stream.clone_dtoh(&out)?;
+        v.truncate(stats_len(n));
+        Ok(v)
+    }
+
+    /// [`super::finish`] on the device, from and to host memory (as
+    /// [`CudaBackend::vp_round_stats`]; outputs poisoned before the launch).
+    pub fn vp_finish(
+        &self,
+        inputs: &ShardInputs,
+        spec: &LossSpec,
+        round1: &Gathered,
+        round2: Option<&Gathered>,
+        grad: Option<GradDtype>,
+    ) -> Result<KdOutput> {
+        let topk = validate_finish(inputs, spec, round1, round2)?;
+        let stream = &self.stream;
+        let up = upload_shard(stream, inputs)?;
+        let (n, vl) = (up.raw.rows, up.raw.cols);
+        let dtype = grad.map(|g| g.dtype_for(up.raw.dtype));
+        let want_t = dtype.is_some() && spec.grad_teacher && !topk;
+        let out_dtype = dtype.unwrap_or(Dtype::F32);
+        let g1 = put_f64(stream, round1.stats)?;
+        let g2 = round2.map(|g| put_f64(stream, g.stats)).transpose()?;
+        let poison = |want: bool| -> Result<CudaSlice<u8>> {
+            upload(
+                stream,
+                &vec![0xffu8; if want { n * vl * out_dtype.size() } else { 0 }],
+            )
+        };
+        let gs = poison(dtype.is_some())?;
+        let gt = poison(want_t)?;
+        let rows = put_f64(stream, &vec![f64::NAN; n])?;
+        let loss = put_f64(stream, &[f64::NAN])?;
+        let valid = upload(stream, &[-1i32])?;
+        {
+            let (g1p, _a) = g1.device_ptr(stream);
+            let g2p = g2.as_ref().map(|g| g.device_ptr(stream));
+            let (gsp, _b) = gs.device_ptr(stream);
+            let (gtp, _c) = gt.device_ptr(stream);
+            let (rp, _d) = rows.device_ptr(stream);
+            let (lp, _e) = loss.device_ptr(stream);
+            let (vp, _f) = valid.device_ptr(stream);
+            let out = RawVpOutputs {
+                grad: if dtype.is_some() { gsp } else { 0 },
+                grad_dtype: out_dtype,
+                grad_stride: vl,
+                grad_teacher: if want_t { gtp } else { 0 },
+                grad_teacher_stride: vl,
+                row_losses: rp,
+                loss: lp,
+                valid_rows: vp,
+            };
+            // SAFETY: every buffer was uploaded or allocated at its
+            // validated size; the gradients are dense [N, V_local].
+            unsafe {
+                self.vp_finish_raw(
+                    stream,
+                    &up.raw,
+                    spec,
+                    g1p,
+                    g2p.as_ref().map_or(0, |p| p.0),
+                    round1.world,
+                    &out,
+                )?;
+            }
+        }
+        let mut row_losses = stream.clone_dtoh(&rows)?;
+        row_losses.truncate(n);
+        let valid_rows = if inputs.labels.is_some() {
+            stream.clone_dtoh(&valid)?[0] as usize
+        } else {
+            n
+        };
+        let decode = |b: &CudaSlice<u8>| -> Result<Vec<f32>> {
+            let mut bytes = stream.clone_dtoh(b)?;
+            bytes.truncate(n * vl * out_dtype.size());
+            Ok(out_dtype.decode(&bytes))
+        };
+        Ok(KdOutput {
+            loss: stream.clone_dtoh(&loss)?[0],
+            row_losses,
+            valid_rows,
+            grad: dtype.map(|_| decode(&gs)).transpose()?,
+            grad_teacher: want_t.then(|| decode(&gt)).transpose()?,
+        })
+    }
+
+    /// The whole protocol for every shard on this device (the all-gathers by
+    /// concatenation on the host), as [`super::run_in_process`].
+    pub fn vp_run_in_process(
+        &self,
+        shards: &[ShardInputs],
+        spec: &LossSpec,
+        grad: Option<GradDtype>,
+    ) -> Result<Vec<KdOutput>> {
+        let world = shards.len();
+        let gather = |round: usize, prev: Option<&Gathered>| -> Result<Vec<f64>> {
+            let mut all = Vec::new();
+            for s in shards {
+                all.extend(self.vp_round_stats(s, spec, round, prev)?);
+            }
+            Ok(all)
+        };
+        let g1 = gather(1, None)?;
+        let r1 = Gathered { stats: &g1, world };
+        let g2 = if collectives(spec) == 2 {
+            Some(gather(2, Some(&r1))?)
+        } else {
+            None
+        };
+        let r2 = g2.as_deref().map(|stats| Gathered { stats, world });
+        shards
+            .iter()
+            .map(|s| self.vp_finish(s, spec, &r1, r2.as_ref(), grad))
+            .collect()
+    }
 }

@@ -21,6 +21,7 @@
 //! A top-k teacher is given whole on every rank (`[N, k]` global indices and
 //! values); each rank uses the entries that fall in its shard.
 
+pub mod check;
 pub mod cuda;
 #[cfg(feature = "emulation")]
 pub mod emu;

@@ -7,296 +7,78 @@
 //! output poisoned before the launches (an unwritten element fails); and
 //! their records against the host's, slot by slot.
 
-use kdfuse::check::{generate, random_config, run_case, CaseConfig, NegInf};
-use kdfuse::driver::{Backend, Outputs};
+use kdfuse::check::{generate, random_config};
 use kdfuse::tensor::TopkTeacher;
+use kdfuse::vocab_parallel::check::{
+    columns, random_cuts, records_close, shard_of, sweep, ShardedBackend, ShardedSweep,
+};
 use kdfuse::vocab_parallel::emu::VpEmu;
 use kdfuse::vocab_parallel::{
     collectives, round_stats, slot, Gathered, ShardInputs, ShardTeacher, VocabShard, STATS_WIDTH,
 };
-use kdfuse::{
-    Divergence, GradDtype, HostData, KdInputs, Logits, LossSpec, Precision, Result, TopkInputs,
-    TopkMode,
-};
+use kdfuse::{Divergence, GradDtype, HostData, Logits, LossSpec, Precision, TopkMode};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use std::collections::BTreeMap;
-use std::sync::Mutex;
 
-/// One rank's columns: global start, columns in memory.
-#[derive(Debug, Clone, Copy)]
-struct Cut {
-    start: usize,
-    cols: usize,
-}
+/// The features every sweep of the protocol must have covered.
+const FEATURES: [&str; 20] = [
+    "dtype f32",
+    "dtype bf16",
+    "dtype f16",
+    "grad F32",
+    "grad Input",
+    "divergence forward-kl",
+    "divergence reverse-kl",
+    "divergence jsd",
+    "divergence tvd",
+    "divergence soft-ce",
+    "topk support",
+    "topk full",
+    "topk tail",
+    "alpha > 0",
+    "softcap",
+    "grad_teacher",
+    "row weights",
+    "ignored rows",
+    "-inf",
+    "strided rows",
+];
 
-/// Random contiguous shards of `v` columns (uneven; sometimes the last one
-/// padded into the rows' stride, whose NaN must not be read; sometimes one
-/// more rank of padding only). Returns the cuts and whether they pad.
-fn cuts(rng: &mut StdRng, v: usize, pad: usize) -> (Vec<Cut>, bool) {
-    let world = rng.random_range(1..=4usize).min(v);
-    let mut points: Vec<usize> = Vec::new();
-    while points.len() + 1 < world {
-        let p = rng.random_range(1..v);
-        if !points.contains(&p) {
-            points.push(p);
-        }
-    }
-    points.sort();
-    points.insert(0, 0);
-    points.push(v);
-    let mut cuts: Vec<Cut> = points
-        .windows(2)
-        .map(|w| Cut {
-            start: w[0],
-            cols: w[1] - w[0],
-        })
-        .collect();
-    let padded = pad > 0 && rng.random_bool(0.5);
-    if padded {
-        let extra = rng.random_range(1..=pad);
-        cuts.last_mut().unwrap().cols += extra;
-        if extra < pad && rng.random_bool(0.5) {
-            cuts.push(Cut {
-                start: v + extra,
-                cols: rng.random_range(1..=pad - extra),
-            });
-        }
-    }
-    (cuts, padded)
-}
-
-fn columns<'a>(x: &Logits<'a>, cut: Cut) -> Logits<'a> {
-    Logits::strided(x.data.offset(cut.start), x.rows, cut.cols, x.row_stride)
-}
-
-fn shard(v: usize, cut: Cut) -> VocabShard {
-    VocabShard {
-        vocab_start: cut.start,
-        vocab_size: v,
-    }
-}
-
-/// A [`Backend`] that cuts each batch into random shards, runs the protocol
-/// on the emulated kernels and stitches the shards' gradients back.
-struct EmuSharded {
-    emu: VpEmu,
-    rng: Mutex<StdRng>,
-    /// (world, padded) of every call.
-    seen: Mutex<Vec<(usize, bool)>>,
-}
-
-impl EmuSharded {
-    fn new(seed: u64) -> Self {
-        EmuSharded {
-            emu: VpEmu::default(),
-            rng: Mutex::new(StdRng::seed_from_u64(seed)),
-            seen: Mutex::new(Vec::new()),
-        }
-    }
-
-    fn cuts(&self, v: usize, pad: usize) -> Vec<Cut> {
-        let (c, padded) = cuts(&mut self.rng.lock().unwrap(), v, pad);
-        self.seen.lock().unwrap().push((c.len(), padded));
-        c
-    }
-
-    fn stitch(
-        &self,
-        shards: &[ShardInputs],
-        cuts: &[Cut],
-        v: usize,
-        spec: &LossSpec,
-        out: &mut Outputs,
-    ) -> Result<()> {
-        let grad = out.grad_dtype.map(|d| {
-            if d == shards[0].student.dtype() {
-                GradDtype::Input
-            } else {
-                GradDtype::F32
-            }
-        });
-        let outs = self.emu.run_in_process(shards, spec, grad)?;
-        let first = &outs[0];
-        for (k, o) in outs.iter().enumerate() {
-            // Every rank merges the same records in the same order: bitwise
-            // the same loss and row losses.
-            assert_eq!(o.loss.to_bits(), first.loss.to_bits(), "rank {k}'s loss");
-            assert_eq!(o.valid_rows, first.valid_rows);
-            for (a, b) in o.row_losses.iter().zip(&first.row_losses) {
-                assert_eq!(a.to_bits(), b.to_bits(), "rank {k}'s row losses differ");
-            }
-        }
-        out.row_losses.clone_from(&first.row_losses);
-        out.loss = Some(first.loss);
-        out.valid_rows = first.valid_rows;
-        let n = out.row_losses.len();
-        for (o, cut) in outs.iter().zip(cuts) {
-            let pairs = [
-                (out.grad.as_mut(), o.grad.as_ref()),
-                (out.grad_teacher.as_mut(), o.grad_teacher.as_ref()),
-            ];
-            for (dst, src) in pairs {
-                let (Some(dst), Some(src)) = (dst, src) else {
-                    continue;
-                };
-                for r in 0..n {
-                    for c in 0..cut.cols {
-                        let x = src[r * cut.cols + c];
-                        if cut.start + c < v {
-                            dst[r * v + cut.start + c] = x;
-                        } else {
-                            assert_eq!(x, 0.0, "padding column {} has gradient {x}", cut.start + c);
-                        }
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-impl Backend for EmuSharded {
-    fn name(&self) -> &'static str {
-        "vocab-parallel-emulated"
-    }
-
-    /// The kernels' arithmetic is held to the exact tolerances.
-    fn precision(&self, _spec: &LossSpec) -> Precision {
-        Precision::Exact
-    }
-
-    fn dense(&self, inputs: &KdInputs, spec: &LossSpec, out: &mut Outputs) -> Result<()> {
-        let v = inputs.student.cols;
-        let pad = (inputs.student.row_stride - v).min(inputs.teacher.row_stride - v);
-        let cuts = self.cuts(v, pad);
-        let shards: Vec<ShardInputs> = cuts
-            .iter()
-            .map(|&cut| ShardInputs {
-                student: columns(&inputs.student, cut),
-                teacher: ShardTeacher::Dense(columns(&inputs.teacher, cut)),
-                labels: inputs.labels,
-                row_weights: inputs.row_weights,
-                shard: shard(v, cut),
-            })
-            .collect();
-        self.stitch(&shards, &cuts, v, spec, out)
-    }
-
-    fn topk(&self, inputs: &TopkInputs, spec: &LossSpec, out: &mut Outputs) -> Result<()> {
-        let v = inputs.student.cols;
-        let cuts = self.cuts(v, inputs.student.row_stride - v);
-        let shards: Vec<ShardInputs> = cuts
-            .iter()
-            .map(|&cut| ShardInputs {
-                student: columns(&inputs.student, cut),
-                teacher: ShardTeacher::Topk(inputs.teacher),
-                labels: inputs.labels,
-                row_weights: inputs.row_weights,
-                shard: shard(v, cut),
-            })
-            .collect();
-        self.stitch(&shards, &cuts, v, spec, out)
-    }
-}
-
-/// What a sweep covered, by feature.
-fn features(c: &CaseConfig) -> Vec<String> {
-    let s = &c.spec;
-    let mut f = vec![
-        format!("dtype {}", c.dtype),
-        format!("grad {:?}", c.grad_dtype),
-    ];
-    match c.topk {
-        Some(_) => f.push(format!("topk {}", s.topk_mode)),
-        None => f.push(format!("divergence {}", s.divergence)),
-    }
-    for (on, name) in [
-        (s.alpha > 0.0, "alpha > 0"),
-        (s.softcap.is_some(), "softcap"),
-        (s.grad_teacher, "grad_teacher"),
-        (c.row_weights, "row weights"),
-        (c.labels && c.ignore_frac > 0.0, "ignored rows"),
-        (c.neg_inf != NegInf::None, "-inf"),
-        (c.student_pad > 0 || c.teacher_pad > 0, "strided rows"),
-    ] {
-        if on {
-            f.push(name.into());
-        }
-    }
-    f
-}
-
-/// Random cases (`kdfuse check`'s generator) on the emulated kernels against
-/// the oracle.
-fn sweep(seed: u64, cases: usize, max_cols: usize) -> BTreeMap<String, usize> {
-    let backend = EmuSharded::new(seed ^ 0xe3u64);
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut failures = Vec::new();
-    let mut seen = BTreeMap::<String, usize>::new();
-    for _ in 0..cases {
-        let mut config = random_config(&mut rng, max_cols);
-        if config.rows == 0 {
-            config.rows = 1;
-        }
-        let r =
-            run_case(&backend, &config).unwrap_or_else(|e| panic!("{}: {e}", config.describe()));
-        for f in features(&config) {
-            *seen.entry(f).or_default() += 1;
-        }
-        if !r.passed {
-            failures.push(format!(
-                "{} loss_err {:.3e} grad_err {:.3e}",
-                config.describe(),
-                r.loss_err,
-                r.grad_err
-            ));
-        }
-    }
-    let calls = backend.seen.lock().unwrap();
-    let worlds: Vec<usize> = (1..=5)
-        .map(|w| calls.iter().filter(|s| s.0 == w).count())
-        .collect();
-    let padded = calls.iter().filter(|s| s.1).count();
-    println!("{cases} cases: world sizes 1..5 {worlds:?}, {padded} padded; features {seen:?}");
-    assert!(worlds[1] > 0 && worlds[2] > 0 && padded > 0);
-    assert!(
-        failures.is_empty(),
-        "{} failures:\n{}",
-        failures.len(),
-        failures.join("\n")
+/// Checks a sweep: no failure, uneven worlds and padded shards seen.
+fn assert_sweep(s: &ShardedSweep, what: &str) {
+    println!(
+        "{what}: world sizes 1..5 {:?}, {} padded; features {:?}",
+        &s.worlds[1..],
+        s.padded,
+        s.features
     );
-    seen
+    assert!(s.worlds[1] > 0 && s.worlds[2] > 0 && s.worlds[3] > 0 && s.padded > 0);
+    assert!(
+        s.failures.is_empty(),
+        "{what}: {} failures:\n{}",
+        s.failures.len(),
+        s.failures.join("\n")
+    );
 }
 
 #[test]
 fn emulated_random_shards_match_the_unsharded_oracle() {
-    let mut seen = sweep(7, 160, 1500);
-    for (k, v) in sweep(2025, 160, 1500) {
-        *seen.entry(k).or_default() += v;
+    let emu = VpEmu::default();
+    let mut seen = std::collections::BTreeMap::<String, usize>::new();
+    for seed in [7u64, 2025] {
+        // The kernels' arithmetic is held to the exact tolerances.
+        let backend = ShardedBackend::new(
+            seed ^ 0xe3,
+            Some(Precision::Exact),
+            Box::new(move |shards, spec, grad| emu.run_in_process(shards, spec, grad)),
+        );
+        let s = sweep(&backend, seed, 160, 1500).unwrap();
+        assert_sweep(&s, &format!("seed {seed}"));
+        for (k, v) in s.features {
+            *seen.entry(k).or_default() += v;
+        }
     }
-    for f in [
-        "dtype f32",
-        "dtype bf16",
-        "dtype f16",
-        "grad F32",
-        "grad Input",
-        "divergence forward-kl",
-        "divergence reverse-kl",
-        "divergence jsd",
-        "divergence tvd",
-        "divergence soft-ce",
-        "topk support",
-        "topk full",
-        "topk tail",
-        "alpha > 0",
-        "softcap",
-        "grad_teacher",
-        "row weights",
-        "ignored rows",
-        "-inf",
-        "strided rows",
-    ] {
+    for f in FEATURES {
         assert!(
             seen.get(f).is_some_and(|&n| n > 0),
             "the sweeps never ran {f}: {seen:?}"
@@ -304,42 +86,9 @@ fn emulated_random_shards_match_the_unsharded_oracle() {
     }
 }
 
-/// Every slot of two records agrees: the header exactly, maxima and sums to
-/// f32 arithmetic (the kernels' exponentials are fp32), non-finite values
-/// exactly.
 fn assert_records_close(what: &str, emu: &[f64], host: &[f64]) {
-    assert_eq!(emu.len(), host.len(), "{what}: lengths");
-    for (r, (a, b)) in emu
-        .chunks(STATS_WIDTH)
-        .zip(host.chunks(STATS_WIDTH))
-        .enumerate()
-    {
-        for i in 0..=slot::BAD {
-            assert_eq!(
-                a[i].to_bits(),
-                b[i].to_bits(),
-                "{what} row {r}: header slot {i}"
-            );
-        }
-        // The scale of a row's sums: its largest |value|, and 1.
-        let scale = b[5..]
-            .iter()
-            .filter(|x| x.is_finite())
-            .fold(1.0f64, |m, x| m.max(x.abs()));
-        for i in slot::BAD + 1..STATS_WIDTH {
-            let (x, y) = (a[i], b[i]);
-            if !y.is_finite() || !x.is_finite() {
-                assert!(
-                    x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()),
-                    "{what} row {r} slot {i}: {x} vs {y}"
-                );
-                continue;
-            }
-            assert!(
-                (x - y).abs() <= 2e-5 * (y.abs() + 1e-2 * scale),
-                "{what} row {r} slot {i}: {x} vs {y} (scale {scale})"
-            );
-        }
+    if let Err(e) = records_close(emu, host) {
+        panic!("{what}: {e}");
     }
 }
 
@@ -357,7 +106,7 @@ fn emulated_records_equal_the_host_records() {
         let dense = data.inputs();
         let topk = data.topk_inputs();
         let v = config.cols;
-        let (cs, _) = cuts(&mut rng, v, config.student_pad.min(config.teacher_pad));
+        let (cs, _) = random_cuts(&mut rng, v, config.student_pad.min(config.teacher_pad));
         let shards: Vec<ShardInputs> = cs
             .iter()
             .map(|&cut| ShardInputs {
@@ -368,7 +117,7 @@ fn emulated_records_equal_the_host_records() {
                 },
                 labels: dense.labels,
                 row_weights: dense.row_weights,
-                shard: shard(v, cut),
+                shard: shard_of(v, cut),
             })
             .collect();
         let world = shards.len();
