@@ -133,9 +133,9 @@ impl HostData<'_> {
             &d[from.min(d.len())..]
         }
         match self {
-            HostData::F32(d) => HostData::F32(tail(*d, from)),
-            HostData::Bf16(d) => HostData::Bf16(tail(*d, from)),
-            HostData::F16(d) => HostData::F16(tail(*d, from)),
+            HostData::F32(d) => HostData::F32(tail(d, from)),
+            HostData::Bf16(d) => HostData::Bf16(tail(d, from)),
+            HostData::F16(d) => HostData::F16(tail(d, from)),
         }
     }
 

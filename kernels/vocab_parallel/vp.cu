@@ -50,17 +50,29 @@
 //            mostly from L2 (a shard row is tens of KB); top-k: + k·(index +
 //            value) per row, twice.
 //   round 2: in + in.        finish: in + in + out (+ out teacher gradient).
-// Issue slots per element (sm_90, a rough count of the f32 in/out SASS, not
-// scripts/sass-report's; these kernels are outside its instruction budget,
-// see kernels/budgets.toml): round 1 ≈ 70 dense (2 MUFU per side, ~8 DFMA/
-// DADD), round 2 ≈ 60 (JSD: 4 MUFU), finish ≈ 60–90 (2–4 MUFU, f64 log-
-// ratios). f64 runs at half the fp32 rate on sm_80/sm_90/sm_100 and 1/64 on
-// the consumer parts (sm_86/89/120), where these sweeps become f64-bound; the
-// protocol's cost is dominated by the collectives at real sizes anyway.
+// Issue slots per element: not measured. scripts/sass-report selects only
+// the fused and top-k loss kernels (kd_fused_*, kd_topk_*) and finds a hot
+// loop by its vector loads; these sweeps load one element per thread and
+// iteration, so the report cannot count them, and kernels/budgets.toml
+// lists them as outside the instruction budget. A rough count from the
+// sm_90 SASS (whole kernels, every branch, not per loop; bf16): round 1
+// ≈ 2.5k instructions, 41 MUFU, ≈ 200 f64 (DADD/DFMA/DMUL/DSETP); round 2
+// ≈ 4k, 18 MUFU, ≈ 600 f64 (the f64 log-ratios and JSD's logaddexp);
+// finish ≈ 4k, ≈ 700 f64, the per-row merge included. An estimate, not a
+// measurement: of the order of 40–80 issue slots per element and sweep,
+// several of them f64, which runs at half the fp32 rate on sm_80/sm_90/
+// sm_100 and at 1/64 on sm_86/89/120, where these sweeps will be f64-bound.
+// At real sizes a step's time is expected to be the collectives'.
+// Registers (ptxas 13.0, sm_90): round 1 56, round 2 79, finish 88, reduce
+// 20; no spills or local memory on sm_80–sm_120.
 #include "common/block.cuh"
 #include "vocab_parallel/vp_args.h"
 
 #define KD_VP_THREADS 256
+// At least 2 blocks of 256 per SM: up to 128 registers. With the thread
+// bound alone ptxas 13.0 held the finish to 48 registers and spilled 8–16
+// bytes on sm_80–sm_89 and sm_120.
+#define KD_VP_MIN_BLOCKS 2
 
 // Slots of a record (stats.rs `slot`).
 #define KD_VP_S_VERSION 0
@@ -819,18 +831,18 @@ __device__ void kd_vp_reduce_body(const KdVpReduceArgs& a) {
 // --------------------------------------------------------------- kernels --
 
 #define KD_VP_STATS(IN, TIN)                                                              \
-  extern "C" __global__ void __launch_bounds__(KD_VP_THREADS)                             \
+  extern "C" __global__ void __launch_bounds__(KD_VP_THREADS, KD_VP_MIN_BLOCKS)                             \
       kd_vp_round1_##IN(const KdVpStatsArgs a) {                                          \
     KD_VP_BITS;                                                                           \
     kd_vp_round1_body<TIN>(a, kd_vp_bits);                                                \
   }                                                                                       \
-  extern "C" __global__ void __launch_bounds__(KD_VP_THREADS)                             \
+  extern "C" __global__ void __launch_bounds__(KD_VP_THREADS, KD_VP_MIN_BLOCKS)                             \
       kd_vp_round2_##IN(const KdVpStatsArgs a) {                                          \
     kd_vp_round2_body<TIN>(a);                                                            \
   }
 
 #define KD_VP_FINISH(IN, OUT, TIN, TOUT)                                                  \
-  extern "C" __global__ void __launch_bounds__(KD_VP_THREADS)                             \
+  extern "C" __global__ void __launch_bounds__(KD_VP_THREADS, KD_VP_MIN_BLOCKS)                             \
       kd_vp_finish_##IN##_##OUT(const KdVpFinishArgs a) {                                 \
     KD_VP_BITS;                                                                           \
     kd_vp_finish_body<TIN, TOUT>(a, kd_vp_bits);                                          \

@@ -165,6 +165,7 @@ impl CudaBackend {
     /// labels and row weights N; `stats` N·STATS_WIDTH f64; `round1`
     /// world·N·STATS_WIDTH f64), and stay alive until the stream has run
     /// the work.
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn vp_round_stats_raw(
         &self,
         stream: &CudaStream,
@@ -238,6 +239,7 @@ impl CudaBackend {
     /// As [`CudaBackend::vp_round_stats_raw`]; `out`'s gradients hold
     /// (N−1)·stride + cols elements of `grad_dtype`, `row_losses` N f64,
     /// `loss` one f64, `valid_rows` one i32; no output overlaps an input.
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn vp_finish_raw(
         &self,
         stream: &CudaStream,

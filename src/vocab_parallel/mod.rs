@@ -360,7 +360,7 @@ pub fn finish(
     let dtype = grad.map(|g| g.dtype_for(inputs.student.dtype()));
     let want_t = dtype.is_some() && spec.grad_teacher && !topk;
     let cols = sh.real_columns(vl);
-    let rows: Vec<(f64, Vec<f32>, Vec<f32>)> = (0..n)
+    let rows: Vec<RowOut> = (0..n)
         .into_par_iter()
         .map(|r| {
             let mut gs = vec![0.0f32; if dtype.is_some() { vl } else { 0 }];
@@ -381,7 +381,7 @@ pub fn finish(
         })
         .collect();
     let row_losses: Vec<f64> = rows.iter().map(|r| r.0).collect();
-    let flat = |pick: fn(&(f64, Vec<f32>, Vec<f32>)) -> &Vec<f32>| -> Vec<f32> {
+    let flat = |pick: fn(&RowOut) -> &Vec<f32>| -> Vec<f32> {
         rows.iter().flat_map(|r| pick(r).iter().copied()).collect()
     };
     Ok(KdOutput {
@@ -435,6 +435,9 @@ pub(crate) fn valid_rows(labels: Option<&[i64]>, n: usize, ignore_index: i64) ->
         Some(l) => l.iter().filter(|&&y| y != ignore_index).count(),
     }
 }
+
+/// One row's loss, student gradient and teacher gradient (shard columns).
+type RowOut = (f64, Vec<f32>, Vec<f32>);
 
 /// `scale·src` rounded to f32, then to `dtype`.
 fn store(dst: &mut [f32], src: &[f64], scale: f64, dtype: Dtype) {
