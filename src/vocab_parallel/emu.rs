@@ -169,6 +169,8 @@ impl VpEmu {
         let mut row_loss = vec![f64::NAN; n.max(1)];
         let mut loss = f64::NAN;
         let mut valid = -1i32;
+        // One pointer for the kernels' count and the emulator's write.
+        let valid_ptr: *mut i32 = &mut valid;
         let ptr = |g: &mut Vec<u8>, want: bool| {
             if want {
                 g.as_mut_ptr() as u64
@@ -185,11 +187,7 @@ impl VpEmu {
             row_weights: p.weights,
             round1: round1.stats.as_ptr() as u64,
             round2: round2.map_or(0, |g| g.stats.as_ptr() as u64),
-            valid_count: if p.labels != 0 {
-                &mut valid as *mut i32 as u64
-            } else {
-                0
-            },
+            valid_count: if p.labels != 0 { valid_ptr as u64 } else { 0 },
             grad: ptr(&mut gs, dtype.is_some()),
             grad_teacher: ptr(&mut gt, want_t),
             row_loss: row_loss.as_mut_ptr() as u64,
@@ -202,7 +200,7 @@ impl VpEmu {
                 in_dtype.code(),
                 out_dtype.code(),
                 &args,
-                &mut valid,
+                valid_ptr,
                 &mut loss,
                 grid,
                 block,
@@ -214,7 +212,12 @@ impl VpEmu {
         row_loss.truncate(n);
         Ok(KdOutput {
             loss,
-            valid_rows: if p.labels != 0 { valid as usize } else { n },
+            // SAFETY: written by the emulator through `valid_ptr`.
+            valid_rows: if p.labels != 0 {
+                unsafe { *valid_ptr as usize }
+            } else {
+                n
+            },
             grad: dtype.map(|d| d.decode(&gs)),
             grad_teacher: want_t.then(|| out_dtype.decode(&gt)),
             row_losses: row_loss,

@@ -18,6 +18,13 @@
 //! result does not depend on the collective's reduction order. The
 //! arithmetic is f64 on the host (`spec.precision` does not apply).
 //!
+//! The same steps run as CUDA kernels (kernels/vocab_parallel/vp.cu, fp32
+//! per element, f64 sums, merge and loss) on device pointers and a caller's
+//! stream ([`cuda`]: `CudaBackend::vp_round_stats_raw`, `vp_finish_raw`);
+//! their records have the host's layout, so CPU and GPU ranks can be mixed.
+//! [`check`] holds an implementation of the protocol to the unsharded
+//! oracle; the tests run the kernels under the CPU emulation (`emu`).
+//!
 //! A top-k teacher is given whole on every rank (`[N, k]` global indices and
 //! values); each rank uses the entries that fall in its shard.
 
