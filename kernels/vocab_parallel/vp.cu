@@ -57,13 +57,13 @@
 // lists them as outside the instruction budget. A rough count from the
 // sm_90 SASS (whole kernels, every branch, not per loop; bf16): round 1
 // ≈ 2.5k instructions, 41 MUFU, ≈ 200 f64 (DADD/DFMA/DMUL/DSETP); round 2
-// ≈ 4k, 18 MUFU, ≈ 600 f64 (the f64 log-ratios and JSD's logaddexp);
+// ≈ 4k, ≈ 600 f64 (the f64 log-ratios; JSD's expm1/log1p pairs);
 // finish ≈ 4k, ≈ 700 f64, the per-row merge included. An estimate, not a
 // measurement: of the order of 40–80 issue slots per element and sweep,
 // several of them f64, which runs at half the fp32 rate on sm_80/sm_90/
 // sm_100 and at 1/64 on sm_86/89/120, where these sweeps will be f64-bound.
 // At real sizes a step's time is expected to be the collectives'.
-// Registers (ptxas 13.0, sm_90): round 1 56, round 2 79, finish 88, reduce
+// Registers (ptxas 13.0, sm_90): round 1 56, round 2 72, finish 88, reduce
 // 20; no spills or local memory on sm_80–sm_120.
 #include "common/block.cuh"
 #include "vocab_parallel/vp_args.h"
@@ -167,9 +167,22 @@ __device__ __forceinline__ double kd_vp_logaddexp(double a, double b) {
   return m + (double)log1pf(expf((float)-fabs(a - b)));
 }
 
-// JSD's g = (1 − β)(log q − log m), h = β(log p − log m).
+// JSD's g = (1 − β)(log q − log m), h = β(log p − log m), m = βp + (1 − β)q.
+// From d = log p − log q: log m − log q = log1p(β·expm1(d)) and
+// log m − log p = log1p((1 − β)·expm1(−d)), each exact to fp32 relative to
+// itself, so that where p ≈ q (g, h → 0 and the divergence is second order
+// in d) nothing is lost to the log-sum-exp's absolute rounding. Beyond
+// |d| = 80 (fp32's expm1 range) and at a masked entry, the log-add-exp.
 __device__ __forceinline__ void kd_vp_jsd(double lp, double lq, const KdVpParams& P, double& g,
                                           double& h) {
+  const double d = lp - lq;
+  if (fabs(d) < 80.0) {
+    const float lq_m = log1pf((float)(P.beta * (double)expm1f((float)d)));
+    const float lp_m = log1pf((float)((1.0 - P.beta) * (double)expm1f((float)-d)));
+    g = -(1.0 - P.beta) * (double)lq_m;
+    h = -P.beta * (double)lp_m;
+    return;
+  }
   const double lm = kd_vp_logaddexp(P.log_beta + lp, P.log_1mbeta + lq);
   g = (1.0 - P.beta) * (lq - lm);
   h = P.beta * (lp - lm);

@@ -338,3 +338,20 @@ fn emulated_ignored_rows_and_padding() {
         }
     }
 }
+
+/// The GPU sweep's vocabularies (V up to 40000) under the emulation; slow,
+/// run with `--ignored`.
+#[test]
+#[ignore]
+fn emulated_large_vocabularies() {
+    let emu = VpEmu::default();
+    for seed in [17u64, 18, 19] {
+        let backend = ShardedBackend::new(
+            seed,
+            Some(Precision::Exact),
+            Box::new(move |shards, spec, grad| emu.run_in_process(shards, spec, grad)),
+        );
+        let s = sweep(&backend, seed, 150, 40_000).unwrap();
+        assert_sweep(&s, &format!("seed {seed}, V ≤ 40000"));
+    }
+}
