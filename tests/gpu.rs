@@ -6,7 +6,7 @@
 //!
 //! The feature losses' GPU tests are in gpu_features/, the loss-family
 //! options' (top-k teacher, soft-capping, row weights, teacher gradient) in
-//! gpu_loss_family/.
+//! gpu_loss_family/, the vocab-parallel kernels' in gpu_vocab_parallel/.
 //!
 //! Own runner (harness = false, tests/common/gpu_runner.rs): without a
 //! usable GPU every test prints "skipped" with the reason; with
@@ -15,6 +15,7 @@
 
 mod gpu_features;
 mod gpu_loss_family;
+mod gpu_vocab_parallel;
 
 mod common;
 #[path = "common/gpu_runner.rs"]
@@ -73,6 +74,22 @@ fn main() -> ExitCode {
         (
             "feature_device_api_on_caller_stream",
             gpu_features::feature_device_api_on_caller_stream,
+        ),
+        (
+            "vp_sweep_against_oracle",
+            gpu_vocab_parallel::vp_sweep_against_oracle,
+        ),
+        (
+            "vp_records_equal_the_host_records",
+            gpu_vocab_parallel::vp_records_equal_the_host_records,
+        ),
+        (
+            "vp_cpu_and_gpu_ranks_mix",
+            gpu_vocab_parallel::vp_cpu_and_gpu_ranks_mix,
+        ),
+        (
+            "vp_raw_api_on_caller_stream",
+            gpu_vocab_parallel::vp_raw_api_on_caller_stream,
         ),
     ];
     gpu_runner::run(tests)

@@ -116,6 +116,12 @@ pub(crate) enum Kernel {
     Eager(EagerOp),
     /// `mlp_<op>`.
     Mlp(MlpOp),
+    /// `kd_vp_round1_<in>` and `kd_vp_round2_<in>` (kernels/vocab_parallel/vp.cu).
+    VpStats { round2: bool, dtype: Dtype },
+    /// `kd_vp_finish_<in>_<out>`.
+    VpFinish { io: Io },
+    /// `kd_vp_reduce_loss`.
+    VpReduceLoss,
 }
 
 // First slot of each family in the table.
@@ -129,7 +135,10 @@ const FEATURE: usize = REDUCE_LOSS + 1;
 const EAGER_TYPED: usize = FEATURE + FEATURE_KINDS.len() * IO_NAMES.len();
 const EAGER: usize = EAGER_TYPED + 3 * 3;
 const MLP: usize = EAGER + EAGER_OPS.len();
-const SLOTS: usize = MLP + MLP_OPS.len();
+const VP_STATS: usize = MLP + MLP_OPS.len();
+const VP_FINISH: usize = VP_STATS + 2 * 3;
+const VP_REDUCE: usize = VP_FINISH + IO_NAMES.len();
+const SLOTS: usize = VP_REDUCE + 1;
 
 fn dtype_index(d: Dtype) -> usize {
     match d {
@@ -168,6 +177,11 @@ impl Kernel {
             Kernel::EagerTyped(op, d) => EAGER_TYPED + op as usize * 3 + dtype_index(d),
             Kernel::Eager(op) => EAGER + op as usize,
             Kernel::Mlp(op) => MLP + op as usize,
+            Kernel::VpStats { round2, dtype } => {
+                VP_STATS + 3 * round2 as usize + dtype_index(dtype)
+            }
+            Kernel::VpFinish { io } => VP_FINISH + io.0 as usize,
+            Kernel::VpReduceLoss => VP_REDUCE,
         }
     }
 
@@ -197,6 +211,11 @@ impl Kernel {
             }
             Kernel::Eager(op) => format!("kd_eager_{}", EAGER_OPS[op as usize]),
             Kernel::Mlp(op) => format!("mlp_{}", MLP_OPS[op as usize]),
+            Kernel::VpStats { round2, dtype } => {
+                format!("kd_vp_round{}_{dtype}", if round2 { 2 } else { 1 })
+            }
+            Kernel::VpFinish { io } => format!("kd_vp_finish_{}", io.suffix()),
+            Kernel::VpReduceLoss => "kd_vp_reduce_loss".into(),
         }
     }
 }
@@ -277,6 +296,13 @@ mod tests {
         for op in [BiasAct, ReluBack, BiasGrad, Sgd, Adam] {
             all.push(Kernel::Mlp(op));
         }
+        for round2 in [false, true] {
+            for dtype in [Dtype::F32, Dtype::Bf16, Dtype::F16] {
+                all.push(Kernel::VpStats { round2, dtype });
+            }
+        }
+        all.extend(ios.iter().map(|&io| Kernel::VpFinish { io }));
+        all.push(Kernel::VpReduceLoss);
         all
     }
 
@@ -354,6 +380,15 @@ mod tests {
             ),
             (Kernel::Eager(EagerOp::JsdBack), "kd_eager_jsd_back"),
             (Kernel::Mlp(MlpOp::BiasAct), "mlp_bias_act"),
+            (
+                Kernel::VpStats {
+                    round2: true,
+                    dtype: Dtype::Bf16,
+                },
+                "kd_vp_round2_bf16",
+            ),
+            (Kernel::VpFinish { io: bf16_f32 }, "kd_vp_finish_bf16_f32"),
+            (Kernel::VpReduceLoss, "kd_vp_reduce_loss"),
         ] {
             assert_eq!(k.name(), name);
         }

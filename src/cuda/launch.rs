@@ -690,7 +690,7 @@ impl CudaBackend {
 
     /// Bytes of the top-k kernels' V-bit map, or the error when the
     /// device's shared memory cannot hold it.
-    fn bitmap_bytes(&self, cols: usize) -> Result<u32> {
+    pub(crate) fn bitmap_bytes(&self, cols: usize) -> Result<u32> {
         let bytes = cols.div_ceil(32) * 4;
         if bytes > 48 * 1024 {
             let max = self.context().attribute(
@@ -1008,7 +1008,7 @@ fn check_outputs(
 
 /// Raises `f`'s dynamic shared-memory limit when a launch needs more than
 /// the default 48 KiB.
-fn allow_smem(f: &CudaFunction, bytes: u32) -> Result<()> {
+pub(crate) fn allow_smem(f: &CudaFunction, bytes: u32) -> Result<()> {
     if bytes > 48 * 1024 {
         f.set_attribute(
             CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,

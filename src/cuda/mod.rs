@@ -25,7 +25,7 @@ pub(crate) use host::{by_dtype, download, output, poison, upload, ToF32};
 #[cfg(test)]
 pub(crate) use kernels::FEATURE_KINDS;
 pub(crate) use kernels::{Kernel, MlpOp};
-pub(crate) use launch::{check_len, io, threads_for, PreparedCache};
+pub(crate) use launch::{allow_smem, check_len, io, threads_for, PreparedCache};
 
 use crate::error::{KdError, Result};
 use crate::kernels_meta;

@@ -18,9 +18,21 @@
 //! result does not depend on the collective's reduction order. The
 //! arithmetic is f64 on the host (`spec.precision` does not apply).
 //!
+//! The same steps run as CUDA kernels (kernels/vocab_parallel/vp.cu, fp32
+//! per element, f64 sums, merge and loss) on device pointers and a caller's
+//! stream ([`cuda`]: `CudaBackend::vp_round_stats_raw`, `vp_finish_raw`);
+//! their records have the host's layout, so CPU and GPU ranks can be mixed.
+//! [`check`] holds an implementation of the protocol to the unsharded
+//! oracle; the tests run the kernels under the CPU emulation (`emu`).
+//!
 //! A top-k teacher is given whole on every rank (`[N, k]` global indices and
 //! values); each rank uses the entries that fall in its shard.
 
+pub mod check;
+pub mod cuda;
+#[cfg(feature = "emulation")]
+pub mod emu;
+pub(crate) mod params;
 mod row;
 pub mod stats;
 
@@ -86,10 +98,10 @@ pub fn collectives(spec: &LossSpec) -> usize {
     }
 }
 
-/// Validates the spec and the inputs; returns whether the teacher is top-k.
-fn validate(inputs: &ShardInputs, spec: &LossSpec) -> Result<bool> {
-    spec.validate(inputs.labels.is_some())?;
-    let sh = inputs.shard;
+/// The spec against the labels' presence, and the shard's place (the
+/// data-free head of [`validate`], shared with the device path).
+pub(crate) fn validate_head(spec: &LossSpec, has_labels: bool, sh: VocabShard) -> Result<()> {
+    spec.validate(has_labels)?;
     if sh.vocab_size == 0 || sh.vocab_size > i32::MAX as usize {
         return invalid(
             "vocab_size",
@@ -102,48 +114,76 @@ fn validate(inputs: &ShardInputs, spec: &LossSpec) -> Result<bool> {
             format!("must be at most {}, got {}", i32::MAX, sh.vocab_start),
         );
     }
+    Ok(())
+}
+
+/// A dense teacher of `dtype` and shape `(rows, cols)` against the
+/// student's.
+pub(crate) fn validate_dense_teacher(
+    dtype: Dtype,
+    shape: (usize, usize),
+    student_dtype: Dtype,
+    student_shape: (usize, usize),
+) -> Result<()> {
+    if dtype != student_dtype {
+        return invalid(
+            "teacher",
+            format!("dtype {dtype} differs from the student's {student_dtype}"),
+        );
+    }
+    if shape != student_shape {
+        return invalid(
+            "teacher",
+            format!(
+                "shard is [{}, {}], the student's [{}, {}]",
+                shape.0, shape.1, student_shape.0, student_shape.1
+            ),
+        );
+    }
+    Ok(())
+}
+
+/// A top-k teacher's spec, k (against V) and dtype.
+pub(crate) fn validate_topk_head(
+    spec: &LossSpec,
+    k: usize,
+    v: usize,
+    dtype: Dtype,
+    student_dtype: Dtype,
+) -> Result<()> {
+    spec.validate_topk()?;
+    if k == 0 || k > v {
+        return invalid("k", format!("must be in [1, V = {v}], got {k}"));
+    }
+    if dtype != student_dtype {
+        return invalid(
+            "teacher_topk_values",
+            format!("dtype {dtype} differs from the student's {student_dtype}"),
+        );
+    }
+    Ok(())
+}
+
+/// Validates the spec and the inputs; returns whether the teacher is top-k.
+pub(crate) fn validate(inputs: &ShardInputs, spec: &LossSpec) -> Result<bool> {
+    let sh = inputs.shard;
+    validate_head(spec, inputs.labels.is_some(), sh)?;
     inputs.student.validate("student")?;
     let (n, v) = (inputs.student.rows, sh.vocab_size);
     let topk = match inputs.teacher {
         ShardTeacher::Dense(t) => {
             t.validate("teacher")?;
-            if t.dtype() != inputs.student.dtype() {
-                return invalid(
-                    "teacher",
-                    format!(
-                        "dtype {} differs from the student's {}",
-                        t.dtype(),
-                        inputs.student.dtype()
-                    ),
-                );
-            }
-            if (t.rows, t.cols) != (n, inputs.student.cols) {
-                return invalid(
-                    "teacher",
-                    format!(
-                        "shard is [{}, {}], the student's [{n}, {}]",
-                        t.rows, t.cols, inputs.student.cols
-                    ),
-                );
-            }
+            validate_dense_teacher(
+                t.dtype(),
+                (t.rows, t.cols),
+                inputs.student.dtype(),
+                (n, inputs.student.cols),
+            )?;
             false
         }
         ShardTeacher::Topk(t) => {
-            spec.validate_topk()?;
             let k = t.k;
-            if k == 0 || k > v {
-                return invalid("k", format!("must be in [1, V = {v}], got {k}"));
-            }
-            if t.values.dtype() != inputs.student.dtype() {
-                return invalid(
-                    "teacher_topk_values",
-                    format!(
-                        "dtype {} differs from the student's {}",
-                        t.values.dtype(),
-                        inputs.student.dtype()
-                    ),
-                );
-            }
+            validate_topk_head(spec, k, v, t.values.dtype(), inputs.student.dtype())?;
             let need = n.checked_mul(k);
             for (arg, len) in [
                 ("teacher_topk_values", t.values.len()),
@@ -253,27 +293,10 @@ pub fn round_stats(
     round: usize,
     round1: Option<&Gathered>,
 ) -> Result<Vec<f64>> {
-    let topk = validate(inputs, spec)?;
+    let topk = validate_round(inputs, spec, round, round1)?;
     let n = inputs.student.rows;
-    let sh = inputs.shard;
-    let start = sh.vocab_start;
-    let cols = sh.real_columns(inputs.student.cols);
-    match (round, round1) {
-        (1, None) => {}
-        (1, Some(_)) => return invalid("round1", "round 1 takes no gathered statistics"),
-        (2, _) if collectives(spec) < 2 => {
-            return invalid(
-                "round",
-                format!(
-                    "{} needs one collective: there is no round 2",
-                    spec.divergence
-                ),
-            )
-        }
-        (2, None) => return invalid("round1", "round 2 needs the gathered round-1 statistics"),
-        (2, Some(g)) => g.check("round1", n, 1, sh.vocab_size)?,
-        _ => return invalid("round", format!("must be 1 or 2, got {round}")),
-    }
+    let start = inputs.shard.vocab_start;
+    let cols = inputs.shard.real_columns(inputs.student.cols);
     let mut out = vec![0.0; n * STATS_WIDTH];
     let ms = round1.map(|g| merged(inputs, spec, topk, g, None));
     out.par_chunks_mut(STATS_WIDTH)
@@ -292,6 +315,37 @@ pub fn round_stats(
     Ok(out)
 }
 
+/// [`round_stats`]'s checks (shared with the emulated kernels): the inputs,
+/// and the round against the gathered round 1; returns whether the teacher
+/// is top-k.
+pub(crate) fn validate_round(
+    inputs: &ShardInputs,
+    spec: &LossSpec,
+    round: usize,
+    round1: Option<&Gathered>,
+) -> Result<bool> {
+    let topk = validate(inputs, spec)?;
+    let n = inputs.student.rows;
+    let sh = inputs.shard;
+    match (round, round1) {
+        (1, None) => {}
+        (1, Some(_)) => return invalid("round1", "round 1 takes no gathered statistics"),
+        (2, _) if collectives(spec) < 2 => {
+            return invalid(
+                "round",
+                format!(
+                    "{} needs one collective: there is no round 2",
+                    spec.divergence
+                ),
+            )
+        }
+        (2, None) => return invalid("round1", "round 2 needs the gathered round-1 statistics"),
+        (2, Some(g)) => g.check("round1", n, 1, sh.vocab_size)?,
+        _ => return invalid("round", format!("must be 1 or 2, got {round}")),
+    }
+    Ok(topk)
+}
+
 /// The step's results from the gathered statistics of every round: the
 /// reduced loss and the row losses (the same on every rank), the valid
 /// rows, and, when `grad` is `Some`, the gradient of this shard `[N,
@@ -304,34 +358,11 @@ pub fn finish(
     round2: Option<&Gathered>,
     grad: Option<GradDtype>,
 ) -> Result<KdOutput> {
-    let topk = validate(inputs, spec)?;
+    let topk = validate_finish(inputs, spec, round1, round2)?;
     let (n, vl) = (inputs.student.rows, inputs.student.cols);
     let sh = inputs.shard;
-    round1.check("round1", n, 1, sh.vocab_size)?;
-    match (collectives(spec), round2) {
-        (2, Some(g)) => g.check("round2", n, 2, sh.vocab_size)?,
-        (2, None) => {
-            return invalid(
-                "round2",
-                format!("{} needs the gathered round-2 statistics", spec.divergence),
-            )
-        }
-        (_, Some(_)) => {
-            return invalid(
-                "round2",
-                format!(
-                    "{} has one round: pass no round-2 statistics",
-                    spec.divergence
-                ),
-            )
-        }
-        _ => {}
-    }
     let ms = merged(inputs, spec, topk, round1, round2);
-    let valid = match inputs.labels {
-        None => n,
-        Some(l) => l.iter().filter(|&&y| y != spec.ignore_index).count(),
-    };
+    let valid = valid_rows(inputs.labels, n, spec.ignore_index);
     let w = spec.reduction.row_weight(valid, sh.vocab_size);
     let dtype = grad.map(|g| g.dtype_for(inputs.student.dtype()));
     let want_t = dtype.is_some() && spec.grad_teacher && !topk;
@@ -369,8 +400,50 @@ pub fn finish(
     })
 }
 
-/// One row's results in `finish`: the weighted loss, the student's and the
-/// teacher's gradient rows (empty when not asked for).
+/// [`finish`]'s checks (shared with the emulated kernels): the inputs and
+/// the gathered records of each round; returns whether the teacher is
+/// top-k.
+pub(crate) fn validate_finish(
+    inputs: &ShardInputs,
+    spec: &LossSpec,
+    round1: &Gathered,
+    round2: Option<&Gathered>,
+) -> Result<bool> {
+    let topk = validate(inputs, spec)?;
+    let n = inputs.student.rows;
+    let sh = inputs.shard;
+    round1.check("round1", n, 1, sh.vocab_size)?;
+    match (collectives(spec), round2) {
+        (2, Some(g)) => g.check("round2", n, 2, sh.vocab_size)?,
+        (2, None) => {
+            return invalid(
+                "round2",
+                format!("{} needs the gathered round-2 statistics", spec.divergence),
+            )
+        }
+        (_, Some(_)) => {
+            return invalid(
+                "round2",
+                format!(
+                    "{} has one round: pass no round-2 statistics",
+                    spec.divergence
+                ),
+            )
+        }
+        _ => {}
+    }
+    Ok(topk)
+}
+
+/// The valid rows (labels not ignored) of `n`.
+pub(crate) fn valid_rows(labels: Option<&[i64]>, n: usize, ignore_index: i64) -> usize {
+    match labels {
+        None => n,
+        Some(l) => l.iter().filter(|&&y| y != ignore_index).count(),
+    }
+}
+
+/// One row's loss, student gradient and teacher gradient (shard columns).
 type RowOut = (f64, Vec<f32>, Vec<f32>);
 
 /// `scale·src` rounded to f32, then to `dtype`.

@@ -2,5 +2,6 @@
 //! protocol over 1–5 shards in one process, against the f64 oracle on the
 //! unsharded rows, and its errors.
 
+mod emulated;
 mod sharded;
 mod validation;
