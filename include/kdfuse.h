@@ -549,6 +549,46 @@ enum KdfuseStatus kdfuse_vp_finish_host(const struct KdfuseBatch *batch,
                                         const double *round2,
                                         int64_t world);
 
+// `kdfuse_vp_round_stats_host` on the device: enqueues round `round` on
+// `stream` (as `kdfuse_compute_cuda`) and returns without waiting. Every
+// pointer (the batch's inputs, `stats`, `round1`) is device memory; the
+// records are the host's (version `KDFUSE_VP_STATS_VERSION`), so CPU and
+// GPU ranks mix. What lives in device memory is not read back: a label or
+// top-k index outside `[0, V)` makes its row NaN on every rank, and the
+// gathered headers are trusted.
+//
+// # Safety
+// As `kdfuse_compute_cuda` for the batch's inputs; `stats` device memory
+// for N·KDFUSE_VP_STATS_WIDTH doubles; `round1` NULL or device memory for
+// world·N·KDFUSE_VP_STATS_WIDTH doubles; all alive until the stream has
+// run the work.
+enum KdfuseStatus kdfuse_vp_round_stats_cuda(const struct KdfuseContext *ctx,
+                                             const struct KdfuseBatch *batch,
+                                             const struct KdfuseParams *params,
+                                             const struct KdfuseShard *shard,
+                                             int32_t round,
+                                             const double *round1,
+                                             int64_t world,
+                                             double *stats,
+                                             void *stream);
+
+// `kdfuse_vp_finish_host` on the device: enqueues the finish on `stream`
+// and returns without waiting. `loss` and `row_losses` are required and
+// hold **doubles**; `valid_rows` (one int32) is required with labels; the
+// gradients as `kdfuse_vp_finish_host`.
+//
+// # Safety
+// As `kdfuse_compute_cuda` for the batch; `round1` (and `round2` when not
+// NULL) device memory for world·N·KDFUSE_VP_STATS_WIDTH doubles.
+enum KdfuseStatus kdfuse_vp_finish_cuda(const struct KdfuseContext *ctx,
+                                        const struct KdfuseBatch *batch,
+                                        const struct KdfuseParams *params,
+                                        const struct KdfuseShard *shard,
+                                        const double *round1,
+                                        const double *round2,
+                                        int64_t world,
+                                        void *stream);
+
 #ifdef __cplusplus
 }  // extern "C"
 #endif  // __cplusplus

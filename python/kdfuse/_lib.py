@@ -162,14 +162,14 @@ def _declare(lib):
         "kdfuse_vp_finish_host": [ctypes.POINTER(Batch), ctypes.POINTER(Params),
                                   ctypes.POINTER(Shard), ctypes.c_void_p, ctypes.c_void_p,
                                   ctypes.c_int64],
+        "kdfuse_vp_round_stats_cuda": [ctypes.c_void_p, ctypes.POINTER(Batch),
+                                       ctypes.POINTER(Params), ctypes.POINTER(Shard),
+                                       ctypes.c_int32, ctypes.c_void_p, ctypes.c_int64,
+                                       ctypes.c_void_p, ctypes.c_void_p],
+        "kdfuse_vp_finish_cuda": [ctypes.c_void_p, ctypes.POINTER(Batch), ctypes.POINTER(Params),
+                                  ctypes.POINTER(Shard), ctypes.c_void_p, ctypes.c_void_p,
+                                  ctypes.c_int64, ctypes.c_void_p],
     }
-    if hasattr(lib, "kdfuse_vp_round_stats_cuda"):
-        sigs["kdfuse_vp_round_stats_cuda"] = [
-            ctypes.c_void_p, ctypes.POINTER(Batch), ctypes.POINTER(Params), ctypes.POINTER(Shard),
-            ctypes.c_int32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
-        sigs["kdfuse_vp_finish_cuda"] = [
-            ctypes.c_void_p, ctypes.POINTER(Batch), ctypes.POINTER(Params), ctypes.POINTER(Shard),
-            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     for name, args in sigs.items():
         f = getattr(lib, name)
         f.argtypes = args

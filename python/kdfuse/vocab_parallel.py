@@ -116,9 +116,6 @@ def _step(s, t, idx, vals, labels, weights, params, shard, group, world, want_gs
     stats = torch.empty((n, _lib.VP_STATS_WIDTH), dtype=torch.float64, device=dev)
     cuda = dev.type == "cuda"
     if cuda:
-        if not hasattr(lib, "kdfuse_vp_round_stats_cuda"):
-            raise _lib.KdfuseError(f"{_lib.library_path()} has no CUDA vocab-parallel kernels "
-                                   "(built without CUDA); use CPU tensors or rebuild")
         ctx = _lib.context(dev.index or 0)
         stream = ctypes.c_void_p(torch.cuda.current_stream(dev).cuda_stream)
 
@@ -210,8 +207,11 @@ def vocab_parallel_distill_loss(student_logits, teacher_logits=None, labels=None
       :func:`kdfuse.torch.topk_distill_loss`'s.
 
     Returns the loss (0-dim; [...] for reduction none), the same on every
-    rank. Arithmetic in f64 on the host for CPU tensors. Bad arguments raise
-    ``ValueError`` / ``TypeError`` naming the argument.
+    rank. CPU tensors: f64 arithmetic on the host. CUDA tensors: the kernels
+    of kernels/vocab_parallel on the current stream (f32 exponentials, f64
+    row statistics); a label or top-k index outside [0, V) then gives a NaN
+    loss instead of an error. Bad arguments raise ``ValueError`` /
+    ``TypeError`` naming the argument.
     """
     from .torch import _check_logits, _check_rows_arg, _options, _reduce  # noqa: PLC0415
 

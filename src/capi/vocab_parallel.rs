@@ -1,14 +1,21 @@
 //! The C ABI of vocab-parallel distillation (`crate::vocab_parallel`): the
-//! three calls of the split-phase protocol on host memory, the caller's
-//! collective (e.g. its own NCCL or MPI all-gather) between them.
+//! calls of the split-phase protocol on host memory (`_host`, f64 on the
+//! CPU) and on device memory and the caller's stream (`_cuda`, the
+//! kernels of kernels/vocab_parallel), the caller's collective (e.g. its
+//! own NCCL or MPI all-gather) between them.
 
 use super::{
-    guard, host_batch, non_null, out_ref, read_spec, types, write_host_outputs, HostTeacher,
+    aligned, check_batch_alignment, guard, host_batch, non_null, out_ref, read_spec, types,
+    write_host_outputs, HostTeacher,
 };
-use super::{KdfuseBatch, KdfuseParams, KdfuseStatus};
+use super::{KdfuseBatch, KdfuseContext, KdfuseParams, KdfuseStatus};
 use crate::error::{invalid, KdError, Result};
+use crate::vocab_parallel::cuda::{RawVpOutputs, RawVpShard};
 use crate::vocab_parallel::{self as vp, Gathered, ShardInputs, ShardTeacher, VocabShard};
+use cudarc::driver::CudaStream;
+use std::ffi::c_void;
 use std::mem::size_of;
+use std::sync::Arc;
 
 /// f64 values per row in a vocab-parallel statistics record (both rounds).
 pub const KDFUSE_VP_STATS_WIDTH: i64 = 20;
@@ -272,5 +279,185 @@ pub unsafe extern "C" fn kdfuse_vp_finish_host(
             let out = vp::finish(inputs, spec, &g1, g2.as_ref(), grad)?;
             write_host_outputs(b, sh, &out, true)
         })
+    }
+}
+
+/// The batch as this rank's shard on the device (pointers as given).
+fn raw_shard(b: &KdfuseBatch, sh: &types::BatchShape, shard: VocabShard) -> RawVpShard {
+    let topk = sh.topk;
+    RawVpShard {
+        dtype: sh.dtype,
+        student: b.student as u64,
+        rows: sh.layout.rows,
+        cols: sh.layout.cols,
+        student_stride: sh.layout.student_stride,
+        teacher: b.teacher as u64,
+        teacher_stride: sh.layout.teacher_stride,
+        topk_indices: b.topk_indices as u64,
+        indices_i64: topk.is_some_and(|t| t.indices_i64),
+        topk_values: b.topk_values as u64,
+        k: topk.map_or(0, |t| t.k),
+        labels: b.labels as u64,
+        row_weights: b.row_weights as u64,
+        shard,
+    }
+}
+
+/// The checked device batch, spec and shard of a CUDA call, and the
+/// caller's stream.
+///
+/// # Safety
+/// As `kdfuse_compute_cuda` for the structs and the stream.
+unsafe fn with_device_shard(
+    ctx: *const KdfuseContext,
+    batch: *const KdfuseBatch,
+    params: *const KdfuseParams,
+    shard: *const KdfuseShard,
+    stream: *mut c_void,
+    need_loss: bool,
+    f: impl FnOnce(
+        &KdfuseContext,
+        &Arc<CudaStream>,
+        &KdfuseBatch,
+        &types::BatchShape,
+        &RawVpShard,
+        &crate::spec::LossSpec,
+    ) -> Result<()>,
+) -> KdfuseStatus {
+    guard(|| {
+        let ctx = non_null("ctx", ctx)?;
+        // SAFETY: the caller's contract (readable structs of their own size).
+        let b = unsafe { KdfuseBatch::read(batch) }?;
+        // SAFETY: as above.
+        let spec = unsafe { read_spec(params) }?;
+        // SAFETY: as above.
+        let vs = unsafe { KdfuseShard::read(shard) }?;
+        let sh = b.shape_with(&spec, Some(vs.vocab_size), need_loss)?;
+        check_batch_alignment(&b, &sh)?;
+        aligned("batch.row_losses", b.row_losses.cast::<f64>().cast_const())?;
+        aligned("batch.loss", b.loss.cast::<f64>().cast_const())?;
+        // SAFETY: the caller's contract.
+        let stream = unsafe { ctx.stream(stream) };
+        f(ctx, &stream, &b, &sh, &raw_shard(&b, &sh, vs), &spec).map_err(field)
+    })
+}
+
+/// `world` for the gathered records `arg` at `p` (0 when `p` is NULL).
+fn world_of(arg: &'static str, p: *const f64, world: i64) -> Result<usize> {
+    if p.is_null() {
+        return Ok(0);
+    }
+    aligned(arg, p)?;
+    usize::try_from(world)
+        .ok()
+        .filter(|&w| (1..=i32::MAX as usize).contains(&w))
+        .ok_or_else(|| KdError::InvalidArgument {
+            arg: "world",
+            msg: format!("must be in [1, {}], got {world}", i32::MAX),
+        })
+}
+
+/// `kdfuse_vp_round_stats_host` on the device: enqueues round `round` on
+/// `stream` (as `kdfuse_compute_cuda`) and returns without waiting. Every
+/// pointer (the batch's inputs, `stats`, `round1`) is device memory; the
+/// records are the host's (version `KDFUSE_VP_STATS_VERSION`), so CPU and
+/// GPU ranks mix. What lives in device memory is not read back: a label or
+/// top-k index outside `[0, V)` makes its row NaN on every rank, and the
+/// gathered headers are trusted.
+///
+/// # Safety
+/// As `kdfuse_compute_cuda` for the batch's inputs; `stats` device memory
+/// for N·KDFUSE_VP_STATS_WIDTH doubles; `round1` NULL or device memory for
+/// world·N·KDFUSE_VP_STATS_WIDTH doubles; all alive until the stream has
+/// run the work.
+#[no_mangle]
+pub unsafe extern "C" fn kdfuse_vp_round_stats_cuda(
+    ctx: *const KdfuseContext,
+    batch: *const KdfuseBatch,
+    params: *const KdfuseParams,
+    shard: *const KdfuseShard,
+    round: i32,
+    round1: *const f64,
+    world: i64,
+    stats: *mut f64,
+    stream: *mut c_void,
+) -> KdfuseStatus {
+    // SAFETY: the caller's contract.
+    unsafe {
+        with_device_shard(
+            ctx,
+            batch,
+            params,
+            shard,
+            stream,
+            false,
+            |c, s, _, _, raw, spec| {
+                non_null("stats", stats.cast_const())?;
+                aligned("stats", stats.cast_const())?;
+                let w = world_of("round1", round1, world)?;
+                let round = usize::try_from(round).unwrap_or(0);
+                // SAFETY (the enclosing block): the caller's device buffers.
+                c.backend
+                    .vp_round_stats_raw(s, raw, spec, round, round1 as u64, w, stats as u64)
+            },
+        )
+    }
+}
+
+/// `kdfuse_vp_finish_host` on the device: enqueues the finish on `stream`
+/// and returns without waiting. `loss` and `row_losses` are required and
+/// hold **doubles**; `valid_rows` (one int32) is required with labels; the
+/// gradients as `kdfuse_vp_finish_host`.
+///
+/// # Safety
+/// As `kdfuse_compute_cuda` for the batch; `round1` (and `round2` when not
+/// NULL) device memory for world·N·KDFUSE_VP_STATS_WIDTH doubles.
+#[no_mangle]
+pub unsafe extern "C" fn kdfuse_vp_finish_cuda(
+    ctx: *const KdfuseContext,
+    batch: *const KdfuseBatch,
+    params: *const KdfuseParams,
+    shard: *const KdfuseShard,
+    round1: *const f64,
+    round2: *const f64,
+    world: i64,
+    stream: *mut c_void,
+) -> KdfuseStatus {
+    // SAFETY: the caller's contract.
+    unsafe {
+        with_device_shard(
+            ctx,
+            batch,
+            params,
+            shard,
+            stream,
+            true,
+            |c, s, b, sh, raw, spec| {
+                non_null("round1", round1)?;
+                let w = world_of("round1", round1, world)?;
+                if !round2.is_null() {
+                    aligned("round2", round2)?;
+                }
+                if b.row_losses.is_null() {
+                    return invalid("batch.row_losses", "required on the device (double, N)");
+                }
+                if !b.labels.is_null() && b.valid_rows.is_null() {
+                    return invalid("batch.valid_rows", "required on the device with labels");
+                }
+                let out = RawVpOutputs {
+                    grad: b.grad as u64,
+                    grad_dtype: sh.grad_dtype,
+                    grad_stride: sh.layout.grad_stride,
+                    grad_teacher: b.grad_teacher as u64,
+                    grad_teacher_stride: sh.layout.grad_teacher_stride,
+                    row_losses: b.row_losses as u64,
+                    loss: b.loss as u64,
+                    valid_rows: b.valid_rows as u64,
+                };
+                // SAFETY (the enclosing block): the caller's device buffers.
+                c.backend
+                    .vp_finish_raw(s, raw, spec, round1 as u64, round2 as u64, w, &out)
+            },
+        )
     }
 }

@@ -134,6 +134,33 @@ int main(void) {
   CHECK_INVALID(kdfuse_vp_round_stats_host(&b[0], &p, &sh[0], 2, g1, 2, g2), "round",
                 "forward KL has no round 2");
 
+  /* The device calls: a NULL context is refused; with a GPU, the argument
+   * errors come before anything is enqueued (no device memory is touched). */
+  CHECK_INVALID(kdfuse_vp_round_stats_cuda(NULL, &b[0], &p, &sh[0], 1, NULL, 2, g1, NULL), "ctx",
+                "NULL context");
+  CHECK_INVALID(kdfuse_vp_finish_cuda(NULL, &b[0], &p, &sh[0], g1, NULL, 2, NULL), "ctx",
+                "NULL context");
+  KdfuseContext* ctx = NULL;
+  if (kdfuse_context_create(0, &ctx) == KDFUSE_STATUS_OK) {
+    CHECK_INVALID(kdfuse_vp_round_stats_cuda(ctx, &b[0], &p, &sh[0], 3, NULL, 2, g1, NULL),
+                  "round", "round 3 on the device");
+    CHECK_INVALID(kdfuse_vp_round_stats_cuda(ctx, &b[0], &p, &sh[0], 1, NULL, 2, NULL, NULL),
+                  "stats", "NULL stats on the device");
+    CHECK_INVALID(kdfuse_vp_finish_cuda(ctx, &b[0], &p, &sh[0], NULL, NULL, 2, NULL), "round1",
+                  "finish without round 1 on the device");
+    CHECK_INVALID(kdfuse_vp_finish_cuda(ctx, &b[0], &p, &sh[0], g1, g2, 0, NULL), "world",
+                  "world 0 on the device");
+    bad = sh[0];
+    bad.version = 7;
+    CHECK_INVALID(kdfuse_vp_finish_cuda(ctx, &b[0], &p, &bad, g1, NULL, 2, NULL),
+                  "shard.version", "shard version on the device");
+    kdfuse_context_destroy(ctx);
+    printf("abi_vp: device argument errors checked\n");
+  } else {
+    printf("abi_vp: no CUDA device: device argument errors not checked (%s)\n",
+           kdfuse_last_error());
+  }
+
   if (failures) return 1;
   printf("abi_vp: ok\n");
   return 0;

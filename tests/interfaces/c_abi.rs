@@ -312,5 +312,6 @@ fn c_program_vocab_parallel_matches_the_unsharded_loss() {
         &exe,
     );
     let (ok, text) = run_program(&exe, &[]);
+    print!("{text}");
     assert!(ok && text.contains("abi_vp: ok"), "{text}");
 }
