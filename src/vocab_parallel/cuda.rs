@@ -21,8 +21,9 @@
 
 use super::params::{self, VpDims, VpFinishArgs, VpParams, VpReduceArgs, VpStatsArgs};
 use super::{
-    collectives, validate_dense_teacher, validate_finish, validate_head, validate_round,
-    validate_topk_head, Gathered, ShardInputs, ShardTeacher, VocabShard, STATS_WIDTH,
+    check_round, check_round2, validate_dense_teacher, validate_finish, validate_head,
+    validate_round, validate_topk_head, Gathered, ShardInputs, ShardTeacher, VocabShard,
+    STATS_WIDTH,
 };
 use crate::cuda::{allow_smem, io, upload, CudaBackend, Kernel};
 use crate::driver::KdOutput;
@@ -177,21 +178,9 @@ impl CudaBackend {
         stats: u64,
     ) -> Result<()> {
         let dims = validate(raw, spec, world)?;
-        match (round, round1) {
-            (1, 0) => {}
-            (1, _) => return invalid("round1", "round 1 takes no gathered statistics"),
-            (2, _) if collectives(spec) < 2 => {
-                return invalid(
-                    "round",
-                    format!(
-                        "{} needs one collective: there is no round 2",
-                        spec.divergence
-                    ),
-                )
-            }
-            (2, 0) => return invalid("round1", "round 2 needs the gathered round-1 statistics"),
-            (2, _) => check_world("round1", world)?,
-            _ => return invalid("round", format!("must be 1 or 2, got {round}")),
+        check_round(spec, round, round1 != 0)?;
+        if round1 != 0 {
+            check_world("round1", world)?;
         }
         if stats == 0 {
             return invalid("stats", "device pointer is null");
@@ -255,24 +244,7 @@ impl CudaBackend {
             return invalid("round1", "device pointer is null");
         }
         check_world("round1", world)?;
-        match (collectives(spec), round2) {
-            (2, 0) => {
-                return invalid(
-                    "round2",
-                    format!("{} needs the gathered round-2 statistics", spec.divergence),
-                )
-            }
-            (1, r) if r != 0 => {
-                return invalid(
-                    "round2",
-                    format!(
-                        "{} has one round: pass no round-2 statistics",
-                        spec.divergence
-                    ),
-                )
-            }
-            _ => {}
-        }
+        check_round2(spec, round2 != 0)?;
         if out.row_losses == 0 || out.loss == 0 {
             return invalid("row_losses", "row_losses and loss must be non-null");
         }
@@ -580,25 +552,11 @@ impl CudaBackend {
         spec: &LossSpec,
         grad: Option<GradDtype>,
     ) -> Result<Vec<KdOutput>> {
-        let world = shards.len();
-        let gather = |round: usize, prev: Option<&Gathered>| -> Result<Vec<f64>> {
-            let mut all = Vec::new();
-            for s in shards {
-                all.extend(self.vp_round_stats(s, spec, round, prev)?);
-            }
-            Ok(all)
-        };
-        let g1 = gather(1, None)?;
-        let r1 = Gathered { stats: &g1, world };
-        let g2 = if collectives(spec) == 2 {
-            Some(gather(2, Some(&r1))?)
-        } else {
-            None
-        };
-        let r2 = g2.as_deref().map(|stats| Gathered { stats, world });
-        shards
-            .iter()
-            .map(|s| self.vp_finish(s, spec, &r1, r2.as_ref(), grad))
-            .collect()
+        super::in_process(
+            shards,
+            spec,
+            |s, round, prev| self.vp_round_stats(s, spec, round, prev),
+            |s, r1, r2| self.vp_finish(s, spec, r1, r2, grad),
+        )
     }
 }

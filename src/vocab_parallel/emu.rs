@@ -7,9 +7,7 @@
 //! Slow; not for real use.
 
 use super::params::{self, VpDims, VpFinishArgs, VpParams, VpStatsArgs};
-use super::{
-    collectives, validate_finish, validate_round, Gathered, ShardInputs, ShardTeacher, STATS_WIDTH,
-};
+use super::{validate_finish, validate_round, Gathered, ShardInputs, ShardTeacher, STATS_WIDTH};
 use crate::driver::KdOutput;
 use crate::error::{invalid, Result};
 use crate::spec::LossSpec;
@@ -232,26 +230,12 @@ impl VpEmu {
         spec: &LossSpec,
         grad: Option<GradDtype>,
     ) -> Result<Vec<KdOutput>> {
-        let world = shards.len();
-        let gather = |round: usize, prev: Option<&Gathered>| -> Result<Vec<f64>> {
-            let mut all = Vec::new();
-            for s in shards {
-                all.extend(self.round_stats(s, spec, round, prev)?);
-            }
-            Ok(all)
-        };
-        let g1 = gather(1, None)?;
-        let r1 = Gathered { stats: &g1, world };
-        let g2 = if collectives(spec) == 2 {
-            Some(gather(2, Some(&r1))?)
-        } else {
-            None
-        };
-        let r2 = g2.as_deref().map(|stats| Gathered { stats, world });
-        shards
-            .iter()
-            .map(|s| self.finish(s, spec, &r1, r2.as_ref(), grad))
-            .collect()
+        super::in_process(
+            shards,
+            spec,
+            |s, round, prev| self.round_stats(s, spec, round, prev),
+            |s, r1, r2| self.finish(s, spec, r1, r2, grad),
+        )
     }
 }
 

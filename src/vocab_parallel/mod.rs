@@ -327,23 +327,30 @@ pub(crate) fn validate_round(
     let topk = validate(inputs, spec)?;
     let n = inputs.student.rows;
     let sh = inputs.shard;
-    match (round, round1) {
-        (1, None) => {}
-        (1, Some(_)) => return invalid("round1", "round 1 takes no gathered statistics"),
-        (2, _) if collectives(spec) < 2 => {
-            return invalid(
-                "round",
-                format!(
-                    "{} needs one collective: there is no round 2",
-                    spec.divergence
-                ),
-            )
-        }
-        (2, None) => return invalid("round1", "round 2 needs the gathered round-1 statistics"),
-        (2, Some(g)) => g.check("round1", n, 1, sh.vocab_size)?,
-        _ => return invalid("round", format!("must be 1 or 2, got {round}")),
+    check_round(spec, round, round1.is_some())?;
+    if let Some(g) = round1 {
+        g.check("round1", n, 1, sh.vocab_size)?;
     }
     Ok(topk)
+}
+
+/// `round` against the loss and whether the gathered round 1 is given (the
+/// host's and the device's shared words).
+pub(crate) fn check_round(spec: &LossSpec, round: usize, has_round1: bool) -> Result<()> {
+    match (round, has_round1) {
+        (1, false) => Ok(()),
+        (1, true) => invalid("round1", "round 1 takes no gathered statistics"),
+        (2, _) if collectives(spec) < 2 => invalid(
+            "round",
+            format!(
+                "{} needs one collective: there is no round 2",
+                spec.divergence
+            ),
+        ),
+        (2, false) => invalid("round1", "round 2 needs the gathered round-1 statistics"),
+        (2, true) => Ok(()),
+        _ => invalid("round", format!("must be 1 or 2, got {round}")),
+    }
 }
 
 /// The step's results from the gathered statistics of every round: the
@@ -413,26 +420,29 @@ pub(crate) fn validate_finish(
     let n = inputs.student.rows;
     let sh = inputs.shard;
     round1.check("round1", n, 1, sh.vocab_size)?;
-    match (collectives(spec), round2) {
-        (2, Some(g)) => g.check("round2", n, 2, sh.vocab_size)?,
-        (2, None) => {
-            return invalid(
-                "round2",
-                format!("{} needs the gathered round-2 statistics", spec.divergence),
-            )
-        }
-        (_, Some(_)) => {
-            return invalid(
-                "round2",
-                format!(
-                    "{} has one round: pass no round-2 statistics",
-                    spec.divergence
-                ),
-            )
-        }
-        _ => {}
+    check_round2(spec, round2.is_some())?;
+    if let Some(g) = round2 {
+        g.check("round2", n, 2, sh.vocab_size)?;
     }
     Ok(topk)
+}
+
+/// Whether the finish's gathered round 2 is given as the loss needs it.
+pub(crate) fn check_round2(spec: &LossSpec, has_round2: bool) -> Result<()> {
+    match (collectives(spec), has_round2) {
+        (2, false) => invalid(
+            "round2",
+            format!("{} needs the gathered round-2 statistics", spec.divergence),
+        ),
+        (1, true) => invalid(
+            "round2",
+            format!(
+                "{} has one round: pass no round-2 statistics",
+                spec.divergence
+            ),
+        ),
+        _ => Ok(()),
+    }
 }
 
 /// The valid rows (labels not ignored) of `n`.
@@ -462,11 +472,29 @@ pub fn run_in_process(
     spec: &LossSpec,
     grad: Option<GradDtype>,
 ) -> Result<Vec<KdOutput>> {
+    in_process(
+        shards,
+        spec,
+        |s, round, prev| round_stats(s, spec, round, prev),
+        |s, r1, r2| finish(s, spec, r1, r2, grad),
+    )
+}
+
+/// The protocol over `shards` in one process with any implementation of its
+/// steps (the host's, the emulated kernels', the device's): `round(shard,
+/// round, gathered round 1)` and `finish(shard, round 1, round 2)`, the
+/// all-gathers done by concatenation in rank order.
+pub(crate) fn in_process(
+    shards: &[ShardInputs],
+    spec: &LossSpec,
+    round: impl Fn(&ShardInputs, usize, Option<&Gathered>) -> Result<Vec<f64>>,
+    finish: impl Fn(&ShardInputs, &Gathered, Option<&Gathered>) -> Result<KdOutput>,
+) -> Result<Vec<KdOutput>> {
     let world = shards.len();
-    let gather = |round: usize, prev: Option<&Gathered>| -> Result<Vec<f64>> {
+    let gather = |r: usize, prev: Option<&Gathered>| -> Result<Vec<f64>> {
         let mut all = Vec::new();
         for s in shards {
-            all.extend(round_stats(s, spec, round, prev)?);
+            all.extend(round(s, r, prev)?);
         }
         Ok(all)
     };
@@ -478,8 +506,5 @@ pub fn run_in_process(
         None
     };
     let r2 = g2.as_deref().map(|stats| Gathered { stats, world });
-    shards
-        .iter()
-        .map(|s| finish(s, spec, &r1, r2.as_ref(), grad))
-        .collect()
+    shards.iter().map(|s| finish(s, &r1, r2.as_ref())).collect()
 }

@@ -253,65 +253,50 @@ fn c_program_version_2_fields_match_the_oracle() {
     );
 }
 
+/// `tests/c/<name>.c` built against include/kdfuse.h and linked with
+/// libkdfuse.so, run without arguments: its output, after checking that it
+/// succeeded and printed "<name>: ok".
+fn run_dynamic_c_program(name: &str) -> String {
+    let lib = lib_dir();
+    assert!(
+        lib.join("libkdfuse.so").exists(),
+        "build the library with the tests (cargo test --release)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join(name);
+    let src = root().join("tests/c").join(format!("{name}.c"));
+    compile(
+        &[
+            "-std=c11",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            &format!("-I{}", root().join("include").display()),
+            src.to_str().unwrap(),
+            &format!("-L{}", lib.display()),
+            &format!("-Wl,-rpath,{}", lib.display()),
+            "-lkdfuse",
+            "-lm",
+        ],
+        &exe,
+    );
+    let (ok, text) = run_program(&exe, &[]);
+    assert!(ok && text.contains(&format!("{name}: ok")), "{text}");
+    text
+}
+
 /// Bad input through the C ABI (tests/c/abi_bad_input.c): unknown struct
 /// versions, misaligned outputs, a wrapping element count, parameters beyond
 /// fp32, β with another divergence; an empty batch's loss is +0.
 #[test]
 fn c_program_bad_input_is_refused() {
-    let lib = lib_dir();
-    assert!(
-        lib.join("libkdfuse.so").exists(),
-        "build the library with the tests (cargo test --release)"
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let exe = dir.path().join("abi_bad_input");
-    compile(
-        &[
-            "-std=c11",
-            "-Wall",
-            "-Wextra",
-            "-Werror",
-            &format!("-I{}", root().join("include").display()),
-            root().join("tests/c/abi_bad_input.c").to_str().unwrap(),
-            &format!("-L{}", lib.display()),
-            &format!("-Wl,-rpath,{}", lib.display()),
-            "-lkdfuse",
-            "-lm",
-        ],
-        &exe,
-    );
-    let (ok, text) = run_program(&exe, &[]);
-    assert!(ok && text.contains("abi_bad_input: ok"), "{text}");
+    run_dynamic_c_program("abi_bad_input");
 }
 
 /// Vocab-parallel distillation through the C ABI (tests/c/abi_vp.c): two
 /// shards (one padded), JSD in two rounds with α > 0, against the unsharded
-/// f64 entry point; the three calls' errors.
+/// f64 entry point; the calls' errors (the device calls' too, with a GPU).
 #[test]
 fn c_program_vocab_parallel_matches_the_unsharded_loss() {
-    let lib = lib_dir();
-    assert!(
-        lib.join("libkdfuse.so").exists(),
-        "build the library with the tests (cargo test --release)"
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let exe = dir.path().join("abi_vp");
-    compile(
-        &[
-            "-std=c11",
-            "-Wall",
-            "-Wextra",
-            "-Werror",
-            &format!("-I{}", root().join("include").display()),
-            root().join("tests/c/abi_vp.c").to_str().unwrap(),
-            &format!("-L{}", lib.display()),
-            &format!("-Wl,-rpath,{}", lib.display()),
-            "-lkdfuse",
-            "-lm",
-        ],
-        &exe,
-    );
-    let (ok, text) = run_program(&exe, &[]);
-    print!("{text}");
-    assert!(ok && text.contains("abi_vp: ok"), "{text}");
+    print!("{}", run_dynamic_c_program("abi_vp"));
 }

@@ -3,5 +3,6 @@
 //! unsharded rows, and its errors.
 
 mod emulated;
+mod fixtures;
 mod sharded;
 mod validation;
