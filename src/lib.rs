@@ -54,6 +54,7 @@ pub mod oracle;
 mod params;
 pub mod spec;
 pub mod tensor;
+pub mod topk_select;
 pub mod vocab_parallel;
 
 /// What the build embedded: the fatbin, its architectures, the toolchain and

@@ -1,0 +1,207 @@
+//! The CPU backend: rayon over rows; each row in one pass that keeps the
+//! candidates above a running threshold (the current k-th largest), then a
+//! vectorised sum of exponentials for the log-sum-exp.
+
+use super::{nan_row, order, validate, SelectSpec, Selection};
+use crate::error::Result;
+use crate::tensor::{HostData, Logits};
+use rayon::prelude::*;
+
+/// Per-thread buffers: the widened row (16-bit inputs) and the candidates.
+#[derive(Default)]
+struct Scratch {
+    row: Vec<f32>,
+    cand: Vec<(f32, u32)>,
+}
+
+/// The selection on the CPU (rayon over rows). See the module's semantics.
+pub fn select_cpu(logits: &Logits, spec: &SelectSpec) -> Result<Selection> {
+    validate(logits, spec)?;
+    let (n, v, k) = (logits.rows, logits.cols, spec.k);
+    // Poisoned, so that an element left unwritten shows in the tests.
+    let mut indices = vec![-1i32; n * k];
+    let mut values = vec![f32::NAN; n * k];
+    let mut lse = vec![f32::NAN; n];
+    let mut nan = vec![false; n];
+    let stride = logits.row_stride;
+    indices
+        .par_chunks_mut(k)
+        .zip(values.par_chunks_mut(k))
+        .zip(lse.par_iter_mut().zip(nan.par_iter_mut()))
+        .enumerate()
+        .for_each_init(Scratch::default, |s, (r, ((idx, val), (lse, bad)))| {
+            let Scratch { row: buf, cand } = s;
+            let off = r * stride;
+            let row: &[f32] = match logits.data {
+                HostData::F32(d) => &d[off..off + v],
+                HostData::Bf16(d) => {
+                    buf.clear();
+                    buf.extend(d[off..off + v].iter().map(|x| x.to_f32()));
+                    buf
+                }
+                HostData::F16(d) => {
+                    buf.clear();
+                    buf.extend(d[off..off + v].iter().map(|x| x.to_f32()));
+                    buf
+                }
+            };
+            if !select_row(row, k, cand, idx, val) {
+                *bad = true;
+            } else if spec.with_lse {
+                *lse = row_lse(row, val[0]);
+            }
+        });
+    if let Some(r) = nan.iter().position(|&b| b) {
+        return nan_row(r);
+    }
+    Ok(Selection {
+        rows: n,
+        k,
+        indices,
+        values,
+        lse: spec.with_lse.then_some(lse),
+    })
+}
+
+/// Elements per block of the fast scan (compared with the threshold at once).
+const BLOCK: usize = 16;
+
+/// The top `k` of `row` into `idx` and `val`, in order; false (and the
+/// outputs unspecified) when the row holds a NaN.
+///
+/// Candidates are appended while they beat the threshold: the k-th largest
+/// of the candidates kept at the last compaction. A later element equal to
+/// the threshold loses to it (its column is higher), hence the strict `>`.
+/// When the buffer fills, `select_nth_unstable_by` keeps its top k.
+fn select_row(
+    row: &[f32],
+    k: usize,
+    cand: &mut Vec<(f32, u32)>,
+    idx: &mut [i32],
+    val: &mut [f32],
+) -> bool {
+    let cap = 2 * k + 256;
+    cand.clear();
+    cand.reserve(cap);
+    // Until the first compaction every element is a candidate.
+    let mut thr = f32::NEG_INFINITY;
+    let mut have_thr = false;
+    let compact = |cand: &mut Vec<(f32, u32)>| -> f32 {
+        cand.select_nth_unstable_by(k - 1, |a, b| order(*a, *b));
+        cand.truncate(k);
+        // The k-th in order: the minimum of what is kept.
+        cand.iter().map(|c| c.0).fold(f32::INFINITY, f32::min)
+    };
+    let mut base = 0usize;
+    let blocks = row.chunks_exact(BLOCK);
+    let tail = blocks.remainder();
+    let push = |cand: &mut Vec<(f32, u32)>,
+                thr: &mut f32,
+                have_thr: &mut bool,
+                chunk: &[f32],
+                base: usize|
+     -> bool {
+        for (j, &x) in chunk.iter().enumerate() {
+            if x.is_nan() {
+                return false;
+            }
+            if !*have_thr || x > *thr {
+                cand.push((x, (base + j) as u32));
+                if cand.len() == cap {
+                    *thr = compact(cand);
+                    *have_thr = true;
+                }
+            }
+        }
+        true
+    };
+    for chunk in blocks {
+        // Branch-free test of the whole block (vectorises): anything above
+        // the threshold, or a NaN (which compares unequal to itself)?
+        let mut hit = false;
+        for &x in chunk {
+            hit |= (x > thr) | (x != x);
+        }
+        if (hit || !have_thr) && !push(cand, &mut thr, &mut have_thr, chunk, base) {
+            return false;
+        }
+        base += BLOCK;
+    }
+    if !push(cand, &mut thr, &mut have_thr, tail, base) {
+        return false;
+    }
+    if cand.len() > k {
+        compact(cand);
+    }
+    cand.sort_unstable_by(|a, b| order(*a, *b));
+    for (j, c) in cand.iter().enumerate() {
+        idx[j] = c.1 as i32;
+        val[j] = c.0;
+    }
+    true
+}
+
+/// `ln Σ exp(x)` of a row without NaN whose maximum is `m`: the sum of
+/// `exp(x − m)` (fp32, [`exp_neg`]) accumulated in f64 lanes.
+fn row_lse(row: &[f32], m: f32) -> f32 {
+    if m.is_infinite() {
+        return m;
+    }
+    const L: usize = 8;
+    let mut acc = [0f64; L];
+    let blocks = row.chunks_exact(L);
+    let tail = blocks.remainder();
+    for chunk in blocks {
+        for j in 0..L {
+            acc[j] += exp_neg(chunk[j] - m) as f64;
+        }
+    }
+    let mut s: f64 = acc.iter().sum();
+    for &x in tail {
+        s += exp_neg(x - m) as f64;
+    }
+    (m as f64 + s.ln()) as f32
+}
+
+/// `exp(x)` for `x ≤ 0` in fp32, branch-free so that loops over it
+/// vectorise (SSE2 has no rounding instruction, hence the magic-number
+/// rounding): `2^n · 2^f`, `f ∈ [−½, ½]`, `2^f` by a degree-7 polynomial
+/// (relative error below 1e-7). Below `−87` (where `exp` leaves the normal
+/// range) it returns `exp(−87) ≈ 1.6e-38`: next to a row maximum's term of
+/// 1 that is below f32 resolution, even summed over 2^24 elements.
+#[inline(always)]
+fn exp_neg(x: f32) -> f32 {
+    const MAGIC: f32 = 12582912.0; // 1.5 · 2^23: adding it rounds to an integer
+    let t = x.max(-87.0) * std::f32::consts::LOG2_E;
+    let n = (t + MAGIC) - MAGIC;
+    let f = (t - n) * std::f32::consts::LN_2;
+    // e^f, |f| ≤ ln2/2, Taylor to degree 7.
+    let p = 1.0
+        + f * (1.0
+            + f * (0.5
+                + f * (1.0 / 6.0
+                    + f * (1.0 / 24.0
+                        + f * (1.0 / 120.0 + f * (1.0 / 720.0 + f * (1.0 / 5040.0)))))));
+    let scale = f32::from_bits(((n as i32 + 127) << 23) as u32);
+    p * scale
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exp_neg;
+
+    #[test]
+    fn exp_neg_is_accurate() {
+        let mut x = 0.0f32;
+        while x > -87.0 {
+            let want = (x as f64).exp();
+            let got = exp_neg(x) as f64;
+            assert!(
+                ((got - want) / want).abs() < 3e-7,
+                "x = {x}: {got} vs {want}"
+            );
+            x -= 0.0137;
+        }
+        assert_eq!(exp_neg(f32::NEG_INFINITY), exp_neg(-87.0));
+    }
+}

@@ -1,0 +1,7 @@
+//! Per-row top-k selection (src/topk_select): the oracle on hand-made rows,
+//! the CPU backend and the emulated CUDA kernel against the oracle on random
+//! sweeps, and the errors.
+
+mod cpu;
+mod oracle;
+mod validation;
