@@ -122,6 +122,8 @@ pub(crate) enum Kernel {
     VpFinish { io: Io },
     /// `kd_vp_reduce_loss`.
     VpReduceLoss,
+    /// `kd_select_<in>` (kernels/topk_select/select.cu).
+    Select { dtype: Dtype },
 }
 
 // First slot of each family in the table.
@@ -138,7 +140,8 @@ const MLP: usize = EAGER + EAGER_OPS.len();
 const VP_STATS: usize = MLP + MLP_OPS.len();
 const VP_FINISH: usize = VP_STATS + 2 * 3;
 const VP_REDUCE: usize = VP_FINISH + IO_NAMES.len();
-const SLOTS: usize = VP_REDUCE + 1;
+const SELECT: usize = VP_REDUCE + 1;
+const SLOTS: usize = SELECT + 3;
 
 fn dtype_index(d: Dtype) -> usize {
     match d {
@@ -182,6 +185,7 @@ impl Kernel {
             }
             Kernel::VpFinish { io } => VP_FINISH + io.0 as usize,
             Kernel::VpReduceLoss => VP_REDUCE,
+            Kernel::Select { dtype } => SELECT + dtype_index(dtype),
         }
     }
 
@@ -216,6 +220,7 @@ impl Kernel {
             }
             Kernel::VpFinish { io } => format!("kd_vp_finish_{}", io.suffix()),
             Kernel::VpReduceLoss => "kd_vp_reduce_loss".into(),
+            Kernel::Select { dtype } => format!("kd_select_{dtype}"),
         }
     }
 }
@@ -303,6 +308,9 @@ mod tests {
         }
         all.extend(ios.iter().map(|&io| Kernel::VpFinish { io }));
         all.push(Kernel::VpReduceLoss);
+        for dtype in [Dtype::F32, Dtype::Bf16, Dtype::F16] {
+            all.push(Kernel::Select { dtype });
+        }
         all
     }
 
@@ -389,6 +397,7 @@ mod tests {
             ),
             (Kernel::VpFinish { io: bf16_f32 }, "kd_vp_finish_bf16_f32"),
             (Kernel::VpReduceLoss, "kd_vp_reduce_loss"),
+            (Kernel::Select { dtype: Dtype::Bf16 }, "kd_select_bf16"),
         ] {
             assert_eq!(k.name(), name);
         }

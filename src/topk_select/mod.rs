@@ -21,7 +21,11 @@
 
 pub mod check;
 mod cpu;
+pub mod cuda;
+#[cfg(feature = "emulation")]
+pub mod emu;
 mod oracle;
+pub(crate) mod params;
 
 use crate::error::{invalid, Result};
 use crate::tensor::Logits;
@@ -61,13 +65,19 @@ pub struct Selection {
 /// Checks the logits' shape and `k` (`1 ≤ k ≤ V`, `k ≤ MAX_K`).
 pub fn validate(logits: &Logits, spec: &SelectSpec) -> Result<()> {
     logits.validate("logits")?;
+    check_k(spec.k, logits.cols)
+}
+
+/// `1 ≤ k ≤ V` and `k ≤ MAX_K`.
+pub(crate) fn check_k(k: usize, cols: usize) -> Result<()> {
+    let spec = SelectSpec { k, with_lse: false };
     if spec.k == 0 {
         return invalid("k", "must be at least 1");
     }
-    if spec.k > logits.cols {
+    if spec.k > cols {
         return invalid(
             "k",
-            format!("k = {} exceeds the row length V = {}", spec.k, logits.cols),
+            format!("k = {} exceeds the row length V = {cols}", spec.k),
         );
     }
     if spec.k > MAX_K {

@@ -3,5 +3,6 @@
 //! sweeps, and the errors.
 
 mod cpu;
+mod emulated;
 mod oracle;
 mod validation;
