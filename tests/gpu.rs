@@ -6,7 +6,8 @@
 //!
 //! The feature losses' GPU tests are in gpu_features/, the loss-family
 //! options' (top-k teacher, soft-capping, row weights, teacher gradient) in
-//! gpu_loss_family/, the vocab-parallel kernels' in gpu_vocab_parallel/.
+//! gpu_loss_family/, the vocab-parallel kernels' in gpu_vocab_parallel/, the
+//! top-k selection kernel's in gpu_topk_select/.
 //!
 //! Own runner (harness = false, tests/common/gpu_runner.rs): without a
 //! usable GPU every test prints "skipped" with the reason; with
@@ -15,6 +16,7 @@
 
 mod gpu_features;
 mod gpu_loss_family;
+mod gpu_topk_select;
 mod gpu_vocab_parallel;
 
 mod common;
@@ -90,6 +92,18 @@ fn main() -> ExitCode {
         (
             "vp_raw_api_on_caller_stream",
             gpu_vocab_parallel::vp_raw_api_on_caller_stream,
+        ),
+        (
+            "select_sweep_against_oracle",
+            gpu_topk_select::select_sweep_against_oracle,
+        ),
+        (
+            "select_llm_vocabularies_every_dtype",
+            gpu_topk_select::select_llm_vocabularies_every_dtype,
+        ),
+        (
+            "select_raw_api_on_caller_stream",
+            gpu_topk_select::select_raw_api_on_caller_stream,
         ),
     ];
     gpu_runner::run(tests)

@@ -14,16 +14,18 @@ fn emu(grid: u32, block: u32) -> SelectEmu {
 
 #[test]
 fn random_sweep_small_blocks() {
+    // Rows longer than the block (several tiles, several elements per
+    // thread), one block striding over the rows or two.
     let cfg = SweepConfig {
-        max_rows: 4,
-        max_cols: 700,
+        max_rows: 2,
+        max_cols: 400,
         big_every: 0,
         big_cols: 0,
     };
     let mut nan = 0;
-    for (seed, block) in [(21u64, 32u32), (22, 64), (23, 96), (24, 128)] {
-        let e = emu(2, block);
-        nan += sweep(550, seed, &cfg, &|l, s| e.select(l, s)).unwrap_or_else(|e| panic!("{e}"));
+    for (seed, grid, block) in [(21u64, 1, 32u32), (22, 1, 64), (23, 2, 32), (24, 1, 96)] {
+        let e = emu(grid, block);
+        nan += sweep(520, seed, &cfg, &|l, s| e.select(l, s)).unwrap_or_else(|e| panic!("{e}"));
     }
     assert!(nan > 20, "{nan} NaN cases");
 }
