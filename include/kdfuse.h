@@ -487,6 +487,29 @@ enum KdfuseStatus kdfuse_feature_compute_cuda(const struct KdfuseContext *ctx,
                                               const struct KdfuseFeatureBatch *batch,
                                               void *stream);
 
+// The `k` largest elements of each of the `rows` rows of `logits`
+// (`cols` elements each, `row_stride` elements apart, of `dtype`: 0 f32,
+// 1 bf16, 2 f16), on the CPU: writes `indices` (`[rows, k]` int32, by
+// value descending, ties by the lower column) and `values` (`[rows, k]`
+// float, the input elements exactly), and the rows' natural log-sum-exp
+// to `lse` (`[rows]` float) unless it is NULL. `1 ≤ k ≤ min(cols, 4096)`.
+// A row holding a NaN is an error naming the first such row (outputs
+// then unspecified).
+//
+// # Safety
+// `logits` readable for (rows−1)·row_stride + cols elements; `indices` and
+// `values` writable for rows·k elements, `lse` for rows (or NULL); the
+// outputs do not overlap the input.
+enum KdfuseStatus kdfuse_topk_select_host(const void *logits,
+                                          int32_t dtype,
+                                          int64_t rows,
+                                          int64_t cols,
+                                          int64_t row_stride,
+                                          int64_t k,
+                                          int32_t *indices,
+                                          float *values,
+                                          float *lse);
+
 // Fills `*out` for the shard starting at global column `vocab_start` of a
 // vocabulary of `vocab_size` real columns.
 //

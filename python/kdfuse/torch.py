@@ -38,6 +38,7 @@ __all__ = [
     "FeatureDistillationLoss",
     "vocab_parallel_distill_loss",
     "vocab_parallel_collectives",
+    "topk_teacher",
     "REDUCTIONS",
     "DIVERGENCES",
 ]
@@ -956,3 +957,50 @@ class FeatureDistillationLoss(torch.nn.Module):
 # Vocab-parallel distillation (kdfuse/vocab_parallel.py), at the end: it uses
 # this module's argument checks.
 from .vocab_parallel import vocab_parallel_collectives, vocab_parallel_distill_loss  # noqa: E402
+
+
+_SELECT_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def topk_teacher(logits, k, with_lse=False):
+    """The ``k`` largest logits of every row, for an offline teacher cache.
+
+    ``logits`` is a CPU tensor ``[..., V]`` (float32, bfloat16 or float16,
+    any strides); ``1 <= k <= min(V, 4096)``. Returns ``(values, indices)``,
+    or ``(values, indices, lse)`` with ``with_lse``: ``values`` float32
+    ``[..., k]`` (the input elements exactly), ``indices`` int32 ``[..., k]``
+    (what ``topk_distill_loss`` takes), per row by value descending with
+    equal values by the lower index (deterministic, unlike ``torch.topk``),
+    and ``lse`` float32 ``[...]``, the natural log-sum-exp of each whole
+    row. ``-inf`` and ``+inf`` are ordinary values; a row holding a NaN
+    raises ``KdfuseArgumentError`` naming the row. Runs kdfuse's CPU
+    selection (docs/DESIGN.md §9); not differentiable.
+    """
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if logits.dtype not in _SELECT_DTYPES:
+        raise ValueError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
+    if logits.device.type != "cpu":
+        raise ValueError(f"logits must be a CPU tensor (got {logits.device}); the CUDA "
+                         "selection kernel has no Python entry point yet")
+    if logits.dim() < 1:
+        raise ValueError("logits must have at least one dimension ([..., V]), got a scalar")
+    lead, v = logits.shape[:-1], logits.shape[-1]
+    x2 = _rows(logits.detach())
+    n = x2.shape[0]
+    kk = max(k, 0)
+    values = torch.empty(n, kk, dtype=torch.float32)
+    indices = torch.empty(n, kk, dtype=torch.int32)
+    lse = torch.empty(n, dtype=torch.float32) if with_lse else None
+    lib = _lib.load_library()
+    _lib.check(lib.kdfuse_topk_select_host(
+        x2.data_ptr() if n else None, _SELECT_DTYPES[logits.dtype], n, v,
+        _row_stride(x2), k, indices.data_ptr() if n else None,
+        values.data_ptr() if n else None, lse.data_ptr() if (lse is not None and n) else None))
+    out = (values.reshape(*lead, kk), indices.reshape(*lead, kk))
+    if with_lse:
+        out = out + (lse.reshape(lead),)
+    return out
+

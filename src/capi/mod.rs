@@ -6,9 +6,11 @@
 
 mod f64;
 mod feature;
+mod topk_select;
 mod types;
 mod vocab_parallel;
 
+pub use topk_select::kdfuse_topk_select_host;
 pub use types::{
     KdfuseBatch, KdfuseDivergence, KdfuseDtype, KdfuseFeatureBatch, KdfuseFeatureKind,
     KdfuseIndexDtype, KdfuseParams, KdfuseReduction, KdfuseStatus, KdfuseTopkMode,

@@ -2,6 +2,7 @@
 //! the CPU backend and the emulated CUDA kernel against the oracle on random
 //! sweeps, and the errors.
 
+mod capi;
 mod cpu;
 mod emulated;
 mod oracle;
