@@ -184,11 +184,16 @@ fn row_lse(row: &[f32], m: f32) -> f32 {
 /// resolution, even summed over 2^24 elements.
 #[inline(always)]
 fn exp_neg(x: f32) -> f32 {
-    const MAGIC: f32 = 12582912.0; // 1.5 · 2^23: adding it rounds to an integer
-                                   // Not `f32::max` (NaN rules): a plain select becomes one max instruction.
+    // 1.5 · 2^23: adding it rounds to an integer, which then sits in the
+    // low mantissa bits (read as an integer, no saturating `as i32`, which
+    // would not vectorise).
+    const MAGIC: f32 = 12582912.0;
+    // Not `f32::max` (NaN rules): a plain select becomes one max instruction.
     let x = if x < -87.0 { -87.0 } else { x };
     let t = x * std::f32::consts::LOG2_E;
-    let n = (t + MAGIC) - MAGIC;
+    let r = t + MAGIC;
+    let n = r - MAGIC;
+    let ni = (r.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
     let f = (t - n) * std::f32::consts::LN_2;
     // e^f, |f| ≤ ln2/2, Taylor to degree 7.
     let p = 1.0
@@ -197,7 +202,7 @@ fn exp_neg(x: f32) -> f32 {
                 + f * (1.0 / 6.0
                     + f * (1.0 / 24.0
                         + f * (1.0 / 120.0 + f * (1.0 / 720.0 + f * (1.0 / 5040.0)))))));
-    let scale = f32::from_bits(((n as i32 + 127) << 23) as u32);
+    let scale = f32::from_bits((ni.wrapping_add(127) << 23) as u32);
     p * scale
 }
 
