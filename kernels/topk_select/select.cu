@@ -29,7 +29,14 @@
 // atomic), each refinement pass ≈ 6, the compaction ≈ 12 plus a 5-step warp
 // scan per element; ≈ 50–60 in all. Per row: the bitonic sort of
 // next_pow2(k) pairs (k log² k / 2 compare-exchanges) and 4 bucket scans.
-// Shared memory: 32 KB of winners + 1 KB of histogram (static).
+// Shared memory: 32 KB of winners + 1 KB of histogram (static). ptxas
+// (CUDA 13.0, -O3): 32–40 registers, no stack frame, no spills, 34000 B
+// of shared memory on sm_80 and sm_90.
+// Known risk, unmeasured: pass 0's shared atomics meet in few bins (logits
+// share their top byte: sign and high exponent bits), and same-address
+// atomics serialise. Warp-aggregated increments (ballot, shuffle, one
+// atomic per distinct bin) were tried: on sm_90 they spilled 16 bytes and
+// doubled the emulated tests' time, so they wait for a GPU to time them.
 #pragma once
 
 #include "common/block.cuh"
