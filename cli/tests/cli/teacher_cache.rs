@@ -452,3 +452,43 @@ fn safetensors_inputs_equal_npy_inputs() {
     };
     assert_eq!(read("c1"), read("c2"));
 }
+
+/// The cache that python/kdfuse/teacher_cache.py wrote
+/// (python/tests/fixtures/teacher_cache_py: log-probs with lse of fixed
+/// logits) reads back here, and `kdfuse loss` takes it.
+#[test]
+fn a_python_written_cache_reads_back() {
+    let dir =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../python/tests/fixtures/teacher_cache_py");
+    let r = CacheReader::open(&dir).unwrap();
+    let (n, v, k) = (10usize, 40usize, 5usize);
+    assert_eq!(
+        (r.rows(), r.meta().k, r.meta().vocab_size),
+        (n as u64, k, v)
+    );
+    let x: Vec<f32> = (0..n * v)
+        .map(|i| (((i / v) * 7 + (i % v) * 13) % 17) as f32 * 0.5 - 4.0)
+        .collect();
+    let rows = r.read_rows(0, n as u64).unwrap();
+    let lse = rows.lse.as_ref().unwrap();
+    for (row, xr) in x.chunks(v).enumerate() {
+        let mut order: Vec<usize> = (0..v).collect();
+        order.sort_by(|&a, &b| xr[b].partial_cmp(&xr[a]).unwrap().then(a.cmp(&b)));
+        for j in 0..k {
+            assert_eq!(rows.indices[row * k + j], order[j] as i32, "row {row}");
+            assert_eq!(
+                rows.values[row * k + j],
+                xr[order[j]] - lse[row],
+                "row {row}"
+            );
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let s = common::logits(9, n, v, 1.0);
+    write(&tmp.path().join("s.npy"), &s, &[n as u64, v as u64]);
+    let j = Cli::new(&["loss", "--backend", "cpu", "--topk-mode", "tail"])
+        .path("--student", tmp.path().join("s.npy"))
+        .path("--teacher-cache", &dir)
+        .json();
+    assert!(j["loss"].as_f64().is_some_and(f64::is_finite), "{j}");
+}
