@@ -315,6 +315,7 @@ pub fn run(a: LossArgs) -> Result<ExitCode, CliError> {
     let mut backend = None;
     let mut out = None;
     let mut topk_teacher = None;
+    let mut cache_json = json!({});
     let mut teacher_json = json!({ "teacher": "dense" });
     match source {
         TeacherSource::Dense(tpath) => {
@@ -391,6 +392,10 @@ pub fn run(a: LossArgs) -> Result<ExitCode, CliError> {
                 .read_rows(start, end)
                 .map_err(cache_err("--teacher-cache", dir))?;
             topk_teacher = Some((npy::Indices::I32(rows.indices), rows.values, rows.k));
+            cache_json = json!({
+                "teacher_cache": dir.display().to_string(),
+                "cache_rows": [start, end],
+            });
         }
     }
     if let Some((idx, vals, ki)) = topk_teacher {
@@ -465,8 +470,10 @@ pub fn run(a: LossArgs) -> Result<ExitCode, CliError> {
         "grad": path_json(&a.grad),
         "grad_teacher": path_json(&a.grad_teacher),
     });
-    if let (Some(r), Some(t)) = (report.as_object_mut(), teacher_json.as_object()) {
-        r.extend(t.clone());
+    for extra in [&teacher_json, &cache_json] {
+        if let (Some(r), Some(t)) = (report.as_object_mut(), extra.as_object()) {
+            r.extend(t.clone());
+        }
     }
     if let (Some(r), Some(n)) = (report.as_object_mut(), nonfinite) {
         r.insert("nonfinite".into(), n);

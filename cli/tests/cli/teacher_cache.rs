@@ -145,6 +145,9 @@ fn assert_same_loss(f: &Files, name: &str, cache: &str, rows: Option<&str>, flag
         .args(flags)
         .json();
     assert_eq!(jc["teacher"], "cache", "{jc}");
+    let n = jc["rows"].as_u64().unwrap();
+    let (lo, hi) = (jc["cache_rows"][0].as_u64(), jc["cache_rows"][1].as_u64());
+    assert_eq!(hi.zip(lo).map(|(h, l)| h - l), Some(n), "{jc}");
     assert_eq!(jn["teacher"], "topk", "{jn}");
     for key in [
         "loss",
@@ -431,6 +434,15 @@ fn safetensors_inputs_equal_npy_inputs() {
         topk_loss("s16.safetensors", "idx.safetensors", "val.safetensors"),
         topk_loss("s16.npy", "p-idx.npy", "p-val.npy")
     );
+    // feature-loss reads .safetensors too: the F16 student against its .npy twin.
+    let feat = |s: &str| {
+        Cli::feature_loss(f.path(s), f.path("s.npy"), "mse")
+            .args(&["--backend", "cpu"])
+            .json()["loss"]
+            .clone()
+    };
+    assert_eq!(feat("s16.safetensors"), feat("s16.npy"));
+    assert!(feat("s16.npy").as_f64().is_some_and(|l| l > 0.0));
     // teacher-cache build from a safetensors [B, T, V] equals one from .npy.
     f.build("c1", &[]).json();
     Cli::new(&[
