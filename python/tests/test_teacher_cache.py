@@ -70,6 +70,22 @@ class TeacherCacheTest(unittest.TestCase):
         with self.assertRaises(TeacherCacheError):
             list(cache.batches(0))
 
+    def test_torch_tensors_in_and_out(self):
+        try:
+            import torch
+        except ImportError:
+            self.skipTest("torch is not installed")
+        cache = TeacherCache(os.path.join(FIXTURES, "teacher_cache_rust"))
+        idx, val, lse = cache.read_rows(2, 6, torch=True)
+        self.assertEqual((idx.dtype, val.dtype, lse.dtype), (torch.int32, torch.float32, torch.float32))
+        self.assertEqual(tuple(idx.shape), (4, K))
+        out = os.path.join(self.tmp, "t")
+        with TeacherCacheWriter(out, k=K, vocab_size=V, with_lse=True) as w:
+            w.push(idx, val, lse)
+        back = TeacherCache(out).read_rows(0, 4, torch=True)
+        for a, b in zip(back, (idx, val, lse)):
+            self.assertTrue(torch.equal(a, b))
+
     def test_python_fixture_is_what_this_writer_writes(self):
         """fixtures/teacher_cache_py (read by the Rust tests) holds the
         log-probs of the fixture logits, as written by TeacherCacheWriter."""

@@ -504,3 +504,20 @@ fn a_python_written_cache_reads_back() {
         .json();
     assert!(j["loss"].as_f64().is_some_and(f64::is_finite), "{j}");
 }
+
+/// A crash between a shard's rename and the index's: the shard is on disk
+/// but not listed. Readers do not see it; the next append writes over it.
+#[test]
+fn an_unindexed_shard_is_not_part_of_the_cache() {
+    let f = Files::new();
+    f.build("u", &["--shard-rows", "8"]).json();
+    let dir = f.path("u");
+    std::fs::write(dir.join("shard-00002.safetensors"), b"left by a crash").unwrap();
+    let r = CacheReader::open(&dir).unwrap();
+    assert_eq!((r.rows(), r.index().shards.len()), (N as u64, 2));
+    f.build("u", &["--shard-rows", "100", "--append"]).json();
+    let r = CacheReader::open(&dir).unwrap();
+    assert_eq!((r.rows(), r.index().shards.len()), (2 * N as u64, 3));
+    let (idx, _) = topk(&f.t, K);
+    assert_eq!(r.read_rows(N as u64, 2 * N as u64).unwrap().indices, idx);
+}
