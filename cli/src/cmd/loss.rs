@@ -100,11 +100,12 @@ pub struct LossArgs {
     /// way; the output's "precision" says what ran.
     #[arg(long, default_value = "fast", value_parser = ["fast", "exact"])]
     precision: String,
-    /// Write ∂loss/∂student as float32 .npy [N, V].
+    /// Write ∂loss/∂student as float32 .npy of the student's shape.
     #[arg(long, value_name = "G.npy")]
     grad: Option<PathBuf>,
-    /// Write ∂loss/∂teacher as float32 .npy [N, V] (mutual learning: the
-    /// teacher trains too); needs a dense --teacher.
+    /// Write ∂loss/∂teacher as float32 .npy [..., V] with the teacher's
+    /// leading dimensions (mutual learning: the teacher trains too); needs a
+    /// dense --teacher.
     #[arg(long, value_name = "GT.npy")]
     grad_teacher: Option<PathBuf>,
     #[command(flatten)]
@@ -277,7 +278,7 @@ pub fn run(a: LossArgs) -> Result<ExitCode, CliError> {
         spec.validate_topk().map_err(flagged)?;
     }
 
-    let (s, n, v) = npy::read_matrix(&a.student, "--student")?;
+    let (s, n, v, s_shape) = npy::read_rows(&a.student, "--student")?;
     if v == 0 {
         return Err(CliError::Msg(
             "--student has no columns (V must be ≥ 1)".into(),
@@ -315,11 +316,15 @@ pub fn run(a: LossArgs) -> Result<ExitCode, CliError> {
     let mut backend = None;
     let mut out = None;
     let mut topk_teacher = None;
+    let mut grad_teacher_shape = vec![n, v];
     let mut cache_json = json!({});
     let mut teacher_json = json!({ "teacher": "dense" });
     match source {
         TeacherSource::Dense(tpath) => {
-            let (t, tn, tv) = npy::read_matrix(tpath, "--teacher")?;
+            let (t, tn, tv, t_shape) = npy::read_rows(tpath, "--teacher")?;
+            // ∂loss/∂teacher has the teacher's leading dimensions and V columns.
+            grad_teacher_shape = t_shape[..t_shape.len() - 1].to_vec();
+            grad_teacher_shape.push(v);
             if tn != n {
                 return Err(CliError::Msg(format!(
                     "shape mismatch: --student has {n} rows, --teacher {tn}"
@@ -438,7 +443,7 @@ pub fn run(a: LossArgs) -> Result<ExitCode, CliError> {
                 backend.name()
             ))
         })?;
-        npy::write_matrix(path, g, n, v)?;
+        npy::write_array(path, g, &s_shape)?;
     }
     if let Some(path) = &a.grad_teacher {
         let g = out.grad_teacher.as_ref().ok_or_else(|| {
@@ -447,7 +452,7 @@ pub fn run(a: LossArgs) -> Result<ExitCode, CliError> {
                 backend.name()
             ))
         })?;
-        npy::write_matrix(path, g, n, v)?;
+        npy::write_array(path, g, &grad_teacher_shape)?;
     }
     let (loss, nonfinite) = loss_json(spec.reduction == Reduction::None, out.loss, &out.row_losses);
     let path_json = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());

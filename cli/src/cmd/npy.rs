@@ -75,9 +75,15 @@ fn as_rows(
 /// A float array of rank ≥ 2 as f32 values (f16 and bf16 exact, f64 rounded),
 /// its leading dimensions flattened to rows: (data, rows, cols).
 pub fn read_matrix(path: &Path, arg: &str) -> Result<(Vec<f32>, usize, usize), CliError> {
+    let (data, rows, cols, _) = read_rows(path, arg)?;
+    Ok((data, rows, cols))
+}
+
+/// [`read_matrix`], with the file's own shape (for outputs of that shape).
+pub fn read_rows(path: &Path, arg: &str) -> Result<(Vec<f32>, usize, usize, Vec<usize>), CliError> {
     let (data, shape) = read_array(path, arg)?;
     let (rows, cols) = as_rows(path, arg, &shape, "V")?;
-    Ok((data, rows, cols))
+    Ok((data, rows, cols, shape))
 }
 
 /// A float array of rank ≥ 2 flattened to `[rows, k]`, for top-k values.
@@ -192,11 +198,6 @@ pub fn read_vector(path: &Path, arg: &str) -> Result<Vec<f32>, CliError> {
         ));
     }
     Ok(data)
-}
-
-/// Writes a 2-D f32 array.
-pub fn write_matrix(path: &Path, data: &[f32], rows: usize, cols: usize) -> Result<(), CliError> {
-    write_array(path, data, &[rows, cols])
 }
 
 /// A float array of any rank as f32 values (f16 and bf16 exact, f64

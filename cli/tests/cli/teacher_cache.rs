@@ -521,3 +521,34 @@ fn an_unindexed_shard_is_not_part_of_the_cache() {
     let (idx, _) = topk(&f.t, K);
     assert_eq!(r.read_rows(N as u64, 2 * N as u64).unwrap().indices, idx);
 }
+
+/// N-D logits are rows: a [B, T, V] student and teacher give the loss of
+/// their [B·T, V] reshapes, and the gradients keep the inputs' shapes.
+#[test]
+fn n_d_logits_are_rows_and_gradients_keep_their_shape() {
+    let f = Files::new();
+    write(&f.path("s3.npy"), &f.s, &[B as u64, T as u64, V as u64]);
+    write(&f.path("t2.npy"), &f.t, &[N as u64, V as u64]);
+    let run = |s: &str, t: &str, g: &str, gt: &str| {
+        f.loss(s)
+            .path("--teacher", f.path(t))
+            .path("--grad", f.path(g))
+            .path("--grad-teacher", f.path(gt))
+            .json()["loss"]
+            .clone()
+    };
+    assert_eq!(
+        run("s3.npy", "t.npy", "g3.npy", "gt3.npy"),
+        run("s.npy", "t2.npy", "g2.npy", "gt2.npy")
+    );
+    let (g3, shape3) = run::read_f32(&f.path("g3.npy"));
+    let (g2, shape2) = run::read_f32(&f.path("g2.npy"));
+    assert_eq!(
+        (shape3, shape2),
+        (vec![B as u64, T as u64, V as u64], vec![N as u64, V as u64])
+    );
+    assert_eq!(g3, g2);
+    let (gt3, shape) = run::read_f32(&f.path("gt3.npy"));
+    assert_eq!(shape, vec![B as u64, T as u64, V as u64]);
+    assert_eq!(gt3, run::read_f32(&f.path("gt2.npy")).0);
+}
