@@ -407,6 +407,36 @@ fn bad_teacher_caches_are_refused() {
     std::fs::write(&index, "{").unwrap();
     cached().fails_with("not a valid index");
     std::fs::write(&index, &good).unwrap();
+    // A header whose offsets do not match the shapes, the file's length
+    // consistent with it: the first tensor 4 bytes short, the second 4 long.
+    let shard0 = c.join("shard-00000.safetensors");
+    let bytes = std::fs::read(&shard0).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let offsets = |h: &serde_json::Value, t: &str| {
+        let o = &h[t]["data_offsets"];
+        (o[0].as_u64().unwrap(), o[1].as_u64().unwrap())
+    };
+    let (first, second) = if offsets(&header, "indices").0 == 0 {
+        ("indices", "values")
+    } else {
+        ("values", "indices")
+    };
+    let (a0, a1) = offsets(&header, first);
+    let (b0, b1) = offsets(&header, second);
+    assert_eq!(a1, b0, "{header}");
+    header[first]["data_offsets"] = serde_json::json!([a0, a1 - 4]);
+    header[second]["data_offsets"] = serde_json::json!([b0 - 4, b1]);
+    let mut forged = serde_json::to_vec(&header).unwrap();
+    forged.resize(forged.len().div_ceil(8) * 8, b' ');
+    let mut file = (forged.len() as u64).to_le_bytes().to_vec();
+    file.extend(&forged);
+    file.extend(&bytes[8 + n..]);
+    std::fs::write(&shard0, &file).unwrap();
+    // (safetensors checks the offsets against the shapes as it reads the header.)
+    cached().fails_with("not a safetensors header: invalid shape, data type, or offset");
+    std::fs::write(&shard0, &bytes).unwrap();
+    json(&cached().output());
     let shard = c.join("shard-00001.safetensors");
     let bytes = std::fs::read(&shard).unwrap();
     std::fs::write(&shard, &bytes[..bytes.len() - 1]).unwrap();
