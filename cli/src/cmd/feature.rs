@@ -1,5 +1,6 @@
 //! `kdfuse feature-loss`: the feature losses from .npy files.
 
+use super::tensorfile::TensorArgs;
 use super::{npy, CliError};
 use clap::Args;
 use kdfuse::{
@@ -12,7 +13,8 @@ use std::process::ExitCode;
 
 #[derive(Debug, Args)]
 pub struct FeatureLossArgs {
-    /// Student features: C-order .npy, float32/float16/float64; [N, H] for mse
+    /// Student features: C-order .npy or .safetensors, float32/float16/float64
+    /// (bfloat16 in .safetensors); [N, H] for mse
     /// and cosine, [N, C, S] or [N, C, H, W] for attention.
     #[arg(long, value_name = "FS.npy")]
     student: PathBuf,
@@ -44,6 +46,8 @@ pub struct FeatureLossArgs {
     /// Write ∂loss/∂teacher as float32 .npy of the teacher's shape.
     #[arg(long, value_name = "GT.npy")]
     grad_teacher: Option<PathBuf>,
+    #[command(flatten)]
+    tensor: TensorArgs,
 }
 
 /// `[N, C, S]` of a file's shape for `kind` (C = 1 for rows).
@@ -86,11 +90,13 @@ pub fn run(a: FeatureLossArgs) -> Result<ExitCode, CliError> {
             "--eps is the norm clamp of cosine and attention: mse has none (drop --eps)".into(),
         ));
     }
+    let inputs = [
+        ("--student", Some(&a.student)),
+        ("--teacher", Some(&a.teacher)),
+    ];
+    a.tensor.install(&inputs)?;
     super::check_paths(
-        &[
-            ("--student", Some(&a.student)),
-            ("--teacher", Some(&a.teacher)),
-        ],
+        &inputs,
         &[
             ("--grad", a.grad.as_ref()),
             ("--grad-teacher", a.grad_teacher.as_ref()),

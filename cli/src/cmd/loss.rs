@@ -1,34 +1,50 @@
 //! `kdfuse loss`: the file interface.
 
+use super::cache::cache_err;
+use super::tensorfile::TensorArgs;
 use super::{make_backend, npy, CliError};
 use clap::Args;
 use kdfuse::{
     BackendKind, Divergence, Dtype, GradDtype, KdError, KdInputs, Logits, LossSpec, OwnedData,
     Precision, Reduction, TopkInputs, TopkMode, TopkTeacher,
 };
+use kdfuse_cli::teacher_cache::{CacheReader, ValuesKind};
 use serde_json::json;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Debug, Args)]
 pub struct LossArgs {
-    /// Student logits: 2-D C-order .npy [N, V], float32 or float16 (float64 is converted).
+    /// Student logits: C-order .npy or .safetensors [N, V] (or [..., V],
+    /// flattened to rows), float32 or float16, bfloat16 in .safetensors
+    /// (float64 is converted).
     #[arg(long, value_name = "S.npy")]
     student: PathBuf,
-    /// Teacher logits (or log-probs with --teacher-logprobs): 2-D .npy
-    /// [N, V_t] with V_t ≥ V; only the first V columns are used (a padded
-    /// teacher vocabulary). Give either this or the top-k pair.
+    /// Teacher logits (or log-probs with --teacher-logprobs): .npy or
+    /// .safetensors [N, V_t] (or [..., V_t]) with V_t ≥ V; only the first V
+    /// columns are used (a padded teacher vocabulary). Give either this, the
+    /// top-k pair or --teacher-cache.
     #[arg(long, value_name = "T.npy")]
     teacher: Option<PathBuf>,
-    /// A top-k (sparse) teacher's vocabulary indices: 2-D int32 or int64 .npy
-    /// [N, k], 1 ≤ k ≤ V, distinct within a row; with --teacher-topk-values,
-    /// instead of --teacher.
+    /// A top-k (sparse) teacher's vocabulary indices: int32 or int64 .npy or
+    /// .safetensors [N, k] (or [..., k]), 1 ≤ k ≤ V, distinct within a row;
+    /// with --teacher-topk-values, instead of --teacher.
     #[arg(long, value_name = "IDX.npy")]
     teacher_topk_indices: Option<PathBuf>,
-    /// The top-k teacher's values at those indices: 2-D float .npy [N, k],
-    /// logits (or log-probs with --teacher-logprobs); rounded to --dtype.
+    /// The top-k teacher's values at those indices: float .npy or
+    /// .safetensors [N, k] (or [..., k]), logits (or log-probs with
+    /// --teacher-logprobs); rounded to --dtype.
     #[arg(long, value_name = "VAL.npy")]
     teacher_topk_values: Option<PathBuf>,
+    /// A top-k teacher from a cache directory (`kdfuse teacher-cache
+    /// build`), instead of --teacher or the top-k pair; a cache of log-probs
+    /// implies --teacher-logprobs.
+    #[arg(long, value_name = "DIR")]
+    teacher_cache: Option<PathBuf>,
+    /// The cache's rows START:END (END exclusive; either may be left out)
+    /// that match the student's rows. [default: all]
+    #[arg(long, value_name = "START:END")]
+    rows: Option<String>,
     /// How a top-k teacher meets the student: support (both renormalised over
     /// the k entries), full (student softmax over all V), tail (k entries plus
     /// one tail bucket; needs --teacher-logprobs and temperature 1).
@@ -84,13 +100,16 @@ pub struct LossArgs {
     /// way; the output's "precision" says what ran.
     #[arg(long, default_value = "fast", value_parser = ["fast", "exact"])]
     precision: String,
-    /// Write ∂loss/∂student as float32 .npy [N, V].
+    /// Write ∂loss/∂student as float32 .npy of the student's shape.
     #[arg(long, value_name = "G.npy")]
     grad: Option<PathBuf>,
-    /// Write ∂loss/∂teacher as float32 .npy [N, V] (mutual learning: the
-    /// teacher trains too); needs a dense --teacher.
+    /// Write ∂loss/∂teacher as float32 .npy [..., V] with the teacher's
+    /// leading dimensions (mutual learning: the teacher trains too); needs a
+    /// dense --teacher.
     #[arg(long, value_name = "GT.npy")]
     grad_teacher: Option<PathBuf>,
+    #[command(flatten)]
+    tensor: TensorArgs,
 }
 
 /// Where the teacher comes from.
@@ -99,11 +118,30 @@ enum TeacherSource<'a> {
     Dense(&'a PathBuf),
     /// The top-k pair: (indices, values).
     Topk(&'a PathBuf, &'a PathBuf),
+    /// A teacher cache directory.
+    Cache(&'a PathBuf),
 }
 
 /// Exactly one of a dense teacher or the complete top-k pair.
 fn teacher_source(a: &LossArgs) -> Result<TeacherSource<'_>, CliError> {
     let msg = |m: &str| Err(CliError::Msg(m.into()));
+    if let Some(dir) = &a.teacher_cache {
+        return match (&a.teacher, &a.teacher_topk_indices, &a.teacher_topk_values) {
+            (None, None, None) => Ok(TeacherSource::Cache(dir)),
+            (Some(_), _, _) => {
+                msg("--teacher-cache and --teacher exclude each other: give one teacher")
+            }
+            _ => msg(
+                "--teacher-cache and --teacher-topk-indices/--teacher-topk-values exclude each \
+                 other: give one teacher",
+            ),
+        };
+    }
+    if a.rows.is_some() {
+        return msg(
+            "--rows selects rows of a --teacher-cache: give --teacher-cache DIR, or drop --rows",
+        );
+    }
     match (&a.teacher, &a.teacher_topk_indices, &a.teacher_topk_values) {
         (Some(t), None, None) => Ok(TeacherSource::Dense(t)),
         (None, Some(i), Some(v)) => Ok(TeacherSource::Topk(i, v)),
@@ -114,8 +152,8 @@ fn teacher_source(a: &LossArgs) -> Result<TeacherSource<'_>, CliError> {
         (None, Some(_), None) => msg("--teacher-topk-indices needs --teacher-topk-values"),
         (None, None, Some(_)) => msg("--teacher-topk-values needs --teacher-topk-indices"),
         (None, None, None) => msg(
-            "a teacher is required: --teacher T.npy, or --teacher-topk-indices with \
-             --teacher-topk-values",
+            "a teacher is required: --teacher T.npy, --teacher-topk-indices with \
+             --teacher-topk-values, or --teacher-cache DIR",
         ),
     }
 }
@@ -147,7 +185,43 @@ fn flagged(e: KdError) -> CliError {
 
 pub fn run(a: LossArgs) -> Result<ExitCode, CliError> {
     let source = teacher_source(&a)?;
-    let topk = matches!(source, TeacherSource::Topk(..));
+    let topk = matches!(source, TeacherSource::Topk(..) | TeacherSource::Cache(_));
+    let inputs = [
+        ("--student", Some(&a.student)),
+        ("--teacher", a.teacher.as_ref()),
+        ("--teacher-topk-indices", a.teacher_topk_indices.as_ref()),
+        ("--teacher-topk-values", a.teacher_topk_values.as_ref()),
+        ("--labels", a.labels.as_ref()),
+        ("--row-weights", a.row_weights.as_ref()),
+    ];
+    a.tensor.install(&inputs)?;
+    // The cache is opened (its index checked against the shards) first: its
+    // values kind decides --teacher-logprobs.
+    let cache = match source {
+        TeacherSource::Cache(dir) => {
+            let r = CacheReader::open(dir).map_err(cache_err("--teacher-cache", dir))?;
+            let m = r.meta();
+            if let Some(t) = m.temperature {
+                return Err(CliError::Msg(format!(
+                    "--teacher-cache {}: its values have temperature {t} applied, and kdfuse loss \
+                     applies --temperature to student and teacher alike: build the cache without one",
+                    dir.display()
+                )));
+            }
+            if a.teacher_logprobs && m.values_kind == ValuesKind::Logits {
+                return Err(CliError::Msg(format!(
+                    "--teacher-logprobs: the cache {} holds logits, not log-probs",
+                    dir.display()
+                )));
+            }
+            Some((dir, r))
+        }
+        _ => None,
+    };
+    let teacher_logprobs = a.teacher_logprobs
+        || cache
+            .as_ref()
+            .is_some_and(|(_, r)| r.meta().values_kind == ValuesKind::Logprobs);
     if topk && a.grad_teacher.is_some() {
         return Err(CliError::Msg(
             "--grad-teacher needs a dense --teacher (a top-k teacher is fixed data)".into(),
@@ -155,7 +229,8 @@ pub fn run(a: LossArgs) -> Result<ExitCode, CliError> {
     }
     if !topk && a.topk_mode.is_some() {
         return Err(CliError::Msg(
-            "--topk-mode needs a top-k teacher (--teacher-topk-indices and --teacher-topk-values)"
+            "--topk-mode needs a top-k teacher (--teacher-topk-indices and --teacher-topk-values, \
+             or --teacher-cache)"
                 .into(),
         ));
     }
@@ -163,7 +238,7 @@ pub fn run(a: LossArgs) -> Result<ExitCode, CliError> {
         Some(m) => m.parse().map_err(CliError::Msg)?,
         None => TopkMode::default(),
     };
-    if topk && topk_mode == TopkMode::Tail && !a.teacher_logprobs {
+    if topk && topk_mode == TopkMode::Tail && !teacher_logprobs {
         return Err(CliError::Msg(
             "--topk-mode tail needs --teacher-logprobs (the top-k values as log-probs)".into(),
         ));
@@ -175,14 +250,7 @@ pub fn run(a: LossArgs) -> Result<ExitCode, CliError> {
         )));
     }
     super::check_paths(
-        &[
-            ("--student", Some(&a.student)),
-            ("--teacher", a.teacher.as_ref()),
-            ("--teacher-topk-indices", a.teacher_topk_indices.as_ref()),
-            ("--teacher-topk-values", a.teacher_topk_values.as_ref()),
-            ("--labels", a.labels.as_ref()),
-            ("--row-weights", a.row_weights.as_ref()),
-        ],
+        &inputs,
         &[
             ("--grad", a.grad.as_ref()),
             ("--grad-teacher", a.grad_teacher.as_ref()),
@@ -198,7 +266,7 @@ pub fn run(a: LossArgs) -> Result<ExitCode, CliError> {
         reduction: a.reduction.parse::<Reduction>().map_err(CliError::Msg)?,
         grad_scale: 1.0,
         softcap: a.softcap,
-        teacher_log_probs: a.teacher_logprobs,
+        teacher_log_probs: teacher_logprobs,
         grad_teacher: a.grad_teacher.is_some(),
         topk_mode,
         precision: a.precision.parse::<Precision>().map_err(CliError::Msg)?,
@@ -210,7 +278,7 @@ pub fn run(a: LossArgs) -> Result<ExitCode, CliError> {
         spec.validate_topk().map_err(flagged)?;
     }
 
-    let (s, n, v) = npy::read_matrix(&a.student, "--student")?;
+    let (s, n, v, s_shape) = npy::read_rows(&a.student, "--student")?;
     if v == 0 {
         return Err(CliError::Msg(
             "--student has no columns (V must be ≥ 1)".into(),
@@ -245,12 +313,18 @@ pub fn run(a: LossArgs) -> Result<ExitCode, CliError> {
     let sd = OwnedData::from_f32(&s, dtype);
     let student = Logits::new(sd.view(), n, v);
     let want_grad = (a.grad.is_some() || a.grad_teacher.is_some()).then_some(GradDtype::F32);
-    let backend;
-    let out;
+    let mut backend = None;
+    let mut out = None;
+    let mut topk_teacher = None;
+    let mut grad_teacher_shape = vec![n, v];
+    let mut cache_json = json!({});
     let mut teacher_json = json!({ "teacher": "dense" });
     match source {
         TeacherSource::Dense(tpath) => {
-            let (t, tn, tv) = npy::read_matrix(tpath, "--teacher")?;
+            let (t, tn, tv, t_shape) = npy::read_rows(tpath, "--teacher")?;
+            // ∂loss/∂teacher has the teacher's leading dimensions and V columns.
+            grad_teacher_shape = t_shape[..t_shape.len() - 1].to_vec();
+            grad_teacher_shape.push(v);
             if tn != n {
                 return Err(CliError::Msg(format!(
                     "shape mismatch: --student has {n} rows, --teacher {tn}"
@@ -269,23 +343,17 @@ pub fn run(a: LossArgs) -> Result<ExitCode, CliError> {
                 row_weights: row_weights.as_deref(),
             };
             inputs.validate(spec.ignore_index).map_err(flagged)?;
-            backend = make_backend(kind)?;
-            out = backend.compute(&inputs, &spec, want_grad)?;
+            let b = make_backend(kind)?;
+            out = Some(b.compute(&inputs, &spec, want_grad)?);
+            backend = Some(b);
         }
         TeacherSource::Topk(ipath, vpath) => {
             let (idx, ni, ki) = npy::read_index_matrix(ipath, "--teacher-topk-indices")?;
-            let (vals, vshape) = npy::read_array(vpath, "--teacher-topk-values")?;
-            if vshape.len() != 2 {
-                return Err(CliError::Msg(format!(
-                    "{}: --teacher-topk-values must be 2-D [N, k], got shape {vshape:?}",
-                    vpath.display()
-                )));
-            }
-            if vshape != [ni, ki] {
+            let (vals, nv, kv) = npy::read_topk_values(vpath, "--teacher-topk-values")?;
+            if (nv, kv) != (ni, ki) {
                 return Err(CliError::Msg(format!(
                     "shape mismatch: --teacher-topk-indices is [{ni}, {ki}], \
-                     --teacher-topk-values [{}, {}]",
-                    vshape[0], vshape[1]
+                     --teacher-topk-values [{nv}, {kv}]"
                 )));
             }
             if ni != n {
@@ -298,27 +366,76 @@ pub fn run(a: LossArgs) -> Result<ExitCode, CliError> {
                     "--teacher-topk-indices: k = {ki} must be in [1, V = {v}]"
                 )));
             }
-            let vd = OwnedData::from_f32(&vals, dtype);
-            let inputs = TopkInputs {
-                student,
-                teacher: TopkTeacher {
-                    indices: idx.view(),
-                    values: vd.view(),
-                    k: ki,
-                },
-                labels: labels.as_deref(),
-                row_weights: row_weights.as_deref(),
+            topk_teacher = Some((idx, vals, ki));
+        }
+        TeacherSource::Cache(_) => {
+            let Some((dir, r)) = &cache else {
+                return Err(CliError::Msg("internal: the cache was not opened".into()));
             };
-            inputs.validate(spec.ignore_index).map_err(flagged)?;
-            backend = make_backend(kind)?;
-            out = backend.compute_topk(&inputs, &spec, want_grad)?;
-            teacher_json = json!({
-                "teacher": "topk",
-                "k": ki,
-                "topk_mode": spec.topk_mode.as_str(),
+            let m = r.meta();
+            let (start, end) = parse_rows(a.rows.as_deref(), r.rows())?;
+            if (end - start) as usize != n {
+                return Err(CliError::Msg(format!(
+                    "shape mismatch: --student has {n} rows, --teacher-cache rows {start}:{end} are {}",
+                    end - start
+                )));
+            }
+            if m.vocab_size < v {
+                return Err(CliError::Msg(format!(
+                    "shape mismatch: --teacher-cache has a vocabulary of {}, smaller than the \
+                     student's {v}",
+                    m.vocab_size
+                )));
+            }
+            if m.k > v {
+                return Err(CliError::Msg(format!(
+                    "--teacher-cache: k = {} must be in [1, V = {v}]",
+                    m.k
+                )));
+            }
+            let rows = r
+                .read_rows(start, end)
+                .map_err(cache_err("--teacher-cache", dir))?;
+            topk_teacher = Some((npy::Indices::I32(rows.indices), rows.values, rows.k));
+            cache_json = json!({
+                "teacher_cache": dir.display().to_string(),
+                "cache_rows": [start, end],
             });
         }
     }
+    if let Some((idx, vals, ki)) = topk_teacher {
+        let vd = OwnedData::from_f32(&vals, dtype);
+        let inputs = TopkInputs {
+            student,
+            teacher: TopkTeacher {
+                indices: idx.view(),
+                values: vd.view(),
+                k: ki,
+            },
+            labels: labels.as_deref(),
+            row_weights: row_weights.as_deref(),
+        };
+        inputs
+            .validate(spec.ignore_index)
+            .map_err(|e| match (e, &cache) {
+                (KdError::InvalidArgument { msg, .. }, Some((dir, _))) => CliError::Msg(format!(
+                    "invalid argument `--teacher-cache` {}: {msg}",
+                    dir.display()
+                )),
+                (e, _) => flagged(e),
+            })?;
+        let b = make_backend(kind)?;
+        out = Some(b.compute_topk(&inputs, &spec, want_grad)?);
+        backend = Some(b);
+        teacher_json = json!({
+            "teacher": if cache.is_some() { "cache" } else { "topk" },
+            "k": ki,
+            "topk_mode": spec.topk_mode.as_str(),
+        });
+    }
+    let (Some(backend), Some(out)) = (backend, out) else {
+        return Err(CliError::Msg("internal: no loss was computed".into()));
+    };
     if let Some(path) = &a.grad {
         let g = out.grad.as_ref().ok_or_else(|| {
             CliError::Msg(format!(
@@ -326,7 +443,7 @@ pub fn run(a: LossArgs) -> Result<ExitCode, CliError> {
                 backend.name()
             ))
         })?;
-        npy::write_matrix(path, g, n, v)?;
+        npy::write_array(path, g, &s_shape)?;
     }
     if let Some(path) = &a.grad_teacher {
         let g = out.grad_teacher.as_ref().ok_or_else(|| {
@@ -335,7 +452,7 @@ pub fn run(a: LossArgs) -> Result<ExitCode, CliError> {
                 backend.name()
             ))
         })?;
-        npy::write_matrix(path, g, n, v)?;
+        npy::write_array(path, g, &grad_teacher_shape)?;
     }
     let (loss, nonfinite) = loss_json(spec.reduction == Reduction::None, out.loss, &out.row_losses);
     let path_json = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
@@ -358,14 +475,44 @@ pub fn run(a: LossArgs) -> Result<ExitCode, CliError> {
         "grad": path_json(&a.grad),
         "grad_teacher": path_json(&a.grad_teacher),
     });
-    if let (Some(r), Some(t)) = (report.as_object_mut(), teacher_json.as_object()) {
-        r.extend(t.clone());
+    for extra in [&teacher_json, &cache_json] {
+        if let (Some(r), Some(t)) = (report.as_object_mut(), extra.as_object()) {
+            r.extend(t.clone());
+        }
     }
     if let (Some(r), Some(n)) = (report.as_object_mut(), nonfinite) {
         r.insert("nonfinite".into(), n);
     }
     outln!("{report}")?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--rows START:END` of a cache with `total` rows (START defaults to 0, END
+/// to `total`): (start, end), within the cache.
+fn parse_rows(rows: Option<&str>, total: u64) -> Result<(u64, u64), CliError> {
+    let Some(text) = rows else {
+        return Ok((0, total));
+    };
+    let bad = |why: &str| {
+        Err(CliError::Msg(format!(
+            "--rows {text}: {why} (expected START:END within the cache's 0:{total})"
+        )))
+    };
+    let Some((a, b)) = text.split_once(':') else {
+        return bad("no `:`");
+    };
+    let num = |s: &str, default: u64| -> Option<u64> {
+        if s.is_empty() {
+            Some(default)
+        } else {
+            s.parse().ok()
+        }
+    };
+    match (num(a, 0), num(b, total)) {
+        (Some(start), Some(end)) if start <= end && end <= total => Ok((start, end)),
+        (Some(_), Some(_)) => bad("out of range"),
+        _ => bad("not a number"),
+    }
 }
 
 /// The report's `loss`: the scalar, or the per-row vector for reduction

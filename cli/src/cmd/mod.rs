@@ -16,12 +16,15 @@ macro_rules! out {
 }
 
 mod bench;
+mod cache;
 mod check;
 mod demo;
 mod feature;
 mod info;
 mod loss;
 mod npy;
+mod select_reference;
+mod tensorfile;
 
 use clap::{Parser, Subcommand};
 use kdfuse::backend::CudaChoice;
@@ -57,6 +60,9 @@ enum Command {
     Profile(bench::ProfileArgs),
     /// Train a teacher and distil a small student on the handwritten digits.
     Demo(demo::DemoArgs),
+    /// Build or describe a top-k teacher cache (safetensors shards and an
+    /// index) for `kdfuse loss --teacher-cache`.
+    TeacherCache(cache::CacheArgs),
 }
 
 /// A CLI failure: printed as one line, exit code 2.
@@ -95,6 +101,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::BenchReport(a) => bench::report(a),
         Command::Profile(a) => bench::profile(a),
         Command::Demo(a) => demo::run(a),
+        Command::TeacherCache(a) => cache::run(a),
     }
 }
 

@@ -1,5 +1,7 @@
-//! `.npy` reading and writing for the file interface.
+//! `.npy` reading and writing for the file interface; the readers also take
+//! `.safetensors` files (by their extension, through `tensorfile.rs`).
 
+use super::tensorfile::{self, Ints};
 use super::CliError;
 use npyz::{DType, NpyFile, Order, TypeChar, WriterBuilder};
 use std::fs::File;
@@ -46,20 +48,67 @@ fn type_of(npy: &NpyFile<BufReader<File>>) -> Option<(TypeChar, u64)> {
     }
 }
 
-/// A 2-D float array as f32 values (f16 exact, f64 rounded): (data, rows, cols).
-pub fn read_matrix(path: &Path, arg: &str) -> Result<(Vec<f32>, usize, usize), CliError> {
-    let (data, shape) = read_array(path, arg)?;
-    if shape.len() != 2 {
-        return Err(err(
+/// `[..., C]` as `[rows, C]`: the leading dimensions flattened (checked).
+fn as_rows(
+    path: &Path,
+    arg: &str,
+    shape: &[usize],
+    what: &str,
+) -> Result<(usize, usize), CliError> {
+    match shape.split_last() {
+        Some((&cols, lead)) if !lead.is_empty() => {
+            match lead.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) {
+                Some(rows) if rows.checked_mul(cols).is_some() => Ok((rows, cols)),
+                _ => Err(err(
+                    path,
+                    format!("{arg}: the element count of shape {shape:?} overflows"),
+                )),
+            }
+        }
+        _ => Err(err(
             path,
-            format!("{arg} must be 2-D [N, V], got shape {shape:?}"),
-        ));
+            format!("{arg} must be 2-D [N, {what}] (or [..., {what}], flattened to rows), got shape {shape:?}"),
+        )),
     }
-    Ok((data, shape[0], shape[1]))
+}
+
+/// A float array of rank ≥ 2 as f32 values (f16 and bf16 exact, f64 rounded),
+/// its leading dimensions flattened to rows: (data, rows, cols).
+pub fn read_matrix(path: &Path, arg: &str) -> Result<(Vec<f32>, usize, usize), CliError> {
+    let (data, rows, cols, _) = read_rows(path, arg)?;
+    Ok((data, rows, cols))
+}
+
+/// [`read_matrix`], with the file's own shape (for outputs of that shape).
+pub fn read_rows(path: &Path, arg: &str) -> Result<(Vec<f32>, usize, usize, Vec<usize>), CliError> {
+    let (data, shape) = read_array(path, arg)?;
+    let (rows, cols) = as_rows(path, arg, &shape, "V")?;
+    Ok((data, rows, cols, shape))
+}
+
+/// A float array of rank ≥ 2 flattened to `[rows, k]`, for top-k values.
+pub fn read_topk_values(path: &Path, arg: &str) -> Result<(Vec<f32>, usize, usize), CliError> {
+    let (data, shape) = read_array(path, arg)?;
+    let (rows, cols) = as_rows(path, arg, &shape, "k")?;
+    Ok((data, rows, cols))
 }
 
 /// A 1-D int32 or int64 array as i64.
 pub fn read_labels(path: &Path, arg: &str) -> Result<Vec<i64>, CliError> {
+    if tensorfile::is_safetensors(path) {
+        return tensorfile::read_with(path, arg, |dtype, shape, bytes| {
+            if shape.len() != 1 {
+                return Err(err(
+                    path,
+                    format!("{arg} must be 1-D [N], got shape {shape:?}"),
+                ));
+            }
+            Ok(match tensorfile::ints(path, arg, dtype, bytes)? {
+                Ints::I32(v) => v.into_iter().map(i64::from).collect(),
+                Ints::I64(v) => v,
+            })
+        });
+    }
     let npy = open(path, arg)?;
     let shape = npy.shape().to_vec();
     if shape.len() != 1 {
@@ -106,17 +155,22 @@ impl Indices {
     }
 }
 
-/// A 2-D int32 or int64 array, its dtype kept: (indices, rows, cols).
+/// An int32 or int64 array of rank ≥ 2, its dtype kept and its leading
+/// dimensions flattened to rows: (indices, rows, cols).
 pub fn read_index_matrix(path: &Path, arg: &str) -> Result<(Indices, usize, usize), CliError> {
-    let npy = open(path, arg)?;
-    let shape = npy.shape().to_vec();
-    if shape.len() != 2 {
-        return Err(err(
-            path,
-            format!("{arg} must be 2-D [N, k], got shape {shape:?}"),
-        ));
+    if tensorfile::is_safetensors(path) {
+        return tensorfile::read_with(path, arg, |dtype, shape, bytes| {
+            let (rows, cols) = as_rows(path, arg, shape, "k")?;
+            let data = match tensorfile::ints(path, arg, dtype, bytes)? {
+                Ints::I32(v) => Indices::I32(v),
+                Ints::I64(v) => Indices::I64(v),
+            };
+            Ok((data, rows, cols))
+        });
     }
-    let (rows, cols) = (shape[0] as usize, shape[1] as usize);
+    let npy = open(path, arg)?;
+    let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
+    let (rows, cols) = as_rows(path, arg, &shape, "k")?;
     let rd = |e: std::io::Error| err(path, format!("reading {arg}: {e}"));
     let data = match type_of(&npy) {
         Some((TypeChar::Int, 8)) => Indices::I64(npy.into_vec::<i64>().map_err(rd)?),
@@ -146,14 +200,14 @@ pub fn read_vector(path: &Path, arg: &str) -> Result<Vec<f32>, CliError> {
     Ok(data)
 }
 
-/// Writes a 2-D f32 array.
-pub fn write_matrix(path: &Path, data: &[f32], rows: usize, cols: usize) -> Result<(), CliError> {
-    write_array(path, data, &[rows, cols])
-}
-
-/// A float array of any rank as f32 values (f16 exact, f64 rounded), with its
-/// shape.
+/// A float array of any rank as f32 values (f16 and bf16 exact, f64
+/// rounded), with its shape.
 pub fn read_array(path: &Path, arg: &str) -> Result<(Vec<f32>, Vec<usize>), CliError> {
+    if tensorfile::is_safetensors(path) {
+        return tensorfile::read_with(path, arg, |dtype, shape, bytes| {
+            Ok((tensorfile::floats(path, arg, dtype, bytes)?, shape.to_vec()))
+        });
+    }
     let npy = open(path, arg)?;
     let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
     let rd = |e: std::io::Error| err(path, format!("reading {arg}: {e}"));

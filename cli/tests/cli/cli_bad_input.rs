@@ -247,3 +247,200 @@ fn nonfinite_losses_are_null_with_their_spelling() {
     let j = json(&f.loss(&[]));
     assert!(j.get("nonfinite").is_none(), "{j}");
 }
+
+/// Writes a .safetensors file of `(name, dtype, shape, bytes)`.
+fn write_st(path: &std::path::Path, tensors: &[(&str, safetensors::Dtype, Vec<usize>, Vec<u8>)]) {
+    let views: Vec<_> = tensors
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                *n,
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
+/// Bad .safetensors inputs and `--tensor` values: one line naming the
+/// option and what was expected.
+#[test]
+fn bad_safetensors_inputs_are_refused() {
+    use safetensors::Dtype;
+    let f = Files::new();
+    let floats: Vec<u8> = common::logits(1, N, V, 2.0)
+        .iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
+    let two = f.path("two.safetensors");
+    write_st(
+        &two,
+        &[
+            ("a", Dtype::F32, vec![N, V], floats.clone()),
+            ("b", Dtype::F32, vec![N, V], floats.clone()),
+        ],
+    );
+    let t = f.path("t.npy");
+    let loss = |s: &std::path::Path| Cli::loss(s, &t).args(&["--backend", "cpu"]);
+    // Two tensors and no --tensor: the names listed.
+    loss(&two).fails_with("--student holds 2 tensors (a, b): name one with --tensor");
+    loss(&two)
+        .args(&["--tensor", "c"])
+        .fails_with("no tensor `c` (--tensor); it holds: a, b");
+    json(&loss(&two).args(&["--tensor", "b"]).output());
+    json(&loss(&two).args(&["--tensor", "student=a"]).output());
+    // --tensor that would be ignored, or names no input.
+    assert_clean_error(
+        &f.loss(&["--tensor", "a"]),
+        "no input is a .safetensors file",
+    );
+    loss(&two)
+        .args(&["--tensor", "studnet=a"])
+        .fails_with("`studnet` is not an input of this command");
+    loss(&two)
+        .args(&["--tensor", "teacher=a"])
+        .fails_with("--teacher is not a .safetensors file");
+    // Dtypes: integers for logits, floats for labels or indices.
+    let ints: Vec<u8> = (0..N * V).flat_map(|i| (i as i32).to_le_bytes()).collect();
+    write_st(
+        &f.path("i.safetensors"),
+        &[("x", Dtype::I32, vec![N, V], ints)],
+    );
+    loss(&f.path("i.safetensors"))
+        .fails_with("--student has unsupported dtype I32 (expected F32, BF16, F16 or F64)");
+    let fl: Vec<u8> = (0..N).flat_map(|i| (i as f32).to_le_bytes()).collect();
+    write_st(&f.path("lf.safetensors"), &[("x", Dtype::F32, vec![N], fl)]);
+    f.cpu_loss()
+        .path("--labels", f.path("lf.safetensors"))
+        .fails_with("--labels has unsupported dtype F32 (expected I32 or I64)");
+    // Shapes: 1-D logits, 2-D labels.
+    write_st(
+        &f.path("s1.safetensors"),
+        &[("x", Dtype::F32, vec![N * V], floats.clone())],
+    );
+    loss(&f.path("s1.safetensors")).fails_with("--student must be 2-D [N, V]");
+    let l2: Vec<u8> = (0..N as i64).flat_map(|i| i.to_le_bytes()).collect();
+    write_st(
+        &f.path("l2.safetensors"),
+        &[("x", Dtype::I64, vec![2, N / 2], l2)],
+    );
+    f.cpu_loss()
+        .path("--labels", f.path("l2.safetensors"))
+        .fails_with("--labels must be 1-D [N]");
+    // Not a safetensors file at all, or a truncated one.
+    std::fs::write(f.path("junk.safetensors"), b"not a safetensors file").unwrap();
+    loss(&f.path("junk.safetensors")).fails_with("not a valid .safetensors file (--student)");
+    let bytes = std::fs::read(&two).unwrap();
+    std::fs::write(f.path("cut.safetensors"), &bytes[..bytes.len() - 5]).unwrap();
+    loss(&f.path("cut.safetensors")).fails_with("not a valid .safetensors file (--student)");
+}
+
+/// The teacher cache's bad input: conflicting teachers, bad row ranges,
+/// damaged caches, an append that does not match.
+#[test]
+fn bad_teacher_caches_are_refused() {
+    let f = Files::new();
+    let c = f.path("c");
+    let build = |extra: &[&str]| {
+        Cli::new(&["teacher-cache", "build", "-k", "5"])
+            .path("--logits", f.path("t.npy"))
+            .path("--out", &c)
+            .args(extra)
+    };
+    build(&["--shard-rows", "3"]).json();
+    let cached = || {
+        Cli::new(&["loss", "--backend", "cpu"])
+            .path("--student", f.path("s.npy"))
+            .path("--teacher-cache", &c)
+    };
+    json(&cached().output());
+    cached()
+        .path("--teacher", f.path("t.npy"))
+        .fails_with("--teacher-cache and --teacher exclude each other");
+    cached()
+        .path("--teacher-topk-indices", f.path("t.npy"))
+        .fails_with("--teacher-cache and --teacher-topk-indices");
+    f.cpu_loss()
+        .args(&["--rows", "0:2"])
+        .fails_with("--rows selects rows of a --teacher-cache");
+    for (rows, needle) in [
+        (
+            "1:4",
+            "--student has 4 rows, --teacher-cache rows 1:4 are 3",
+        ),
+        ("2:9", "--rows 2:9: out of range"),
+        ("3:1", "--rows 3:1: out of range"),
+        ("a:b", "--rows a:b: not a number"),
+        ("3", "--rows 3: no `:`"),
+    ] {
+        cached().args(&["--rows", rows]).fails_with(needle);
+    }
+    cached()
+        .args(&["--teacher-logprobs"])
+        .fails_with("--teacher-logprobs: the cache");
+    cached()
+        .args(&["--grad-teacher", f.p("gt.npy").as_str()])
+        .fails_with("--grad-teacher");
+    // Building: an existing cache, a metadata mismatch on append, k > V, NaN.
+    build(&[]).fails_with("already holds a teacher cache");
+    build(&["--append", "--values-dtype", "bf16"]).fails_with("values_dtype = f32, not bf16");
+    Cli::new(&["teacher-cache", "build", "-k", "1001"])
+        .path("--logits", f.path("t.npy"))
+        .path("--out", f.path("c2"))
+        .fails_with("-k 1001 exceeds the vocabulary of --logits (V = 1000)");
+    let mut nan = common::logits(2, N, V, 2.0);
+    nan[V + 7] = f32::NAN;
+    write(&f.path("nan.npy"), &nan, &[N as u64, V as u64]);
+    Cli::new(&["teacher-cache", "build", "-k", "3"])
+        .path("--logits", f.path("nan.npy"))
+        .path("--out", f.path("c3"))
+        .fails_with("row 1, column 7 is NaN");
+    // Damaged caches: no directory, a bad index, a truncated or missing shard.
+    Cli::new(&["loss", "--backend", "cpu"])
+        .path("--student", f.path("s.npy"))
+        .path("--teacher-cache", f.path("nowhere"))
+        .fails_with("cannot read the teacher cache's index");
+    let index = c.join("teacher_cache.index.json");
+    let good = std::fs::read_to_string(&index).unwrap();
+    std::fs::write(&index, good.replace("\"end\": 3", "\"end\": 2")).unwrap();
+    cached().fails_with("expected a non-empty range from 2");
+    std::fs::write(&index, "{").unwrap();
+    cached().fails_with("not a valid index");
+    std::fs::write(&index, &good).unwrap();
+    // A header whose offsets do not match the shapes, the file's length
+    // consistent with it: the first tensor 4 bytes short, the second 4 long.
+    let shard0 = c.join("shard-00000.safetensors");
+    let bytes = std::fs::read(&shard0).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let offsets = |h: &serde_json::Value, t: &str| {
+        let o = &h[t]["data_offsets"];
+        (o[0].as_u64().unwrap(), o[1].as_u64().unwrap())
+    };
+    let (first, second) = if offsets(&header, "indices").0 == 0 {
+        ("indices", "values")
+    } else {
+        ("values", "indices")
+    };
+    let (a0, a1) = offsets(&header, first);
+    let (b0, b1) = offsets(&header, second);
+    assert_eq!(a1, b0, "{header}");
+    header[first]["data_offsets"] = serde_json::json!([a0, a1 - 4]);
+    header[second]["data_offsets"] = serde_json::json!([b0 - 4, b1]);
+    let mut forged = serde_json::to_vec(&header).unwrap();
+    forged.resize(forged.len().div_ceil(8) * 8, b' ');
+    let mut file = (forged.len() as u64).to_le_bytes().to_vec();
+    file.extend(&forged);
+    file.extend(&bytes[8 + n..]);
+    std::fs::write(&shard0, &file).unwrap();
+    // (safetensors checks the offsets against the shapes as it reads the header.)
+    cached().fails_with("not a safetensors header: invalid shape, data type, or offset");
+    std::fs::write(&shard0, &bytes).unwrap();
+    json(&cached().output());
+    let shard = c.join("shard-00001.safetensors");
+    let bytes = std::fs::read(&shard).unwrap();
+    std::fs::write(&shard, &bytes[..bytes.len() - 1]).unwrap();
+    cached().fails_with("a truncated or altered shard");
+    std::fs::remove_file(&shard).unwrap();
+    cached().fails_with("a shard the index lists cannot be opened");
+}

@@ -14,3 +14,4 @@ mod cli_loss_family;
 mod demo;
 mod feature_cli;
 mod nan;
+mod teacher_cache;
