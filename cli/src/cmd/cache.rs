@@ -1,10 +1,10 @@
 //! `kdfuse teacher-cache`: build a top-k teacher cache from dense logits,
 //! or describe one.
 
-use super::select_reference::{select_rows_reference, SelectSpec};
 use super::tensorfile::TensorArgs;
 use super::{npy, CliError};
 use clap::{Args, Subcommand};
+use kdfuse::topk_select::{select_cpu, SelectSpec};
 use kdfuse::{HostData, Logits};
 use kdfuse_cli::teacher_cache::{
     CacheError, CacheMeta, CacheReader, CacheWriter, ValuesDtype, ValuesKind,
@@ -147,7 +147,7 @@ fn build(a: BuildArgs) -> Result<ExitCode, CliError> {
     for lo in (0..n).step_by(a.shard_rows) {
         let hi = (lo + a.shard_rows).min(n);
         let logits = Logits::new(HostData::F32(&x[lo * v..hi * v]), hi - lo, v);
-        let mut sel = select_rows_reference(&logits, &spec)?;
+        let mut sel = select_cpu(&logits, &spec)?;
         if a.logprobs {
             let lse = sel.lse.as_deref().unwrap_or(&[]);
             for (r, row) in sel.values.chunks_mut(a.k).enumerate() {

@@ -23,7 +23,6 @@ mod feature;
 mod info;
 mod loss;
 mod npy;
-mod select_reference;
 mod tensorfile;
 
 use clap::{Parser, Subcommand};
