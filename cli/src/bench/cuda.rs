@@ -44,7 +44,7 @@ pub struct DeviceCase<'b> {
 }
 
 /// Fills `count` elements of `dtype` at `ptr` with σ·(ρ·z(shared) + √(1−ρ²)·z(own)).
-fn fill(
+pub(crate) fn fill(
     backend: &CudaBackend,
     ptr: u64,
     count: usize,

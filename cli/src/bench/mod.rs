@@ -14,6 +14,7 @@ pub mod host;
 pub mod model;
 mod report;
 mod stats;
+pub mod topk;
 
 pub use config::{BenchConfig, Preset, LLM_VOCABS};
 pub use host::HostInfo;

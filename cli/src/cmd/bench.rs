@@ -21,8 +21,9 @@ pub struct ShapeArgs {
     /// Vocabulary sizes V.
     #[arg(long, value_delimiter = ',', value_name = "V,..")]
     cols: Vec<usize>,
-    /// Logit dtypes (f32, bf16, f16); the gradient has the same dtype on the GPU (the CPU backend writes it in f32).
-    #[arg(long, value_delimiter = ',', default_value = "bf16")]
+    /// Logit dtypes (f32, bf16, f16); the gradient has the same dtype on the GPU (the CPU backend writes it in f32)
+    /// [default: bf16; f32 with --topk-select].
+    #[arg(long, value_delimiter = ',')]
     dtype: Vec<Dtype>,
     /// Divergences (forward-kl, reverse-kl, jsd, tvd, soft-ce).
     #[arg(long, value_delimiter = ',', default_value = "forward-kl")]
@@ -59,9 +60,14 @@ impl ShapeArgs {
             ));
         }
         let mut out = Vec::new();
+        let dtypes = if self.dtype.is_empty() {
+            vec![Dtype::Bf16]
+        } else {
+            self.dtype.clone()
+        };
         for &rows in &self.rows {
             for &cols in &self.cols {
-                for &dtype in &self.dtype {
+                for &dtype in &dtypes {
                     for (&divergence, &precision) in self
                         .divergence
                         .iter()
@@ -101,6 +107,31 @@ pub struct BenchArgs {
     preset: Option<String>,
     #[command(flatten)]
     shape: ShapeArgs,
+    /// Time the per-row top-k selection (`kdfuse::topk_select`) instead of
+    /// the loss: the CPU, the GPU when usable and torch.topk when `python3`
+    /// imports torch, over --rows × --cols × --k × --dtype
+    /// [defaults 64 × 128256 × 128 × f32].
+    #[arg(long, conflicts_with_all = ["preset", "divergence", "alpha", "beta", "temperature", "loss_only", "precision", "no_eager", "markdown"])]
+    topk_select: bool,
+    /// Entries kept per row (--topk-select) [default: 128].
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "K,..",
+        requires = "topk_select"
+    )]
+    k: Vec<usize>,
+    /// Also compute each row's log-sum-exp (--topk-select).
+    #[arg(long, requires = "topk_select")]
+    with_lse: bool,
+    /// Python interpreter for the torch.topk comparison (--topk-select).
+    #[arg(
+        long,
+        default_value = "python3",
+        value_name = "PYTHON",
+        requires = "topk_select"
+    )]
+    torch_python: String,
     /// Timed runs per variant (at least 20).
     #[arg(long, default_value_t = MIN_RUNS)]
     runs: usize,
@@ -157,6 +188,9 @@ fn use_cuda(backend: &str, device: usize) -> Result<bool, CliError> {
 }
 
 pub fn run(a: BenchArgs) -> Result<ExitCode, CliError> {
+    if a.topk_select {
+        return run_topk(a);
+    }
     let cuda = use_cuda(&a.backend, a.device)?;
     let configs = match &a.preset {
         Some(p) => p.parse::<Preset>().map_err(CliError::Msg)?.configs(!cuda),
@@ -206,6 +240,80 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, CliError> {
         outln!("FAILED: a configuration's agreement checks failed (see `checks` in the JSON)")?;
         Ok(ExitCode::from(1))
     }
+}
+
+/// `kdfuse bench --topk-select`.
+fn run_topk(a: BenchArgs) -> Result<ExitCode, CliError> {
+    use kdfuse_cli::bench::topk::{self, TopkConfig, TopkOptions};
+    let or = |v: &[usize], d: usize| if v.is_empty() { vec![d] } else { v.to_vec() };
+    let (rows, cols, ks) = (
+        or(&a.shape.rows, 64),
+        or(&a.shape.cols, 128256),
+        or(&a.k, 128),
+    );
+    let dtypes = if a.shape.dtype.is_empty() {
+        vec![Dtype::F32]
+    } else {
+        a.shape.dtype.clone()
+    };
+    let mut configs = Vec::new();
+    for &r in &rows {
+        for &c in &cols {
+            for &k in &ks {
+                for &dtype in &dtypes {
+                    let t = TopkConfig {
+                        rows: r,
+                        cols: c,
+                        k,
+                        dtype,
+                        with_lse: a.with_lse,
+                    };
+                    t.validate()?;
+                    configs.push(t);
+                }
+            }
+        }
+    }
+    let (cuda, cuda_skipped) = match a.backend.as_str() {
+        "cpu" => (None, "--backend cpu".to_string()),
+        "cuda" => (Some(a.device), String::new()),
+        _ => match kdfuse::backend::select_cuda(a.device)? {
+            kdfuse::backend::CudaChoice::Usable(_) => (Some(a.device), String::new()),
+            kdfuse::backend::CudaChoice::Unavailable(why) => {
+                (None, format!("no usable GPU ({why})"))
+            }
+        },
+    };
+    let python = topk::torch_python(&a.torch_python);
+    let opts = TopkOptions {
+        warmup: a.warmup,
+        runs: a.runs,
+        seed: a.seed,
+        cuda,
+        cuda_skipped,
+        python: python.as_ref().ok().cloned(),
+        torch_skipped: python.err().unwrap_or_default(),
+        commit: a.commit.clone(),
+    };
+    let report = topk::run(&configs, &opts, !a.no_progress)?;
+    out!("{}", report.table())?;
+    if let Some(p) = &a.json {
+        let body = serde_json::to_vec_pretty(&report)
+            .map_err(|e| CliError::Msg(format!("cannot encode the report: {e}")))?;
+        write_file(p, &body)?;
+    }
+    if let Some(p) = &a.csv {
+        let mut w = csv::Writer::from_writer(Vec::new());
+        for row in report.csv_rows() {
+            w.serialize(row)
+                .map_err(|e| CliError::Msg(format!("cannot encode CSV: {e}")))?;
+        }
+        let body = w
+            .into_inner()
+            .map_err(|e| CliError::Msg(format!("cannot encode CSV: {e}")))?;
+        write_file(p, &body)?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Debug, Args)]

@@ -7,6 +7,7 @@ mod common;
 #[path = "../common/run.rs"]
 mod run;
 
+mod bench_topk;
 mod cli;
 mod cli_bad_input;
 mod cli_demo;
