@@ -510,6 +510,38 @@ enum KdfuseStatus kdfuse_topk_select_host(const void *logits,
                                           float *values,
                                           float *lse);
 
+// `kdfuse_topk_select_host` on the device: enqueues the selection on
+// `stream` (a `CUstream` of the context's device, NULL the legacy default
+// stream) and returns without waiting. Every pointer is device memory:
+// `logits`, `indices`, `values` and `lse` as in `kdfuse_topk_select_host`
+// (`lse` NULL for none), and `bad_row`, required, one `uint64_t`.
+//
+// A row holding a NaN cannot fail the call (the launch does not wait for
+// the kernel): this call first sets `*bad_row` to `UINT64_MAX` on `stream`,
+// and the kernel lowers it to the index of every row holding a NaN. Once
+// the stream has run the work, `*bad_row == UINT64_MAX` means every row was
+// selected; any other value is the first row holding a NaN (that row's
+// outputs unwritten, the others' valid). Shapes, `k` and the pointers are
+// checked before anything is enqueued.
+//
+// # Safety
+// `ctx` from `kdfuse_context_create`; the pointers device memory of its
+// device (`logits` (rows−1)·row_stride + cols elements, `indices` and
+// `values` rows·k, `lse` rows, `bad_row` one), the outputs not overlapping
+// the logits, all alive until the stream has run the work.
+enum KdfuseStatus kdfuse_topk_select_cuda(const struct KdfuseContext *ctx,
+                                          const void *logits,
+                                          int32_t dtype,
+                                          int64_t rows,
+                                          int64_t cols,
+                                          int64_t row_stride,
+                                          int64_t k,
+                                          int32_t *indices,
+                                          float *values,
+                                          float *lse,
+                                          uint64_t *bad_row,
+                                          void *stream);
+
 // Fills `*out` for the shard starting at global column `vocab_start` of a
 // vocabulary of `vocab_size` real columns.
 //

@@ -105,6 +105,10 @@ fn main() -> ExitCode {
             "select_raw_api_on_caller_stream",
             gpu_topk_select::select_raw_api_on_caller_stream,
         ),
+        (
+            "select_c_abi_device_entry",
+            gpu_topk_select::select_c_abi_device_entry,
+        ),
     ];
     gpu_runner::run(tests)
 }

@@ -172,6 +172,10 @@ def _declare(lib):
         "kdfuse_topk_select_host": [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64,
                                     ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p],
+        "kdfuse_topk_select_cuda": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32,
+                                    ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                    ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p],
     }
     for name, args in sigs.items():
         f = getattr(lib, name)
@@ -196,8 +200,8 @@ def load_library():
                 "`cargo build --release` and set KDFUSE_LIB")
         lib = ctypes.CDLL(str(where))
         # The newest entry point: an older library lacks it.
-        if not hasattr(lib, "kdfuse_topk_select_host"):
-            raise KdfuseError(f"{where} is an older libkdfuse (no kdfuse_topk_select_host); "
+        if not hasattr(lib, "kdfuse_topk_select_cuda"):
+            raise KdfuseError(f"{where} is an older libkdfuse (no kdfuse_topk_select_cuda); "
                               "rebuild it")
         _declare(lib)
         _lib, _lib_path = lib, where

@@ -965,8 +965,8 @@ _SELECT_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 def topk_teacher(logits, k, with_lse=False):
     """The ``k`` largest logits of every row, for an offline teacher cache.
 
-    ``logits`` is a CPU tensor ``[..., V]`` (float32, bfloat16 or float16,
-    any strides); ``1 <= k <= min(V, 4096)``. Returns ``(values, indices)``,
+    ``logits`` is a CPU or CUDA tensor ``[..., V]`` (float32, bfloat16 or
+    float16, any strides); ``1 <= k <= min(V, 4096)``. Returns ``(values, indices)``,
     or ``(values, indices, lse)`` with ``with_lse``: ``values`` float32
     ``[..., k]`` (the input elements exactly), ``indices`` int32 ``[..., k]``
     (what ``topk_distill_loss`` takes), per row by value descending with
@@ -974,7 +974,10 @@ def topk_teacher(logits, k, with_lse=False):
     and ``lse`` float32 ``[...]``, the natural log-sum-exp of each whole
     row. ``-inf`` and ``+inf`` are ordinary values; a row holding a NaN
     raises ``KdfuseArgumentError`` naming the row. Runs kdfuse's CPU
-    selection (docs/DESIGN.md §9); not differentiable.
+    selection, or on a CUDA tensor the CUDA kernel on the current stream
+    (``kdfuse_topk_select_cuda``; the outputs on the same device), which then
+    waits for the stream once to read the kernel's NaN-row report
+    (docs/DESIGN.md §9); not differentiable.
     """
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
@@ -982,23 +985,38 @@ def topk_teacher(logits, k, with_lse=False):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
     if logits.dtype not in _SELECT_DTYPES:
         raise ValueError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
-    if logits.device.type != "cpu":
-        raise ValueError(f"logits must be a CPU tensor (got {logits.device}); the CUDA "
-                         "selection kernel has no Python entry point yet")
+    if logits.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"logits must be a CPU or CUDA tensor, got {logits.device}")
     if logits.dim() < 1:
         raise ValueError("logits must have at least one dimension ([..., V]), got a scalar")
     lead, v = logits.shape[:-1], logits.shape[-1]
     x2 = _rows(logits.detach())
     n = x2.shape[0]
     kk = max(k, 0)
-    values = torch.empty(n, kk, dtype=torch.float32)
-    indices = torch.empty(n, kk, dtype=torch.int32)
-    lse = torch.empty(n, dtype=torch.float32) if with_lse else None
+    dev = logits.device
+    values = torch.empty(n, kk, dtype=torch.float32, device=dev)
+    indices = torch.empty(n, kk, dtype=torch.int32, device=dev)
+    lse = torch.empty(n, dtype=torch.float32, device=dev) if with_lse else None
     lib = _lib.load_library()
-    _lib.check(lib.kdfuse_topk_select_host(
-        x2.data_ptr() if n else None, _SELECT_DTYPES[logits.dtype], n, v,
-        _row_stride(x2), k, indices.data_ptr() if n else None,
-        values.data_ptr() if n else None, lse.data_ptr() if (lse is not None and n) else None))
+    ptr = lambda t: t.data_ptr() if (t is not None and n) else None  # noqa: E731
+    if dev.type == "cuda":
+        # The kernel cannot fail on a NaN row: it writes the first such row
+        # to bad_row (UINT64_MAX, all bits set, for none; int64 -1 here).
+        bad_row = torch.empty(1, dtype=torch.int64, device=dev)
+        stream = torch.cuda.current_stream(dev).cuda_stream
+        _lib.check(lib.kdfuse_topk_select_cuda(
+            _lib.context(dev.index or 0), ptr(x2), _SELECT_DTYPES[logits.dtype], n, v,
+            _row_stride(x2), k, ptr(indices), ptr(values), ptr(lse), bad_row.data_ptr(),
+            ctypes.c_void_p(stream)))
+        bad = int(bad_row.item())
+        if bad != -1:
+            raise _lib.KdfuseArgumentError(
+                f"invalid argument `logits`: row {bad} contains NaN "
+                "(top-k selection needs ordered values)")
+    else:
+        _lib.check(lib.kdfuse_topk_select_host(
+            ptr(x2), _SELECT_DTYPES[logits.dtype], n, v, _row_stride(x2), k,
+            ptr(indices), ptr(values), ptr(lse)))
     out = (values.reshape(*lead, kk), indices.reshape(*lead, kk))
     if with_lse:
         out = out + (lse.reshape(lead),)

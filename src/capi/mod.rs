@@ -10,7 +10,7 @@ mod topk_select;
 mod types;
 mod vocab_parallel;
 
-pub use topk_select::kdfuse_topk_select_host;
+pub use topk_select::{kdfuse_topk_select_cuda, kdfuse_topk_select_host};
 pub use types::{
     KdfuseBatch, KdfuseDivergence, KdfuseDtype, KdfuseFeatureBatch, KdfuseFeatureKind,
     KdfuseIndexDtype, KdfuseParams, KdfuseReduction, KdfuseStatus, KdfuseTopkMode,

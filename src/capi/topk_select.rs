@@ -1,9 +1,11 @@
 //! The C ABI of the per-row top-k selection (`crate::topk_select`): the CPU
-//! backend on host memory (making an offline teacher cache).
+//! backend on host memory and the CUDA kernel on device memory (making an
+//! offline teacher cache).
 
-use super::{guard, host_data, types, KdfuseStatus};
+use super::{aligned, guard, host_data, non_null, types, KdfuseContext, KdfuseStatus};
 use crate::error::{invalid, Result};
 use crate::tensor::{Dtype, HostData, Logits};
+use crate::topk_select::cuda::RawSelect;
 use crate::topk_select::{select_cpu, validate, SelectSpec};
 use std::ffi::c_void;
 
@@ -100,5 +102,106 @@ pub unsafe extern "C" fn kdfuse_topk_select_host(
             out_l.copy_from_slice(l);
         }
         Ok(())
+    })
+}
+
+/// `kdfuse_topk_select_host` on the device: enqueues the selection on
+/// `stream` (a `CUstream` of the context's device, NULL the legacy default
+/// stream) and returns without waiting. Every pointer is device memory:
+/// `logits`, `indices`, `values` and `lse` as in `kdfuse_topk_select_host`
+/// (`lse` NULL for none), and `bad_row`, required, one `uint64_t`.
+///
+/// A row holding a NaN cannot fail the call (the launch does not wait for
+/// the kernel): this call first sets `*bad_row` to `UINT64_MAX` on `stream`,
+/// and the kernel lowers it to the index of every row holding a NaN. Once
+/// the stream has run the work, `*bad_row == UINT64_MAX` means every row was
+/// selected; any other value is the first row holding a NaN (that row's
+/// outputs unwritten, the others' valid). Shapes, `k` and the pointers are
+/// checked before anything is enqueued.
+///
+/// # Safety
+/// `ctx` from `kdfuse_context_create`; the pointers device memory of its
+/// device (`logits` (rows−1)·row_stride + cols elements, `indices` and
+/// `values` rows·k, `lse` rows, `bad_row` one), the outputs not overlapping
+/// the logits, all alive until the stream has run the work.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn kdfuse_topk_select_cuda(
+    ctx: *const KdfuseContext,
+    logits: *const c_void,
+    dtype: i32,
+    rows: i64,
+    cols: i64,
+    row_stride: i64,
+    k: i64,
+    indices: *mut i32,
+    values: *mut f32,
+    lse: *mut f32,
+    bad_row: *mut u64,
+    stream: *mut c_void,
+) -> KdfuseStatus {
+    guard(|| {
+        let ctx = non_null("ctx", ctx)?;
+        let dtype = types::dtype("dtype", dtype)?;
+        let (rows, cols) = (size("rows", rows)?, size("cols", cols)?);
+        let (stride, k) = (size("row_stride", row_stride)?, size("k", k)?);
+        if stride < cols {
+            return invalid("row_stride", format!("{stride} is below cols = {cols}"));
+        }
+        if rows > 0 {
+            let fits = (rows - 1)
+                .checked_mul(stride)
+                .and_then(|x| x.checked_add(cols))
+                .and_then(|x| x.checked_mul(dtype.size()))
+                .is_some_and(|b| b <= isize::MAX as usize);
+            if !fits {
+                return invalid("rows", "the logits' size overflows");
+            }
+            if rows
+                .checked_mul(k)
+                .is_none_or(|n| n > isize::MAX as usize / 4)
+            {
+                return invalid("k", "the outputs' size overflows");
+            }
+        }
+        match dtype {
+            Dtype::F32 => aligned("logits", logits.cast::<f32>())?,
+            Dtype::Bf16 | Dtype::F16 => aligned("logits", logits.cast::<u16>())?,
+        }
+        aligned("indices", indices.cast_const())?;
+        aligned("values", values.cast_const())?;
+        aligned("lse", lse.cast_const())?;
+        aligned("bad_row", bad_row.cast_const())?;
+        if bad_row.is_null() {
+            return invalid(
+                "bad_row",
+                "must not be NULL (the first row holding a NaN goes there)",
+            );
+        }
+        let spec = SelectSpec {
+            k,
+            with_lse: !lse.is_null(),
+        };
+        let raw = RawSelect {
+            dtype,
+            logits: logits as u64,
+            rows,
+            cols,
+            stride,
+            indices: indices as u64,
+            values: values as u64,
+            lse: lse as u64,
+            bad_row: bad_row as u64,
+        };
+        // Every check of the launch first, so an error enqueues nothing.
+        crate::topk_select::cuda::check_raw(&raw, &spec)?;
+        // SAFETY: the caller's contract.
+        let stream = unsafe { ctx.stream(stream) };
+        // SAFETY: one u64 of device memory, on the caller's stream.
+        unsafe {
+            cudarc::driver::result::memset_d8_async(raw.bad_row, 0xff, 8, stream.cu_stream())
+        }?;
+        // SAFETY: the caller's contract.
+        unsafe { ctx.backend.select_raw(&stream, &raw, &spec) }
     })
 }

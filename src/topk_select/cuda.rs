@@ -141,7 +141,7 @@ impl CudaBackend {
 
 /// The checks of [`CudaBackend::select_raw`]: `k`, the shape (as the host
 /// path: a zero-length view stands in for the device data), the pointers.
-fn check_raw(raw: &RawSelect, spec: &SelectSpec) -> Result<()> {
+pub(crate) fn check_raw(raw: &RawSelect, spec: &SelectSpec) -> Result<()> {
     if raw.cols == 0 {
         return invalid("logits", "needs at least one column (V ≥ 1)");
     }

@@ -99,3 +99,80 @@ pub fn select_raw_api_on_caller_stream(b: &CudaBackend) {
         assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "{g} vs {w}");
     }
 }
+
+/// `kdfuse_topk_select_cuda` on the caller's stream: the CPU backend's
+/// result, argument errors before anything is enqueued, and a NaN row
+/// reported through the device `bad_row` (reset by the call itself).
+pub fn select_c_abi_device_entry(b: &CudaBackend) {
+    use cudarc::driver::DevicePtr;
+    use kdfuse::capi::{
+        kdfuse_context_create, kdfuse_context_destroy, kdfuse_last_error, kdfuse_topk_select_cuda,
+        KdfuseStatus,
+    };
+    let (n, v, k) = (4usize, 30_000usize, 32usize);
+    let mut rng = StdRng::seed_from_u64(45);
+    let mut x = normal(&mut rng, n * v, 2.0);
+    let mut ctx = std::ptr::null_mut();
+    // SAFETY: a writable out pointer.
+    assert_eq!(
+        unsafe { kdfuse_context_create(0, &mut ctx) },
+        KdfuseStatus::Ok
+    );
+    let stream = b.context().new_stream().unwrap();
+    let run = |x: &[f32], k: i64, bad_init: u64| {
+        let dx = stream.clone_htod(x).unwrap();
+        let di = stream.alloc_zeros::<i32>(n * 32).unwrap();
+        let dv = stream.alloc_zeros::<f32>(n * 32).unwrap();
+        let dl = stream.alloc_zeros::<f32>(n).unwrap();
+        let bad = stream.clone_htod(&[bad_init]).unwrap();
+        // SAFETY: every buffer holds what the shapes need, on this device.
+        let st = unsafe {
+            kdfuse_topk_select_cuda(
+                ctx,
+                dx.device_ptr(&stream).0 as *const std::ffi::c_void,
+                0,
+                n as i64,
+                v as i64,
+                v as i64,
+                k,
+                di.device_ptr(&stream).0 as *mut i32,
+                dv.device_ptr(&stream).0 as *mut f32,
+                dl.device_ptr(&stream).0 as *mut f32,
+                bad.device_ptr(&stream).0 as *mut u64,
+                stream.cu_stream() as *mut std::ffi::c_void,
+            )
+        };
+        // SAFETY: a NUL-terminated string owned by the library's thread-local.
+        let msg = unsafe { std::ffi::CStr::from_ptr(kdfuse_last_error()) }
+            .to_string_lossy()
+            .into_owned();
+        (
+            st,
+            msg,
+            stream.clone_dtoh(&bad).unwrap()[0],
+            stream.clone_dtoh(&di).unwrap(),
+            stream.clone_dtoh(&dv).unwrap(),
+        )
+    };
+    let (st, msg, bad, _, _) = run(&x, 0, 7);
+    assert_eq!(st, KdfuseStatus::InvalidArgument);
+    assert!(msg.contains("`k`"), "{msg}");
+    assert_eq!(bad, 7, "nothing is enqueued on an argument error");
+    let (st, _, bad, idx, val) = run(&x, k as i64, 0);
+    assert_eq!(st, KdfuseStatus::Ok);
+    assert_eq!(bad, u64::MAX);
+    let w = select_cpu(
+        &Logits::new(HostData::F32(&x), n, v),
+        &SelectSpec { k, with_lse: false },
+    )
+    .unwrap();
+    assert_eq!(idx, w.indices);
+    assert_eq!(val, w.values);
+    x[2 * v + 11] = f32::NAN;
+    x[3 * v] = f32::NAN;
+    let (st, _, bad, _, _) = run(&x, k as i64, 0);
+    assert_eq!(st, KdfuseStatus::Ok);
+    assert_eq!(bad, 2);
+    // SAFETY: made by kdfuse_context_create.
+    assert_eq!(unsafe { kdfuse_context_destroy(ctx) }, KdfuseStatus::Ok);
+}

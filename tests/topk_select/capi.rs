@@ -81,3 +81,29 @@ fn errors_name_the_argument() {
         assert!(e.contains(arg), "{arg}: {e}");
     }
 }
+
+/// The device entry point checks its context first: a NULL one is refused,
+/// naming `ctx`, before any other argument is read or anything enqueued.
+#[test]
+fn cuda_entry_refuses_a_null_context() {
+    let null = std::ptr::null_mut();
+    // SAFETY: a NULL context is refused before any pointer is used.
+    let st = unsafe {
+        kdfuse::capi::kdfuse_topk_select_cuda(
+            std::ptr::null(),
+            null,
+            0,
+            2,
+            8,
+            8,
+            3,
+            null.cast(),
+            null.cast(),
+            null.cast(),
+            null.cast(),
+            null,
+        )
+    };
+    assert_eq!(st, KdfuseStatus::InvalidArgument);
+    assert!(last_error().contains("ctx"), "{}", last_error());
+}
