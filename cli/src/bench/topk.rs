@@ -115,12 +115,15 @@ pub struct TopkResult {
     pub config: TopkConfig,
     /// Bytes moved per logit read (see the module's byte model).
     pub bytes_per_element: f64,
+    /// Random input sets the timed runs rotate among (together at least 4×
+    /// the last-level cache where memory allows; 0 when skipped).
+    pub input_sets: usize,
     /// [`select_cpu`], against the host memory bandwidth.
     pub cpu: Option<Measured>,
     /// Why the CPU selection was not timed (e.g. too little memory).
     pub cpu_skipped: Option<String>,
-    /// The CUDA selection (event-free wall clock around a synchronised
-    /// launch), against the device copy bandwidth.
+    /// The CUDA selection (CUDA events around each launch), against the
+    /// device copy bandwidth.
     pub cuda: Option<Measured>,
     /// Why the CUDA selection was not timed.
     pub cuda_skipped: Option<String>,
@@ -188,12 +191,15 @@ fn spec(c: &TopkConfig) -> SelectSpec {
     }
 }
 
-fn time_cpu(c: &TopkConfig, opts: &TopkOptions, data: &OwnedData) -> Result<Timing> {
-    let logits = Logits::new(data.view(), c.rows, c.cols);
+fn time_cpu(c: &TopkConfig, opts: &TopkOptions, sets: &[OwnedData]) -> Result<Timing> {
+    let views: Vec<Logits> = sets
+        .iter()
+        .map(|d| Logits::new(d.view(), c.rows, c.cols))
+        .collect();
     let mut samples = Vec::with_capacity(opts.runs);
     for i in 0..opts.warmup + opts.runs {
         let t0 = Instant::now();
-        let sel = select_cpu(&logits, &spec(c))?;
+        let sel = select_cpu(&views[i % views.len()], &spec(c))?;
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         std::hint::black_box(sel);
         if i >= opts.warmup {
@@ -210,48 +216,57 @@ fn time_cuda(
     backend: &CudaBackend,
     c: &TopkConfig,
     opts: &TopkOptions,
-    data: &OwnedData,
+    sets: &[OwnedData],
 ) -> Result<Timing> {
+    use cudarc::driver::sys::CUevent_flags;
     use cudarc::driver::{DevicePtr, DevicePtrMut};
     use kdfuse::topk_select::cuda::RawSelect;
     let stream = backend.stream().clone();
-    let view = data.view();
-    let bytes = view.bytes();
-    let mut x = stream.alloc_zeros::<u8>(bytes.len().max(1))?;
-    stream.memcpy_htod(bytes, &mut x)?;
+    let ctx = backend.context().clone();
+    let mut xs = Vec::with_capacity(sets.len());
+    for d in sets {
+        let view = d.view();
+        let bytes = view.bytes();
+        let mut x = stream.alloc_zeros::<u8>(bytes.len().max(1))?;
+        stream.memcpy_htod(bytes, &mut x)?;
+        xs.push(x);
+    }
     let mut idx = stream.alloc_zeros::<i32>(c.rows * c.k)?;
     let mut val = stream.alloc_zeros::<f32>(c.rows * c.k)?;
     let mut lse = stream.alloc_zeros::<f32>(c.rows)?;
     let mut bad = stream.alloc_zeros::<u64>(1)?;
     stream.memcpy_htod(&[u64::MAX], &mut bad)?;
-    let (xp, _g0) = x.device_ptr(&stream);
+    let ptrs: Vec<u64> = xs.iter().map(|x| x.device_ptr(&stream).0).collect();
     let (ip, _g1) = idx.device_ptr_mut(&stream);
     let (vp, _g2) = val.device_ptr_mut(&stream);
     let (lp, _g3) = lse.device_ptr_mut(&stream);
     let (bp, _g4) = bad.device_ptr_mut(&stream);
-    let raw = RawSelect {
-        dtype: c.dtype,
-        logits: xp,
-        rows: c.rows,
-        cols: c.cols,
-        stride: c.cols,
-        indices: ip,
-        values: vp,
-        lse: if c.with_lse { lp } else { 0 },
-        bad_row: bp,
-    };
     let mut samples = Vec::with_capacity(opts.runs);
     for i in 0..opts.warmup + opts.runs {
-        stream.synchronize()?;
-        let t0 = Instant::now();
-        // SAFETY: every buffer was allocated above at the size `raw` gives.
+        let raw = RawSelect {
+            dtype: c.dtype,
+            logits: ptrs[i % ptrs.len()],
+            rows: c.rows,
+            cols: c.cols,
+            stride: c.cols,
+            indices: ip,
+            values: vp,
+            lse: if c.with_lse { lp } else { 0 },
+            bad_row: bp,
+        };
+        let a = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        let b = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        a.record(&stream)?;
+        // SAFETY: every buffer was allocated above at the size `raw` gives,
+        // and outlives the synchronising `elapsed_ms` below.
         unsafe { backend.select_raw(&stream, &raw, &spec(c)) }?;
-        stream.synchronize()?;
-        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        b.record(&stream)?;
+        let ms = a.elapsed_ms(&b)? as f64;
         if i >= opts.warmup {
             samples.push(ms);
         }
     }
+    stream.synchronize()?;
     Timing::from_samples(&samples).ok_or_else(|| KdError::InvalidArgument {
         arg: "runs",
         msg: "no timed run".into(),
@@ -367,6 +382,7 @@ pub fn run(configs: &[TopkConfig], opts: &TopkOptions, progress: bool) -> Result
         let mut r = TopkResult {
             config: *c,
             bytes_per_element: c.bytes_per_element(),
+            input_sets: 0,
             cpu: None,
             cpu_skipped: None,
             cuda: None,
@@ -383,7 +399,17 @@ pub fn run(configs: &[TopkConfig], opts: &TopkOptions, progress: bool) -> Result
             bar.inc(1);
             continue;
         }
-        let data = random_logits(c, opts.seed);
+        // Rotated among sets larger than the last-level cache, as the loss
+        // bench does, so the cache does not flatter.
+        let set_bytes = c.rows * c.cols * c.dtype.size();
+        let mut n_sets = (4 * host.llc_bytes).div_ceil(set_bytes.max(1)).clamp(1, 16);
+        if let Some(avail) = host::available_memory() {
+            n_sets = n_sets.min((avail / 10 * 7 - need) / set_bytes.max(1) + 1);
+        }
+        let data: Vec<OwnedData> = (0..n_sets)
+            .map(|i| random_logits(c, opts.seed.wrapping_add(i as u64)))
+            .collect();
+        r.input_sets = n_sets;
         let t = time_cpu(c, opts, &data)?;
         r.cpu = Some(Measured::new(t, c.bytes(), host.memory_bandwidth_gbs));
         match (&backend, device_copy) {

@@ -52,6 +52,7 @@ fn bench_topk_select_writes_table_json_and_csv() {
         let per = res["bytes_per_element"].as_f64().unwrap();
         assert!((per - bytes as f64 / (rows * cols) as f64).abs() < 1e-9);
         assert!(cpu["timing"]["runs"].as_u64().unwrap() >= 20);
+        assert!(res["input_sets"].as_u64().unwrap() >= 1);
         assert!(cpu["gbs"].as_f64().unwrap() > 0.0);
         assert!(cpu["fraction_of_reference"].as_f64().unwrap() > 0.0);
         assert!(res["cuda"].is_null());
