@@ -215,22 +215,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, CliError> {
         kdfuse_cli::bench::cpu::run(&configs, &opts)?
     };
     out!("{}", report.table())?;
-    if let Some(p) = &a.json {
-        let body = serde_json::to_vec_pretty(&report)
-            .map_err(|e| CliError::Msg(format!("cannot encode the report: {e}")))?;
-        write_file(p, &body)?;
-    }
-    if let Some(p) = &a.csv {
-        let mut w = csv::Writer::from_writer(Vec::new());
-        for row in report.csv_rows() {
-            w.serialize(row)
-                .map_err(|e| CliError::Msg(format!("cannot encode CSV: {e}")))?;
-        }
-        let body = w
-            .into_inner()
-            .map_err(|e| CliError::Msg(format!("cannot encode CSV: {e}")))?;
-        write_file(p, &body)?;
-    }
+    write_json_csv(&a, &report, report.csv_rows())?;
     if let Some(p) = &a.markdown {
         write_file(p, report.markdown().as_bytes())?;
     }
@@ -297,22 +282,7 @@ fn run_topk(a: BenchArgs) -> Result<ExitCode, CliError> {
     };
     let report = topk::run(&configs, &opts, !a.no_progress)?;
     out!("{}", report.table())?;
-    if let Some(p) = &a.json {
-        let body = serde_json::to_vec_pretty(&report)
-            .map_err(|e| CliError::Msg(format!("cannot encode the report: {e}")))?;
-        write_file(p, &body)?;
-    }
-    if let Some(p) = &a.csv {
-        let mut w = csv::Writer::from_writer(Vec::new());
-        for row in report.csv_rows() {
-            w.serialize(row)
-                .map_err(|e| CliError::Msg(format!("cannot encode CSV: {e}")))?;
-        }
-        let body = w
-            .into_inner()
-            .map_err(|e| CliError::Msg(format!("cannot encode CSV: {e}")))?;
-        write_file(p, &body)?;
-    }
+    write_json_csv(&a, &report, report.csv_rows())?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -443,4 +413,30 @@ fn print_timing(c: &BenchConfig, what: &str, t: &Timing) -> Result<(), CliError>
         t.p90_ms,
         t.runs
     )
+}
+
+/// Writes `report` as JSON to `--json` and its `rows` as CSV to `--csv`,
+/// where given.
+fn write_json_csv<R: serde::Serialize, Row: serde::Serialize>(
+    a: &BenchArgs,
+    report: &R,
+    rows: Vec<Row>,
+) -> Result<(), CliError> {
+    if let Some(p) = &a.json {
+        let body = serde_json::to_vec_pretty(report)
+            .map_err(|e| CliError::Msg(format!("cannot encode the report: {e}")))?;
+        write_file(p, &body)?;
+    }
+    if let Some(p) = &a.csv {
+        let mut w = csv::Writer::from_writer(Vec::new());
+        for row in rows {
+            w.serialize(row)
+                .map_err(|e| CliError::Msg(format!("cannot encode CSV: {e}")))?;
+        }
+        let body = w
+            .into_inner()
+            .map_err(|e| CliError::Msg(format!("cannot encode CSV: {e}")))?;
+        write_file(p, &body)?;
+    }
+    Ok(())
 }
