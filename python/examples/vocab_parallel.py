@@ -37,5 +37,6 @@ same = torch.allclose(loss, reference, rtol=1e-5) and torch.allclose(
 if rank == 0:
     print(f"sharded loss {loss.item():.6f} on {world} ranks, unsharded loss "
           f"{reference.item():.6f}: {'matches' if same else 'DIFFERS'}")
+dist.barrier()  # no rank tears its connections down while another still uses them
 dist.destroy_process_group()
 raise SystemExit(0 if same else 1)
