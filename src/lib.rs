@@ -49,6 +49,7 @@ pub mod emu;
 pub mod error;
 mod fast_segments;
 pub mod feature;
+pub mod fused_linear;
 pub mod hostmath;
 pub mod oracle;
 mod params;

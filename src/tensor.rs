@@ -360,7 +360,7 @@ impl KdInputs<'_> {
     }
 }
 
-fn valid_rows(labels: Option<&[i64]>, rows: usize, ignore_index: i64) -> usize {
+pub(crate) fn valid_rows(labels: Option<&[i64]>, rows: usize, ignore_index: i64) -> usize {
     match labels {
         None => rows,
         Some(l) => l.iter().filter(|&&y| y != ignore_index).count(),
