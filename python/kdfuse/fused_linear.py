@@ -44,6 +44,25 @@ def _empty(x):
     return x.new_empty((0,))
 
 
+_CUDA_OUT_DTYPE = [True]  # torch.mm(..., out_dtype=float32) works for 16-bit CUDA tensors
+
+
+def _mm_acc(a, b, acc):
+    """``a @ b`` as ``acc`` (float32/float64) without rounding to a 16-bit
+    dtype in between: the weight gradient sums chunk products, and rounding
+    each one to bf16/f16 would add one rounding error per chunk. CUDA: the
+    GEMM's fp32 output (cuBLAS, ``out_dtype``); otherwise the operands are
+    widened first (exact for 16-bit values; O(chunk × V) extra)."""
+    if a.dtype == acc:
+        return a @ b
+    if a.device.type == "cuda" and _CUDA_OUT_DTYPE[0]:
+        try:
+            return torch.mm(a, b, out_dtype=acc)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _CUDA_OUT_DTYPE[0] = False
+    return a.to(acc) @ b.to(acc)
+
+
 @torch.library.custom_op("kdfuse::fused_linear_loss", mutates_args=())
 def _fused_linear_loss(
     hidden: torch.Tensor,
@@ -168,7 +187,7 @@ def _fused_linear_loss(
             if single:
                 g_w = g.t() @ h
             else:
-                g_w += g.t() @ h
+                g_w += _mm_acc(g.t(), h, acc)
         if want[2]:
             g_b += g.sum(0, dtype=acc)
         if want[3]:
@@ -177,7 +196,7 @@ def _fused_linear_loss(
             if single:
                 g_tw = gt.t() @ th
             else:
-                g_tw += gt.t() @ th
+                g_tw += _mm_acc(gt.t(), th, acc)
         if want[5]:
             g_tb += gt.sum(0, dtype=acc)
         if want[6]:
@@ -343,7 +362,8 @@ def fused_linear_distill_loss(student_hidden, student_weight, labels=None, *, st
       chunk_size: rows per chunk (int ≥ 1); or memory_budget: bytes for the
         per-chunk buffers (student logits, gradient, teacher logits made
         from teacher_hidden, teacher gradient with ``mutual``: V elements of
-        the dtype each, per row); default 1 GiB. Not both.
+        the dtype each, per row, plus V float32 with 16-bit dtypes for the
+        widened gradient of the weight sum); default 1 GiB. Not both.
       mutual: the teacher gets its gradient too (teacher_hidden,
         teacher_weight, teacher_bias, or teacher_logits; whichever require
         grad). Not with a top-k teacher. Otherwise the teacher is detached.
@@ -455,6 +475,8 @@ def fused_linear_distill_loss(student_hidden, student_weight, labels=None, *, st
         raise ValueError(f"precision must be one of {sorted(_lib.PRECISIONS)}, got {precision!r}")
     elt = torch.empty((), dtype=dtype).element_size()
     per_row = v * elt * (2 + teacher_rows + (1 if mutual else 0))
+    if elt == 2:
+        per_row += v * 4  # the float32 copy of the gradient for the weight sum (see _mm_acc)
     chunk = _chunk_rows(chunk_size, memory_budget, per_row)
 
     code = {"batchmean": _lib.C_BATCHMEAN, "token_mean": _lib.C_BATCHMEAN, "sum": _lib.C_SUM,

@@ -151,6 +151,14 @@ class TestAgainstMaterialised(Case):
                 self.compare(dd, y, softcap=3.0, row_weights=w.to(dtype), reduction=red,
                              divergence="reverse-kl", temperature=2.0, alpha=0.5, chunk_size=6)
 
+    def test_many_chunks_16_bit(self):
+        # The weight gradient sums 16 chunk products: rounding each to the
+        # 16-bit dtype would exceed the tolerance here.
+        for dtype in (torch.bfloat16, torch.float16):
+            with self.subTest(dtype=dtype):
+                d, y = data(lead=(4, 64), h=32, v=500, ht=24, dtype=dtype)
+                self.compare(d, y, divergence="jsd", temperature=2.0, chunk_size=16)
+
     def test_float16(self):
         d, y = data(dtype=torch.float16)
         self.compare(d, y, divergence="forward-kl", temperature=2.0, chunk_size=8)
