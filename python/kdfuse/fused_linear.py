@@ -132,7 +132,8 @@ def _fused_linear_loss(
                                 torch.zeros((), dtype=acc, device=dev))
         else:
             count = (batch if reduction == _lib.C_BATCHMEAN else n) * per
-            scale = torch.tensor(1.0 / count if count > 0 else 0.0, dtype=acc, device=dev)
+            # torch.full, not torch.tensor: a fill, no host-to-device copy.
+            scale = torch.full((), 1.0 / count if count > 0 else 0.0, dtype=acc, device=dev)
     code = _lib.C_NONE if reduction == _lib.C_NONE else _lib.C_SUM
     precision_name = _kt._PRECISION_NAMES.get(precision, precision)
     if dense:

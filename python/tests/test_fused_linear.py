@@ -152,12 +152,19 @@ class TestAgainstMaterialised(Case):
                              divergence="reverse-kl", temperature=2.0, alpha=0.5, chunk_size=6)
 
     def test_many_chunks_16_bit(self):
-        # The weight gradient sums 16 chunk products: rounding each to the
-        # 16-bit dtype would exceed the tolerance here.
+        # The weight gradient sums 32 chunk products in float32 and rounds
+        # once, as the materialised GEMM: only the fp32 summation order
+        # differs. Rounding each chunk product to bf16/f16 instead gives
+        # ~2e-3 / 5e-4 here (inside §3's 4e-3 / 1e-3, so the bound is tighter).
         for dtype in (torch.bfloat16, torch.float16):
             with self.subTest(dtype=dtype):
-                d, y = data(lead=(4, 64), h=32, v=500, ht=24, dtype=dtype)
-                self.compare(d, y, divergence="jsd", temperature=2.0, chunk_size=16)
+                d, y = data(lead=(4, 64), h=32, v=300, ht=24, dtype=dtype)
+                _, g = run(lambda **t: kt.fused_linear_distill_loss(
+                    **t, labels=y, divergence="jsd", temperature=2.0, chunk_size=8), d, STUDENT)
+                _, w = run(lambda **t: materialised(
+                    **t, labels=y, divergence="jsd", temperature=2.0), d, STUDENT)
+                for k in STUDENT:
+                    self.assertLessEqual(rel(g[k], w[k]), 1e-4, k)
 
     def test_float16(self):
         d, y = data(dtype=torch.float16)
