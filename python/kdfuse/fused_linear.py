@@ -266,10 +266,14 @@ def _backward(ctx, g_loss, *_unused):
         opts = list(ctx.options)
         opts[4] = _lib.C_SUM      # reduction
         opts[13] = mask           # grad_mask
-        res = torch.ops.kdfuse.fused_linear_loss(*saved[:10], up, *opts)
+        # Through the autograd.Function (it has setup_context: torch.func).
+        res = _FusedLinearLoss.apply(*saved[:10], up, *opts)
+        tie = torch.is_grad_enabled()  # create_graph: differentiating these must raise
         for i in range(7):
             if needs[i]:
-                out[i] = res[1 + i]
+                out[i] = (_kt._scale(res[1 + i], torch.ones((), dtype=g_loss.dtype,
+                                                           device=g_loss.device),
+                                     saved[i], False) if tie else res[1 + i])
         return tuple(out)
     saved = ctx.saved_tensors
     grads, srcs = saved[:7], saved[7:]

@@ -358,6 +358,27 @@ class TestGradcheck(unittest.TestCase):
         self.assertTrue(torch.autograd.gradcheck(f, xs, eps=1e-6, atol=1e-7))
 
 
+class TestAutogradBehaviour(unittest.TestCase):
+    def test_retain_graph_func_grad_and_no_double_backward(self):
+        d, y = data()
+        rest = {k: x for k, x in d.items() if k != "student_hidden"}
+        for red in ("batchmean", "none"):
+            with self.subTest(reduction=red):
+                def f(x):
+                    return (kt.fused_linear_distill_loss(x, labels=y, reduction=red,
+                                                         chunk_size=4, **rest) * 1.5).sum()
+
+                h = d["student_hidden"].clone().requires_grad_(True)
+                loss = f(h)
+                a = torch.autograd.grad(loss, h, retain_graph=True)[0]
+                b = torch.autograd.grad(loss, h)[0]
+                self.assertTrue(torch.equal(a, b))
+                self.assertTrue(torch.equal(torch.func.grad(f)(d["student_hidden"]), a))
+                (gg,) = torch.autograd.grad(f(h), h, create_graph=True)
+                with self.assertRaisesRegex(RuntimeError, "second derivatives"):
+                    gg.sum().backward()
+
+
 class TestCompile(unittest.TestCase):
     def test_compile_fullgraph_module(self):
         for red in ("batchmean", "none"):
