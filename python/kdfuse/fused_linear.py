@@ -561,3 +561,9 @@ class FusedLinearDistillationLoss(torch.nn.Module):
                 f"temperature={self.temperature}, alpha={self.alpha}, "
                 f"reduction={self.reduction!r}, chunk_size={self.chunk_size}, "
                 f"memory_budget={self.memory_budget}, mutual={self.mutual}")
+
+
+# kdfuse.torch exports these (set here too for when this module was imported
+# first: kdfuse.torch then skips its own import of them).
+_kt.fused_linear_distill_loss = fused_linear_distill_loss
+_kt.FusedLinearDistillationLoss = FusedLinearDistillationLoss

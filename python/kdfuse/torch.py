@@ -1026,5 +1026,8 @@ def topk_teacher(logits, k, with_lse=False):
 
 
 # Fused linear + distillation loss (kdfuse/fused_linear.py), at the end: it
-# uses this module's ops and argument checks.
-from .fused_linear import FusedLinearDistillationLoss, fused_linear_distill_loss  # noqa: E402
+# uses this module's ops and argument checks. When kdfuse.fused_linear is the
+# module being imported (it imports this one first), it sets the two names
+# here itself at its end.
+if "kdfuse.fused_linear" not in __import__("sys").modules:
+    from .fused_linear import FusedLinearDistillationLoss, fused_linear_distill_loss  # noqa

@@ -12,6 +12,8 @@ the reason, without a GPU (KDFUSE_REQUIRE_GPU=1 turns the skip into a failure).
 
 import itertools
 import os
+import subprocess
+import sys
 import unittest
 from unittest import mock
 
@@ -116,6 +118,21 @@ class Case(unittest.TestCase):
             self.assertEqual(gg[k].shape, gw[k].shape, k)
             self.assertLessEqual(rel(gg[k], gw[k]), GRAD_TOL[dtype], k)
         return got, gg
+
+
+class TestImport(unittest.TestCase):
+    def test_either_module_first_in_a_fresh_interpreter(self):
+        for first in ("kdfuse.fused_linear", "kdfuse.torch"):
+            with self.subTest(first=first):
+                code = (f"import {first}; import kdfuse.torch as kt, kdfuse.fused_linear as f; "
+                        "import torch; "
+                        "assert kt.fused_linear_distill_loss is f.fused_linear_distill_loss; "
+                        "assert kt.FusedLinearDistillationLoss is f.FusedLinearDistillationLoss; "
+                        "assert hasattr(torch.ops.kdfuse, 'fused_linear_loss'); print('ok')")
+                out = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                                     text=True)
+                self.assertEqual(out.returncode, 0, out.stderr)
+                self.assertIn("ok", out.stdout)
 
 
 class TestAgainstMaterialised(Case):
