@@ -183,6 +183,10 @@ class TestAgainstMaterialised(Case):
                 for k in STUDENT:
                     self.assertLessEqual(rel(g[k], w[k]), 1e-4, k)
 
+    def test_precision_exact(self):
+        d, y = data()
+        self.compare(d, y, divergence="tvd", precision="exact", temperature=2.0, chunk_size=5)
+
     def test_float16(self):
         d, y = data(dtype=torch.float16)
         self.compare(d, y, divergence="forward-kl", temperature=2.0, chunk_size=8)
@@ -484,6 +488,12 @@ class TestArguments(unittest.TestCase):
             (dict(s, **t, labels=torch.full((3, 7), 99)), "labels"),
             (dict(t, student_hidden=d["student_hidden"].int(),
                   student_weight=d["student_weight"]), "student_hidden"),
+            (dict(t, student_hidden=d["student_hidden"],
+                  student_weight=d["student_weight"].to("meta")), "student_weight"),
+            (dict(s, teacher_logits=tl.to("meta")), "teacher_logits"),
+            (dict(s, topk_indices=idx.to("meta"), topk_values=vals), "topk_indices"),
+            (dict(t, student_hidden=d["student_hidden"].to("meta"),
+                  student_weight=d["student_weight"].to("meta")), "student_hidden"),
         ]
         for kwargs, pattern in cases:
             with self.subTest(pattern=pattern, keys=sorted(kwargs)):
