@@ -39,6 +39,8 @@ __all__ = [
     "vocab_parallel_distill_loss",
     "vocab_parallel_collectives",
     "topk_teacher",
+    "fused_linear_distill_loss",
+    "FusedLinearDistillationLoss",
     "REDUCTIONS",
     "DIVERGENCES",
 ]
@@ -1022,3 +1024,10 @@ def topk_teacher(logits, k, with_lse=False):
         out = out + (lse.reshape(lead),)
     return out
 
+
+# Fused linear + distillation loss (kdfuse/fused_linear.py), at the end: it
+# uses this module's ops and argument checks. When kdfuse.fused_linear is the
+# module being imported (it imports this one first), it sets the two names
+# here itself at its end.
+if "kdfuse.fused_linear" not in __import__("sys").modules:
+    from .fused_linear import FusedLinearDistillationLoss, fused_linear_distill_loss  # noqa
