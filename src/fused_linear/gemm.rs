@@ -36,6 +36,14 @@ struct Out(*mut f32);
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
+impl Out {
+    /// The element `i` places on (a method, so that closures capture the
+    /// whole `Out`, not its raw pointer).
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
 /// `out[rows, v] = h[rows, k] · w[v, k]ᵀ + bias`, threads over blocks of
 /// the vocabulary (each packs its own rows of `w`).
 pub(super) fn logits(
@@ -53,7 +61,6 @@ pub(super) fn logits(
     }
     let o = Out(out.as_mut_ptr());
     blocks(v, 256).into_par_iter().for_each(|(v0, v1)| {
-        let o = o;
         // SAFETY: the asserts bound every access; this block writes the
         // columns [v0, v1) of each row of `out`, no other block does.
         unsafe {
@@ -69,7 +76,7 @@ pub(super) fn logits(
                 1,
                 k as isize,
                 0.0,
-                o.0.add(v0),
+                o.at(v0),
                 v as isize,
                 1,
             );
@@ -77,7 +84,7 @@ pub(super) fn logits(
         if let Some(b) = bias {
             for r in 0..rows {
                 // SAFETY: as above, row r's columns [v0, v1).
-                let row = unsafe { std::slice::from_raw_parts_mut(o.0.add(r * v + v0), v1 - v0) };
+                let row = unsafe { std::slice::from_raw_parts_mut(o.at(r * v + v0), v1 - v0) };
                 row.iter_mut().zip(&b[v0..v1]).for_each(|(x, &b)| *x += b);
             }
         }
@@ -93,7 +100,6 @@ pub(super) fn grad_hidden(g: &[f32], rows: usize, v: usize, w: &[f32], k: usize,
     }
     let o = Out(out.as_mut_ptr());
     blocks(k, 32).into_par_iter().for_each(|(k0, k1)| {
-        let o = o;
         // SAFETY: the asserts bound every access; this block writes the
         // columns [k0, k1) of each row of `out`, no other block does.
         unsafe {
@@ -109,7 +115,7 @@ pub(super) fn grad_hidden(g: &[f32], rows: usize, v: usize, w: &[f32], k: usize,
                 k as isize,
                 1,
                 0.0,
-                o.0.add(k0),
+                o.at(k0),
                 k as isize,
                 1,
             );

@@ -9,8 +9,8 @@
 
 use kdfuse::fused_linear::{Chunking, Linear, LinearInputs, LinearSpec, LinearTeacher, Matrix};
 use kdfuse::{
-    Backend, Divergence, Dtype, GradDtype, KdInputs, Logits, LossSpec, OwnedData,
-    Reduction, TopkIndices, TopkInputs, TopkMode, TopkTeacher,
+    Backend, Divergence, Dtype, GradDtype, KdInputs, Logits, LossSpec, OwnedData, Reduction,
+    TopkIndices, TopkInputs, TopkMode, TopkTeacher,
 };
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -96,7 +96,8 @@ impl Case {
             0 | 1 => TeacherKind::Linear,
             2 => TeacherKind::Logits,
             _ => {
-                let mode = [TopkMode::Full, TopkMode::Support, TopkMode::Tail][rng.random_range(0..3)];
+                let mode =
+                    [TopkMode::Full, TopkMode::Support, TopkMode::Tail][rng.random_range(0..3)];
                 TeacherKind::Topk(rng.random_range(1..=v.min(9)), mode)
             }
         };
@@ -132,9 +133,17 @@ impl Case {
         let mut spec = LossSpec {
             divergence,
             temperature: [1.0, 2.0, 0.7][rng.random_range(0..3)],
-            alpha: if with_labels && rng.random_bool(0.5) { 0.3 } else { 0.0 },
-            reduction: [Reduction::BatchMean, Reduction::Sum, Reduction::Mean, Reduction::None]
-                [rng.random_range(0..4)],
+            alpha: if with_labels && rng.random_bool(0.5) {
+                0.3
+            } else {
+                0.0
+            },
+            reduction: [
+                Reduction::BatchMean,
+                Reduction::Sum,
+                Reduction::Mean,
+                Reduction::None,
+            ][rng.random_range(0..4)],
             softcap: rng.random_bool(0.2).then_some(5.0),
             ..Default::default()
         };
@@ -307,7 +316,11 @@ pub fn reference(case: &Case, backend: &dyn Backend) -> kdfuse::Result<Reference
     let bs = case.bias.as_ref().map(values);
     let s = materialise(&hs, n, h, &ws, v, bs.as_deref(), case.dtype);
     let student = Logits::new(s.view(), n, v);
-    let (th, tw, tb) = (values(&case.t_hidden), values(&case.t_weight), case.t_bias.as_ref().map(values));
+    let (th, tw, tb) = (
+        values(&case.t_hidden),
+        values(&case.t_weight),
+        case.t_bias.as_ref().map(values),
+    );
     let t_mat = materialise(&th, n, case.ht, &tw, v, tb.as_deref(), case.dtype);
     let out = match case.teacher {
         TeacherKind::Topk(k, _) => backend.compute_topk(
@@ -345,7 +358,9 @@ pub fn reference(case: &Case, backend: &dyn Backend) -> kdfuse::Result<Reference
     let g = out.grad.expect("gradient asked for");
     let student = head_grads(&g, n, v, &hs, h, &ws, v);
     let (teacher_head, teacher_logits) = match (&out.grad_teacher, case.teacher) {
-        (Some(gt), TeacherKind::Linear) => (Some(head_grads(gt, n, v, &th, case.ht, &tw, case.vt)), None),
+        (Some(gt), TeacherKind::Linear) => {
+            (Some(head_grads(gt, n, v, &th, case.ht, &tw, case.vt)), None)
+        }
         (Some(gt), _) => (None, Some(gt.clone())),
         (None, _) => (None, None),
     };

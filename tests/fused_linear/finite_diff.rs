@@ -9,7 +9,9 @@ use kdfuse::{Divergence, Dtype, Oracle, OwnedData, Reduction};
 fn loss_of(case: &Case) -> f64 {
     let mut spec = case.linear_spec();
     spec.grads = false;
-    fused_linear::compute(&Oracle, &case.inputs(), &spec).unwrap().loss
+    fused_linear::compute(&Oracle, &case.inputs(), &spec)
+        .unwrap()
+        .loss
 }
 
 fn bump(data: &mut OwnedData, i: usize, by: f32) {
@@ -22,15 +24,34 @@ fn bump(data: &mut OwnedData, i: usize, by: f32) {
 #[test]
 fn gradients_match_central_differences() {
     for (seed, divergence, reduction, teacher) in [
-        (1, Divergence::ForwardKl, Reduction::BatchMean, TeacherKind::Linear),
+        (
+            1,
+            Divergence::ForwardKl,
+            Reduction::BatchMean,
+            TeacherKind::Linear,
+        ),
         (2, Divergence::Jsd, Reduction::Sum, TeacherKind::Logits),
-        (3, Divergence::ReverseKl, Reduction::Mean, TeacherKind::Linear),
+        (
+            3,
+            Divergence::ReverseKl,
+            Reduction::Mean,
+            TeacherKind::Linear,
+        ),
         (4, Divergence::SoftCe, Reduction::None, TeacherKind::Logits),
-        (5, Divergence::ForwardKl, Reduction::BatchMean, TeacherKind::Topk(4, kdfuse::TopkMode::Full)),
+        (
+            5,
+            Divergence::ForwardKl,
+            Reduction::BatchMean,
+            TeacherKind::Topk(4, kdfuse::TopkMode::Full),
+        ),
     ] {
         let mut case = Case::random_with(seed, 5, 6, 17, Dtype::F32, Some(teacher));
         case.spec.divergence = divergence;
-        case.spec.beta = if divergence == Divergence::Jsd { 0.3 } else { 0.5 };
+        case.spec.beta = if divergence == Divergence::Jsd {
+            0.3
+        } else {
+            0.5
+        };
         case.spec.reduction = reduction;
         case.spec.topk_mode = kdfuse::TopkMode::Full;
         case.spec.teacher_log_probs = false;
@@ -51,7 +72,10 @@ fn gradients_match_central_differences() {
         ];
         for (name, len, grad) in probes {
             let mut worst: f64 = 0.0;
-            let scale = grad.iter().fold(0f64, |m, &x| m.max(x.abs() as f64)).max(1e-3);
+            let scale = grad
+                .iter()
+                .fold(0f64, |m, &x| m.max(x.abs() as f64))
+                .max(1e-3);
             for i in (0..len).step_by(len / 7 + 1) {
                 let mut plus = case.clone();
                 let mut minus = case.clone();

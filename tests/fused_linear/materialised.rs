@@ -24,7 +24,13 @@ fn check(case: &Case, backend: &dyn Backend, what: &str) -> LinearOutput {
     let e = rel_l2(&out.row_losses, &r.row_losses, floor);
     assert!(e <= SAME_BACKEND, "row losses off by {e:e}: {}", ctx());
     let e = rel_l2(&[out.loss], &[r.loss], floor);
-    assert!(e <= SAME_BACKEND, "loss {} vs {} ({e:e}): {}", out.loss, r.loss, ctx());
+    assert!(
+        e <= SAME_BACKEND,
+        "loss {} vs {} ({e:e}): {}",
+        out.loss,
+        r.loss,
+        ctx()
+    );
     let s = out.student.as_ref().expect("student gradients");
     let (gh, gw, gb) = &r.student;
     for (name, x, rf) in [("hidden", &s.hidden, gh), ("weight", &s.weight, gw)] {
@@ -42,7 +48,10 @@ fn check(case: &Case, backend: &dyn Backend, what: &str) -> LinearOutput {
     match (&out.teacher, &r.teacher_head, &r.teacher_logits) {
         (None, None, None) => {}
         (Some(TeacherGrads::Linear(t)), Some((gh, gw, gb)), None) => {
-            for (name, x, rf) in [("teacher hidden", &t.hidden, gh), ("teacher weight", &t.weight, gw)] {
+            for (name, x, rf) in [
+                ("teacher hidden", &t.hidden, gh),
+                ("teacher weight", &t.weight, gw),
+            ] {
                 let e = rel_l2(&f64s(x), rf, 1e-7);
                 assert!(e <= SAME_BACKEND, "∂{name} off by {e:e}: {}", ctx());
             }
@@ -55,7 +64,13 @@ fn check(case: &Case, backend: &dyn Backend, what: &str) -> LinearOutput {
             let e = rel_l2(&f64s(g), &f64s(rf), 1e-7);
             assert!(e <= SAME_BACKEND, "∂teacher logits off by {e:e}: {}", ctx());
         }
-        (o, h, l) => panic!("teacher gradients {:?} vs reference {:?}/{:?}: {}", o.is_some(), h.is_some(), l.is_some(), ctx()),
+        (o, h, l) => panic!(
+            "teacher gradients {:?} vs reference {:?}/{:?}: {}",
+            o.is_some(),
+            h.is_some(),
+            l.is_some(),
+            ctx()
+        ),
     }
     out
 }
@@ -134,7 +149,14 @@ fn chunkings_agree_with_each_other() {
     case.spec.temperature = 2.0;
     case.spec.teacher_log_probs = false;
     let mut outs = Vec::new();
-    for chunking in [Chunking::Rows(1), Chunking::Rows(3), Chunking::Rows(4), Chunking::Rows(10), Chunking::Rows(64), Chunking::MemoryBudget(257 * 12 * 3)] {
+    for chunking in [
+        Chunking::Rows(1),
+        Chunking::Rows(3),
+        Chunking::Rows(4),
+        Chunking::Rows(10),
+        Chunking::Rows(64),
+        Chunking::MemoryBudget(257 * 12 * 3),
+    ] {
         case.chunking = chunking;
         let out = check(&case, &CpuBackend, &format!("{chunking:?}"));
         outs.push((chunking, out));
@@ -146,7 +168,12 @@ fn chunkings_agree_with_each_other() {
     let first = &outs[0].1;
     assert_eq!(first.valid_rows, 6);
     for (c, o) in &outs[1..] {
-        assert!((o.loss - first.loss).abs() <= 1e-6 * first.loss.abs(), "{c:?}: {} vs {}", o.loss, first.loss);
+        assert!(
+            (o.loss - first.loss).abs() <= 1e-6 * first.loss.abs(),
+            "{c:?}: {} vs {}",
+            o.loss,
+            first.loss
+        );
     }
 }
 
@@ -165,11 +192,18 @@ fn a_nan_row_poisons_its_loss_and_every_weight_gradient() {
     let out = check(&case, &CpuBackend, "nan");
     assert!(out.loss.is_nan());
     assert!(out.row_losses[4].is_nan());
-    assert!(out.row_losses.iter().enumerate().all(|(r, l)| r == 4 || l.is_finite()));
+    assert!(out
+        .row_losses
+        .iter()
+        .enumerate()
+        .all(|(r, l)| r == 4 || l.is_finite()));
     let s = out.student.unwrap();
     assert!(s.hidden[4 * 8..5 * 8].iter().all(|x| x.is_nan()));
     assert!(s.hidden[..4 * 8].iter().all(|x| x.is_finite()));
-    assert!(s.weight.iter().all(|x| x.is_nan()), "every W row meets the NaN row");
+    assert!(
+        s.weight.iter().all(|x| x.is_nan()),
+        "every W row meets the NaN row"
+    );
 }
 
 #[test]

@@ -54,13 +54,24 @@ fn shapes_dtypes_and_chunking_are_checked() {
     assert!(msg.contains("one row"), "{msg}");
     let zero_h: [f32; 0] = [];
     let mut i = ok;
-    i.student = Linear::new(Matrix::new(HostData::F32(&zero_h), 4, 0), Matrix::new(HostData::F32(&zero_h), 20, 0), None);
+    i.student = Linear::new(
+        Matrix::new(HostData::F32(&zero_h), 4, 0),
+        Matrix::new(HostData::F32(&zero_h), 20, 0),
+        None,
+    );
     assert_eq!(run(&i, Chunking::Rows(2)).0, "student_hidden");
 }
 
 #[test]
 fn the_teacher_is_checked() {
-    let mut case = Case::random_with(8, 4, 5, 20, Dtype::F32, Some(crate::case::TeacherKind::Linear));
+    let mut case = Case::random_with(
+        8,
+        4,
+        5,
+        20,
+        Dtype::F32,
+        Some(crate::case::TeacherKind::Linear),
+    );
     case.vt = 19;
     case.t_weight = OwnedData::F32(vec![0.0; 19 * case.ht]);
     case.t_bias = None;
@@ -68,7 +79,14 @@ fn the_teacher_is_checked() {
     let (arg, msg) = arg_of(fused_linear::compute(&CpuBackend, &case.inputs(), &spec));
     assert_eq!(arg, "teacher_weight", "{msg}");
 
-    let mut case = Case::random_with(9, 4, 5, 20, Dtype::F32, Some(crate::case::TeacherKind::Topk(3, TopkMode::Full)));
+    let mut case = Case::random_with(
+        9,
+        4,
+        5,
+        20,
+        Dtype::F32,
+        Some(crate::case::TeacherKind::Topk(3, TopkMode::Full)),
+    );
     case.idx = vec![0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11];
     case.vals = OwnedData::F32(vec![0.0; 12]);
     case.spec.topk_mode = TopkMode::Full;
@@ -78,13 +96,21 @@ fn the_teacher_is_checked() {
     case.spec.beta = 0.5;
     case.spec.temperature = 1.0;
     case.spec.grad_teacher = true;
-    let (arg, _) = arg_of(fused_linear::compute(&CpuBackend, &case.inputs(), &case.linear_spec()));
+    let (arg, _) = arg_of(fused_linear::compute(
+        &CpuBackend,
+        &case.inputs(),
+        &case.linear_spec(),
+    ));
     assert_eq!(arg, "grad_teacher", "mutual learning needs a dense teacher");
     case.spec.grad_teacher = false;
     case.idx[5] = 4; // a repeated index in row 1
     let r = fused_linear::compute(&CpuBackend, &case.inputs(), &case.linear_spec());
     assert!(r.is_err(), "a repeated top-k index is an error");
     case.vals = OwnedData::F32(vec![0.0; 11]);
-    let (arg, _) = arg_of(fused_linear::compute(&CpuBackend, &case.inputs(), &case.linear_spec()));
+    let (arg, _) = arg_of(fused_linear::compute(
+        &CpuBackend,
+        &case.inputs(),
+        &case.linear_spec(),
+    ));
     assert_eq!(arg, "topk_values");
 }
