@@ -513,6 +513,107 @@ def report_kernel(name: str, code: list[Instr], registers: int | None) -> Kernel
     )
 
 
+# ------------------------------------------------------ selection kernels --
+
+# The per-row top-k selection (kernels/topk_select/select.cu, docs/DESIGN.md
+# §9): outside the instruction budget, reported apart. Its loops read one
+# element per thread (scalar loads), in address order: pass 0 (keys,
+# histogram, log-sum-exp), the refinement pass (run 0 to 3 times: the next
+# byte of the keys in the threshold bucket), the compaction (re-reads the row
+# until all k winners are found), and the winners' values (per winner, not
+# per element).
+_SELECT = re.compile(r"^kd_select_(?P<inp>f32|bf16|f16)$")
+SELECT_LOOPS = ("pass 0", "refinement", "compaction", "winners' values")
+
+
+@dataclasses.dataclass
+class SelectReport:
+    name: str
+    registers: int | None
+    loops: list[LoopReport]  # every hot loop, in address order
+    labels: list[str]
+    min_slots: float  # per element: pass 0 + compaction (no refinement)
+    max_slots: float  # per element: pass 0 + 3 refinements + compaction
+    mufu: float
+    predicted_min: dict[str, float]  # fewest passes: 2 reads of the row
+    predicted_max: dict[str, float]  # most passes: 5 reads
+
+
+def report_select(name: str, code: list[Instr], registers: int | None) -> SelectReport | None:
+    m = _SELECT.match(name)
+    if not m:
+        return None
+    inb = DTYPE_BYTES[m.group("inp")]
+    loops = analyse_function(code, inb)
+    if len(loops) == len(SELECT_LOOPS):
+        labels = list(SELECT_LOOPS)
+        p0, ref, comp = (lp.per_element for lp in loops[:3])
+        lo, hi = p0 + comp, p0 + 3 * ref + comp
+        mufu = loops[0].mufu / loops[0].elements + loops[2].mufu / loops[2].elements
+    else:  # not the structure select.cu describes: list the loops only
+        labels = [f"loop {i}" for i in range(len(loops))]
+        lo = hi = float("nan")
+        mufu = sum(lp.mufu / lp.elements for lp in loops)
+    pred_lo = {d: predict(lo, mufu, 2 * inb, inb, d) for d in DEVICES}
+    pred_hi = {d: predict(hi, mufu, 5 * inb, inb, d) for d in DEVICES}
+    return SelectReport(name, registers, loops, labels, lo, hi, mufu, pred_lo, pred_hi)
+
+
+def select_table(reports: list[SelectReport]) -> str:
+    head = (
+        "| kernel | regs | loop | elements/iter | slots/elem | max path | MUFU/elem |\n"
+        "|---|---|---|---|---|---|---|\n"
+    )
+    rows = []
+    for r in reports:
+        for label, lp in zip(r.labels, r.loops):
+            rows.append(
+                f"| {r.name} | {r.registers or '?'} | {label} | {lp.elements:g} | {lp.per_element:.1f} |"
+                f" {lp.max_path / lp.elements:.1f} | {lp.mufu / lp.elements:.2f} |"
+            )
+        rows.append(
+            f"| {r.name} | | **per element, all passes** | | **{r.min_slots:.0f}–{r.max_slots:.0f}** | |"
+            f" {r.mufu:.2f} |"
+        )
+    def span(r: SelectReport, d: str) -> str:
+        lo, hi = f"{r.predicted_max[d] * 100:.0f}", f"{r.predicted_min[d] * 100:.0f}"
+        return f"{lo}%" if lo == hi else f"{lo}–{hi}%"
+
+    preds = "".join(
+        f"\n{r.name}: predicted fraction of copy bandwidth H100 {span(r, 'H100')}, "
+        f"H200 {span(r, 'H200')} (a prediction)"
+        for r in reports
+    )
+    return head + "\n".join(rows) + "\n" + preds + "\n"
+
+
+def select_json(reports: list[SelectReport]) -> list[dict]:
+    return [
+        {
+            "name": r.name,
+            "registers": r.registers,
+            "loops": [
+                {
+                    "label": label,
+                    "addr": [hex(lp.first_addr), hex(lp.last_addr)],
+                    "elements_per_iteration": lp.elements,
+                    "slots_per_element": round(lp.per_element, 2),
+                    "max_path_per_element": round(lp.max_path / lp.elements, 2),
+                    "mufu_per_element": round(lp.mufu / lp.elements, 3),
+                    "pipes_per_iteration": lp.pipes,
+                }
+                for label, lp in zip(r.labels, r.loops)
+            ],
+            "slots_per_element_min": round(r.min_slots, 2),
+            "slots_per_element_max": round(r.max_slots, 2),
+            "mufu_per_element": round(r.mufu, 3),
+            "predicted_fraction_of_copy_bandwidth_min_passes": {k: round(v, 3) for k, v in r.predicted_min.items()},
+            "predicted_fraction_of_copy_bandwidth_max_passes": {k: round(v, 3) for k, v in r.predicted_max.items()},
+        }
+        for r in reports
+    ]
+
+
 # ---------------------------------------------------------------- budgets --
 
 

@@ -128,6 +128,25 @@ class SassReport(unittest.TestCase):
         # 2 loads + FFMA + ISETP + BRA over 8 elements
         self.assertAlmostEqual(r.slots, 5 / 8)
 
+    def test_selection_kernel_loops_are_labelled_and_summed(self):
+        # Four scalar f32 loops of 3, 5, 7 and 4 instructions per element
+        # (load + n FFMA + ISETP + BRA): pass 0, refinement, compaction,
+        # winners' values.
+        body, starts = ["MOV R0, RZ"], []
+        for extra in (0, 2, 4, 1):
+            starts.append(len(body))
+            body += ["LDG.E R4, desc[UR4][R2.64]"] + ["FFMA R4, R4, R5, R6"] * extra
+            body += ["ISETP.GE.AND P0, PT, R0, R1, PT", f"@!P0 BRA L{starts[-1]}>"]
+        body.append("EXIT")
+        code = sr.parse_sass(listing("kd_select_f32", body))["kd_select_f32"]
+        r = sr.report_select("kd_select_f32", code, 40)
+        self.assertEqual(r.labels, list(sr.SELECT_LOOPS))
+        self.assertEqual([lp.per_element for lp in r.loops], [3, 5, 7, 4])
+        self.assertEqual(r.min_slots, 3 + 7)
+        self.assertEqual(r.max_slots, 3 + 3 * 5 + 7)
+        self.assertIsNone(sr.report_select("kd_fused_fkl_f32_f32", code, 40))
+        self.assertIn("winners' values", sr.select_table([r]))
+
     def test_loop_after_a_divergence_branch_is_found(self):
         # `BRA.DIV` (taken only when the warp diverged, as before a shuffle)
         # and `BRA P1, x` fall through: the loop behind them is reachable.
