@@ -56,6 +56,13 @@ pub struct BuildArgs {
     /// Store log-probabilities (logit − log-sum-exp over all V) instead of logits.
     #[arg(long)]
     logprobs: bool,
+    /// Divide the logits by T > 0 before everything else (the values, the
+    /// lse and the log-probs are then those of logits / T), and record T in
+    /// the metadata. `kdfuse loss` applies its own --temperature to student
+    /// and teacher alike, so it refuses such a cache; it is for consumers
+    /// that expect tempered soft labels.
+    #[arg(long, value_name = "T")]
+    temperature: Option<f64>,
     /// Add the rows after those of an existing cache in --out (the same
     /// metadata), instead of starting a new one.
     #[arg(long)]
@@ -101,8 +108,15 @@ fn build(a: BuildArgs) -> Result<ExitCode, CliError> {
     if a.k == 0 {
         return Err(CliError::Msg("-k must be ≥ 1".into()));
     }
+    if let Some(t) = a.temperature {
+        if !(t.is_finite() && t > 0.0 && (1.0 / t as f32).is_normal()) {
+            return Err(CliError::Msg(format!(
+                "--temperature must be finite and > 0 (1/T a normal f32), got {t}"
+            )));
+        }
+    }
     let values_dtype: ValuesDtype = a.values_dtype.parse().map_err(CliError::Msg)?;
-    let (x, n, v) = npy::read_matrix(&a.logits, "--logits")?;
+    let (mut x, n, v) = npy::read_matrix(&a.logits, "--logits")?;
     if a.k > v {
         return Err(CliError::Msg(format!(
             "-k {} exceeds the vocabulary of --logits (V = {v})",
@@ -118,10 +132,14 @@ fn build(a: BuildArgs) -> Result<ExitCode, CliError> {
             p % v
         )));
     }
+    if let Some(t) = a.temperature {
+        let t = t as f32;
+        x.iter_mut().for_each(|x| *x /= t);
+    }
     let meta = CacheMeta {
         k: a.k,
         vocab_size: v,
-        temperature: None,
+        temperature: a.temperature,
         teacher: a.teacher_name.clone(),
         values_kind: if a.logprobs {
             ValuesKind::Logprobs
@@ -175,6 +193,7 @@ fn build(a: BuildArgs) -> Result<ExitCode, CliError> {
             "values_kind": meta.values_kind.as_str(),
             "values_dtype": meta.values_dtype.as_str(),
             "with_lse": meta.with_lse,
+            "temperature": meta.temperature,
             "teacher": meta.teacher,
         })
     )?;

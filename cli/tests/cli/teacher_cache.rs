@@ -263,6 +263,38 @@ fn a_logprob_cache_with_lse_feeds_the_tail_mode() {
     assert_eq!(j["teacher_logprobs"], true, "{j}");
 }
 
+/// `--temperature T`: the values and the lse are those of logits / T (the
+/// same indices: dividing by T > 0 keeps the order), T is in the metadata,
+/// and `kdfuse loss`, which tempers the teacher itself, refuses the cache.
+#[test]
+fn a_tempered_cache_holds_logits_over_t() {
+    let f = Files::new();
+    let j = f
+        .build("tt", &["--temperature", "2.5", "--with-lse"])
+        .json();
+    assert_eq!(j["temperature"], 2.5, "{j}");
+    let r = CacheReader::open(&f.path("tt")).unwrap();
+    assert_eq!(r.meta().temperature, Some(2.5));
+    let rows = r.read_rows(0, N as u64).unwrap();
+    let scaled: Vec<f32> = f.t.iter().map(|&x| x / 2.5f32).collect();
+    let (idx, val) = topk(&scaled, K);
+    assert_eq!(rows.indices, idx);
+    assert_eq!(rows.values, val);
+    let lse = rows.lse.unwrap();
+    for (row, x) in scaled.chunks(V).enumerate() {
+        let m = x.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+        let want = m + x.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+        assert!((lse[row] as f64 - want).abs() < 1e-5, "row {row}");
+    }
+    f.loss("s.npy")
+        .path("--teacher-cache", f.path("tt"))
+        .fails_with("temperature 2.5");
+    for bad in ["0", "-1", "nan", "inf"] {
+        f.build("bad", &[&format!("--temperature={bad}")])
+            .fails_with("--temperature");
+    }
+}
+
 /// Appending continues the cache after its last row; the rows read back are
 /// those of both runs.
 #[test]
