@@ -442,3 +442,37 @@ fn bad_arguments_fail_cleanly() {
         .path("--topk-values", f.path("val.npy"))
         .fails_with("--topk-indices");
 }
+
+#[test]
+fn bench_linear_runs_both_modes_in_child_processes() {
+    let (_dir, [json, csv]) = run::temp_paths(["lin.json", "lin.csv"]);
+    let out = Cli::line(
+        "bench --linear --rows 64 --hidden 16 --vocab 500 --reps 2 --chunk-rows 16 --no-progress",
+    )
+    .path("--json", &json)
+    .path("--csv", &csv)
+    .stdout();
+    assert!(
+        out.contains("| 64 | 16 | 500 | f32 | linear-head | 16 × 4 |"),
+        "{out}"
+    );
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(r["benchmark"], "fused-linear");
+    let x = &r["results"][0];
+    assert_eq!(x["fused"]["chunks"], 4);
+    assert_eq!(x["unfused"]["chunks"], 1);
+    assert_eq!(x["fused"]["times_ms"].as_array().unwrap().len(), 2);
+    assert_eq!(x["fused"]["loss"], x["unfused"]["loss"]);
+    // The binary's counting allocator reports a heap peak.
+    assert!(x["fused"]["heap_peak_extra_bytes"].as_u64().unwrap() > 0);
+    assert!(x["time_ratio"].as_f64().unwrap() > 0.0);
+    let csv = std::fs::read_to_string(&csv).unwrap();
+    assert_eq!(csv.lines().count(), 2, "{csv}");
+    // The report reads back.
+    let printed = Cli::new(&["bench-report", json.to_str().unwrap()]).stdout();
+    assert!(printed.contains("fused linear + distillation"), "{printed}");
+    Cli::line("bench --linear --chunk-rows 2 --memory-budget 1MiB").fails_with("--memory-budget");
+    Cli::line("bench --linear --memory-budget lots").fails_with("--memory-budget");
+    Cli::line("bench --linear --reps 0").fails_with("--reps must be ≥ 1");
+    Cli::line("bench --linear --topk-select").fails_with("--topk-select");
+}
