@@ -1,6 +1,10 @@
-//! The `kdfuse` command line: `info`, `loss`, `check`.
+//! The `kdfuse` command line: `info`, `loss`, `linear-loss`, `check`, `bench`, …
 
 mod cmd;
+
+/// Counts heap bytes (for `kdfuse bench --linear`'s heap peak).
+#[global_allocator]
+static ALLOC: kdfuse_cli::alloc::CountingAlloc = kdfuse_cli::alloc::CountingAlloc;
 
 use clap::Parser;
 use std::process::ExitCode;

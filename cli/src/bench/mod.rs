@@ -11,6 +11,7 @@ mod config;
 pub mod cpu;
 pub mod cuda;
 pub mod host;
+pub mod linear;
 pub mod model;
 mod report;
 mod stats;

@@ -113,6 +113,42 @@ pub struct BenchArgs {
     /// [defaults 64 × 128256 × 128 × f32].
     #[arg(long, conflicts_with_all = ["preset", "divergence", "alpha", "beta", "temperature", "loss_only", "precision", "no_eager", "markdown"])]
     topk_select: bool,
+    /// Compare the fused linear + distillation loss (chunked) with the
+    /// unfused pipeline (one chunk of N rows: the full N×V logits) on the
+    /// CPU, time and peak memory, each mode in its own process; over
+    /// --rows × --hidden × --vocab × --dtype [defaults 4096 × 2048 ×
+    /// 32000,128256 × f32].
+    #[arg(long, conflicts_with_all = ["preset", "cols", "alpha", "beta", "temperature", "loss_only", "precision", "no_eager", "markdown", "topk_select"])]
+    linear: bool,
+    /// Hidden size H (--linear) [default: 2048].
+    #[arg(long, value_delimiter = ',', value_name = "H,..", requires = "linear")]
+    hidden: Vec<usize>,
+    /// Vocabulary sizes V (--linear) [default: 32000,128256].
+    #[arg(long, value_delimiter = ',', value_name = "V,..", requires = "linear")]
+    vocab: Vec<usize>,
+    /// The teacher (--linear): linear-head (hidden states and a head, its
+    /// logits chunked too) or logits (dense [N, V] logits, an input).
+    #[arg(long, default_value = "linear-head", value_parser = ["linear-head", "logits"], requires = "linear")]
+    linear_teacher: String,
+    /// Timed repetitions per mode (--linear); the median is reported.
+    #[arg(long, default_value_t = 3, requires = "linear")]
+    reps: usize,
+    /// Rows per fused chunk (--linear), instead of --memory-budget.
+    #[arg(
+        long,
+        value_name = "N",
+        requires = "linear",
+        conflicts_with = "memory_budget"
+    )]
+    chunk_rows: Option<usize>,
+    /// Per-chunk buffer budget of the fused mode (--linear), e.g. 512MiB
+    /// [default: 1GiB, the library's default].
+    #[arg(long, value_name = "SIZE", requires = "linear")]
+    memory_budget: Option<String>,
+    /// Internal: run one mode of --linear in this process and print its
+    /// measurements as JSON (the parent re-executes itself with it).
+    #[arg(long, hide = true, value_parser = ["fused", "unfused"], requires = "linear")]
+    linear_child: Option<String>,
     /// Entries kept per row (--topk-select) [default: 128].
     #[arg(
         long,
@@ -190,6 +226,9 @@ fn use_cuda(backend: &str, device: usize) -> Result<bool, CliError> {
 pub fn run(a: BenchArgs) -> Result<ExitCode, CliError> {
     if a.topk_select {
         return run_topk(a);
+    }
+    if a.linear {
+        return run_linear(a);
     }
     let cuda = use_cuda(&a.backend, a.device)?;
     let configs = match &a.preset {
@@ -286,6 +325,165 @@ fn run_topk(a: BenchArgs) -> Result<ExitCode, CliError> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `kdfuse bench --linear`: both modes of every point, each in a child
+/// process (this binary with --linear-child), or one mode here when this is
+/// the child.
+fn run_linear(a: BenchArgs) -> Result<ExitCode, CliError> {
+    use kdfuse::fused_linear::Chunking;
+    use kdfuse_cli::bench::linear::{
+        parse_size, run_mode, LinearConfig, LinearHost, LinearReport, LinearResult, Mode,
+        ModeResult, TeacherKind,
+    };
+    let or = |v: &[usize], d: &[usize]| if v.is_empty() { d.to_vec() } else { v.to_vec() };
+    let (rows, hidden, vocab) = (
+        or(&a.shape.rows, &[4096]),
+        or(&a.hidden, &[2048]),
+        or(&a.vocab, &[32_000, 128_256]),
+    );
+    let dtypes = if a.shape.dtype.is_empty() {
+        vec![Dtype::F32]
+    } else {
+        a.shape.dtype.clone()
+    };
+    let [divergence] = a.shape.divergence.as_slice() else {
+        return Err(CliError::Msg(
+            "--divergence: --linear takes one divergence".into(),
+        ));
+    };
+    let chunking = match (a.chunk_rows, &a.memory_budget) {
+        (Some(0), _) => return Err(CliError::Msg("--chunk-rows must be ≥ 1, got 0".into())),
+        (Some(r), _) => Chunking::Rows(r),
+        (None, Some(b)) => Chunking::MemoryBudget(
+            parse_size(b).map_err(|e| CliError::Msg(format!("--memory-budget {e}")))?,
+        ),
+        (None, None) => Chunking::default(),
+    };
+    if a.reps == 0 {
+        return Err(CliError::Msg("--reps must be ≥ 1".into()));
+    }
+    let teacher: TeacherKind = a.linear_teacher.parse().map_err(CliError::Msg)?;
+    let mut configs = Vec::new();
+    for &n in &rows {
+        for &h in &hidden {
+            for &v in &vocab {
+                for &dtype in &dtypes {
+                    let c = LinearConfig {
+                        rows: n,
+                        hidden: h,
+                        vocab: v,
+                        dtype,
+                        teacher,
+                        divergence: *divergence,
+                        chunking,
+                    };
+                    c.validate()?;
+                    configs.push(c);
+                }
+            }
+        }
+    }
+    if let Some(mode) = &a.linear_child {
+        let [c] = configs.as_slice() else {
+            return Err(CliError::Msg(
+                "internal: --linear-child runs one point".into(),
+            ));
+        };
+        let mode: Mode = mode.parse().map_err(CliError::Msg)?;
+        let r = run_mode(c, mode, a.reps, a.seed)?;
+        let body = serde_json::to_string(&r)
+            .map_err(|e| CliError::Msg(format!("cannot encode the result: {e}")))?;
+        outln!("{body}")?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let exe = std::env::current_exe()
+        .map_err(|e| CliError::Msg(format!("cannot find this executable to re-run it: {e}")))?;
+    let child = |c: &LinearConfig, mode: Mode| -> Result<ModeResult, CliError> {
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.args(["bench", "--linear", "--linear-child", mode.as_str()])
+            .args(["--rows", &c.rows.to_string()])
+            .args(["--hidden", &c.hidden.to_string()])
+            .args(["--vocab", &c.vocab.to_string()])
+            .args(["--dtype", c.dtype.as_str()])
+            .args(["--divergence", c.divergence.as_str()])
+            .args(["--linear-teacher", c.teacher.as_str()])
+            .args(["--reps", &a.reps.to_string()])
+            .args(["--seed", &a.seed.to_string()]);
+        match c.chunking {
+            Chunking::Rows(r) => cmd.args(["--chunk-rows", &r.to_string()]),
+            Chunking::MemoryBudget(b) => cmd.args(["--memory-budget", &b.to_string()]),
+        };
+        let out = cmd
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .map_err(|e| CliError::Msg(format!("cannot run {}: {e}", exe.display())))?;
+        if !out.status.success() {
+            return Err(CliError::Msg(format!(
+                "{c}: the {} child failed ({})",
+                mode.as_str(),
+                out.status
+            )));
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| {
+            CliError::Msg(format!(
+                "{c}: the {} child's output is not a result: {e}",
+                mode.as_str()
+            ))
+        })
+    };
+    let mut results = Vec::new();
+    for c in configs {
+        if !a.no_progress {
+            eprintln!("kdfuse: bench --linear {c}: fused");
+        }
+        let fused = child(&c, Mode::Fused)?;
+        // The unfused mode holds the full logits (and gradient): skip it
+        // when that cannot fit in the memory available now.
+        let need = c.input_bytes()
+            + kdfuse_cli::bench::linear::bytes_per_row(&c) * c.rows
+            + c.weight_grad_bytes()
+            + c.rows * c.hidden * 4;
+        let avail = kdfuse_cli::bench::host::available_memory();
+        let (unfused, skipped) = match avail {
+            Some(m) if need as f64 > 0.9 * m as f64 => (
+                None,
+                Some(format!(
+                    "needs about {:.1} GiB, {:.1} GiB available",
+                    need as f64 / (1u64 << 30) as f64,
+                    m as f64 / (1u64 << 30) as f64
+                )),
+            ),
+            _ => {
+                if !a.no_progress {
+                    eprintln!("kdfuse: bench --linear {c}: unfused");
+                }
+                (Some(child(&c, Mode::Unfused)?), None)
+            }
+        };
+        results.push(LinearResult::new(c, fused, unfused, skipped));
+    }
+    let host = LinearHost::here();
+    let report = LinearReport {
+        benchmark: "fused-linear".into(),
+        date: kdfuse_cli::bench::host::now_rfc3339(),
+        commit: kdfuse_cli::bench::host::commit(a.commit.as_deref()),
+        note: format!(
+            "CPU measurements (host GEMMs by matrixmultiply and the CPU backend, {} threads); \
+             teacher given as {}",
+            host.threads,
+            match teacher {
+                TeacherKind::LinearHead => "a linear head (hidden states and weight)",
+                TeacherKind::Logits => "dense logits",
+            }
+        ),
+        host,
+        reps: a.reps,
+        results,
+    };
+    out!("{}", report.table())?;
+    write_json_csv(&a, &report, report.csv_rows())?;
+    Ok(ExitCode::SUCCESS)
+}
+
 #[derive(Debug, Args)]
 pub struct ReportArgs {
     /// Results JSON written by `kdfuse bench --json`.
@@ -298,6 +496,12 @@ pub fn report(a: ReportArgs) -> Result<ExitCode, CliError> {
     for path in &a.files {
         let text = std::fs::read_to_string(path)
             .map_err(|e| CliError::Msg(format!("{}: cannot read: {e}", path.display())))?;
+        if let Ok(r) = serde_json::from_str::<kdfuse_cli::bench::linear::LinearReport>(&text) {
+            if r.benchmark == "fused-linear" {
+                outln!("{}", r.table())?;
+                continue;
+            }
+        }
         let r: BenchReport = serde_json::from_str(&text).map_err(|e| {
             CliError::Msg(format!(
                 "{}: not a kdfuse bench report: {e}",

@@ -10,7 +10,7 @@ use kdfuse::{
 };
 use kdfuse_cli::teacher_cache::{CacheReader, ValuesKind};
 use serde_json::json;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Debug, Args)]
@@ -45,6 +45,35 @@ pub struct LossArgs {
     /// that match the student's rows. [default: all]
     #[arg(long, value_name = "START:END")]
     rows: Option<String>,
+    /// Per-row weights: 1-D float .npy [N], finite; each row's loss (and
+    /// gradient) is multiplied by its weight, the reduction's denominator
+    /// stays the same.
+    #[arg(long, value_name = "W.npy")]
+    row_weights: Option<PathBuf>,
+    /// Hard labels: 1-D int64 or int32 .npy of length N; rows equal to
+    /// --ignore-index are masked out. Needed when --alpha > 0.
+    #[arg(long, value_name = "L.npy")]
+    labels: Option<PathBuf>,
+    /// auto = CUDA when usable, else the fast CPU backend.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda", "oracle"])]
+    backend: String,
+    /// Write ∂loss/∂student as float32 .npy of the student's shape.
+    #[arg(long, value_name = "G.npy")]
+    grad: Option<PathBuf>,
+    /// Write ∂loss/∂teacher as float32 .npy [..., V] with the teacher's
+    /// leading dimensions (mutual learning: the teacher trains too); needs a
+    /// dense --teacher.
+    #[arg(long, value_name = "GT.npy")]
+    grad_teacher: Option<PathBuf>,
+    #[command(flatten)]
+    opts: LossOptions,
+    #[command(flatten)]
+    tensor: TensorArgs,
+}
+
+/// The loss's options, shared by `kdfuse loss` and `kdfuse linear-loss`.
+#[derive(Debug, Args)]
+pub(super) struct LossOptions {
     /// How a top-k teacher meets the student: support (both renormalised over
     /// the k entries), full (student softmax over all V), tail (k entries plus
     /// one tail bucket; needs --teacher-logprobs and temperature 1).
@@ -58,15 +87,6 @@ pub struct LossArgs {
     /// before anything else (not with --teacher-logprobs).
     #[arg(long, value_name = "C", allow_negative_numbers = true)]
     softcap: Option<f64>,
-    /// Per-row weights: 1-D float .npy [N], finite; each row's loss (and
-    /// gradient) is multiplied by its weight, the reduction's denominator
-    /// stays the same.
-    #[arg(long, value_name = "W.npy")]
-    row_weights: Option<PathBuf>,
-    /// Hard labels: 1-D int64 or int32 .npy of length N; rows equal to
-    /// --ignore-index are masked out. Needed when --alpha > 0.
-    #[arg(long, value_name = "L.npy")]
-    labels: Option<PathBuf>,
     /// The divergence D(teacher ‖ student).
     #[arg(long, default_value = "forward-kl", value_parser = ["forward-kl", "reverse-kl", "jsd", "tvd", "soft-ce"])]
     divergence: String,
@@ -92,24 +112,82 @@ pub struct LossArgs {
     /// Precision the backend computes from; the inputs are rounded to it first.
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
     dtype: String,
-    /// auto = CUDA when usable, else the fast CPU backend.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda", "oracle"])]
-    backend: String,
     /// The kernels' arithmetic (GPU and CPU backend): fast (default;
     /// docs/DESIGN.md §3's mixed bound) or exact. The oracle is exact either
     /// way; the output's "precision" says what ran.
     #[arg(long, default_value = "fast", value_parser = ["fast", "exact"])]
     precision: String,
-    /// Write ∂loss/∂student as float32 .npy of the student's shape.
-    #[arg(long, value_name = "G.npy")]
-    grad: Option<PathBuf>,
-    /// Write ∂loss/∂teacher as float32 .npy [..., V] with the teacher's
-    /// leading dimensions (mutual learning: the teacher trains too); needs a
-    /// dense --teacher.
-    #[arg(long, value_name = "GT.npy")]
-    grad_teacher: Option<PathBuf>,
-    #[command(flatten)]
-    tensor: TensorArgs,
+}
+
+impl LossOptions {
+    /// The operands' dtype (`--dtype`).
+    pub(super) fn dtype(&self) -> Result<Dtype, CliError> {
+        self.dtype.parse().map_err(CliError::Msg)
+    }
+
+    /// Whether `--teacher-logprobs` was given.
+    pub(super) fn teacher_logprobs(&self) -> bool {
+        self.teacher_logprobs
+    }
+
+    /// The loss specification, checked: `topk` says whether the teacher is
+    /// a top-k one, `teacher_logprobs` whether its values are log-probs
+    /// (the flag, or a cache of log-probs), `grad_teacher` whether the
+    /// teacher's gradient is wanted, `labels` whether labels are given.
+    pub(super) fn spec(
+        &self,
+        topk: bool,
+        teacher_logprobs: bool,
+        grad_teacher: bool,
+        labels: bool,
+    ) -> Result<LossSpec, CliError> {
+        if !topk && self.topk_mode.is_some() {
+            return Err(CliError::Msg(
+                "--topk-mode needs a top-k teacher (--teacher-topk-indices and --teacher-topk-values, \
+                 or --teacher-cache)"
+                    .into(),
+            ));
+        }
+        let topk_mode: TopkMode = match &self.topk_mode {
+            Some(m) => m.parse().map_err(CliError::Msg)?,
+            None => TopkMode::default(),
+        };
+        if topk && topk_mode == TopkMode::Tail && !teacher_logprobs {
+            return Err(CliError::Msg(
+                "--topk-mode tail needs --teacher-logprobs (the top-k values as log-probs)".into(),
+            ));
+        }
+        let divergence = self
+            .divergence
+            .parse::<Divergence>()
+            .map_err(CliError::Msg)?;
+        if self.beta.is_some() && divergence != Divergence::Jsd {
+            return Err(CliError::Msg(format!(
+                "--beta is the JSD weight: {divergence} does not use it (give --divergence jsd, or drop --beta)"
+            )));
+        }
+        let spec = LossSpec {
+            divergence,
+            beta: self.beta.unwrap_or(LossSpec::default().beta),
+            temperature: self.temperature,
+            alpha: self.alpha,
+            t2_scaling: !self.no_t2_scaling,
+            ignore_index: self.ignore_index,
+            reduction: self.reduction.parse::<Reduction>().map_err(CliError::Msg)?,
+            grad_scale: 1.0,
+            softcap: self.softcap,
+            teacher_log_probs: teacher_logprobs,
+            grad_teacher,
+            topk_mode,
+            precision: self.precision.parse::<Precision>().map_err(CliError::Msg)?,
+        };
+        self.dtype()?;
+        spec.validate(labels).map_err(flagged)?;
+        if topk {
+            spec.validate_topk().map_err(flagged)?;
+        }
+        Ok(spec)
+    }
 }
 
 /// Where the teacher comes from.
@@ -173,7 +251,7 @@ fn flag_of(arg: &str) -> Option<&'static str> {
 }
 
 /// A library error, with the argument renamed to its CLI flag where there is one.
-fn flagged(e: KdError) -> CliError {
+pub(super) fn flagged(e: KdError) -> CliError {
     match e {
         KdError::InvalidArgument { arg, msg } => match flag_of(arg) {
             Some(flag) => CliError::Msg(format!("invalid argument `{flag}`: {msg}")),
@@ -198,27 +276,10 @@ pub fn run(a: LossArgs) -> Result<ExitCode, CliError> {
     // The cache is opened (its index checked against the shards) first: its
     // values kind decides --teacher-logprobs.
     let cache = match source {
-        TeacherSource::Cache(dir) => {
-            let r = CacheReader::open(dir).map_err(cache_err("--teacher-cache", dir))?;
-            let m = r.meta();
-            if let Some(t) = m.temperature {
-                return Err(CliError::Msg(format!(
-                    "--teacher-cache {}: its values have temperature {t} applied, and kdfuse loss \
-                     applies --temperature to student and teacher alike: build the cache without one",
-                    dir.display()
-                )));
-            }
-            if a.teacher_logprobs && m.values_kind == ValuesKind::Logits {
-                return Err(CliError::Msg(format!(
-                    "--teacher-logprobs: the cache {} holds logits, not log-probs",
-                    dir.display()
-                )));
-            }
-            Some((dir, r))
-        }
+        TeacherSource::Cache(dir) => Some((dir, open_cache(dir, a.opts.teacher_logprobs)?)),
         _ => None,
     };
-    let teacher_logprobs = a.teacher_logprobs
+    let teacher_logprobs = a.opts.teacher_logprobs
         || cache
             .as_ref()
             .is_some_and(|(_, r)| r.meta().values_kind == ValuesKind::Logprobs);
@@ -227,28 +288,12 @@ pub fn run(a: LossArgs) -> Result<ExitCode, CliError> {
             "--grad-teacher needs a dense --teacher (a top-k teacher is fixed data)".into(),
         ));
     }
-    if !topk && a.topk_mode.is_some() {
-        return Err(CliError::Msg(
-            "--topk-mode needs a top-k teacher (--teacher-topk-indices and --teacher-topk-values, \
-             or --teacher-cache)"
-                .into(),
-        ));
-    }
-    let topk_mode: TopkMode = match &a.topk_mode {
-        Some(m) => m.parse().map_err(CliError::Msg)?,
-        None => TopkMode::default(),
-    };
-    if topk && topk_mode == TopkMode::Tail && !teacher_logprobs {
-        return Err(CliError::Msg(
-            "--topk-mode tail needs --teacher-logprobs (the top-k values as log-probs)".into(),
-        ));
-    }
-    let divergence = a.divergence.parse::<Divergence>().map_err(CliError::Msg)?;
-    if a.beta.is_some() && divergence != Divergence::Jsd {
-        return Err(CliError::Msg(format!(
-            "--beta is the JSD weight: {divergence} does not use it (give --divergence jsd, or drop --beta)"
-        )));
-    }
+    let spec = a.opts.spec(
+        topk,
+        teacher_logprobs,
+        a.grad_teacher.is_some(),
+        a.labels.is_some(),
+    )?;
     super::check_paths(
         &inputs,
         &[
@@ -256,27 +301,8 @@ pub fn run(a: LossArgs) -> Result<ExitCode, CliError> {
             ("--grad-teacher", a.grad_teacher.as_ref()),
         ],
     )?;
-    let spec = LossSpec {
-        divergence,
-        beta: a.beta.unwrap_or(LossSpec::default().beta),
-        temperature: a.temperature,
-        alpha: a.alpha,
-        t2_scaling: !a.no_t2_scaling,
-        ignore_index: a.ignore_index,
-        reduction: a.reduction.parse::<Reduction>().map_err(CliError::Msg)?,
-        grad_scale: 1.0,
-        softcap: a.softcap,
-        teacher_log_probs: teacher_logprobs,
-        grad_teacher: a.grad_teacher.is_some(),
-        topk_mode,
-        precision: a.precision.parse::<Precision>().map_err(CliError::Msg)?,
-    };
-    let dtype: Dtype = a.dtype.parse().map_err(CliError::Msg)?;
+    let dtype = a.opts.dtype()?;
     let kind: BackendKind = a.backend.parse().map_err(CliError::Msg)?;
-    spec.validate(a.labels.is_some()).map_err(flagged)?;
-    if topk {
-        spec.validate_topk().map_err(flagged)?;
-    }
 
     let (s, n, v, s_shape) = npy::read_rows(&a.student, "--student")?;
     if v == 0 {
@@ -372,31 +398,9 @@ pub fn run(a: LossArgs) -> Result<ExitCode, CliError> {
             let Some((dir, r)) = &cache else {
                 return Err(CliError::Msg("internal: the cache was not opened".into()));
             };
-            let m = r.meta();
-            let (start, end) = parse_rows(a.rows.as_deref(), r.rows())?;
-            if (end - start) as usize != n {
-                return Err(CliError::Msg(format!(
-                    "shape mismatch: --student has {n} rows, --teacher-cache rows {start}:{end} are {}",
-                    end - start
-                )));
-            }
-            if m.vocab_size < v {
-                return Err(CliError::Msg(format!(
-                    "shape mismatch: --teacher-cache has a vocabulary of {}, smaller than the \
-                     student's {v}",
-                    m.vocab_size
-                )));
-            }
-            if m.k > v {
-                return Err(CliError::Msg(format!(
-                    "--teacher-cache: k = {} must be in [1, V = {v}]",
-                    m.k
-                )));
-            }
-            let rows = r
-                .read_rows(start, end)
-                .map_err(cache_err("--teacher-cache", dir))?;
-            topk_teacher = Some((npy::Indices::I32(rows.indices), rows.values, rows.k));
+            let (idx, vals, k, start, end) =
+                cache_rows(dir, r, a.rows.as_deref(), "--student", n, v)?;
+            topk_teacher = Some((idx, vals, k));
             cache_json = json!({
                 "teacher_cache": dir.display().to_string(),
                 "cache_rows": [start, end],
@@ -485,6 +489,71 @@ pub fn run(a: LossArgs) -> Result<ExitCode, CliError> {
     }
     outln!("{report}")?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Opens the teacher cache `dir` for a loss (its index checked against the
+/// shards): its values must have no temperature applied, and be log-probs
+/// when `--teacher-logprobs` is given.
+pub(super) fn open_cache(dir: &Path, teacher_logprobs: bool) -> Result<CacheReader, CliError> {
+    let r = CacheReader::open(dir).map_err(cache_err("--teacher-cache", dir))?;
+    let m = r.meta();
+    if let Some(t) = m.temperature {
+        return Err(CliError::Msg(format!(
+            "--teacher-cache {}: its values have temperature {t} applied, and the loss \
+             applies --temperature to student and teacher alike: build the cache without one",
+            dir.display()
+        )));
+    }
+    if teacher_logprobs && m.values_kind == ValuesKind::Logits {
+        return Err(CliError::Msg(format!(
+            "--teacher-logprobs: the cache {} holds logits, not log-probs",
+            dir.display()
+        )));
+    }
+    Ok(r)
+}
+
+/// The rows `--rows` selects of the cache `r` (at `dir`), checked against a
+/// student (the flag `student`) of `n` rows and vocabulary `v`: (indices, values, k, start, end).
+pub(super) fn cache_rows(
+    dir: &Path,
+    r: &CacheReader,
+    rows: Option<&str>,
+    student: &str,
+    n: usize,
+    v: usize,
+) -> Result<(npy::Indices, Vec<f32>, usize, u64, u64), CliError> {
+    let m = r.meta();
+    let (start, end) = parse_rows(rows, r.rows())?;
+    if (end - start) as usize != n {
+        return Err(CliError::Msg(format!(
+            "shape mismatch: {student} has {n} rows, --teacher-cache rows {start}:{end} are {}",
+            end - start
+        )));
+    }
+    if m.vocab_size < v {
+        return Err(CliError::Msg(format!(
+            "shape mismatch: --teacher-cache has a vocabulary of {}, smaller than the \
+             student's {v}",
+            m.vocab_size
+        )));
+    }
+    if m.k > v {
+        return Err(CliError::Msg(format!(
+            "--teacher-cache: k = {} must be in [1, V = {v}]",
+            m.k
+        )));
+    }
+    let rows = r
+        .read_rows(start, end)
+        .map_err(cache_err("--teacher-cache", dir))?;
+    Ok((
+        npy::Indices::I32(rows.indices),
+        rows.values,
+        rows.k,
+        start,
+        end,
+    ))
 }
 
 /// `--rows START:END` of a cache with `total` rows (START defaults to 0, END

@@ -21,6 +21,7 @@ mod check;
 mod demo;
 mod feature;
 mod info;
+mod linear_loss;
 mod loss;
 mod npy;
 mod tensorfile;
@@ -48,6 +49,9 @@ enum Command {
     /// Compute a feature distillation loss (mse, cosine, attention transfer)
     /// and gradients from .npy files; prints JSON.
     FeatureLoss(feature::FeatureLossArgs),
+    /// Compute the fused linear + distillation loss (hidden states and heads,
+    /// chunk by chunk, the logits never whole) and its gradients; prints JSON.
+    LinearLoss(linear_loss::LinearLossArgs),
     /// Sweep random cases of a backend against the f64 oracle.
     Check(check::CheckArgs),
     /// Benchmark: fused vs eager vs copy bandwidth (GPU), or the CPU backend
@@ -95,6 +99,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Info(a) => info::run(a),
         Command::Loss(a) => loss::run(a),
         Command::FeatureLoss(a) => feature::run(a),
+        Command::LinearLoss(a) => linear_loss::run(a),
         Command::Check(a) => check::run(a),
         Command::Bench(a) => bench::run(a),
         Command::BenchReport(a) => bench::report(a),

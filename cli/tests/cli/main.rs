@@ -14,5 +14,6 @@ mod cli_demo;
 mod cli_loss_family;
 mod demo;
 mod feature_cli;
+mod linear_loss;
 mod nan;
 mod teacher_cache;
