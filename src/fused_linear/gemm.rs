@@ -53,7 +53,7 @@ pub(super) fn logits(
     }
     let o = Out(out.as_mut_ptr());
     blocks(v, 256).into_par_iter().for_each(|(v0, v1)| {
-        let o = o;
+        let o = &o;
         // SAFETY: the asserts bound every access; this block writes the
         // columns [v0, v1) of each row of `out`, no other block does.
         unsafe {
@@ -93,7 +93,7 @@ pub(super) fn grad_hidden(g: &[f32], rows: usize, v: usize, w: &[f32], k: usize,
     }
     let o = Out(out.as_mut_ptr());
     blocks(k, 32).into_par_iter().for_each(|(k0, k1)| {
-        let o = o;
+        let o = &o;
         // SAFETY: the asserts bound every access; this block writes the
         // columns [k0, k1) of each row of `out`, no other block does.
         unsafe {

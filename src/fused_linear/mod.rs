@@ -31,10 +31,21 @@
 //! # Ok::<(), kdfuse::KdError>(())
 //! ```
 
+mod cuda;
+mod device;
+#[cfg(feature = "emulation")]
+mod emu;
 mod gemm;
 mod host;
 mod inputs;
 
+pub use cuda::{compute_cuda, compute_cuda_raw};
+pub use device::{
+    check_raw, device_bytes_per_row, device_chunk_rows, RawHead, RawHeadGrads, RawLinearArgs,
+    RawTeacher,
+};
+#[cfg(feature = "emulation")]
+pub use emu::compute_emulated;
 pub use host::compute;
 pub use inputs::{Linear, LinearInputs, LinearTeacher, Matrix};
 
