@@ -881,7 +881,7 @@ mod tests {
         p.version = 2;
         let e = p.to_spec().unwrap_err().to_string();
         assert!(
-            e.contains("version 2 does not match the struct size 96 (version 4's)"),
+            e.contains("version 2 does not match the struct size 96 (version 5's)"),
             "{e}"
         );
         p = KdfuseParams::defaults();
