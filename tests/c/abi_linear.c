@@ -168,6 +168,44 @@ int main(void) {
           (double)loss2);
   }
 
+  /* A logits teacher with mutual learning: the teacher's logit gradient
+   * against kdfuse_compute_host's, chunks of 3 rows. */
+  {
+    static float gs2[N * V], gt2[N * V], want_gt_f[N * V], gh2[N * H], gw2[V * H], gb2[V];
+    static double want_gt[N * V];
+    KdfuseParams pm = p;
+    pm.divergence = KDFUSE_DIVERGENCE_JSD;
+    pm.grad_teacher = 1;
+    float ref2 = 0.0f, loss2 = 0.0f;
+    KdfuseBatch bm = b;
+    bm.grad = gs2;
+    bm.grad_teacher = want_gt_f;
+    bm.loss = &ref2;
+    bm.row_losses = NULL;
+    bm.valid_rows = NULL;
+    st = kdfuse_compute_host(&bm, &pm);
+    CHECK(st == KDFUSE_STATUS_OK, "mutual reference: %s", kdfuse_last_error());
+    for (int i = 0; i < N * V; i++) want_gt[i] = want_gt_f[i];
+    KdfuseLinearArgs l = a;
+    l.teacher_kind = KDFUSE_LINEAR_TEACHER_LOGITS;
+    l.teacher_logits = t_logits;
+    l.teacher_stride = 0; /* V */
+    l.chunk_rows = 3;
+    l.loss = &loss2;
+    l.grad_hidden = gh2;
+    l.grad_weight = gw2;
+    l.grad_bias = gb2;
+    l.teacher_grad_logits = gt2;
+    st = kdfuse_linear_loss_host(&l, &pm);
+    CHECK(st == KDFUSE_STATUS_OK, "mutual linear host: %s", kdfuse_last_error());
+    CHECK(fabs((double)loss2 - ref2) <= 1e-5 * fabs(ref2) + 1e-6, "mutual loss %.9g vs %.9g",
+          (double)loss2, (double)ref2);
+    CLOSE("teacher grad logits", gt2, want_gt, N * V);
+    l.teacher_grad_logits = NULL;
+    CHECK_INVALID(kdfuse_linear_loss_host(&l, &pm), "linear.teacher_grad_logits",
+                  "NULL teacher gradient");
+  }
+
   /* Bad input: a status and a message naming the field. */
   CHECK_INVALID(kdfuse_linear_loss_host(NULL, &p), "linear", "NULL args");
   CHECK_INVALID(kdfuse_linear_loss_host(&a, NULL), "params", "NULL params");

@@ -165,3 +165,132 @@ fn bad_inputs_are_errors() {
     let e = compute_emulated(&p.inputs(Kind::Linear), &s).unwrap_err();
     assert!(e.to_string().contains("memory_budget"), "{e}");
 }
+
+#[test]
+fn raw_args_are_checked_before_anything_runs() {
+    use kdfuse::fused_linear::{check_raw, RawHead, RawHeadGrads, RawLinearArgs, RawTeacher};
+    let head = RawHead {
+        hidden: 0x100,
+        weight: 0x200,
+        bias: 0,
+        hidden_size: 8,
+        weight_rows: 20,
+    };
+    let good = RawLinearArgs {
+        dtype: Dtype::F32,
+        rows: 4,
+        vocab: 20,
+        student: head,
+        teacher: RawTeacher::Linear(RawHead {
+            weight_rows: 24,
+            ..head
+        }),
+        labels: 0,
+        row_weights: 0,
+        row_losses: 0x300,
+        loss: 0x400,
+        valid_rows: 0x500,
+        student_grads: Some(RawHeadGrads {
+            hidden: 0x600,
+            weight: 0x700,
+            bias: 0,
+        }),
+        teacher_grads: None,
+        teacher_logits_grad: 0,
+    };
+    let s = spec(kd(0.0, Reduction::BatchMean), 2);
+    check_raw(&good, &s).unwrap();
+    let err = |a: RawLinearArgs, s: &LinearSpec, field: &str| {
+        let e = check_raw(&a, s).unwrap_err().to_string();
+        assert!(e.contains(field), "{field}: {e}");
+    };
+    err(
+        RawLinearArgs {
+            valid_rows: 0,
+            ..good
+        },
+        &s,
+        "valid_rows",
+    );
+    err(
+        RawLinearArgs {
+            student: RawHead { hidden: 0, ..head },
+            ..good
+        },
+        &s,
+        "student_hidden",
+    );
+    err(
+        RawLinearArgs {
+            teacher: RawTeacher::Linear(RawHead {
+                weight_rows: 19,
+                ..head
+            }),
+            ..good
+        },
+        &s,
+        "teacher_weight",
+    );
+    err(
+        RawLinearArgs {
+            student: RawHead {
+                bias: 0x800,
+                ..head
+            },
+            ..good
+        },
+        &s,
+        "student_grad_bias",
+    );
+    err(
+        RawLinearArgs {
+            student_grads: None,
+            ..good
+        },
+        &s,
+        "student_grad_hidden",
+    );
+    err(
+        RawLinearArgs {
+            teacher: RawTeacher::Topk {
+                indices: 0x900,
+                indices_i64: false,
+                values: 0xa00,
+                k: 21,
+            },
+            ..good
+        },
+        &s,
+        "topk_k",
+    );
+    let mutual = spec(
+        LossSpec {
+            grad_teacher: true,
+            ..kd(0.0, Reduction::BatchMean)
+        },
+        2,
+    );
+    err(good, &mutual, "teacher_grad_hidden");
+    err(
+        RawLinearArgs {
+            teacher: RawTeacher::Logits {
+                logits: 0xb00,
+                row_stride: 20,
+            },
+            ..good
+        },
+        &mutual,
+        "teacher_grad_logits",
+    );
+    err(
+        RawLinearArgs {
+            teacher: RawTeacher::Logits {
+                logits: 0xb00,
+                row_stride: 19,
+            },
+            ..good
+        },
+        &s,
+        "teacher_stride",
+    );
+}
