@@ -27,8 +27,9 @@
 // accepted, the appended fields taking their defaults. Version 3 appended
 // the precision (params); its batch is version 2's. Version 4 appended the
 // vocab-parallel functions and `KdfuseShard`; its params and batch are
-// version 3's.
-#define KDFUSE_ABI_VERSION 4
+// version 3's. Version 5 appended the fused linear functions and
+// `KdfuseLinearArgs`; its params and batch are version 3's.
+#define KDFUSE_ABI_VERSION 5
 
 // f64 values per row in a vocab-parallel statistics record (both rounds).
 #define KDFUSE_VP_STATS_WIDTH 20
@@ -121,6 +122,18 @@ typedef enum KdfuseFeatureKind {
   KDFUSE_FEATURE_KIND_ATTENTION = 2,
 } KdfuseFeatureKind;
 
+// The teacher of a [`KdfuseLinearArgs`] (its `teacher_kind` field).
+typedef enum KdfuseLinearTeacher {
+  // Hidden states `teacher_hidden` `[N, teacher_hidden_size]` and a head
+  // `teacher_weight` `[teacher_vocab, teacher_hidden_size]` (`teacher_vocab
+  // ≥ vocab`; its first `vocab` rows used), bias `teacher_bias` or NULL.
+  KDFUSE_LINEAR_TEACHER_LINEAR = 0,
+  // Logits `teacher_logits` `[N, vocab]`, rows `teacher_stride` apart.
+  KDFUSE_LINEAR_TEACHER_LOGITS = 1,
+  // A top-k teacher: `topk_indices` and `topk_values` `[N, topk_k]`.
+  KDFUSE_LINEAR_TEACHER_TOPK = 2,
+} KdfuseLinearTeacher;
+
 // A CUDA device with the kdfuse kernels loaded (opaque to C).
 typedef struct KdfuseContext KdfuseContext;
 
@@ -128,8 +141,8 @@ typedef struct KdfuseContext KdfuseContext;
 typedef struct KdfuseParams {
   // `sizeof(KdfuseParams)` as the caller's header defines it.
   uint32_t size;
-  // `KDFUSE_ABI_VERSION` of the caller's header: 1 to 4, the version
-  // whose size `size` is (3 and 4 share a size); anything else is refused.
+  // `KDFUSE_ABI_VERSION` of the caller's header: 1 to 5, the version
+  // whose size `size` is (3 to 5 share a size); anything else is refused.
   uint32_t version;
   // A `KdfuseDivergence` value.
   int32_t divergence;
@@ -176,8 +189,8 @@ typedef struct KdfuseParams {
 typedef struct KdfuseBatch {
   // `sizeof(KdfuseBatch)` as the caller's header defines it.
   uint32_t size;
-  // `KDFUSE_ABI_VERSION` of the caller's header: 1 to 4 (2, 3 and 4 share
-  // a size); anything else is refused.
+  // `KDFUSE_ABI_VERSION` of the caller's header: 1 to 5 (2 to 5 share a
+  // size); anything else is refused.
   uint32_t version;
   // Rows N (≥ 0).
   int64_t rows;
@@ -294,6 +307,94 @@ typedef struct KdfuseFeatureBatch {
   // `kdfuse_feature_workspace_len` elements.
   float *workspace;
 } KdfuseFeatureBatch;
+
+// One fused linear + distillation call: the student's hidden states and
+// head, the teacher, labels, outputs and chunking. Fill it with
+// `kdfuse_linear_args_init`, then set fields. Matrices are row-major and
+// dense; every operand (hidden states, heads, biases, teacher logits, top-k
+// values) has the dtype `dtype`. A new struct of ABI version 5.
+typedef struct KdfuseLinearArgs {
+  // `sizeof(KdfuseLinearArgs)`.
+  uint32_t size;
+  // `KDFUSE_ABI_VERSION` of the caller's header (5).
+  uint32_t version;
+  // A `KdfuseDtype` (0 f32, 1 bf16, 2 f16) of every operand.
+  int32_t dtype;
+  // A `KdfuseLinearTeacher`.
+  int32_t teacher_kind;
+  // Rows N.
+  int64_t rows;
+  // Vocabulary V (the student head's rows).
+  int64_t vocab;
+  // The student's hidden size H.
+  int64_t hidden_size;
+  // Student hidden states `[N, H]`.
+  const void *student_hidden;
+  // Student head `[V, H]` (PyTorch's `nn.Linear` layout).
+  const void *student_weight;
+  // Student bias `[V]`, or NULL.
+  const void *student_bias;
+  // A linear teacher's hidden size.
+  int64_t teacher_hidden_size;
+  // A linear teacher head's rows (≥ V; 0 means V).
+  int64_t teacher_vocab;
+  // A linear teacher's hidden states `[N, teacher_hidden_size]`.
+  const void *teacher_hidden;
+  // A linear teacher's head `[teacher_vocab, teacher_hidden_size]`.
+  const void *teacher_weight;
+  // A linear teacher's bias `[teacher_vocab]`, or NULL.
+  const void *teacher_bias;
+  // A logits teacher's logits `[N, V]`.
+  const void *teacher_logits;
+  // Their row stride in elements (≥ V; 0 means V).
+  int64_t teacher_stride;
+  // A top-k teacher's indices `[N, topk_k]` (`topk_index_dtype`).
+  const void *topk_indices;
+  // A `KdfuseIndexDtype` (0 int32, 1 int64).
+  int32_t topk_index_dtype;
+  // Entries per row of a top-k teacher, `1 ≤ k ≤ V`.
+  int64_t topk_k;
+  // A top-k teacher's values `[N, topk_k]` (logits or log-probs).
+  const void *topk_values;
+  // Hard labels `[N]` (int64, in `[0, V)` or `ignore_index`), or NULL.
+  const int64_t *labels;
+  // Per-row weights `[N]`, or NULL.
+  const float *row_weights;
+  // Rows per chunk (> 0), or 0: as many as `memory_budget` allows.
+  int64_t chunk_rows;
+  // Bytes of per-chunk buffers when `chunk_rows` is 0 (0: 1 GiB).
+  int64_t memory_budget;
+  // Nonzero: compute the gradients (the student's; the teacher's too
+  // with `params.grad_teacher`).
+  int32_t compute_grads;
+  // Output: the reduced loss (one float). Required.
+  float *loss;
+  // Output: per-row losses `[N]` (ℓ times the row weight, ignored rows
+  // 0). Optional on the host, required on the device.
+  float *row_losses;
+  // Output: rows that counted (one int32). Optional on the host,
+  // required on the device.
+  int32_t *valid_rows;
+  // Output: `∂L/∂student_hidden` `[N, H]` float.
+  float *grad_hidden;
+  // Output: `∂L/∂student_weight` `[V, H]` float.
+  float *grad_weight;
+  // Output: `∂L/∂student_bias` `[V]` float, exactly when the student
+  // has a bias.
+  float *grad_bias;
+  // Output (mutual learning, linear teacher): `∂L/∂teacher_hidden`
+  // `[N, teacher_hidden_size]` float.
+  float *teacher_grad_hidden;
+  // Output (mutual learning, linear teacher): `∂L/∂teacher_weight`
+  // `[teacher_vocab, teacher_hidden_size]` float (rows ≥ V zero).
+  float *teacher_grad_weight;
+  // Output (mutual learning, linear teacher with a bias): `∂L/∂teacher_bias`
+  // `[teacher_vocab]` float.
+  float *teacher_grad_bias;
+  // Output (mutual learning, logits teacher): `∂L/∂teacher_logits`
+  // `[N, V]` dense, in `dtype`.
+  void *teacher_grad_logits;
+} KdfuseLinearArgs;
 
 // Where a rank's vocabulary shard sits. Fill it with `kdfuse_shard_init`.
 typedef struct KdfuseShard {
@@ -486,6 +587,50 @@ enum KdfuseStatus kdfuse_feature_compute_host(const struct KdfuseFeatureBatch *b
 enum KdfuseStatus kdfuse_feature_compute_cuda(const struct KdfuseContext *ctx,
                                               const struct KdfuseFeatureBatch *batch,
                                               void *stream);
+
+// Fills `*out` with the defaults of a `KdfuseLinearArgs` (its size and
+// version, every pointer NULL, a linear teacher, `chunk_rows` 0 with the
+// default memory budget, gradients on).
+//
+// # Safety
+// `out` must be NULL or point to writable memory for one `KdfuseLinearArgs`.
+enum KdfuseStatus kdfuse_linear_args_init(struct KdfuseLinearArgs *out);
+
+// The fused linear + distillation loss on host memory: logits chunk by
+// chunk (`hidden · Wᵀ + b`, fp32 GEMMs), the loss of `params` on each
+// chunk by the CPU backend, the gradients folded chunk by chunk; the
+// batch's reduction weight is that of the whole batch. Writes `loss`
+// (required), `row_losses` and `valid_rows` (optional), the student's
+// gradients with `compute_grads`, the teacher's with `params.grad_teacher`
+// too (a linear or logits teacher; the logits teacher's in `dtype`). A
+// top-k teacher's indices are checked (the first bad row named). Outputs
+// must not overlap inputs.
+//
+// # Safety
+// `args` and `params` are readable structs of their own size; every
+// non-NULL pointer in `args` is host memory holding what its shape needs.
+enum KdfuseStatus kdfuse_linear_loss_host(const struct KdfuseLinearArgs *args,
+                                          const struct KdfuseParams *params);
+
+// `kdfuse_linear_loss_host` on device memory: enqueues the chunk loop
+// (cuBLAS GEMMs with fp32 accumulation, the fused loss kernels, one
+// reduction) on `stream` (a `CUstream` of the context's device, NULL the
+// legacy default stream) and returns without waiting. Every pointer in
+// `args` is device memory; `loss`, `row_losses` and `valid_rows` are
+// required (the batch's valid count is kept there for every chunk). For
+// bf16/f16 operands each chunk's logit gradient is rounded to the operand
+// dtype before the gradient GEMMs (see the Rust docs of
+// `fused_linear::compute_cuda_raw`). Top-k indices are not checked: a bad
+// one gives a NaN row. Chunk buffers are allocated on `stream`.
+//
+// # Safety
+// `ctx` from `kdfuse_context_create`; `args` and `params` readable structs
+// of their own size; the device pointers hold what the shapes need and
+// stay alive until the stream has run the work.
+enum KdfuseStatus kdfuse_linear_loss_cuda(const struct KdfuseContext *ctx,
+                                          const struct KdfuseLinearArgs *args,
+                                          const struct KdfuseParams *params,
+                                          void *stream);
 
 // The `k` largest elements of each of the `rows` rows of `logits`
 // (`cols` elements each, `row_stride` elements apart, of `dtype`: 0 f32,

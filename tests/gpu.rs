@@ -7,7 +7,8 @@
 //! The feature losses' GPU tests are in gpu_features/, the loss-family
 //! options' (top-k teacher, soft-capping, row weights, teacher gradient) in
 //! gpu_loss_family/, the vocab-parallel kernels' in gpu_vocab_parallel/, the
-//! top-k selection kernel's in gpu_topk_select/.
+//! top-k selection kernel's in gpu_topk_select/, the fused linear path's in
+//! gpu_fused_linear/.
 //!
 //! Own runner (harness = false, tests/common/gpu_runner.rs): without a
 //! usable GPU every test prints "skipped" with the reason; with
@@ -15,6 +16,7 @@
 //! tests are the CLI crate's (cli/tests/gpu.rs).
 
 mod gpu_features;
+mod gpu_fused_linear;
 mod gpu_loss_family;
 mod gpu_topk_select;
 mod gpu_vocab_parallel;
@@ -45,6 +47,14 @@ fn main() -> ExitCode {
             kernels_loaded_once_per_context,
         ),
         ("distill_step_cpu_vs_cuda", distill_step_cpu_vs_cuda),
+        (
+            "fused_linear_chunkings_f32_bf16",
+            gpu_fused_linear::fused_linear_chunkings_f32_bf16,
+        ),
+        (
+            "fused_linear_topk_mutual_budget",
+            gpu_fused_linear::fused_linear_topk_mutual_budget,
+        ),
         (
             "topk_llm_vocabularies_every_mode",
             gpu_loss_family::topk_llm_vocabularies_every_mode,

@@ -10,7 +10,7 @@ import os
 import pathlib
 import threading
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 DIVERGENCES = {"forward-kl": 0, "reverse-kl": 1, "jsd": 2, "tvd": 3, "soft-ce": 4}
 # The C ABI's precision codes (KdfusePrecision): the GPU kernels' arithmetic.
 PRECISIONS = {"fast": 0, "exact": 1}

@@ -97,8 +97,8 @@ impl KdfuseFeatureBatch {
                 p.cast::<u32>().add(1).read_unaligned(),
             )
         };
-        // Version 2 introduced it; versions 3 and 4 left it as it was.
-        let known = [(2, ours), (3, ours), (4, ours)];
+        // Version 2 introduced it; versions 3 to 5 left it as it was.
+        let known = [(2, ours), (3, ours), (4, ours), (5, ours)];
         check_size("feature_batch.size", size, &known)?;
         check_version("feature_batch.version", version, size, &known)?;
         // SAFETY: `size` (checked) is ours: the whole struct is readable.

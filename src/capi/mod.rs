@@ -6,10 +6,15 @@
 
 mod f64;
 mod feature;
+mod linear;
 mod topk_select;
 mod types;
 mod vocab_parallel;
 
+pub use linear::{
+    kdfuse_linear_args_init, kdfuse_linear_loss_cuda, kdfuse_linear_loss_host, KdfuseLinearArgs,
+    KdfuseLinearTeacher,
+};
 pub use topk_select::{kdfuse_topk_select_cuda, kdfuse_topk_select_host};
 pub use types::{
     KdfuseBatch, KdfuseDivergence, KdfuseDtype, KdfuseFeatureBatch, KdfuseFeatureKind,

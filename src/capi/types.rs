@@ -15,8 +15,9 @@ use std::mem::size_of;
 /// accepted, the appended fields taking their defaults. Version 3 appended
 /// the precision (params); its batch is version 2's. Version 4 appended the
 /// vocab-parallel functions and `KdfuseShard`; its params and batch are
-/// version 3's.
-pub const KDFUSE_ABI_VERSION: u32 = 4;
+/// version 3's. Version 5 appended the fused linear functions and
+/// `KdfuseLinearArgs`; its params and batch are version 3's.
+pub const KDFUSE_ABI_VERSION: u32 = 5;
 
 /// Status of every call: 0 is success; otherwise `kdfuse_last_error()` says why.
 #[repr(C)]
@@ -108,8 +109,8 @@ pub enum KdfuseIndexDtype {
 pub struct KdfuseParams {
     /// `sizeof(KdfuseParams)` as the caller's header defines it.
     pub size: u32,
-    /// `KDFUSE_ABI_VERSION` of the caller's header: 1 to 4, the version
-    /// whose size `size` is (3 and 4 share a size); anything else is refused.
+    /// `KDFUSE_ABI_VERSION` of the caller's header: 1 to 5, the version
+    /// whose size `size` is (3 to 5 share a size); anything else is refused.
     pub version: u32,
     /// A `KdfuseDivergence` value.
     pub divergence: i32,
@@ -168,8 +169,8 @@ pub enum KdfusePrecision {
 pub struct KdfuseBatch {
     /// `sizeof(KdfuseBatch)` as the caller's header defines it.
     pub size: u32,
-    /// `KDFUSE_ABI_VERSION` of the caller's header: 1 to 4 (2, 3 and 4 share
-    /// a size); anything else is refused.
+    /// `KDFUSE_ABI_VERSION` of the caller's header: 1 to 5 (2 to 5 share a
+    /// size); anything else is refused.
     pub version: u32,
     /// Rows N (≥ 0).
     pub rows: i64,
@@ -311,18 +312,20 @@ pub(crate) const PARAMS_V2_SIZE: usize = std::mem::offset_of!(KdfuseParams, prec
 pub(crate) const BATCH_V1_SIZE: usize = std::mem::offset_of!(KdfuseBatch, row_weights);
 
 /// (version, size) of every `KdfuseParams` this library reads.
-pub(crate) const PARAMS_SIZES: [(u32, usize); 4] = [
+pub(crate) const PARAMS_SIZES: [(u32, usize); 5] = [
     (1, PARAMS_V1_SIZE),
     (2, PARAMS_V2_SIZE),
     (3, size_of::<KdfuseParams>()),
     (4, size_of::<KdfuseParams>()),
+    (5, size_of::<KdfuseParams>()),
 ];
 /// (version, size) of every `KdfuseBatch` this library reads.
-pub(crate) const BATCH_SIZES: [(u32, usize); 4] = [
+pub(crate) const BATCH_SIZES: [(u32, usize); 5] = [
     (1, BATCH_V1_SIZE),
     (2, size_of::<KdfuseBatch>()),
     (3, size_of::<KdfuseBatch>()),
     (4, size_of::<KdfuseBatch>()),
+    (5, size_of::<KdfuseBatch>()),
 ];
 
 /// Reads a caller's struct of any known (version, size) in `known`: the
@@ -346,6 +349,7 @@ pub(crate) unsafe fn read_sized<T: Copy>(
     let size_arg = match arg {
         "params" => "params.size",
         "shard" => "shard.size",
+        "linear" => "linear.size",
         _ => "batch.size",
     };
     check_size(size_arg, size, known)?;
@@ -355,6 +359,7 @@ pub(crate) unsafe fn read_sized<T: Copy>(
     let version_arg = match arg {
         "params" => "params.version",
         "shard" => "shard.version",
+        "linear" => "linear.version",
         _ => "batch.version",
     };
     check_version(version_arg, version, size, known)?;
@@ -876,7 +881,7 @@ mod tests {
         p.version = 2;
         let e = p.to_spec().unwrap_err().to_string();
         assert!(
-            e.contains("version 2 does not match the struct size 96 (version 4's)"),
+            e.contains("version 2 does not match the struct size 96 (version 5's)"),
             "{e}"
         );
         p = KdfuseParams::defaults();

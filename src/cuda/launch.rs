@@ -668,24 +668,48 @@ impl CudaBackend {
         // SAFETY: the caller's contract (labels: N, valid_rows: 1).
         let valid_ptr =
             unsafe { self.count_valid_rows(stream, labels, n, ignore_index, valid_rows) }?;
-        if rows > 0 {
-            // Per launch: a loss prepared since for a smaller V may have
-            // lowered the kernel's limit.
-            allow_smem(&prepared.kernel, prepared.smem)?;
-            let args = args(valid_ptr);
-            let mut b = stream.launch_builder(&prepared.kernel);
-            b.arg(&args);
-            // SAFETY: the caller's contract; `args` matches the kernel.
-            unsafe {
-                b.launch(LaunchConfig {
-                    grid_dim: (rows.min(1 << 20) as u32, 1, 1),
-                    block_dim: (prepared.threads, 1, 1),
-                    shared_mem_bytes: prepared.smem,
-                })
-            }?;
-        }
+        // SAFETY: the caller's contract; `args` matches the kernel.
+        unsafe { self.launch_kernel(stream, prepared, rows, args(valid_ptr)) }?;
         // SAFETY: the caller's contract (row_losses: N, loss: 1).
         unsafe { self.launch_reduce_loss(stream, row_losses, n, valid_ptr, params, loss) }
+    }
+
+    /// Enqueues the prepared kernel alone (no count, no reduction) on
+    /// `args`, one CTA per row (up to 2²⁰, grid-stride beyond); nothing
+    /// for 0 rows. The kernel reads its reduction weight from
+    /// `*valid_count` (the fused linear path points every chunk at the
+    /// batch's count).
+    ///
+    /// # Safety
+    /// `args` is the prepared kernel's argument struct, its pointers valid
+    /// for `rows` rows (as [`CudaBackend::launch_raw`]).
+    pub(crate) unsafe fn launch_kernel<A: DeviceRepr>(
+        &self,
+        stream: &CudaStream,
+        prepared: &PreparedLoss,
+        rows: usize,
+        args: A,
+    ) -> Result<()> {
+        if rows == 0 {
+            return Ok(());
+        }
+        if !Arc::ptr_eq(&prepared.table, &self.kernels) {
+            return invalid("prepared", "prepared on another device");
+        }
+        // Per launch: a loss prepared since for a smaller V may have
+        // lowered the kernel's limit.
+        allow_smem(&prepared.kernel, prepared.smem)?;
+        let mut b = stream.launch_builder(&prepared.kernel);
+        b.arg(&args);
+        // SAFETY: the caller's contract; `args` matches the kernel.
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: (rows.min(1 << 20) as u32, 1, 1),
+                block_dim: (prepared.threads, 1, 1),
+                shared_mem_bytes: prepared.smem,
+            })
+        }?;
+        Ok(())
     }
 
     /// Bytes of the top-k kernels' V-bit map, or the error when the

@@ -3,7 +3,7 @@
 //!
 //! For each chunk of rows the logits chunk is a GEMM of the hidden states by
 //! the head (fp32 accumulation), the fused loss and gradient run on that
-//! chunk through any [`Backend`] (the CPU backend, the oracle, the emulated
+//! chunk through any [`Backend`](crate::Backend) (the CPU backend, the oracle, the emulated
 //! kernels), and the chunk's logit gradient `G` is folded at once into
 //! `∂L/∂hidden = G·W`, `∂L/∂W += Gᵀ·h` and `∂L/∂b += Σ_rows G`. Peak extra
 //! memory is O(chunk × V), not O(N × V) (docs/DESIGN.md §11).
@@ -31,10 +31,21 @@
 //! # Ok::<(), kdfuse::KdError>(())
 //! ```
 
+mod cuda;
+mod device;
+#[cfg(feature = "emulation")]
+mod emu;
 mod gemm;
 mod host;
 mod inputs;
 
+pub use cuda::{compute_cuda, compute_cuda_raw};
+pub use device::{
+    check_raw, device_bytes_per_row, device_chunk_rows, RawHead, RawHeadGrads, RawLinearArgs,
+    RawTeacher,
+};
+#[cfg(feature = "emulation")]
+pub use emu::compute_emulated;
 pub use host::compute;
 pub use inputs::{Linear, LinearInputs, LinearTeacher, Matrix};
 

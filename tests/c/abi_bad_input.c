@@ -42,8 +42,8 @@ int main(void) {
   KdfuseStatus st = kdfuse_compute_host(&b, &p);
   CHECK(st == KDFUSE_STATUS_OK, "good batch: %d %s", (int)st, kdfuse_last_error());
 
-  /* Versions: 1 to 4 only, the one the size says. */
-  const uint32_t bad_versions[] = {0, 5, 99, 0xFFFFFFFFu};
+  /* Versions: 1 to 5 only, the one the size says. */
+  const uint32_t bad_versions[] = {0, 6, 99, 0xFFFFFFFFu};
   for (size_t i = 0; i < sizeof bad_versions / sizeof bad_versions[0]; i++) {
     KdfuseParams pv = p;
     pv.version = bad_versions[i];

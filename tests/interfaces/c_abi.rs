@@ -300,3 +300,12 @@ fn c_program_bad_input_is_refused() {
 fn c_program_vocab_parallel_matches_the_unsharded_loss() {
     print!("{}", run_dynamic_c_program("abi_vp"));
 }
+
+/// The fused linear + distillation loss through the C ABI
+/// (tests/c/abi_linear.c): kdfuse_linear_loss_host against
+/// kdfuse_compute_host on the logits materialised in C and naive gradient
+/// GEMMs, chunked; its bad inputs named.
+#[test]
+fn c_program_fused_linear_matches_materialised_logits() {
+    print!("{}", run_dynamic_c_program("abi_linear"));
+}
