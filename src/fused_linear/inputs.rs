@@ -1,7 +1,7 @@
 //! The inputs of a fused linear + distillation call and their validation.
 
 use crate::error::{invalid, Result};
-use crate::tensor::{validate_labels, Dtype, HostData, Logits, TopkTeacher};
+use crate::tensor::{first_bad_topk_row, validate_labels, Dtype, HostData, Logits, TopkTeacher};
 
 /// A dense row-major matrix `rows × cols`.
 #[derive(Debug, Clone, Copy)]
@@ -271,6 +271,11 @@ impl LinearInputs<'_> {
                             n * t.k
                         ),
                     );
+                }
+                // Here, for the whole batch, so that the row named is the
+                // batch's (each chunk's own check would count from its start).
+                if let Some((row, msg)) = first_bad_topk_row(&t.indices, n, t.k, v) {
+                    return invalid("topk_indices", format!("row {row}: {msg}"));
                 }
             }
         }

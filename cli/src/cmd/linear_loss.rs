@@ -233,18 +233,46 @@ fn read_bias(path: &Path, arg: &str, len: usize) -> Result<Vec<f32>, CliError> {
     Ok(b)
 }
 
-/// The backend of `--backend`. The one place where the CUDA path is to be
-/// wired in once `fused_linear::cuda::compute_cuda` exists (it is called
-/// instead of `fused_linear::compute` in [`run`] then).
-fn make_backend(name: &str) -> Result<Box<dyn Backend>, CliError> {
+/// What runs the call: a loss backend under the host chunk loop (cpu,
+/// oracle), or the device chunk loop on the GPU (cuda: cuBLAS GEMMs and the
+/// fused kernels, `fused_linear::compute_cuda`).
+enum Engine {
+    Host(Box<dyn Backend>),
+    Cuda(kdfuse::cuda::CudaBackend),
+}
+
+impl Engine {
+    fn name(&self) -> &'static str {
+        match self {
+            Engine::Host(b) => b.name(),
+            Engine::Cuda(_) => "cuda",
+        }
+    }
+
+    fn compute(
+        &self,
+        inputs: &fused_linear::LinearInputs,
+        spec: &LinearSpec,
+    ) -> kdfuse::Result<fused_linear::LinearOutput> {
+        match self {
+            Engine::Host(b) => fused_linear::compute(b.as_ref(), inputs, spec),
+            Engine::Cuda(b) => fused_linear::compute_cuda(b, inputs, spec),
+        }
+    }
+}
+
+/// The engine of `--backend`; no GPU for `cuda` is an error, never a
+/// silent fallback.
+fn make_backend(name: &str) -> Result<Engine, CliError> {
     match name {
-        "cpu" => Ok(Box::new(kdfuse::CpuBackend)),
-        "oracle" => Ok(kdfuse::create(kdfuse::BackendKind::Oracle)?),
-        "cuda" => Err(CliError::Msg(
-            "invalid argument `--backend`: linear-loss has no CUDA path in this build yet \
-             (fused_linear::cuda::compute_cuda); use --backend cpu or oracle"
-                .into(),
-        )),
+        "cpu" => Ok(Engine::Host(Box::new(kdfuse::CpuBackend))),
+        "oracle" => Ok(Engine::Host(kdfuse::create(kdfuse::BackendKind::Oracle)?)),
+        "cuda" => match kdfuse::select_cuda(0)? {
+            kdfuse::CudaChoice::Usable(b) => Ok(Engine::Cuda(b)),
+            kdfuse::CudaChoice::Unavailable(why) => Err(CliError::Msg(format!(
+                "invalid argument `--backend`: cuda is not usable here ({why}); use --backend cpu or oracle"
+            ))),
+        },
         other => Err(CliError::Msg(format!(
             "invalid argument `--backend`: unknown backend `{other}` (expected cpu, oracle or cuda)"
         ))),
@@ -491,8 +519,9 @@ pub fn run(a: LinearLossArgs) -> Result<ExitCode, CliError> {
         grads: a.grad_out.is_some(),
     };
     let bytes_per_row = fused_linear::bytes_per_row(&inputs, &spec);
-    let out =
-        fused_linear::compute(backend.as_ref(), &inputs, &spec).map_err(|e| match (e, &cache) {
+    let out = backend
+        .compute(&inputs, &spec)
+        .map_err(|e| match (e, &cache) {
             (KdError::InvalidArgument { arg, msg }, Some((dir, _)))
                 if arg.contains("topk") || arg == "k" =>
             {

@@ -375,8 +375,11 @@ fn bad_arguments_fail_cleanly() {
         .fails_with("--memory-budget");
     t().args(&["--memory-budget", "100"])
         .fails_with("invalid argument `--memory-budget`");
-    t().args(&["--backend", "cuda"])
-        .fails_with("`--backend`: linear-loss has no CUDA path");
+    // Without a usable GPU, cuda is a clean error (with one, it runs).
+    let out = t().args(&["--backend", "cuda"]).output();
+    if !out.status.success() {
+        run::assert_clean_error(&out, "`--backend`: cuda is not usable here");
+    }
     t().args(&["--mutual"]).fails_with("--mutual");
     t().args(&["--alpha", "0.5"]).fails_with("labels");
     f.linear().fails_with("a teacher is required");
