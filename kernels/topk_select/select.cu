@@ -22,13 +22,14 @@
 //    by a bitonic sort in shared memory; the values are re-read from the row
 //    by column (exact: the input element widened), the columns written.
 //
-// Cost (estimates, not measurements): bytes per element 2–5 reads of the
-// element (pass 0 from DRAM; passes 1–3 and the compaction mostly from L2),
-// i.e. 8–20 B/element for f32. Issue slots per element, estimated: pass 0
-// ≈ 20 (load, widen, key, one expf ≈ 8, the online compare, a shared
-// atomic), each refinement pass ≈ 6, the compaction ≈ 12 plus a 5-step warp
-// scan per element; ≈ 50–60 in all. Per row: the bitonic sort of
-// next_pow2(k) pairs (k log² k / 2 compare-exchanges) and 4 bucket scans.
+// Cost: bytes per element 2–5 reads of the element (pass 0 from DRAM;
+// passes 1–3 and the compaction mostly from L2), i.e. 8–20 B/element for
+// f32 (a model). Issue slots per element, from the sm_90 SASS
+// (scripts/sass-report lists this kernel apart): pass 0 ≈ 60 (2 MUFU),
+// each refinement pass ≈ 30, the compaction ≈ 270–310 (its per-tile block
+// scan), so ≈ 330–460 in all with 0–3 refinements: predicted issue-bound,
+// a few percent of copy bandwidth (not measured). Per row: the bitonic sort
+// of next_pow2(k) pairs (k log² k / 2 compare-exchanges) and 4 bucket scans.
 // Shared memory: 32 KB of winners + 1 KB of histogram (static). ptxas
 // (CUDA 13.0, -O3): 32–40 registers, no stack frame, no spills, 34000 B
 // of shared memory on sm_80 and sm_90.
