@@ -15,7 +15,7 @@ use crate::tensor::{Dtype, KdInputs, Logits, TopkIndices, TopkInputs};
 use std::ffi::c_void;
 
 extern "C" {
-    fn kd_emu_run(
+    pub(crate) fn kd_emu_run(
         div: i32,
         variant: i32,
         in_dtype: i32,
@@ -25,7 +25,7 @@ extern "C" {
         grid: u32,
         block: u32,
     ) -> i32;
-    fn kd_emu_topk_run(
+    pub(crate) fn kd_emu_topk_run(
         in_dtype: i32,
         out_dtype: i32,
         idx64: i32,

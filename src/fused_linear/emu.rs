@@ -14,6 +14,7 @@
 use super::device::{compute_on, ChunkDevice, GemmCall};
 use super::{LinearInputs, LinearOutput, LinearSpec};
 use crate::cuda::threads_for;
+use crate::emu::{kd_emu_run, kd_emu_topk_run};
 use crate::error::{invalid, Result};
 use crate::params::{CountArgs, FusedArgs, KernelParams, ReduceArgs, TopkArgs};
 use crate::spec::{LossSpec, Reduction};
@@ -31,25 +32,6 @@ fn launch_lock() -> MutexGuard<'static, ()> {
 }
 
 extern "C" {
-    fn kd_emu_run(
-        div: i32,
-        variant: i32,
-        in_dtype: i32,
-        out_dtype: i32,
-        args: *const FusedArgs,
-        loss: *mut f32,
-        grid: u32,
-        block: u32,
-    ) -> i32;
-    fn kd_emu_topk_run(
-        in_dtype: i32,
-        out_dtype: i32,
-        idx64: i32,
-        args: *const TopkArgs,
-        loss: *mut f32,
-        grid: u32,
-        block: u32,
-    ) -> i32;
     fn kd_emu_count_valid(a: *const CountArgs);
     fn kd_emu_reduce_loss(a: *const ReduceArgs);
 }
