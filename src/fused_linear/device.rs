@@ -500,44 +500,38 @@ pub(crate) unsafe fn run<D: ChunkDevice>(
                         },
                     )?
                 }
-                RawTeacher::Logits { logits, row_stride } => dev.fused(
-                    &loss,
-                    &FusedArgs {
-                        student: s_buf,
-                        student_stride: v as i64,
-                        teacher: off(logits, r0 * row_stride, ds),
-                        teacher_stride: row_stride as i64,
-                        labels,
-                        row_weights,
-                        grad,
-                        grad_stride: v as i64,
-                        grad_teacher: off(t_logits_grad, r0 * v, ds),
-                        grad_teacher_stride: v as i64,
-                        row_loss,
-                        valid_count: a.valid_rows,
-                        n_rows: c as i64,
-                        params,
-                    },
-                )?,
-                RawTeacher::Linear(_) => dev.fused(
-                    &loss,
-                    &FusedArgs {
-                        student: s_buf,
-                        student_stride: v as i64,
-                        teacher: t_buf,
-                        teacher_stride: v as i64,
-                        labels,
-                        row_weights,
-                        grad,
-                        grad_stride: v as i64,
-                        grad_teacher: if t_grads.is_some() { t_buf } else { 0 },
-                        grad_teacher_stride: v as i64,
-                        row_loss,
-                        valid_count: a.valid_rows,
-                        n_rows: c as i64,
-                        params,
-                    },
-                )?,
+                RawTeacher::Logits { .. } | RawTeacher::Linear(_) => {
+                    // The teacher chunk, its row stride and where its
+                    // gradient goes: a logits teacher is read in place, a
+                    // head's chunk was just made in `t_buf`.
+                    let (teacher, teacher_stride, grad_teacher) = match a.teacher {
+                        RawTeacher::Logits { logits, row_stride } => (
+                            off(logits, r0 * row_stride, ds),
+                            row_stride,
+                            off(t_logits_grad, r0 * v, ds),
+                        ),
+                        _ => (t_buf, v, if t_grads.is_some() { t_buf } else { 0 }),
+                    };
+                    dev.fused(
+                        &loss,
+                        &FusedArgs {
+                            student: s_buf,
+                            student_stride: v as i64,
+                            teacher,
+                            teacher_stride: teacher_stride as i64,
+                            labels,
+                            row_weights,
+                            grad,
+                            grad_stride: v as i64,
+                            grad_teacher,
+                            grad_teacher_stride: v as i64,
+                            row_loss,
+                            valid_count: a.valid_rows,
+                            n_rows: c as i64,
+                            params,
+                        },
+                    )?
+                }
             }
             if let Some(g) = s_grads {
                 fold(dev, &a.student, &g, dtype, v, r0, c, ones, s_buf)?;
