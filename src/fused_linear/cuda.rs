@@ -102,6 +102,9 @@ struct CudaDevice<'a> {
     handle: cublasHandle_t,
     _handles: MutexGuard<'static, Handles>,
     owned: Vec<CudaSlice<u8>>,
+    /// The bytes of `owned` (its buffers live until the call ends: the
+    /// call's peak).
+    allocated: usize,
 }
 
 impl<'a> CudaDevice<'a> {
@@ -126,10 +129,12 @@ impl<'a> CudaDevice<'a> {
             handle,
             _handles: map,
             owned: Vec::new(),
+            allocated: 0,
         })
     }
 
     fn keep(&mut self, s: CudaSlice<u8>) -> u64 {
+        self.allocated += s.len();
         let p = {
             let (p, _guard) = s.device_ptr(self.stream);
             p
@@ -145,13 +150,17 @@ impl ChunkDevice for CudaDevice<'_> {
     fn alloc(&mut self, bytes: usize) -> Result<u64> {
         // SAFETY: every buffer is written before it is read (the loop's
         // outputs, the chunk buffers) or filled.
-        let s = unsafe { self.stream.alloc::<u8>(bytes.max(16)) }?;
+        let s = unsafe { self.stream.alloc::<u8>(device::alloc_size(bytes)) }?;
         Ok(self.keep(s))
+    }
+
+    fn allocated_bytes(&self) -> usize {
+        self.allocated
     }
 
     fn upload(&mut self, bytes: &[u8]) -> Result<u64> {
         let s = if bytes.is_empty() {
-            self.stream.alloc_zeros::<u8>(16)?
+            self.stream.alloc_zeros::<u8>(device::alloc_size(0))?
         } else {
             self.stream.clone_htod(bytes)?
         };

@@ -118,6 +118,22 @@ pub struct RawLinearArgs {
     pub teacher_logits_grad: u64,
 }
 
+/// The bytes `compute_cuda` allocates for [`ChunkDevice::alloc`] of
+/// `bytes`: at least 16. The emulation counts alike.
+pub(crate) fn alloc_size(bytes: usize) -> usize {
+    bytes.max(16)
+}
+
+/// The bytes `compute_cuda` allocates for [`ChunkDevice::upload`] of
+/// `bytes` bytes: a copy of exactly that size, 16 for an empty one.
+pub(crate) fn upload_size(bytes: usize) -> usize {
+    if bytes == 0 {
+        alloc_size(0)
+    } else {
+        bytes
+    }
+}
+
 /// The per-chunk buffers of a device call, bytes per row: the student's
 /// logits chunk (its gradient overwrites it) and a linear teacher's, in
 /// the operand dtype.
@@ -188,6 +204,12 @@ pub(crate) trait ChunkDevice {
     fn alloc(&mut self, bytes: usize) -> Result<u64>;
     /// A copy of `bytes`, alive as long as `self`.
     fn upload(&mut self, bytes: &[u8]) -> Result<u64>;
+    /// The bytes [`ChunkDevice::alloc`] and [`ChunkDevice::upload`] have
+    /// allocated so far, each buffer counted as [`alloc_size`] or
+    /// [`upload_size`]. Nothing is
+    /// freed before `self` is dropped, so this is also the peak
+    /// (`LinearOutput::device_peak_bytes`).
+    fn allocated_bytes(&self) -> usize;
     /// Waits for the work enqueued so far and reads `bytes` bytes at `addr`.
     fn download(&mut self, addr: u64, bytes: usize) -> Result<Vec<u8>>;
     /// Sets `count` 32-bit words at `dst` to `value`.
@@ -836,5 +858,6 @@ pub(crate) fn compute_on<D: ChunkDevice>(
         chunk_rows: chunk,
         student: student_out,
         teacher: teacher_out,
+        device_peak_bytes: Some(dev.allocated_bytes()),
     })
 }

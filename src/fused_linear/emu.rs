@@ -11,7 +11,7 @@
 //! reduction `sum`, which equals what the CUDA launch computes from
 //! `*valid_count` with the batch's reduction.
 
-use super::device::{compute_on, ChunkDevice, GemmCall};
+use super::device::{self, compute_on, ChunkDevice, GemmCall};
 use super::{LinearInputs, LinearOutput, LinearSpec};
 use crate::cuda::threads_for;
 use crate::emu::{kd_emu_run, kd_emu_topk_run};
@@ -49,6 +49,10 @@ pub fn compute_emulated(inputs: &LinearInputs, spec: &LinearSpec) -> Result<Line
 struct EmuDevice {
     /// Every buffer handed out (8-byte aligned), alive with the device.
     bufs: Vec<Vec<u64>>,
+    /// The bytes handed out, counted as `compute_cuda` allocates them
+    /// ([`device::alloc_size`], [`device::upload_size`]), so that the emulated
+    /// `device_peak_bytes` is the CUDA one.
+    allocated: usize,
 }
 
 /// A prepared emulated launch.
@@ -155,22 +159,35 @@ unsafe fn widen(
     (0..span).map(|i| unsafe { read(p, i, dtype) }).collect()
 }
 
+impl EmuDevice {
+    /// A new buffer of `bytes` (not counted), poisoned: all bits set, NaN
+    /// in every float dtype.
+    fn buffer(&mut self, bytes: usize) -> u64 {
+        let buf = vec![u64::MAX; bytes.div_ceil(8).max(1)];
+        let p = buf.as_ptr() as u64;
+        self.bufs.push(buf);
+        p
+    }
+}
+
 impl ChunkDevice for EmuDevice {
     type Loss = EmuLoss;
 
     fn alloc(&mut self, bytes: usize) -> Result<u64> {
-        // Poisoned: all bits set, NaN in every float dtype.
-        let buf = vec![u64::MAX; bytes.div_ceil(8).max(1)];
-        let p = buf.as_ptr() as u64;
-        self.bufs.push(buf);
-        Ok(p)
+        self.allocated += device::alloc_size(bytes);
+        Ok(self.buffer(bytes))
     }
 
     fn upload(&mut self, bytes: &[u8]) -> Result<u64> {
-        let p = self.alloc(bytes.len())?;
+        self.allocated += device::upload_size(bytes.len());
+        let p = self.buffer(bytes.len());
         // SAFETY: the buffer just allocated holds `bytes.len()` bytes.
         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), p as *mut u8, bytes.len()) };
         Ok(p)
+    }
+
+    fn allocated_bytes(&self) -> usize {
+        self.allocated
     }
 
     fn download(&mut self, addr: u64, bytes: usize) -> Result<Vec<u8>> {

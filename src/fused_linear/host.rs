@@ -145,6 +145,7 @@ pub fn compute(
         chunk_rows: chunk,
         student: s_grads,
         teacher: t_grads,
+        device_peak_bytes: None,
     })
 }
 

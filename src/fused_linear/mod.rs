@@ -132,6 +132,15 @@ pub struct LinearOutput {
     pub student: Option<LinearGrads>,
     /// The teacher's gradients, with `loss.grad_teacher`.
     pub teacher: Option<TeacherGrads>,
+    /// The device path's ([`compute_cuda`], and `compute_emulated` which
+    /// counts alike) peak device memory of the call, in bytes: the sum of
+    /// every allocation of the device chunk loop (uploaded inputs, outputs
+    /// and gradients, chunk buffers; each at least 16 bytes, as allocated).
+    /// All of them live until the call ends, so the sum is the peak. It is
+    /// what the call asked of the stream-ordered allocator, whose pool may
+    /// hold more; cuBLAS workspaces and the kernels' modules are not
+    /// counted. `None` on the host path ([`compute`]).
+    pub device_peak_bytes: Option<usize>,
 }
 
 /// Bytes of per-chunk buffers one row takes: the student's logits (f32 GEMM

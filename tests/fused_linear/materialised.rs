@@ -20,6 +20,8 @@ fn check(case: &Case, backend: &dyn Backend, what: &str) -> LinearOutput {
         .unwrap_or_else(|e| panic!("{what}: {e}"));
     let r = reference(case, backend).unwrap_or_else(|e| panic!("{what}: reference: {e}"));
     let ctx = || format!("{what}: {case:?}");
+    // The host path allocates no device memory.
+    assert_eq!(out.device_peak_bytes, None, "host path: {}", ctx());
     let floor = 1e-6;
     let e = rel_l2(&out.row_losses, &r.row_losses, floor);
     assert!(e <= SAME_BACKEND, "row losses off by {e:e}: {}", ctx());

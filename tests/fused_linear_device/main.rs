@@ -130,6 +130,40 @@ fn loss_only_and_memory_budget() {
     compare("budget", &dev, &host, Dtype::F32);
 }
 
+/// `device_peak_bytes`: every upload and allocation of the call, counted as
+/// `compute_cuda` allocates them; only the chunk buffer depends on the
+/// chunking.
+#[test]
+fn device_peak_bytes_counts_every_buffer() {
+    let (n, h, v) = (9, 16, 96);
+    let p = problem(10, (n, h, v), Dtype::F32, false, false, false);
+    let inputs = p.inputs(Kind::Logits);
+    let fixed = n * h * 4 // hidden states
+        + v * h * 4 // head
+        + n * p.stride * 4 // teacher logits (strided: the whole buffer)
+        + n * h * 4 // ∂hidden
+        + v * h * 4 // ∂W
+        + n * 4 // row losses
+        + 16 // loss (4 bytes, allocated as 16)
+        + 16; // valid count (likewise)
+    let mut peaks = Vec::new();
+    for chunk in [4, n] {
+        let out = compute_emulated(&inputs, &spec(kd(0.0, Reduction::BatchMean), chunk)).unwrap();
+        // One student logits chunk; no teacher chunk (logits), no ones
+        // column (no bias).
+        assert_eq!(
+            out.device_peak_bytes,
+            Some(fixed + chunk * v * 4),
+            "chunk {chunk}"
+        );
+        peaks.push(out.device_peak_bytes.unwrap());
+    }
+    assert_eq!(peaks[1] - peaks[0], (n - 4) * v * 4);
+    // The host path does not report one.
+    let host = fused_linear::compute(&Oracle, &inputs, &spec(kd(0.0, Reduction::BatchMean), 4));
+    assert_eq!(host.unwrap().device_peak_bytes, None);
+}
+
 #[test]
 fn all_rows_ignored_and_empty_chunks() {
     let (n, h, v) = (5, 8, 33);

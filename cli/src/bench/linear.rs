@@ -13,8 +13,18 @@
 //! extra memory is VmHWM at the end minus VmRSS after the inputs were built
 //! (and the heap peak of the binary's counting allocator, [`crate::alloc`],
 //! minus the heap in use then).
+//!
+//! When a CUDA GPU is usable both modes also run on it
+//! ([`fused_linear::compute_cuda`], the same inputs and chunking, in the
+//! parent process: [`run_cuda_modes`]). Their time is the wall time of the
+//! whole `compute_cuda` call (uploading the inputs, the device chunk loop,
+//! downloading the results; the last download synchronises the stream),
+//! not of the device work alone; their memory is the device allocator's
+//! peak of the call ([`fused_linear::LinearOutput::device_peak_bytes`]).
+//! Without a usable GPU every point records `cuda_skipped` and why.
 
 use super::host;
+use kdfuse::cuda::CudaBackend;
 use kdfuse::error::{invalid, Result};
 use kdfuse::fused_linear::{
     self, Chunking, Linear, LinearInputs, LinearSpec, LinearTeacher, Matrix,
@@ -390,13 +400,7 @@ pub fn run_mode(c: &LinearConfig, mode: Mode, reps: usize, seed: u64) -> Result<
     }
     let peak = proc_status_bytes("VmHWM:").unwrap_or(0);
     let heap_peak = crate::alloc::peak();
-    let mut sorted = times_ms.clone();
-    sorted.sort_by(f64::total_cmp);
-    let median_ms = if sorted.len() % 2 == 1 {
-        sorted[sorted.len() / 2]
-    } else {
-        0.5 * (sorted[sorted.len() / 2 - 1] + sorted[sorted.len() / 2])
-    };
+    let median_ms = median(&times_ms);
     Ok(ModeResult {
         mode,
         chunk_rows,
@@ -410,6 +414,132 @@ pub fn run_mode(c: &LinearConfig, mode: Mode, reps: usize, seed: u64) -> Result<
         heap_peak_extra_bytes: crate::alloc::installed()
             .then(|| heap_peak.saturating_sub(heap_base) as u64),
         loss,
+    })
+}
+
+/// The median of `times` (not empty).
+fn median(times: &[f64]) -> f64 {
+    let mut sorted = times.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    if sorted.len() % 2 == 1 {
+        sorted[sorted.len() / 2]
+    } else {
+        0.5 * (sorted[sorted.len() / 2 - 1] + sorted[sorted.len() / 2])
+    }
+}
+
+/// What one mode measured on the GPU.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CudaModeResult {
+    /// fused or unfused.
+    pub mode: Mode,
+    /// Rows per chunk.
+    pub chunk_rows: usize,
+    /// Chunks per call.
+    pub chunks: usize,
+    /// Each repetition's wall time of the whole `compute_cuda` call
+    /// (uploads, the device chunk loop, downloads: synchronised), ms.
+    pub times_ms: Vec<f64>,
+    /// Their median.
+    pub median_ms: f64,
+    /// The device allocator's peak of one call: every buffer of the device
+    /// chunk loop, all alive until the call ends
+    /// ([`fused_linear::LinearOutput::device_peak_bytes`]).
+    pub device_peak_bytes: usize,
+    /// The loss of the last repetition.
+    pub loss: f64,
+}
+
+/// Both modes of one point on the GPU.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CudaResult {
+    /// The GPU (its name, as the driver gives it).
+    pub device: String,
+    /// The fused (chunked) mode, or `None` when it failed.
+    pub fused: Option<CudaModeResult>,
+    /// Why the fused mode has no result (its error).
+    pub fused_failed: Option<String>,
+    /// The unfused mode (one chunk of N rows), or `None` when it failed
+    /// (e.g. out of device memory).
+    pub unfused: Option<CudaModeResult>,
+    /// Why the unfused mode has no result (its error).
+    pub unfused_failed: Option<String>,
+    /// Fused median time over unfused median time.
+    pub time_ratio: Option<f64>,
+}
+
+/// Runs one mode `reps` times on the GPU, after one untimed call (module
+/// loading, the cuBLAS handle).
+fn run_cuda_mode(
+    backend: &CudaBackend,
+    c: &LinearConfig,
+    inputs: &LinearInputs,
+    mode: Mode,
+    reps: usize,
+) -> Result<CudaModeResult> {
+    let spec = c.spec(mode);
+    let warm = fused_linear::compute_cuda(backend, inputs, &spec)?;
+    let chunk_rows = warm.chunk_rows;
+    let mut device_peak_bytes = warm.device_peak_bytes.unwrap_or(0);
+    drop(warm);
+    let mut times_ms = Vec::with_capacity(reps);
+    let mut loss = f64::NAN;
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        // compute_cuda returns after downloading its results: the work is
+        // done.
+        let out = fused_linear::compute_cuda(backend, inputs, &spec)?;
+        times_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        loss = out.loss;
+        device_peak_bytes = device_peak_bytes.max(out.device_peak_bytes.unwrap_or(0));
+        std::hint::black_box(&out);
+    }
+    Ok(CudaModeResult {
+        mode,
+        chunk_rows,
+        chunks: c.rows.div_ceil(chunk_rows),
+        median_ms: median(&times_ms),
+        times_ms,
+        device_peak_bytes,
+        loss,
+    })
+}
+
+/// Both modes of `c` on the GPU of `backend`, `reps` timed calls each, on
+/// the inputs [`run_mode`] builds from `seed`. A mode that fails (e.g. the
+/// unfused one out of device memory) is recorded with its error.
+pub fn run_cuda_modes(
+    backend: &CudaBackend,
+    c: &LinearConfig,
+    reps: usize,
+    seed: u64,
+) -> Result<CudaResult> {
+    c.validate()?;
+    if reps == 0 {
+        return invalid("reps", "must be ≥ 1");
+    }
+    let data = Inputs::build(c, seed);
+    let inputs = data.view(c);
+    let split = |r: Result<CudaModeResult>| match r {
+        Ok(m) => (Some(m), None),
+        Err(e) => (None, Some(e.to_string())),
+    };
+    let (fused, fused_failed) = split(run_cuda_mode(backend, c, &inputs, Mode::Fused, reps));
+    let (unfused, unfused_failed) = split(run_cuda_mode(backend, c, &inputs, Mode::Unfused, reps));
+    let time_ratio = match (&fused, &unfused) {
+        (Some(f), Some(u)) => Some(f.median_ms / u.median_ms),
+        _ => None,
+    };
+    Ok(CudaResult {
+        device: backend
+            .context()
+            .name()
+            .unwrap_or_else(|e| format!("unnamed ({e})")),
+        fused,
+        fused_failed,
+        unfused,
+        unfused_failed,
+        time_ratio,
     })
 }
 
@@ -465,6 +595,13 @@ pub struct LinearResult {
     pub time_within_10pct: Option<bool>,
     /// |fused loss − unfused loss| / |unfused loss|.
     pub loss_rel_diff: Option<f64>,
+    /// Both modes on the GPU, when one was usable.
+    #[serde(default)]
+    pub cuda: Option<CudaResult>,
+    /// Why the GPU modes were not run ("no usable GPU (…)", "--backend
+    /// cpu").
+    #[serde(default)]
+    pub cuda_skipped: Option<String>,
 }
 
 impl LinearResult {
@@ -496,7 +633,27 @@ impl LinearResult {
             fused,
             unfused,
             unfused_skipped,
+            cuda: None,
+            cuda_skipped: None,
         }
+    }
+
+    /// One GPU mode's result, if it ran.
+    pub fn cuda_mode(&self, mode: Mode) -> Option<&CudaModeResult> {
+        let g = self.cuda.as_ref()?;
+        match mode {
+            Mode::Fused => g.fused.as_ref(),
+            Mode::Unfused => g.unfused.as_ref(),
+        }
+    }
+
+    /// Adds the GPU modes' result, or why they were not run.
+    pub fn with_cuda(mut self, cuda: std::result::Result<CudaResult, String>) -> Self {
+        match cuda {
+            Ok(r) => self.cuda = Some(r),
+            Err(why) => self.cuda_skipped = Some(why),
+        }
+        self
     }
 }
 
@@ -570,6 +727,12 @@ pub struct LinearCsvRow {
     pub memory_within_prediction: bool,
     pub time_within_10pct: Option<bool>,
     pub loss_rel_diff: Option<f64>,
+    pub cuda_fused_median_ms: Option<f64>,
+    pub cuda_unfused_median_ms: Option<f64>,
+    pub cuda_time_ratio: Option<f64>,
+    pub cuda_fused_device_peak_mib: Option<f64>,
+    pub cuda_unfused_device_peak_mib: Option<f64>,
+    pub cuda_skipped: Option<String>,
 }
 
 fn mib(b: u64) -> f64 {
@@ -603,6 +766,16 @@ impl LinearReport {
                 memory_within_prediction: r.memory_within_prediction,
                 time_within_10pct: r.time_within_10pct,
                 loss_rel_diff: r.loss_rel_diff,
+                cuda_fused_median_ms: r.cuda_mode(Mode::Fused).map(|m| m.median_ms),
+                cuda_unfused_median_ms: r.cuda_mode(Mode::Unfused).map(|m| m.median_ms),
+                cuda_time_ratio: r.cuda.as_ref().and_then(|g| g.time_ratio),
+                cuda_fused_device_peak_mib: r
+                    .cuda_mode(Mode::Fused)
+                    .map(|m| mib(m.device_peak_bytes as u64)),
+                cuda_unfused_device_peak_mib: r
+                    .cuda_mode(Mode::Unfused)
+                    .map(|m| mib(m.device_peak_bytes as u64)),
+                cuda_skipped: r.cuda_skipped.clone(),
             })
             .collect()
     }
@@ -684,6 +857,71 @@ impl LinearReport {
                         None => "–",
                     }
                 );
+            }
+            if let Some(why) = &r.cuda_skipped {
+                let _ = writeln!(s, "{}: cuda skipped: {why}", r.config);
+            }
+        }
+        s.push_str(&self.cuda_table());
+        s
+    }
+
+    /// The GPU modes' table (empty when no point ran on a GPU).
+    fn cuda_table(&self) -> String {
+        let mut s = String::new();
+        let ran: Vec<(&LinearResult, &CudaResult)> = self
+            .results
+            .iter()
+            .filter_map(|r| r.cuda.as_ref().map(|g| (r, g)))
+            .collect();
+        let Some((_, first)) = ran.first() else {
+            return s;
+        };
+        let _ = writeln!(s);
+        let _ = writeln!(
+            s,
+            "fused linear + distillation on the GPU ({}): wall time of compute_cuda (uploads, device chunk loop, downloads), median of {} rep(s) after one untimed call; device peak = the bytes the device chunk loop allocated (all alive until the call ends)",
+            first.device, self.reps
+        );
+        let _ = writeln!(s);
+        let _ = writeln!(
+            s,
+            "| N | H | V | dtype | teacher | chunk rows × chunks | GPU fused ms | GPU unfused ms | fused/unfused | fused device peak MiB | unfused device peak MiB |"
+        );
+        let _ = writeln!(s, "|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|");
+        let ms = |m: Option<&CudaModeResult>| {
+            m.map_or("failed".into(), |m| format!("{:.1}", m.median_ms))
+        };
+        let peak = |m: Option<&CudaModeResult>| {
+            m.map_or("failed".into(), |m| {
+                format!("{:.0}", mib(m.device_peak_bytes as u64))
+            })
+        };
+        for (r, g) in &ran {
+            let c = &r.config;
+            let (f, u) = (r.cuda_mode(Mode::Fused), r.cuda_mode(Mode::Unfused));
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                c.rows,
+                c.hidden,
+                c.vocab,
+                c.dtype,
+                c.teacher.as_str(),
+                f.map_or("–".into(), |f| format!("{} × {}", f.chunk_rows, f.chunks)),
+                ms(f),
+                ms(u),
+                g.time_ratio.map_or("–".into(), |t| format!("{t:.3}")),
+                peak(f),
+                peak(u),
+            );
+        }
+        for (r, g) in &ran {
+            if let Some(e) = &g.fused_failed {
+                let _ = writeln!(s, "{}: GPU fused failed: {e}", r.config);
+            }
+            if let Some(e) = &g.unfused_failed {
+                let _ = writeln!(s, "{}: GPU unfused failed: {e}", r.config);
             }
         }
         s

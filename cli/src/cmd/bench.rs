@@ -117,7 +117,9 @@ pub struct BenchArgs {
     /// unfused pipeline (one chunk of N rows: the full N×V logits) on the
     /// CPU, time and peak memory, each mode in its own process; over
     /// --rows × --hidden × --vocab × --dtype [defaults 4096 × 2048 ×
-    /// 32000,128256 × f32].
+    /// 32000,128256 × f32]. With a usable GPU (--backend auto or cuda) both
+    /// modes also run on it (`compute_cuda`): wall time and the device
+    /// allocator's peak; otherwise "cuda skipped" and why.
     #[arg(long, conflicts_with_all = ["preset", "cols", "alpha", "beta", "temperature", "loss_only", "precision", "no_eager", "markdown", "topk_select"])]
     linear: bool,
     /// Hidden size H (--linear) [default: 2048].
@@ -331,8 +333,8 @@ fn run_topk(a: BenchArgs) -> Result<ExitCode, CliError> {
 fn run_linear(a: BenchArgs) -> Result<ExitCode, CliError> {
     use kdfuse::fused_linear::Chunking;
     use kdfuse_cli::bench::linear::{
-        parse_size, run_mode, LinearConfig, LinearHost, LinearReport, LinearResult, Mode,
-        ModeResult, TeacherKind,
+        parse_size, run_cuda_modes, run_mode, LinearConfig, LinearHost, LinearReport, LinearResult,
+        Mode, ModeResult, TeacherKind,
     };
     let or = |v: &[usize], d: &[usize]| if v.is_empty() { d.to_vec() } else { v.to_vec() };
     let (rows, hidden, vocab) = (
@@ -430,6 +432,23 @@ fn run_linear(a: BenchArgs) -> Result<ExitCode, CliError> {
             ))
         })
     };
+    // The GPU modes: in this process, when a GPU is usable.
+    let (cuda, cuda_skipped) = match a.backend.as_str() {
+        "cpu" => (None, "--backend cpu".to_string()),
+        "cuda" => (
+            Some(kdfuse::cuda::CudaBackend::new(a.device)?),
+            String::new(),
+        ),
+        _ => match kdfuse::backend::select_cuda(a.device)? {
+            kdfuse::backend::CudaChoice::Usable(b) => (Some(b), String::new()),
+            kdfuse::backend::CudaChoice::Unavailable(why) => {
+                (None, format!("no usable GPU ({why})"))
+            }
+        },
+    };
+    if cuda.is_none() {
+        eprintln!("kdfuse: bench --linear: cuda skipped: {cuda_skipped}");
+    }
     let mut results = Vec::new();
     for c in configs {
         if !a.no_progress {
@@ -459,7 +478,16 @@ fn run_linear(a: BenchArgs) -> Result<ExitCode, CliError> {
                 (Some(child(&c, Mode::Unfused)?), None)
             }
         };
-        results.push(LinearResult::new(c, fused, unfused, skipped));
+        let gpu = match &cuda {
+            Some(b) => {
+                if !a.no_progress {
+                    eprintln!("kdfuse: bench --linear {c}: GPU fused and unfused");
+                }
+                Ok(run_cuda_modes(b, &c, a.reps, a.seed)?)
+            }
+            None => Err(cuda_skipped.clone()),
+        };
+        results.push(LinearResult::new(c, fused, unfused, skipped).with_cuda(gpu));
     }
     let host = LinearHost::here();
     let report = LinearReport {
@@ -468,11 +496,17 @@ fn run_linear(a: BenchArgs) -> Result<ExitCode, CliError> {
         commit: kdfuse_cli::bench::host::commit(a.commit.as_deref()),
         note: format!(
             "CPU measurements (host GEMMs by matrixmultiply and the CPU backend, {} threads); \
-             teacher given as {}",
+             teacher given as {}; GPU: {}",
             host.threads,
             match teacher {
                 TeacherKind::LinearHead => "a linear head (hidden states and weight)",
                 TeacherKind::Logits => "dense logits",
+            },
+            if cuda.is_some() {
+                "both modes also on the GPU (compute_cuda wall time, device allocator peak)"
+                    .to_string()
+            } else {
+                format!("cuda skipped: {cuda_skipped}")
             }
         ),
         host,

@@ -469,11 +469,49 @@ fn bench_linear_runs_both_modes_in_child_processes() {
     // The binary's counting allocator reports a heap peak.
     assert!(x["fused"]["heap_peak_extra_bytes"].as_u64().unwrap() > 0);
     assert!(x["time_ratio"].as_f64().unwrap() > 0.0);
+    // The GPU modes ran, or the report says why not.
+    match x["cuda"].as_object() {
+        None => {
+            let why = x["cuda_skipped"].as_str().expect("cuda_skipped");
+            assert!(why.starts_with("no usable GPU ("), "{why}");
+            assert!(out.contains(&format!("cuda skipped: {why}")), "{out}");
+        }
+        Some(g) => {
+            assert!(x["cuda_skipped"].is_null());
+            let (f, u) = (&g["fused"], &g["unfused"]);
+            assert_eq!((&f["chunks"], &u["chunks"]), (&4.into(), &1.into()));
+            // The same buffers but the chunk: the unfused peak is 48 rows
+            // of two f32 logits chunks larger.
+            let peak = |m: &serde_json::Value| m["device_peak_bytes"].as_u64().unwrap();
+            assert_eq!(peak(u) - peak(f), 48 * 500 * 4 * 2);
+            let (lf, lu) = (f["loss"].as_f64().unwrap(), u["loss"].as_f64().unwrap());
+            assert!((lf - lu).abs() <= 1e-4 * lu.abs(), "{lf} {lu}");
+            assert!(out.contains("on the GPU"), "{out}");
+        }
+    }
     let csv = std::fs::read_to_string(&csv).unwrap();
     assert_eq!(csv.lines().count(), 2, "{csv}");
+    assert!(
+        csv.lines().next().unwrap().ends_with(",cuda_skipped"),
+        "{csv}"
+    );
     // The report reads back.
     let printed = Cli::new(&["bench-report", json.to_str().unwrap()]).stdout();
     assert!(printed.contains("fused linear + distillation"), "{printed}");
+    // --backend cpu: skipped on any machine, visibly.
+    let out = Cli::line(
+        "bench --linear --backend cpu --rows 8 --hidden 4 --vocab 50 --reps 1 --no-progress",
+    )
+    .path("--json", &json)
+    .stdout();
+    assert!(out.contains("cuda skipped: --backend cpu"), "{out}");
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(r["results"][0]["cuda_skipped"], "--backend cpu");
+    assert!(r["results"][0]["cuda"].is_null());
+    assert!(r["note"]
+        .as_str()
+        .unwrap()
+        .contains("cuda skipped: --backend cpu"));
     Cli::line("bench --linear --chunk-rows 2 --memory-budget 1MiB").fails_with("--memory-budget");
     Cli::line("bench --linear --memory-budget lots").fails_with("--memory-budget");
     Cli::line("bench --linear --reps 0").fails_with("--reps must be ≥ 1");
