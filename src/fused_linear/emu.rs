@@ -106,6 +106,38 @@ unsafe fn chunk_params(p: &KernelParams, valid_count: u64, n_rows: i64) -> Kerne
     }
 }
 
+/// One emulated loss launch of a chunk: its params carry the batch's
+/// weight ([`chunk_params`]); the valid-row count and the loss the emulator
+/// writes (a recount of the chunk's labels, the chunk's reduction) go to
+/// scratch. `launch(valid_count, params, loss, grid)` returns the
+/// emulator's status.
+///
+/// # Safety
+/// `valid_count` is 0 or holds the batch's count; `launch` is sound for the
+/// arguments it builds.
+unsafe fn run_chunk(
+    labels: u64,
+    params: &KernelParams,
+    valid_count: u64,
+    n_rows: i64,
+    launch: impl FnOnce(u64, KernelParams, *mut f32, u32) -> i32,
+) -> Result<()> {
+    let mut scratch_count = -1i32;
+    let mut scratch_loss = f32::NAN;
+    let count = if labels != 0 {
+        &mut scratch_count as *mut i32 as u64
+    } else {
+        0
+    };
+    // SAFETY: the caller's contract (the batch count).
+    let params = unsafe { chunk_params(params, valid_count, n_rows) };
+    let _lock = launch_lock();
+    if launch(count, params, &mut scratch_loss, n_rows.clamp(1, 3) as u32) != 0 {
+        return invalid("dtype", "unsupported launch under the emulation");
+    }
+    Ok(())
+}
+
 /// Reads element `i` of a `dtype` array at `p` as f32.
 ///
 /// # Safety
@@ -295,71 +327,57 @@ impl ChunkDevice for EmuDevice {
         if loss.topk_i64.is_some() {
             return invalid("teacher", "prepared for a top-k teacher");
         }
-        let mut scratch_count = -1i32;
-        let mut scratch_loss = f32::NAN;
-        let a = FusedArgs {
-            valid_count: if args.labels != 0 {
-                &mut scratch_count as *mut i32 as u64
-            } else {
-                0
-            },
-            // SAFETY: the caller's contract (the batch count).
-            params: unsafe { chunk_params(&args.params, args.valid_count, args.n_rows) },
-            ..*args
-        };
-        let _lock = launch_lock();
-        // SAFETY: the caller's contract; the count and loss are scratch.
-        let rc = unsafe {
-            kd_emu_run(
-                loss.div,
-                loss.variant,
-                loss.dtype.code(),
-                loss.dtype.code(),
-                &a,
-                &mut scratch_loss,
-                (args.n_rows.clamp(1, 3)) as u32,
-                loss.threads,
+        let code = loss.dtype.code();
+        // SAFETY: the caller's contract.
+        unsafe {
+            run_chunk(
+                args.labels,
+                &args.params,
+                args.valid_count,
+                args.n_rows,
+                |valid_count, params, out, grid| {
+                    let a = FusedArgs {
+                        valid_count,
+                        params,
+                        ..*args
+                    };
+                    kd_emu_run(
+                        loss.div,
+                        loss.variant,
+                        code,
+                        code,
+                        &a,
+                        out,
+                        grid,
+                        loss.threads,
+                    )
+                },
             )
-        };
-        if rc != 0 {
-            return invalid("dtype", "unsupported launch under the emulation");
         }
-        Ok(())
     }
 
     unsafe fn topk(&mut self, loss: &EmuLoss, args: &TopkArgs) -> Result<()> {
         let Some(i64s) = loss.topk_i64 else {
             return invalid("teacher", "prepared for a dense teacher");
         };
-        let mut scratch_count = -1i32;
-        let mut scratch_loss = f32::NAN;
-        let a = TopkArgs {
-            valid_count: if args.labels != 0 {
-                &mut scratch_count as *mut i32 as u64
-            } else {
-                0
-            },
-            // SAFETY: the caller's contract (the batch count).
-            params: unsafe { chunk_params(&args.params, args.valid_count, args.n_rows) },
-            ..*args
-        };
-        let _lock = launch_lock();
-        // SAFETY: the caller's contract; the count and loss are scratch.
-        let rc = unsafe {
-            kd_emu_topk_run(
-                loss.dtype.code(),
-                loss.dtype.code(),
-                i32::from(i64s),
-                &a,
-                &mut scratch_loss,
-                (args.n_rows.clamp(1, 3)) as u32,
-                loss.threads,
+        let code = loss.dtype.code();
+        // SAFETY: the caller's contract.
+        unsafe {
+            run_chunk(
+                args.labels,
+                &args.params,
+                args.valid_count,
+                args.n_rows,
+                |valid_count, params, out, grid| {
+                    let a = TopkArgs {
+                        valid_count,
+                        params,
+                        ..*args
+                    };
+                    kd_emu_topk_run(code, code, i32::from(i64s), &a, out, grid, loss.threads)
+                },
             )
-        };
-        if rc != 0 {
-            return invalid("dtype", "unsupported launch under the emulation");
         }
-        Ok(())
     }
 
     unsafe fn reduce(&mut self, args: &ReduceArgs) -> Result<()> {

@@ -243,12 +243,20 @@ impl ChunkLogits {
             head.bias.as_deref(),
             out,
         );
-        let data = match self.dtype {
-            Dtype::F32 => HostData::F32(out),
-            dtype => {
-                let rounded = self.rounded.insert(OwnedData::from_f32(out, dtype));
-                rounded.view()
+        let data = match (self.dtype, &mut self.rounded) {
+            (Dtype::F32, _) => HostData::F32(out),
+            // Rounded into the buffer of the previous chunk when there is one.
+            (_, Some(OwnedData::Bf16(b))) => {
+                b.clear();
+                b.extend(out.iter().map(|&x| half::bf16::from_f32(x)));
+                HostData::Bf16(b)
             }
+            (_, Some(OwnedData::F16(b))) => {
+                b.clear();
+                b.extend(out.iter().map(|&x| half::f16::from_f32(x)));
+                HostData::F16(b)
+            }
+            (dtype, rounded) => rounded.insert(OwnedData::from_f32(out, dtype)).view(),
         };
         Logits::new(data, c, v)
     }
