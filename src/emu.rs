@@ -2,17 +2,97 @@
 //! (kernels/emu/cuda_emu.h: every CUDA thread a std::thread, real barriers and
 //! warp shuffles). `EmuBackend` drives the same three launches as the CUDA
 //! backend with the same block size, so the kernels' parallel code is tested
-//! against the oracle on machines without a GPU. `EagerEmuBackend` does the
-//! same for the eager baseline of `kdfuse bench` (kernels/eager.cu). Slow; not
-//! for real use.
+//! against the oracle on machines without a GPU, and plans the single-read
+//! kernels (kernels/kd/kd_single.cu, thread-block clusters emulated) as the
+//! CUDA backend does for the device it emulates. Each launch counts the bytes
+//! its loss kernel loads and stores per buffer ([`ByteCounts`]), which the
+//! tests hold to the byte model. `EagerEmuBackend` does the same for the
+//! eager baseline of `kdfuse bench` (kernels/eager.cu). Slow; not for real
+//! use.
 
 use crate::cuda::threads_for;
 use crate::driver::{Backend, Outputs};
 use crate::error::{invalid, Result};
 use crate::params::{FusedArgs, KernelParams, TopkArgs, TopkValidateArgs};
+use crate::single_read::{plan, DeviceCaps, KernelChoice, KernelPlan};
 use crate::spec::{LossSpec, Precision};
 use crate::tensor::{Dtype, KdInputs, Logits, TopkIndices, TopkInputs};
 use std::ffi::c_void;
+
+/// The buffers whose bytes a launch counts, and the counts (KdEmuTrack in
+/// kernels/emu/cuda_emu.h).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct EmuTrack {
+    base: [u64; 4],
+    len: [u64; 4],
+    loaded: [u64; 5],
+    stored: [u64; 5],
+}
+
+impl EmuTrack {
+    /// Tracks the student, teacher, gradient and teacher-gradient buffers
+    /// (an empty slice or a zero address: not tracked).
+    fn new(bufs: [(u64, usize); 4]) -> Self {
+        let mut t = EmuTrack::default();
+        for (i, (base, len)) in bufs.into_iter().enumerate() {
+            t.base[i] = base;
+            t.len[i] = if base == 0 { 0 } else { len as u64 };
+        }
+        t
+    }
+
+    fn counts(&self) -> ByteCounts {
+        ByteCounts {
+            student_loaded: self.loaded[0],
+            teacher_loaded: self.loaded[1],
+            grad_stored: self.stored[2],
+            grad_teacher_stored: self.stored[3],
+            student_stored: self.stored[0],
+            teacher_stored: self.stored[1],
+            grad_loaded: self.loaded[2] + self.loaded[3],
+            other_loaded: self.loaded[4],
+            other_stored: self.stored[4],
+        }
+    }
+}
+
+/// Bytes the loss kernel of one emulated launch moved through its row loads
+/// and stores (kernels/common/global.cuh), per buffer. The count and
+/// reduction launches, and the per-row label, weight and loss accesses, are
+/// not counted. For a top-k teacher, `teacher_loaded` counts the k values
+/// and `other_loaded` the indices.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ByteCounts {
+    /// Loaded from the student logits.
+    pub student_loaded: u64,
+    /// Loaded from the teacher logits (top-k: its values).
+    pub teacher_loaded: u64,
+    /// Stored to ∂L/∂s.
+    pub grad_stored: u64,
+    /// Stored to ∂L/∂t.
+    pub grad_teacher_stored: u64,
+    /// Stored over the student (none unless the gradient is in place: then
+    /// the gradient's stores count here).
+    pub student_stored: u64,
+    /// Stored over the teacher (an in-place teacher gradient).
+    pub teacher_stored: u64,
+    /// Loaded from a gradient buffer (never, for a correct kernel).
+    pub grad_loaded: u64,
+    /// Loaded from anywhere else (top-k indices).
+    pub other_loaded: u64,
+    /// Stored anywhere else (never, for a correct kernel).
+    pub other_stored: u64,
+}
+
+/// What an emulated dense launch ran and moved.
+#[derive(Debug, Clone)]
+pub struct EmuRun {
+    /// The kernel planned (as the CUDA backend would on `EmuBackend::caps`).
+    pub plan: KernelPlan,
+    /// The loss kernel's bytes.
+    pub bytes: ByteCounts,
+}
 
 extern "C" {
     pub(crate) fn kd_emu_run(
@@ -24,6 +104,22 @@ extern "C" {
         loss: *mut f32,
         grid: u32,
         block: u32,
+        track: *mut EmuTrack,
+    ) -> i32;
+    fn kd_emu_single_run(
+        div: i32,
+        variant: i32,
+        in_dtype: i32,
+        out_dtype: i32,
+        args: *const FusedArgs,
+        loss: *mut f32,
+        clusters: u32,
+        cluster: u32,
+        block: u32,
+        smem: u64,
+        track: *mut EmuTrack,
+        race: *mut u8,
+        race_cap: u64,
     ) -> i32;
     pub(crate) fn kd_emu_topk_run(
         in_dtype: i32,
@@ -33,7 +129,9 @@ extern "C" {
         loss: *mut f32,
         grid: u32,
         block: u32,
+        track: *mut EmuTrack,
     ) -> i32;
+    fn kd_emu_cluster_probe(mode: i32, race: *mut u8, race_cap: u64) -> i32;
     fn kd_emu_topk_validate(a: *const TopkValidateArgs, idx64: i32, grid: u32, block: u32);
 }
 
@@ -84,14 +182,58 @@ extern "C" {
     ) -> i32;
 }
 
+/// The race checker's own test (`kd_emu_cluster_probe`): a cluster of four
+/// CTAs exchanging values through distributed shared memory, `mode` 0
+/// correctly, 1 loading before the cluster barrier, 2 storing again while
+/// others may still load, 3 leaving without the last barrier. `Ok(None)`:
+/// no race reported; `Ok(Some(what))`: the race reported; `Err`: a wrong
+/// value was read and no race was reported.
+pub fn cluster_race_probe(mode: i32) -> std::result::Result<Option<String>, String> {
+    let mut msg = [0u8; 512];
+    // SAFETY: `msg` holds 512 bytes.
+    let rc = unsafe { kd_emu_cluster_probe(mode, msg.as_mut_ptr(), msg.len() as u64) };
+    match rc {
+        0 => Ok(None),
+        1 => Ok(Some(c_message(&msg))),
+        _ => Err("a wrong value was read and no race was reported".into()),
+    }
+}
+
+fn c_message(buf: &[u8]) -> String {
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
 /// The emulated CUDA backend (tests only).
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct EmuBackend {
     /// Write the gradient over a copy of the student logits (in place), as
     /// `CudaBackend::fused_in_place` does; needs `GradDtype::Input`.
     pub in_place: bool,
     /// Blocks in the grid (rows are grid-strided over them); 0 = min(N, 3).
+    /// Single-read: clusters in the grid.
     pub grid: u32,
+    /// Which dense kernel to run (planned as on `caps`).
+    pub kernel: KernelChoice,
+    /// The device emulated for the plan (default: an sm_90 GPU). A small
+    /// `smem_per_block` brings the cluster thresholds down to small V.
+    pub caps: DeviceCaps,
+    /// Threads per CTA of the single-read kernels (a multiple of 32, at most
+    /// 256; 0: as v1 would take for the CTA's slice). Fewer than the GPU's
+    /// 256 keeps the emulated thread count down.
+    pub single_threads: u32,
+}
+
+impl Default for EmuBackend {
+    fn default() -> Self {
+        EmuBackend {
+            in_place: false,
+            grid: 0,
+            kernel: KernelChoice::Auto,
+            caps: DeviceCaps::SM90,
+            single_threads: 0,
+        }
+    }
 }
 
 /// What one emulated launch writes besides the gradients, poisoned: the row
@@ -160,7 +302,12 @@ impl EmuBackend {
         let mut bufs = GradBuffers::new(student, self.in_place, out.grad_dtype);
         let mut outs = LaunchOutputs::new(student.rows);
         let rc = launch(&mut bufs, &mut outs);
-        assert_eq!(rc, 0, "dtype pair supported");
+        assert_ne!(rc, -1, "dtype pair and launch shape supported");
+        if rc != 0 {
+            return Err(crate::error::KdError::Cuda(format!(
+                "the emulated launch reported status {rc}"
+            )));
+        }
         if let Some(g) = out.grad.as_mut() {
             bufs.write_grad(g, student.rows, student.cols);
         }
@@ -293,16 +440,33 @@ impl Backend for EmuBackend {
                     &mut outs.loss,
                     self.grid_for(n),
                     threads_for(v, dtype),
+                    std::ptr::null_mut(),
                 )
             }
         })
     }
 
     fn dense(&self, inputs: &KdInputs, spec: &LossSpec, out: &mut Outputs) -> Result<()> {
+        self.dense_run(inputs, spec, out).map(|_| ())
+    }
+}
+
+impl EmuBackend {
+    /// The plan for rows of `v` elements of `dtype` (as the CUDA backend
+    /// makes it, on `self.caps`).
+    pub fn plan(&self, v: usize, dtype: Dtype) -> Result<KernelPlan> {
+        plan(self.kernel, &self.caps, v, dtype.size())
+    }
+
+    /// [`Backend::dense`], and what ran: the kernel planned and the bytes
+    /// its loss kernel moved. A race found by the cluster emulation is an
+    /// error (`KdError::Cuda`, naming it).
+    pub fn dense_run(&self, inputs: &KdInputs, spec: &LossSpec, out: &mut Outputs) -> Result<EmuRun> {
         let (n, v) = (inputs.student.rows, inputs.student.cols);
         let dtype = inputs.student.dtype();
         let out_dtype = out.grad_dtype.unwrap_or(Dtype::F32);
         let p = KernelParams::new(spec, v);
+        let plan = self.plan(v, dtype)?;
         // The teacher gradient, poisoned like the student's.
         let want_gt = out.grad_teacher.is_some();
         let mut gt = if want_gt {
@@ -311,42 +475,101 @@ impl Backend for EmuBackend {
             Vec::new()
         };
         let labels = inputs.labels.is_some();
-        self.run(&inputs.student, labels, out, |bufs, outs| {
+        let mut track = EmuTrack::default();
+        let mut race = [0u8; 512];
+        let result = self.run(&inputs.student, labels, out, |bufs, outs| {
+            let student = bufs.student_ptr(&inputs.student) as u64;
+            let grad_len = bufs.buf.len();
+            let grad = bufs.grad_ptr() as u64;
+            let gt_ptr = ptr_if(&mut gt, want_gt) as u64;
+            let teacher = inputs.teacher.data.bytes();
+            // In place, the student is the gradient's buffer: its stores
+            // count as the student's.
+            track = EmuTrack::new([
+                (student, inputs.student.data.bytes().len()),
+                (teacher.as_ptr() as u64, teacher.len()),
+                (grad, grad_len),
+                (gt_ptr, gt.len()),
+            ]);
             let args = FusedArgs {
-                student: bufs.student_ptr(&inputs.student) as u64,
+                student,
                 student_stride: inputs.student.row_stride as i64,
-                teacher: inputs.teacher.data.bytes().as_ptr() as u64,
+                teacher: teacher.as_ptr() as u64,
                 teacher_stride: inputs.teacher.row_stride as i64,
                 labels: addr(inputs.labels),
                 row_weights: addr(inputs.row_weights),
-                grad: bufs.grad_ptr() as u64,
+                grad,
                 grad_stride: bufs.grad_stride as i64,
-                grad_teacher: ptr_if(&mut gt, want_gt) as u64,
+                grad_teacher: gt_ptr,
                 grad_teacher_stride: v as i64,
                 row_loss: outs.row_loss.as_mut_ptr() as u64,
                 valid_count: outs.valid_addr(labels),
                 n_rows: n as i64,
                 params: p,
             };
-            // SAFETY: every buffer holds what the launch reads or writes
-            // (inputs validated, outputs sized for them).
-            unsafe {
-                kd_emu_run(
-                    spec.kernel_divergence().id(),
-                    spec.kernel_variant(),
-                    dtype.code(),
-                    out_dtype.code(),
-                    &args,
-                    &mut outs.loss,
-                    self.grid_for(n),
-                    threads_for(v, dtype),
-                )
+            let div = spec.kernel_divergence().id();
+            let variant = spec.kernel_variant();
+            match plan {
+                // SAFETY: every buffer holds what the launch reads or writes
+                // (inputs validated, outputs sized for them).
+                KernelPlan::V1 { .. } => unsafe {
+                    kd_emu_run(
+                        div,
+                        variant,
+                        dtype.code(),
+                        out_dtype.code(),
+                        &args,
+                        &mut outs.loss,
+                        self.grid_for(n),
+                        threads_for(v, dtype),
+                        &mut track,
+                    )
+                },
+                KernelPlan::SingleRead {
+                    cluster,
+                    smem_bytes,
+                } => {
+                    let threads = match self.single_threads {
+                        0 => threads_for(v.div_ceil(cluster as usize), dtype),
+                        t => t,
+                    };
+                    // SAFETY: as above; `race` holds its length.
+                    unsafe {
+                        kd_emu_single_run(
+                            div,
+                            variant,
+                            dtype.code(),
+                            out_dtype.code(),
+                            &args,
+                            &mut outs.loss,
+                            self.grid_for(n),
+                            cluster,
+                            threads,
+                            smem_bytes as u64,
+                            &mut track,
+                            race.as_mut_ptr(),
+                            race.len() as u64,
+                        )
+                    }
+                }
             }
-        })?;
+        });
+        if let Err(e) = result {
+            let what = c_message(&race);
+            if what.is_empty() {
+                return Err(e);
+            }
+            return Err(crate::error::KdError::Cuda(format!(
+                "the cluster emulation found a race: {what}"
+            )));
+        }
         if let Some(g) = out.grad_teacher.as_mut() {
             g.copy_from_slice(&out_dtype.decode(&gt)[..n * v]);
         }
-        Ok(())
+        Ok(EmuRun {
+            plan,
+            bytes: track.counts(),
+        })
     }
 }
 

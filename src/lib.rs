@@ -53,6 +53,7 @@ pub mod fused_linear;
 pub mod hostmath;
 pub mod oracle;
 mod params;
+pub mod single_read;
 pub mod spec;
 pub mod tensor;
 pub mod topk_select;

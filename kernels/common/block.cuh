@@ -6,10 +6,12 @@
 //   Every thread of the block must call it; every thread gets the total.
 //   Per row, not per element: it costs no issue slot of the hot loops.
 // - kd_sweep: a thread's share of two rows with 16-byte loads where the rows
-//   share their alignment (the row sweep of the exact kernels).
+//   share their alignment (the row sweep of the exact kernels), through
+//   common/global.cuh's counted loads.
 #pragma once
 
 #include "common/dtype.cuh"
+#include "common/global.cuh"
 
 #if defined(__CUDACC__) || defined(KD_EMU)
 
@@ -63,24 +65,25 @@ __device__ __forceinline__ void kd_sweep(const T* srow, const T* trow, int V, F&
   const uintptr_t sa = reinterpret_cast<uintptr_t>(srow) & 15u;
   const uintptr_t ta = reinterpret_cast<uintptr_t>(trow) & 15u;
   if (sa != ta) {
-    for (int j = tid; j < V; j += nt) f(j, kd_to_f32(srow[j]), kd_to_f32(trow[j]));
+    for (int j = tid; j < V; j += nt) f(j, kd_to_f32(kd_gld(srow + j)), kd_to_f32(kd_gld(trow + j)));
     return;
   }
   int head = (int)(((16u - sa) & 15u) / sizeof(T));
   if (head > V) head = V;
-  for (int j = tid; j < head; j += nt) f(j, kd_to_f32(srow[j]), kd_to_f32(trow[j]));
+  for (int j = tid; j < head; j += nt) f(j, kd_to_f32(kd_gld(srow + j)), kd_to_f32(kd_gld(trow + j)));
   const int nvec = (V - head) / VEC;
   const uint4* sv = reinterpret_cast<const uint4*>(srow + head);
   const uint4* tv = reinterpret_cast<const uint4*>(trow + head);
   for (int c = tid; c < nvec; c += nt) {
-    const uint4 a = sv[c], b = tv[c];
+    const uint4 a = kd_gld16(sv + c), b = kd_gld16(tv + c);
     const T* ae = reinterpret_cast<const T*>(&a);
     const T* be = reinterpret_cast<const T*>(&b);
     const int j0 = head + c * VEC;
 #pragma unroll
     for (int e = 0; e < VEC; ++e) f(j0 + e, kd_to_f32(ae[e]), kd_to_f32(be[e]));
   }
-  for (int j = head + nvec * VEC + tid; j < V; j += nt) f(j, kd_to_f32(srow[j]), kd_to_f32(trow[j]));
+  for (int j = head + nvec * VEC + tid; j < V; j += nt)
+    f(j, kd_to_f32(kd_gld(srow + j)), kd_to_f32(kd_gld(trow + j)));
 }
 
 #endif  // __CUDACC__ || KD_EMU

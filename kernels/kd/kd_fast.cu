@@ -29,8 +29,11 @@
 // (13 + 19 + 31); α > 0 adds 6.0–6.6; f32 4–6 fewer. MUFU per element: 4
 // (reverse KL 3, TVD 6, JSD 7), α > 0 adds 2. Budgets: kernels/budgets.toml
 // (≤ 40, TVD ≤ 55, JSD ≤ 70).
+#pragma once
+
 #include "kd/kd_args.h"
 #include "kd/kd_fast_math.cuh"
+#include "kd/kd_stage.cuh"
 
 #define KD_FAST_THREADS 256
 
@@ -43,33 +46,6 @@ __device__ __forceinline__ bool kd_fast_any(bool p) {
 #else
   return __any_sync(__activemask(), p);
 #endif
-}
-
-// 8 logits from a 16-byte-aligned address, as f32.
-__device__ __forceinline__ void kd_load8(const float* p, float (&v)[8]) {
-  const uint4 a = reinterpret_cast<const uint4*>(p)[0];
-  const uint4 b = reinterpret_cast<const uint4*>(p)[1];
-  const unsigned w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-#pragma unroll
-  for (int i = 0; i < 8; ++i) v[i] = kd_bits_to_f32(w[i]);
-}
-__device__ __forceinline__ void kd_load8(const kd_bf16* p, float (&v)[8]) {
-  const uint4 a = *reinterpret_cast<const uint4*>(p);
-  const unsigned w[4] = {a.x, a.y, a.z, a.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    v[2 * i] = kd_bits_to_f32(w[i] << 16);
-    v[2 * i + 1] = kd_bits_to_f32(w[i] & 0xffff0000u);
-  }
-}
-__device__ __forceinline__ void kd_load8(const kd_f16* p, float (&v)[8]) {
-  const uint4 a = *reinterpret_cast<const uint4*>(p);
-  const unsigned w[4] = {a.x, a.y, a.z, a.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    v[2 * i] = kd_f16_to_f32((uint16_t)(w[i] & 0xffffu));
-    v[2 * i + 1] = kd_f16_to_f32((uint16_t)(w[i] >> 16));
-  }
 }
 
 // Two values rounded to 16 bits, lo in the low half (cvt.rn.*x2: one instruction).
@@ -103,8 +79,8 @@ __device__ __forceinline__ void kd_store8(float* p, const float (&g)[8]) {
   b.y = kd_f32_to_bits(g[5]);
   b.z = kd_f32_to_bits(g[6]);
   b.w = kd_f32_to_bits(g[7]);
-  reinterpret_cast<uint4*>(p)[0] = a;
-  reinterpret_cast<uint4*>(p)[1] = b;
+  kd_gst16(p, a);
+  kd_gst16(p + 4, b);
 }
 template <typename T>
 __device__ __forceinline__ void kd_store8(T* p, const float (&g)[8]) {
@@ -113,7 +89,7 @@ __device__ __forceinline__ void kd_store8(T* p, const float (&g)[8]) {
   a.y = kd_pack2(g[2], g[3], T{});
   a.z = kd_pack2(g[4], g[5], T{});
   a.w = kd_pack2(g[6], g[7], T{});
-  *reinterpret_cast<uint4*>(p) = a;
+  kd_gst16(p, a);
 }
 
 __device__ __forceinline__ float kd_max8(const float (&v)[8]) {
@@ -136,60 +112,68 @@ __device__ __forceinline__ KdFast kd_fast_shfl(const KdFast& a, int off) {
   return o;
 }
 
-// Merges every thread's statistics; every thread gets the row's total.
+// One gradient element; `label`: j is the row's label (α > 0).
 template <int DIV, bool CE>
-__device__ KdFast kd_fast_block_merge(KdFast st, KdFast* smem) {
-  return kd_block_reduce(
-      st, smem, kd_fast_init(), [](const KdFast& a, int off) { return kd_fast_shfl<DIV, CE>(a, off); },
-      [](KdFast& a, const KdFast& b) { kd_fast_merge<DIV, CE>(a, b); });
+__device__ __forceinline__ float kd_fast_grad_at(float sv, float tv, bool label, const KdFastRow& r,
+                                                 const KdParams& P) {
+  if (CE && label) return kd_fast_grad_label<DIV, CE>(sv, tv, r, P);
+  return kd_fast_grad<DIV, CE>(sv, tv, r, P);
 }
 
-template <typename Tin, typename Tout, int DIV, bool CE>
-__device__ void kd_fast_body(const KdFusedArgs& a) {
+// The fast loss over rows: v1 (STAGED false: one CTA per row, every pass
+// from global memory) or single-read (a cluster per row, the passes after
+// the first from the CTAs' shared-memory copies: kd_single.cu).
+template <typename Tin, typename Tout, int DIV, bool CE, bool STAGED>
+__device__ void kd_fast_body(const KdFusedArgs& a, KdScratch<KdFast> sc) {
   constexpr bool RKL = DIV == KD_DIV_RKL;
+  using Row = KdRowIn<Tin, STAGED>;
   const Tin* s = static_cast<const Tin*>(a.student);
   const Tin* t = static_cast<const Tin*>(a.teacher);
   Tout* grad = static_cast<Tout*>(a.grad);
   const KdParams& P = a.params;
-  __shared__ KdFast red[KD_FAST_THREADS / 32];
-  __shared__ float2 red2[KD_FAST_THREADS / 32];
   const int V = P.vocab;
   const int tid = threadIdx.x, nt = blockDim.x;
   const long long valid = a.valid_count ? (long long)*a.valid_count : a.n_rows;
   const float w = kd_row_weight(P, valid);
+  KdScope<STAGED> scope = KdScope<STAGED>::make();
+  const long long cap = STAGED ? kd_single_cap(V, scope.size) : 0;
+  const auto shfl = [](const KdFast& x, int off) { return kd_fast_shfl<DIV, CE>(x, off); };
+  const auto merge = [](KdFast& x, const KdFast& y) { kd_fast_merge<DIV, CE>(x, y); };
 
-  for (long long row = blockIdx.x; row < a.n_rows; row += gridDim.x) {
+  for (long long row = scope.first_row(); row < a.n_rows; row += scope.row_step()) {
     const Tin* srow = s + row * a.student_stride;
     const Tin* trow = t + row * a.teacher_stride;
     Tout* grow = grad ? grad + row * a.grad_stride : nullptr;
     const long long y = a.labels ? a.labels[row] : -1;
     const float wrow = a.row_weights ? a.row_weights[row] : 1.0f;
-    if ((a.labels && y == P.ignore_index) || wrow == 0.0f) {
-      if (grow)
-        for (int j = tid; j < V; j += nt) grow[j] = kd_from_f32<Tout>(0.0f);
-      if (tid == 0) a.row_loss[row] = 0.0f;
-      continue;
-    }
-    const bool bad_label = a.labels && (y < 0 || y >= V);
-    const Tin* xrow = RKL ? srow : trow;  // the main side
-    const Tin* yrow = RKL ? trow : srow;
 
     const uintptr_t sa = reinterpret_cast<uintptr_t>(srow) & 15u;
     const bool vec = sa == (reinterpret_cast<uintptr_t>(trow) & 15u);
     int head = vec ? (int)(((16u - sa) & 15u) / sizeof(Tin)) : V;
     if (head > V) head = V;
-    const int nchunk = (V - head) / KD_FAST_CHUNK;
-    const int tail = head + nchunk * KD_FAST_CHUNK;
+    const KdSlice sl = kd_slice(V, head, vec, scope.rank, scope.size);
+
+    if ((a.labels && y == P.ignore_index) || wrow == 0.0f) {
+      if (grow)
+        for (int j = sl.lo + tid; j < sl.hi; j += nt) kd_gst(grow + j, kd_from_f32<Tout>(0.0f));
+      if (tid == 0 && scope.rank == 0) a.row_loss[row] = 0.0f;
+      continue;
+    }
+    const bool bad_label = a.labels && (y < 0 || y >= V);
+    const Row S{srow, STAGED ? kd_stage_buf<Tin>(0, cap) : nullptr, sl.off};
+    const Row T{trow, STAGED ? kd_stage_buf<Tin>(1, cap) : nullptr, sl.off};
+    const Row& X = RKL ? S : T;  // the main side
+    const Row& Y = RKL ? T : S;
 
     KdFast st = kd_fast_init();
-    for (int j = tid; j < head; j += nt) {
-      const float x = kd_to_f32(xrow[j]), yv = kd_to_f32(yrow[j]);
+    for (int j = sl.a0 + tid; j < sl.a1; j += nt) {
+      const float x = X.template ld1<true>(j), yv = Y.template ld1<true>(j);
       kd_fast_push1<DIV, CE>(st, x, yv, RKL ? x : yv, P);
     }
-    for (int c = tid; c < nchunk; c += nt) {
+    for (int c = sl.c0 + tid; c < sl.c1; c += nt) {
       float xs[8], ys[8];
-      kd_load8(xrow + head + c * KD_FAST_CHUNK, xs);
-      kd_load8(yrow + head + c * KD_FAST_CHUNK, ys);
+      X.template ld8<true>(head + c * KD_FAST_CHUNK, xs);
+      Y.template ld8<true>(head + c * KD_FAST_CHUNK, ys);
       const float cx = kd_max8(xs), cy = kd_max8(ys);
       if (kd_fast_any(kd_fast_over(st, cx, cy))) kd_fast_rescale<DIV, CE>(st, cx, cy, P);
       KdFastTerm terms[8];
@@ -197,32 +181,34 @@ __device__ void kd_fast_body(const KdFusedArgs& a) {
       for (int e = 0; e < 8; ++e) terms[e] = kd_fast_term<DIV, CE>(st, xs[e], ys[e], RKL ? xs[e] : ys[e], P);
       kd_fast_add<DIV, CE, 8>(st, terms);
     }
-    for (int j = tail + tid; j < V; j += nt) {
-      const float x = kd_to_f32(xrow[j]), yv = kd_to_f32(yrow[j]);
+    for (int j = sl.b0 + tid; j < sl.b1; j += nt) {
+      const float x = X.template ld1<true>(j), yv = Y.template ld1<true>(j);
       kd_fast_push1<DIV, CE>(st, x, yv, RKL ? x : yv, P);
     }
-    // Read before the merge's barriers: an in-place gradient sweep may
-    // overwrite srow[y] right after them.
-    const bool fix = CE && grow && !bad_label && tid == 0;
-    const float s_y = (tid == 0 && CE && !bad_label) ? kd_to_f32(srow[y]) : 0.0f;
-    const float t_y = fix ? kd_to_f32(trow[y]) : 0.0f;
-    st = kd_fast_block_merge<DIV, CE>(st, red);
+    // The CTA that owns the label writes the row loss (it holds s_y; v1:
+    // read before the merge's barriers, as an in-place gradient sweep may
+    // overwrite srow[y] right after them).
+    const bool owns_y = CE && !bad_label && y >= sl.lo && y < sl.hi;
+    const bool writes_loss = tid == 0 && (owns_y || (scope.rank == 0 && !(CE && !bad_label && scope.size > 1)));
+    const float s_y_early = (!STAGED && tid == 0 && owns_y) ? S.at((int)y) : 0.0f;
+    st = scope.reduce(st, sc.red, sc.xs, kd_fast_init(), shfl, merge);
+    const float s_y = STAGED ? ((tid == 0 && owns_y) ? S.at((int)y) : 0.0f) : s_y_early;
     const float nan = __int_as_float(0x7fc00000);
     KdFastRow r = kd_fast_finish<DIV, CE>(st, bad_label ? nan : w * wrow, P);
     if (DIV == KD_DIV_TVD || DIV == KD_DIV_JSD) {
       // Pass 2: the divergence's sums from the row's log-sum-exp values.
       float sa2 = 0.0f, sb2 = 0.0f, sc2 = 0.0f;
-      for (int j = tid; j < head; j += nt) {
-        const KdFast2 e = kd_fast_term2<DIV>(kd_to_f32(srow[j]), kd_to_f32(trow[j]), r, P);
+      for (int j = sl.a0 + tid; j < sl.a1; j += nt) {
+        const KdFast2 e = kd_fast_term2<DIV>(S.template ld1<false>(j), T.template ld1<false>(j), r, P);
         sa2 += e.a;
         sb2 += e.b;
         sc2 += e.c;
       }
-      for (int c = tid; c < nchunk; c += nt) {
+      for (int c = sl.c0 + tid; c < sl.c1; c += nt) {
         const int j0 = head + c * KD_FAST_CHUNK;
         float ss[8], ts[8];
-        kd_load8(srow + j0, ss);
-        kd_load8(trow + j0, ts);
+        S.template ld8<false>(j0, ss);
+        T.template ld8<false>(j0, ts);
         KdFast2 e[8];
 #pragma unroll
         for (int i = 0; i < 8; ++i) e[i] = kd_fast_term2<DIV>(ss[i], ts[i], r, P);
@@ -238,49 +224,62 @@ __device__ void kd_fast_body(const KdFusedArgs& a) {
         sb2 += e[0].b;
         sc2 += e[0].c;
       }
-      for (int j = tail + tid; j < V; j += nt) {
-        const KdFast2 e = kd_fast_term2<DIV>(kd_to_f32(srow[j]), kd_to_f32(trow[j]), r, P);
+      for (int j = sl.b0 + tid; j < sl.b1; j += nt) {
+        const KdFast2 e = kd_fast_term2<DIV>(S.template ld1<false>(j), T.template ld1<false>(j), r, P);
         sa2 += e.a;
         sb2 += e.b;
         sc2 += e.c;
       }
-      const float2 tot = kd_block_sum2(make_float2(sa2, sb2), red2);
-      const float tot_c =
-          DIV == KD_DIV_TVD ? kd_block_sum2(make_float2(sc2, 0.0f), red2).x : 0.0f;
+      const float2 tot = scope.sum2(make_float2(sa2, sb2), sc.red2, sc.x2);
+      const float tot_c = DIV == KD_DIV_TVD ? scope.sum2(make_float2(sc2, 0.0f), sc.red2, sc.x2).x : 0.0f;
       kd_fast_finish2<DIV>(r, tot.x, tot.y, tot_c, P);
     }
-    if (tid == 0) a.row_loss[row] = bad_label ? nan : wrow * kd_fast_loss<CE>(r, s_y, P);
+    if (writes_loss) a.row_loss[row] = bad_label ? nan : wrow * kd_fast_loss<CE>(r, s_y, P);
 
     if (grow) {
+      // The label's element (α > 0) is computed where it falls; in place,
+      // each element is read before it is written, by the same thread.
+      const int yl = CE && !bad_label ? (int)y : -1;
       const bool gvec = vec && ((reinterpret_cast<uintptr_t>(grow + head) & 15u) == 0);
-      const int gh = gvec ? head : V;
-      for (int j = tid; j < gh; j += nt)
-        grow[j] = kd_from_f32<Tout>(kd_fast_grad<DIV, CE>(kd_to_f32(srow[j]), kd_to_f32(trow[j]), r, P));
+      const int sa_end = gvec ? sl.a1 : sl.hi;
+      for (int j = (gvec ? sl.a0 : sl.lo) + tid; j < sa_end; j += nt)
+        kd_gst(grow + j, kd_from_f32<Tout>(kd_fast_grad_at<DIV, CE>(S.template ld1<false>(j),
+                                                                    T.template ld1<false>(j), j == yl, r, P)));
       if (gvec) {
-        for (int c = tid; c < nchunk; c += nt) {
+        for (int c = sl.c0 + tid; c < sl.c1; c += nt) {
           const int j0 = head + c * KD_FAST_CHUNK;
           float ss[8], ts[8], g[8];
-          kd_load8(srow + j0, ss);
-          kd_load8(trow + j0, ts);
+          S.template ld8<false>(j0, ss);
+          T.template ld8<false>(j0, ts);
 #pragma unroll
           for (int e = 0; e < 8; ++e) g[e] = kd_fast_grad<DIV, CE>(ss[e], ts[e], r, P);
+          if (CE && (unsigned)(yl - j0) < 8u) {
+#pragma unroll
+            for (int e = 0; e < 8; ++e)
+              if (j0 + e == yl) g[e] = kd_fast_grad_label<DIV, CE>(ss[e], ts[e], r, P);
+          }
           kd_store8(grow + j0, g);
         }
-        for (int j = tail + tid; j < V; j += nt)
-          grow[j] = kd_from_f32<Tout>(kd_fast_grad<DIV, CE>(kd_to_f32(srow[j]), kd_to_f32(trow[j]), r, P));
-      }
-      if (CE) {
-        __syncthreads();
-        if (fix) grow[y] = kd_from_f32<Tout>(kd_fast_grad_label<DIV, CE>(s_y, t_y, r, P));
+        for (int j = sl.b0 + tid; j < sl.b1; j += nt)
+          kd_gst(grow + j, kd_from_f32<Tout>(kd_fast_grad_at<DIV, CE>(S.template ld1<false>(j),
+                                                                      T.template ld1<false>(j), j == yl, r, P)));
       }
     }
     __syncthreads();
   }
+  scope.finish();
+}
+
+// v1's scratch: static shared memory.
+__device__ __forceinline__ KdScratch<KdFast> kd_fast_scratch() {
+  __shared__ KdFast red[KD_FAST_THREADS / 32];
+  __shared__ float2 red2[KD_FAST_THREADS / 32];
+  return KdScratch<KdFast>{red, red2, nullptr, nullptr};
 }
 
 #define KD_FAST(NAME, TIN, TOUT, DIV, CE)                                              \
   extern "C" __global__ void __launch_bounds__(KD_FAST_THREADS, 4) NAME(const KdFusedArgs a) { \
-    kd_fast_body<TIN, TOUT, DIV, CE>(a);                                               \
+    kd_fast_body<TIN, TOUT, DIV, CE, false>(a, kd_fast_scratch());                     \
   }
 
 #define KD_FAST_TYPES(DIVNAME, VAR, DIV, CE)                                  \

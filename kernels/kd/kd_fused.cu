@@ -30,7 +30,10 @@
 // Also here: kd_count_valid (rows whose label is not ignore_index, for the
 // batchmean/mean weights without a host round trip) and kd_reduce_loss (a
 // deterministic one-block sum of the per-row losses).
+#pragma once
+
 #include "kd/kd_args.h"
+#include "kd/kd_stage.cuh"
 
 // 256 threads, at least 4 blocks per SM: caps registers at 64 (without the
 // minimum, ptxas 13.0 spilled kd_fused_rkl_f32_f32 on sm_80 at 32 registers).
@@ -47,8 +50,22 @@
 
 // ------------------------------------------------------------- kernels --
 
-template <typename Tin, typename Tout, int DIV>
-__device__ void kd_fused_body(const KdFusedArgs& a) {
+// Calls f(j, s_j, t_j) over this CTA's share of the row: v1 from global
+// memory (kd_sweep), single-read from the slice (the first pass keeps it).
+template <bool FIRST, typename Tin, bool STAGED, typename F>
+__device__ __forceinline__ void kd_fused_sweep(const KdSlice& sl, const KdRowIn<Tin, STAGED>& S,
+                                               const KdRowIn<Tin, STAGED>& T, int V, F&& f) {
+  if constexpr (STAGED)
+    kd_slice_sweep<FIRST>(sl, S, T, f);
+  else
+    kd_sweep(S.g, T.g, V, f);
+}
+
+// The exact loss over rows: v1 (STAGED false: one CTA per row, every pass
+// from global memory) or single-read (a cluster per row: kd_single.cu).
+template <typename Tin, typename Tout, int DIV, bool STAGED>
+__device__ void kd_fused_body(const KdFusedArgs& a, KdScratch<KdPass1> sc) {
+  using Row = KdRowIn<Tin, STAGED>;
   const Tin* s = static_cast<const Tin*>(a.student);
   const Tin* t = static_cast<const Tin*>(a.teacher);
   const long long s_stride = a.student_stride, t_stride = a.teacher_stride;
@@ -61,60 +78,75 @@ __device__ void kd_fused_body(const KdFusedArgs& a) {
   const int* valid_count = a.valid_count;
   const long long n_rows = a.n_rows;
   const KdParams& P = a.params;
-  __shared__ KdPass1 red[KD_MAX_THREADS / 32];
-  __shared__ float2 red2[KD_MAX_THREADS / 32];
   const int V = P.vocab;
   const long long valid = valid_count ? (long long)*valid_count : n_rows;
   const float w = kd_row_weight(P, valid);
   const bool with_ce = P.alpha > 0.0f;
+  KdScope<STAGED> scope = KdScope<STAGED>::make();
+  const long long cap = STAGED ? kd_single_cap(V, scope.size) : 0;
 
-  for (long long row = blockIdx.x; row < n_rows; row += gridDim.x) {
+  for (long long row = scope.first_row(); row < n_rows; row += scope.row_step()) {
     const Tin* srow = s + row * s_stride;
     const Tin* trow = t + row * t_stride;
     Tout* grow = grad ? grad + row * g_stride : nullptr;
     Tout* gtrow = grad_t ? grad_t + row * gt_stride : nullptr;
     const long long y = labels ? labels[row] : -1;
     const float wrow = row_weights ? row_weights[row] : 1.0f;
+    const uintptr_t sa = reinterpret_cast<uintptr_t>(srow) & 15u;
+    const bool vec = sa == (reinterpret_cast<uintptr_t>(trow) & 15u);
+    int head = vec ? (int)(((16u - sa) & 15u) / sizeof(Tin)) : V;
+    if (head > V) head = V;
+    const KdSlice sl = kd_slice(V, head, vec, scope.rank, scope.size);
     if ((labels && y == P.ignore_index) || wrow == 0.0f) {
-      for (int j = threadIdx.x; j < V; j += blockDim.x) {
-        if (grow) grow[j] = kd_from_f32<Tout>(0.0f);
-        if (gtrow) gtrow[j] = kd_from_f32<Tout>(0.0f);
+      for (int j = sl.lo + threadIdx.x; j < sl.hi; j += blockDim.x) {
+        if (grow) kd_gst(grow + j, kd_from_f32<Tout>(0.0f));
+        if (gtrow) kd_gst(gtrow + j, kd_from_f32<Tout>(0.0f));
       }
-      if (threadIdx.x == 0) row_loss[row] = 0.0f;
+      if (threadIdx.x == 0 && scope.rank == 0) row_loss[row] = 0.0f;
       continue;
     }
     // A label out of range (only possible when the caller skipped validation)
     // makes the row NaN instead of reading outside it.
     const bool bad_label = labels && (y < 0 || y >= V);
+    const Row S{srow, STAGED ? kd_stage_buf<Tin>(0, cap) : nullptr, sl.off};
+    const Row T{trow, STAGED ? kd_stage_buf<Tin>(1, cap) : nullptr, sl.off};
 
     KdPass1 st = kd_pass1_init();
-    kd_sweep(srow, trow, V, [&](int, float sv, float tv) {
+    kd_fused_sweep<true>(sl, S, T, V, [&](int, float sv, float tv) {
       kd_pass1_push<DIV>(st, kd_softcap(sv, P), kd_softcap(tv, P), P, with_ce);
     });
-    // Read before the merge's barriers: an in-place gradient sweep may
-    // overwrite srow[y] right after them.
+    // The CTA that owns the label writes the row loss (it holds s_y; v1:
+    // read before the merge's barriers, as an in-place gradient sweep may
+    // overwrite srow[y] right after them).
+    const bool owns_y = with_ce && !bad_label && y >= sl.lo && y < sl.hi;
+    const bool writes_loss =
+        threadIdx.x == 0 && (owns_y || (scope.rank == 0 && !(with_ce && !bad_label && scope.size > 1)));
+    const float s_y_early = (!STAGED && threadIdx.x == 0 && owns_y) ? kd_softcap(S.at((int)y), P) : 0.0f;
+    st = scope.reduce(
+        st, sc.red, sc.xs, kd_pass1_init(),
+        [](const KdPass1& p, int off) { return kd_shfl_pass1<DIV>(p, off); },
+        [&P](KdPass1& x, const KdPass1& z) { kd_pass1_merge<DIV>(x, z, P); });
     const float s_y =
-        (threadIdx.x == 0 && with_ce && !bad_label) ? kd_softcap(kd_to_f32(srow[y]), P) : 0.0f;
-    st = kd_block_merge<DIV>(st, red, P);
+        STAGED ? ((threadIdx.x == 0 && owns_y) ? kd_softcap(S.at((int)y), P) : 0.0f) : s_y_early;
     KdRow r = kd_row_finish<DIV>(st, P);
 
     if (DIV == KD_DIV_JSD) {
       KdKahan dsum = kd_kahan_init(), qgsum = kd_kahan_init(), phsum = kd_kahan_init();
-      kd_sweep(srow, trow, V, [&](int, float sv, float tv) {
+      kd_fused_sweep<false>(sl, S, T, V, [&](int, float sv, float tv) {
         const KdJsdTerm term = kd_jsd_term(kd_softcap(sv, P), kd_softcap(tv, P), r, P);
         kd_kahan_add(dsum, term.d);
         kd_kahan_add(qgsum, term.qg);
         if (gtrow) kd_kahan_add(phsum, term.ph);
       });
-      const float2 acc = kd_block_sum2(make_float2(dsum.sum, qgsum.sum), red2);
-      const float ph = gtrow ? kd_block_sum2(make_float2(phsum.sum, 0.0f), red2).x : 0.0f;
+      const float2 acc = scope.sum2(make_float2(dsum.sum, qgsum.sum), sc.red2, sc.x2);
+      const float ph = gtrow ? scope.sum2(make_float2(phsum.sum, 0.0f), sc.red2, sc.x2).x : 0.0f;
       kd_jsd_finish(r, acc.x, acc.y, ph);
     }
     if (DIV == KD_DIV_TVD) {
       KdKahan adsum = kd_kahan_init(), upsum = kd_kahan_init(), dnsum = kd_kahan_init();
       // The teacher masses only scale the teacher gradient: plain sums.
       float pusum = 0.0f, pdsum = 0.0f;
-      kd_sweep(srow, trow, V, [&](int, float sv, float tv) {
+      kd_fused_sweep<false>(sl, S, T, V, [&](int, float sv, float tv) {
         const KdTvdTerm term = kd_tvd_term(kd_softcap(sv, P), kd_softcap(tv, P), r, P);
         kd_kahan_add(adsum, term.ad);
         kd_kahan_add(upsum, term.up);
@@ -124,14 +156,14 @@ __device__ void kd_fused_body(const KdFusedArgs& a) {
           pdsum += term.pd;
         }
       });
-      const float2 a = kd_block_sum2(make_float2(adsum.sum, upsum.sum), red2);
-      const float2 b = kd_block_sum2(make_float2(dnsum.sum, 0.0f), red2);
-      const float2 c = gtrow ? kd_block_sum2(make_float2(pusum, pdsum), red2)
+      const float2 a2 = scope.sum2(make_float2(adsum.sum, upsum.sum), sc.red2, sc.x2);
+      const float2 b = scope.sum2(make_float2(dnsum.sum, 0.0f), sc.red2, sc.x2);
+      const float2 c = gtrow ? scope.sum2(make_float2(pusum, pdsum), sc.red2, sc.x2)
                              : make_float2(0.0f, 0.0f);
-      kd_tvd_finish(r, a.x, a.y, b.x, c.x, c.y);
+      kd_tvd_finish(r, a2.x, a2.y, b.x, c.x, c.y);
     }
 
-    if (threadIdx.x == 0) {
+    if (writes_loss) {
       row_loss[row] = bad_label ? __int_as_float(0x7fc00000) : wrow * kd_row_loss(r, s_y, P);
     }
     if (grow || gtrow) {
@@ -140,24 +172,32 @@ __device__ void kd_fused_body(const KdFusedArgs& a) {
       // A poisoned row (a NaN or +inf in a used input, kd_row_poison) has a
       // NaN weight: every gradient element of the row is NaN.
       const float wr = bad_label ? __int_as_float(0x7fc00000) : kd_row_grad_weight(r, w * wrow);
-      kd_sweep(srow, trow, V, [&](int j, float sv, float tv) {
-        const float sc = kd_softcap(sv, P), tc = kd_softcap(tv, P);
+      kd_fused_sweep<false>(sl, S, T, V, [&](int j, float sv, float tv) {
+        const float sc2 = kd_softcap(sv, P), tc = kd_softcap(tv, P);
         if (grow)
-          grow[j] = kd_from_f32<Tout>(kd_grad_elem<DIV>(sc, tc, j == y, r, P, wr) *
-                                      kd_softcap_grad(sv, P));
+          kd_gst(grow + j, kd_from_f32<Tout>(kd_grad_elem<DIV>(sc2, tc, j == y, r, P, wr) *
+                                             kd_softcap_grad(sv, P)));
         if (gtrow)
-          gtrow[j] = kd_from_f32<Tout>(kd_grad_teacher_elem<DIV>(sc, tc, r, P, wr) *
-                                       kd_softcap_grad(tv, P));
+          kd_gst(gtrow + j, kd_from_f32<Tout>(kd_grad_teacher_elem<DIV>(sc2, tc, r, P, wr) *
+                                              kd_softcap_grad(tv, P)));
       });
     }
     __syncthreads();
   }
+  scope.finish();
+}
+
+// v1's scratch: static shared memory.
+__device__ __forceinline__ KdScratch<KdPass1> kd_fused_scratch() {
+  __shared__ KdPass1 red[KD_MAX_THREADS / 32];
+  __shared__ float2 red2[KD_MAX_THREADS / 32];
+  return KdScratch<KdPass1>{red, red2, nullptr, nullptr};
 }
 
 #define KD_FUSED(NAME, TIN, TOUT, DIV)                                              \
   extern "C" __global__ void __launch_bounds__(KD_MAX_THREADS, KD_MIN_BLOCKS(DIV, TIN)) \
       NAME(const KdFusedArgs a) {                                                  \
-    kd_fused_body<TIN, TOUT, DIV>(a);                                              \
+    kd_fused_body<TIN, TOUT, DIV, false>(a, kd_fused_scratch());                   \
   }
 
 #define KD_FUSED_DIV(DIVNAME, DIV)                                   \

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "kd/kd_args.h"
+#include "kd/kd_single_layout.h"
 #include "app/app_args.h"
 
 #define KD_LANES 256
@@ -312,5 +313,13 @@ float kd_host_online_lse(const float* x, long long n, int lanes) {
   for (int l = 1; l < lanes; ++l) st[0] = kd_stat_merge(st[0], st[l]);
   return KD_LN2 * (st[0].m + kd_stat_l(st[0]));
 }
+
+// The single-read kernels' dynamic shared memory per CTA for rows of V
+// elements of `in_size` bytes held by clusters of `nc` CTAs
+// (kd_single_layout.h), and the largest cluster they take.
+long long kd_host_single_smem(long long V, long long in_size, long long nc) {
+  return kd_single_smem(V, in_size, nc);
+}
+int kd_host_single_max_cluster() { return KD_SINGLE_MAX_CLUSTER; }
 
 }  // extern "C"

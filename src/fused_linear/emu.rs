@@ -350,6 +350,7 @@ impl ChunkDevice for EmuDevice {
                         out,
                         grid,
                         loss.threads,
+                        std::ptr::null_mut(),
                     )
                 },
             )
@@ -374,7 +375,16 @@ impl ChunkDevice for EmuDevice {
                         params,
                         ..*args
                     };
-                    kd_emu_topk_run(code, code, i32::from(i64s), &a, out, grid, loss.threads)
+                    kd_emu_topk_run(
+                        code,
+                        code,
+                        i32::from(i64s),
+                        &a,
+                        out,
+                        grid,
+                        loss.threads,
+                        std::ptr::null_mut(),
+                    )
                 },
             )
         }

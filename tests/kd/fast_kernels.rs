@@ -278,7 +278,11 @@ fn in_place_and_16_bit_gradients() {
                     ..c
                 };
                 for in_place in [false, true] {
-                    let emu = EmuBackend { in_place, grid: 2 };
+                    let emu = EmuBackend {
+                        in_place,
+                        grid: 2,
+                        ..Default::default()
+                    };
                     let r = run_case(&emu, &c).unwrap();
                     assert!(
                         r.passed,

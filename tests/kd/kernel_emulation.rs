@@ -51,8 +51,8 @@ fn large_vocabulary_rows_and_grid_stride() {
             };
             // Two blocks for five rows: the grid-stride loop runs.
             let emu = EmuBackend {
-                in_place: false,
                 grid: 2,
+                ..Default::default()
             };
             assert_passed!(run_case(&emu, &c).unwrap(), c);
         }
@@ -70,7 +70,7 @@ fn in_place_gradient_equals_separate_gradient() {
         let data = kdfuse::check::generate(&c);
         let a = EmuBackend {
             in_place: true,
-            grid: 0,
+            ..Default::default()
         }
         .compute(&data.inputs(), &c.spec, Some(GradDtype::Input))
         .unwrap();
@@ -97,7 +97,10 @@ fn in_place_topk_gradient_equals_separate_gradient() {
         };
         seen += 1;
         let run = |in_place| {
-            EmuBackend { in_place, grid: 0 }
+            EmuBackend {
+                in_place,
+                ..Default::default()
+            }
                 .compute_topk(&inputs, &c.spec, Some(GradDtype::Input))
                 .unwrap()
         };

@@ -1,0 +1,66 @@
+// kd_single.cu — the single-read fused loss + gradient (docs/DESIGN.md §5
+// "Single-read kernels"): every logit leaves global memory once and every
+// gradient element is stored once.
+//
+// One thread-block cluster per row (grid-stride over rows), nc = 1–16 CTAs
+// chosen by the host (src/single_read.rs) so that a CTA's slice of the row,
+// student and teacher, fits its dynamic shared memory
+// (kd_single_layout.h). Per row:
+//   pass 1: each CTA sweeps its slice once from global memory (16-byte
+//           loads, scalar head and tail), keeps what it loaded in shared
+//           memory and pushes it into the statistics of kd_fast_body or
+//           kd_fused_body; the CTAs merge theirs through distributed shared
+//           memory (kd_cluster_reduce: a block reduction, then each CTA
+//           reads the others' totals after one cluster barrier, the same
+//           merge order everywhere).
+//   pass 2: JSD and TVD: the second sweep reads the shared-memory copy.
+//   grad:   from the copy, ∂L/∂s (and ∂L/∂t) stored once per element with
+//           16-byte stores; the label's element is computed in its chunk.
+// The row loss is written by the CTA that owns the label (else CTA 0).
+// Bytes per element (in = input size, out = gradient size): 2·in + out
+// (6 B in bf16, 12 in f32), + out with the teacher gradient; loss only
+// 2·in. Per row: the label, the row weight and the row loss.
+// Issue slots per element (sm_90 SASS, scripts/sass-report; bf16 in and
+// out; bench/results/sass-sm_90.md): v1's fast kernels plus one 16-byte
+// shared-memory store per side and chunk in pass 1, the later passes'
+// global loads replaced by shared-memory loads: forward KL ≈ 27.5, JSD ≈ 63
+// (see BENCHMARKS.md "Static report"). The exact variants (soft-capping,
+// the teacher gradient, precision = exact) are kd_fused_body's arithmetic.
+// Built for sm_90 and later (clusters); elsewhere the host runs v1.
+#include "kd/kd_fast.cu"
+#include "kd/kd_fused.cu"
+
+#define KD_SINGLE_THREADS 256
+
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+
+#define KD_SINGLE_FAST(NAME, TIN, TOUT, DIV, CE)                                            \
+  extern "C" __global__ void __launch_bounds__(KD_SINGLE_THREADS, 4) NAME(const KdFusedArgs a) { \
+    kd_fast_body<TIN, TOUT, DIV, CE, true>(a, kd_scratch_dyn<KdFast, KD_SINGLE_THREADS>());  \
+  }
+
+#define KD_SINGLE_EXACT(NAME, TIN, TOUT, DIV)                                                \
+  extern "C" __global__ void __launch_bounds__(KD_SINGLE_THREADS, KD_MIN_BLOCKS(DIV, TIN))   \
+      NAME(const KdFusedArgs a) {                                                            \
+    kd_fused_body<TIN, TOUT, DIV, true>(a, kd_scratch_dyn<KdPass1, KD_SINGLE_THREADS>());    \
+  }
+
+#define KD_SINGLE_TYPES(M, PREFIX, ...)                         \
+  M(PREFIX##_f32_f32, float, float, __VA_ARGS__)                \
+  M(PREFIX##_bf16_bf16, kd_bf16, kd_bf16, __VA_ARGS__)          \
+  M(PREFIX##_bf16_f32, kd_bf16, float, __VA_ARGS__)             \
+  M(PREFIX##_f16_f16, kd_f16, kd_f16, __VA_ARGS__)              \
+  M(PREFIX##_f16_f32, kd_f16, float, __VA_ARGS__)
+
+#define KD_SINGLE_DIV(DIVNAME, DIV)                                           \
+  KD_SINGLE_TYPES(KD_SINGLE_EXACT, kd_single_##DIVNAME, DIV)                  \
+  KD_SINGLE_TYPES(KD_SINGLE_FAST, kd_single_##DIVNAME##_fast, DIV, false)     \
+  KD_SINGLE_TYPES(KD_SINGLE_FAST, kd_single_##DIVNAME##_fastce, DIV, true)
+
+KD_SINGLE_DIV(fkl, KD_DIV_FKL)
+KD_SINGLE_DIV(rkl, KD_DIV_RKL)
+KD_SINGLE_DIV(sce, KD_DIV_SCE)
+KD_SINGLE_DIV(tvd, KD_DIV_TVD)
+KD_SINGLE_DIV(jsd, KD_DIV_JSD)
+
+#endif  // sm_90 and later
