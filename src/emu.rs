@@ -458,6 +458,22 @@ impl EmuBackend {
         plan(self.kernel, &self.caps, v, dtype.size())
     }
 
+    /// [`Backend::compute`], and what ran (see [`EmuBackend::dense_run`]).
+    pub fn compute_run(
+        &self,
+        inputs: &KdInputs,
+        spec: &LossSpec,
+        grad: Option<crate::tensor::GradDtype>,
+    ) -> Result<(crate::driver::KdOutput, EmuRun)> {
+        let mut run = None;
+        let out = crate::driver::drive(inputs, spec, grad, |out| {
+            run = Some(self.dense_run(inputs, spec, out)?);
+            Ok(())
+        })?;
+        let run = run.ok_or_else(|| crate::error::KdError::Cuda("nothing was launched".into()))?;
+        Ok((out, run))
+    }
+
     /// [`Backend::dense`], and what ran: the kernel planned and the bytes
     /// its loss kernel moved. A race found by the cluster emulation is an
     /// error (`KdError::Cuda`, naming it).

@@ -14,11 +14,13 @@
 //           KL's q·a·((s − t)·scale2 − Δ − k) (one; Δ = lse_s − lse_t as a
 //           hi + lo pair), TVD's q·factor(side), JSD's
 //           q·(a·log2(q/m) − k) (p on the FMA pipe), packed into 16-byte stores
-//           (cvt.rn.bf16x2 / f16x2); the label's entry (α > 0) is rewritten
-//           once per row by thread 0 (kd_fast_grad_label).
+//           (cvt.rn.bf16x2 / f16x2); the label's entry (α > 0) is
+//           computed in its chunk (kd_fast_grad_label, behind a warp vote).
+// The body is shared with the single-read kernels (kd_single.cu: STAGED,
+// the passes after the first read a shared-memory copy; kd_stage.cuh).
 // Bytes per element (in = input size, out = gradient size), when the re-reads
 // miss L2: 4·in + out (10 B in bf16; TVD, JSD 6·in + out); loss only 2·in
-// (TVD, JSD 4·in).
+// (TVD, JSD 4·in); α > 0: + in per row (the label's student logit).
 // Uniform options are template parameters (α > 0: the `fastce` kernels); the
 // host takes the exact kernels (kd_fused.cu) for what these do not cover:
 // soft-capping and the teacher gradient.
@@ -253,7 +255,9 @@ __device__ void kd_fast_body(const KdFusedArgs& a, KdScratch<KdFast> sc) {
           T.template ld8<false>(j0, ts);
 #pragma unroll
           for (int e = 0; e < 8; ++e) g[e] = kd_fast_grad<DIV, CE>(ss[e], ts[e], r, P);
-          if (CE && (unsigned)(yl - j0) < 8u) {
+          // Once per row: a warp vote keeps the label's check off the
+          // per-element path (as the rescale).
+          if (CE && kd_fast_any((unsigned)(yl - j0) < 8u)) {
 #pragma unroll
             for (int e = 0; e < 8; ++e)
               if (j0 + e == yl) g[e] = kd_fast_grad_label<DIV, CE>(ss[e], ts[e], r, P);

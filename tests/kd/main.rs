@@ -14,4 +14,5 @@ mod nan_regressions;
 mod oracle_fd;
 mod oracle_options;
 mod precision_bounds;
+mod single_read;
 mod validation;
