@@ -512,7 +512,10 @@ impl CudaBackend {
         };
         let f = f.clone();
         let largest = self.caps.max_cluster.min(single_read::max_cluster());
-        let mut why = String::new();
+        let mut why = format!(
+            "no cluster of {cluster} to {largest} CTAs fits the {} KiB a CTA may use",
+            self.caps.smem_per_block / 1024
+        );
         for nc in cluster..=largest.max(cluster) {
             let smem_bytes = single_read::smem_bytes(cols, dtype.size(), nc);
             if smem_bytes > self.caps.smem_per_block {
@@ -528,12 +531,10 @@ impl CudaBackend {
                         },
                     ))
                 }
-                Ok(_) => {
-                    why = format!(
-                        "no cluster of {nc} CTAs with {:.1} KiB of shared memory each can be resident",
-                        smem_bytes as f64 / 1024.0
-                    )
-                }
+                Ok(_) => why = format!(
+                    "no cluster of {nc} CTAs with {:.1} KiB of shared memory each can be resident",
+                    smem_bytes as f64 / 1024.0
+                ),
                 Err(e) => why = format!("clusters of {nc} CTAs: {e}"),
             }
         }
@@ -545,6 +546,7 @@ impl CudaBackend {
     /// how many such clusters can be resident at once.
     fn active_clusters(&self, f: &CudaFunction, cluster: u32, smem_bytes: usize) -> Result<u32> {
         let smem = smem_u32(smem_bytes)?;
+        self.ctx.bind_to_thread()?;
         allow_single(f, cluster, smem)?;
         let mut attr = cluster_attribute(cluster);
         let config = sys::CUlaunchConfig {
@@ -559,7 +561,6 @@ impl CudaBackend {
             attrs: &mut attr,
             numAttrs: 1,
         };
-        self.ctx.bind_to_thread()?;
         let mut clusters = 0i32;
         // SAFETY: `config` and its one attribute live across the call; the
         // function belongs to this (bound) context; writes one int.
@@ -872,6 +873,7 @@ impl CudaBackend {
         args: A,
     ) -> Result<()> {
         let f = &prepared.kernel;
+        stream.context().bind_to_thread()?;
         // Per launch, as for v1: another loss may have changed the limits.
         allow_single(f, cluster, prepared.smem)?;
         let clusters = rows.min((1 << 20) / cluster as usize) as u32;
@@ -889,7 +891,6 @@ impl CudaBackend {
             numAttrs: 1,
         };
         let mut params = [(&args as *const A).cast_mut().cast::<std::ffi::c_void>()];
-        stream.context().bind_to_thread()?;
         // SAFETY: the caller's contract; `args` is the kernel's one
         // by-value parameter (the `KdFusedArgs` it was prepared for) and,
         // with `config` and its attribute, lives across the call, which

@@ -207,9 +207,7 @@ impl<'b> DeviceCase<'b> {
         // stream and outlives the work (the case owns them).
         unsafe {
             match variant {
-                Variant::Fused => self
-                    .backend
-                    .launch_prepared(&stream, &self.prepared, &raw),
+                Variant::Fused => self.backend.launch_prepared(&stream, &self.prepared, &raw),
                 Variant::Eager => match self.scratch.as_mut() {
                     Some(scratch) => self.backend.eager_raw(&stream, &raw, scratch, &self.spec),
                     None => invalid("eager", "this case was made without the eager scratch"),

@@ -35,7 +35,11 @@ fn a_bad_kernel_flag_is_one_line() {
 fn a_bad_kdfuse_kernel_is_a_clear_error_where_it_is_read() {
     let (_dir, [s, t]) = loss_files();
     for cli in [Cli::line("info"), Cli::loss(&s, &t)] {
-        let out = cli.command().env("KDFUSE_KERNEL", "bogus").output().unwrap();
+        let out = cli
+            .command()
+            .env("KDFUSE_KERNEL", "bogus")
+            .output()
+            .unwrap();
         assert_clean_error(&out, "KDFUSE_KERNEL");
         assert_clean_error(&out, "must be auto, v1 or single-read");
     }
@@ -65,7 +69,10 @@ fn info_shows_the_loss_kernel_plans() {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("Loss kernel (--kernel / KDFUSE_KERNEL: auto):"), "{text}");
+    assert!(
+        text.contains("Loss kernel (--kernel / KDFUSE_KERNEL: auto):"),
+        "{text}"
+    );
     let line = text
         .lines()
         .find(|l| l.trim_start().starts_with("bf16 V=128256:"))
