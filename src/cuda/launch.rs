@@ -1308,3 +1308,22 @@ fn check_buffers(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cluster_launch_attribute_is_one_dimensional() {
+        let a = cluster_attribute(10);
+        assert_eq!(
+            a.id,
+            sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+        );
+        // SAFETY: the value was written as `clusterDim`.
+        let d = unsafe { a.value.clusterDim };
+        assert_eq!((d.x, d.y, d.z), (10, 1, 1));
+        assert_eq!(smem_u32(53 * 1024).unwrap(), 53 * 1024);
+        assert!(smem_u32(1 << 33).is_err());
+    }
+}
