@@ -531,10 +531,12 @@ impl CudaBackend {
                         },
                     ))
                 }
-                Ok(_) => why = format!(
+                Ok(_) => {
+                    why = format!(
                     "no cluster of {nc} CTAs with {:.1} KiB of shared memory each can be resident",
                     smem_bytes as f64 / 1024.0
-                ),
+                )
+                }
                 Err(e) => why = format!("clusters of {nc} CTAs: {e}"),
             }
         }
