@@ -24,6 +24,7 @@ fn a_bad_kernel_flag_is_one_line() {
         Cli::line("info --kernel bogus"),
         Cli::line("bench --rows 4 --cols 64 --kernel bogus"),
         Cli::line("profile --rows 4 --cols 64 --kernel fast"),
+        Cli::line("linear-loss --student-hidden h.npy --student-weight w.npy --kernel V1"),
         Cli::loss(&s, &t).args(&["--kernel", "bogus"]),
     ] {
         cli.fails_with("must be auto, v1 or single-read");
