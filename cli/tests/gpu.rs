@@ -19,6 +19,7 @@ fn main() -> ExitCode {
             eager_baseline_agrees_with_fused,
         ),
         ("bench_runs_and_checks_itself", bench_runs_and_checks_itself),
+        ("single_read_agrees_with_v1", single_read_agrees_with_v1),
         ("demo_on_cuda", demo_on_cuda),
     ];
     gpu_runner::run(tests)
@@ -92,8 +93,61 @@ fn bench_runs_and_checks_itself(_b: &CudaBackend) {
         assert!(f.timing.runs >= 20 && f.gbs > 0.0);
         assert!(res.eager.is_some() && res.cpu.is_some());
         assert!(res.input_sets >= 2, "small inputs are rotated");
+        assert!(res.kernel.is_some(), "a CUDA result names its kernel");
     }
     println!("{}", r.table());
+}
+
+/// The single-read kernels (forced) compute v1's loss and gradient on the
+/// benchmark's own inputs, V large enough for clusters of several CTAs;
+/// each case's plan names the kernel that ran. Below sm_90: v1 only.
+fn single_read_agrees_with_v1(b: &CudaBackend) {
+    use kdfuse::single_read::{KernelChoice, KernelPlan};
+    use kdfuse_cli::bench::cuda::{DeviceCase, Variant};
+    use kdfuse_cli::bench::BenchConfig;
+    if b.device_caps().compute_capability.0 < 9 {
+        println!("  single-read: needs sm_90 ({:?})", b.device_caps());
+        return;
+    }
+    let v1 = CudaBackend::new(0).unwrap().with_kernel(KernelChoice::V1);
+    let single = CudaBackend::new(0)
+        .unwrap()
+        .with_kernel(KernelChoice::SingleRead);
+    for (rows, cols) in [(6usize, 70_000usize), (33, 32_000), (3, 262_144)] {
+        for divergence in [Divergence::ForwardKl, Divergence::Jsd, Divergence::Tvd] {
+            for dtype in [Dtype::Bf16, Dtype::F32] {
+                let c = BenchConfig::new(rows, cols, dtype, divergence);
+                let run = |backend: &CudaBackend| {
+                    let mut case = DeviceCase::new(backend, &c, 1, false, 5).unwrap();
+                    case.enqueue(Variant::Fused, 0).unwrap();
+                    let plan = case.plan().clone();
+                    (
+                        plan,
+                        case.loss().unwrap(),
+                        case.grad_f32().unwrap().unwrap(),
+                    )
+                };
+                let (p1, l1, g1) = run(&v1);
+                let (ps, ls, gs) = run(&single);
+                assert_eq!(p1.kernel(), "v1", "{c}");
+                assert!(matches!(ps, KernelPlan::SingleRead { .. }), "{c}: {ps:?}");
+                let dl = (ls - l1).abs() / l1.abs();
+                let num: f64 = g1
+                    .iter()
+                    .zip(&gs)
+                    .map(|(a, b)| ((a - b) as f64).powi(2))
+                    .sum();
+                let den: f64 = g1.iter().map(|a| (*a as f64).powi(2)).sum();
+                let dg = (num / den.max(1e-300)).sqrt();
+                let gtol = if dtype == Dtype::F32 { 1e-4 } else { 1e-2 };
+                assert!(
+                    dl <= 1e-4 && dg <= gtol,
+                    "{c} ({}): loss diff {dl:.2e}, grad diff {dg:.2e}",
+                    ps.describe()
+                );
+            }
+        }
+    }
 }
 
 /// The demo's experiment with its steps on CUDA (short, one seed): the

@@ -1,6 +1,7 @@
 //! What the CUDA devices are (for `kdfuse info` and reports).
 
 use crate::error::{KdError, Result};
+use crate::single_read::DeviceCaps;
 use cudarc::driver::sys::CUdevice_attribute as A;
 use cudarc::driver::CudaContext;
 use serde::Serialize;
@@ -56,4 +57,32 @@ pub fn device_infos() -> Result<Vec<DeviceInfo>> {
         });
     }
     Ok(out)
+}
+
+/// What device `ordinal` offers the single-read kernels
+/// ([`crate::single_read::plan`]): compute capability, the shared memory a
+/// CTA may opt in to and an SM's, clusters of up to 16 where cluster
+/// launch is supported (else 1).
+pub fn device_caps(ordinal: usize) -> Result<DeviceCaps> {
+    super::ensure_driver()?;
+    let ctx = CudaContext::new(ordinal)?;
+    caps_of(&ctx)
+}
+
+/// [`device_caps`] of an open context.
+pub(crate) fn caps_of(ctx: &CudaContext) -> Result<DeviceCaps> {
+    let attr = |a| -> Result<usize> { Ok(ctx.attribute(a)?.max(0) as usize) };
+    let clusters = ctx
+        .attribute(A::CU_DEVICE_ATTRIBUTE_CLUSTER_LAUNCH)
+        .unwrap_or(0);
+    Ok(DeviceCaps {
+        compute_capability: ctx.compute_capability()?,
+        smem_per_block: attr(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?,
+        smem_per_sm: attr(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)?,
+        max_cluster: if clusters != 0 {
+            crate::single_read::max_cluster()
+        } else {
+            1
+        },
+    })
 }

@@ -99,6 +99,9 @@ pub(crate) enum Kernel {
     /// `kd_fused_<div>[_fast|_fastce]_<in>_<out>`; `div` is
     /// `KernelDivergence::id`, `variant` `LossSpec::kernel_variant`.
     Fused { div: u8, variant: u8, io: Io },
+    /// `kd_single_<div>[_fast|_fastce]_<in>_<out>`: the single-read
+    /// kernel of the same loss (sm_90 and later only; one cluster per row).
+    Single { div: u8, variant: u8, io: Io },
     /// `kd_topk_<in>_<out>_<i32|i64>`.
     Topk { io: Io, indices_i64: bool },
     /// `kd_topk_validate_<i32|i64>`.
@@ -141,7 +144,8 @@ const VP_STATS: usize = MLP + MLP_OPS.len();
 const VP_FINISH: usize = VP_STATS + 2 * 3;
 const VP_REDUCE: usize = VP_FINISH + IO_NAMES.len();
 const SELECT: usize = VP_REDUCE + 1;
-const SLOTS: usize = SELECT + 3;
+const SINGLE: usize = SELECT + 3;
+const SLOTS: usize = SINGLE + DIVERGENCES * VARIANTS * IO_NAMES.len();
 
 fn dtype_index(d: Dtype) -> usize {
     match d {
@@ -165,10 +169,24 @@ impl Kernel {
         }
     }
 
+    /// The single-read kernel of a (validated) spec for the dtype pair `io`.
+    pub(crate) fn single(spec: &LossSpec, io: Io) -> Kernel {
+        Kernel::Single {
+            div: spec.kernel_divergence().id() as u8,
+            variant: spec.kernel_variant() as u8,
+            io,
+        }
+    }
+
     fn slot(self) -> usize {
         match self {
             Kernel::Fused { div, variant, io } => {
                 (div as usize * VARIANTS + variant as usize) * IO_NAMES.len() + io.0 as usize
+            }
+            Kernel::Single { div, variant, io } => {
+                SINGLE
+                    + (div as usize * VARIANTS + variant as usize) * IO_NAMES.len()
+                    + io.0 as usize
             }
             Kernel::Topk { io, indices_i64 } => TOPK + 2 * io.0 as usize + indices_i64 as usize,
             Kernel::TopkValidate { indices_i64 } => TOPK_VALIDATE + indices_i64 as usize,
@@ -193,10 +211,14 @@ impl Kernel {
     pub(crate) fn name(self) -> String {
         let index = |i64: bool| if i64 { "i64" } else { "i32" };
         match self {
-            Kernel::Fused { div, variant, io } => {
+            Kernel::Fused { div, variant, io } | Kernel::Single { div, variant, io } => {
+                let family = match self {
+                    Kernel::Single { .. } => "single",
+                    _ => "fused",
+                };
                 let div = ["fkl", "rkl", "jsd", "tvd", "sce"][div as usize];
                 let variant = ["", "_fast", "_fastce"][variant as usize];
-                format!("kd_fused_{div}{variant}_{}", io.suffix())
+                format!("kd_{family}_{div}{variant}_{}", io.suffix())
             }
             Kernel::Topk { io, indices_i64 } => {
                 format!("kd_topk_{}_{}", io.suffix(), index(indices_i64))
@@ -272,6 +294,7 @@ mod tests {
         for div in 0..DIVERGENCES as u8 {
             for variant in 0..VARIANTS as u8 {
                 all.extend(ios.iter().map(|&io| Kernel::Fused { div, variant, io }));
+                all.extend(ios.iter().map(|&io| Kernel::Single { div, variant, io }));
             }
         }
         for indices_i64 in [false, true] {
@@ -361,6 +384,10 @@ mod tests {
             ),
         ] {
             assert_eq!(Kernel::fused(&s, io).name(), name);
+            assert_eq!(
+                Kernel::single(&s, io).name(),
+                name.replace("kd_fused_", "kd_single_")
+            );
         }
         assert_eq!(Io::new(Dtype::F32, Dtype::Bf16), None);
         for (k, name) in [

@@ -2,16 +2,22 @@
 //! stream of the backend's context: no host synchronisation inside.
 //!
 //! Per call: `kd_count_valid` (only with labels: the valid-row count the
-//! batchmean/mean weights need, kept on the device), one `kd_fused_*` launch
-//! for the whole batch, and `kd_reduce_loss` (the reduced loss, on the device).
+//! batchmean/mean weights need, kept on the device), one loss launch for the
+//! whole batch, and `kd_reduce_loss` (the reduced loss, on the device).
+//!
+//! The dense loss launch is v1 (`kd_fused_*`, one CTA per row) or
+//! single-read (`kd_single_*`, one thread-block cluster per row, launched
+//! with `cuLaunchKernelEx`), as [`crate::single_read::plan`] and the
+//! occupancy API decide when the loss is prepared ([`PreparedLoss::plan`]).
 
 use super::kernels::{Io, Kernel, KernelTable};
 use super::CudaBackend;
 use crate::error::{invalid, Result};
 use crate::params::{CountArgs, FusedArgs, KernelParams, ReduceArgs, TopkArgs, TopkValidateArgs};
+use crate::single_read::{self, KernelChoice, KernelPlan};
 use crate::spec::LossSpec;
 use crate::tensor::{Dtype, TopkIndices};
-use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+use cudarc::driver::sys::{self, CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{
     CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
     DeviceRepr, LaunchConfig, PushKernelArg,
@@ -217,8 +223,13 @@ pub struct PreparedLoss {
     params: KernelParams,
     kernel: CudaFunction,
     threads: u32,
-    /// Dynamic shared memory of a launch (the top-k kernels' V-bit map).
+    /// Dynamic shared memory of a launch (the top-k kernels' V-bit map, the
+    /// single-read kernels' slice of the row).
     smem: u32,
+    /// Which kernel runs and why (a top-k teacher: v1's top-k kernels).
+    plan: KernelPlan,
+    /// The backend's kernel choice it was planned under.
+    choice: KernelChoice,
     /// The table of the context the kernel belongs to.
     table: Arc<KernelTable>,
 }
@@ -232,6 +243,7 @@ impl std::fmt::Debug for PreparedLoss {
             .field("cols", &self.cols)
             .field("labels", &self.labels)
             .field("topk", &self.topk)
+            .field("plan", &self.plan)
             .finish()
     }
 }
@@ -240,6 +252,13 @@ impl PreparedLoss {
     /// The spec it was prepared for.
     pub fn spec(&self) -> &LossSpec {
         &self.spec
+    }
+
+    /// The kernel its launches run: single-read (the cluster size and
+    /// shared memory per CTA) or v1 and why; [`KernelPlan::describe`] says
+    /// it in one line.
+    pub fn plan(&self) -> &KernelPlan {
+        &self.plan
     }
 
     /// Whether it was prepared for exactly these call parameters.
@@ -322,7 +341,9 @@ impl PreparedCache {
     ) -> Result<Arc<PreparedLoss>> {
         let mut kept = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(p) = kept.iter().find(|p| {
-            p.is_for(spec, dtypes, cols, labels, topk) && Arc::ptr_eq(&p.table, &backend.kernels)
+            p.is_for(spec, dtypes, cols, labels, topk)
+                && p.choice == backend.kernel_choice
+                && Arc::ptr_eq(&p.table, &backend.kernels)
         }) {
             return Ok(p.clone());
         }
@@ -378,6 +399,21 @@ impl CudaBackend {
         self.prepare_validated(spec, (dtype, grad_dtype), cols, labels, None)
     }
 
+    /// The kernel a dense loss of `spec` would run for these dtypes and V
+    /// under the backend's choice ([`PreparedLoss::plan`]), launching
+    /// nothing; labels are assumed when `spec.alpha` > 0.
+    pub fn plan_for(
+        &self,
+        spec: &LossSpec,
+        dtypes: (Dtype, Dtype),
+        cols: usize,
+    ) -> Result<KernelPlan> {
+        Ok(self
+            .prepare(spec, dtypes, cols, spec.alpha > 0.0)?
+            .plan()
+            .clone())
+    }
+
     /// As [`CudaBackend::prepare`], for a top-k teacher whose indices are
     /// int64 (`indices_i64`) or int32.
     pub fn prepare_topk(
@@ -403,14 +439,27 @@ impl CudaBackend {
     ) -> Result<PreparedLoss> {
         check_cols(cols)?;
         let io = io(dtype, grad_dtype)?;
-        let key = match topk {
-            None => Kernel::fused(spec, io),
-            Some(indices_i64) => Kernel::Topk { io, indices_i64 },
-        };
-        let kernel = self.kernel(key)?.clone();
-        let smem = match topk {
-            None => 0,
-            Some(_) => self.bitmap_bytes(cols)?,
+        let (kernel, plan, threads, smem) = match topk {
+            None => {
+                let (kernel, plan) = self.plan_dense(spec, io, cols, dtype)?;
+                match plan {
+                    KernelPlan::SingleRead { smem_bytes, .. } => (
+                        kernel,
+                        plan,
+                        single_read::SINGLE_THREADS,
+                        smem_u32(smem_bytes)?,
+                    ),
+                    KernelPlan::V1 { .. } => (kernel, plan, threads_for(cols, dtype), 0),
+                }
+            }
+            Some(indices_i64) => (
+                self.kernel(Kernel::Topk { io, indices_i64 })?.clone(),
+                KernelPlan::V1 {
+                    reason: "top-k teacher: its own kernels".into(),
+                },
+                threads_for(cols, dtype),
+                self.bitmap_bytes(cols)?,
+            ),
         };
         Ok(PreparedLoss {
             spec: spec.clone(),
@@ -421,10 +470,105 @@ impl CudaBackend {
             topk,
             params: KernelParams::new(spec, cols),
             kernel,
-            threads: threads_for(cols, dtype),
+            threads,
             smem,
+            plan,
+            choice: self.kernel_choice,
             table: self.kernels.clone(),
         })
+    }
+
+    /// The dense kernel of a loss and its plan: [`single_read::plan`] on
+    /// this device's caps under the backend's choice; a single-read plan
+    /// then needs the `kd_single_*` kernel in the loaded module and a
+    /// cluster the occupancy API says can be resident (the planned size,
+    /// else the next larger ones), else v1 and why (an error when
+    /// single-read is forced).
+    fn plan_dense(
+        &self,
+        spec: &LossSpec,
+        io: Io,
+        cols: usize,
+        dtype: Dtype,
+    ) -> Result<(CudaFunction, KernelPlan)> {
+        let choice = self.kernel_choice;
+        let v1 = |reason: String| -> Result<(CudaFunction, KernelPlan)> {
+            if choice == KernelChoice::SingleRead {
+                return invalid("kernel", format!("single-read cannot run here: {reason}"));
+            }
+            Ok((
+                self.kernel(Kernel::fused(spec, io))?.clone(),
+                KernelPlan::V1 { reason },
+            ))
+        };
+        let planned = single_read::plan(choice, &self.caps, cols, dtype.size())?;
+        let KernelPlan::SingleRead { cluster, .. } = planned else {
+            return Ok((self.kernel(Kernel::fused(spec, io))?.clone(), planned));
+        };
+        let Ok(f) = self.kernel(Kernel::single(spec, io)) else {
+            return v1(
+                "this GPU's module has no single-read kernels (built for sm_90 and later)".into(),
+            );
+        };
+        let f = f.clone();
+        let largest = self.caps.max_cluster.min(single_read::max_cluster());
+        let mut why = format!(
+            "no cluster of {cluster} to {largest} CTAs fits the {} KiB a CTA may use",
+            self.caps.smem_per_block / 1024
+        );
+        for nc in cluster..=largest.max(cluster) {
+            let smem_bytes = single_read::smem_bytes(cols, dtype.size(), nc);
+            if smem_bytes > self.caps.smem_per_block {
+                continue;
+            }
+            match self.active_clusters(&f, nc, smem_bytes) {
+                Ok(n) if n > 0 => {
+                    return Ok((
+                        f,
+                        KernelPlan::SingleRead {
+                            cluster: nc,
+                            smem_bytes,
+                        },
+                    ))
+                }
+                Ok(_) => {
+                    why = format!(
+                    "no cluster of {nc} CTAs with {:.1} KiB of shared memory each can be resident",
+                    smem_bytes as f64 / 1024.0
+                )
+                }
+                Err(e) => why = format!("clusters of {nc} CTAs: {e}"),
+            }
+        }
+        v1(why)
+    }
+
+    /// Sets `f`'s shared-memory and cluster-size attributes for clusters of
+    /// `cluster` CTAs with `smem_bytes` each, and asks the occupancy API
+    /// how many such clusters can be resident at once.
+    fn active_clusters(&self, f: &CudaFunction, cluster: u32, smem_bytes: usize) -> Result<u32> {
+        let smem = smem_u32(smem_bytes)?;
+        self.ctx.bind_to_thread()?;
+        allow_single(f, cluster, smem)?;
+        let mut attr = cluster_attribute(cluster);
+        let config = sys::CUlaunchConfig {
+            gridDimX: cluster,
+            gridDimY: 1,
+            gridDimZ: 1,
+            blockDimX: single_read::SINGLE_THREADS,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: smem,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        let mut clusters = 0i32;
+        // SAFETY: `config` and its one attribute live across the call; the
+        // function belongs to this (bound) context; writes one int.
+        unsafe { sys::cuOccupancyMaxActiveClusters(&mut clusters, f.cu_function(), &config) }
+            .result()?;
+        Ok(clusters.max(0) as u32)
     }
 
     /// Enqueues the fused loss (and gradient, when `raw.grad` ≠ 0) on `stream`:
@@ -696,6 +840,10 @@ impl CudaBackend {
         if !Arc::ptr_eq(&prepared.table, &self.kernels) {
             return invalid("prepared", "prepared on another device");
         }
+        if let KernelPlan::SingleRead { cluster, .. } = prepared.plan {
+            // SAFETY: the caller's contract.
+            return unsafe { self.launch_single(stream, prepared, cluster, rows, args) };
+        }
         // Per launch: a loss prepared since for a smaller V may have
         // lowered the kernel's limit.
         allow_smem(&prepared.kernel, prepared.smem)?;
@@ -709,6 +857,55 @@ impl CudaBackend {
                 shared_mem_bytes: prepared.smem,
             })
         }?;
+        Ok(())
+    }
+
+    /// A single-read launch: one cluster of `cluster` CTAs per row, at most
+    /// 2²⁰ CTAs (rows grid-strided over the clusters), through
+    /// `cuLaunchKernelEx` with the cluster dimension as a launch attribute.
+    ///
+    /// # Safety
+    /// As [`CudaBackend::launch_kernel`]; `rows` > 0.
+    unsafe fn launch_single<A: DeviceRepr>(
+        &self,
+        stream: &CudaStream,
+        prepared: &PreparedLoss,
+        cluster: u32,
+        rows: usize,
+        args: A,
+    ) -> Result<()> {
+        let f = &prepared.kernel;
+        stream.context().bind_to_thread()?;
+        // Per launch, as for v1: another loss may have changed the limits.
+        allow_single(f, cluster, prepared.smem)?;
+        let clusters = rows.min((1 << 20) / cluster as usize) as u32;
+        let mut attr = cluster_attribute(cluster);
+        let config = sys::CUlaunchConfig {
+            gridDimX: clusters * cluster,
+            gridDimY: 1,
+            gridDimZ: 1,
+            blockDimX: prepared.threads,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: prepared.smem,
+            hStream: stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        let mut params = [(&args as *const A).cast_mut().cast::<std::ffi::c_void>()];
+        // SAFETY: the caller's contract; `args` is the kernel's one
+        // by-value parameter (the `KdFusedArgs` it was prepared for) and,
+        // with `config` and its attribute, lives across the call, which
+        // copies the parameters before it returns.
+        unsafe {
+            sys::cuLaunchKernelEx(
+                &config,
+                f.cu_function(),
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
+        .result()?;
         Ok(())
     }
 
@@ -1030,6 +1227,46 @@ fn check_outputs(
     Ok(())
 }
 
+/// Shared memory of a launch as the driver takes it.
+fn smem_u32(bytes: usize) -> Result<u32> {
+    u32::try_from(bytes).or_else(|_| {
+        invalid(
+            "cols",
+            format!("{bytes} bytes of shared memory per CTA is beyond any device"),
+        )
+    })
+}
+
+/// The launch attribute of a 1-D cluster of `cluster` CTAs.
+fn cluster_attribute(cluster: u32) -> sys::CUlaunchAttribute {
+    // SAFETY: the value union is plain data; all zeros is valid.
+    let mut value: sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
+    value.clusterDim = sys::CUlaunchAttributeValue_union__bindgen_ty_1 {
+        x: cluster,
+        y: 1,
+        z: 1,
+    };
+    sys::CUlaunchAttribute {
+        id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION,
+        pad: [0; 4],
+        value,
+    }
+}
+
+/// A single-read kernel's attributes for clusters of `cluster` CTAs with
+/// `smem` bytes each: the dynamic shared-memory limit, and non-portable
+/// cluster sizes above 8.
+fn allow_single(f: &CudaFunction, cluster: u32, smem: u32) -> Result<()> {
+    allow_smem(f, smem)?;
+    if cluster > 8 {
+        f.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
+            1,
+        )?;
+    }
+    Ok(())
+}
+
 /// Raises `f`'s dynamic shared-memory limit when a launch needs more than
 /// the default 48 KiB.
 pub(crate) fn allow_smem(f: &CudaFunction, bytes: u32) -> Result<()> {
@@ -1072,4 +1309,23 @@ fn check_buffers(
         check_len("grad", n, layout.needed(layout.grad_stride))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cluster_launch_attribute_is_one_dimensional() {
+        let a = cluster_attribute(10);
+        assert_eq!(
+            a.id,
+            sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+        );
+        // SAFETY: the value was written as `clusterDim`.
+        let d = unsafe { a.value.clusterDim };
+        assert_eq!((d.x, d.y, d.z), (10, 1, 1));
+        assert_eq!(smem_u32(53 * 1024).unwrap(), 53 * 1024);
+        assert!(smem_u32(1 << 33).is_err());
+    }
 }

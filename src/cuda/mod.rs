@@ -16,7 +16,7 @@ pub(crate) use args::{
     AdamHyper, MlpAdamArgs, MlpBiasActArgs, MlpBiasGradArgs, MlpReluBackArgs, MlpSgdArgs,
 };
 pub use eager::EagerScratch;
-pub use info::{device_infos, driver_version, DeviceInfo};
+pub use info::{device_caps, device_infos, driver_version, DeviceInfo};
 pub use launch::{KdElement, LossBuffers, PreparedLoss, RawFusedArgs, RawTopkArgs, RowLayout};
 
 // The plumbing the loss families' CUDA halves (feature::cuda) and the
@@ -29,6 +29,7 @@ pub(crate) use launch::{allow_smem, check_len, io, threads_for, PreparedCache};
 
 use crate::error::{KdError, Result};
 use crate::kernels_meta;
+use crate::single_read::{DeviceCaps, KernelChoice};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 use cudarc::nvrtc::Ptx;
 use kernels::KernelTable;
@@ -100,12 +101,17 @@ pub struct CudaBackend {
     ctx: Arc<CudaContext>,
     pub(crate) stream: Arc<CudaStream>,
     kernels: Arc<KernelTable>,
+    /// Which dense loss kernel [`CudaBackend::prepare`] plans for.
+    kernel_choice: KernelChoice,
+    /// What the device offers the single-read kernels.
+    caps: DeviceCaps,
 }
 
 impl std::fmt::Debug for CudaBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CudaBackend")
             .field("ordinal", &self.ctx.ordinal())
+            .field("kernel_choice", &self.kernel_choice)
             .finish()
     }
 }
@@ -113,8 +119,12 @@ impl std::fmt::Debug for CudaBackend {
 impl CudaBackend {
     /// Opens device `ordinal` (its primary context, kernels loaded once per
     /// process) and makes a stream for the host-array API
-    /// ([`crate::Backend::compute`]).
+    /// ([`crate::Backend::compute`]). The dense loss kernel is chosen by
+    /// `KDFUSE_KERNEL` (`auto` when unset; an invalid value is an
+    /// `InvalidArgument` naming it, on any machine);
+    /// [`CudaBackend::with_kernel`] overrides it.
     pub fn new(ordinal: usize) -> Result<Self> {
+        let kernel_choice = KernelChoice::from_env()?;
         ensure_kernels()?;
         let n = device_count()?;
         if n == 0 {
@@ -128,11 +138,38 @@ impl CudaBackend {
         }
         let (ctx, kernels) = context_and_module(ordinal)?;
         let stream = ctx.new_stream()?;
+        let caps = info::caps_of(&ctx)?;
         Ok(CudaBackend {
             ctx,
             stream,
             kernels,
+            kernel_choice,
+            caps,
         })
+    }
+
+    /// The backend with the dense loss kernel chosen by `choice` instead of
+    /// `KDFUSE_KERNEL` (`kdfuse --kernel`).
+    pub fn with_kernel(mut self, choice: KernelChoice) -> Self {
+        self.kernel_choice = choice;
+        self
+    }
+
+    /// Chooses the dense loss kernel of the losses prepared from now on
+    /// (those prepared before keep theirs).
+    pub fn set_kernel(&mut self, choice: KernelChoice) {
+        self.kernel_choice = choice;
+    }
+
+    /// Which dense loss kernel this backend plans for.
+    pub fn kernel_choice(&self) -> KernelChoice {
+        self.kernel_choice
+    }
+
+    /// What this device offers the single-read kernels (compute
+    /// capability, shared memory, the largest cluster).
+    pub fn device_caps(&self) -> DeviceCaps {
+        self.caps
     }
 
     /// The context (for allocating buffers to pass to [`CudaBackend::fused`]).

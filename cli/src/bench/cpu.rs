@@ -154,6 +154,7 @@ pub fn run(configs: &[BenchConfig], opts: &BenchOptions) -> Result<BenchReport> 
                 speedup_vs_eager: None,
                 cpu: None,
                 cpu_rows: 0,
+                kernel: None,
                 checks: Some(Checks {
                     loss,
                     passed: loss.is_finite(),

@@ -13,8 +13,11 @@ use cudarc::driver::sys::{CUdevice_attribute as A, CUevent_flags};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use kdfuse::backend::Backend;
 use kdfuse::cpu::CpuBackend;
-use kdfuse::cuda::{CudaBackend, EagerScratch, FillArgs, LossBuffers, RawFusedArgs, RowLayout};
+use kdfuse::cuda::{
+    CudaBackend, EagerScratch, FillArgs, LossBuffers, PreparedLoss, RawFusedArgs, RowLayout,
+};
 use kdfuse::error::{invalid, KdError, Result};
+use kdfuse::single_read::KernelPlan;
 use kdfuse::spec::LossSpec;
 use kdfuse::tensor::{Dtype, KdInputs, Logits, OwnedData};
 
@@ -23,7 +26,7 @@ const GIB: usize = 1 << 30;
 /// Which computation to time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Variant {
-    /// The fused kernel (v1).
+    /// The fused kernel (v1 or single-read, as the backend plans it).
     Fused,
     /// The eager baseline (kernels/app/eager.cu).
     Eager,
@@ -36,6 +39,8 @@ pub struct DeviceCase<'b> {
     /// The configuration.
     pub config: BenchConfig,
     spec: LossSpec,
+    /// The fused loss, prepared once (its plan says which kernel runs).
+    prepared: PreparedLoss,
     inputs: Vec<(CudaSlice<u8>, CudaSlice<u8>)>,
     labels: Option<CudaSlice<i64>>,
     grad: Option<CudaSlice<u8>>,
@@ -118,6 +123,12 @@ impl<'b> DeviceCase<'b> {
             None
         };
         let out = LossBuffers::new(stream, config.rows)?;
+        let prepared = backend.prepare(
+            &spec,
+            (config.dtype, config.dtype),
+            config.cols,
+            labels.is_some(),
+        )?;
         let scratch = if eager {
             Some(EagerScratch::new(stream, config.rows, config.cols, &spec)?)
         } else {
@@ -127,12 +138,18 @@ impl<'b> DeviceCase<'b> {
             backend,
             config: config.clone(),
             spec,
+            prepared,
             inputs,
             labels,
             grad,
             out,
             scratch,
         })
+    }
+
+    /// The kernel the fused variant runs.
+    pub fn plan(&self) -> &KernelPlan {
+        self.prepared.plan()
     }
 
     /// Input sets.
@@ -190,7 +207,7 @@ impl<'b> DeviceCase<'b> {
         // stream and outlives the work (the case owns them).
         unsafe {
             match variant {
-                Variant::Fused => self.backend.launch_raw(&stream, &raw, &self.spec),
+                Variant::Fused => self.backend.launch_prepared(&stream, &self.prepared, &raw),
                 Variant::Eager => match self.scratch.as_mut() {
                     Some(scratch) => self.backend.eager_raw(&stream, &raw, scratch, &self.spec),
                     None => invalid("eager", "this case was made without the eager scratch"),
@@ -374,6 +391,7 @@ fn measure_config(
     let room = budget - grad_bytes - if eager { eager_bytes } else { 0 };
     let sets = sets_for(set_bytes, meta.l2_bytes.max(0) as usize).min((room / set_bytes).max(1));
     let mut case = DeviceCase::new(backend, c, sets, eager, opts.seed)?;
+    let kernel = case.plan().describe();
 
     let fused_t = case.time(Variant::Fused, opts.warmup, opts.runs)?;
     // The last run used set (warmup + runs − 1) % sets; one more on set 0
@@ -429,6 +447,7 @@ fn measure_config(
         eager_skipped,
         cpu,
         cpu_rows,
+        kernel: Some(kernel),
         checks: Some(Checks {
             loss,
             eager_loss_rel_diff: eager_diff,
@@ -443,7 +462,10 @@ fn measure_config(
 pub fn run(configs: &[BenchConfig], opts: &BenchOptions) -> Result<BenchReport> {
     opts.validate()?;
     let date = host::now_rfc3339();
-    let backend = CudaBackend::new(opts.device)?;
+    let mut backend = CudaBackend::new(opts.device)?;
+    if let Some(k) = opts.kernel {
+        backend.set_kernel(k);
+    }
     let meta = device_meta(&backend)?;
     let host = host::host_info(opts.cpu_rows > 0);
     let (free, _) = backend.context().mem_get_info()?;

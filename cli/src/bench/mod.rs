@@ -44,6 +44,9 @@ pub struct BenchOptions {
     pub commit: Option<String>,
     /// A progress bar on stderr (hidden when stderr is not a terminal).
     pub progress: bool,
+    /// The dense loss kernel on CUDA (`--kernel`); `None`: the backend's
+    /// (`KDFUSE_KERNEL`, else auto).
+    pub kernel: Option<kdfuse::single_read::KernelChoice>,
 }
 
 /// The fewest timed runs a benchmark accepts.
@@ -60,6 +63,7 @@ impl Default for BenchOptions {
             device: 0,
             commit: None,
             progress: true,
+            kernel: None,
         }
     }
 }
@@ -106,5 +110,6 @@ pub(crate) fn skipped(config: BenchConfig, why: String, floor_ms: f64) -> BenchR
         cpu: None,
         cpu_rows: 0,
         checks: None,
+        kernel: None,
     }
 }

@@ -102,6 +102,11 @@ pub struct BenchResult {
     pub cpu_rows: usize,
     /// Agreement checks.
     pub checks: Option<Checks>,
+    /// The dense loss kernel that ran (CUDA runs): `KernelPlan::describe`,
+    /// e.g. `single-read (cluster 10, 53.2 KiB shared memory per CTA)` or
+    /// `v1 (forced)`.
+    #[serde(default)]
+    pub kernel: Option<String>,
 }
 
 /// A whole run.
@@ -253,6 +258,9 @@ impl BenchReport {
                     }
                 }
             }
+            if let Some(k) = &r.kernel {
+                let _ = write!(s, "  [{k}]");
+            }
             if r.checks.as_ref().is_some_and(|c| !c.passed) {
                 let _ = write!(s, "  CHECK FAILED");
             }
@@ -301,6 +309,7 @@ impl BenchReport {
                     cpu_gbs: c.map(|c| c.gbs),
                     cpu_fraction_of_memory: c.map(|c| c.fraction_of_reference),
                     checks_passed: r.checks.as_ref().map(|c| c.passed),
+                    kernel: r.kernel.clone().unwrap_or_default(),
                 }
             })
             .collect()
@@ -318,8 +327,8 @@ impl BenchReport {
             self.commit, self.date, self.runs, self.warmup
         );
         if gpu {
-            let _ = writeln!(s, "| configuration | floor ms | kdfuse ms | GB/s | % copy | eager ms | speed-up | CPU GB/s (% mem) |");
-            let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|");
+            let _ = writeln!(s, "| configuration | kernel | floor ms | kdfuse ms | GB/s | % copy | eager ms | speed-up | CPU GB/s (% mem) |");
+            let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|---:|");
         } else {
             let _ = writeln!(
                 s,
@@ -345,9 +354,10 @@ impl BenchReport {
                 let cpu = r.cpu.as_ref().map_or("—".into(), |c| {
                     format!("{:.2} ({:.0}%)", c.gbs, 100.0 * c.fraction_of_reference)
                 });
+                let kernel = r.kernel.as_deref().unwrap_or("—");
                 let _ = writeln!(
                     s,
-                    "| {name} | {:.3} | {:.3} | {:.0} | {:.1}% | {eager} | {x} | {cpu} |",
+                    "| {name} | {kernel} | {:.3} | {:.3} | {:.0} | {:.1}% | {eager} | {x} | {cpu} |",
                     r.floor_ms,
                     f.timing.median_ms,
                     f.gbs,
@@ -403,4 +413,6 @@ pub struct CsvRow {
     pub cpu_gbs: Option<f64>,
     pub cpu_fraction_of_memory: Option<f64>,
     pub checks_passed: Option<bool>,
+    /// The dense loss kernel that ran (CUDA runs; empty otherwise).
+    pub kernel: String,
 }

@@ -2,7 +2,7 @@
 //! memory bandwidth), `kdfuse bench-report` (Markdown from results JSON) and
 //! `kdfuse profile` (one configuration under a profiler).
 
-use super::CliError;
+use super::{CliError, KernelArgs};
 use clap::Args;
 use kdfuse::cuda::CudaBackend;
 use kdfuse::{Divergence, Dtype, KdError, Precision};
@@ -204,6 +204,8 @@ pub struct BenchArgs {
     /// No progress bar.
     #[arg(long)]
     no_progress: bool,
+    #[command(flatten)]
+    kernel: KernelArgs,
 }
 
 fn write_file(path: &Path, body: &[u8]) -> Result<(), CliError> {
@@ -248,6 +250,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, CliError> {
         device: a.device,
         commit: a.commit.clone(),
         progress: !a.no_progress,
+        kernel: a.kernel.forced(),
     };
     opts.validate()?;
     let report = if cuda {
@@ -446,6 +449,10 @@ fn run_linear(a: BenchArgs) -> Result<ExitCode, CliError> {
             }
         },
     };
+    let cuda = cuda.map(|b| match a.kernel.forced() {
+        Some(k) => b.with_kernel(k),
+        None => b,
+    });
     if cuda.is_none() {
         eprintln!("kdfuse: bench --linear: cuda skipped: {cuda_skipped}");
     }
@@ -569,6 +576,8 @@ pub struct ProfileArgs {
     /// CUDA device ordinal.
     #[arg(long, default_value_t = 0)]
     device: usize,
+    #[command(flatten)]
+    kernel: KernelArgs,
 }
 
 /// This invocation, for the profiler command lines.
@@ -621,7 +630,10 @@ pub fn profile(a: ProfileArgs) -> Result<ExitCode, CliError> {
     } else {
         Variant::Fused
     };
-    let backend = CudaBackend::new(a.device)?;
+    let mut backend = CudaBackend::new(a.device)?;
+    if let Some(k) = a.kernel.forced() {
+        backend.set_kernel(k);
+    }
     let mut case = DeviceCase::new(&backend, c, 1, variant == Variant::Eager, a.seed)?;
     for i in 0..a.warmup {
         case.enqueue(variant, i)?;
@@ -629,8 +641,11 @@ pub fn profile(a: ProfileArgs) -> Result<ExitCode, CliError> {
     backend.stream().synchronize().map_err(KdError::from)?;
     let t = kdfuse_cli::bench::cuda::profiled(&mut case, variant, a.iters)?;
     print_timing(c, &a.variant, &t)?;
+    if variant == Variant::Fused {
+        outln!("kernel: {}", case.plan().describe())?;
+    }
     let kernels = if variant == Variant::Fused {
-        "regex:kd_fused"
+        "regex:kd_(fused|single)_"
     } else {
         "regex:kd_eager"
     };

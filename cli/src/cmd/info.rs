@@ -1,8 +1,9 @@
 //! `kdfuse info`: what was built and what GPUs are here.
 
-use super::CliError;
+use super::{CliError, KernelArgs};
 use clap::Args;
-use kdfuse::{cuda, kernels_meta};
+use kdfuse::single_read::{self, DeviceCaps, KernelChoice, KernelPlan};
+use kdfuse::{cuda, kernels_meta, Dtype, LossSpec};
 use serde_json::json;
 use std::process::ExitCode;
 
@@ -11,6 +12,92 @@ pub struct InfoArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    kernel: KernelArgs,
+}
+
+/// The shapes `info` shows the loss kernel's plan for.
+const PLANNED: [(Dtype, usize); 4] = [
+    (Dtype::Bf16, 32_000),
+    (Dtype::Bf16, 128_256),
+    (Dtype::Bf16, 262_144),
+    (Dtype::F32, 128_256),
+];
+
+/// The dense loss kernel's plans on one device (or on an sm_90 when no
+/// GPU is here).
+struct LossKernel {
+    /// `GPU <n>` or `planned for an sm_90 (no GPU here)`.
+    label: String,
+    caps: DeviceCaps,
+    /// Per shape: the plan, or why none could be made.
+    plans: Vec<(Dtype, usize, Result<KernelPlan, String>)>,
+}
+
+/// The plans of [`PLANNED`] under `choice`: per device, by its backend
+/// (the module's kernels and the occupancy API included) where the kernels
+/// load, else by the planner on its caps; without a device, on
+/// `DeviceCaps::SM90`.
+fn loss_kernels(choice: KernelChoice, ordinals: &[usize]) -> Vec<LossKernel> {
+    let planned = |caps: &DeviceCaps| {
+        PLANNED
+            .iter()
+            .map(|&(d, v)| {
+                let p = single_read::plan(choice, caps, v, d.size()).map_err(|e| e.to_string());
+                (d, v, p)
+            })
+            .collect()
+    };
+    if ordinals.is_empty() {
+        let caps = DeviceCaps::SM90;
+        return vec![LossKernel {
+            label: "planned for an sm_90 (no GPU here)".into(),
+            caps,
+            plans: planned(&caps),
+        }];
+    }
+    ordinals
+        .iter()
+        .filter_map(|&i| {
+            let spec = LossSpec::default();
+            match cuda::CudaBackend::new(i) {
+                Ok(b) => {
+                    let b = b.with_kernel(choice);
+                    let plans = PLANNED
+                        .iter()
+                        .map(|&(d, v)| {
+                            let p = b.plan_for(&spec, (d, d), v).map_err(|e| e.to_string());
+                            (d, v, p)
+                        })
+                        .collect();
+                    Some(LossKernel {
+                        label: format!("GPU {i}"),
+                        caps: b.device_caps(),
+                        plans,
+                    })
+                }
+                Err(e) => {
+                    let caps = cuda::device_caps(i).ok()?;
+                    Some(LossKernel {
+                        label: format!("GPU {i} (planned only: {e})"),
+                        caps,
+                        plans: planned(&caps),
+                    })
+                }
+            }
+        })
+        .collect()
+}
+
+fn caps_line(c: &DeviceCaps) -> String {
+    format!(
+        "compute capability {}.{}, {} KiB shared memory per CTA (opt-in), {} KiB per SM, clusters of up to {}",
+        c.compute_capability.0,
+        c.compute_capability.1,
+        c.smem_per_block / 1024,
+        c.smem_per_sm / 1024,
+        c.max_cluster
+    )
 }
 
 /// Largest register count any kernel uses, from the ptxas report.
@@ -28,7 +115,32 @@ pub fn run(a: InfoArgs) -> Result<ExitCode, CliError> {
     let kernels = kernels_meta::NO_KERNELS_REASON.is_none();
     let devices = cuda::device_infos();
     let driver = cuda::driver_version().ok();
+    let choice = a.kernel.choice()?;
+    let ordinals: Vec<usize> = match &devices {
+        Ok(d) => d.iter().map(|g| g.ordinal).collect(),
+        Err(_) => Vec::new(),
+    };
+    let loss_kernel = loss_kernels(choice, &ordinals);
     if a.json {
+        let devices_json: Vec<_> = loss_kernel
+            .iter()
+            .map(|k| {
+                let plans: Vec<_> = k
+                    .plans
+                    .iter()
+                    .map(|(d, v, p)| match p {
+                        Ok(p) => json!({
+                            "dtype": d.as_str(),
+                            "cols": v,
+                            "plan": p,
+                            "describe": p.describe(),
+                        }),
+                        Err(e) => json!({ "dtype": d.as_str(), "cols": v, "error": e }),
+                    })
+                    .collect();
+                json!({ "label": k.label, "caps": k.caps, "plans": plans })
+            })
+            .collect();
         let gpus = match &devices {
             Ok(d) => json!(d),
             Err(_) => json!([]),
@@ -44,6 +156,10 @@ pub fn run(a: InfoArgs) -> Result<ExitCode, CliError> {
             "driver": driver,
             "gpus": gpus,
             "gpu_error": devices.as_ref().err().map(|e| e.to_string()),
+            "loss_kernel": {
+                "choice": choice,
+                "devices": devices_json,
+            },
         });
         outln!(
             "{}",
@@ -85,6 +201,17 @@ pub fn run(a: InfoArgs) -> Result<ExitCode, CliError> {
             }
         }
         Err(e) => outln!("GPUs: none ({e})")?,
+    }
+    outln!("Loss kernel (--kernel / KDFUSE_KERNEL: {choice}):")?;
+    for k in &loss_kernel {
+        outln!("  {}: {}", k.label, caps_line(&k.caps))?;
+        for (d, v, p) in &k.plans {
+            let what = match p {
+                Ok(p) => p.describe(),
+                Err(e) => format!("error: {e}"),
+            };
+            outln!("    {d} V={v}: {what}")?;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

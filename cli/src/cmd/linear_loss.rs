@@ -3,7 +3,7 @@
 
 use super::loss::{cache_rows, flagged, loss_json, open_cache, LossOptions};
 use super::tensorfile::TensorArgs;
-use super::{npy, CliError};
+use super::{npy, CliError, KernelArgs};
 use clap::Args;
 use kdfuse::fused_linear::{
     self, Chunking, Linear, LinearInputs, LinearSpec, LinearTeacher, Matrix, TeacherGrads,
@@ -89,6 +89,8 @@ pub struct LinearLossArgs {
     opts: LossOptions,
     #[command(flatten)]
     tensor: TensorArgs,
+    #[command(flatten)]
+    kernel: KernelArgs,
 }
 
 /// Where the teacher comes from.
@@ -263,12 +265,15 @@ impl Engine {
 
 /// The engine of `--backend`; no GPU for `cuda` is an error, never a
 /// silent fallback.
-fn make_backend(name: &str) -> Result<Engine, CliError> {
+fn make_backend(name: &str, kernel: &KernelArgs) -> Result<Engine, CliError> {
     match name {
         "cpu" => Ok(Engine::Host(Box::new(kdfuse::CpuBackend))),
         "oracle" => Ok(Engine::Host(kdfuse::create(kdfuse::BackendKind::Oracle)?)),
         "cuda" => match kdfuse::select_cuda(0)? {
-            kdfuse::CudaChoice::Usable(b) => Ok(Engine::Cuda(b)),
+            kdfuse::CudaChoice::Usable(b) => Ok(Engine::Cuda(match kernel.forced() {
+                Some(k) => b.with_kernel(k),
+                None => b,
+            })),
             kdfuse::CudaChoice::Unavailable(why) => Err(CliError::Msg(format!(
                 "invalid argument `--backend`: cuda is not usable here ({why}); use --backend cpu or oracle"
             ))),
@@ -331,7 +336,7 @@ pub fn run(a: LinearLossArgs) -> Result<ExitCode, CliError> {
         .opts
         .spec(topk, teacher_logprobs, a.mutual, a.labels.is_some())?;
     let dtype: Dtype = a.opts.dtype()?;
-    let backend = make_backend(&a.backend)?;
+    let backend = make_backend(&a.backend, &a.kernel)?;
 
     // Outputs: the files under --grad-out must not be inputs.
     let out_names: Vec<PathBuf> = match &a.grad_out {

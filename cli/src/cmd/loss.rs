@@ -2,7 +2,7 @@
 
 use super::cache::cache_err;
 use super::tensorfile::TensorArgs;
-use super::{make_backend, npy, CliError};
+use super::{make_backend_with, npy, CliError, KernelArgs};
 use clap::Args;
 use kdfuse::{
     BackendKind, Divergence, Dtype, GradDtype, KdError, KdInputs, Logits, LossSpec, OwnedData,
@@ -69,6 +69,8 @@ pub struct LossArgs {
     opts: LossOptions,
     #[command(flatten)]
     tensor: TensorArgs,
+    #[command(flatten)]
+    kernel: KernelArgs,
 }
 
 /// The loss's options, shared by `kdfuse loss` and `kdfuse linear-loss`.
@@ -369,7 +371,7 @@ pub fn run(a: LossArgs) -> Result<ExitCode, CliError> {
                 row_weights: row_weights.as_deref(),
             };
             inputs.validate(spec.ignore_index).map_err(flagged)?;
-            let b = make_backend(kind)?;
+            let b = make_backend_with(kind, a.kernel.forced())?;
             out = Some(b.compute(&inputs, &spec, want_grad)?);
             backend = Some(b);
         }
@@ -428,7 +430,7 @@ pub fn run(a: LossArgs) -> Result<ExitCode, CliError> {
                 )),
                 (e, _) => flagged(e),
             })?;
-        let b = make_backend(kind)?;
+        let b = make_backend_with(kind, a.kernel.forced())?;
         out = Some(b.compute_topk(&inputs, &spec, want_grad)?);
         backend = Some(b);
         teacher_json = json!({

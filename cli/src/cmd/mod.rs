@@ -26,8 +26,9 @@ mod loss;
 mod npy;
 mod tensorfile;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use kdfuse::backend::CudaChoice;
+use kdfuse::single_read::KernelChoice;
 use kdfuse::{BackendKind, KdError};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -109,18 +110,66 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
     }
 }
 
+/// `--kernel`: which dense loss kernel the CUDA backend runs.
+#[derive(Debug, Args)]
+pub(crate) struct KernelArgs {
+    /// The dense loss kernel on CUDA: auto (single-read where the GPU and V
+    /// allow it, else v1), v1, or single-read (an error where it cannot
+    /// run). Top-k teachers always run v1's top-k kernels.
+    /// [default: $KDFUSE_KERNEL, else auto]
+    #[arg(long, value_name = "auto|v1|single-read", value_parser = parse_kernel)]
+    kernel: Option<KernelChoice>,
+}
+
+fn parse_kernel(s: &str) -> Result<KernelChoice, String> {
+    KernelChoice::parse("--kernel", s).map_err(|e| match e {
+        KdError::InvalidArgument { msg, .. } => msg,
+        e => e.to_string(),
+    })
+}
+
+impl KernelArgs {
+    /// `--kernel`, else `KDFUSE_KERNEL` (an error naming it when invalid),
+    /// else auto.
+    pub(crate) fn choice(&self) -> Result<KernelChoice, CliError> {
+        match self.kernel {
+            Some(c) => Ok(c),
+            None => Ok(KernelChoice::from_env()?),
+        }
+    }
+
+    /// `--kernel` when given (else the backend keeps `KDFUSE_KERNEL`'s).
+    pub(crate) fn forced(&self) -> Option<KernelChoice> {
+        self.kernel
+    }
+}
+
 /// Creates the backend; `auto` says on stderr why it fell back to the CPU.
 pub(crate) fn make_backend(kind: BackendKind) -> Result<Box<dyn kdfuse::Backend>, CliError> {
-    if kind == BackendKind::Auto {
-        return Ok(match kdfuse::backend::select_cuda(0)? {
-            CudaChoice::Usable(b) => Box::new(b),
+    make_backend_with(kind, None)
+}
+
+/// [`make_backend`], the CUDA backend running the dense loss kernel
+/// `kernel` when given (else `KDFUSE_KERNEL`'s).
+pub(crate) fn make_backend_with(
+    kind: BackendKind,
+    kernel: Option<KernelChoice>,
+) -> Result<Box<dyn kdfuse::Backend>, CliError> {
+    let with = |b: kdfuse::cuda::CudaBackend| match kernel {
+        Some(k) => b.with_kernel(k),
+        None => b,
+    };
+    Ok(match kind {
+        BackendKind::Auto => match kdfuse::backend::select_cuda(0)? {
+            CudaChoice::Usable(b) => Box::new(with(b)),
             CudaChoice::Unavailable(why) => {
                 eprintln!("kdfuse: note: CUDA unavailable ({why}); using the CPU backend");
                 Box::new(kdfuse::CpuBackend)
             }
-        });
-    }
-    Ok(kdfuse::create(kind)?)
+        },
+        BackendKind::Cuda => Box::new(with(kdfuse::cuda::CudaBackend::new(0)?)),
+        _ => kdfuse::create(kind)?,
+    })
 }
 
 /// A path as it will be opened: the canonical form of the file or, when it

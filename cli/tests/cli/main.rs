@@ -14,6 +14,7 @@ mod cli_demo;
 mod cli_loss_family;
 mod demo;
 mod feature_cli;
+mod kernel_choice;
 mod linear_loss;
 mod nan;
 mod teacher_cache;
