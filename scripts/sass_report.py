@@ -1,8 +1,9 @@
 """Static performance report of the compiled kernels (docs/DESIGN.md §5).
 
 Reads the SASS of one architecture (`cuobjdump -sass`), finds each kernel's
-hot loops (the innermost loops that load from global memory) and counts, per
-element of the row, the issue slots a warp spends along them:
+hot loops (the innermost loops that load from global memory; for the
+single-read kernels kd_single_*, also those that load from shared memory)
+and counts, per element of the row, the issue slots a warp spends along them:
 
 * every instruction of the loop body is counted as issued, predicated-off
   ones included, and both sides of every branch inside the loop (the 32 lanes
@@ -20,6 +21,13 @@ Elements per iteration are the bytes the loop loads from global memory over
 the bytes one element occupies in the rows it reads (student and teacher for
 the dense kernels, the student for the top-k kernels). Slots per element are
 the sum over the kernel's vector loops (one per pass over the row).
+
+Single-read kernels (kd_single_*, kernels/kd/kd_single.cu): the first pass
+loads global memory (LDG) and keeps a copy in shared memory (STS); the later
+passes (JSD's and TVD's second sweep, the gradient) load that copy (LDS).
+Their passes are the loops that load either, shared-memory bytes counted
+like global ones, and they move 2·in + out bytes per element whatever their
+number of passes (v1: 2·in per pass + out).
 
 Pipes: MUFU (the special-function unit: EX2, LG2, RCP, RSQ, TANH ...), FMA
 (FFMA, FADD, FMUL, IMAD, HFMA2 ...), ALU (compares, selects, min/max, logic,
@@ -104,9 +112,10 @@ def pipe(op: str) -> str:
     return "alu"
 
 
-def load_bytes(ins: Instr) -> int:
-    """Bytes one global load brings per thread (0 for anything else)."""
-    if ins.base != "LDG":
+def load_bytes(ins: Instr, shared: bool = False) -> int:
+    """Bytes one global load brings per thread (0 for anything else); with
+    `shared`, shared-memory loads (LDS) too."""
+    if ins.base != "LDG" and not (shared and ins.base == "LDS"):
         return 0
     mods = ins.op.split(".")[1:]
     for m, b in (("128", 16), ("64", 8), ("U16", 2), ("S16", 2), ("U8", 1), ("S8", 1)):
@@ -331,10 +340,12 @@ class LoopReport:
         return self.slots / self.elements if self.elements else float("inf")
 
 
-def analyse_function(code: list[Instr], bytes_per_element: int) -> list[LoopReport]:
+def analyse_function(code: list[Instr], bytes_per_element: int, shared: bool = False) -> list[LoopReport]:
     """The hot loops of one function (innermost loops with global loads), in
     address order. `bytes_per_element`: what one element of the row occupies
-    in the rows the loop reads (2·in for student + teacher)."""
+    in the rows the loop reads (2·in for student + teacher). `shared`: loops
+    that load shared memory (LDS) are hot loops too, their bytes counted as
+    the global ones (the single-read kernels' later passes)."""
     if not code:
         return []
     blocks = build_cfg(code)
@@ -342,7 +353,7 @@ def analyse_function(code: list[Instr], bytes_per_element: int) -> list[LoopRepo
     loops = natural_loops(blocks, idom)
 
     def loads(lp: Loop) -> int:
-        return sum(load_bytes(code[i]) for b in lp.body for i in range(blocks[b].start, blocks[b].end))
+        return sum(load_bytes(code[i], shared) for b in lp.body for i in range(blocks[b].start, blocks[b].end))
 
     with_loads = [lp for lp in loops if loads(lp) > 0]
     inner = [lp for lp in with_loads if not any(o is not lp and o.body < lp.body for o in with_loads)]
@@ -362,7 +373,7 @@ def analyse_function(code: list[Instr], bytes_per_element: int) -> list[LoopRepo
         addrs = [code[blocks[b].start].addr for b in lp.body]
         ends = [code[blocks[b].end - 1].addr for b in lp.body]
         vec = any(
-            load_bytes(code[i]) == 16 for b in lp.body for i in range(blocks[b].start, blocks[b].end)
+            load_bytes(code[i], shared) == 16 for b in lp.body for i in range(blocks[b].start, blocks[b].end)
         )
         lo, hi = _path_extremes(blocks, lp, rare)
         out.append(
@@ -441,7 +452,7 @@ def predict(slots: float, mufu: float, bytes_moved: float, floor_bytes: float, d
 
 # ---------------------------------------------------------------- kernels --
 
-_KERNEL = re.compile(r"^kd_(?:fused_(?P<div>[a-z]+)_(?:(?P<var>fast|fastce)_)?|topk_)(?P<inp>f32|bf16|f16)_(?P<out>f32|bf16|f16)(?:_(?P<idx>i32|i64))?$")
+_KERNEL = re.compile(r"^kd_(?:(?P<kind>fused|single)_(?P<div>[a-z]+)_(?:(?P<var>fast|fastce)_)?|topk_)(?P<inp>f32|bf16|f16)_(?P<out>f32|bf16|f16)(?:_(?P<idx>i32|i64))?$")
 DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2}
 
 
@@ -457,7 +468,7 @@ class KernelReport:
     mufu: float
     rare: float  # per element, rare blocks (listed apart)
     pipes: dict[str, float]
-    bytes_moved: int  # per element, re-reads missing L2 (docs/DESIGN.md §5)
+    bytes_moved: int  # per element, re-reads missing L2 (docs/DESIGN.md §5); single-read: 2·in + out
     floor_bytes: int
     predicted: dict[str, float]
 
@@ -493,8 +504,9 @@ def report_kernel(name: str, code: list[Instr], registers: int | None) -> Kernel
         return None
     inb, outb = DTYPE_BYTES[m.group("inp")], DTYPE_BYTES[m.group("out")]
     topk = m.group("div") is None
+    single = m.group("kind") == "single"
     rows = 1 if topk else 2
-    loops = analyse_function(code, rows * inb)
+    loops = analyse_function(code, rows * inb, shared=single)
     vec = [lp for lp in loops if lp.vector]
     slots = sum(lp.per_element for lp in vec)
     mx = sum(lp.max_path / lp.elements for lp in vec)
@@ -504,7 +516,9 @@ def report_kernel(name: str, code: list[Instr], registers: int | None) -> Kernel
     for lp in vec:
         for k, v in lp.pipes.items():
             pipes[k] += v / lp.elements
-    moved = len(vec) * rows * inb + outb
+    # v1 reads the row once per pass; single-read once, its later passes
+    # reading the shared-memory copy.
+    moved = (1 if single else len(vec)) * rows * inb + outb
     floor = rows * inb + outb
     pred = {d: predict(slots, mufu, moved, floor, d) for d in DEVICES}
     return KernelReport(

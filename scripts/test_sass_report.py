@@ -177,6 +177,92 @@ class SassReport(unittest.TestCase):
         self.assertEqual(lp.slots, 2 + 120 + 2)
         self.assertEqual(lp.max_path, 2 + 120 + 2)
 
+    def single_read_kernel(self, later_passes: int) -> list[str]:
+        """A single-read kernel: pass 1 loads global memory (two 16-byte
+        LDG) and stores the copy to shared memory (two STS); `later_passes`
+        loops load the copy (two 16-byte LDS), the last one storing the
+        gradient."""
+        body = [
+            "MOV R0, RZ",  # 0
+            "LDG.E.128 R4, desc[UR4][R2.64]",  # 1: pass 1
+            "LDG.E.128 R8, desc[UR4][R12.64]",  # 2
+            "STS.128 [R14], R4",  # 3
+            "STS.128 [R14+0x1000], R8",  # 4
+            "FFMA R4, R4, R5, R6",  # 5
+            "ISETP.GE.AND P0, PT, R0, R1, PT",  # 6
+            "@!P0 BRA L1>",  # 7
+            "BAR.SYNC.DEFER_BLOCKING 0x0",  # 8
+        ]
+        for k in range(later_passes):
+            top = len(body)
+            body += [
+                "LDS.128 R4, [R14]",  # top
+                "LDS.128 R8, [R14+0x1000]",
+                "FFMA R4, R4, R5, R6",
+                "FFMA R4, R4, R5, R6",
+            ]
+            if k == later_passes - 1:
+                body += ["STG.E.128 desc[UR4][R16.64], R4"]
+            body += ["ISETP.GE.AND P0, PT, R0, R1, PT", f"@!P0 BRA L{top}>", "BAR.SYNC.DEFER_BLOCKING 0x0"]
+        return body + ["EXIT"]
+
+    def test_kernel_names(self):
+        for name, div, var in (
+            ("kd_single_fkl_bf16_bf16", "fkl", None),
+            ("kd_single_jsd_fast_f32_f32", "jsd", "fast"),
+            ("kd_single_sce_fastce_bf16_f32", "sce", "fastce"),
+        ):
+            m = sr._KERNEL.match(name)
+            self.assertIsNotNone(m, name)
+            self.assertEqual((m.group("kind"), m.group("div"), m.group("var")), ("single", div, var))
+        self.assertEqual(sr._KERNEL.match("kd_fused_fkl_fast_bf16_bf16").group("kind"), "fused")
+        self.assertIsNone(sr._KERNEL.match("kd_topk_bf16_bf16").group("kind"))
+        self.assertIsNone(sr._KERNEL.match("kd_single_layout"))
+
+    def test_single_read_counts_shared_memory_passes(self):
+        # JSD's shape: pass 1 from global memory, pass 2 and the gradient
+        # from the shared-memory copy: three passes of 8 elements each.
+        name = "kd_single_jsd_fast_bf16_bf16"
+        code = sr.parse_sass(listing(name, self.single_read_kernel(2)))[name]
+        r = sr.report_kernel(name, code, 64)
+        self.assertEqual(len(r.passes), 3)
+        self.assertEqual(r.scalar_loops, 0)
+        self.assertEqual([lp.elements for lp in r.passes], [8, 8, 8])
+        # pass 1: 2 LDG + 2 STS + FFMA + ISETP + BRA; pass 2: 2 LDS + 2 FFMA
+        # + ISETP + BRA; gradient: the same + STG.
+        self.assertEqual([lp.slots for lp in r.passes], [7, 6, 7])
+        self.assertAlmostEqual(r.slots, 20 / 8)
+        self.assertAlmostEqual(r.pipes["mem"], (4 + 2 + 3) / 8)
+        # Each logit read once: 2·in + out, whatever the number of passes.
+        self.assertEqual(r.bytes_moved, 2 * 2 + 2)
+        self.assertEqual(r.floor_bytes, 6)
+        self.assertAlmostEqual(r.predicted["H100"], 1.0)
+
+    def test_single_read_bytes_per_dtype(self):
+        for name, moved in (
+            ("kd_single_fkl_fast_bf16_bf16", 6),
+            ("kd_single_fkl_fast_bf16_f32", 8),
+            ("kd_single_fkl_fast_f32_f32", 12),
+            ("kd_single_fkl_bf16_bf16", 6),
+        ):
+            code = sr.parse_sass(listing(name, self.single_read_kernel(1)))[name]
+            r = sr.report_kernel(name, code, 56)
+            self.assertEqual(len(r.passes), 2, name)
+            self.assertEqual(r.bytes_moved, moved, name)
+            self.assertEqual(r.floor_bytes, moved, name)
+
+    def test_v1_does_not_count_shared_memory_loops(self):
+        # The same code under a v1 name: only the LDG loop is a pass, and
+        # v1's bytes are 2·in per pass + out.
+        name = "kd_fused_jsd_fast_bf16_bf16"
+        code = sr.parse_sass(listing(name, self.single_read_kernel(2)))[name]
+        r = sr.report_kernel(name, code, 64)
+        self.assertEqual(len(r.passes), 1)
+        self.assertAlmostEqual(r.slots, 7 / 8)
+        self.assertEqual(r.bytes_moved, 6)
+        self.assertEqual(sr.load_bytes(code[9]), 0)
+        self.assertEqual(sr.load_bytes(code[9], shared=True), 16)
+
     def test_budget_check_fails_over_budget(self):
         code = sr.parse_sass(listing("kd_fused_fkl_bf16_bf16", vector_kernel(["FFMA R4, R4, R5, R6"] * 62)))
         r = sr.report_kernel("kd_fused_fkl_bf16_bf16", code["kd_fused_fkl_bf16_bf16"], 40)
