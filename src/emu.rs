@@ -213,7 +213,9 @@ pub struct EmuBackend {
     /// Blocks in the grid (rows are grid-strided over them); 0 = min(N, 3).
     /// Single-read: clusters in the grid.
     pub grid: u32,
-    /// Which dense kernel to run (planned as on `caps`).
+    /// Which dense kernel to run (planned as on `caps`). Default v1: the
+    /// single-read kernels are tested on purpose (tests/kd/single_read.rs),
+    /// the rest of the suite keeps v1 covered.
     pub kernel: KernelChoice,
     /// The device emulated for the plan (default: an sm_90 GPU). A small
     /// `smem_per_block` brings the cluster thresholds down to small V.
@@ -229,7 +231,7 @@ impl Default for EmuBackend {
         EmuBackend {
             in_place: false,
             grid: 0,
-            kernel: KernelChoice::Auto,
+            kernel: KernelChoice::V1,
             caps: DeviceCaps::SM90,
             single_threads: 0,
         }
@@ -477,7 +479,12 @@ impl EmuBackend {
     /// [`Backend::dense`], and what ran: the kernel planned and the bytes
     /// its loss kernel moved. A race found by the cluster emulation is an
     /// error (`KdError::Cuda`, naming it).
-    pub fn dense_run(&self, inputs: &KdInputs, spec: &LossSpec, out: &mut Outputs) -> Result<EmuRun> {
+    pub fn dense_run(
+        &self,
+        inputs: &KdInputs,
+        spec: &LossSpec,
+        out: &mut Outputs,
+    ) -> Result<EmuRun> {
         let (n, v) = (inputs.student.rows, inputs.student.cols);
         let dtype = inputs.student.dtype();
         let out_dtype = out.grad_dtype.unwrap_or(Dtype::F32);

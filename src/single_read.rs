@@ -36,7 +36,11 @@ pub enum KernelChoice {
 
 impl KernelChoice {
     /// Every choice, in CLI order.
-    pub const ALL: [KernelChoice; 3] = [KernelChoice::Auto, KernelChoice::V1, KernelChoice::SingleRead];
+    pub const ALL: [KernelChoice; 3] = [
+        KernelChoice::Auto,
+        KernelChoice::V1,
+        KernelChoice::SingleRead,
+    ];
 
     /// The CLI / environment spelling.
     pub fn as_str(self) -> &'static str {
@@ -53,10 +57,7 @@ impl KernelChoice {
             "auto" => Ok(KernelChoice::Auto),
             "v1" => Ok(KernelChoice::V1),
             "single-read" => Ok(KernelChoice::SingleRead),
-            _ => invalid(
-                arg,
-                format!("must be auto, v1 or single-read, got {s:?}"),
-            ),
+            _ => invalid(arg, format!("must be auto, v1 or single-read, got {s:?}")),
         }
     }
 
@@ -168,9 +169,15 @@ const TARGET_CTAS_PER_SM: usize = 4;
 /// The kernel for a dense loss on a device with `caps`, rows of `v`
 /// elements of `in_size` bytes. `Auto` takes single-read where clusters
 /// exist and a slice fits: the smallest cluster whose CTAs leave room for
-/// four per SM, else the smallest that fits at all. `SingleRead` errs
+/// four per SM, else the largest (the smallest CTAs, the most per SM) when
+/// its slices fit at all. `SingleRead` errs
 /// where it cannot run; `V1` always plans v1.
-pub fn plan(choice: KernelChoice, caps: &DeviceCaps, v: usize, in_size: usize) -> Result<KernelPlan> {
+pub fn plan(
+    choice: KernelChoice,
+    caps: &DeviceCaps,
+    v: usize,
+    in_size: usize,
+) -> Result<KernelPlan> {
     let v1 = |reason: String| -> Result<KernelPlan> {
         if choice == KernelChoice::SingleRead {
             return invalid("kernel", format!("single-read cannot run here: {reason}"));
@@ -194,7 +201,7 @@ pub fn plan(choice: KernelChoice, caps: &DeviceCaps, v: usize, in_size: usize) -
     let limit = caps.smem_per_block;
     let pick = (1..=largest)
         .find(|&nc| fits(nc, target.min(limit)))
-        .or_else(|| (1..=largest).find(|&nc| fits(nc, limit)));
+        .or_else(|| fits(largest, limit).then_some(largest));
     match pick {
         Some(cluster) => Ok(KernelPlan::SingleRead {
             cluster,
@@ -226,9 +233,20 @@ mod tests {
         // bf16 V = 128256: 513 KB per row; 16 CTAs of ≈ 35 KB.
         let p = plan(KernelChoice::Auto, &caps, 128_256, 2).unwrap();
         assert_eq!(p.kernel(), "single-read");
-        let KernelPlan::SingleRead { cluster, smem_bytes } = p else { unreachable!() };
+        let KernelPlan::SingleRead {
+            cluster,
+            smem_bytes,
+        } = p
+        else {
+            unreachable!()
+        };
         assert_eq!(cluster, 10);
         assert!(smem_bytes <= 56 * 1024);
+        // Beyond the four-per-SM target: the largest cluster, 16.
+        assert!(matches!(
+            plan(KernelChoice::Auto, &caps, 128_256, 4).unwrap(),
+            KernelPlan::SingleRead { cluster: 16, .. }
+        ));
         // A small row: one CTA.
         assert!(matches!(
             plan(KernelChoice::Auto, &caps, 4096, 2).unwrap(),
@@ -243,14 +261,20 @@ mod tests {
             compute_capability: (8, 0),
             ..caps
         };
-        assert_eq!(plan(KernelChoice::Auto, &a100, 32_000, 2).unwrap().kernel(), "v1");
+        assert_eq!(
+            plan(KernelChoice::Auto, &a100, 32_000, 2).unwrap().kernel(),
+            "v1"
+        );
         let e = plan(KernelChoice::SingleRead, &a100, 32_000, 2).unwrap_err();
         assert!(e.to_string().contains("9.0"), "{e}");
         // f32 V = 2M: 16 MB per row, beyond 16 CTAs.
         let big = plan(KernelChoice::Auto, &caps, 2_000_000, 4).unwrap();
         assert_eq!(big.kernel(), "v1");
         assert!(plan(KernelChoice::SingleRead, &caps, 2_000_000, 4).is_err());
-        assert_eq!(plan(KernelChoice::V1, &caps, 4096, 2).unwrap().kernel(), "v1");
+        assert_eq!(
+            plan(KernelChoice::V1, &caps, 4096, 2).unwrap().kernel(),
+            "v1"
+        );
         assert!(KernelChoice::parse("kernel", "fast").is_err());
         for c in KernelChoice::ALL {
             assert_eq!(KernelChoice::parse("kernel", c.as_str()).unwrap(), c);

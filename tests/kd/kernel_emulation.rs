@@ -20,6 +20,17 @@ fn random_cases_against_oracle() {
 }
 
 #[test]
+fn random_cases_against_oracle_single_read() {
+    // The single-read kernels as an sm_90 plans them (one CTA at these V).
+    let emu = EmuBackend {
+        kernel: kdfuse::single_read::KernelChoice::Auto,
+        ..Default::default()
+    };
+    let report = sweep(&emu, 60, 78, 6000, |_| {}).unwrap();
+    assert_sweep_passed!(report);
+}
+
+#[test]
 fn large_vocabulary_rows_and_grid_stride() {
     let mut rng = StdRng::seed_from_u64(5);
     for (i, divergence) in Divergence::ALL.into_iter().enumerate() {
@@ -101,8 +112,8 @@ fn in_place_topk_gradient_equals_separate_gradient() {
                 in_place,
                 ..Default::default()
             }
-                .compute_topk(&inputs, &c.spec, Some(GradDtype::Input))
-                .unwrap()
+            .compute_topk(&inputs, &c.spec, Some(GradDtype::Input))
+            .unwrap()
         };
         let (a, b) = (run(true), run(false));
         assert_eq!(a.grad, b.grad, "{}", c.describe());
