@@ -287,6 +287,33 @@ fn dense_long_rows_in_the_kernels(b: &dyn Backend, on: On) {
 }
 for_each_backend!([emu, cuda] dense_long_rows_in_the_kernels(b, on));
 
+/// The single-read kernels (one cluster per row) under the emulation: the
+/// table at V = 37 (one CTA), and the spot checks at V = 3001 split over
+/// four CTAs of a small emulated device, so that a NaN must cross the
+/// cluster's merge through distributed shared memory.
+#[test]
+fn single_read_kernels_keep_poisoned_rows_nan() {
+    use kdfuse::emu::EmuBackend;
+    use kdfuse::single_read::{DeviceCaps, KernelChoice, KernelPlan};
+    let b = EmuBackend {
+        kernel: KernelChoice::SingleRead,
+        caps: DeviceCaps {
+            compute_capability: (9, 0),
+            smem_per_block: 9216,
+            smem_per_sm: 4 * (9216 + 1024),
+            max_cluster: 16,
+        },
+        single_threads: 32,
+        ..Default::default()
+    };
+    assert!(matches!(
+        b.plan(3001, kdfuse::Dtype::F32).unwrap(),
+        KernelPlan::SingleRead { cluster: 4, .. }
+    ));
+    dense_table(&b, On::Emu, 37);
+    dense_long_rows_in_the_kernels(&b, On::Emu);
+}
+
 fn every_dtype_and_the_loss_only_path(b: &dyn Backend, on: On) {
     use kdfuse::{Dtype, OwnedData};
     let v = 37;
