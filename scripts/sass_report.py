@@ -114,10 +114,13 @@ def pipe(op: str) -> str:
 
 def load_bytes(ins: Instr, shared: bool = False) -> int:
     """Bytes one global load brings per thread (0 for anything else); with
-    `shared`, shared-memory loads (LDS) too."""
-    if ins.base != "LDG" and not (shared and ins.base == "LDS"):
-        return 0
+    `shared`, the 16-byte shared-memory loads (LDS.128: a staged row's
+    chunks) too, not the narrower ones (the top-k kernels' bit map)."""
     mods = ins.op.split(".")[1:]
+    if shared and ins.base == "LDS":
+        return 16 if "128" in mods else 0
+    if ins.base != "LDG":
+        return 0
     for m, b in (("128", 16), ("64", 8), ("U16", 2), ("S16", 2), ("U8", 1), ("S8", 1)):
         if m in mods:
             return b
@@ -468,7 +471,7 @@ class KernelReport:
     mufu: float
     rare: float  # per element, rare blocks (listed apart)
     pipes: dict[str, float]
-    bytes_moved: int  # per element, re-reads missing L2 (docs/DESIGN.md §5); single-read: 2·in + out
+    bytes_moved: int  # per element, re-reads missing L2 (docs/DESIGN.md §5); single-read: 2·in + out (top-k: in + out)
     floor_bytes: int
     predicted: dict[str, float]
 
@@ -503,7 +506,8 @@ def report_kernel(name: str, code: list[Instr], registers: int | None) -> Kernel
     if not m:
         return None
     inb, outb = DTYPE_BYTES[m.group("inp")], DTYPE_BYTES[m.group("out")]
-    topk = m.group("div") is None
+    # kd_topk_* (v1) and kd_single_topk_* read one dense row: the student.
+    topk = m.group("div") in (None, "topk")
     single = m.group("kind") == "single"
     rows = 1 if topk else 2
     loops = analyse_function(code, rows * inb, shared=single)

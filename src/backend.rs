@@ -45,7 +45,16 @@ pub enum CudaChoice {
 /// Any other failure (a usable driver that errs) is an error, never a
 /// silent fallback.
 pub fn select_cuda(device: usize) -> Result<CudaChoice> {
-    match crate::cuda::CudaBackend::new(device) {
+    select_cuda_for(device, None)
+}
+
+/// As [`select_cuda`], with the loss kernel chosen by `choice` when given
+/// ([`crate::cuda::CudaBackend::open`]).
+pub fn select_cuda_for(
+    device: usize,
+    choice: Option<crate::single_read::KernelChoice>,
+) -> Result<CudaChoice> {
+    match crate::cuda::CudaBackend::open(device, choice) {
         Ok(b) => Ok(CudaChoice::Usable(b)),
         Err(KdError::CudaUnavailable(why)) => Ok(CudaChoice::Unavailable(why)),
         Err(e) => Err(e),

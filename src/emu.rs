@@ -14,7 +14,7 @@ use crate::cuda::threads_for;
 use crate::driver::{Backend, Outputs};
 use crate::error::{invalid, Result};
 use crate::params::{FusedArgs, KernelParams, TopkArgs, TopkValidateArgs};
-use crate::single_read::{plan, DeviceCaps, KernelChoice, KernelPlan};
+use crate::single_read::{plan, plan_staged, DeviceCaps, KernelChoice, KernelPlan, Staged};
 use crate::spec::{LossSpec, Precision};
 use crate::tensor::{Dtype, KdInputs, Logits, TopkIndices, TopkInputs};
 use std::ffi::c_void;
@@ -131,6 +131,20 @@ extern "C" {
         block: u32,
         track: *mut EmuTrack,
     ) -> i32;
+    fn kd_emu_single_topk_run(
+        in_dtype: i32,
+        out_dtype: i32,
+        idx64: i32,
+        args: *const TopkArgs,
+        loss: *mut f32,
+        clusters: u32,
+        cluster: u32,
+        block: u32,
+        smem: u64,
+        track: *mut EmuTrack,
+        race: *mut u8,
+        race_cap: u64,
+    ) -> i32;
     fn kd_emu_cluster_probe(mode: i32, race: *mut u8, race_cap: u64) -> i32;
     fn kd_emu_topk_validate(a: *const TopkValidateArgs, idx64: i32, grid: u32, block: u32);
 }
@@ -199,6 +213,22 @@ pub fn cluster_race_probe(mode: i32) -> std::result::Result<Option<String>, Stri
     }
 }
 
+/// A launch's result, or the race the cluster emulation described in `race`.
+fn race_or(result: Result<()>, race: &[u8]) -> Result<()> {
+    match result {
+        Err(e) => {
+            let what = c_message(race);
+            if what.is_empty() {
+                return Err(e);
+            }
+            Err(crate::error::KdError::Cuda(format!(
+                "the cluster emulation found a race: {what}"
+            )))
+        }
+        ok => ok,
+    }
+}
+
 fn c_message(buf: &[u8]) -> String {
     let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
     String::from_utf8_lossy(&buf[..end]).into_owned()
@@ -213,7 +243,7 @@ pub struct EmuBackend {
     /// Blocks in the grid (rows are grid-strided over them); 0 = min(N, 3).
     /// Single-read: clusters in the grid.
     pub grid: u32,
-    /// Which dense kernel to run (planned as on `caps`). Default v1: the
+    /// Which loss kernel to run, dense or top-k (planned as on `caps`). Default v1: the
     /// single-read kernels are tested on purpose (tests/kd/single_read.rs),
     /// the rest of the suite keeps v1 covered.
     pub kernel: KernelChoice,
@@ -406,46 +436,7 @@ impl Backend for EmuBackend {
     }
 
     fn topk(&self, inputs: &TopkInputs, spec: &LossSpec, out: &mut Outputs) -> Result<()> {
-        let (n, v, k) = (inputs.student.rows, inputs.student.cols, inputs.teacher.k);
-        let dtype = inputs.student.dtype();
-        let out_dtype = out.grad_dtype.unwrap_or(Dtype::F32);
-        let mut p = KernelParams::new(spec, v);
-        p.topk_k = k as i32;
-        let (ip, i64s) = match inputs.teacher.indices {
-            TopkIndices::I32(i) => (i.as_ptr() as *const c_void, 0),
-            TopkIndices::I64(i) => (i.as_ptr() as *const c_void, 1),
-        };
-        let labels = inputs.labels.is_some();
-        self.run(&inputs.student, labels, out, |bufs, outs| {
-            let args = TopkArgs {
-                student: bufs.student_ptr(&inputs.student) as u64,
-                student_stride: inputs.student.row_stride as i64,
-                indices: ip as u64,
-                values: inputs.teacher.values.bytes().as_ptr() as u64,
-                labels: addr(inputs.labels),
-                row_weights: addr(inputs.row_weights),
-                grad: bufs.grad_ptr() as u64,
-                grad_stride: bufs.grad_stride as i64,
-                row_loss: outs.row_loss.as_mut_ptr() as u64,
-                valid_count: outs.valid_addr(labels),
-                n_rows: n as i64,
-                params: p,
-            };
-            // SAFETY: every buffer holds what the launch reads or writes
-            // (inputs validated, outputs sized for them).
-            unsafe {
-                kd_emu_topk_run(
-                    dtype.code(),
-                    out_dtype.code(),
-                    i64s,
-                    &args,
-                    &mut outs.loss,
-                    self.grid_for(n),
-                    threads_for(v, dtype),
-                    std::ptr::null_mut(),
-                )
-            }
-        })
+        self.topk_run(inputs, spec, out).map(|_| ())
     }
 
     fn dense(&self, inputs: &KdInputs, spec: &LossSpec, out: &mut Outputs) -> Result<()> {
@@ -474,6 +465,125 @@ impl EmuBackend {
         })?;
         let run = run.ok_or_else(|| crate::error::KdError::Cuda("nothing was launched".into()))?;
         Ok((out, run))
+    }
+
+    /// [`Backend::compute_topk`], and what ran (see [`EmuBackend::topk_run`]).
+    pub fn compute_topk_run(
+        &self,
+        inputs: &TopkInputs,
+        spec: &LossSpec,
+        grad: Option<crate::tensor::GradDtype>,
+    ) -> Result<(crate::driver::KdOutput, EmuRun)> {
+        let mut run = None;
+        let out = crate::driver::drive(inputs, spec, grad, |out| {
+            run = Some(self.topk_run(inputs, spec, out)?);
+            Ok(())
+        })?;
+        let run = run.ok_or_else(|| crate::error::KdError::Cuda("nothing was launched".into()))?;
+        Ok((out, run))
+    }
+
+    /// [`Backend::topk`], and what ran: the kernel planned (v1 `kd_topk_*`
+    /// or single-read `kd_single_topk_*`, on `self.caps`) and the bytes its
+    /// loss kernel moved (`teacher_loaded`: the values, `other_loaded`: the
+    /// indices). A race found by the cluster emulation is an error.
+    pub fn topk_run(
+        &self,
+        inputs: &TopkInputs,
+        spec: &LossSpec,
+        out: &mut Outputs,
+    ) -> Result<EmuRun> {
+        let (n, v, k) = (inputs.student.rows, inputs.student.cols, inputs.teacher.k);
+        let dtype = inputs.student.dtype();
+        let out_dtype = out.grad_dtype.unwrap_or(Dtype::F32);
+        let mut p = KernelParams::new(spec, v);
+        p.topk_k = k as i32;
+        let (ip, i64s) = match inputs.teacher.indices {
+            TopkIndices::I32(i) => (i.as_ptr() as *const c_void, 0),
+            TopkIndices::I64(i) => (i.as_ptr() as *const c_void, 1),
+        };
+        let plan = plan_staged(self.kernel, &self.caps, v, dtype.size(), Staged::Topk)?;
+        let labels = inputs.labels.is_some();
+        let mut track = EmuTrack::default();
+        let mut race = [0u8; 512];
+        let result = self.run(&inputs.student, labels, out, |bufs, outs| {
+            let student = bufs.student_ptr(&inputs.student) as u64;
+            let grad_len = bufs.buf.len();
+            let grad = bufs.grad_ptr() as u64;
+            let values = inputs.teacher.values.bytes();
+            track = EmuTrack::new([
+                (student, inputs.student.data.bytes().len()),
+                (values.as_ptr() as u64, values.len()),
+                (grad, grad_len),
+                (0, 0),
+            ]);
+            let args = TopkArgs {
+                student,
+                student_stride: inputs.student.row_stride as i64,
+                indices: ip as u64,
+                values: values.as_ptr() as u64,
+                labels: addr(inputs.labels),
+                row_weights: addr(inputs.row_weights),
+                grad,
+                grad_stride: bufs.grad_stride as i64,
+                row_loss: outs.row_loss.as_mut_ptr() as u64,
+                valid_count: outs.valid_addr(labels),
+                n_rows: n as i64,
+                params: p,
+            };
+            match plan {
+                // SAFETY: every buffer holds what the launch reads or writes
+                // (inputs validated, outputs sized for them).
+                KernelPlan::V1 { .. } => unsafe {
+                    kd_emu_topk_run(
+                        dtype.code(),
+                        out_dtype.code(),
+                        i64s,
+                        &args,
+                        &mut outs.loss,
+                        self.grid_for(n),
+                        threads_for(v, dtype),
+                        &mut track,
+                    )
+                },
+                KernelPlan::SingleRead {
+                    cluster,
+                    smem_bytes,
+                } => {
+                    let threads = self.threads_for_slice(v, cluster, dtype);
+                    // SAFETY: as above; `race` holds its length.
+                    unsafe {
+                        kd_emu_single_topk_run(
+                            dtype.code(),
+                            out_dtype.code(),
+                            i64s,
+                            &args,
+                            &mut outs.loss,
+                            self.grid_for(n),
+                            cluster,
+                            threads,
+                            smem_bytes as u64,
+                            &mut track,
+                            race.as_mut_ptr(),
+                            race.len() as u64,
+                        )
+                    }
+                }
+            }
+        });
+        race_or(result, &race)?;
+        Ok(EmuRun {
+            plan,
+            bytes: track.counts(),
+        })
+    }
+
+    /// Threads per CTA of an emulated single-read launch.
+    fn threads_for_slice(&self, v: usize, cluster: u32, dtype: Dtype) -> u32 {
+        match self.single_threads {
+            0 => threads_for(v.div_ceil(cluster as usize), dtype),
+            t => t,
+        }
     }
 
     /// [`Backend::dense`], and what ran: the kernel planned and the bytes
@@ -552,10 +662,7 @@ impl EmuBackend {
                     cluster,
                     smem_bytes,
                 } => {
-                    let threads = match self.single_threads {
-                        0 => threads_for(v.div_ceil(cluster as usize), dtype),
-                        t => t,
-                    };
+                    let threads = self.threads_for_slice(v, cluster, dtype);
                     // SAFETY: as above; `race` holds its length.
                     unsafe {
                         kd_emu_single_run(
@@ -577,15 +684,7 @@ impl EmuBackend {
                 }
             }
         });
-        if let Err(e) = result {
-            let what = c_message(&race);
-            if what.is_empty() {
-                return Err(e);
-            }
-            return Err(crate::error::KdError::Cuda(format!(
-                "the cluster emulation found a race: {what}"
-            )));
-        }
+        race_or(result, &race)?;
         if let Some(g) = out.grad_teacher.as_mut() {
             g.copy_from_slice(&out_dtype.decode(&gt)[..n * v]);
         }

@@ -15,6 +15,7 @@ use std::fmt;
 
 extern "C" {
     fn kd_host_single_smem(v: i64, in_size: i64, nc: i64) -> i64;
+    fn kd_host_single_topk_smem(v: i64, in_size: i64, nc: i64) -> i64;
     fn kd_host_single_max_cluster() -> i32;
 }
 
@@ -153,6 +154,35 @@ pub fn smem_bytes(v: usize, in_size: usize, cluster: u32) -> usize {
     unsafe { kd_host_single_smem(v as i64, in_size as i64, i64::from(cluster.max(1))) as usize }
 }
 
+/// Dynamic shared memory of one single-read top-k CTA (`kd_single_topk_*`:
+/// the student slice and a bit map of its support; kd_single_layout.h).
+pub fn topk_smem_bytes(v: usize, in_size: usize, cluster: u32) -> usize {
+    // SAFETY: pure arithmetic.
+    unsafe {
+        kd_host_single_topk_smem(v as i64, in_size as i64, i64::from(cluster.max(1))) as usize
+    }
+}
+
+/// What a single-read CTA stages: a dense teacher's two rows, or the
+/// student and the bit map of a top-k teacher's support.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Staged {
+    /// Student and teacher (`kd_single_<div>*`).
+    Dense,
+    /// Student and support bit map (`kd_single_topk_*`).
+    Topk,
+}
+
+impl Staged {
+    /// Dynamic shared memory of one CTA.
+    pub fn smem_bytes(self, v: usize, in_size: usize, cluster: u32) -> usize {
+        match self {
+            Staged::Dense => smem_bytes(v, in_size, cluster),
+            Staged::Topk => topk_smem_bytes(v, in_size, cluster),
+        }
+    }
+}
+
 /// The largest cluster the kernels support (16).
 pub fn max_cluster() -> u32 {
     // SAFETY: returns a constant.
@@ -178,6 +208,19 @@ pub fn plan(
     v: usize,
     in_size: usize,
 ) -> Result<KernelPlan> {
+    plan_staged(choice, caps, v, in_size, Staged::Dense)
+}
+
+/// [`plan`] for what the kernel stages: the same rule, with the top-k
+/// kernels' smaller slices (the student and a bit map) for `Staged::Topk`.
+pub fn plan_staged(
+    choice: KernelChoice,
+    caps: &DeviceCaps,
+    v: usize,
+    in_size: usize,
+    staged: Staged,
+) -> Result<KernelPlan> {
+    let smem_bytes = |v, in_size, nc| staged.smem_bytes(v, in_size, nc);
     let v1 = |reason: String| -> Result<KernelPlan> {
         if choice == KernelChoice::SingleRead {
             return invalid("kernel", format!("single-read cannot run here: {reason}"));
@@ -225,6 +268,25 @@ mod tests {
         assert_eq!(smem_bytes(128_256, 2, 16), 3072 + 2 * 2 * (8 * 1002 + 16));
         assert_eq!(smem_bytes(7, 4, 1), 3072 + 2 * 4 * (8 + 16));
         assert_eq!(max_cluster(), 16);
+        // Top-k: the student slice and ⌈cap/32⌉ words of bits.
+        assert_eq!(
+            topk_smem_bytes(128_256, 2, 16),
+            3072 + 2 * (8 * 1002 + 16) + 4 * (8 * 1002 + 16usize).div_ceil(32)
+        );
+    }
+
+    #[test]
+    fn top_k_slices_are_about_half_a_dense_one() {
+        let caps = DeviceCaps::SM90;
+        // bf16 V = 128256: 257 KB of student per row, 6 CTAs of ≤ 56 KiB.
+        let p = plan_staged(KernelChoice::Auto, &caps, 128_256, 2, Staged::Topk).unwrap();
+        assert!(
+            matches!(p, KernelPlan::SingleRead { cluster: 6, .. }),
+            "{p:?}"
+        );
+        // f32 V = 2M: 8 MB of student, beyond 16 CTAs.
+        let big = plan_staged(KernelChoice::Auto, &caps, 2_000_000, 4, Staged::Topk).unwrap();
+        assert_eq!(big.kernel(), "v1");
     }
 
     #[test]

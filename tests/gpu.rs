@@ -56,6 +56,10 @@ fn main() -> ExitCode {
             gpu_fused_linear::fused_linear_topk_mutual_budget,
         ),
         (
+            "topk_v1_and_single_read",
+            gpu_loss_family::topk_v1_and_single_read,
+        ),
+        (
             "topk_llm_vocabularies_every_mode",
             gpu_loss_family::topk_llm_vocabularies_every_mode,
         ),

@@ -2,7 +2,7 @@
 // kd_topk.cu compiled for the CPU under cuda_emu.h, so that `cargo test`
 // runs the kernels' own parallel code (not only their row arithmetic) on
 // machines without a GPU. Test-only entry points: kd_emu_run,
-// kd_emu_single_run and kd_emu_topk_run, the same three launches as the CUDA
+// kd_emu_single_run, kd_emu_topk_run and kd_emu_single_topk_run, the same three launches as the CUDA
 // backend (count, fused, reduce), each counting the bytes its loss kernel
 // moves (KdEmuTrack); kd_emu_topk_validate; and kd_emu_cluster_probe, the
 // race checker's own test.
@@ -203,9 +203,9 @@ extern "C" int kd_emu_topk_run(int in_dtype, int out_dtype, int idx64, const KdT
         using Tout = decltype(tout);
         kd_emu_launch(grid, block, [&] {
           if (idx64)
-            kd_topk_body<Tin, Tout, long long>(*a, bits.data());
+            kd_topk_body<Tin, Tout, long long, false>(*a, bits.data(), kd_topk_scratch());
           else
-            kd_topk_body<Tin, Tout, int>(*a, bits.data());
+            kd_topk_body<Tin, Tout, int, false>(*a, bits.data(), kd_topk_scratch());
         });
       }))
     return -1;
@@ -229,4 +229,40 @@ extern "C" void kd_emu_topk_validate(const KdTopkValidateArgs* a, int idx64, uns
       kd_topk_validate_body(static_cast<const int*>(a->indices), a->n_rows, a->k, a->vocab,
                             a->first_bad, bits.data());
   });
+}
+
+// The single-read top-k launches (kd_topk.cu, kd_single_topk_*): as
+// kd_emu_single_run, with the top-k launch contract; `idx64`: the indices
+// are int64.
+extern "C" int kd_emu_single_topk_run(int in_dtype, int out_dtype, int idx64, const KdTopkArgs* a,
+                                      float* loss, unsigned clusters, unsigned cluster, unsigned block,
+                                      unsigned long long smem, KdEmuTrack* track, char* race,
+                                      unsigned long long race_cap) {
+  if (cluster == 0 || cluster > KD_SINGLE_MAX_CLUSTER || block == 0 || block % 32 ||
+      block > KD_TOPK_THREADS || clusters == 0 ||
+      (unsigned long long)kd_single_topk_smem(a->params.vocab, in_dtype == 0 ? 4 : 2, cluster) > smem)
+    return -1;
+  std::lock_guard<std::mutex> lock(kd_emu_mutex);
+  count_valid(a->labels, a->n_rows, a->params.ignore_index, a->valid_count);
+  std::string found;
+  kd_emu_bytes_begin(track);
+  if (a->n_rows > 0 && !with_dtypes(in_dtype, out_dtype, [&](auto tin, auto tout) {
+        using Tin = decltype(tin);
+        using Tout = decltype(tout);
+        found = kd_emu_launch_cluster(clusters * cluster, block, cluster, smem, [&] {
+          constexpr int T = KD_TOPK_THREADS;
+          if (idx64)
+            kd_topk_body<Tin, Tout, long long, true>(*a, kd_topk_slice_bits<Tin>(a->params.vocab),
+                                                     kd_scratch_dyn<KdPass1, T>());
+          else
+            kd_topk_body<Tin, Tout, int, true>(*a, kd_topk_slice_bits<Tin>(a->params.vocab),
+                                               kd_scratch_dyn<KdPass1, T>());
+        });
+      }))
+    return -1;
+  kd_emu_bytes_end(track);
+  kd_emu_bytes_begin(nullptr);
+  reduce_loss(a->row_loss, a->n_rows, a->valid_count, a->params, loss);
+  copy_message(found, race, race_cap);
+  return found.empty() ? 0 : -2;
 }

@@ -13,7 +13,8 @@
 //   grad:   re-reads the row and writes ∂L/∂s: q − p (two exp2), reverse
 //           KL's q·a·((s − t)·scale2 − Δ − k) (one; Δ = lse_s − lse_t as a
 //           hi + lo pair), TVD's q·factor(side), JSD's
-//           q·(a·log2(q/m) − k) (p on the FMA pipe), packed into 16-byte stores
+//           q·(a·log2(q/m) − k) with log2(q/m) = −log2(β·p/q + 1 − β) and
+//           p/q one exp2 of the raw logits (no p), packed into 16-byte stores
 //           (cvt.rn.bf16x2 / f16x2); the label's entry (α > 0) is
 //           computed in its chunk (kd_fast_grad_label, behind a warp vote).
 // The body is shared with the single-read kernels (kd_single.cu: STAGED,
@@ -26,11 +27,11 @@
 // soft-capping and the teacher gradient.
 // Issue slots per element (sm_90 SASS, scripts/sass-report: every branch
 // side of the vector loops, the vote-guarded rescale apart; bf16 in and out;
-// bench/results/sass-sm_90.md): forward KL 26.5 (pass 1 16, gradient 11),
-// reverse KL 30.5, soft CE 29.0, TVD 45.1 (13 + 19 + 14), JSD 62.4
-// (13 + 19 + 31); α > 0 adds 6.0–6.6; f32 4–6 fewer. MUFU per element: 4
-// (reverse KL 3, TVD 6, JSD 7), α > 0 adds 2. Budgets: kernels/budgets.toml
-// (≤ 40, TVD ≤ 55, JSD ≤ 70).
+// bench/results/sass-sm_90.md): forward KL 26.6 (pass 1 16, gradient 11),
+// reverse KL 30.5, soft CE 29.0, TVD 45.2 (13 + 19 + 14), JSD 47.1
+// (12 + 19 + 16); α > 0 adds about 7; f32 4–6 fewer. MUFU per element: 4
+// (reverse KL 3, TVD 6, JSD 8), α > 0 adds 2. Budgets: kernels/budgets.toml
+// (≤ 40, TVD ≤ 55, JSD ≤ 50).
 #pragma once
 
 #include "kd/kd_args.h"

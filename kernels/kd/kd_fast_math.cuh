@@ -62,9 +62,9 @@
 // 1.5·2^23 shifter, a degree-7 Taylor polynomial on [−½, ½] (truncation
 // ≤ 5e-9: the result is within about an ulp), the integer part added to the
 // exponent; 0 below 2^−126 (flush to zero, as ex2.approx.ftz), NaN stays NaN;
-// for x ≤ 127 (the fast statistics' arguments are ≤ T = 8). JSD's gradient
-// sweep takes its p this way to stay within 7 MUFU; on the host it is every
-// exp2 (kd_ex2): no libm call, so the CPU loops vectorize.
+// for x ≤ 127 (the fast statistics' arguments are ≤ T = 8, JSD's gradient
+// ratio's ≤ 126). On the host it is every exp2 (kd_ex2): no libm call, so
+// the CPU loops vectorize.
 KD_FHD float kd_ex2_fma(float x) {
   const float xc = x < -127.0f ? -127.0f : x;  // NaN stays NaN (fmaxf would drop it)
   const float sh = xc + 12582912.0f;   // 1.5·2^23: the integer in the low bits
@@ -83,7 +83,7 @@ KD_FHD float kd_ex2_fma(float x) {
 }
 
 // 2^x with flush-to-zero: one MUFU.EX2 on the GPU (ex2.approx.ftz: 2 ulp),
-// kd_ex2_fma on the host. Its arguments here are ≤ T.
+// kd_ex2_fma on the host. Its arguments here are ≤ 126.
 KD_FHD float kd_ex2(float x) {
 #ifdef __CUDA_ARCH__
   float y;
@@ -133,6 +133,15 @@ KD_FHD float kd_atleast(float x, float lo) {
   return fmaxf(x, lo);
 #else
   return x > lo ? x : lo;
+#endif
+}
+
+// min(x, hi) for a non-NaN `hi`, a NaN x giving hi (as kd_atleast).
+KD_FHD float kd_atmost(float x, float hi) {
+#ifdef __CUDA_ARCH__
+  return fminf(x, hi);
+#else
+  return x < hi ? x : hi;
 #endif
 }
 
@@ -266,7 +275,7 @@ struct KdFastRow {
   float aw;            // gradient: w·α
   float k;             // reverse KL: D (base 2); JSD: Σ q log2(q/m)
   float kscale;        // reverse KL: cw; JSD: cw·ln2·(1 − β)
-  float dlt_hi, dlt_lo;  // reverse KL: lse_s − lse_t (base 2) as hi + lo
+  float dlt_hi, dlt_lo;  // reverse KL: lse_s − lse_t (base 2) as hi + lo; JSD: lse_t − lse_s
   float ref_s, inv_zs;   // reverse KL: the student's reference and 1/Z_s
   float omb;           // JSD: 1 − β
   float f_up, f_dn, f_eq;  // TVD: the gradient's factor of q where q > p, q < p, q = p
@@ -304,15 +313,17 @@ KD_FHD KdFastRow kd_fast_finish(const KdFast& st, float w, const KdParams& P) {
   const float lse_x = st.mx + lx, lse_y = st.my + ly;
   r.lse_s = rkl ? lse_x : lse_y;
   r.lse_t = rkl ? lse_y : lse_x;
-  if (rkl) {
-    // The references are exact floats: (mx − my) + log2(Zx/Zy) in double.
+  r.dlt_hi = r.dlt_lo = r.ref_s = r.inv_zs = 0.0f;
+  if (rkl || DIV == KD_DIV_JSD) {
+    // lse_x − lse_y (reverse KL: lse_s − lse_t; JSD: lse_t − lse_s). The
+    // references are exact floats: (mx − my) + log2(Zx/Zy) in double.
     const double dl = ((double)st.mx - (double)st.my) + log2((double)st.zx / (double)st.zy);
     r.dlt_hi = (float)dl;
     r.dlt_lo = (float)(dl - (double)r.dlt_hi);
+  }
+  if (rkl) {
     r.ref_s = st.mx;
     r.inv_zs = 1.0f / st.zx;
-  } else {
-    r.dlt_hi = r.dlt_lo = r.ref_s = r.inv_zs = 0.0f;
   }
   r.m_1 = CE ? st.m1 : 0.0f;
   r.l_1 = CE ? log2f(st.z1) : 0.0f;
@@ -407,7 +418,7 @@ KD_FHD float kd_fast_grad_jsd(float q, float d, const KdFastRow& r) { return (q 
 //   at that of log2 q, ≈ log2 V in a flat row), clamped below (a masked
 //   student entry: q = 0, not 0·inf);
 //   TVD: q·(f_up, f_dn or f_eq by the side of q against p);
-//   JSD: (q·kscale)·(log2(q/m) − Σ q log2(q/m)), p by kd_ex2_fma (no MUFU).
+//   JSD: (q·kscale)·(log2(q/m) − Σ q log2(q/m)), log2(q/m) from p/q (no p).
 template <int DIV, bool CE>
 KD_FHD float kd_fast_grad(float s, float t, const KdFastRow& r, const KdParams& P) {
   // Reverse KL's q from the student's reference and 1/Z (one multiply
@@ -423,10 +434,13 @@ KD_FHD float kd_fast_grad(float s, float t, const KdFastRow& r, const KdParams& 
     const float p = kd_ex2(fmaf(t, P.scale2, -r.lse_t));
     g = q * (q > p ? r.f_up : (q < p ? r.f_dn : r.f_eq));
   } else if (DIV == KD_DIV_JSD) {
-    const float lq = fmaf(s, P.scale2, -r.lse_s);
-    const float p = kd_ex2_fma(fmaf(t, P.scale2, -r.lse_t));
-    const float lm = kd_lg2(kd_atleast(fmaf(P.beta, p, r.omb * q), 1.17549435e-38f));
-    g = kd_fast_grad_jsd(q, kd_atleast(lq - lm, -KD_FAST_BIG), r);
+    // log2(q/m) = −log2(β·p/q + 1 − β) with p/q = 2^((t − s)·scale2 − Δ):
+    // two MUFU and no p. The exponent is capped at 126 (a NaN, from
+    // s = t = −inf, also gives 126): where it binds q ≤ 2^−126 flushes to
+    // 0, and 1 − β > 0 (β ∈ (0, 1) here: β = 0, 1 run the KL kernels)
+    // keeps the log finite.
+    const float x = kd_atmost(fmaf(t - s, P.scale2, -r.dlt_hi), 126.0f);
+    g = kd_fast_grad_jsd(q, -kd_lg2(fmaf(P.beta, kd_ex2(x), r.omb)), r);
   } else {
     const float p = kd_ex2(fmaf(t, P.scale2, -r.lse_t));
     g = r.cw * (q - p);

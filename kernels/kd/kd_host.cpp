@@ -321,5 +321,9 @@ long long kd_host_single_smem(long long V, long long in_size, long long nc) {
   return kd_single_smem(V, in_size, nc);
 }
 int kd_host_single_max_cluster() { return KD_SINGLE_MAX_CLUSTER; }
+// The same for the single-read top-k kernels (the student and a bit map).
+long long kd_host_single_topk_smem(long long V, long long in_size, long long nc) {
+  return kd_single_topk_smem(V, in_size, nc);
+}
 
 }  // extern "C"

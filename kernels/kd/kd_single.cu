@@ -23,14 +23,18 @@
 // Issue slots per element (sm_90 SASS, scripts/sass-report; bf16 in and
 // out; bench/results/sass-sm_90.md): v1's fast kernels plus one 16-byte
 // shared-memory store per side and chunk in pass 1, the later passes'
-// global loads replaced by shared-memory loads: forward KL 26.9 (16.9 +
-// 10), JSD 61.8 (13.3 + 18.4 + 30.1), MUFU 4 and 7; α > 0 adds about 6.
-// Budgets: kernels/budgets.toml (v1's + 3). The exact variants
+// global loads replaced by shared-memory loads: forward KL 26.9 (17 +
+// 10), JSD 46.6 (13 + 18 + 15), MUFU 4 and 8; α > 0 adds about 7.
+// Budgets: kernels/budgets.toml (v1's + 3). Predicted (scripts/sass-report,
+// a model): 100% of the copy bandwidth on an H100 for both, on an H200
+// 100% and 73% (JSD: MUFU-bound). The exact variants
 // (soft-capping, the teacher gradient, precision = exact) are
 // kd_fused_body's arithmetic; they are held to 2 CTAs per SM (128
 // registers: at 64, ptxas spilled JSD's on sm_120), which the shared
 // memory of a staged row allows anyway.
-// Built for sm_90 and later (clusters); elsewhere the host runs v1.
+// Built for sm_90 and later (clusters); elsewhere the host runs v1. The
+// single-read top-k kernels (kd_single_topk_*) are in kd_topk.cu, one body
+// with v1's.
 #include "kd/kd_fast.cu"
 #include "kd/kd_fused.cu"
 
@@ -38,8 +42,13 @@
 
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
 
-#define KD_SINGLE_FAST(NAME, TIN, TOUT, DIV, CE)                                            \
-  extern "C" __global__ void __launch_bounds__(KD_SINGLE_THREADS, 4) NAME(const KdFusedArgs a) { \
+// JSD with α > 0 carries the most state: 3 CTAs per SM (80 registers; at
+// 64, ptxas 13.0 spilled kd_single_jsd_fastce_f32_f32 on sm_120).
+#define KD_SINGLE_FAST_MIN(DIV, CE) ((DIV) == KD_DIV_JSD && (CE) ? 3 : 4)
+
+#define KD_SINGLE_FAST(NAME, TIN, TOUT, DIV, CE)                                  \
+  extern "C" __global__ void __launch_bounds__(KD_SINGLE_THREADS, KD_SINGLE_FAST_MIN(DIV, CE)) \
+      NAME(const KdFusedArgs a) {                                                 \
     kd_fast_body<TIN, TOUT, DIV, CE, true>(a, kd_scratch_dyn<KdFast, KD_SINGLE_THREADS>());  \
   }
 

@@ -9,6 +9,9 @@
 //   [scratch | student slice: cap elements | teacher slice: cap elements]
 // cap = 8·⌈⌈V/8⌉/nc⌉ + 16: a CTA's share of the row's 8-element chunks,
 // plus room for the unaligned head (CTA 0) and tail (the last CTA).
+// A top-k teacher (kd_topk.cu) stages the student only, and a bit map of
+// the slice's support after it:
+//   [scratch | student slice: cap elements | cap bits, in 32-bit words]
 #pragma once
 
 #include "common/dtype.cuh"
@@ -28,4 +31,10 @@ KD_HD long long kd_single_cap(long long V, long long nc) {
 // Dynamic shared memory of one CTA, bytes.
 KD_HD long long kd_single_smem(long long V, long long in_size, long long nc) {
   return KD_SINGLE_SCRATCH + 2 * kd_single_cap(V, nc) * in_size;
+}
+
+// Dynamic shared memory of one single-read top-k CTA, bytes.
+KD_HD long long kd_single_topk_smem(long long V, long long in_size, long long nc) {
+  const long long cap = kd_single_cap(V, nc);
+  return KD_SINGLE_SCRATCH + cap * in_size + 4 * ((cap + 31) / 32);
 }

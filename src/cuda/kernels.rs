@@ -104,6 +104,9 @@ pub(crate) enum Kernel {
     Single { div: u8, variant: u8, io: Io },
     /// `kd_topk_<in>_<out>_<i32|i64>`.
     Topk { io: Io, indices_i64: bool },
+    /// `kd_single_topk_<in>_<out>_<i32|i64>`: the single-read top-k kernel
+    /// (sm_90 and later only; one cluster per row).
+    SingleTopk { io: Io, indices_i64: bool },
     /// `kd_topk_validate_<i32|i64>`.
     TopkValidate { indices_i64: bool },
     /// `kd_count_valid`.
@@ -145,7 +148,8 @@ const VP_FINISH: usize = VP_STATS + 2 * 3;
 const VP_REDUCE: usize = VP_FINISH + IO_NAMES.len();
 const SELECT: usize = VP_REDUCE + 1;
 const SINGLE: usize = SELECT + 3;
-const SLOTS: usize = SINGLE + DIVERGENCES * VARIANTS * IO_NAMES.len();
+const SINGLE_TOPK: usize = SINGLE + DIVERGENCES * VARIANTS * IO_NAMES.len();
+const SLOTS: usize = SINGLE_TOPK + 2 * IO_NAMES.len();
 
 fn dtype_index(d: Dtype) -> usize {
     match d {
@@ -189,6 +193,9 @@ impl Kernel {
                     + io.0 as usize
             }
             Kernel::Topk { io, indices_i64 } => TOPK + 2 * io.0 as usize + indices_i64 as usize,
+            Kernel::SingleTopk { io, indices_i64 } => {
+                SINGLE_TOPK + 2 * io.0 as usize + indices_i64 as usize
+            }
             Kernel::TopkValidate { indices_i64 } => TOPK_VALIDATE + indices_i64 as usize,
             Kernel::CountValid => COUNT_VALID,
             Kernel::ReduceLoss => REDUCE_LOSS,
@@ -222,6 +229,9 @@ impl Kernel {
             }
             Kernel::Topk { io, indices_i64 } => {
                 format!("kd_topk_{}_{}", io.suffix(), index(indices_i64))
+            }
+            Kernel::SingleTopk { io, indices_i64 } => {
+                format!("kd_single_topk_{}_{}", io.suffix(), index(indices_i64))
             }
             Kernel::TopkValidate { indices_i64 } => {
                 format!("kd_topk_validate_{}", index(indices_i64))
@@ -300,6 +310,7 @@ mod tests {
         for indices_i64 in [false, true] {
             all.push(Kernel::TopkValidate { indices_i64 });
             all.extend(ios.iter().map(|&io| Kernel::Topk { io, indices_i64 }));
+            all.extend(ios.iter().map(|&io| Kernel::SingleTopk { io, indices_i64 }));
         }
         for kind in 0..FEATURE_KINDS.len() as u8 {
             all.extend(ios.iter().map(|&io| Kernel::Feature { kind, io }));
@@ -397,6 +408,13 @@ mod tests {
                     indices_i64: true,
                 },
                 "kd_topk_f16_f16_i64",
+            ),
+            (
+                Kernel::SingleTopk {
+                    io: bf16_f32,
+                    indices_i64: false,
+                },
+                "kd_single_topk_bf16_f32_i32",
             ),
             (
                 Kernel::TopkValidate { indices_i64: false },

@@ -14,7 +14,7 @@ use super::kernels::{Io, Kernel, KernelTable};
 use super::CudaBackend;
 use crate::error::{invalid, Result};
 use crate::params::{CountArgs, FusedArgs, KernelParams, ReduceArgs, TopkArgs, TopkValidateArgs};
-use crate::single_read::{self, KernelChoice, KernelPlan};
+use crate::single_read::{self, KernelChoice, KernelPlan, Staged};
 use crate::spec::LossSpec;
 use crate::tensor::{Dtype, TopkIndices};
 use cudarc::driver::sys::{self, CUdevice_attribute, CUfunction_attribute};
@@ -414,6 +414,19 @@ impl CudaBackend {
             .clone())
     }
 
+    /// As [`CudaBackend::plan_for`], for a top-k teacher (int64 indices).
+    pub fn plan_topk_for(
+        &self,
+        spec: &LossSpec,
+        dtypes: (Dtype, Dtype),
+        cols: usize,
+    ) -> Result<KernelPlan> {
+        Ok(self
+            .prepare_topk(spec, dtypes, cols, spec.alpha > 0.0, true)?
+            .plan()
+            .clone())
+    }
+
     /// As [`CudaBackend::prepare`], for a top-k teacher whose indices are
     /// int64 (`indices_i64`) or int32.
     pub fn prepare_topk(
@@ -439,27 +452,31 @@ impl CudaBackend {
     ) -> Result<PreparedLoss> {
         check_cols(cols)?;
         let io = io(dtype, grad_dtype)?;
-        let (kernel, plan, threads, smem) = match topk {
-            None => {
-                let (kernel, plan) = self.plan_dense(spec, io, cols, dtype)?;
-                match plan {
-                    KernelPlan::SingleRead { smem_bytes, .. } => (
-                        kernel,
-                        plan,
-                        single_read::SINGLE_THREADS,
-                        smem_u32(smem_bytes)?,
-                    ),
-                    KernelPlan::V1 { .. } => (kernel, plan, threads_for(cols, dtype), 0),
-                }
+        let (kernel, plan) = match topk {
+            None => self.plan_staged(
+                (Kernel::fused(spec, io), Kernel::single(spec, io)),
+                cols,
+                dtype,
+                Staged::Dense,
+            )?,
+            Some(indices_i64) => self.plan_staged(
+                (
+                    Kernel::Topk { io, indices_i64 },
+                    Kernel::SingleTopk { io, indices_i64 },
+                ),
+                cols,
+                dtype,
+                Staged::Topk,
+            )?,
+        };
+        let (threads, smem) = match (&plan, topk) {
+            (KernelPlan::SingleRead { smem_bytes, .. }, _) => {
+                (single_read::SINGLE_THREADS, smem_u32(*smem_bytes)?)
             }
-            Some(indices_i64) => (
-                self.kernel(Kernel::Topk { io, indices_i64 })?.clone(),
-                KernelPlan::V1 {
-                    reason: "top-k teacher: its own kernels".into(),
-                },
-                threads_for(cols, dtype),
-                self.bitmap_bytes(cols)?,
-            ),
+            (KernelPlan::V1 { .. }, None) => (threads_for(cols, dtype), 0),
+            (KernelPlan::V1 { .. }, Some(_)) => {
+                (threads_for(cols, dtype), self.bitmap_bytes(cols)?)
+            }
         };
         Ok(PreparedLoss {
             spec: spec.clone(),
@@ -478,34 +495,31 @@ impl CudaBackend {
         })
     }
 
-    /// The dense kernel of a loss and its plan: [`single_read::plan`] on
-    /// this device's caps under the backend's choice; a single-read plan
-    /// then needs the `kd_single_*` kernel in the loaded module and a
-    /// cluster the occupancy API says can be resident (the planned size,
-    /// else the next larger ones), else v1 and why (an error when
-    /// single-read is forced).
-    fn plan_dense(
+    /// The kernel of a loss and its plan, from its (v1, single-read)
+    /// kernels: [`single_read::plan_staged`] on this device's caps under
+    /// the backend's choice; a single-read plan then needs the
+    /// `kd_single_*` kernel in the loaded module and a cluster the
+    /// occupancy API says can be resident (the planned size, else the next
+    /// larger ones), else v1 and why (an error when single-read is forced).
+    fn plan_staged(
         &self,
-        spec: &LossSpec,
-        io: Io,
+        (v1_kernel, single_kernel): (Kernel, Kernel),
         cols: usize,
         dtype: Dtype,
+        staged: Staged,
     ) -> Result<(CudaFunction, KernelPlan)> {
         let choice = self.kernel_choice;
         let v1 = |reason: String| -> Result<(CudaFunction, KernelPlan)> {
             if choice == KernelChoice::SingleRead {
                 return invalid("kernel", format!("single-read cannot run here: {reason}"));
             }
-            Ok((
-                self.kernel(Kernel::fused(spec, io))?.clone(),
-                KernelPlan::V1 { reason },
-            ))
+            Ok((self.kernel(v1_kernel)?.clone(), KernelPlan::V1 { reason }))
         };
-        let planned = single_read::plan(choice, &self.caps, cols, dtype.size())?;
+        let planned = single_read::plan_staged(choice, &self.caps, cols, dtype.size(), staged)?;
         let KernelPlan::SingleRead { cluster, .. } = planned else {
-            return Ok((self.kernel(Kernel::fused(spec, io))?.clone(), planned));
+            return Ok((self.kernel(v1_kernel)?.clone(), planned));
         };
-        let Ok(f) = self.kernel(Kernel::single(spec, io)) else {
+        let Ok(f) = self.kernel(single_kernel) else {
             return v1(
                 "this GPU's module has no single-read kernels (built for sm_90 and later)".into(),
             );
@@ -517,7 +531,7 @@ impl CudaBackend {
             self.caps.smem_per_block / 1024
         );
         for nc in cluster..=largest.max(cluster) {
-            let smem_bytes = single_read::smem_bytes(cols, dtype.size(), nc);
+            let smem_bytes = staged.smem_bytes(cols, dtype.size(), nc);
             if smem_bytes > self.caps.smem_per_block {
                 continue;
             }

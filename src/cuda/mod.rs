@@ -124,7 +124,17 @@ impl CudaBackend {
     /// `InvalidArgument` naming it, on any machine);
     /// [`CudaBackend::with_kernel`] overrides it.
     pub fn new(ordinal: usize) -> Result<Self> {
-        let kernel_choice = KernelChoice::from_env()?;
+        Self::open(ordinal, None)
+    }
+
+    /// As [`CudaBackend::new`], with the loss kernel chosen by `choice`
+    /// when given (then `KDFUSE_KERNEL` is not read: an explicit choice
+    /// wins over a bad environment).
+    pub fn open(ordinal: usize, choice: Option<KernelChoice>) -> Result<Self> {
+        let kernel_choice = match choice {
+            Some(c) => c,
+            None => KernelChoice::from_env()?,
+        };
         ensure_kernels()?;
         let n = device_count()?;
         if n == 0 {

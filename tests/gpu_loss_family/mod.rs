@@ -62,6 +62,42 @@ pub fn topk_llm_vocabularies_every_mode(b: &CudaBackend) {
     }
 }
 
+/// The top-k kernels forced both ways on the same cases: v1 (`kd_topk_*`)
+/// and auto (on sm_90 and later the single-read `kd_single_topk_*`, whose
+/// plan is printed), each against the oracle.
+pub fn topk_v1_and_single_read(_: &CudaBackend) {
+    use kdfuse::single_read::KernelChoice;
+    for choice in [KernelChoice::V1, KernelChoice::Auto] {
+        let b = CudaBackend::open(0, Some(choice)).unwrap();
+        for (i, mode) in TopkMode::ALL.into_iter().enumerate() {
+            let cols = [32_000, 128_256, 262_144][i];
+            let tail = mode == TopkMode::Tail;
+            let spec = LossSpec {
+                topk_mode: mode,
+                temperature: if tail { 1.0 } else { 2.0 },
+                teacher_log_probs: tail,
+                alpha: 0.3,
+                ..Default::default()
+            };
+            let plan = b
+                .plan_topk_for(&spec, (Dtype::Bf16, Dtype::Bf16), cols)
+                .unwrap();
+            println!(
+                "  top-k {mode} V={cols} --kernel {choice}: {}",
+                plan.describe()
+            );
+            let topk = TopkCase {
+                k: 256,
+                i64: i % 2 == 0,
+            };
+            assert_case(
+                &b,
+                &case(cols, Dtype::Bf16, spec, Some(topk), 900 + i as u64),
+            );
+        }
+    }
+}
+
 pub fn options_every_divergence(b: &CudaBackend) {
     for (i, divergence) in Divergence::ALL.into_iter().enumerate() {
         for dtype in Dtype::ALL {

@@ -15,4 +15,5 @@ mod oracle_fd;
 mod oracle_options;
 mod precision_bounds;
 mod single_read;
+mod single_read_topk;
 mod validation;

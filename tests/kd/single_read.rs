@@ -20,9 +20,9 @@ use rand::{Rng, SeedableRng};
 
 /// Shared memory a CTA may use on the emulated device: one CTA holds 256
 /// bf16 columns (120 in f32).
-const LIMIT: usize = 4160;
+pub(crate) const LIMIT: usize = 4160;
 
-fn small_device() -> DeviceCaps {
+pub(crate) fn small_device() -> DeviceCaps {
     DeviceCaps {
         compute_capability: (9, 0),
         smem_per_block: LIMIT,
@@ -32,7 +32,7 @@ fn small_device() -> DeviceCaps {
     }
 }
 
-fn emu(kernel: KernelChoice) -> EmuBackend {
+pub(crate) fn emu(kernel: KernelChoice) -> EmuBackend {
     EmuBackend {
         kernel,
         caps: small_device(),
@@ -66,7 +66,7 @@ fn thresholds(in_size: usize) -> Vec<(usize, u32)> {
     out
 }
 
-const PAIRS: [(Dtype, GradDtype); 5] = [
+pub(crate) const PAIRS: [(Dtype, GradDtype); 5] = [
     (Dtype::F32, GradDtype::F32),
     (Dtype::Bf16, GradDtype::Input),
     (Dtype::Bf16, GradDtype::F32),

@@ -462,10 +462,7 @@ fn measure_config(
 pub fn run(configs: &[BenchConfig], opts: &BenchOptions) -> Result<BenchReport> {
     opts.validate()?;
     let date = host::now_rfc3339();
-    let mut backend = CudaBackend::new(opts.device)?;
-    if let Some(k) = opts.kernel {
-        backend.set_kernel(k);
-    }
+    let backend = CudaBackend::open(opts.device, opts.kernel)?;
     let meta = device_meta(&backend)?;
     let host = host::host_info(opts.cpu_rows > 0);
     let (free, _) = backend.context().mem_get_info()?;

@@ -213,11 +213,11 @@ fn write_file(path: &Path, body: &[u8]) -> Result<(), CliError> {
         .map_err(|e| CliError::Msg(format!("{}: cannot write: {e}", path.display())))
 }
 
-fn use_cuda(backend: &str, device: usize) -> Result<bool, CliError> {
+fn use_cuda(backend: &str, device: usize, kernel: &KernelArgs) -> Result<bool, CliError> {
     match backend {
         "cpu" => Ok(false),
         "cuda" => Ok(true),
-        _ => match kdfuse::backend::select_cuda(device)? {
+        _ => match kdfuse::backend::select_cuda_for(device, kernel.forced())? {
             kdfuse::backend::CudaChoice::Usable(_) => Ok(true),
             kdfuse::backend::CudaChoice::Unavailable(why) => {
                 eprintln!("kdfuse: note: CUDA unavailable ({why}); benchmarking the CPU backend");
@@ -234,7 +234,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, CliError> {
     if a.linear {
         return run_linear(a);
     }
-    let cuda = use_cuda(&a.backend, a.device)?;
+    let cuda = use_cuda(&a.backend, a.device, &a.kernel)?;
     let configs = match &a.preset {
         Some(p) => p.parse::<Preset>().map_err(CliError::Msg)?.configs(!cuda),
         None => a
@@ -439,20 +439,19 @@ fn run_linear(a: BenchArgs) -> Result<ExitCode, CliError> {
     let (cuda, cuda_skipped) = match a.backend.as_str() {
         "cpu" => (None, "--backend cpu".to_string()),
         "cuda" => (
-            Some(kdfuse::cuda::CudaBackend::new(a.device)?),
+            Some(kdfuse::cuda::CudaBackend::open(
+                a.device,
+                a.kernel.forced(),
+            )?),
             String::new(),
         ),
-        _ => match kdfuse::backend::select_cuda(a.device)? {
+        _ => match kdfuse::backend::select_cuda_for(a.device, a.kernel.forced())? {
             kdfuse::backend::CudaChoice::Usable(b) => (Some(b), String::new()),
             kdfuse::backend::CudaChoice::Unavailable(why) => {
                 (None, format!("no usable GPU ({why})"))
             }
         },
     };
-    let cuda = cuda.map(|b| match a.kernel.forced() {
-        Some(k) => b.with_kernel(k),
-        None => b,
-    });
     if cuda.is_none() {
         eprintln!("kdfuse: bench --linear: cuda skipped: {cuda_skipped}");
     }
@@ -630,10 +629,7 @@ pub fn profile(a: ProfileArgs) -> Result<ExitCode, CliError> {
     } else {
         Variant::Fused
     };
-    let mut backend = CudaBackend::new(a.device)?;
-    if let Some(k) = a.kernel.forced() {
-        backend.set_kernel(k);
-    }
+    let backend = CudaBackend::open(a.device, a.kernel.forced())?;
     let mut case = DeviceCase::new(&backend, c, 1, variant == Variant::Eager, a.seed)?;
     for i in 0..a.warmup {
         case.enqueue(variant, i)?;

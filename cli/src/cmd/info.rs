@@ -2,7 +2,7 @@
 
 use super::{CliError, KernelArgs};
 use clap::Args;
-use kdfuse::single_read::{self, DeviceCaps, KernelChoice, KernelPlan};
+use kdfuse::single_read::{self, DeviceCaps, KernelChoice, KernelPlan, Staged};
 use kdfuse::{cuda, kernels_meta, Dtype, LossSpec};
 use serde_json::json;
 use std::process::ExitCode;
@@ -24,14 +24,43 @@ const PLANNED: [(Dtype, usize); 4] = [
     (Dtype::F32, 128_256),
 ];
 
-/// The dense loss kernel's plans on one device (or on an sm_90 when no
-/// GPU is here).
+/// The loss kernel's plans on one device (or on an sm_90 when no GPU is
+/// here).
 struct LossKernel {
     /// `GPU <n>` or `planned for an sm_90 (no GPU here)`.
     label: String,
     caps: DeviceCaps,
-    /// Per shape: the plan, or why none could be made.
-    plans: Vec<(Dtype, usize, Result<KernelPlan, String>)>,
+    /// Per shape and teacher: the plan, or why none could be made.
+    plans: Vec<Plan>,
+}
+
+/// One shape's plan for a dense or a top-k teacher.
+struct Plan {
+    dtype: Dtype,
+    cols: usize,
+    teacher: Staged,
+    plan: Result<KernelPlan, String>,
+}
+
+/// [`PLANNED`] × (dense, top-k), each planned by `f`.
+fn each_plan(mut f: impl FnMut(Dtype, usize, Staged) -> kdfuse::Result<KernelPlan>) -> Vec<Plan> {
+    [Staged::Dense, Staged::Topk]
+        .into_iter()
+        .flat_map(|teacher| PLANNED.iter().map(move |&(d, v)| (d, v, teacher)))
+        .map(|(dtype, cols, teacher)| Plan {
+            dtype,
+            cols,
+            teacher,
+            plan: f(dtype, cols, teacher).map_err(|e| e.to_string()),
+        })
+        .collect()
+}
+
+fn teacher_name(t: Staged) -> &'static str {
+    match t {
+        Staged::Dense => "dense",
+        Staged::Topk => "top-k",
+    }
 }
 
 /// The plans of [`PLANNED`] under `choice`: per device, by its backend
@@ -40,13 +69,7 @@ struct LossKernel {
 /// `DeviceCaps::SM90`.
 fn loss_kernels(choice: KernelChoice, ordinals: &[usize]) -> Vec<LossKernel> {
     let planned = |caps: &DeviceCaps| {
-        PLANNED
-            .iter()
-            .map(|&(d, v)| {
-                let p = single_read::plan(choice, caps, v, d.size()).map_err(|e| e.to_string());
-                (d, v, p)
-            })
-            .collect()
+        each_plan(|d, v, t| single_read::plan_staged(choice, caps, v, d.size(), t))
     };
     if ordinals.is_empty() {
         let caps = DeviceCaps::SM90;
@@ -60,16 +83,12 @@ fn loss_kernels(choice: KernelChoice, ordinals: &[usize]) -> Vec<LossKernel> {
         .iter()
         .filter_map(|&i| {
             let spec = LossSpec::default();
-            match cuda::CudaBackend::new(i) {
+            match cuda::CudaBackend::open(i, Some(choice)) {
                 Ok(b) => {
-                    let b = b.with_kernel(choice);
-                    let plans = PLANNED
-                        .iter()
-                        .map(|&(d, v)| {
-                            let p = b.plan_for(&spec, (d, d), v).map_err(|e| e.to_string());
-                            (d, v, p)
-                        })
-                        .collect();
+                    let plans = each_plan(|d, v, t| match t {
+                        Staged::Dense => b.plan_for(&spec, (d, d), v),
+                        Staged::Topk => b.plan_topk_for(&spec, (d, d), v),
+                    });
                     Some(LossKernel {
                         label: format!("GPU {i}"),
                         caps: b.device_caps(),
@@ -128,14 +147,18 @@ pub fn run(a: InfoArgs) -> Result<ExitCode, CliError> {
                 let plans: Vec<_> = k
                     .plans
                     .iter()
-                    .map(|(d, v, p)| match p {
-                        Ok(p) => json!({
-                            "dtype": d.as_str(),
-                            "cols": v,
-                            "plan": p,
-                            "describe": p.describe(),
-                        }),
-                        Err(e) => json!({ "dtype": d.as_str(), "cols": v, "error": e }),
+                    .map(|p| {
+                        let (d, v, t) = (p.dtype.as_str(), p.cols, teacher_name(p.teacher));
+                        match &p.plan {
+                            Ok(plan) => json!({
+                                "dtype": d,
+                                "cols": v,
+                                "teacher": t,
+                                "plan": plan,
+                                "describe": plan.describe(),
+                            }),
+                            Err(e) => json!({ "dtype": d, "cols": v, "teacher": t, "error": e }),
+                        }
                     })
                     .collect();
                 json!({ "label": k.label, "caps": k.caps, "plans": plans })
@@ -205,12 +228,16 @@ pub fn run(a: InfoArgs) -> Result<ExitCode, CliError> {
     outln!("Loss kernel (--kernel / KDFUSE_KERNEL: {choice}):")?;
     for k in &loss_kernel {
         outln!("  {}: {}", k.label, caps_line(&k.caps))?;
-        for (d, v, p) in &k.plans {
-            let what = match p {
-                Ok(p) => p.describe(),
+        for p in &k.plans {
+            let what = match &p.plan {
+                Ok(plan) => plan.describe(),
                 Err(e) => format!("error: {e}"),
             };
-            outln!("    {d} V={v}: {what}")?;
+            let teacher = match p.teacher {
+                Staged::Dense => String::new(),
+                Staged::Topk => ", top-k teacher".into(),
+            };
+            outln!("    {} V={}{teacher}: {what}", p.dtype, p.cols)?;
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -269,11 +269,8 @@ fn make_backend(name: &str, kernel: &KernelArgs) -> Result<Engine, CliError> {
     match name {
         "cpu" => Ok(Engine::Host(Box::new(kdfuse::CpuBackend))),
         "oracle" => Ok(Engine::Host(kdfuse::create(kdfuse::BackendKind::Oracle)?)),
-        "cuda" => match kdfuse::select_cuda(0)? {
-            kdfuse::CudaChoice::Usable(b) => Ok(Engine::Cuda(match kernel.forced() {
-                Some(k) => b.with_kernel(k),
-                None => b,
-            })),
+        "cuda" => match kdfuse::backend::select_cuda_for(0, kernel.forced())? {
+            kdfuse::CudaChoice::Usable(b) => Ok(Engine::Cuda(b)),
             kdfuse::CudaChoice::Unavailable(why) => Err(CliError::Msg(format!(
                 "invalid argument `--backend`: cuda is not usable here ({why}); use --backend cpu or oracle"
             ))),

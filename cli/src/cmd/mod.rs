@@ -155,19 +155,15 @@ pub(crate) fn make_backend_with(
     kind: BackendKind,
     kernel: Option<KernelChoice>,
 ) -> Result<Box<dyn kdfuse::Backend>, CliError> {
-    let with = |b: kdfuse::cuda::CudaBackend| match kernel {
-        Some(k) => b.with_kernel(k),
-        None => b,
-    };
     Ok(match kind {
-        BackendKind::Auto => match kdfuse::backend::select_cuda(0)? {
-            CudaChoice::Usable(b) => Box::new(with(b)),
+        BackendKind::Auto => match kdfuse::backend::select_cuda_for(0, kernel)? {
+            CudaChoice::Usable(b) => Box::new(b),
             CudaChoice::Unavailable(why) => {
                 eprintln!("kdfuse: note: CUDA unavailable ({why}); using the CPU backend");
                 Box::new(kdfuse::CpuBackend)
             }
         },
-        BackendKind::Cuda => Box::new(with(kdfuse::cuda::CudaBackend::new(0)?)),
+        BackendKind::Cuda => Box::new(kdfuse::cuda::CudaBackend::open(0, kernel)?),
         _ => kdfuse::create(kind)?,
     })
 }

@@ -44,13 +44,19 @@ fn a_bad_kdfuse_kernel_is_a_clear_error_where_it_is_read() {
         assert_clean_error(&out, "KDFUSE_KERNEL");
         assert_clean_error(&out, "must be auto, v1 or single-read");
     }
-    // --kernel overrides it where it is given.
-    let out = Cli::line("info --kernel v1")
-        .command()
-        .env("KDFUSE_KERNEL", "bogus")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    // --kernel overrides it where it is given: `info`, and a loss on the
+    // auto backend (which opens CUDA, or falls back to the CPU here).
+    for cli in [
+        Cli::line("info --kernel v1"),
+        Cli::loss(&s, &t).args(&["--kernel", "v1"]),
+    ] {
+        let out = cli
+            .command()
+            .env("KDFUSE_KERNEL", "bogus")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
     // The CPU backend never reads it.
     let out = Cli::loss(&s, &t)
         .args(&["--backend", "cpu"])
@@ -78,7 +84,12 @@ fn info_shows_the_loss_kernel_plans() {
         .lines()
         .find(|l| l.trim_start().starts_with("bf16 V=128256:"))
         .unwrap_or_else(|| panic!("no bf16 V=128256 plan: {text}"));
-    for shape in ["bf16 V=32000:", "bf16 V=262144:", "f32 V=128256:"] {
+    for shape in [
+        "bf16 V=32000:",
+        "bf16 V=262144:",
+        "f32 V=128256:",
+        "bf16 V=128256, top-k teacher:",
+    ] {
         assert!(text.contains(shape), "{shape} missing: {text}");
     }
     if !gpu() {
@@ -109,7 +120,20 @@ fn info_shows_the_loss_kernel_plans() {
             .iter()
             .find(|p| p["dtype"] == "bf16" && p["cols"] == 128256)
             .unwrap();
+        assert_eq!(bf16["teacher"], "dense", "{bf16}");
         assert_eq!(bf16["plan"]["kernel"], "single-read", "{bf16}");
         assert!(bf16["plan"]["cluster"].as_u64().unwrap() > 1, "{bf16}");
+        // A top-k CTA stages the student alone: fewer CTAs per row.
+        let topk = d["plans"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["dtype"] == "bf16" && p["cols"] == 128256 && p["teacher"] == "top-k")
+            .unwrap();
+        assert_eq!(topk["plan"]["kernel"], "single-read", "{topk}");
+        assert!(
+            topk["plan"]["cluster"].as_u64() < bf16["plan"]["cluster"].as_u64(),
+            "{topk} {bf16}"
+        );
     }
 }
