@@ -213,6 +213,32 @@ pub fn cluster_race_probe(mode: i32) -> std::result::Result<Option<String>, Stri
     }
 }
 
+/// An emulated single-read launch's shape: `grid` clusters of `cluster`
+/// CTAs of `threads` threads, `smem` bytes of dynamic shared memory each.
+#[derive(Debug, Clone, Copy)]
+struct ClusterLaunch {
+    grid: u32,
+    cluster: u32,
+    threads: u32,
+    smem: u64,
+}
+
+/// The driver's call around one emulated launch that reports what ran.
+fn drive_run(
+    inputs: &impl crate::driver::CallInputs,
+    spec: &LossSpec,
+    grad: Option<crate::tensor::GradDtype>,
+    launch: impl FnOnce(&mut Outputs) -> Result<EmuRun>,
+) -> Result<(crate::driver::KdOutput, EmuRun)> {
+    let mut run = None;
+    let out = crate::driver::drive(inputs, spec, grad, |out| {
+        run = Some(launch(out)?);
+        Ok(())
+    })?;
+    let run = run.ok_or_else(|| crate::error::KdError::Cuda("nothing was launched".into()))?;
+    Ok((out, run))
+}
+
 /// A launch's result, or the race the cluster emulation described in `race`.
 fn race_or(result: Result<()>, race: &[u8]) -> Result<()> {
     match result {
@@ -458,13 +484,7 @@ impl EmuBackend {
         spec: &LossSpec,
         grad: Option<crate::tensor::GradDtype>,
     ) -> Result<(crate::driver::KdOutput, EmuRun)> {
-        let mut run = None;
-        let out = crate::driver::drive(inputs, spec, grad, |out| {
-            run = Some(self.dense_run(inputs, spec, out)?);
-            Ok(())
-        })?;
-        let run = run.ok_or_else(|| crate::error::KdError::Cuda("nothing was launched".into()))?;
-        Ok((out, run))
+        drive_run(inputs, spec, grad, |out| self.dense_run(inputs, spec, out))
     }
 
     /// [`Backend::compute_topk`], and what ran (see [`EmuBackend::topk_run`]).
@@ -474,13 +494,7 @@ impl EmuBackend {
         spec: &LossSpec,
         grad: Option<crate::tensor::GradDtype>,
     ) -> Result<(crate::driver::KdOutput, EmuRun)> {
-        let mut run = None;
-        let out = crate::driver::drive(inputs, spec, grad, |out| {
-            run = Some(self.topk_run(inputs, spec, out)?);
-            Ok(())
-        })?;
-        let run = run.ok_or_else(|| crate::error::KdError::Cuda("nothing was launched".into()))?;
-        Ok((out, run))
+        drive_run(inputs, spec, grad, |out| self.topk_run(inputs, spec, out))
     }
 
     /// [`Backend::topk`], and what ran: the kernel planned (v1 `kd_topk_*`
@@ -531,45 +545,26 @@ impl EmuBackend {
                 n_rows: n as i64,
                 params: p,
             };
-            match plan {
-                // SAFETY: every buffer holds what the launch reads or writes
-                // (inputs validated, outputs sized for them).
-                KernelPlan::V1 { .. } => unsafe {
-                    kd_emu_topk_run(
-                        dtype.code(),
-                        out_dtype.code(),
-                        i64s,
-                        &args,
-                        &mut outs.loss,
-                        self.grid_for(n),
-                        threads_for(v, dtype),
-                        &mut track,
+            let io = (dtype.code(), out_dtype.code());
+            let loss: *mut f32 = &mut outs.loss;
+            // SAFETY (both): every buffer holds what the launch reads or
+            // writes (inputs validated, outputs sized for them); `race`
+            // holds its length.
+            self.launch(
+                &plan,
+                (n, v, dtype),
+                &mut track,
+                &mut race,
+                |grid, block, track| unsafe {
+                    kd_emu_topk_run(io.0, io.1, i64s, &args, loss, grid, block, track)
+                },
+                |l, track, race| unsafe {
+                    kd_emu_single_topk_run(
+                        io.0, io.1, i64s, &args, loss, l.grid, l.cluster, l.threads, l.smem, track,
+                        race.0, race.1,
                     )
                 },
-                KernelPlan::SingleRead {
-                    cluster,
-                    smem_bytes,
-                } => {
-                    let threads = self.threads_for_slice(v, cluster, dtype);
-                    // SAFETY: as above; `race` holds its length.
-                    unsafe {
-                        kd_emu_single_topk_run(
-                            dtype.code(),
-                            out_dtype.code(),
-                            i64s,
-                            &args,
-                            &mut outs.loss,
-                            self.grid_for(n),
-                            cluster,
-                            threads,
-                            smem_bytes as u64,
-                            &mut track,
-                            race.as_mut_ptr(),
-                            race.len() as u64,
-                        )
-                    }
-                }
-            }
+            )
         });
         race_or(result, &race)?;
         Ok(EmuRun {
@@ -578,11 +573,36 @@ impl EmuBackend {
         })
     }
 
-    /// Threads per CTA of an emulated single-read launch.
-    fn threads_for_slice(&self, v: usize, cluster: u32, dtype: Dtype) -> u32 {
-        match self.single_threads {
-            0 => threads_for(v.div_ceil(cluster as usize), dtype),
-            t => t,
+    /// The launch `plan` says, for `n` rows of `v` elements of `dtype`:
+    /// `v1(grid, block, track)` or `single(shape, track, (race, race_len))`,
+    /// each returning the emulation's status.
+    fn launch(
+        &self,
+        plan: &KernelPlan,
+        (n, v, dtype): (usize, usize, Dtype),
+        track: &mut EmuTrack,
+        race: &mut [u8],
+        v1: impl FnOnce(u32, u32, *mut EmuTrack) -> i32,
+        single: impl FnOnce(ClusterLaunch, *mut EmuTrack, (*mut u8, u64)) -> i32,
+    ) -> i32 {
+        match *plan {
+            KernelPlan::V1 { .. } => v1(self.grid_for(n), threads_for(v, dtype), track),
+            KernelPlan::SingleRead {
+                cluster,
+                smem_bytes,
+            } => {
+                let threads = match self.single_threads {
+                    0 => threads_for(v.div_ceil(cluster as usize), dtype),
+                    t => t,
+                };
+                let l = ClusterLaunch {
+                    grid: self.grid_for(n),
+                    cluster,
+                    threads,
+                    smem: smem_bytes as u64,
+                };
+                single(l, track, (race.as_mut_ptr(), race.len() as u64))
+            }
         }
     }
 
@@ -642,47 +662,24 @@ impl EmuBackend {
             };
             let div = spec.kernel_divergence().id();
             let variant = spec.kernel_variant();
-            match plan {
-                // SAFETY: every buffer holds what the launch reads or writes
-                // (inputs validated, outputs sized for them).
-                KernelPlan::V1 { .. } => unsafe {
-                    kd_emu_run(
-                        div,
-                        variant,
-                        dtype.code(),
-                        out_dtype.code(),
-                        &args,
-                        &mut outs.loss,
-                        self.grid_for(n),
-                        threads_for(v, dtype),
-                        &mut track,
+            let io = (dtype.code(), out_dtype.code());
+            let loss: *mut f32 = &mut outs.loss;
+            // SAFETY (both): as in `topk_run`.
+            self.launch(
+                &plan,
+                (n, v, dtype),
+                &mut track,
+                &mut race,
+                |grid, block, track| unsafe {
+                    kd_emu_run(div, variant, io.0, io.1, &args, loss, grid, block, track)
+                },
+                |l, track, race| unsafe {
+                    kd_emu_single_run(
+                        div, variant, io.0, io.1, &args, loss, l.grid, l.cluster, l.threads,
+                        l.smem, track, race.0, race.1,
                     )
                 },
-                KernelPlan::SingleRead {
-                    cluster,
-                    smem_bytes,
-                } => {
-                    let threads = self.threads_for_slice(v, cluster, dtype);
-                    // SAFETY: as above; `race` holds its length.
-                    unsafe {
-                        kd_emu_single_run(
-                            div,
-                            variant,
-                            dtype.code(),
-                            out_dtype.code(),
-                            &args,
-                            &mut outs.loss,
-                            self.grid_for(n),
-                            cluster,
-                            threads,
-                            smem_bytes as u64,
-                            &mut track,
-                            race.as_mut_ptr(),
-                            race.len() as u64,
-                        )
-                    }
-                }
-            }
+            )
         });
         race_or(result, &race)?;
         if let Some(g) = out.grad_teacher.as_mut() {

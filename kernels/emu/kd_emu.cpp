@@ -132,6 +132,31 @@ void copy_message(const std::string& m, char* out, unsigned long long cap) {
   out[n] = 0;
 }
 
+// A single-read launch on the launch contract `a` (with labels, row_loss,
+// valid_count, n_rows, params): checks the shape (`need` bytes of shared
+// memory per CTA, at most `max_block` threads), then count, the loss kernel
+// (`run(found)`: false for an unsupported dtype pair; `found` the race
+// checker's report) with its bytes counted, and the reduction. Returns 0,
+// −1 (unsupported) or −2 (a race, described in `race`).
+template <typename Args, typename F>
+int cluster_launch(const Args& a, long long need, unsigned clusters, unsigned cluster, unsigned block,
+                   unsigned max_block, unsigned long long smem, float* loss, KdEmuTrack* track,
+                   char* race, unsigned long long race_cap, F&& run) {
+  if (cluster == 0 || cluster > KD_SINGLE_MAX_CLUSTER || block == 0 || block % 32 ||
+      block > max_block || clusters == 0 || (unsigned long long)need > smem)
+    return -1;
+  std::lock_guard<std::mutex> lock(kd_emu_mutex);
+  count_valid(a.labels, a.n_rows, a.params.ignore_index, a.valid_count);
+  std::string found;
+  kd_emu_bytes_begin(track);
+  if (a.n_rows > 0 && !run(found)) return -1;
+  kd_emu_bytes_end(track);
+  kd_emu_bytes_begin(nullptr);
+  reduce_loss(a.row_loss, a.n_rows, a.valid_count, a.params, loss);
+  copy_message(found, race, race_cap);
+  return found.empty() ? 0 : -2;
+}
+
 }  // namespace
 
 // The single-read launches (kd_single.cu): count, the loss kernel as
@@ -144,24 +169,14 @@ extern "C" int kd_emu_single_run(int div, int variant, int in_dtype, int out_dty
                                  const KdFusedArgs* a, float* loss, unsigned clusters,
                                  unsigned cluster, unsigned block, unsigned long long smem,
                                  KdEmuTrack* track, char* race, unsigned long long race_cap) {
-  if (cluster == 0 || cluster > KD_SINGLE_MAX_CLUSTER || block == 0 || block % 32 ||
-      block > KD_SINGLE_THREADS || clusters == 0 ||
-      (unsigned long long)kd_single_smem(a->params.vocab, in_dtype == 0 ? 4 : 2, cluster) > smem)
-    return -1;
-  std::lock_guard<std::mutex> lock(kd_emu_mutex);
-  count_valid(a->labels, a->n_rows, a->params.ignore_index, a->valid_count);
-  std::string found;
-  kd_emu_bytes_begin(track);
-  if (a->n_rows > 0 && !with_dtypes(in_dtype, out_dtype, [&](auto tin, auto tout) {
-        single<decltype(tin), decltype(tout)>(div, variant, *a, clusters * cluster, block, cluster, smem,
-                                              found);
-      }))
-    return -1;
-  kd_emu_bytes_end(track);
-  kd_emu_bytes_begin(nullptr);
-  reduce_loss(a->row_loss, a->n_rows, a->valid_count, a->params, loss);
-  copy_message(found, race, race_cap);
-  return found.empty() ? 0 : -2;
+  const long long need = kd_single_smem(a->params.vocab, in_dtype == 0 ? 4 : 2, cluster);
+  return cluster_launch(*a, need, clusters, cluster, block, KD_SINGLE_THREADS, smem, loss, track,
+                        race, race_cap, [&](std::string& found) {
+                          return with_dtypes(in_dtype, out_dtype, [&](auto tin, auto tout) {
+                            single<decltype(tin), decltype(tout)>(div, variant, *a, clusters * cluster,
+                                                                  block, cluster, smem, found);
+                          });
+                        });
 }
 
 // The race checker's own test: a cluster of 4 CTAs, each publishes its rank
@@ -238,31 +253,21 @@ extern "C" int kd_emu_single_topk_run(int in_dtype, int out_dtype, int idx64, co
                                       float* loss, unsigned clusters, unsigned cluster, unsigned block,
                                       unsigned long long smem, KdEmuTrack* track, char* race,
                                       unsigned long long race_cap) {
-  if (cluster == 0 || cluster > KD_SINGLE_MAX_CLUSTER || block == 0 || block % 32 ||
-      block > KD_TOPK_THREADS || clusters == 0 ||
-      (unsigned long long)kd_single_topk_smem(a->params.vocab, in_dtype == 0 ? 4 : 2, cluster) > smem)
-    return -1;
-  std::lock_guard<std::mutex> lock(kd_emu_mutex);
-  count_valid(a->labels, a->n_rows, a->params.ignore_index, a->valid_count);
-  std::string found;
-  kd_emu_bytes_begin(track);
-  if (a->n_rows > 0 && !with_dtypes(in_dtype, out_dtype, [&](auto tin, auto tout) {
-        using Tin = decltype(tin);
-        using Tout = decltype(tout);
-        found = kd_emu_launch_cluster(clusters * cluster, block, cluster, smem, [&] {
-          constexpr int T = KD_TOPK_THREADS;
-          if (idx64)
-            kd_topk_body<Tin, Tout, long long, true>(*a, kd_topk_slice_bits<Tin>(a->params.vocab),
-                                                     kd_scratch_dyn<KdPass1, T>());
-          else
-            kd_topk_body<Tin, Tout, int, true>(*a, kd_topk_slice_bits<Tin>(a->params.vocab),
-                                               kd_scratch_dyn<KdPass1, T>());
-        });
-      }))
-    return -1;
-  kd_emu_bytes_end(track);
-  kd_emu_bytes_begin(nullptr);
-  reduce_loss(a->row_loss, a->n_rows, a->valid_count, a->params, loss);
-  copy_message(found, race, race_cap);
-  return found.empty() ? 0 : -2;
+  const long long need = kd_single_topk_smem(a->params.vocab, in_dtype == 0 ? 4 : 2, cluster);
+  return cluster_launch(*a, need, clusters, cluster, block, KD_TOPK_THREADS, smem, loss, track, race,
+                        race_cap, [&](std::string& found) {
+                          return with_dtypes(in_dtype, out_dtype, [&](auto tin, auto tout) {
+                            using Tin = decltype(tin);
+                            using Tout = decltype(tout);
+                            found = kd_emu_launch_cluster(clusters * cluster, block, cluster, smem, [&] {
+                              constexpr int T = KD_TOPK_THREADS;
+                              uint32_t* bits = kd_topk_slice_bits<Tin>(a->params.vocab);
+                              if (idx64)
+                                kd_topk_body<Tin, Tout, long long, true>(*a, bits,
+                                                                         kd_scratch_dyn<KdPass1, T>());
+                              else
+                                kd_topk_body<Tin, Tout, int, true>(*a, bits, kd_scratch_dyn<KdPass1, T>());
+                            });
+                          });
+                        });
 }

@@ -408,10 +408,8 @@ impl CudaBackend {
         dtypes: (Dtype, Dtype),
         cols: usize,
     ) -> Result<KernelPlan> {
-        Ok(self
-            .prepare(spec, dtypes, cols, spec.alpha > 0.0)?
-            .plan()
-            .clone())
+        let p = self.prepare(spec, dtypes, cols, spec.alpha > 0.0)?;
+        Ok(p.plan().clone())
     }
 
     /// As [`CudaBackend::plan_for`], for a top-k teacher (int64 indices).
@@ -421,10 +419,8 @@ impl CudaBackend {
         dtypes: (Dtype, Dtype),
         cols: usize,
     ) -> Result<KernelPlan> {
-        Ok(self
-            .prepare_topk(spec, dtypes, cols, spec.alpha > 0.0, true)?
-            .plan()
-            .clone())
+        let p = self.prepare_topk(spec, dtypes, cols, spec.alpha > 0.0, true)?;
+        Ok(p.plan().clone())
     }
 
     /// As [`CudaBackend::prepare`], for a top-k teacher whose indices are

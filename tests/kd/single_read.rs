@@ -13,7 +13,7 @@ use crate::common::assert_passed;
 
 use kdfuse::check::{generate, random_config, run_case, CaseConfig};
 use kdfuse::emu::{cluster_race_probe, ByteCounts, EmuBackend};
-use kdfuse::single_read::{smem_bytes, DeviceCaps, KernelChoice, KernelPlan};
+use kdfuse::single_read::{DeviceCaps, KernelChoice, KernelPlan, Staged};
 use kdfuse::{Divergence, Dtype, GradDtype, LossSpec, Precision};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -43,27 +43,32 @@ pub(crate) fn emu(kernel: KernelChoice) -> EmuBackend {
     }
 }
 
-/// The largest V a cluster of `nc` CTAs holds for `in_size`-byte inputs.
-fn v_max(nc: u32, in_size: usize) -> usize {
+/// The largest V a cluster of `nc` CTAs holds for `in_size`-byte inputs,
+/// staging `staged`.
+pub(crate) fn v_max_staged(staged: Staged, nc: u32, in_size: usize) -> usize {
     (1..100_000)
-        .take_while(|&v| smem_bytes(v, in_size, nc) <= LIMIT)
+        .take_while(|&v| staged.smem_bytes(v, in_size, nc) <= LIMIT)
         .last()
         .unwrap()
 }
 
 /// Every V the sweep visits for `in_size`, with the cluster the plan must
 /// take there (0: v1): each threshold's last V and the next one.
-fn thresholds(in_size: usize) -> Vec<(usize, u32)> {
+pub(crate) fn thresholds_staged(staged: Staged, in_size: usize) -> Vec<(usize, u32)> {
     let mut out = Vec::new();
     for nc in [1u32, 2, 4, 8, 16] {
-        let v = v_max(nc, in_size);
+        let v = v_max_staged(staged, nc, in_size);
         out.push((v, nc));
         let next = (nc + 1..=16)
-            .find(|&m| smem_bytes(v + 1, in_size, m) <= LIMIT)
+            .find(|&m| staged.smem_bytes(v + 1, in_size, m) <= LIMIT)
             .unwrap_or(0);
         out.push((v + 1, next));
     }
     out
+}
+
+fn thresholds(in_size: usize) -> Vec<(usize, u32)> {
+    thresholds_staged(Staged::Dense, in_size)
 }
 
 pub(crate) const PAIRS: [(Dtype, GradDtype); 5] = [
@@ -204,7 +209,7 @@ fn every_divergence_dtype_and_option_against_oracle() {
 }
 
 /// Rows of `data` that the kernels sweep (not ignored, weight ≠ 0).
-fn active_rows(c: &CaseConfig) -> u64 {
+pub(crate) fn active_rows(c: &CaseConfig) -> u64 {
     let data = generate(c);
     let inputs = data.inputs();
     (0..c.rows)
@@ -214,6 +219,15 @@ fn active_rows(c: &CaseConfig) -> u64 {
             !(ignored || zero)
         })
         .count() as u64
+}
+
+/// Bytes of one input element and of one gradient element of `pair`.
+pub(crate) fn byte_sizes(pair: (Dtype, GradDtype)) -> (u64, u64) {
+    let din = pair.0.size() as u64;
+    match pair.1 {
+        GradDtype::Input => (din, din),
+        GradDtype::F32 => (din, 4),
+    }
 }
 
 fn counted(b: &EmuBackend, c: &CaseConfig, grad: Option<GradDtype>) -> (ByteCounts, KernelPlan) {
@@ -228,13 +242,7 @@ fn single_read_moves_each_element_once() {
     let mut turn = 0usize;
     for divergence in Divergence::ALL {
         for pair in PAIRS {
-            let (din, dout) = (
-                pair.0.size() as u64,
-                match pair.1 {
-                    GradDtype::Input => pair.0.size() as u64,
-                    GradDtype::F32 => 4,
-                },
-            );
+            let (din, dout) = byte_sizes(pair);
             // Two options per pair, in turn; V in turn over the thresholds.
             for _ in 0..2 {
                 let opt = [0usize, 1, 2, 4, 5][turn % 5];

@@ -7,38 +7,25 @@
 //! every CTA of the cluster must turn into NaN.
 
 use crate::common::assert_passed;
-use crate::single_read::{emu, small_device, LIMIT, PAIRS};
+use crate::single_read::{
+    active_rows, byte_sizes, emu, small_device, thresholds_staged, v_max_staged, PAIRS,
+};
 
 use kdfuse::check::{generate, random_config, run_case, CaseConfig, TopkCase};
 use kdfuse::driver::Outputs;
 use kdfuse::emu::{ByteCounts, EmuBackend};
-use kdfuse::single_read::{plan_staged, topk_smem_bytes, KernelChoice, KernelPlan, Staged};
+use kdfuse::single_read::{plan_staged, KernelChoice, KernelPlan, Staged};
 use kdfuse::tensor::{Logits, OwnedData, TopkIndices, TopkInputs, TopkTeacher};
 use kdfuse::{Dtype, GradDtype, LossSpec, TopkMode};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-/// The largest V a top-k cluster of `nc` CTAs holds for `in_size`-byte inputs.
 fn v_max(nc: u32, in_size: usize) -> usize {
-    (1..100_000)
-        .take_while(|&v| topk_smem_bytes(v, in_size, nc) <= LIMIT)
-        .last()
-        .unwrap()
+    v_max_staged(Staged::Topk, nc, in_size)
 }
 
-/// Each threshold's last V and the next one, with the cluster the plan
-/// must take there (0: v1).
 fn thresholds(in_size: usize) -> Vec<(usize, u32)> {
-    let mut out = Vec::new();
-    for nc in [1u32, 2, 4, 8, 16] {
-        let v = v_max(nc, in_size);
-        out.push((v, nc));
-        let next = (nc + 1..=16)
-            .find(|&m| topk_smem_bytes(v + 1, in_size, m) <= LIMIT)
-            .unwrap_or(0);
-        out.push((v + 1, next));
-    }
-    out
+    thresholds_staged(Staged::Topk, in_size)
 }
 
 const OPTIONS: [&str; 4] = [
@@ -168,19 +155,6 @@ fn counted(b: &EmuBackend, c: &CaseConfig, grad: Option<GradDtype>) -> (ByteCoun
     (run.bytes, run.plan)
 }
 
-/// Rows the kernels sweep (not ignored, weight ≠ 0).
-fn active_rows(c: &CaseConfig) -> u64 {
-    let data = generate(c);
-    let inputs = data.inputs();
-    (0..c.rows)
-        .filter(|&r| {
-            let ignored = inputs.labels.is_some_and(|l| l[r] == c.spec.ignore_index);
-            let zero = inputs.row_weights.is_some_and(|w| w[r] == 0.0);
-            !(ignored || zero)
-        })
-        .count() as u64
-}
-
 #[test]
 fn single_read_top_k_reads_the_student_once() {
     // Per swept row: the student once (in·V; loss only in support mode with
@@ -192,13 +166,7 @@ fn single_read_top_k_reads_the_student_once() {
     let mut turn = 0usize;
     for mode in TopkMode::ALL {
         for pair in PAIRS {
-            let (din, dout) = (
-                pair.0.size() as u64,
-                match pair.1 {
-                    GradDtype::Input => pair.0.size() as u64,
-                    GradDtype::F32 => 4,
-                },
-            );
+            let (din, dout) = byte_sizes(pair);
             for opt in [0usize, 1, 3] {
                 let list = thresholds(pair.0.size());
                 let (v, nc) = list[(turn * 3) % 8];
